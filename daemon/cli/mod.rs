@@ -1,0 +1,131 @@
+//! The `lathe` command line (DESIGN "Command line"): every command exits non-zero with a
+//! one-line reason on error, and `--json` prints machine-readable output where it reports.
+
+mod bundle;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "lathe",
+    version,
+    about = "Serve, watch and improve ONNX models on edge devices, over MQTT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        #[arg(long, default_value = "/etc/lathe/lathe.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and the bundles it names, without starting.
+    Check {
+        #[arg(long, default_value = "/etc/lathe/lathe.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Make, show and check model bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lathe-worker")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Parses the arguments and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => {
+            init_logging("info,rumqttd=warn");
+            run(&config)
+        }
+        Command::Check { config, json } => check(&config, json),
+        Command::Bundle(cmd) => bundle::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("lathe: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> Result<(), String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    runtime()?
+        .block_on(crate::service::run(
+            config,
+            crate::service::shutdown_signal(),
+            |_| {},
+        ))
+        .map_err(|e| e.to_string())
+}
+
+fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
+    let result = Config::load(path)
+        .and_then(|c| crate::service::load_models(&c, false).map(|models| (c, models)));
+    match (result, json) {
+        (Ok((c, models)), false) => {
+            println!("{}: ok ({} pipeline(s))", path.display(), c.pipelines.len());
+            for (p, m) in c.pipelines.iter().zip(&models) {
+                println!(
+                    "  {}: {} v{} ({})",
+                    p.name,
+                    m.bundle.manifest.name,
+                    m.bundle.manifest.version,
+                    &m.bundle.sha256()[..12]
+                );
+            }
+            Ok(())
+        }
+        (Ok(_), true) => {
+            println!(
+                "{}",
+                serde_json::json!({"file": path, "ok": true, "errors": []})
+            );
+            Ok(())
+        }
+        (Err(e), true) => {
+            let errors: Vec<_> = e
+                .errors
+                .iter()
+                .map(|x| serde_json::json!({"key": x.key, "message": x.message}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"file": path, "ok": false, "errors": errors})
+            );
+            Err(format!("{} error(s) in {}", e.errors.len(), path.display()))
+        }
+        (Err(e), false) => Err(e.to_string()),
+    }
+}

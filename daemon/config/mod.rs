@@ -1,0 +1,582 @@
+//! The daemon's configuration: `/etc/lathe/lathe.toml`, typed.
+//!
+//! Parsing is hand-rolled over `toml::Table` instead of serde-derive so that *every* problem in
+//! a file is reported at once (serde stops at the first), each naming the file, the key and what
+//! was expected. Unknown keys are errors: a typo must never silently fall back to a default.
+
+mod reader;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use reader::Section;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `pipeline[0].batch.max`.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(
+            f,
+            "{}: {} error{}",
+            self.file.display(),
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {}: {}: {}", self.file.display(), e.key, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from (for messages).
+    pub file: PathBuf,
+    /// This device's name; appears in every `lathe/{node}/…` topic.
+    pub node: String,
+    /// Registry, sample store and run records live here.
+    pub state_dir: PathBuf,
+    pub mqtt: MqttConfig,
+    pub infer: InferConfig,
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerUrl {
+    /// Start the in-process broker (feature `embedded-broker`) and connect to it.
+    Embedded,
+    Tcp {
+        host: String,
+        port: u16,
+        tls: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub url: BrokerUrl,
+    /// Where the embedded broker listens (only with `url = "embedded"`).
+    pub embedded_listen: String,
+    /// Default `lathe-{node}`. Stable across restarts so the broker keeps our session (and the
+    /// QoS 1 messages that arrived while we were down).
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub keep_alive_s: u64,
+    /// Telemetry payloads larger than this are rejected (`payload_too_large`).
+    pub max_payload_bytes: usize,
+    /// QoS 1 predictions in flight (sent, not yet acknowledged by the broker).
+    pub max_inflight: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct InferConfig {
+    pub engine: Engine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Tract,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelRef {
+    /// A bundle name in the registry (`state_dir/registry/NAME`).
+    Name(String),
+    /// A bundle file; seeds the registry at start.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub name: String,
+    pub model: ModelRef,
+    pub source: SourceConfig,
+    /// Bundle input name -> JSON pointer. Inputs not listed read `/<name>`.
+    pub features: BTreeMap<String, String>,
+    pub sink: SinkConfig,
+    pub batch: BatchConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// MQTT filter; the level matched by its first `+` is the device id.
+    pub topic: String,
+    /// JSON pointer to the message key echoed in predictions (e.g. `/seq`).
+    pub key: Option<String>,
+    /// JSON pointer to the message timestamp echoed in predictions.
+    pub timestamp: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Topic template; `{device}` is replaced by the device id.
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    /// Most rows in one inference call.
+    pub max: usize,
+    /// How long to wait for more rows once one arrived. 0 (the default) batches only what
+    /// is already queued: no added latency when idle, large batches under load.
+    pub wait_us: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max: 64,
+            wait_us: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    ///
+    /// # Errors
+    /// Every problem found, each naming the key and what was expected.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.to_path_buf(),
+            errors: vec![ConfigError {
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is used for messages and to resolve relative paths.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let config = match text.parse::<toml::Table>() {
+            Ok(table) => parse_root(table, path, &mut errors),
+            Err(e) => {
+                errors.push(ConfigError {
+                    key: "(syntax)".into(),
+                    message: e.to_string().trim().replace('\n', " "),
+                });
+                None
+            }
+        };
+        match config {
+            Some(c) if errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors {
+                file: path.to_path_buf(),
+                errors,
+            }),
+        }
+    }
+
+    pub fn status_topic(&self) -> String {
+        format!("lathe/{}/status", self.node)
+    }
+
+    pub fn events_topic(&self) -> String {
+        format!("lathe/{}/events", self.node)
+    }
+
+    pub fn client_id(&self) -> String {
+        self.mqtt
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("lathe-{}", self.node))
+    }
+}
+
+/// Sections that DESIGN.md names but this build does not implement yet. Naming them is an
+/// error with a clear message rather than a silent no-op.
+const NOT_YET: &[(&str, &str)] = &[
+    ("train", "on-device training is not in this build yet"),
+    ("update", "remote updates are not in this build yet"),
+    ("metrics", "the metrics endpoint is not in this build yet"),
+];
+const PIPELINE_NOT_YET: &[(&str, &str)] = &[
+    (
+        "labels",
+        "late labels (the closed loop) are not in this build yet",
+    ),
+    ("window", "sequence windows are not in this build yet"),
+    ("drift", "drift monitoring is not in this build yet"),
+    ("train", "on-device training is not in this build yet"),
+];
+
+fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) -> Option<Config> {
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut root = Section::new(table, String::new(), errors);
+    let node = root.string("node", None);
+    if let Some(n) = &node {
+        if n.is_empty() || n.contains(['/', '+', '#']) {
+            root.error("node", "expected a non-empty name without '/', '+' or '#'");
+        }
+    }
+    let state_dir = root
+        .string("state_dir", Some("/var/lib/lathe"))
+        .map(|s| base.join(s));
+    for (key, why) in NOT_YET {
+        if root.has(key) {
+            root.take(key);
+            root.error(key, why);
+        }
+    }
+    let mqtt = parse_mqtt(root.section("mqtt", true), base);
+    let infer = parse_infer(root.section("infer", true));
+    let pipelines = root.array_of_tables("pipeline").map(|tables| {
+        if tables.is_empty() {
+            root.error("pipeline", "expected at least one [[pipeline]]");
+        }
+        let mut names = Vec::new();
+        let mut out = Vec::new();
+        for (i, t) in tables.into_iter().enumerate() {
+            let mut section = root.child(t, format!("pipeline[{i}]"));
+            if let Some(p) = parse_pipeline(&mut section, base) {
+                if names.contains(&p.name) {
+                    section.error("name", &format!("duplicate pipeline name {:?}", p.name));
+                }
+                names.push(p.name.clone());
+                out.push(p);
+            }
+            section.finish();
+        }
+        out
+    });
+    root.finish();
+    Some(Config {
+        file: path.to_path_buf(),
+        node: node?,
+        state_dir: state_dir?,
+        mqtt: mqtt?,
+        infer: infer?,
+        pipelines: pipelines?,
+    })
+}
+
+fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
+    let mut s = section?;
+    let url = s
+        .string("url", Some("mqtt://127.0.0.1:1883"))
+        .and_then(|u| match parse_url(&u) {
+            Ok(url) => Some(url),
+            Err(e) => {
+                s.error("url", &e);
+                None
+            }
+        });
+    let path = |v: Option<String>| v.map(|p| base.join(p));
+    let c = MqttConfig {
+        url: url.clone().unwrap_or(BrokerUrl::Embedded),
+        embedded_listen: s
+            .string("embedded_listen", Some("127.0.0.1:1883"))
+            .unwrap_or_default(),
+        client_id: s.opt_string("client_id"),
+        username: s.opt_string("username"),
+        password_file: path(s.opt_string("password_file")),
+        ca_file: path(s.opt_string("ca_file")),
+        cert_file: path(s.opt_string("cert_file")),
+        key_file: path(s.opt_string("key_file")),
+        keep_alive_s: s.integer("keep_alive_s", 30, 5, 3600).unwrap_or(30),
+        max_payload_bytes: s
+            .integer("max_payload_bytes", 65_536, 64, 16 << 20)
+            .unwrap_or(0) as usize,
+        max_inflight: s.integer("max_inflight", 1000, 1, 65_535).unwrap_or(1) as u16,
+    };
+    if c.password_file.is_some() && c.username.is_none() {
+        s.error("password_file", "expected `username` too");
+    }
+    if matches!(c.url, BrokerUrl::Tcp { tls: true, .. }) && !cfg!(feature = "tls") {
+        s.error("url", "mqtts:// needs a build with `--features tls`");
+    }
+    if c.url == BrokerUrl::Embedded && !cfg!(feature = "embedded-broker") {
+        s.error(
+            "url",
+            "\"embedded\" needs a build with the `embedded-broker` feature",
+        );
+    }
+    let ok = s.finish();
+    (ok && url.is_some()).then_some(c)
+}
+
+/// `mqtt://host[:port]`, `mqtts://host[:port]`, `tcp://…`, or `embedded`.
+fn parse_url(url: &str) -> Result<BrokerUrl, String> {
+    if url == "embedded" {
+        return Ok(BrokerUrl::Embedded);
+    }
+    let expected = || {
+        format!("expected \"mqtt://HOST[:PORT]\", \"mqtts://HOST[:PORT]\" or \"embedded\", found {url:?}")
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(expected)?;
+    let (tls, default_port) = match scheme {
+        "mqtt" | "tcp" => (false, 1883),
+        "mqtts" | "ssl" => (true, 8883),
+        _ => return Err(expected()),
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+            h.trim_matches(['[', ']']).to_string(),
+            p.parse::<u16>().map_err(|_| expected())?,
+        ),
+        _ => (rest.to_string(), default_port),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(expected());
+    }
+    Ok(BrokerUrl::Tcp { host, port, tls })
+}
+
+fn parse_infer(section: Option<Section>) -> Option<InferConfig> {
+    let mut s = section?;
+    let engine = match s.string("engine", Some("tract")).as_deref() {
+        Some("tract") => Some(Engine::Tract),
+        Some("ort") => {
+            s.error(
+                "engine",
+                "\"ort\" (ONNX Runtime) is not in this build yet; use \"tract\"",
+            );
+            None
+        }
+        Some(other) => {
+            s.error("engine", &format!("expected \"tract\", found {other:?}"));
+            None
+        }
+        None => None,
+    };
+    let ok = s.finish();
+    if ok {
+        Some(InferConfig { engine: engine? })
+    } else {
+        None
+    }
+}
+
+fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
+    let name = s.string("name", None);
+    let model = s.string("model", None).map(|m| {
+        if m.ends_with(".lathe") || m.contains('/') {
+            ModelRef::File(base.join(m))
+        } else {
+            ModelRef::Name(m)
+        }
+    });
+    if let Some(ModelRef::File(f)) = &model {
+        if !f.is_file() {
+            s.error("model", &format!("bundle file {} not found", f.display()));
+        }
+    }
+    for (key, why) in PIPELINE_NOT_YET {
+        if s.has(key) {
+            s.take(key);
+            s.error(key, why);
+        }
+    }
+    let source = s.section("source", false).and_then(|mut src| {
+        let topic = src.string("topic", None);
+        if let Some(t) = &topic {
+            if let Err(e) = crate::ingest::TopicFilter::parse(t) {
+                src.error("topic", &e);
+            }
+        }
+        match src.string("format", Some("json")).as_deref() {
+            Some("json") | None => {}
+            Some(other) => src.error("format", &format!("expected \"json\", found {other:?}")),
+        }
+        let key = src.opt_pointer("key");
+        let timestamp = src.opt_pointer("timestamp");
+        let ok = src.finish();
+        ok.then_some(SourceConfig {
+            topic: topic?,
+            key,
+            timestamp,
+        })
+    });
+    let features = s.table_of_pointers("features");
+    let sink = s.section("sink", false).and_then(|mut snk| {
+        let topic = snk.string("topic", None);
+        if let Some(t) = &topic {
+            if t.is_empty() || t.contains(['+', '#']) {
+                snk.error(
+                    "topic",
+                    "expected a topic without wildcards ({device} is replaced by the device id)",
+                );
+            }
+        }
+        let ok = snk.finish();
+        ok.then_some(SinkConfig { topic: topic? })
+    });
+    let batch = match s.section("batch", true) {
+        Some(mut b) => {
+            let max = b.integer("max", 64, 1, 4096);
+            let wait_us = b.integer("wait_us", 0, 0, 1_000_000);
+            let ok = b.finish();
+            if ok {
+                BatchConfig {
+                    max: max.unwrap_or(64) as usize,
+                    wait_us: wait_us.unwrap_or(0),
+                }
+            } else {
+                BatchConfig::default()
+            }
+        }
+        None => BatchConfig::default(),
+    };
+    if let (Some(src), Some(snk)) = (&source, &sink) {
+        if snk.topic.contains("{device}") && !src.topic.contains('+') {
+            s.error(
+                "sink.topic",
+                "uses {device} but source.topic has no '+' to capture it",
+            );
+        }
+    }
+    Some(PipelineConfig {
+        name: name?,
+        model: model?,
+        source: source?,
+        features: features?,
+        sink: sink?,
+        batch,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(text, Path::new("/etc/lathe/lathe.toml"))
+    }
+
+    const GOOD: &str = r#"
+node = "line3-edge01"
+state_dir = "/var/lib/lathe"
+[mqtt]
+url = "mqtt://127.0.0.1:1884"
+[[pipeline]]
+name = "pump"
+model = "pump-anomaly"
+source = { topic = "plant/line3/+/telemetry", key = "/seq" }
+features = { temp = "/temp_c" }
+sink = { topic = "plant/line3/{device}/pump" }
+batch = { max = 32 }
+"#;
+
+    #[test]
+    fn a_complete_config_parses_with_defaults_filled_in() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node, "line3-edge01");
+        assert_eq!(
+            c.mqtt.url,
+            BrokerUrl::Tcp {
+                host: "127.0.0.1".into(),
+                port: 1884,
+                tls: false
+            }
+        );
+        assert_eq!(c.mqtt.max_payload_bytes, 65_536);
+        let p = &c.pipelines[0];
+        assert_eq!(p.model, ModelRef::Name("pump-anomaly".into()));
+        assert_eq!(p.batch.max, 32);
+        assert_eq!(p.batch.wait_us, 0);
+        assert_eq!(p.features["temp"], "/temp_c");
+        assert_eq!(p.source.key.as_deref(), Some("/seq"));
+        assert_eq!(c.client_id(), "lathe-line3-edge01");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_with_its_key() {
+        let text = GOOD
+            .replace("node = \"line3-edge01\"", "node = 7\nnodee = \"x\"")
+            .replace("max = 32", "max = \"lots\"")
+            .replace("url = \"mqtt://127.0.0.1:1884\"", "url = \"http://x\"");
+        let errs = parse(&text).unwrap_err();
+        let keys: Vec<_> = errs.errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"node"), "{errs}");
+        assert!(keys.contains(&"nodee"), "{errs}");
+        assert!(keys.contains(&"pipeline[0].batch.max"), "{errs}");
+        assert!(keys.contains(&"mqtt.url"), "{errs}");
+        let text = errs.to_string();
+        assert!(
+            text.contains("/etc/lathe/lathe.toml: nodee: unknown key"),
+            "{text}"
+        );
+        assert!(text.contains("expected an integer"), "{text}");
+    }
+
+    #[test]
+    fn device_placeholder_needs_a_wildcard_in_the_source_topic() {
+        let errs =
+            parse(&GOOD.replace("plant/line3/+/telemetry", "plant/line3/a/telemetry")).unwrap_err();
+        assert_eq!(errs.errors[0].key, "pipeline[0].sink.topic");
+    }
+
+    #[test]
+    fn features_must_be_json_pointers() {
+        let errs = parse(&GOOD.replace("\"/temp_c\"", "\"temp_c\"")).unwrap_err();
+        assert_eq!(errs.errors[0].key, "pipeline[0].features.temp");
+        assert!(errs.errors[0].message.contains("JSON pointer"));
+    }
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(parse_url("embedded"), Ok(BrokerUrl::Embedded));
+        assert_eq!(
+            parse_url("mqtt://broker"),
+            Ok(BrokerUrl::Tcp {
+                host: "broker".into(),
+                port: 1883,
+                tls: false
+            })
+        );
+        assert_eq!(
+            parse_url("mqtts://b:1"),
+            Ok(BrokerUrl::Tcp {
+                host: "b".into(),
+                port: 1,
+                tls: true
+            })
+        );
+        assert!(parse_url("mqtt://b:notaport").is_err());
+        assert!(parse_url("broker:1883").is_err());
+    }
+
+    #[test]
+    fn a_bundle_path_is_resolved_relative_to_the_config_file() {
+        let c = parse(&GOOD.replace("\"pump-anomaly\"", "\"models/pump-1.lathe\"")).unwrap();
+        assert_eq!(
+            c.pipelines[0].model,
+            ModelRef::File("/etc/lathe/models/pump-1.lathe".into())
+        );
+    }
+
+    #[test]
+    fn sections_not_built_yet_are_refused_by_name() {
+        let errs = parse(&format!("{GOOD}\n[train]\nbackend = \"cpu\"\n")).unwrap_err();
+        assert_eq!(errs.errors[0].key, "train");
+        assert!(errs.errors[0].message.contains("not in this build"));
+    }
+}

@@ -1,0 +1,292 @@
+//! The tract engine: an ONNX model with one `[batch, features]` input, planned once per batch
+//! size it is run at (a pinned shape is ~2x faster than a symbolic batch, see NOTES.md).
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
+use tract_onnx::pb::type_proto::Value as TypeValue;
+use tract_onnx::pb::{GraphProto, ModelProto, ValueInfoProto};
+use tract_onnx::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("not a readable ONNX model: {0}")]
+    Decode(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("tract could not plan the model for batch {batch}: {reason}")]
+    Plan { batch: usize, reason: String },
+    #[error("inference failed: {0}")]
+    Run(String),
+    #[error("tract panicked on this model ({0}); refusing it")]
+    Panicked(String),
+}
+
+/// What the model takes and gives, read from the ONNX graph itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub input: String,
+    /// Size of the input's last dimension: one value per named feature.
+    pub features: usize,
+    /// `Some(n)` when the model was exported with a fixed batch size (often 1).
+    pub fixed_batch: Option<usize>,
+    pub input_is_f64: bool,
+    pub outputs: Vec<String>,
+}
+
+/// One inference's results: for each model output, its values row-major, and how many
+/// values belong to each row.
+#[derive(Debug, Clone)]
+pub struct Outputs {
+    pub values: Vec<Vec<f32>>,
+    pub per_row: Vec<usize>,
+}
+
+impl Outputs {
+    /// Output `o`'s values for row `r`.
+    pub fn row(&self, o: usize, r: usize) -> &[f32] {
+        let w = self.per_row[o];
+        &self.values[o][r * w..(r + 1) * w]
+    }
+}
+
+pub struct Engine {
+    model: InferenceModel,
+    pub signature: Signature,
+    plans: HashMap<usize, Arc<TypedRunnableModel>>,
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs tract code that may panic on hostile models (tract #2390, #1177) as an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(p))))
+}
+
+impl Engine {
+    /// Parses an ONNX model and checks it has the one `[batch, features]` input lathe feeds.
+    ///
+    /// # Errors
+    /// Unreadable or unsupported models, or tract failing (or panicking) on them.
+    pub fn load(onnx: &[u8]) -> Result<Engine, EngineError> {
+        guarded(|| {
+            let mut proto = tract_onnx::onnx()
+                .proto_model_for_read(&mut &*onnx)
+                .map_err(|e| EngineError::Decode(format!("{e:#}")))?;
+            let graph = proto
+                .graph
+                .as_mut()
+                .ok_or_else(|| EngineError::Decode("no graph".into()))?;
+            strip_zipmap(graph);
+            let signature = signature(&proto)?;
+            let model = tract_onnx::onnx()
+                .model_for_proto_model(&proto)
+                .map_err(|e| EngineError::Unsupported(format!("{e:#}")))?;
+            let mut engine = Engine {
+                model,
+                signature,
+                plans: HashMap::new(),
+            };
+            // Plan batch 1 now so a model tract cannot run fails at load, not at first message.
+            engine.plan(engine.batch_for(1))?;
+            Ok(engine)
+        })
+    }
+
+    /// The batch size a run of `n` rows is padded to: the fixed batch, or the next power of
+    /// two, so at most log2(batch.max) plans exist.
+    pub fn batch_for(&self, n: usize) -> usize {
+        self.signature
+            .fixed_batch
+            .unwrap_or_else(|| n.max(1).next_power_of_two())
+    }
+
+    fn plan(&mut self, batch: usize) -> Result<Arc<TypedRunnableModel>, EngineError> {
+        if let Some(p) = self.plans.get(&batch) {
+            return Ok(p.clone());
+        }
+        let dt = if self.signature.input_is_f64 {
+            f64::datum_type()
+        } else {
+            f32::datum_type()
+        };
+        let fact = InferenceFact::dt_shape(dt, tvec![batch, self.signature.features]);
+        let model = self.model.clone();
+        let plan = guarded(|| {
+            model
+                .with_input_fact(0, fact)
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .map_err(|e| EngineError::Plan {
+                    batch,
+                    reason: format!("{e:#}"),
+                })
+        })?;
+        self.plans.insert(batch, plan.clone());
+        Ok(plan)
+    }
+
+    /// Runs `rows` (row-major, `features` values each).
+    ///
+    /// # Errors
+    /// A wrong row width, or tract failing on the batch.
+    pub fn run(&mut self, rows: &[f32]) -> Result<Outputs, EngineError> {
+        let f = self.signature.features;
+        if f == 0 || rows.len() % f != 0 {
+            return Err(EngineError::Run(format!(
+                "{} values is not a whole number of {f}-feature rows",
+                rows.len()
+            )));
+        }
+        let n = rows.len() / f;
+        let mut outputs = Outputs {
+            values: vec![Vec::with_capacity(n); self.signature.outputs.len()],
+            per_row: vec![0; self.signature.outputs.len()],
+        };
+        let batch = self.batch_for(n);
+        let plan = self.plan(batch)?;
+        for chunk in rows.chunks(batch * f) {
+            let rows_here = chunk.len() / f;
+            let mut padded = chunk.to_vec();
+            padded.resize(batch * f, 0.0);
+            let input = if self.signature.input_is_f64 {
+                let v: Vec<f64> = padded.iter().map(|&x| x as f64).collect();
+                Tensor::from_shape(&[batch, f], &v)
+            } else {
+                Tensor::from_shape(&[batch, f], &padded)
+            }
+            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+            let result = guarded(|| {
+                plan.run(tvec!(input.into()))
+                    .map_err(|e| EngineError::Run(format!("{e:#}")))
+            })?;
+            for (o, value) in result.iter().enumerate().take(outputs.values.len()) {
+                let t = value
+                    .cast_to::<f32>()
+                    .map_err(|e| EngineError::Run(format!("output {o}: {e:#}")))?;
+                let view = t
+                    .to_plain_array_view::<f32>()
+                    .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+                let leading = view.shape().first().copied().unwrap_or(1);
+                if leading != batch || view.len() % batch != 0 {
+                    return Err(EngineError::Run(format!(
+                        "output {:?} has shape {:?}; expected the batch ({batch}) first",
+                        self.signature.outputs[o],
+                        view.shape()
+                    )));
+                }
+                let w = view.len() / batch;
+                outputs.per_row[o] = w;
+                outputs.values[o].extend(view.iter().take(rows_here * w).copied());
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+fn dims(v: &ValueInfoProto) -> Option<(i32, Vec<Option<i64>>)> {
+    let TypeValue::TensorType(t) = v.r#type.as_ref()?.value.as_ref()?;
+    let dims = t
+        .shape
+        .as_ref()?
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(Dim::DimValue(n)) if n > 0 => Some(n),
+            _ => None,
+        })
+        .collect();
+    Some((t.elem_type, dims))
+}
+
+const ONNX_FLOAT: i32 = 1;
+const ONNX_DOUBLE: i32 = 11;
+
+fn signature(proto: &ModelProto) -> Result<Signature, EngineError> {
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| EngineError::Decode("no graph".into()))?;
+    // Old exporters list initializers among the inputs too; those are not fed.
+    let inputs: Vec<&ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| !graph.initializer.iter().any(|t| t.name == i.name))
+        .collect();
+    let [input] = inputs.as_slice() else {
+        return Err(EngineError::Unsupported(format!(
+            "expected exactly one input tensor [batch, features], found {}",
+            inputs.len()
+        )));
+    };
+    let (elem, shape) = dims(input).ok_or_else(|| {
+        EngineError::Unsupported(format!("input {:?} has no tensor shape", input.name))
+    })?;
+    let input_is_f64 = match elem {
+        ONNX_FLOAT => false,
+        ONNX_DOUBLE => true,
+        other => {
+            return Err(EngineError::Unsupported(format!(
+                "input {:?} has element type {other}; expected float",
+                input.name
+            )))
+        }
+    };
+    let (fixed_batch, features) = match shape.as_slice() {
+        [batch, Some(f)] => (batch.map(|b| b as usize), *f as usize),
+        _ => {
+            return Err(EngineError::Unsupported(format!(
+                "input {:?} has shape {:?}; expected [batch, features] with a fixed feature count",
+                input.name, shape
+            )))
+        }
+    };
+    if graph.output.is_empty() {
+        return Err(EngineError::Unsupported("the model has no outputs".into()));
+    }
+    Ok(Signature {
+        input: input.name.clone(),
+        features,
+        fixed_batch,
+        input_is_f64,
+        outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
+    })
+}
+
+/// scikit-learn exports (skl2onnx) end classifiers in `ZipMap`, which turns the probability
+/// tensor into a list of maps that no tensor runtime serves. Cut it off and expose the
+/// probability tensor itself, under the same output name.
+fn strip_zipmap(graph: &mut GraphProto) {
+    let zipmaps: Vec<(String, String)> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "ZipMap")
+        .filter_map(|n| Some((n.input.first()?.clone(), n.output.first()?.clone())))
+        .collect();
+    if zipmaps.is_empty() {
+        return;
+    }
+    graph.node.retain(|n| n.op_type != "ZipMap");
+    for (tensor, map_output) in zipmaps {
+        for out in graph.output.iter_mut().filter(|o| o.name == map_output) {
+            out.r#type = None;
+            // Rename the producer's output so the graph output keeps its published name.
+            for node in graph.node.iter_mut() {
+                for o in node.output.iter_mut().filter(|o| **o == tensor) {
+                    o.clone_from(&map_output);
+                }
+                for i in node.input.iter_mut().filter(|i| **i == tensor) {
+                    i.clone_from(&map_output);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The MQTT connection: one rumqttc event loop, polled by one task that never awaits a
+//! publish (rumqttc can freeze if it does, see NOTES.md). Incoming telemetry is routed to
+//! pipelines here; predictions are published by the pipelines through the cloned client.
+//!
+//! Delivery: the session is persistent (`clean_session = false`) and acks are manual. A
+//! telemetry message is acknowledged to the broker only after its prediction has been handed
+//! to the client (and so is written to the socket before the ack), or after it was rejected
+//! and reported. If the daemon dies first, the broker redelivers it to the next session.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish,
+    QoS,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use super::{Extractor, TopicFilter};
+use crate::config::{BrokerUrl, Config};
+use crate::service::events::{Counters, Event, Events};
+
+/// A row on its way to inference.
+#[derive(Debug)]
+pub struct Sample {
+    pub device: String,
+    pub key: Value,
+    pub ts: Value,
+    pub features: Vec<f32>,
+    pub received: Instant,
+    /// Shared by every pipeline the message went to; the last one to finish acks it.
+    pub ack: Option<Arc<Publish>>,
+}
+
+/// One pipeline as ingest sees it.
+pub struct Route {
+    pub pipeline: String,
+    pub filter: TopicFilter,
+    pub extractor: Extractor,
+    /// `None` once stopping: closing the channel lets the pipeline drain and finish.
+    pub tx: Option<mpsc::Sender<Sample>>,
+    pub counters: Arc<Counters>,
+}
+
+/// Rows waiting for a full pipeline channel. The broker's in-flight window bounds this in
+/// practice; past this many, messages are left unacknowledged for redelivery instead.
+const MAX_PENDING: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// rumqttc options from the config: persistent session, manual acks, last will.
+///
+/// # Errors
+/// Unreadable password or TLS files.
+pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOptions, ConnectError> {
+    let m = &config.mqtt;
+    let mut o = MqttOptions::new(config.client_id(), host, port);
+    o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_inflight(m.max_inflight);
+    // Oversized telemetry must reach us to be rejected and acked: a packet over rumqttc's
+    // limit would drop the connection, and the broker would redeliver it forever.
+    o.set_max_packet_size(m.max_payload_bytes.max(1 << 20) + 1024, 1 << 20);
+    o.set_request_channel_capacity(4096);
+    o.set_last_will(LastWill::new(
+        config.status_topic(),
+        r#"{"state":"offline"}"#,
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| ConnectError::Read {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    if let Some(user) = &m.username {
+        let password = match &m.password_file {
+            Some(p) => String::from_utf8_lossy(&read(p)?).trim_end().to_string(),
+            None => String::new(),
+        };
+        o.set_credentials(user, password);
+    }
+    #[cfg(feature = "tls")]
+    if matches!(m.url, BrokerUrl::Tcp { tls: true, .. }) {
+        let ca = match &m.ca_file {
+            Some(p) => read(p)?,
+            None => Vec::new(),
+        };
+        let client_auth = match (&m.cert_file, &m.key_file) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        o.set_transport(rumqttc::Transport::tls(ca, client_auth, None));
+    }
+    let _ = &BrokerUrl::Embedded; // the enum is matched only with the tls feature
+    Ok(o)
+}
+
+/// Reconnect delay: exponential from 100 ms, capped at 30 s, with ±25 % jitter so a fleet
+/// does not reconnect in lockstep after a broker restart.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1u64 << attempt.min(9)).min(30_000);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = (nanos % 500) as f64 / 1000.0 - 0.25; // -0.25 .. +0.25
+    Duration::from_millis((base as f64 * (1.0 + jitter)) as u64)
+}
+
+pub struct Ingest {
+    pub eventloop: EventLoop,
+    pub client: AsyncClient,
+    pub routes: Vec<Route>,
+    pub events: Events,
+    /// Flips to true to stop: no new messages are taken; queued ones drain.
+    pub stop: watch::Receiver<bool>,
+    /// Fires once all pipelines are drained, to disconnect cleanly.
+    pub disconnect: watch::Receiver<bool>,
+    /// True while connected (for readiness).
+    pub connected: watch::Sender<bool>,
+}
+
+impl Ingest {
+    /// Polls the connection until a clean disconnect after stop (or a stop while the broker
+    /// is unreachable).
+    pub async fn run(mut self) {
+        let filters: Vec<String> = self
+            .routes
+            .iter()
+            .map(|r| r.filter.as_str().to_string())
+            .collect();
+        let mut pending: Vec<VecDeque<Sample>> =
+            self.routes.iter().map(|_| VecDeque::new()).collect();
+        let mut stopping = false;
+        let mut failures: u32 = 0;
+        loop {
+            for (queue, route) in pending.iter_mut().zip(&self.routes) {
+                flush(queue, route.tx.as_ref());
+            }
+            if stopping && pending.iter().all(VecDeque::is_empty) {
+                self.routes.iter_mut().for_each(|r| r.tx = None);
+            }
+            let backlog = pending.iter().any(|q| !q.is_empty());
+            tokio::select! {
+                ev = self.eventloop.poll() => match ev {
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        if stopping {
+                            continue; // unacked: redelivered to our next session
+                        }
+                        self.route(p, &mut pending);
+                    }
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                        self.events.emit(Event::Connected { attempts: failures + 1 });
+                        failures = 0;
+                        let _ = self.connected.send(true);
+                        if !ack.session_present {
+                            // The broker lost (or never had) our session: subscribe again, from
+                            // another task so this one never waits on the request channel.
+                            let client = self.client.clone();
+                            let subs: Vec<_> = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)).collect();
+                            tokio::spawn(async move { client.subscribe_many(subs).await });
+                        }
+                    }
+                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = self.connected.send(false);
+                        if failures == 0 {
+                            tracing::warn!("Broker connection lost: {e}; reconnecting with backoff");
+                        } else {
+                            tracing::debug!(attempt = failures, "Reconnect failed: {e}");
+                        }
+                        if *self.disconnect.borrow() {
+                            break; // stopping and the broker is gone: nothing more to send
+                        }
+                        let wait = backoff(failures);
+                        failures = failures.saturating_add(1);
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = self.disconnect.changed() => {}
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => {}
+                _ = self.stop.changed(), if !stopping => {
+                    stopping = true;
+                }
+                _ = self.disconnect.changed() => {
+                    let client = self.client.clone();
+                    tokio::spawn(async move { client.disconnect().await });
+                }
+            }
+        }
+        let _ = self.connected.send(false);
+    }
+
+    fn route(&self, p: Publish, pending: &mut [VecDeque<Sample>]) {
+        let received = Instant::now();
+        let ack = (p.qos != QoS::AtMostOnce).then(|| {
+            let mut token = Publish::new("", p.qos, Vec::new());
+            token.pkid = p.pkid;
+            Arc::new(token)
+        });
+        for (i, route) in self.routes.iter().enumerate() {
+            let Some(device) = route.filter.matches(&p.topic) else {
+                continue;
+            };
+            route.counters.received.fetch_add(1, Relaxed);
+            match route.extractor.extract(&p.payload) {
+                Ok(x) => {
+                    if pending[i].len() >= MAX_PENDING {
+                        // Never ack it: leak one reference to the token so no pipeline can.
+                        std::mem::forget(ack.clone());
+                        route.counters.deferred.fetch_add(1, Relaxed);
+                        self.events.emit(Event::Deferred {
+                            pipeline: route.pipeline.clone(),
+                            pending: pending[i].len(),
+                        });
+                        continue;
+                    }
+                    let sample = Sample {
+                        device: device.to_string(),
+                        key: x.key,
+                        ts: x.ts,
+                        features: x.features,
+                        received,
+                        ack: ack.clone(),
+                    };
+                    pending[i].push_back(sample);
+                    flush(&mut pending[i], route.tx.as_ref());
+                }
+                Err(reject) => {
+                    route.counters.rejected[reject.index()].fetch_add(1, Relaxed);
+                    self.events.emit(Event::InputRejected {
+                        pipeline: route.pipeline.clone(),
+                        topic: p.topic.clone(),
+                        reason: reject.reason(),
+                        detail: reject.to_string(),
+                    });
+                }
+            }
+        }
+        // Rejected or unrouted: handled now. Routed: the last pipeline to publish acks.
+        if let Some(token) = ack.and_then(Arc::into_inner) {
+            let _ = self.client.try_ack(&token);
+        }
+    }
+}
+
+fn flush(queue: &mut VecDeque<Sample>, tx: Option<&mpsc::Sender<Sample>>) {
+    let Some(tx) = tx else { return };
+    while let Some(s) = queue.pop_front() {
+        match tx.try_send(s) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(s)) => {
+                queue.push_front(s);
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        assert!(backoff(0) <= Duration::from_millis(125));
+        assert!(
+            backoff(3) >= Duration::from_millis(600) && backoff(3) <= Duration::from_millis(1000)
+        );
+        for attempt in [9, 20, u32::MAX] {
+            let d = backoff(attempt);
+            assert!(
+                d >= Duration::from_millis(22_500) && d <= Duration::from_millis(37_500),
+                "{d:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Turning one telemetry payload into a feature row, or a reason it cannot be one.
+
+use serde_json::Value;
+
+use crate::model::manifest::Input;
+
+/// Why a message was not accepted. Each is counted, logged and reported on the events topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reject {
+    TooLarge {
+        bytes: usize,
+        max: usize,
+    },
+    NotJson(String),
+    MissingFeature {
+        feature: String,
+        pointer: String,
+    },
+    NonNumeric {
+        feature: String,
+        found: String,
+    },
+    NonFinite {
+        feature: String,
+    },
+    OutOfRange {
+        feature: String,
+        value: f64,
+        min: f64,
+        max: f64,
+    },
+}
+
+impl Reject {
+    /// All reasons, in the order counters are kept.
+    pub const REASONS: [&'static str; 6] = [
+        "payload_too_large",
+        "not_json",
+        "missing_feature",
+        "non_numeric",
+        "non_finite",
+        "out_of_range",
+    ];
+
+    pub fn index(&self) -> usize {
+        match self {
+            Reject::TooLarge { .. } => 0,
+            Reject::NotJson(_) => 1,
+            Reject::MissingFeature { .. } => 2,
+            Reject::NonNumeric { .. } => 3,
+            Reject::NonFinite { .. } => 4,
+            Reject::OutOfRange { .. } => 5,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        Self::REASONS[self.index()]
+    }
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reject::TooLarge { bytes, max } => write!(
+                f,
+                "payload of {bytes} bytes is over mqtt.max_payload_bytes ({max})"
+            ),
+            Reject::NotJson(e) => write!(f, "payload is not JSON: {e}"),
+            Reject::MissingFeature { feature, pointer } => {
+                write!(f, "feature {feature:?} is missing (no value at {pointer})")
+            }
+            Reject::NonNumeric { feature, found } => {
+                write!(f, "feature {feature:?} is not a number: {found}")
+            }
+            Reject::NonFinite { feature } => {
+                write!(f, "feature {feature:?} is not finite as a 32-bit float")
+            }
+            Reject::OutOfRange {
+                feature,
+                value,
+                min,
+                max,
+            } => {
+                write!(
+                    f,
+                    "feature {feature:?} = {value} is outside the bundle's range [{min}, {max}]"
+                )
+            }
+        }
+    }
+}
+
+/// A feature row read from one message, plus what is echoed into the prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extracted {
+    pub features: Vec<f32>,
+    pub key: Value,
+    pub ts: Value,
+}
+
+/// Reads a pipeline's features out of JSON payloads: pointers and ranges fixed at start.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    /// (input name, JSON pointer, min, max) in model order.
+    fields: Vec<(String, String, f64, f64)>,
+    key: Option<String>,
+    timestamp: Option<String>,
+    max_payload_bytes: usize,
+}
+
+impl Extractor {
+    pub fn new(
+        inputs: &[Input],
+        pointers: &std::collections::BTreeMap<String, String>,
+        key: Option<String>,
+        timestamp: Option<String>,
+        max_payload_bytes: usize,
+    ) -> Extractor {
+        let fields = inputs
+            .iter()
+            .map(|i| {
+                let ptr = pointers
+                    .get(&i.name)
+                    .cloned()
+                    .unwrap_or_else(|| format!("/{}", escape_pointer(&i.name)));
+                (i.name.clone(), ptr, i.min, i.max)
+            })
+            .collect();
+        Extractor {
+            fields,
+            key,
+            timestamp,
+            max_payload_bytes,
+        }
+    }
+
+    /// # Errors
+    /// The first reason the payload cannot be a row.
+    pub fn extract(&self, payload: &[u8]) -> Result<Extracted, Reject> {
+        if payload.len() > self.max_payload_bytes {
+            return Err(Reject::TooLarge {
+                bytes: payload.len(),
+                max: self.max_payload_bytes,
+            });
+        }
+        let doc: Value =
+            serde_json::from_slice(payload).map_err(|e| Reject::NotJson(e.to_string()))?;
+        let mut features = Vec::with_capacity(self.fields.len());
+        for (name, ptr, min, max) in &self.fields {
+            let v = doc.pointer(ptr).ok_or_else(|| Reject::MissingFeature {
+                feature: name.clone(),
+                pointer: ptr.clone(),
+            })?;
+            let x = v.as_f64().ok_or_else(|| Reject::NonNumeric {
+                feature: name.clone(),
+                found: truncate(&v.to_string(), 40),
+            })?;
+            if !(x as f32).is_finite() {
+                return Err(Reject::NonFinite {
+                    feature: name.clone(),
+                });
+            }
+            if x < *min || x > *max {
+                return Err(Reject::OutOfRange {
+                    feature: name.clone(),
+                    value: x,
+                    min: *min,
+                    max: *max,
+                });
+            }
+            features.push(x as f32);
+        }
+        let echo = |p: &Option<String>| {
+            p.as_deref()
+                .and_then(|p| doc.pointer(p))
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        Ok(Extracted {
+            features,
+            key: echo(&self.key),
+            ts: echo(&self.timestamp),
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|f| f.0.as_str())
+    }
+}
+
+/// RFC 6901: `~` and `/` in a name are escaped in a pointer.
+fn escape_pointer(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.len() <= n {
+        s.to_string()
+    } else {
+        let cut = (0..=n).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        format!("{}…", &s[..cut])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extractor() -> Extractor {
+        let inputs = vec![
+            Input {
+                name: "temp".into(),
+                unit: "C".into(),
+                min: -40.0,
+                max: 150.0,
+            },
+            Input {
+                name: "vib".into(),
+                unit: String::new(),
+                min: 0.0,
+                max: 10.0,
+            },
+        ];
+        let pointers = [("vib".to_string(), "/vibration/rms".to_string())].into();
+        Extractor::new(&inputs, &pointers, Some("/seq".into()), None, 256)
+    }
+
+    #[test]
+    fn features_are_read_in_model_order_by_pointer() {
+        let got = extractor()
+            .extract(br#"{"vibration":{"rms":2.5},"temp":20,"seq":7}"#)
+            .unwrap();
+        assert_eq!(got.features, vec![20.0, 2.5]);
+        assert_eq!(got.key, serde_json::json!(7));
+        assert_eq!(got.ts, Value::Null);
+    }
+
+    #[test]
+    fn each_bad_payload_gets_its_own_reason() {
+        let e = extractor();
+        let reason = |p: &[u8]| e.extract(p).unwrap_err().reason();
+        assert_eq!(reason(b"{not json"), "not_json");
+        assert_eq!(reason(br#"{"temp":20}"#), "missing_feature");
+        assert_eq!(
+            reason(br#"{"temp":"hot","vibration":{"rms":1}}"#),
+            "non_numeric"
+        );
+        assert_eq!(
+            reason(br#"{"temp":1e300,"vibration":{"rms":1}}"#),
+            "non_finite"
+        );
+        assert_eq!(
+            reason(br#"{"temp":999,"vibration":{"rms":1}}"#),
+            "out_of_range"
+        );
+        assert_eq!(reason(&[b' '; 300]), "payload_too_large");
+    }
+
+    #[test]
+    fn a_rejection_says_what_was_wrong() {
+        let r = extractor()
+            .extract(br#"{"temp":999,"vibration":{"rms":1}}"#)
+            .unwrap_err();
+        assert_eq!(
+            r.to_string(),
+            "feature \"temp\" = 999 is outside the bundle's range [-40, 150]"
+        );
+    }
+}

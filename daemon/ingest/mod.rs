@@ -1,0 +1,12 @@
+//! Ingest: MQTT in. Owns the broker connection, matches topics to pipelines, reads feature
+//! rows out of JSON payloads and rejects (with a reason) what cannot be one.
+
+pub mod connection;
+#[cfg(feature = "embedded-broker")]
+pub mod embedded_broker;
+pub mod extract;
+pub mod topic;
+
+pub use connection::{Ingest, Route, Sample};
+pub use extract::{Extracted, Extractor, Reject};
+pub use topic::TopicFilter;

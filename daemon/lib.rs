@@ -1,0 +1,27 @@
+//! # lathe
+//!
+//! Closes the model loop on factory edge hardware. This build: MQTT telemetry in, ONNX
+//! inference, predictions out, with bundles that carry their own validation baseline.
+//!
+//! # Layout
+//! One folder per pipeline stage (see `ARCHITECTURE.md` for what flows between them):
+//! - [`config`]: the TOML config, every error reported at once.
+//! - [`ingest`]: the MQTT connection, topic routing, JSON → feature rows, rejections.
+//! - [`infer`]: the tract engine and the per-pipeline micro-batching task.
+//! - [`model`]: the bundle format, its baseline, and the on-device registry.
+//! - [`service`]: wiring, start and graceful stop, status and events.
+//! - [`cli`]: the `lathe` command line, including `lathe demo`.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::await_holding_lock
+)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod cli;
+pub mod config;
+pub mod infer;
+pub mod ingest;
+pub mod model;
+pub mod service;

@@ -1,0 +1,471 @@
+//! The bundle file (`NAME-VERSION.lathe`): a tar of `bundle.toml`, `model.onnx`,
+//! `validation.csv` and, once signed, `bundle.sig` (ed25519 over `bundle.toml`, which holds the
+//! sha256 of every other file — so one signature covers the whole bundle).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use super::baseline::{self, Baseline, Reading};
+use super::manifest::{Gate, Input, Lineage, Manifest, Task, Training, FORMAT};
+use crate::infer::engine::{Engine, EngineError, Outputs};
+
+pub const MANIFEST: &str = "bundle.toml";
+pub const MODEL: &str = "model.onnx";
+pub const VALIDATION: &str = "validation.csv";
+pub const SIGNATURE: &str = "bundle.sig";
+/// A bundle larger than this is refused before it is unpacked.
+const MAX_BUNDLE_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("not a valid bundle: {0}")]
+    Format(String),
+    #[error(
+        "{file} does not match its sha256 in bundle.toml (the bundle is corrupt or was altered)"
+    )]
+    Hash { file: String },
+    #[error("validation data: {0}")]
+    Data(String),
+    #[error("model: {0}")]
+    Model(#[from] EngineError),
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub manifest: Manifest,
+    /// The exact `bundle.toml` bytes (what a signature covers).
+    pub manifest_bytes: Vec<u8>,
+    pub model: Vec<u8>,
+    pub validation: Vec<u8>,
+    pub signature: Option<Vec<u8>>,
+}
+
+impl Bundle {
+    /// The bundle's identity: sha256 of `bundle.toml`, which pins every other file.
+    pub fn sha256(&self) -> String {
+        sha256_hex(&self.manifest_bytes)
+    }
+
+    pub fn file_name(&self) -> String {
+        format!("{}-{}.lathe", self.manifest.name, self.manifest.version)
+    }
+
+    /// # Errors
+    /// Unreadable files, or any check of [`Bundle::from_bytes`].
+    pub fn read(path: &Path) -> Result<Bundle, BundleError> {
+        let io = |source| BundleError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_BUNDLE_BYTES {
+            return Err(BundleError::Format(format!(
+                "{len} bytes is over the {MAX_BUNDLE_BYTES}-byte limit"
+            )));
+        }
+        Bundle::from_bytes(&std::fs::read(path).map_err(io)?)
+    }
+
+    /// Unpacks and checks a bundle: known file names only, a manifest of this format, and
+    /// every file matching its sha256.
+    ///
+    /// # Errors
+    /// Any of those checks failing.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Bundle, BundleError> {
+        let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut archive = tar::Archive::new(bytes);
+        let entries = archive
+            .entries()
+            .map_err(|e| BundleError::Format(e.to_string()))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
+            let name = entry
+                .path()
+                .map_err(|e| BundleError::Format(e.to_string()))?
+                .to_string_lossy()
+                .into_owned();
+            if ![MANIFEST, MODEL, VALIDATION, SIGNATURE].contains(&name.as_str()) {
+                return Err(BundleError::Format(format!("unexpected file {name:?}")));
+            }
+            if files.contains_key(&name) {
+                return Err(BundleError::Format(format!("{name} appears twice")));
+            }
+            let mut data = Vec::new();
+            entry
+                .read_to_end(&mut data)
+                .map_err(|e| BundleError::Format(e.to_string()))?;
+            files.insert(name, data);
+        }
+        let mut take = |name: &str| {
+            files
+                .remove(name)
+                .ok_or_else(|| BundleError::Format(format!("{name} is missing")))
+        };
+        let manifest_bytes = take(MANIFEST)?;
+        let model = take(MODEL)?;
+        let validation = take(VALIDATION)?;
+        let signature = files.remove(SIGNATURE);
+        let text = std::str::from_utf8(&manifest_bytes)
+            .map_err(|_| BundleError::Format("bundle.toml is not UTF-8".into()))?;
+        let format: toml::Table =
+            toml::from_str(text).map_err(|e| BundleError::Format(format!("bundle.toml: {e}")))?;
+        match format.get("format").and_then(toml::Value::as_integer) {
+            Some(f) if f == i64::from(FORMAT) => {}
+            other => {
+                return Err(BundleError::Format(format!(
+                    "bundle format {other:?}; this build reads format {FORMAT}"
+                )))
+            }
+        }
+        let manifest: Manifest =
+            toml::from_str(text).map_err(|e| BundleError::Format(format!("bundle.toml: {e}")))?;
+        for (name, data) in [(MODEL, &model), (VALIDATION, &validation)] {
+            if manifest.files.get(name) != Some(&sha256_hex(data)) {
+                return Err(BundleError::Hash { file: name.into() });
+            }
+        }
+        if manifest.files.len() != 2 {
+            return Err(BundleError::Format(
+                "bundle.toml lists files the bundle does not hold".into(),
+            ));
+        }
+        if manifest.primary_output >= manifest.outputs.len() || manifest.inputs.is_empty() {
+            return Err(BundleError::Format(
+                "bundle.toml: primary_output or inputs out of range".into(),
+            ));
+        }
+        Ok(Bundle {
+            manifest,
+            manifest_bytes,
+            model,
+            validation,
+            signature,
+        })
+    }
+
+    /// The tar bytes. Entries carry fixed metadata so the same bundle always packs the same.
+    ///
+    /// # Errors
+    /// Only on an internal tar failure.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, BundleError> {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut files = vec![
+            (MANIFEST, &self.manifest_bytes),
+            (MODEL, &self.model),
+            (VALIDATION, &self.validation),
+        ];
+        if let Some(sig) = &self.signature {
+            files.push((SIGNATURE, sig));
+        }
+        for (name, data) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(0);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, data.as_slice())
+                .map_err(|e| BundleError::Format(e.to_string()))?;
+        }
+        builder
+            .into_inner()
+            .map_err(|e| BundleError::Format(e.to_string()))
+    }
+
+    pub fn reading(&self) -> Reading {
+        Reading {
+            task: self.manifest.task,
+            threshold: self.manifest.baseline.threshold,
+        }
+    }
+}
+
+/// What `lathe bundle create` needs.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub name: String,
+    pub version: u64,
+    pub task: Task,
+    /// Required except for `reconstruction`.
+    pub target: Option<String>,
+    /// Feature columns in model order; default: every column but the target.
+    pub features: Option<Vec<String>>,
+    /// Explicit valid ranges; the rest come from the data.
+    pub ranges: BTreeMap<String, (f64, f64)>,
+    pub units: BTreeMap<String, String>,
+    pub source_model: String,
+    pub data_name: String,
+}
+
+/// A numeric CSV: header and rows.
+pub struct Table {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<f64>>,
+}
+
+/// Parses a numeric CSV with a header line.
+///
+/// # Errors
+/// A non-numeric cell or a ragged row, naming the line.
+pub fn parse_csv(text: &str) -> Result<Table, BundleError> {
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let (_, head) = lines
+        .next()
+        .ok_or_else(|| BundleError::Data("the CSV is empty".into()))?;
+    let header: Vec<String> = head
+        .split(',')
+        .map(|h| h.trim().trim_matches('"').to_string())
+        .collect();
+    let mut rows = Vec::new();
+    for (i, line) in lines {
+        let row: Result<Vec<f64>, _> = line.split(',').map(|c| c.trim().parse::<f64>()).collect();
+        let row = row.map_err(|_| {
+            BundleError::Data(format!("line {}: expected numbers only: {line:?}", i + 1))
+        })?;
+        if row.len() != header.len() {
+            return Err(BundleError::Data(format!(
+                "line {}: {} cells, the header has {}",
+                i + 1,
+                row.len(),
+                header.len()
+            )));
+        }
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        return Err(BundleError::Data("the CSV has a header but no rows".into()));
+    }
+    Ok(Table { header, rows })
+}
+
+/// Valid range of a feature from data: the observed span widened by the span again on each side,
+/// so healthy readings slightly beyond the validation set pass while a stuck-at-9999 sensor
+/// or a unit mix-up does not.
+pub fn range_from_data(stats: &baseline::Stats) -> (f64, f64) {
+    let span = stats.max - stats.min;
+    let margin = if span > 0.0 {
+        span
+    } else {
+        stats.max.abs().max(1.0)
+    };
+    (stats.min - margin, stats.max + margin)
+}
+
+/// Picks the output that is "the prediction": for classifiers the class-score tensor (not
+/// an integer label output), for regression the one-value output, for reconstruction the one
+/// as wide as the input.
+fn primary_output(task: Task, outputs: &Outputs, features: usize) -> usize {
+    let w = &outputs.per_row;
+    let first = |f: &dyn Fn(usize) -> bool| w.iter().position(|&x| f(x));
+    let pick = match task {
+        Task::Binary => first(&|x| x == 2).or_else(|| first(&|x| x == 1)),
+        Task::Multiclass => w
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, &x)| (x, usize::MAX - i))
+            .map(|(i, _)| i),
+        Task::Regression => first(&|x| x == 1),
+        Task::Reconstruction => first(&|x| x == features),
+    };
+    pick.unwrap_or(0)
+}
+
+/// Makes a bundle from any ONNX model and its held-out validation data: runs the model on
+/// every row and writes the baseline.
+///
+/// # Errors
+/// A model lathe cannot serve, data that does not fit it, or a task the outputs do not fit.
+pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle, BundleError> {
+    let mut engine = Engine::load(&model)?;
+    let table = parse_csv(data)?;
+    let col = |name: &str| {
+        table.header.iter().position(|h| h == name).ok_or_else(|| {
+            BundleError::Data(format!(
+                "no column {name:?} in the CSV (columns: {})",
+                table.header.join(",")
+            ))
+        })
+    };
+    let target = match (&opts.target, opts.task) {
+        (Some(t), _) => Some(col(t)?),
+        (None, Task::Reconstruction) => None,
+        (None, _) => {
+            return Err(BundleError::Data(
+                "--target is required for this task".into(),
+            ))
+        }
+    };
+    let names: Vec<String> = match &opts.features {
+        Some(f) => f.clone(),
+        None => table
+            .header
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != target)
+            .map(|(_, h)| h.clone())
+            .collect(),
+    };
+    let cols: Vec<usize> = names.iter().map(|n| col(n)).collect::<Result<_, _>>()?;
+    let f = engine.signature.features;
+    if cols.len() != f {
+        return Err(BundleError::Data(format!(
+            "the model's input {:?} takes {f} features; the CSV gives {} ({})",
+            engine.signature.input,
+            cols.len(),
+            names.join(",")
+        )));
+    }
+    let x: Vec<f32> = table
+        .rows
+        .iter()
+        .flat_map(|r| cols.iter().map(move |&c| r[c] as f32))
+        .collect();
+    let outputs = engine.run(&x)?;
+    let p = primary_output(opts.task, &outputs, f);
+    let n = table.rows.len();
+    let truth: Vec<f64> = target
+        .map(|t| table.rows.iter().map(|r| r[t]).collect())
+        .unwrap_or_default();
+
+    let mut reading = Reading {
+        task: opts.task,
+        threshold: None,
+    };
+    let scores: Vec<f64> = (0..n)
+        .map(|r| reading.score(outputs.row(p, r), &x[r * f..(r + 1) * f]))
+        .collect();
+    if opts.task == Task::Binary && outputs.per_row[p] == 1 {
+        reading.threshold = Some(baseline::binary_threshold(&scores));
+    }
+    let (metrics, class_shares) = match opts.task {
+        Task::Binary | Task::Multiclass => {
+            let labels: Vec<usize> = truth
+                .iter()
+                .map(|&t| {
+                    if t >= 0.0 && t.fract() == 0.0 {
+                        Ok(t as usize)
+                    } else {
+                        Err(BundleError::Data(format!(
+                            "target value {t} is not a class index"
+                        )))
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            let predicted: Vec<usize> = (0..n)
+                .map(|r| reading.class(outputs.row(p, r)).unwrap_or(0))
+                .collect();
+            let classes = outputs.per_row[p]
+                .max(2)
+                .max(labels.iter().max().map_or(0, |m| m + 1));
+            let shares = (0..classes)
+                .map(|c| predicted.iter().filter(|&&x| x == c).count() as f64 / n as f64)
+                .collect();
+            (
+                baseline::classification_metrics(opts.task, &predicted, &labels, &scores, classes),
+                shares,
+            )
+        }
+        Task::Regression => (baseline::regression_metrics(&scores, &truth), Vec::new()),
+        Task::Reconstruction => (baseline::reconstruction_metrics(&scores), Vec::new()),
+    };
+    let features: Vec<baseline::Stats> = names
+        .iter()
+        .zip(&cols)
+        .map(|(name, &c)| {
+            baseline::stats(name, &table.rows.iter().map(|r| r[c]).collect::<Vec<_>>())
+        })
+        .collect();
+    let inputs = names
+        .iter()
+        .zip(&features)
+        .map(|(name, st)| {
+            let (min, max) = opts
+                .ranges
+                .get(name)
+                .copied()
+                .unwrap_or_else(|| range_from_data(st));
+            Input {
+                name: name.clone(),
+                unit: opts.units.get(name).cloned().unwrap_or_default(),
+                min,
+                max,
+            }
+        })
+        .collect();
+    for name in opts.ranges.keys().chain(opts.units.keys()) {
+        if !names.contains(name) {
+            return Err(BundleError::Data(format!(
+                "--range/--unit names {name:?}, which is not a feature"
+            )));
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let manifest = Manifest {
+        format: FORMAT,
+        name: opts.name.clone(),
+        version: opts.version,
+        parent: String::new(),
+        task: opts.task,
+        target: opts.target.clone().unwrap_or_default(),
+        primary_output: p,
+        model_input: engine.signature.input.clone(),
+        inputs,
+        outputs: engine.signature.outputs.clone(),
+        training: Training::default(),
+        gate: Gate::for_task(opts.task),
+        baseline: Baseline {
+            rows: n,
+            metrics,
+            threshold: reading.threshold,
+            features,
+            predictions: baseline::stats("score", &scores),
+            class_shares,
+        },
+        lineage: Lineage {
+            created_by: format!("lathe bundle create {}", env!("CARGO_PKG_VERSION")),
+            created_unix: now,
+            source_model: opts.source_model.clone(),
+            data: format!("{} ({n} rows)", opts.data_name),
+        },
+        files: BTreeMap::from([
+            (MODEL.to_string(), sha256_hex(&model)),
+            (VALIDATION.to_string(), sha256_hex(data.as_bytes())),
+        ]),
+    };
+    let text = toml::to_string(&manifest).map_err(|e| BundleError::Format(e.to_string()))?;
+    Ok(Bundle {
+        manifest,
+        manifest_bytes: text.into_bytes(),
+        model,
+        validation: data.as_bytes().to_vec(),
+        signature: None,
+    })
+}
+
+/// A valid bundle name: it becomes a directory and part of a file name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && !name.starts_with('.')
+}

@@ -1,0 +1,11 @@
+//! Models as bundles: the format (`bundle`, `manifest`), the baseline computed when a bundle
+//! is made (`baseline`), and the on-device registry that knows which version serves.
+
+pub mod baseline;
+pub mod bundle;
+pub mod manifest;
+pub mod registry;
+
+pub use bundle::{Bundle, BundleError};
+pub use manifest::{Manifest, Task};
+pub use registry::Registry;

@@ -1,0 +1,201 @@
+//! Events are types: emitting one counts it, logs it and reports it on `lathe/{node}/events`
+//! in one place, so logs, counters and the events topic never disagree.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::ingest::Reject;
+
+/// Per-pipeline counters, shared by ingest, infer and the status report.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub predicted: AtomicU64,
+    pub rejected: [AtomicU64; Reject::REASONS.len()],
+    /// Rows whose inference failed (a model error, never bad input).
+    pub failed: AtomicU64,
+    /// Messages left unacknowledged because ingest was too far ahead of inference; the broker
+    /// redelivers them on the next session.
+    pub deferred: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Value {
+        let rejected: serde_json::Map<String, Value> = Reject::REASONS
+            .iter()
+            .zip(&self.rejected)
+            .map(|(r, c)| (r.to_string(), c.load(Relaxed).into()))
+            .collect();
+        json!({
+            "received": self.received.load(Relaxed),
+            "predicted": self.predicted.load(Relaxed),
+            "rejected": self.rejected.iter().map(|c| c.load(Relaxed)).sum::<u64>(),
+            "rejected_by_reason": rejected,
+            "failed": self.failed.load(Relaxed),
+            "deferred": self.deferred.load(Relaxed),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    InputRejected {
+        pipeline: String,
+        topic: String,
+        reason: &'static str,
+        detail: String,
+    },
+    InferenceFailed {
+        pipeline: String,
+        rows: usize,
+        error: String,
+    },
+    Deferred {
+        pipeline: String,
+        pending: usize,
+    },
+    Connected {
+        attempts: u32,
+    },
+}
+
+impl Event {
+    fn name(&self) -> &'static str {
+        match self {
+            Event::InputRejected { .. } => "input.rejected",
+            Event::InferenceFailed { .. } => "inference.failed",
+            Event::Deferred { .. } => "input.deferred",
+            Event::Connected { .. } => "broker.connected",
+        }
+    }
+
+    fn payload(&self, suppressed: u64) -> Value {
+        let mut v = match self {
+            Event::InputRejected {
+                pipeline,
+                topic,
+                reason,
+                detail,
+            } => {
+                json!({"pipeline": pipeline, "topic": topic, "reason": reason, "detail": detail})
+            }
+            Event::InferenceFailed {
+                pipeline,
+                rows,
+                error,
+            } => json!({"pipeline": pipeline, "rows": rows, "error": error}),
+            Event::Deferred { pipeline, pending } => {
+                json!({"pipeline": pipeline, "pending": pending})
+            }
+            Event::Connected { attempts } => json!({"attempts": attempts}),
+        };
+        v["event"] = self.name().into();
+        v["ts"] = crate::service::unix_ms().into();
+        if suppressed > 0 {
+            v["suppressed"] = suppressed.into();
+        }
+        v
+    }
+
+    fn log(&self, suppressed: u64) {
+        match self {
+            Event::InputRejected {
+                pipeline,
+                topic,
+                detail,
+                ..
+            } => {
+                tracing::warn!(pipeline, topic, suppressed, "Rejected a message: {detail}")
+            }
+            Event::InferenceFailed {
+                pipeline,
+                rows,
+                error,
+            } => tracing::error!(pipeline, rows, "Inference failed: {error}"),
+            Event::Deferred { pipeline, pending } => {
+                tracing::warn!(
+                    pipeline,
+                    pending,
+                    "Inference is behind; leaving messages unacknowledged for redelivery"
+                )
+            }
+            Event::Connected { attempts } => tracing::info!(attempts, "Connected to the broker"),
+        }
+    }
+}
+
+/// Cheap handle to report events from any task; never blocks (a full queue drops the event,
+/// its counter has already counted it).
+#[derive(Clone)]
+pub struct Events {
+    tx: mpsc::Sender<Event>,
+}
+
+impl Events {
+    pub fn emit(&self, event: Event) {
+        let _ = self.tx.try_send(event);
+    }
+}
+
+/// At most this many events of one kind per pipeline per second reach the log and the
+/// events topic; the rest are summed into the next one's `suppressed`.
+const EVENTS_PER_SECOND: u32 = 5;
+
+struct Limit {
+    window: Instant,
+    sent: u32,
+    suppressed: u64,
+}
+
+/// Publishes events on the events topic, rate-limited per (event, pipeline).
+pub fn reporter(
+    client: rumqttc::AsyncClient,
+    topic: String,
+) -> (Events, impl std::future::Future<Output = ()>) {
+    let (tx, mut rx) = mpsc::channel::<Event>(1024);
+    let task = async move {
+        let mut limits: std::collections::HashMap<(&'static str, String), Limit> =
+            Default::default();
+        while let Some(event) = rx.recv().await {
+            let pipeline = match &event {
+                Event::InputRejected { pipeline, .. }
+                | Event::InferenceFailed { pipeline, .. }
+                | Event::Deferred { pipeline, .. } => pipeline.clone(),
+                Event::Connected { .. } => String::new(),
+            };
+            let now = Instant::now();
+            let l = limits.entry((event.name(), pipeline)).or_insert(Limit {
+                window: now,
+                sent: 0,
+                suppressed: 0,
+            });
+            if now.duration_since(l.window) >= Duration::from_secs(1) {
+                l.window = now;
+                l.sent = 0;
+            }
+            if l.sent >= EVENTS_PER_SECOND {
+                l.suppressed += 1;
+                continue;
+            }
+            l.sent += 1;
+            let suppressed = std::mem::take(&mut l.suppressed);
+            event.log(suppressed);
+            let body = event.payload(suppressed).to_string();
+            if client
+                .publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, body)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    (Events { tx }, task)
+}
+
+/// Counters for every pipeline, by name.
+pub type PipelineCounters = Vec<(String, Arc<Counters>)>;

@@ -1,0 +1,343 @@
+//! Service: wires the stages together and runs them until told to stop.
+//!
+//! Start: load every pipeline's champion bundle, connect, start one inference task per
+//! pipeline and the ingest loop. Stop (SIGTERM/SIGINT): ingest stops taking messages, each
+//! pipeline drains what it holds and publishes, then the final status goes out and the client
+//! disconnects cleanly. Nothing accepted is lost: what was not answered was not acked either.
+
+pub mod events;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, QoS};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{BrokerUrl, Config, ConfigError, ConfigErrors, ModelRef};
+use crate::infer::{Engine, Pipeline};
+use crate::ingest::{connection, Extractor, Ingest, Route, TopicFilter};
+use crate::model::registry::RegistryError;
+use crate::model::{Bundle, Registry};
+use events::Counters;
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How often the retained status is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How long a stop may take to drain and disconnect before giving up.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    Broker(String),
+    #[error("{0}")]
+    Connect(#[from] connection::ConnectError),
+}
+
+/// A pipeline's model, loaded and checked against its config.
+pub struct Loaded {
+    pub bundle: Bundle,
+    pub engine: Engine,
+    pub extractor: Extractor,
+}
+
+/// Loads each pipeline's champion bundle and checks it fits the pipeline: every problem is
+/// reported at once, like config errors. With `seed`, bundle files are imported into the
+/// registry first (the daemon); without, they are only read (`lathe check` changes nothing).
+///
+/// # Errors
+/// Missing or invalid bundles, models tract cannot serve, feature names the bundle lacks.
+pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErrors> {
+    let registry = Registry::new(&config.state_dir);
+    let mut errors = Vec::new();
+    let mut loaded = Vec::new();
+    for (i, p) in config.pipelines.iter().enumerate() {
+        let key = format!("pipeline[{i}].model");
+        let bundle = match &p.model {
+            ModelRef::File(f) if seed => registry.seed(f),
+            ModelRef::File(f) => Bundle::read(f).map_err(|source| RegistryError::Bundle {
+                path: f.clone(),
+                source,
+            }),
+            ModelRef::Name(n) => registry.champion(n),
+        };
+        let bundle = match bundle {
+            Ok(b) => b,
+            Err(e) => {
+                errors.push(ConfigError {
+                    key,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let engine = match Engine::load(&bundle.model) {
+            Ok(e) if e.signature.features == bundle.manifest.inputs.len() => e,
+            Ok(e) => {
+                let message = format!(
+                    "the model takes {} features, bundle.toml names {}",
+                    e.signature.features,
+                    bundle.manifest.inputs.len()
+                );
+                errors.push(ConfigError { key, message });
+                continue;
+            }
+            Err(e) => {
+                errors.push(ConfigError {
+                    key,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        for name in p.features.keys() {
+            if !bundle.manifest.inputs.iter().any(|inp| &inp.name == name) {
+                let names: Vec<&str> = bundle
+                    .manifest
+                    .inputs
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect();
+                errors.push(ConfigError {
+                    key: format!("pipeline[{i}].features.{name}"),
+                    message: format!(
+                        "bundle {} has no input {name:?} (inputs: {})",
+                        bundle.manifest.name,
+                        names.join(", ")
+                    ),
+                });
+            }
+        }
+        let extractor = Extractor::new(
+            &bundle.manifest.inputs,
+            &p.features,
+            p.source.key.clone(),
+            p.source.timestamp.clone(),
+            config.mqtt.max_payload_bytes,
+        );
+        loaded.push(Loaded {
+            bundle,
+            engine,
+            extractor,
+        });
+    }
+    if errors.is_empty() {
+        Ok(loaded)
+    } else {
+        Err(ConfigErrors {
+            file: config.file.clone(),
+            errors,
+        })
+    }
+}
+
+fn status(
+    config: &Config,
+    state: &str,
+    loaded: &[(String, String, u64, String)],
+    counters: &[Arc<Counters>],
+) -> Value {
+    let pipelines: Vec<Value> = loaded
+        .iter()
+        .zip(counters)
+        .map(|((pipeline, model, version, sha), c)| {
+            json!({
+                "name": pipeline, "model": model, "version": version, "sha256": sha,
+                "origin": "bundle", "backend": "tract", "drift": null, "counters": c.snapshot(),
+            })
+        })
+        .collect();
+    json!({
+        "state": state, "node": config.node, "daemon_version": env!("CARGO_PKG_VERSION"),
+        "ts": unix_ms(), "pipelines": pipelines,
+    })
+}
+
+/// What a running daemon exposes to its embedder (the demo, tests).
+#[derive(Clone)]
+pub struct Handle {
+    /// True while connected to the broker.
+    pub connected: watch::Receiver<bool>,
+    pub counters: Vec<(String, Arc<Counters>)>,
+}
+
+/// Runs the daemon until `shutdown` resolves, then drains and disconnects.
+///
+/// # Errors
+/// Bad config or bundles, or a broker that cannot be set up. Once running, broker outages
+/// are retried forever and bad input is reported, never returned.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    on_start: impl FnOnce(Handle),
+) -> Result<(), ServiceError> {
+    let loaded = load_models(&config, true)?;
+    let (host, port) = match &config.mqtt.url {
+        BrokerUrl::Tcp { host, port, .. } => (host.clone(), *port),
+        BrokerUrl::Embedded => embedded(&config.mqtt.embedded_listen)?,
+    };
+    let options = connection::mqtt_options(&config, &host, port)?;
+    let (client, eventloop) = AsyncClient::new(options, 4096);
+    let (events, reporter) = events::reporter(client.clone(), config.events_topic());
+    let reporter = tokio::spawn(reporter);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (disconnect_tx, disconnect_rx) = watch::channel(false);
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let mut routes = Vec::new();
+    let mut tasks = Vec::new();
+    let mut identity = Vec::new();
+    let mut all_counters = Vec::new();
+    for (p, l) in config.pipelines.iter().zip(loaded) {
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(1024);
+        let m = &l.bundle.manifest;
+        tracing::info!(
+            pipeline = p.name,
+            model = m.name,
+            version = m.version,
+            "Serving"
+        );
+        identity.push((p.name.clone(), m.name.clone(), m.version, l.bundle.sha256()));
+        routes.push(Route {
+            pipeline: p.name.clone(),
+            filter: TopicFilter::parse(&p.source.topic)
+                .map_err(|e| ServiceError::Broker(e.to_string()))?,
+            extractor: l.extractor,
+            tx: Some(tx),
+            counters: counters.clone(),
+        });
+        let pipeline = Pipeline {
+            name: p.name.clone(),
+            reading: l.bundle.reading(),
+            primary_output: m.primary_output,
+            model: m.name.clone(),
+            version: m.version,
+            engine: l.engine,
+            sink: p.sink.topic.clone(),
+            batch: p.batch,
+            client: client.clone(),
+            counters: counters.clone(),
+            events: events.clone(),
+        };
+        tasks.push(tokio::spawn(pipeline.run(rx)));
+        all_counters.push(counters);
+    }
+    let ingest = Ingest {
+        eventloop,
+        client: client.clone(),
+        routes,
+        events: events.clone(),
+        stop: stop_rx.clone(),
+        disconnect: disconnect_rx,
+        connected: connected_tx,
+    };
+    let ingest = tokio::spawn(ingest.run());
+    on_start(Handle {
+        connected: connected_rx,
+        counters: identity
+            .iter()
+            .map(|i| i.0.clone())
+            .zip(all_counters.iter().cloned())
+            .collect(),
+    });
+
+    let status_task = {
+        let (client, config, identity, counters, mut stop) = (
+            client.clone(),
+            config.clone(),
+            identity.clone(),
+            all_counters.clone(),
+            stop_rx,
+        );
+        tokio::spawn(async move {
+            loop {
+                let body = status(&config, "online", &identity, &counters).to_string();
+                let _ = client
+                    .publish(config.status_topic(), QoS::AtLeastOnce, true, body)
+                    .await;
+                tokio::select! {
+                    _ = tokio::time::sleep(STATUS_EVERY) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+
+    shutdown.await;
+    tracing::info!("Stopping: draining in-flight messages");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("Pipelines did not drain in {DRAIN_DEADLINE:?}; unanswered messages stay unacknowledged and will be redelivered");
+    }
+    let _ = status_task.await;
+    let body = status(&config, "offline", &identity, &all_counters).to_string();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.publish(config.status_topic(), QoS::AtLeastOnce, true, body),
+    )
+    .await;
+    let _ = disconnect_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), ingest)
+        .await
+        .is_err()
+    {
+        tracing::warn!("The broker did not confirm the disconnect in time");
+    }
+    reporter.abort();
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+#[cfg(feature = "embedded-broker")]
+fn embedded(listen: &str) -> Result<(String, u16), ServiceError> {
+    let addr = crate::ingest::embedded_broker::start(listen).map_err(ServiceError::Broker)?;
+    tracing::info!(%addr, "Embedded broker listening");
+    Ok((addr.ip().to_string(), addr.port()))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+fn embedded(_listen: &str) -> Result<(String, u16), ServiceError> {
+    Err(ServiceError::Broker(
+        "this build has no embedded broker (feature `embedded-broker`)".into(),
+    ))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
