@@ -11,12 +11,7 @@
 //! - [`model`]: the bundle format, its baseline, and the on-device registry.
 //! - [`service`]: wiring, start and graceful stop, status and events.
 //! - [`cli`]: the `lathe` command line, including `lathe demo`.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::await_holding_lock
-)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::await_holding_lock)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod cli;

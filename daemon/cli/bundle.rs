@@ -89,14 +89,10 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
             json,
         } => {
             if !bundle::valid_name(&name) {
-                return Err(format!(
-                    "bundle name {name:?}: use letters, digits, '.', '_' and '-'"
-                ));
+                return Err(format!("bundle name {name:?}: use letters, digits, '.', '_' and '-'"));
             }
-            let model_bytes =
-                std::fs::read(&model).map_err(|e| format!("{}: {e}", model.display()))?;
-            let text =
-                std::fs::read_to_string(&data).map_err(|e| format!("{}: {e}", data.display()))?;
+            let model_bytes = std::fs::read(&model).map_err(|e| format!("{}: {e}", model.display()))?;
+            let text = std::fs::read_to_string(&data).map_err(|e| format!("{}: {e}", data.display()))?;
             let file_name = |p: &PathBuf| {
                 p.file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -116,20 +112,14 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
             let b = bundle::create(model_bytes, &text, &opts).map_err(|e| e.to_string())?;
             let out = output.unwrap_or_else(|| PathBuf::from(b.file_name()));
             let bytes = b.to_bytes().map_err(|e| e.to_string())?;
-            crate::model::registry::write_atomic(&out, &bytes)
-                .map_err(|e| format!("{}: {e}", out.display()))?;
+            crate::model::registry::write_atomic(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
             if json {
                 println!(
                     "{}",
                     serde_json::json!({"file": out, "sha256": b.sha256(), "manifest": b.manifest})
                 );
             } else {
-                println!(
-                    "wrote {} ({} bytes, sha256 {})",
-                    out.display(),
-                    bytes.len(),
-                    b.sha256()
-                );
+                println!("wrote {} ({} bytes, sha256 {})", out.display(), bytes.len(), b.sha256());
                 print_summary(&b);
             }
             Ok(())
@@ -146,11 +136,7 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
                     "{}: sha256 {} ({})",
                     file.display(),
                     b.sha256(),
-                    if b.signature.is_some() {
-                        "signed"
-                    } else {
-                        "unsigned"
-                    }
+                    if b.signature.is_some() { "signed" } else { "unsigned" }
                 );
                 print!("{}", String::from_utf8_lossy(&b.manifest_bytes));
             }
@@ -169,12 +155,7 @@ fn print_summary(b: &Bundle) {
         m.inputs.len(),
         m.outputs[m.primary_output]
     );
-    let metrics: Vec<String> = m
-        .baseline
-        .metrics
-        .iter()
-        .map(|(k, v)| format!("{k} {v:.4}"))
-        .collect();
+    let metrics: Vec<String> = m.baseline.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
     println!(
         "  baseline on {} validation rows: {}",
         m.baseline.rows,

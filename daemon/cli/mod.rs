@@ -2,6 +2,8 @@
 //! one-line reason on error, and `--json` prints machine-readable output where it reports.
 
 mod bundle;
+#[cfg(feature = "embedded-broker")]
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +38,10 @@ enum Command {
         json: bool,
     },
 
+    /// The whole thing on one machine: embedded broker, the sample Shuttle model, real sensor
+    /// rows replayed from several devices, a live summary.
+    #[cfg(feature = "embedded-broker")]
+    Demo(demo::DemoArgs),
     /// Make, show and check model bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
@@ -68,6 +74,11 @@ pub fn main() -> ExitCode {
             run(&config)
         }
         Command::Check { config, json } => check(&config, json),
+        #[cfg(feature = "embedded-broker")]
+        Command::Demo(args) => {
+            init_logging("warn,rumqttd=off");
+            demo::run(args)
+        }
         Command::Bundle(cmd) => bundle::run(cmd),
     };
     match result {
@@ -82,17 +93,12 @@ pub fn main() -> ExitCode {
 fn run(path: &std::path::Path) -> Result<(), String> {
     let config = Config::load(path).map_err(|e| e.to_string())?;
     runtime()?
-        .block_on(crate::service::run(
-            config,
-            crate::service::shutdown_signal(),
-            |_| {},
-        ))
+        .block_on(crate::service::run(config, crate::service::shutdown_signal(), |_| {}))
         .map_err(|e| e.to_string())
 }
 
 fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
-    let result = Config::load(path)
-        .and_then(|c| crate::service::load_models(&c, false).map(|models| (c, models)));
+    let result = Config::load(path).and_then(|c| crate::service::load_models(&c, false).map(|models| (c, models)));
     match (result, json) {
         (Ok((c, models)), false) => {
             println!("{}: ok ({} pipeline(s))", path.display(), c.pipelines.len());
@@ -108,10 +114,7 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
             Ok(())
         }
         (Ok(_), true) => {
-            println!(
-                "{}",
-                serde_json::json!({"file": path, "ok": true, "errors": []})
-            );
+            println!("{}", serde_json::json!({"file": path, "ok": true, "errors": []}));
             Ok(())
         }
         (Err(e), true) => {
@@ -120,10 +123,7 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
                 .iter()
                 .map(|x| serde_json::json!({"key": x.key, "message": x.message}))
                 .collect();
-            println!(
-                "{}",
-                serde_json::json!({"file": path, "ok": false, "errors": errors})
-            );
+            println!("{}", serde_json::json!({"file": path, "ok": false, "errors": errors}));
             Err(format!("{} error(s) in {}", e.errors.len(), path.display()))
         }
         (Err(e), false) => Err(e.to_string()),

@@ -146,10 +146,7 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig {
-            max: 64,
-            wait_us: 0,
-        }
+        BatchConfig { max: 64, wait_us: 0 }
     }
 }
 
@@ -218,10 +215,7 @@ const NOT_YET: &[(&str, &str)] = &[
     ("metrics", "the metrics endpoint is not in this build yet"),
 ];
 const PIPELINE_NOT_YET: &[(&str, &str)] = &[
-    (
-        "labels",
-        "late labels (the closed loop) are not in this build yet",
-    ),
+    ("labels", "late labels (the closed loop) are not in this build yet"),
     ("window", "sequence windows are not in this build yet"),
     ("drift", "drift monitoring is not in this build yet"),
     ("train", "on-device training is not in this build yet"),
@@ -236,9 +230,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
             root.error("node", "expected a non-empty name without '/', '+' or '#'");
         }
     }
-    let state_dir = root
-        .string("state_dir", Some("/var/lib/lathe"))
-        .map(|s| base.join(s));
+    let state_dir = root.string("state_dir", Some("/var/lib/lathe")).map(|s| base.join(s));
     for (key, why) in NOT_YET {
         if root.has(key) {
             root.take(key);
@@ -291,9 +283,7 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
     let path = |v: Option<String>| v.map(|p| base.join(p));
     let c = MqttConfig {
         url: url.clone().unwrap_or(BrokerUrl::Embedded),
-        embedded_listen: s
-            .string("embedded_listen", Some("127.0.0.1:1883"))
-            .unwrap_or_default(),
+        embedded_listen: s.string("embedded_listen", Some("127.0.0.1:1883")).unwrap_or_default(),
         client_id: s.opt_string("client_id"),
         username: s.opt_string("username"),
         password_file: path(s.opt_string("password_file")),
@@ -301,9 +291,7 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
         cert_file: path(s.opt_string("cert_file")),
         key_file: path(s.opt_string("key_file")),
         keep_alive_s: s.integer("keep_alive_s", 30, 5, 3600).unwrap_or(30),
-        max_payload_bytes: s
-            .integer("max_payload_bytes", 65_536, 64, 16 << 20)
-            .unwrap_or(0) as usize,
+        max_payload_bytes: s.integer("max_payload_bytes", 65_536, 64, 16 << 20).unwrap_or(0) as usize,
         max_inflight: s.integer("max_inflight", 1000, 1, 65_535).unwrap_or(1) as u16,
     };
     if c.password_file.is_some() && c.username.is_none() {
@@ -313,10 +301,7 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
         s.error("url", "mqtts:// needs a build with `--features tls`");
     }
     if c.url == BrokerUrl::Embedded && !cfg!(feature = "embedded-broker") {
-        s.error(
-            "url",
-            "\"embedded\" needs a build with the `embedded-broker` feature",
-        );
+        s.error("url", "\"embedded\" needs a build with the `embedded-broker` feature");
     }
     let ok = s.finish();
     (ok && url.is_some()).then_some(c)
@@ -327,9 +312,8 @@ fn parse_url(url: &str) -> Result<BrokerUrl, String> {
     if url == "embedded" {
         return Ok(BrokerUrl::Embedded);
     }
-    let expected = || {
-        format!("expected \"mqtt://HOST[:PORT]\", \"mqtts://HOST[:PORT]\" or \"embedded\", found {url:?}")
-    };
+    let expected =
+        || format!("expected \"mqtt://HOST[:PORT]\", \"mqtts://HOST[:PORT]\" or \"embedded\", found {url:?}");
     let (scheme, rest) = url.split_once("://").ok_or_else(expected)?;
     let (tls, default_port) = match scheme {
         "mqtt" | "tcp" => (false, 1883),
@@ -447,10 +431,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
     };
     if let (Some(src), Some(snk)) = (&source, &sink) {
         if snk.topic.contains("{device}") && !src.topic.contains('+') {
-            s.error(
-                "sink.topic",
-                "uses {device} but source.topic has no '+' to capture it",
-            );
+            s.error("sink.topic", "uses {device} but source.topic has no '+' to capture it");
         }
     }
     Some(PipelineConfig {
@@ -520,17 +501,13 @@ batch = { max = 32 }
         assert!(keys.contains(&"pipeline[0].batch.max"), "{errs}");
         assert!(keys.contains(&"mqtt.url"), "{errs}");
         let text = errs.to_string();
-        assert!(
-            text.contains("/etc/lathe/lathe.toml: nodee: unknown key"),
-            "{text}"
-        );
+        assert!(text.contains("/etc/lathe/lathe.toml: nodee: unknown key"), "{text}");
         assert!(text.contains("expected an integer"), "{text}");
     }
 
     #[test]
     fn device_placeholder_needs_a_wildcard_in_the_source_topic() {
-        let errs =
-            parse(&GOOD.replace("plant/line3/+/telemetry", "plant/line3/a/telemetry")).unwrap_err();
+        let errs = parse(&GOOD.replace("plant/line3/+/telemetry", "plant/line3/a/telemetry")).unwrap_err();
         assert_eq!(errs.errors[0].key, "pipeline[0].sink.topic");
     }
 

@@ -60,10 +60,7 @@ impl<'e> Section<'e> {
     }
 
     fn wrong(&mut self, key: &str, expected: &str, found: &toml::Value) {
-        self.error(
-            key,
-            &format!("expected {expected}, found {}", type_name(found)),
-        );
+        self.error(key, &format!("expected {expected}, found {}", type_name(found)));
     }
 
     /// A string; `default` of `None` makes it required.
@@ -98,10 +95,7 @@ impl<'e> Section<'e> {
     pub fn opt_pointer(&mut self, key: &str) -> Option<String> {
         let p = self.opt_string(key)?;
         if !is_pointer(&p) {
-            self.error(
-                key,
-                &format!("expected a JSON pointer starting with '/', found {p:?}"),
-            );
+            self.error(key, &format!("expected a JSON pointer starting with '/', found {p:?}"));
             return None;
         }
         Some(p)
@@ -112,10 +106,7 @@ impl<'e> Section<'e> {
         match self.take(key) {
             Some(toml::Value::Integer(i)) if i >= min as i64 && i as u64 <= max => Some(i as u64),
             Some(toml::Value::Integer(i)) => {
-                self.error(
-                    key,
-                    &format!("expected an integer in {min}..={max}, found {i}"),
-                );
+                self.error(key, &format!("expected an integer in {min}..={max}, found {i}"));
                 None
             }
             Some(other) => {
@@ -182,10 +173,9 @@ impl<'e> Section<'e> {
                         toml::Value::String(p) if is_pointer(&p) => {
                             out.insert(name, p);
                         }
-                        toml::Value::String(p) => self.error(
-                            &k,
-                            &format!("expected a JSON pointer starting with '/', found {p:?}"),
-                        ),
+                        toml::Value::String(p) => {
+                            self.error(&k, &format!("expected a JSON pointer starting with '/', found {p:?}"))
+                        }
                         other => self.wrong(&k, "a JSON pointer string", &other),
                     }
                 }

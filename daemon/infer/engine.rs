@@ -67,8 +67,7 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 
 /// Runs tract code that may panic on hostile models (tract #2390, #1177) as an error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
-    catch_unwind(AssertUnwindSafe(f))
-        .unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(p))))
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(p))))
 }
 
 impl Engine {
@@ -227,9 +226,8 @@ fn signature(proto: &ModelProto) -> Result<Signature, EngineError> {
             inputs.len()
         )));
     };
-    let (elem, shape) = dims(input).ok_or_else(|| {
-        EngineError::Unsupported(format!("input {:?} has no tensor shape", input.name))
-    })?;
+    let (elem, shape) =
+        dims(input).ok_or_else(|| EngineError::Unsupported(format!("input {:?} has no tensor shape", input.name)))?;
     let input_is_f64 = match elem {
         ONNX_FLOAT => false,
         ONNX_DOUBLE => true,

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::config::BatchConfig;
+use crate::ingest::ack::AckSender;
 use crate::ingest::Sample;
 use crate::model::baseline::Reading;
 use crate::service::events::{Counters, Event, Events};
@@ -48,6 +49,7 @@ pub struct Pipeline {
     pub client: AsyncClient,
     pub counters: Arc<Counters>,
     pub events: Events,
+    pub acks: AckSender,
 }
 
 impl Pipeline {
@@ -72,8 +74,8 @@ impl Pipeline {
                 }
             }
             for s in batch.drain(..) {
-                if let Some(token) = s.ack.and_then(Arc::into_inner) {
-                    let _ = self.client.ack(&token).await;
+                if let Some(ticket) = s.ack.and_then(Arc::into_inner) {
+                    self.acks.done(ticket);
                 }
             }
         }
@@ -117,12 +119,7 @@ impl Pipeline {
                 continue;
             };
             let topic = self.sink.replace("{device}", &s.device);
-            if self
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, body)
-                .await
-                .is_ok()
-            {
+            if self.client.publish(topic, QoS::AtLeastOnce, false, body).await.is_ok() {
                 self.counters.predicted.fetch_add(1, Relaxed);
             }
         }

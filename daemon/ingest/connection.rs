@@ -5,20 +5,23 @@
 //! Delivery: the session is persistent (`clean_session = false`) and acks are manual. A
 //! telemetry message is acknowledged to the broker only after its prediction has been handed
 //! to the client (and so is written to the socket before the ack), or after it was rejected
-//! and reported. If the daemon dies first, the broker redelivers it to the next session.
+//! and reported; acks go out in arrival order (see `ack`). If the daemon dies first, the
+//! broker redelivers the message to the next session.
+//!
+//! Memory: rows wait in a per-pipeline queue when inference is behind. Its length is bounded
+//! by the broker's in-flight window toward us (unacknowledged messages): mosquitto's
+//! `max_inflight_messages`, 20 by default.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, Event as MqttEvent, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish,
-    QoS,
-};
+use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
+use super::ack::{AckMsg, AckSender, AckTicket};
 use super::{Extractor, TopicFilter};
 use crate::config::{BrokerUrl, Config};
 use crate::service::events::{Counters, Event, Events};
@@ -31,8 +34,8 @@ pub struct Sample {
     pub ts: Value,
     pub features: Vec<f32>,
     pub received: Instant,
-    /// Shared by every pipeline the message went to; the last one to finish acks it.
-    pub ack: Option<Arc<Publish>>,
+    /// Shared by every pipeline the message went to; the last one done reports it.
+    pub ack: Option<Arc<AckTicket>>,
 }
 
 /// One pipeline as ingest sees it.
@@ -45,17 +48,10 @@ pub struct Route {
     pub counters: Arc<Counters>,
 }
 
-/// Rows waiting for a full pipeline channel. The broker's in-flight window bounds this in
-/// practice; past this many, messages are left unacknowledged for redelivery instead.
-const MAX_PENDING: usize = 100_000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("{path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
 }
 
 /// rumqttc options from the config: persistent session, manual acks, last will.
@@ -125,6 +121,7 @@ pub struct Ingest {
     pub client: AsyncClient,
     pub routes: Vec<Route>,
     pub events: Events,
+    pub acks: AckSender,
     /// Flips to true to stop: no new messages are taken; queued ones drain.
     pub stop: watch::Receiver<bool>,
     /// Fires once all pipelines are drained, to disconnect cleanly.
@@ -137,15 +134,11 @@ impl Ingest {
     /// Polls the connection until a clean disconnect after stop (or a stop while the broker
     /// is unreachable).
     pub async fn run(mut self) {
-        let filters: Vec<String> = self
-            .routes
-            .iter()
-            .map(|r| r.filter.as_str().to_string())
-            .collect();
-        let mut pending: Vec<VecDeque<Sample>> =
-            self.routes.iter().map(|_| VecDeque::new()).collect();
+        let filters: Vec<String> = self.routes.iter().map(|r| r.filter.as_str().to_string()).collect();
+        let mut pending: Vec<VecDeque<Sample>> = self.routes.iter().map(|_| VecDeque::new()).collect();
         let mut stopping = false;
         let mut failures: u32 = 0;
+        let mut next_seq: u64 = 0;
         loop {
             for (queue, route) in pending.iter_mut().zip(&self.routes) {
                 flush(queue, route.tx.as_ref());
@@ -160,12 +153,13 @@ impl Ingest {
                         if stopping {
                             continue; // unacked: redelivered to our next session
                         }
-                        self.route(p, &mut pending);
+                        self.route(p, &mut pending, &mut next_seq);
                     }
                     Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                         self.events.emit(Event::Connected { attempts: failures + 1 });
                         failures = 0;
                         let _ = self.connected.send(true);
+                        self.acks.send(AckMsg::Reset { next_seq });
                         if !ack.session_present {
                             // The broker lost (or never had) our session: subscribe again, from
                             // another task so this one never waits on the request channel.
@@ -207,12 +201,15 @@ impl Ingest {
         let _ = self.connected.send(false);
     }
 
-    fn route(&self, p: Publish, pending: &mut [VecDeque<Sample>]) {
+    fn route(&self, p: Publish, pending: &mut [VecDeque<Sample>], next_seq: &mut u64) {
         let received = Instant::now();
         let ack = (p.qos != QoS::AtMostOnce).then(|| {
             let mut token = Publish::new("", p.qos, Vec::new());
             token.pkid = p.pkid;
-            Arc::new(token)
+            let seq = *next_seq;
+            *next_seq += 1;
+            self.acks.send(AckMsg::Received { seq, token });
+            Arc::new(AckTicket { seq })
         });
         for (i, route) in self.routes.iter().enumerate() {
             let Some(device) = route.filter.matches(&p.topic) else {
@@ -221,16 +218,6 @@ impl Ingest {
             route.counters.received.fetch_add(1, Relaxed);
             match route.extractor.extract(&p.payload) {
                 Ok(x) => {
-                    if pending[i].len() >= MAX_PENDING {
-                        // Never ack it: leak one reference to the token so no pipeline can.
-                        std::mem::forget(ack.clone());
-                        route.counters.deferred.fetch_add(1, Relaxed);
-                        self.events.emit(Event::Deferred {
-                            pipeline: route.pipeline.clone(),
-                            pending: pending[i].len(),
-                        });
-                        continue;
-                    }
                     let sample = Sample {
                         device: device.to_string(),
                         key: x.key,
@@ -254,8 +241,8 @@ impl Ingest {
             }
         }
         // Rejected or unrouted: handled now. Routed: the last pipeline to publish acks.
-        if let Some(token) = ack.and_then(Arc::into_inner) {
-            let _ = self.client.try_ack(&token);
+        if let Some(ticket) = ack.and_then(Arc::into_inner) {
+            self.acks.done(ticket);
         }
     }
 }
@@ -281,9 +268,7 @@ mod tests {
     #[test]
     fn backoff_grows_to_a_cap_with_jitter() {
         assert!(backoff(0) <= Duration::from_millis(125));
-        assert!(
-            backoff(3) >= Duration::from_millis(600) && backoff(3) <= Duration::from_millis(1000)
-        );
+        assert!(backoff(3) >= Duration::from_millis(600) && backoff(3) <= Duration::from_millis(1000));
         for attempt in [9, 20, u32::MAX] {
             let d = backoff(attempt);
             assert!(

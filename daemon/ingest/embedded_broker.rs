@@ -17,8 +17,7 @@ pub fn start(listen: &str) -> Result<SocketAddr, String> {
         .parse()
         .map_err(|e| format!("embedded broker address {listen:?}: {e}"))?;
     // Bind once ourselves: rumqttd would only log the failure.
-    let probe = TcpListener::bind(addr)
-        .map_err(|e| format!("embedded broker cannot listen on {addr}: {e}"))?;
+    let probe = TcpListener::bind(addr).map_err(|e| format!("embedded broker cannot listen on {addr}: {e}"))?;
     let addr = probe.local_addr().map_err(|e| e.to_string())?;
     drop(probe);
     let connections = ConnectionSettings {

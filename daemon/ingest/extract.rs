@@ -61,10 +61,9 @@ impl Reject {
 impl std::fmt::Display for Reject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Reject::TooLarge { bytes, max } => write!(
-                f,
-                "payload of {bytes} bytes is over mqtt.max_payload_bytes ({max})"
-            ),
+            Reject::TooLarge { bytes, max } => {
+                write!(f, "payload of {bytes} bytes is over mqtt.max_payload_bytes ({max})")
+            }
             Reject::NotJson(e) => write!(f, "payload is not JSON: {e}"),
             Reject::MissingFeature { feature, pointer } => {
                 write!(f, "feature {feature:?} is missing (no value at {pointer})")
@@ -143,8 +142,7 @@ impl Extractor {
                 max: self.max_payload_bytes,
             });
         }
-        let doc: Value =
-            serde_json::from_slice(payload).map_err(|e| Reject::NotJson(e.to_string()))?;
+        let doc: Value = serde_json::from_slice(payload).map_err(|e| Reject::NotJson(e.to_string()))?;
         let mut features = Vec::with_capacity(self.fields.len());
         for (name, ptr, min, max) in &self.fields {
             let v = doc.pointer(ptr).ok_or_else(|| Reject::MissingFeature {
@@ -156,9 +154,7 @@ impl Extractor {
                 found: truncate(&v.to_string(), 40),
             })?;
             if !(x as f32).is_finite() {
-                return Err(Reject::NonFinite {
-                    feature: name.clone(),
-                });
+                return Err(Reject::NonFinite { feature: name.clone() });
             }
             if x < *min || x > *max {
                 return Err(Reject::OutOfRange {
@@ -241,18 +237,9 @@ mod tests {
         let reason = |p: &[u8]| e.extract(p).unwrap_err().reason();
         assert_eq!(reason(b"{not json"), "not_json");
         assert_eq!(reason(br#"{"temp":20}"#), "missing_feature");
-        assert_eq!(
-            reason(br#"{"temp":"hot","vibration":{"rms":1}}"#),
-            "non_numeric"
-        );
-        assert_eq!(
-            reason(br#"{"temp":1e300,"vibration":{"rms":1}}"#),
-            "non_finite"
-        );
-        assert_eq!(
-            reason(br#"{"temp":999,"vibration":{"rms":1}}"#),
-            "out_of_range"
-        );
+        assert_eq!(reason(br#"{"temp":"hot","vibration":{"rms":1}}"#), "non_numeric");
+        assert_eq!(reason(br#"{"temp":1e300,"vibration":{"rms":1}}"#), "non_finite");
+        assert_eq!(reason(br#"{"temp":999,"vibration":{"rms":1}}"#), "out_of_range");
         assert_eq!(reason(&[b' '; 300]), "payload_too_large");
     }
 

@@ -18,9 +18,7 @@ impl TopicFilter {
         let levels: Vec<String> = filter.split('/').map(str::to_string).collect();
         for (i, l) in levels.iter().enumerate() {
             if l.len() > 1 && l.contains(['+', '#']) {
-                return Err(format!(
-                    "level {l:?}: '+' and '#' must stand alone in a level"
-                ));
+                return Err(format!("level {l:?}: '+' and '#' must stand alone in a level"));
             }
             if l == "#" && i + 1 != levels.len() {
                 return Err("'#' may only be the last level".into());

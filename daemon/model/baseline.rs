@@ -116,9 +116,7 @@ impl Reading {
     /// The class a classifier's output row stands for.
     pub fn class(&self, row: &[f32]) -> Option<usize> {
         match self.task {
-            Task::Binary if row.len() == 1 => Some(usize::from(
-                f64::from(row[0]) >= self.threshold.unwrap_or(0.5),
-            )),
+            Task::Binary if row.len() == 1 => Some(usize::from(f64::from(row[0]) >= self.threshold.unwrap_or(0.5))),
             Task::Binary | Task::Multiclass => argmax(row),
             Task::Regression | Task::Reconstruction => None,
         }
@@ -149,10 +147,7 @@ pub fn reconstruction_error(output: &[f32], input: &[f32]) -> f64 {
 }
 
 fn argmax(row: &[f32]) -> Option<usize> {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i)
 }
 
 /// For a binary model with one output column: probabilities (all in [0, 1]) are cut at 0.5,
@@ -187,12 +182,7 @@ pub fn roc_auc(scores: &[f64], labels: &[usize]) -> f64 {
     if pos == 0.0 || neg == 0.0 {
         return f64::NAN;
     }
-    let rank_sum: f64 = labels
-        .iter()
-        .zip(&ranks)
-        .filter(|(&l, _)| l == 1)
-        .map(|(_, r)| r)
-        .sum();
+    let rank_sum: f64 = labels.iter().zip(&ranks).filter(|(&l, _)| l == 1).map(|(_, r)| r).sum();
     (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
 }
 
@@ -234,8 +224,7 @@ pub fn classification_metrics(
         m.insert("f1".into(), f1(predicted, truth, 1));
         m.insert("roc_auc".into(), roc_auc(scores, truth));
     } else {
-        let macro_f1 =
-            (0..classes).map(|c| f1(predicted, truth, c)).sum::<f64>() / classes.max(1) as f64;
+        let macro_f1 = (0..classes).map(|c| f1(predicted, truth, c)).sum::<f64>() / classes.max(1) as f64;
         m.insert("f1_macro".into(), macro_f1);
     }
     m
@@ -243,18 +232,8 @@ pub fn classification_metrics(
 
 pub fn regression_metrics(predicted: &[f64], truth: &[f64]) -> BTreeMap<String, f64> {
     let n = truth.len().max(1) as f64;
-    let mae = predicted
-        .iter()
-        .zip(truth)
-        .map(|(p, t)| (p - t).abs())
-        .sum::<f64>()
-        / n;
-    let mse = predicted
-        .iter()
-        .zip(truth)
-        .map(|(p, t)| (p - t).powi(2))
-        .sum::<f64>()
-        / n;
+    let mae = predicted.iter().zip(truth).map(|(p, t)| (p - t).abs()).sum::<f64>() / n;
+    let mse = predicted.iter().zip(truth).map(|(p, t)| (p - t).powi(2)).sum::<f64>() / n;
     BTreeMap::from([("mae".to_string(), mae), ("rmse".to_string(), mse.sqrt())])
 }
 

@@ -22,15 +22,10 @@ const MAX_BUNDLE_BYTES: u64 = 1 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("not a valid bundle: {0}")]
     Format(String),
-    #[error(
-        "{file} does not match its sha256 in bundle.toml (the bundle is corrupt or was altered)"
-    )]
+    #[error("{file} does not match its sha256 in bundle.toml (the bundle is corrupt or was altered)")]
     Hash { file: String },
     #[error("validation data: {0}")]
     Data(String),
@@ -86,9 +81,7 @@ impl Bundle {
     pub fn from_bytes(bytes: &[u8]) -> Result<Bundle, BundleError> {
         let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut archive = tar::Archive::new(bytes);
-        let entries = archive
-            .entries()
-            .map_err(|e| BundleError::Format(e.to_string()))?;
+        let entries = archive.entries().map_err(|e| BundleError::Format(e.to_string()))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
             let name = entry
@@ -117,10 +110,9 @@ impl Bundle {
         let model = take(MODEL)?;
         let validation = take(VALIDATION)?;
         let signature = files.remove(SIGNATURE);
-        let text = std::str::from_utf8(&manifest_bytes)
-            .map_err(|_| BundleError::Format("bundle.toml is not UTF-8".into()))?;
-        let format: toml::Table =
-            toml::from_str(text).map_err(|e| BundleError::Format(format!("bundle.toml: {e}")))?;
+        let text =
+            std::str::from_utf8(&manifest_bytes).map_err(|_| BundleError::Format("bundle.toml is not UTF-8".into()))?;
+        let format: toml::Table = toml::from_str(text).map_err(|e| BundleError::Format(format!("bundle.toml: {e}")))?;
         match format.get("format").and_then(toml::Value::as_integer) {
             Some(f) if f == i64::from(FORMAT) => {}
             other => {
@@ -129,8 +121,7 @@ impl Bundle {
                 )))
             }
         }
-        let manifest: Manifest =
-            toml::from_str(text).map_err(|e| BundleError::Format(format!("bundle.toml: {e}")))?;
+        let manifest: Manifest = toml::from_str(text).map_err(|e| BundleError::Format(format!("bundle.toml: {e}")))?;
         for (name, data) in [(MODEL, &model), (VALIDATION, &validation)] {
             if manifest.files.get(name) != Some(&sha256_hex(data)) {
                 return Err(BundleError::Hash { file: name.into() });
@@ -179,9 +170,7 @@ impl Bundle {
                 .append_data(&mut header, name, data.as_slice())
                 .map_err(|e| BundleError::Format(e.to_string()))?;
         }
-        builder
-            .into_inner()
-            .map_err(|e| BundleError::Format(e.to_string()))
+        builder.into_inner().map_err(|e| BundleError::Format(e.to_string()))
     }
 
     pub fn reading(&self) -> Reading {
@@ -220,10 +209,7 @@ pub struct Table {
 /// # Errors
 /// A non-numeric cell or a ragged row, naming the line.
 pub fn parse_csv(text: &str) -> Result<Table, BundleError> {
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let (_, head) = lines
         .next()
         .ok_or_else(|| BundleError::Data("the CSV is empty".into()))?;
@@ -234,9 +220,7 @@ pub fn parse_csv(text: &str) -> Result<Table, BundleError> {
     let mut rows = Vec::new();
     for (i, line) in lines {
         let row: Result<Vec<f64>, _> = line.split(',').map(|c| c.trim().parse::<f64>()).collect();
-        let row = row.map_err(|_| {
-            BundleError::Data(format!("line {}: expected numbers only: {line:?}", i + 1))
-        })?;
+        let row = row.map_err(|_| BundleError::Data(format!("line {}: expected numbers only: {line:?}", i + 1)))?;
         if row.len() != header.len() {
             return Err(BundleError::Data(format!(
                 "line {}: {} cells, the header has {}",
@@ -258,11 +242,7 @@ pub fn parse_csv(text: &str) -> Result<Table, BundleError> {
 /// or a unit mix-up does not.
 pub fn range_from_data(stats: &baseline::Stats) -> (f64, f64) {
     let span = stats.max - stats.min;
-    let margin = if span > 0.0 {
-        span
-    } else {
-        stats.max.abs().max(1.0)
-    };
+    let margin = if span > 0.0 { span } else { stats.max.abs().max(1.0) };
     (stats.min - margin, stats.max + margin)
 }
 
@@ -304,11 +284,7 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     let target = match (&opts.target, opts.task) {
         (Some(t), _) => Some(col(t)?),
         (None, Task::Reconstruction) => None,
-        (None, _) => {
-            return Err(BundleError::Data(
-                "--target is required for this task".into(),
-            ))
-        }
+        (None, _) => return Err(BundleError::Data("--target is required for this task".into())),
     };
     let names: Vec<String> = match &opts.features {
         Some(f) => f.clone(),
@@ -360,18 +336,12 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
                     if t >= 0.0 && t.fract() == 0.0 {
                         Ok(t as usize)
                     } else {
-                        Err(BundleError::Data(format!(
-                            "target value {t} is not a class index"
-                        )))
+                        Err(BundleError::Data(format!("target value {t} is not a class index")))
                     }
                 })
                 .collect::<Result<_, _>>()?;
-            let predicted: Vec<usize> = (0..n)
-                .map(|r| reading.class(outputs.row(p, r)).unwrap_or(0))
-                .collect();
-            let classes = outputs.per_row[p]
-                .max(2)
-                .max(labels.iter().max().map_or(0, |m| m + 1));
+            let predicted: Vec<usize> = (0..n).map(|r| reading.class(outputs.row(p, r)).unwrap_or(0)).collect();
+            let classes = outputs.per_row[p].max(2).max(labels.iter().max().map_or(0, |m| m + 1));
             let shares = (0..classes)
                 .map(|c| predicted.iter().filter(|&&x| x == c).count() as f64 / n as f64)
                 .collect();
@@ -386,19 +356,13 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     let features: Vec<baseline::Stats> = names
         .iter()
         .zip(&cols)
-        .map(|(name, &c)| {
-            baseline::stats(name, &table.rows.iter().map(|r| r[c]).collect::<Vec<_>>())
-        })
+        .map(|(name, &c)| baseline::stats(name, &table.rows.iter().map(|r| r[c]).collect::<Vec<_>>()))
         .collect();
     let inputs = names
         .iter()
         .zip(&features)
         .map(|(name, st)| {
-            let (min, max) = opts
-                .ranges
-                .get(name)
-                .copied()
-                .unwrap_or_else(|| range_from_data(st));
+            let (min, max) = opts.ranges.get(name).copied().unwrap_or_else(|| range_from_data(st));
             Input {
                 name: name.clone(),
                 unit: opts.units.get(name).cloned().unwrap_or_default(),
@@ -464,8 +428,6 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
         && !name.starts_with('.')
 }

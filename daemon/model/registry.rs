@@ -10,15 +10,10 @@ use super::bundle::{Bundle, BundleError};
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("bundle {path}: {source}")]
     Bundle { path: PathBuf, source: BundleError },
-    #[error(
-        "no model {name:?} in the registry at {dir} (name a bundle file in `model` to seed it)"
-    )]
+    #[error("no model {name:?} in the registry at {dir} (name a bundle file in `model` to seed it)")]
     Missing { name: String, dir: PathBuf },
     #[error("{name} version {version} is already in the registry with different contents; give the new bundle a new version")]
     Conflict { name: String, version: u64 },
@@ -33,9 +28,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
     ));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(data)?;
@@ -72,10 +65,7 @@ impl Registry {
         match std::fs::read_to_string(&path) {
             Ok(s) => s.trim().parse().map(Some).map_err(|_| RegistryError::Io {
                 path,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "expected a version number",
-                ),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, "expected a version number"),
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(RegistryError::Io { path, source: e }),
@@ -91,12 +81,10 @@ impl Registry {
     /// # Errors
     /// Unknown name, or a bundle that fails its checks.
     pub fn champion(&self, name: &str) -> Result<Bundle, RegistryError> {
-        let version = self
-            .champion_version(name)?
-            .ok_or_else(|| RegistryError::Missing {
-                name: name.into(),
-                dir: self.root.clone(),
-            })?;
+        let version = self.champion_version(name)?.ok_or_else(|| RegistryError::Missing {
+            name: name.into(),
+            dir: self.root.clone(),
+        })?;
         let path = self.bundle_path(name, version);
         Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })
     }
@@ -132,10 +120,7 @@ impl Registry {
             })?;
             write_atomic(&dest, &bytes).map_err(Self::io(&dest))?;
         }
-        if self
-            .champion_version(&m.name)?
-            .is_none_or(|v| v < m.version)
-        {
+        if self.champion_version(&m.name)?.is_none_or(|v| v < m.version) {
             let path = self.root.join(&m.name).join("champion");
             write_atomic(&path, m.version.to_string().as_bytes()).map_err(Self::io(&path))?;
         }

@@ -18,9 +18,6 @@ pub struct Counters {
     pub rejected: [AtomicU64; Reject::REASONS.len()],
     /// Rows whose inference failed (a model error, never bad input).
     pub failed: AtomicU64,
-    /// Messages left unacknowledged because ingest was too far ahead of inference; the broker
-    /// redelivers them on the next session.
-    pub deferred: AtomicU64,
 }
 
 impl Counters {
@@ -36,7 +33,6 @@ impl Counters {
             "rejected": self.rejected.iter().map(|c| c.load(Relaxed)).sum::<u64>(),
             "rejected_by_reason": rejected,
             "failed": self.failed.load(Relaxed),
-            "deferred": self.deferred.load(Relaxed),
         })
     }
 }
@@ -54,10 +50,6 @@ pub enum Event {
         rows: usize,
         error: String,
     },
-    Deferred {
-        pipeline: String,
-        pending: usize,
-    },
     Connected {
         attempts: u32,
     },
@@ -68,7 +60,6 @@ impl Event {
         match self {
             Event::InputRejected { .. } => "input.rejected",
             Event::InferenceFailed { .. } => "inference.failed",
-            Event::Deferred { .. } => "input.deferred",
             Event::Connected { .. } => "broker.connected",
         }
     }
@@ -83,13 +74,8 @@ impl Event {
             } => {
                 json!({"pipeline": pipeline, "topic": topic, "reason": reason, "detail": detail})
             }
-            Event::InferenceFailed {
-                pipeline,
-                rows,
-                error,
-            } => json!({"pipeline": pipeline, "rows": rows, "error": error}),
-            Event::Deferred { pipeline, pending } => {
-                json!({"pipeline": pipeline, "pending": pending})
+            Event::InferenceFailed { pipeline, rows, error } => {
+                json!({"pipeline": pipeline, "rows": rows, "error": error})
             }
             Event::Connected { attempts } => json!({"attempts": attempts}),
         };
@@ -111,17 +97,8 @@ impl Event {
             } => {
                 tracing::warn!(pipeline, topic, suppressed, "Rejected a message: {detail}")
             }
-            Event::InferenceFailed {
-                pipeline,
-                rows,
-                error,
-            } => tracing::error!(pipeline, rows, "Inference failed: {error}"),
-            Event::Deferred { pipeline, pending } => {
-                tracing::warn!(
-                    pipeline,
-                    pending,
-                    "Inference is behind; leaving messages unacknowledged for redelivery"
-                )
+            Event::InferenceFailed { pipeline, rows, error } => {
+                tracing::error!(pipeline, rows, "Inference failed: {error}")
             }
             Event::Connected { attempts } => tracing::info!(attempts, "Connected to the broker"),
         }
@@ -152,19 +129,13 @@ struct Limit {
 }
 
 /// Publishes events on the events topic, rate-limited per (event, pipeline).
-pub fn reporter(
-    client: rumqttc::AsyncClient,
-    topic: String,
-) -> (Events, impl std::future::Future<Output = ()>) {
+pub fn reporter(client: rumqttc::AsyncClient, topic: String) -> (Events, impl std::future::Future<Output = ()>) {
     let (tx, mut rx) = mpsc::channel::<Event>(1024);
     let task = async move {
-        let mut limits: std::collections::HashMap<(&'static str, String), Limit> =
-            Default::default();
+        let mut limits: std::collections::HashMap<(&'static str, String), Limit> = Default::default();
         while let Some(event) = rx.recv().await {
             let pipeline = match &event {
-                Event::InputRejected { pipeline, .. }
-                | Event::InferenceFailed { pipeline, .. }
-                | Event::Deferred { pipeline, .. } => pipeline.clone(),
+                Event::InputRejected { pipeline, .. } | Event::InferenceFailed { pipeline, .. } => pipeline.clone(),
                 Event::Connected { .. } => String::new(),
             };
             let now = Instant::now();

@@ -102,12 +102,7 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
         };
         for name in p.features.keys() {
             if !bundle.manifest.inputs.iter().any(|inp| &inp.name == name) {
-                let names: Vec<&str> = bundle
-                    .manifest
-                    .inputs
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect();
+                let names: Vec<&str> = bundle.manifest.inputs.iter().map(|i| i.name.as_str()).collect();
                 errors.push(ConfigError {
                     key: format!("pipeline[{i}].features.{name}"),
                     message: format!(
@@ -141,12 +136,7 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
     }
 }
 
-fn status(
-    config: &Config,
-    state: &str,
-    loaded: &[(String, String, u64, String)],
-    counters: &[Arc<Counters>],
-) -> Value {
+fn status(config: &Config, state: &str, loaded: &[(String, String, u64, String)], counters: &[Arc<Counters>]) -> Value {
     let pipelines: Vec<Value> = loaded
         .iter()
         .zip(counters)
@@ -190,6 +180,8 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(options, 4096);
     let (events, reporter) = events::reporter(client.clone(), config.events_topic());
     let reporter = tokio::spawn(reporter);
+    let (acks, acker) = crate::ingest::ack::acker(client.clone());
+    let acker = tokio::spawn(acker);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (disconnect_tx, disconnect_rx) = watch::channel(false);
@@ -202,17 +194,11 @@ pub async fn run(
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::channel(1024);
         let m = &l.bundle.manifest;
-        tracing::info!(
-            pipeline = p.name,
-            model = m.name,
-            version = m.version,
-            "Serving"
-        );
+        tracing::info!(pipeline = p.name, model = m.name, version = m.version, "Serving");
         identity.push((p.name.clone(), m.name.clone(), m.version, l.bundle.sha256()));
         routes.push(Route {
             pipeline: p.name.clone(),
-            filter: TopicFilter::parse(&p.source.topic)
-                .map_err(|e| ServiceError::Broker(e.to_string()))?,
+            filter: TopicFilter::parse(&p.source.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
             extractor: l.extractor,
             tx: Some(tx),
             counters: counters.clone(),
@@ -229,6 +215,7 @@ pub async fn run(
             client: client.clone(),
             counters: counters.clone(),
             events: events.clone(),
+            acks: acks.clone(),
         };
         tasks.push(tokio::spawn(pipeline.run(rx)));
         all_counters.push(counters);
@@ -238,6 +225,7 @@ pub async fn run(
         client: client.clone(),
         routes,
         events: events.clone(),
+        acks,
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
         connected: connected_tx,
@@ -294,13 +282,11 @@ pub async fn run(
     )
     .await;
     let _ = disconnect_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(5), ingest)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), ingest).await.is_err() {
         tracing::warn!("The broker did not confirm the disconnect in time");
     }
     reporter.abort();
+    acker.abort();
     tracing::info!("Stopped");
     Ok(())
 }

@@ -1,0 +1,297 @@
+//! `lathe demo`: the product on one machine with nothing installed. An embedded broker, the
+//! sample Shuttle bundle (built into the binary), real NASA Shuttle sensor rows replayed from
+//! several devices with a few faulty messages mixed in, and a live one-screen summary.
+
+use std::io::{IsTerminal, Read, Write};
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::ingest::{embedded_broker, Reject};
+use crate::service::{self, Handle};
+
+const BUNDLE: &[u8] = include_bytes!("../../models/shuttle-mlp-1.lathe");
+const SHUTTLE_CSV_GZ: &[u8] = include_bytes!("../../models/data/shuttle.csv.gz");
+/// One message in this many is a deliberately broken one (a faulty sensor or gateway).
+const FAULT_EVERY: u64 = 400;
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// How long to replay, in seconds (0: until Ctrl-C).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Telemetry messages per second, all devices together.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Number of simulated devices.
+    #[arg(long, default_value_t = 4)]
+    devices: usize,
+}
+
+/// What the watching client has seen.
+#[derive(Default)]
+struct Seen {
+    predictions: u64,
+    flagged: u64,
+    agree_with_label: u64,
+    latencies_us: Vec<u64>,
+    last_events: Vec<String>,
+}
+
+pub fn run(args: DemoArgs) -> Result<(), String> {
+    let rows = shuttle_rows()?;
+    let dir = std::env::temp_dir().join(format!("lathe-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let bundle_path = dir.join("shuttle-mlp-1.lathe");
+    std::fs::write(&bundle_path, BUNDLE).map_err(|e| format!("{}: {e}", bundle_path.display()))?;
+    let listen = embedded_broker::free_loopback()?;
+    let config_text = format!(
+        r#"node = "demo"
+state_dir = "{state}"
+[mqtt]
+url = "embedded"
+embedded_listen = "{listen}"
+[[pipeline]]
+name = "shuttle"
+model = "{bundle}"
+source = {{ topic = "plant/demo/+/telemetry", key = "/seq", timestamp = "/ts" }}
+sink = {{ topic = "plant/demo/{{device}}/prediction" }}
+"#,
+        state = dir.join("state").display(),
+        bundle = bundle_path.display(),
+    );
+    let config = Config::parse(&config_text, &dir.join("lathe.toml")).map_err(|e| e.to_string())?;
+    println!(
+        "lathe demo: {} devices replaying NASA Shuttle rows at {} msg/s; config:\n\n{config_text}",
+        args.devices, args.rate
+    );
+    let rt = super::runtime()?;
+    let result = rt.block_on(demo(config, listen, rows, args));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The Shuttle rows: nine features and the anomaly label.
+fn shuttle_rows() -> Result<Vec<(Vec<f64>, u8)>, String> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(SHUTTLE_CSV_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let v: Vec<f64> = l.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            (v.len() == 10).then(|| (v[..9].to_vec(), v[9] as u8))
+        })
+        .collect())
+}
+
+/// Message `seq`: a real row, or now and then a broken one.
+fn telemetry(seq: u64, row: &[f64]) -> Vec<u8> {
+    let mut doc = serde_json::Map::new();
+    for (i, x) in row.iter().enumerate() {
+        doc.insert(format!("f{}", i + 1), (*x).into());
+    }
+    doc.insert("seq".into(), seq.into());
+    doc.insert("ts".into(), service::unix_ms().into());
+    if seq % FAULT_EVERY == FAULT_EVERY - 1 {
+        match (seq / FAULT_EVERY) % 4 {
+            0 => return b"\x00\x13garbled frame".to_vec(),
+            1 => doc.insert("f3".into(), 99_999.0.into()), // stuck-high sensor
+            2 => doc.remove("f5"),                         // a gateway dropped a field
+            _ => doc.insert("f1".into(), "ERR".into()),    // a PLC error string
+        };
+    }
+    Value::Object(doc).to_string().into_bytes()
+}
+
+async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: DemoArgs) -> Result<(), String> {
+    let (handle_tx, handle_rx) = tokio::sync::oneshot::channel::<Handle>();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(service::run(
+        config,
+        async {
+            let _ = stop_rx.await;
+        },
+        move |h| {
+            let _ = handle_tx.send(h);
+        },
+    ));
+    let handle = handle_rx.await.map_err(|_| "the daemon did not start".to_string())?;
+    let (host, port) = listen
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .ok_or("bad address")?;
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let labels: Arc<Vec<u8>> = Arc::new(rows.iter().map(|r| r.1).collect());
+    let watcher = tokio::spawn(watch(host.clone(), port, seen.clone(), labels));
+    let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices));
+
+    let started = Instant::now();
+    let tty = std::io::stdout().is_terminal();
+    let mut last_print = Instant::now();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = &mut ctrl_c => break,
+        }
+        if args.seconds > 0 && started.elapsed() >= Duration::from_secs(args.seconds) {
+            break;
+        }
+        if tty {
+            print!("\x1b[H\x1b[2J{}", screen(&handle, &seen, started));
+            let _ = std::io::stdout().flush();
+        } else if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            println!("{}", screen(&handle, &seen, started).lines().nth(2).unwrap_or_default());
+        }
+    }
+    sensors.abort();
+    // Let the last predictions arrive, then stop the daemon the way systemd would.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(());
+    let _ = daemon.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watcher.abort();
+    println!("{}", screen(&handle, &seen, started));
+    let (_, c) = handle.counters.first().ok_or("no pipeline")?;
+    let accepted = c.received.load(Relaxed) - c.rejected.iter().map(|r| r.load(Relaxed)).sum::<u64>();
+    let predicted = c.predicted.load(Relaxed);
+    println!(
+        "every accepted message answered: {} ({predicted} of {accepted})",
+        if predicted == accepted { "yes" } else { "NO" }
+    );
+    Ok(())
+}
+
+async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, devices: usize) {
+    let mut o = MqttOptions::new("lathe-demo-sensors", host, port);
+    o.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(o, 1024);
+    tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let tick = Duration::from_millis(10);
+    let per_tick = (rate / 100).max(1);
+    let mut interval = tokio::time::interval(tick);
+    let mut seq = 0u64;
+    loop {
+        interval.tick().await;
+        for _ in 0..per_tick {
+            let row = &rows[seq as usize % rows.len()].0;
+            let topic = format!("plant/demo/dev{}/telemetry", seq as usize % devices.max(1));
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, telemetry(seq, row))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            seq += 1;
+        }
+    }
+}
+
+async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<u8>>) {
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("lathe-demo-watcher", host, port), 1024);
+    let _ = client.subscribe("plant/demo/+/prediction", QoS::AtMostOnce).await;
+    let _ = client.subscribe("lathe/demo/events", QoS::AtMostOnce).await;
+    loop {
+        let Ok(ev) = eventloop.poll().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Event::Incoming(Packet::Publish(p)) = ev else {
+            continue;
+        };
+        let Ok(doc) = serde_json::from_slice::<Value>(&p.payload) else {
+            continue;
+        };
+        let Ok(mut s) = seen.lock() else { return };
+        if p.topic.ends_with("/events") {
+            s.last_events.push(format!(
+                "{} {}",
+                doc["event"].as_str().unwrap_or("?"),
+                doc["detail"].as_str().unwrap_or("")
+            ));
+            let n = s.last_events.len();
+            if n > 4 {
+                s.last_events.drain(..n - 4);
+            }
+            continue;
+        }
+        s.predictions += 1;
+        let class = doc["class"].as_u64();
+        if class == Some(1) {
+            s.flagged += 1;
+        }
+        let label = doc["key"]
+            .as_u64()
+            .and_then(|k| labels.get(k as usize % labels.len().max(1)))
+            .copied();
+        if class.is_some() && class == label.map(u64::from) {
+            s.agree_with_label += 1;
+        }
+        if let Some(l) = doc["latency_us"].as_u64() {
+            s.latencies_us.push(l);
+        }
+    }
+}
+
+fn screen(handle: &Handle, seen: &Mutex<Seen>, started: Instant) -> String {
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    let Some((name, c)) = handle.counters.first() else {
+        return String::new();
+    };
+    let Ok(mut s) = seen.lock() else { return String::new() };
+    s.latencies_us.sort_unstable();
+    let q = |p: f64| {
+        s.latencies_us
+            .get(((s.latencies_us.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let received = c.received.load(Relaxed);
+    let rejected: Vec<String> = Reject::REASONS
+        .iter()
+        .zip(&c.rejected)
+        .filter(|(_, n)| n.load(Relaxed) > 0)
+        .map(|(r, n)| format!("{r} {}", n.load(Relaxed)))
+        .collect();
+    let mut out = format!(
+        "lathe demo — pipeline {name}, model shuttle-mlp v1 (tract), broker: embedded\n\n\
+         {secs:6.1} s   in {received} ({:.0}/s)   predictions {} ({:.0}/s)   latency p50 {} µs  p99 {} µs\n\
+         flagged anomalous: {} ({:.2} %)   agree with the Shuttle labels: {:.2} %\n\
+         rejected: {}\n\nlast events:\n",
+        received as f64 / secs,
+        s.predictions,
+        s.predictions as f64 / secs,
+        q(0.5),
+        q(0.99),
+        s.flagged,
+        100.0 * s.flagged as f64 / s.predictions.max(1) as f64,
+        100.0 * s.agree_with_label as f64 / s.predictions.max(1) as f64,
+        if rejected.is_empty() {
+            "none".to_string()
+        } else {
+            rejected.join(", ")
+        },
+    );
+    for e in &s.last_events {
+        out.push_str(&format!("  {e}\n"));
+    }
+    out
+}

@@ -1,0 +1,149 @@
+//! Acknowledging telemetry in the order it arrived.
+//!
+//! MQTT 3.1.1 §4.6 requires PUBACKs in the order the PUBLISHes were received (rumqttd drops a
+//! client that does otherwise), but messages finish out of order: a rejected one at once, an
+//! accepted one after its batch is published. So ingest numbers every QoS 1 message, the
+//! pipelines report when they are done with one, and this task sends the acks in arrival
+//! order as the head of the line completes.
+
+use std::collections::VecDeque;
+
+use rumqttc::{AsyncClient, Publish};
+use tokio::sync::mpsc;
+
+#[derive(Debug)]
+pub enum AckMsg {
+    /// Ingest took message `seq`; `token` carries its packet id.
+    Received { seq: u64, token: Publish },
+    /// Every pipeline is done with `seq`.
+    Done { seq: u64 },
+    /// A new connection: the broker will redeliver whatever was not acked, so the old
+    /// packet ids mean nothing any more.
+    Reset { next_seq: u64 },
+}
+
+/// Handed along with a message; the last holder calls [`AckSender::done`].
+#[derive(Debug)]
+pub struct AckTicket {
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct AckSender {
+    // Unbounded on purpose: the poll task must never wait, and the broker's in-flight window
+    // bounds how many messages can be unacknowledged at once.
+    tx: mpsc::UnboundedSender<AckMsg>,
+}
+
+impl AckSender {
+    pub fn send(&self, msg: AckMsg) {
+        let _ = self.tx.send(msg);
+    }
+
+    pub fn done(&self, ticket: AckTicket) {
+        self.send(AckMsg::Done { seq: ticket.seq });
+    }
+}
+
+/// The in-order bookkeeping, apart from I/O so it can be tested.
+#[derive(Default)]
+struct Line {
+    base: u64,
+    slots: VecDeque<(Option<Publish>, bool)>,
+}
+
+impl Line {
+    /// Applies one message; returns the acks now due, in order.
+    fn apply(&mut self, msg: AckMsg) -> Vec<Publish> {
+        match msg {
+            AckMsg::Received { seq, token } => {
+                if seq >= self.base {
+                    while self.base + (self.slots.len() as u64) < seq {
+                        self.slots.push_back((None, true)); // a QoS 0 gap: nothing to ack
+                    }
+                    self.slots.push_back((Some(token), false));
+                }
+            }
+            AckMsg::Done { seq } => {
+                if let Some(slot) = seq.checked_sub(self.base).and_then(|i| self.slots.get_mut(i as usize)) {
+                    slot.1 = true;
+                }
+            }
+            AckMsg::Reset { next_seq } => {
+                self.slots.clear();
+                self.base = next_seq;
+            }
+        }
+        let mut due = Vec::new();
+        while self.slots.front().is_some_and(|s| s.1) {
+            if let Some((Some(token), _)) = self.slots.pop_front() {
+                due.push(token);
+            }
+            self.base += 1;
+        }
+        due
+    }
+}
+
+pub fn acker(client: AsyncClient) -> (AckSender, impl std::future::Future<Output = ()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let task = async move {
+        let mut line = Line::default();
+        while let Some(msg) = rx.recv().await {
+            for token in line.apply(msg) {
+                if client.ack(&token).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    (AckSender { tx }, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::QoS;
+
+    fn token(pkid: u16) -> Publish {
+        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
+        p.pkid = pkid;
+        p
+    }
+
+    fn pkids(v: Vec<Publish>) -> Vec<u16> {
+        v.into_iter().map(|p| p.pkid).collect()
+    }
+
+    #[test]
+    fn acks_wait_for_every_earlier_message() {
+        let mut line = Line::default();
+        for seq in 0..3 {
+            assert!(line
+                .apply(AckMsg::Received {
+                    seq,
+                    token: token(seq as u16 + 10)
+                })
+                .is_empty());
+        }
+        assert!(line.apply(AckMsg::Done { seq: 2 }).is_empty());
+        assert!(line.apply(AckMsg::Done { seq: 1 }).is_empty());
+        assert_eq!(pkids(line.apply(AckMsg::Done { seq: 0 })), vec![10, 11, 12]);
+    }
+
+    #[test]
+    fn a_reconnect_forgets_stale_packet_ids() {
+        let mut line = Line::default();
+        line.apply(AckMsg::Received {
+            seq: 0,
+            token: token(1),
+        });
+        line.apply(AckMsg::Reset { next_seq: 1 });
+        assert!(line.apply(AckMsg::Done { seq: 0 }).is_empty());
+        line.apply(AckMsg::Received {
+            seq: 1,
+            token: token(1),
+        });
+        assert_eq!(pkids(line.apply(AckMsg::Done { seq: 1 })), vec![1]);
+    }
+}
