@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
 use tract_onnx::pb::type_proto::Value as TypeValue;
-use tract_onnx::pb::{GraphProto, ModelProto, ValueInfoProto};
+use tract_onnx::pb::{ModelProto, ValueInfoProto};
 use tract_onnx::prelude::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,7 @@ impl Engine {
                 .graph
                 .as_mut()
                 .ok_or_else(|| EngineError::Decode("no graph".into()))?;
-            strip_zipmap(graph);
+            super::ml_ops::rewrite(graph);
             let signature = signature(&proto)?;
             let model = tract_onnx::onnx()
                 .model_for_proto_model(&proto)
@@ -257,34 +257,4 @@ fn signature(proto: &ModelProto) -> Result<Signature, EngineError> {
         input_is_f64,
         outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
     })
-}
-
-/// scikit-learn exports (skl2onnx) end classifiers in `ZipMap`, which turns the probability
-/// tensor into a list of maps that no tensor runtime serves. Cut it off and expose the
-/// probability tensor itself, under the same output name.
-fn strip_zipmap(graph: &mut GraphProto) {
-    let zipmaps: Vec<(String, String)> = graph
-        .node
-        .iter()
-        .filter(|n| n.op_type == "ZipMap")
-        .filter_map(|n| Some((n.input.first()?.clone(), n.output.first()?.clone())))
-        .collect();
-    if zipmaps.is_empty() {
-        return;
-    }
-    graph.node.retain(|n| n.op_type != "ZipMap");
-    for (tensor, map_output) in zipmaps {
-        for out in graph.output.iter_mut().filter(|o| o.name == map_output) {
-            out.r#type = None;
-            // Rename the producer's output so the graph output keeps its published name.
-            for node in graph.node.iter_mut() {
-                for o in node.output.iter_mut().filter(|o| **o == tensor) {
-                    o.clone_from(&map_output);
-                }
-                for i in node.input.iter_mut().filter(|i| **i == tensor) {
-                    i.clone_from(&map_output);
-                }
-            }
-        }
-    }
 }

@@ -2,6 +2,7 @@
 //! per accepted message. One task per pipeline; the model is planned per batch size.
 
 pub mod engine;
+mod ml_ops;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -126,8 +126,8 @@ pub struct Ingest {
     pub stop: watch::Receiver<bool>,
     /// Fires once all pipelines are drained, to disconnect cleanly.
     pub disconnect: watch::Receiver<bool>,
-    /// True while connected (for readiness).
-    pub connected: watch::Sender<bool>,
+    /// True while connected and subscribed: messages published now will reach us.
+    pub ready: watch::Sender<bool>,
 }
 
 impl Ingest {
@@ -158,9 +158,10 @@ impl Ingest {
                     Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                         self.events.emit(Event::Connected { attempts: failures + 1 });
                         failures = 0;
-                        let _ = self.connected.send(true);
                         self.acks.send(AckMsg::Reset { next_seq });
-                        if !ack.session_present {
+                        if ack.session_present {
+                            let _ = self.ready.send(true);
+                        } else {
                             // The broker lost (or never had) our session: subscribe again, from
                             // another task so this one never waits on the request channel.
                             let client = self.client.clone();
@@ -168,10 +169,13 @@ impl Ingest {
                             tokio::spawn(async move { client.subscribe_many(subs).await });
                         }
                     }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                        let _ = self.ready.send(true);
+                    }
                     Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(e) => {
-                        let _ = self.connected.send(false);
+                        let _ = self.ready.send(false);
                         if failures == 0 {
                             tracing::warn!("Broker connection lost: {e}; reconnecting with backoff");
                         } else {
@@ -198,7 +202,7 @@ impl Ingest {
                 }
             }
         }
-        let _ = self.connected.send(false);
+        let _ = self.ready.send(false);
     }
 
     fn route(&self, p: Publish, pending: &mut [VecDeque<Sample>], next_seq: &mut u64) {

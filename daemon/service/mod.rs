@@ -156,8 +156,8 @@ fn status(config: &Config, state: &str, loaded: &[(String, String, u64, String)]
 /// What a running daemon exposes to its embedder (the demo, tests).
 #[derive(Clone)]
 pub struct Handle {
-    /// True while connected to the broker.
-    pub connected: watch::Receiver<bool>,
+    /// True while connected to the broker and subscribed.
+    pub ready: watch::Receiver<bool>,
     pub counters: Vec<(String, Arc<Counters>)>,
 }
 
@@ -185,7 +185,7 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (disconnect_tx, disconnect_rx) = watch::channel(false);
-    let (connected_tx, connected_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(false);
     let mut routes = Vec::new();
     let mut tasks = Vec::new();
     let mut identity = Vec::new();
@@ -228,11 +228,11 @@ pub async fn run(
         acks,
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
-        connected: connected_tx,
+        ready: ready_tx,
     };
     let ingest = tokio::spawn(ingest.run());
     on_start(Handle {
-        connected: connected_rx,
+        ready: ready_rx.clone(),
         counters: identity
             .iter()
             .map(|i| i.0.clone())
@@ -241,22 +241,29 @@ pub async fn run(
     });
 
     let status_task = {
-        let (client, config, identity, counters, mut stop) = (
+        let (client, config, identity, counters, mut stop, mut ready) = (
             client.clone(),
             config.clone(),
             identity.clone(),
             all_counters.clone(),
             stop_rx,
+            ready_rx,
         );
+        // "online" goes out once subscribed (so it means "messages sent now are served"),
+        // again after every reconnect (a restarted broker may have lost it), and every
+        // STATUS_EVERY with fresh counters.
         tokio::spawn(async move {
             loop {
-                let body = status(&config, "online", &identity, &counters).to_string();
-                let _ = client
-                    .publish(config.status_topic(), QoS::AtLeastOnce, true, body)
-                    .await;
                 tokio::select! {
                     _ = tokio::time::sleep(STATUS_EVERY) => {}
+                    _ = ready.changed() => {}
                     _ = stop.changed() => break,
+                }
+                if *ready.borrow_and_update() {
+                    let body = status(&config, "online", &identity, &counters).to_string();
+                    let _ = client
+                        .publish(config.status_topic(), QoS::AtLeastOnce, true, body)
+                        .await;
                 }
             }
         })

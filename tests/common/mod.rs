@@ -1,0 +1,392 @@
+//! Real parts for black-box tests: a mosquitto process on a free loopback port, the `lathe`
+//! binary as a child process, and MQTT clients that publish and collect.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+pub const LATHE: &str = env!("CARGO_BIN_EXE_lathe");
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "lathe-test-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+fn mosquitto_installed() -> bool {
+    Command::new("mosquitto")
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The broker under test: a real mosquitto; without one (and without
+/// LATHE_REQUIRE_MOSQUITTO=1) lathe's embedded broker in this process.
+pub struct Broker {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    pub mosquitto: bool,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let dir = temp_dir("broker");
+        if !mosquitto_installed() {
+            assert!(
+                std::env::var("LATHE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
+                "LATHE_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install -y mosquitto)"
+            );
+            eprintln!("mosquitto not installed: falling back to the embedded broker");
+            let addr = lathe::ingest::embedded_broker::start("127.0.0.1:0").unwrap();
+            return Broker {
+                port: addr.port(),
+                dir,
+                child: None,
+                mosquitto: false,
+            };
+        }
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            child: None,
+            mosquitto: true,
+        };
+        b.restart();
+        b
+    }
+
+    /// (Re)starts mosquitto on the same port, with no memory of earlier sessions.
+    pub fn restart(&mut self) {
+        let conf = self.dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 100\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.join("mosquitto.log")).unwrap();
+        self.child = Some(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "mosquitto did not start on port {port}"
+        );
+    }
+
+    /// SIGKILL, like a crash or a power cut of the broker host.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `lathe run` as a child process.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, config: &str) -> Daemon {
+        let path = dir.join("lathe.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(LATHE)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("LATHE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Daemon {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, as systemd stops it; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        false
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A config for one pipeline serving `model` (a bundle path) on `plant/line1/+/telemetry`.
+pub fn config(node: &str, broker: &Broker, state: &Path, model: &Path) -> String {
+    format!(
+        r#"node = "{node}"
+state_dir = "{state}"
+[mqtt]
+url = "{url}"
+[[pipeline]]
+name = "shuttle"
+model = "{model}"
+source = {{ topic = "plant/line1/+/telemetry", key = "/seq" }}
+sink = {{ topic = "plant/line1/{{device}}/prediction" }}
+"#,
+        state = state.display(),
+        url = broker.url(),
+        model = model.display()
+    )
+}
+
+/// An MQTT client that records every message on its subscriptions.
+pub struct Collector {
+    pub messages: Arc<Mutex<Vec<(String, Value)>>>,
+    client: Client,
+}
+
+impl Collector {
+    pub fn new(port: u16, filters: &[&str]) -> Collector {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "test-collector-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let (client, mut connection) = Client::new(MqttOptions::new(id, "127.0.0.1", port), 1000);
+        for f in filters {
+            client.subscribe(*f, QoS::AtLeastOnce).unwrap();
+        }
+        let messages: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let sink = messages.clone();
+        let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
+        let wanted = filters.len();
+        std::thread::spawn(move || {
+            let mut acks = 0;
+            for ev in connection.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        sink.lock().unwrap().push((p.topic.clone(), v));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        acks += 1;
+                        if acks == wanted {
+                            let _ = subscribed_tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        subscribed_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("subscriptions acknowledged");
+        Collector { messages, client }
+    }
+
+    pub fn on(&self, prefix_or_suffix: &str) -> Vec<Value> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.starts_with(prefix_or_suffix) || t.ends_with(prefix_or_suffix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    pub fn count(&self, suffix: &str) -> usize {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.ends_with(suffix))
+            .count()
+    }
+
+    pub fn wait_for(&self, suffix: &str, n: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || self.count(suffix) >= n)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+/// A publishing client (QoS 1).
+pub struct Publisher {
+    client: Client,
+    done: std::sync::mpsc::Receiver<()>,
+    sent: usize,
+}
+
+impl Publisher {
+    pub fn new(port: u16) -> Publisher {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "test-publisher-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_inflight(100);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = Client::new(o, 100_000);
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for ev in connection.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        let _ = tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Publisher { client, done, sent: 0 }
+    }
+
+    pub fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).unwrap();
+        self.sent += 1;
+    }
+
+    /// Waits until the broker acknowledged everything published so far.
+    pub fn flush(&mut self) {
+        for _ in 0..self.sent {
+            self.done
+                .recv_timeout(Duration::from_secs(10))
+                .expect("broker acknowledged the publish");
+        }
+        self.sent = 0;
+    }
+}
+
+/// One telemetry message for a Shuttle row: `{"f1":…,"f9":…,"seq":seq}`.
+pub fn shuttle_message(row: &[f64], seq: usize) -> String {
+    let mut doc = serde_json::Map::new();
+    for (i, x) in row.iter().enumerate() {
+        doc.insert(format!("f{}", i + 1), (*x).into());
+    }
+    doc.insert("seq".into(), seq.into());
+    Value::Object(doc).to_string()
+}
+
+/// The fixture: rows and each model's onnxruntime outputs (tests/fixtures/make_fixtures.py).
+pub fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/expected.json")).unwrap()).unwrap()
+}
+
+pub fn rows(expected: &Value) -> Vec<Vec<f64>> {
+    expected["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect()
+}
+
+/// Waits for the daemon's retained status to say "online" (connected and subscribed).
+pub fn wait_online(port: u16, node: &str, daemon: &Daemon) {
+    let topic = format!("lathe/{node}/status");
+    let status = Collector::new(port, &[topic.as_str()]);
+    assert!(
+        wait_until(Duration::from_secs(15), || status
+            .on(&topic)
+            .iter()
+            .any(|s| s["state"] == "online")),
+        "the daemon did not come online; log:\n{}",
+        daemon.log()
+    );
+}
