@@ -1,0 +1,191 @@
+//! The command line as a user meets it: config errors, bundle checks.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn lathe(args: &[&str]) -> Output {
+    Command::new(LATHE).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn config_errors_are_all_reported_together_and_nothing_starts() {
+    let dir = temp_dir("config-errors");
+    let path = dir.join("lathe.toml");
+    std::fs::write(
+        &path,
+        r#"node = "edge"
+state_dir = "state"
+colour = "blue"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+keep_alive_s = "thirty"
+[[pipeline]]
+name = "p"
+model = "missing/pump-7.lathe"
+source = { topic = "plant/+/telemetry" }
+sink = { topic = "plant/{device}/out" }
+"#,
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    for cmd in ["check", "run"] {
+        let out = lathe(&[cmd, "--config", path]);
+        assert!(!out.status.success(), "{cmd} must fail");
+        let t = text(&out);
+        assert!(t.contains(&format!("{path}: colour: unknown key")), "{cmd}: {t}");
+        assert!(
+            t.contains(&format!(
+                "{path}: mqtt.keep_alive_s: expected an integer, found a string"
+            )),
+            "{cmd}: {t}"
+        );
+        assert!(
+            t.contains(&format!("{path}: pipeline[0].model: bundle file")) && t.contains("not found"),
+            "{cmd}: {t}"
+        );
+        assert!(t.contains("3 errors"), "{cmd}: {t}");
+    }
+    let json = lathe(&["check", "--json", "--config", path]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["errors"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn check_accepts_a_good_config_and_names_the_model_it_would_serve() {
+    let dir = temp_dir("config-ok");
+    std::fs::write(
+        dir.join("lathe.toml"),
+        format!(
+            "node = \"edge\"\nstate_dir = \"state\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\nsource = {{ topic = \"plant/+/t\" }}\nfeatures = {{ f1 = \"/a/b\" }}\nsink = {{ topic = \"plant/{{device}}/out\" }}\n",
+            root().join("models/shuttle-mlp-1.lathe").display()
+        ),
+    )
+    .unwrap();
+    let out = lathe(&["check", "--config", dir.join("lathe.toml").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("shuttle-mlp v1"));
+    assert!(!dir.join("state").exists(), "check changes nothing on disk");
+}
+
+#[test]
+fn a_feature_the_bundle_does_not_have_is_an_error_naming_the_inputs() {
+    let dir = temp_dir("config-feature");
+    std::fs::write(
+        dir.join("lathe.toml"),
+        format!(
+            "node = \"edge\"\n[mqtt]\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\nsource = {{ topic = \"t/+\" }}\nfeatures = {{ temp = \"/t\" }}\nsink = {{ topic = \"o/{{device}}\" }}\n",
+            root().join("models/shuttle-mlp-1.lathe").display()
+        ),
+    )
+    .unwrap();
+    let out = lathe(&["check", "--config", dir.join("lathe.toml").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("pipeline[0].features.temp: bundle shuttle-mlp has no input \"temp\" (inputs: f1, f2"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_tampered_bundle_is_refused() {
+    let dir = temp_dir("tamper");
+    let mut bytes = std::fs::read(root().join("models/shuttle-mlp-1.lathe")).unwrap();
+    // Flip one byte inside the model (the second tar entry) but not its header.
+    let header = (0..bytes.len())
+        .step_by(512)
+        .find(|&i| bytes[i..].starts_with(b"model.onnx\0"))
+        .unwrap();
+    let model_at = header + 512 + 100;
+    bytes[model_at] ^= 0xff;
+    let path = dir.join("tampered.lathe");
+    std::fs::write(&path, bytes).unwrap();
+    let out = lathe(&["bundle", "inspect", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("model.onnx does not match its sha256"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn bundle_create_explains_a_feature_count_mismatch() {
+    let dir = temp_dir("mismatch");
+    let csv = dir.join("v.csv");
+    std::fs::write(&csv, "a,b,y\n1,2,0\n3,4,1\n").unwrap();
+    let model = root().join("models/shuttle-mlp.onnx");
+    let out = lathe(&[
+        "bundle",
+        "create",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        csv.to_str().unwrap(),
+        "--name",
+        "x",
+        "--task",
+        "binary",
+        "--target",
+        "y",
+        "-o",
+        dir.join("x.lathe").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("the model's input \"x\" takes 9 features; the CSV gives 2 (a,b)"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn bundle_create_records_the_baseline_and_the_given_ranges() {
+    let dir = temp_dir("create");
+    let out_path = dir.join("s.lathe");
+    let out = lathe(&[
+        "bundle",
+        "create",
+        "--json",
+        "--model",
+        root().join("models/shuttle-mlp.onnx").to_str().unwrap(),
+        "--data",
+        root().join("models/shuttle-validation.csv").to_str().unwrap(),
+        "--name",
+        "s",
+        "--task",
+        "binary",
+        "--target",
+        "anomaly",
+        "--range",
+        "f1=0:200",
+        "--unit",
+        "f1=degC",
+        "-o",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &v["manifest"];
+    assert_eq!(m["inputs"][0]["min"], 0.0);
+    assert_eq!(m["inputs"][0]["max"], 200.0);
+    assert_eq!(m["inputs"][0]["unit"], "degC");
+    assert_eq!(m["baseline"]["features"].as_array().unwrap().len(), 9);
+    assert!(m["baseline"]["metrics"]["accuracy"].as_f64().unwrap() > 0.99);
+    assert_eq!(m["training"]["optimizer"], "adam");
+    // Same inputs, same bytes apart from the creation time: the tar is deterministic.
+    let inspect = lathe(&["bundle", "inspect", out_path.to_str().unwrap()]);
+    assert!(text(&inspect).contains("name = \"s\""));
+}
