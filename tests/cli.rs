@@ -11,11 +11,7 @@ fn lathe(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 #[test]
@@ -44,12 +40,7 @@ sink = { topic = "plant/{device}/out" }
         assert!(!out.status.success(), "{cmd} must fail");
         let t = text(&out);
         assert!(t.contains(&format!("{path}: colour: unknown key")), "{cmd}: {t}");
-        assert!(
-            t.contains(&format!(
-                "{path}: mqtt.keep_alive_s: expected an integer, found a string"
-            )),
-            "{cmd}: {t}"
-        );
+        assert!(t.contains(&format!("{path}: mqtt.keep_alive_s: expected an integer, found a string")), "{cmd}: {t}");
         assert!(
             t.contains(&format!("{path}: pipeline[0].model: bundle file")) && t.contains("not found"),
             "{cmd}: {t}"
@@ -104,21 +95,14 @@ fn a_tampered_bundle_is_refused() {
     let dir = temp_dir("tamper");
     let mut bytes = std::fs::read(root().join("models/shuttle-mlp-1.lathe")).unwrap();
     // Flip one byte inside the model (the second tar entry) but not its header.
-    let header = (0..bytes.len())
-        .step_by(512)
-        .find(|&i| bytes[i..].starts_with(b"model.onnx\0"))
-        .unwrap();
+    let header = (0..bytes.len()).step_by(512).find(|&i| bytes[i..].starts_with(b"model.onnx\0")).unwrap();
     let model_at = header + 512 + 100;
     bytes[model_at] ^= 0xff;
     let path = dir.join("tampered.lathe");
     std::fs::write(&path, bytes).unwrap();
     let out = lathe(&["bundle", "inspect", path.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("model.onnx does not match its sha256"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("model.onnx does not match its sha256"), "{}", text(&out));
 }
 
 #[test]
@@ -144,11 +128,7 @@ fn bundle_create_explains_a_feature_count_mismatch() {
         dir.join("x.lathe").to_str().unwrap(),
     ]);
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("the model's input \"x\" takes 9 features; the CSV gives 2 (a,b)"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("the model's input \"x\" takes 9 features; the CSV gives 2 (a,b)"), "{}", text(&out));
 }
 
 #[test]

@@ -22,29 +22,17 @@ fn the_daemon_reconnects_and_carries_on_after_the_broker_is_killed_and_restarted
     let rows = rows(&expected());
     let daemon = Daemon::start(
         &dir,
-        &config(
-            "restart",
-            &broker,
-            &dir.join("state"),
-            &root().join("models/shuttle-mlp-1.lathe"),
-        ),
+        &config("restart", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")),
     );
     wait_online(broker.port, "restart", &daemon);
     {
         let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
         let mut p = Publisher::new(broker.port);
-        for seq in 0..100 {
-            p.publish(
-                &format!("plant/line1/dev{}/telemetry", seq % 4),
-                shuttle_message(&rows[seq], seq),
-            );
+        for (seq, row) in rows.iter().enumerate().take(100) {
+            p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
         }
         p.flush();
-        assert!(
-            out.wait_for("prediction", 100, Duration::from_secs(20)),
-            "log:\n{}",
-            daemon.log()
-        );
+        assert!(out.wait_for("prediction", 100, Duration::from_secs(20)), "log:\n{}", daemon.log());
     }
 
     broker.kill();
@@ -54,23 +42,12 @@ fn the_daemon_reconnects_and_carries_on_after_the_broker_is_killed_and_restarted
     wait_online(broker.port, "restart", &daemon);
     let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
     let mut p = Publisher::new(broker.port);
-    for seq in 100..300 {
-        p.publish(
-            &format!("plant/line1/dev{}/telemetry", seq % 4),
-            shuttle_message(&rows[seq], seq),
-        );
+    for (seq, row) in rows.iter().enumerate().take(300).skip(100) {
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
     }
     p.flush();
-    assert!(
-        out.wait_for("prediction", 200, Duration::from_secs(20)),
-        "log:\n{}",
-        daemon.log()
-    );
-    assert_eq!(
-        keys(&out),
-        (100..300).collect(),
-        "every message after the restart answered"
-    );
+    assert!(out.wait_for("prediction", 200, Duration::from_secs(20)), "log:\n{}", daemon.log());
+    assert_eq!(keys(&out), (100..300).collect(), "every message after the restart answered");
     assert!(daemon.log().contains("Broker connection lost"), "the outage was logged");
 }
 
@@ -83,22 +60,14 @@ fn sigterm_mid_stream_loses_no_accepted_message() {
     }
     let dir = temp_dir("drain");
     let rows = rows(&expected());
-    let config = config(
-        "drain",
-        &broker,
-        &dir.join("state"),
-        &root().join("models/shuttle-mlp-1.lathe"),
-    );
+    let config = config("drain", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
     let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
     let mut daemon = Daemon::start(&dir, &config);
     wait_online(broker.port, "drain", &daemon);
     const N: usize = 3000;
     let mut p = Publisher::new(broker.port);
     for seq in 0..N {
-        p.publish(
-            &format!("plant/line1/dev{}/telemetry", seq % 4),
-            shuttle_message(&rows[seq % rows.len()], seq),
-        );
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq % rows.len()], seq));
         if seq == N / 3 {
             // Stop while messages are streaming in.
             assert!(daemon.stop(), "clean exit on SIGTERM; log:\n{}", daemon.log());

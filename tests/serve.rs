@@ -26,10 +26,7 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str) {
 
     let mut publisher = Publisher::new(broker.port);
     for (seq, row) in rows.iter().enumerate() {
-        publisher.publish(
-            &format!("plant/line1/dev{}/telemetry", seq % 4),
-            shuttle_message(row, seq),
-        );
+        publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
     }
     publisher.flush();
     assert!(
@@ -53,30 +50,13 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str) {
         assert_eq!(p["device"], format!("dev{}", seq % 4));
         assert_eq!(p["version"], 1);
         assert!(p["latency_us"].as_u64().is_some());
-        let out: Vec<f64> = p["output"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        let want_row: Vec<f64> = want_row
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
+        let out: Vec<f64> = p["output"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let want_row: Vec<f64> = want_row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         assert_eq!(out.len(), want_row.len(), "row {seq}");
         for (a, b) in out.iter().zip(&want_row) {
-            assert!(
-                (a - b).abs() <= 1e-5,
-                "row {seq}: lathe {out:?} vs onnxruntime {want_row:?}"
-            );
+            assert!((a - b).abs() <= 1e-5, "row {seq}: lathe {out:?} vs onnxruntime {want_row:?}");
         }
-        let class = if want_row.len() == 2 {
-            usize::from(want_row[1] > want_row[0])
-        } else {
-            0
-        };
+        let class = if want_row.len() == 2 { usize::from(want_row[1] > want_row[0]) } else { 0 };
         assert_eq!(p["class"], class, "row {seq}");
     }
     assert!(daemon.stop(), "clean exit on SIGTERM; log:\n{}", daemon.log());
@@ -95,17 +75,7 @@ fn a_scikit_learn_export_is_bundled_and_served_with_onnxruntimes_numbers() {
     let dir = temp_dir("sklearn-bundle");
     let bundle = dir.join("sk.lathe");
     let out = Command::new(LATHE)
-        .args([
-            "bundle",
-            "create",
-            "--name",
-            "sklearn-mlp",
-            "--task",
-            "binary",
-            "--target",
-            "anomaly",
-            "--model",
-        ])
+        .args(["bundle", "create", "--name", "sklearn-mlp", "--task", "binary", "--target", "anomaly", "--model"])
         .arg(root().join("tests/fixtures/sklearn-mlp.onnx"))
         .arg("--data")
         .arg(root().join("models/shuttle-validation.csv"))
@@ -114,17 +84,10 @@ fn a_scikit_learn_export_is_bundled_and_served_with_onnxruntimes_numbers() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let inspect = Command::new(LATHE)
-        .args(["bundle", "inspect", "--json"])
-        .arg(&bundle)
-        .output()
-        .unwrap();
+    let inspect = Command::new(LATHE).args(["bundle", "inspect", "--json"]).arg(&bundle).output().unwrap();
     let manifest: Value = serde_json::from_slice(&inspect.stdout).unwrap();
     let m = &manifest["manifest"];
-    assert_eq!(
-        m["outputs"][m["primary_output"].as_u64().unwrap() as usize],
-        "output_probability"
-    );
+    assert_eq!(m["outputs"][m["primary_output"].as_u64().unwrap() as usize], "output_probability");
     assert!(m["baseline"]["metrics"]["roc_auc"].as_f64().unwrap() > 0.9);
     assert_eq!(m["baseline"]["rows"], 3000);
     serve_and_compare(&bundle, "sklearn-mlp");
@@ -136,15 +99,8 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
     let dir = temp_dir("reject");
     let expected = expected();
     let rows = rows(&expected);
-    let mut daemon = Daemon::start(
-        &dir,
-        &config(
-            "rej",
-            &broker,
-            &dir.join("state"),
-            &root().join("models/shuttle-mlp-1.lathe"),
-        ),
-    );
+    let mut daemon =
+        Daemon::start(&dir, &config("rej", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")));
     let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/rej/events"]);
     wait_online(broker.port, "rej", &daemon);
     let mut publisher = Publisher::new(broker.port);
@@ -153,18 +109,9 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
     let bad: Vec<(String, &str)> = vec![
         ("{\"f1\": 1, oops".into(), "not_json"),
         (f1_missing, "missing_feature"),
-        (
-            shuttle_message(&rows[5], 5).replace("\"f2\":", "\"f2\":\"high\",\"x\":"),
-            "non_numeric",
-        ),
-        (
-            shuttle_message(&rows[7], 7).replace("\"f3\":", "\"f3\":1e39,\"x\":"),
-            "non_finite",
-        ),
-        (
-            shuttle_message(&rows[9], 9).replace("\"f4\":", "\"f4\":-99999,\"x\":"),
-            "out_of_range",
-        ),
+        (shuttle_message(&rows[5], 5).replace("\"f2\":", "\"f2\":\"high\",\"x\":"), "non_numeric"),
+        (shuttle_message(&rows[7], 7).replace("\"f3\":", "\"f3\":1e39,\"x\":"), "non_finite"),
+        (shuttle_message(&rows[9], 9).replace("\"f4\":", "\"f4\":-99999,\"x\":"), "out_of_range"),
         ("x".repeat(70_000), "payload_too_large"),
     ];
     let mut good = 0;
@@ -181,27 +128,11 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
     publisher.publish("plant/line1/dev0/telemetry", shuttle_message(&rows[200], 200));
     good += 1;
     publisher.flush();
-    assert!(
-        out.wait_for("prediction", good, Duration::from_secs(20)),
-        "log:\n{}",
-        daemon.log()
-    );
-    assert!(
-        out.wait_for("events", bad.len(), Duration::from_secs(10)),
-        "log:\n{}",
-        daemon.log()
-    );
+    assert!(out.wait_for("prediction", good, Duration::from_secs(20)), "log:\n{}", daemon.log());
+    assert!(out.wait_for("events", bad.len(), Duration::from_secs(10)), "log:\n{}", daemon.log());
     std::thread::sleep(Duration::from_millis(300));
-    let keys: Vec<u64> = out
-        .on("prediction")
-        .iter()
-        .map(|p| p["key"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        keys,
-        vec![100, 101, 102, 103, 104, 105, 200],
-        "the valid messages, in order, once each"
-    );
+    let keys: Vec<u64> = out.on("prediction").iter().map(|p| p["key"].as_u64().unwrap()).collect();
+    assert_eq!(keys, vec![100, 101, 102, 103, 104, 105, 200], "the valid messages, in order, once each");
     let reasons: Vec<String> = out
         .on("lathe/rej/events")
         .iter()
@@ -209,12 +140,7 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
         .map(|e| e["reason"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(reasons, bad.iter().map(|b| b.1.to_string()).collect::<Vec<_>>());
-    let detail = out
-        .on("lathe/rej/events")
-        .iter()
-        .find(|e| e["reason"] == "out_of_range")
-        .unwrap()["detail"]
-        .clone();
+    let detail = out.on("lathe/rej/events").iter().find(|e| e["reason"] == "out_of_range").unwrap()["detail"].clone();
     assert!(detail.as_str().unwrap().contains("\"f4\" = -99999"), "{detail}");
     assert!(daemon.running(), "bad input must not stop the daemon");
 
@@ -233,11 +159,7 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
     assert_eq!(counters["rejected"], 56, "{counters}");
     assert_eq!(counters["rejected_by_reason"]["not_json"], 51, "{counters}");
     assert_eq!(counters["predicted"], 7, "{counters}");
-    let events = out
-        .on("lathe/rej/events")
-        .iter()
-        .filter(|e| e["event"] == "input.rejected")
-        .count();
+    let events = out.on("lathe/rej/events").iter().filter(|e| e["event"] == "input.rejected").count();
     assert!(events < 6 + 20, "the flood was rate-limited: {events} events");
 }
 
@@ -245,15 +167,8 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
 fn a_killed_daemon_is_reported_offline_by_its_last_will() {
     let broker = Broker::start();
     let dir = temp_dir("will");
-    let mut daemon = Daemon::start(
-        &dir,
-        &config(
-            "will",
-            &broker,
-            &dir.join("state"),
-            &root().join("models/shuttle-mlp-1.lathe"),
-        ),
-    );
+    let mut daemon =
+        Daemon::start(&dir, &config("will", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")));
     let status = Collector::new(broker.port, &["lathe/will/status"]);
     assert!(wait_until(Duration::from_secs(10), || status
         .on("lathe/will/status")

@@ -57,10 +57,7 @@ fn parse_range(s: &str) -> Result<(String, (f64, f64)), String> {
     let bad = || format!("expected NAME=MIN:MAX, found {s:?}");
     let (name, range) = s.split_once('=').ok_or_else(bad)?;
     let (lo, hi) = range.split_once(':').ok_or_else(bad)?;
-    let (lo, hi) = (
-        lo.parse::<f64>().map_err(|_| bad())?,
-        hi.parse::<f64>().map_err(|_| bad())?,
-    );
+    let (lo, hi) = (lo.parse::<f64>().map_err(|_| bad())?, hi.parse::<f64>().map_err(|_| bad())?);
     if lo.is_nan() || hi.is_nan() || lo > hi {
         return Err(bad());
     }
@@ -75,29 +72,13 @@ fn parse_unit(s: &str) -> Result<(String, String), String> {
 
 pub fn run(cmd: BundleCommand) -> Result<(), String> {
     match cmd {
-        BundleCommand::Create {
-            model,
-            data,
-            name,
-            task,
-            target,
-            features,
-            version,
-            ranges,
-            units,
-            output,
-            json,
-        } => {
+        BundleCommand::Create { model, data, name, task, target, features, version, ranges, units, output, json } => {
             if !bundle::valid_name(&name) {
                 return Err(format!("bundle name {name:?}: use letters, digits, '.', '_' and '-'"));
             }
             let model_bytes = std::fs::read(&model).map_err(|e| format!("{}: {e}", model.display()))?;
             let text = std::fs::read_to_string(&data).map_err(|e| format!("{}: {e}", data.display()))?;
-            let file_name = |p: &PathBuf| {
-                p.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            };
+            let file_name = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let opts = CreateOptions {
                 name,
                 version,
@@ -114,10 +95,7 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
             let bytes = b.to_bytes().map_err(|e| e.to_string())?;
             crate::model::registry::write_atomic(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"file": out, "sha256": b.sha256(), "manifest": b.manifest})
-                );
+                println!("{}", serde_json::json!({"file": out, "sha256": b.sha256(), "manifest": b.manifest}));
             } else {
                 println!("wrote {} ({} bytes, sha256 {})", out.display(), bytes.len(), b.sha256());
                 print_summary(&b);
@@ -156,9 +134,5 @@ fn print_summary(b: &Bundle) {
         m.outputs[m.primary_output]
     );
     let metrics: Vec<String> = m.baseline.metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-    println!(
-        "  baseline on {} validation rows: {}",
-        m.baseline.rows,
-        metrics.join(", ")
-    );
+    println!("  baseline on {} validation rows: {}", m.baseline.rows, metrics.join(", "));
 }

@@ -79,9 +79,7 @@ sink = {{ topic = "plant/demo/{{device}}/prediction" }}
 /// The Shuttle rows: nine features and the anomaly label.
 fn shuttle_rows() -> Result<Vec<(Vec<f64>, u8)>, String> {
     let mut text = String::new();
-    flate2::read::GzDecoder::new(SHUTTLE_CSV_GZ)
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
+    flate2::read::GzDecoder::new(SHUTTLE_CSV_GZ).read_to_string(&mut text).map_err(|e| e.to_string())?;
     Ok(text
         .lines()
         .skip(1)
@@ -193,11 +191,7 @@ async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, d
         for _ in 0..per_tick {
             let row = &rows[seq as usize % rows.len()].0;
             let topic = format!("plant/demo/dev{}/telemetry", seq as usize % devices.max(1));
-            if client
-                .publish(topic, QoS::AtLeastOnce, false, telemetry(seq, row))
-                .await
-                .is_err()
-            {
+            if client.publish(topic, QoS::AtLeastOnce, false, telemetry(seq, row)).await.is_err() {
                 return;
             }
             seq += 1;
@@ -238,10 +232,7 @@ async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<
         if class == Some(1) {
             s.flagged += 1;
         }
-        let label = doc["key"]
-            .as_u64()
-            .and_then(|k| labels.get(k as usize % labels.len().max(1)))
-            .copied();
+        let label = doc["key"].as_u64().and_then(|k| labels.get(k as usize % labels.len().max(1))).copied();
         if class.is_some() && class == label.map(u64::from) {
             s.agree_with_label += 1;
         }
@@ -258,12 +249,7 @@ fn screen(handle: &Handle, seen: &Mutex<Seen>, started: Instant) -> String {
     };
     let Ok(mut s) = seen.lock() else { return String::new() };
     s.latencies_us.sort_unstable();
-    let q = |p: f64| {
-        s.latencies_us
-            .get(((s.latencies_us.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
+    let q = |p: f64| s.latencies_us.get(((s.latencies_us.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0);
     let received = c.received.load(Relaxed);
     let rejected: Vec<String> = Reject::REASONS
         .iter()
@@ -284,11 +270,7 @@ fn screen(handle: &Handle, seen: &Mutex<Seen>, started: Instant) -> String {
         s.flagged,
         100.0 * s.flagged as f64 / s.predictions.max(1) as f64,
         100.0 * s.agree_with_label as f64 / s.predictions.max(1) as f64,
-        if rejected.is_empty() {
-            "none".to_string()
-        } else {
-            rejected.join(", ")
-        },
+        if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") },
     );
     for e in &s.last_events {
         out.push_str(&format!("  {e}\n"));

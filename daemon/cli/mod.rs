@@ -13,11 +13,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "lathe",
-    version,
-    about = "Serve, watch and improve ONNX models on edge devices, over MQTT"
-)]
+#[command(name = "lathe", version, about = "Serve, watch and improve ONNX models on edge devices, over MQTT")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,10 +46,7 @@ enum Command {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -118,11 +111,8 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
             Ok(())
         }
         (Err(e), true) => {
-            let errors: Vec<_> = e
-                .errors
-                .iter()
-                .map(|x| serde_json::json!({"key": x.key, "message": x.message}))
-                .collect();
+            let errors: Vec<_> =
+                e.errors.iter().map(|x| serde_json::json!({"key": x.key, "message": x.message})).collect();
             println!("{}", serde_json::json!({"file": path, "ok": false, "errors": errors}));
             Err(format!("{} error(s) in {}", e.errors.len(), path.display()))
         }

@@ -30,13 +30,7 @@ pub struct ConfigErrors {
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
-        write!(
-            f,
-            "{}: {} error{}",
-            self.file.display(),
-            n,
-            if n == 1 { "" } else { "s" }
-        )?;
+        write!(f, "{}: {} error{}", self.file.display(), n, if n == 1 { "" } else { "s" })?;
         for e in &self.errors {
             write!(f, "\n  {}: {}: {}", self.file.display(), e.key, e.message)?;
         }
@@ -158,10 +152,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
             file: path.to_path_buf(),
-            errors: vec![ConfigError {
-                key: "(file)".into(),
-                message: format!("cannot read: {e}"),
-            }],
+            errors: vec![ConfigError { key: "(file)".into(), message: format!("cannot read: {e}") }],
         })?;
         Config::parse(&text, path)
     }
@@ -175,19 +166,13 @@ impl Config {
         let config = match text.parse::<toml::Table>() {
             Ok(table) => parse_root(table, path, &mut errors),
             Err(e) => {
-                errors.push(ConfigError {
-                    key: "(syntax)".into(),
-                    message: e.to_string().trim().replace('\n', " "),
-                });
+                errors.push(ConfigError { key: "(syntax)".into(), message: e.to_string().trim().replace('\n', " ") });
                 None
             }
         };
         match config {
             Some(c) if errors.is_empty() => Ok(c),
-            _ => Err(ConfigErrors {
-                file: path.to_path_buf(),
-                errors,
-            }),
+            _ => Err(ConfigErrors { file: path.to_path_buf(), errors }),
         }
     }
 
@@ -200,10 +185,7 @@ impl Config {
     }
 
     pub fn client_id(&self) -> String {
-        self.mqtt
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("lathe-{}", self.node))
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("lathe-{}", self.node))
     }
 }
 
@@ -271,15 +253,13 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
 
 fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
     let mut s = section?;
-    let url = s
-        .string("url", Some("mqtt://127.0.0.1:1883"))
-        .and_then(|u| match parse_url(&u) {
-            Ok(url) => Some(url),
-            Err(e) => {
-                s.error("url", &e);
-                None
-            }
-        });
+    let url = s.string("url", Some("mqtt://127.0.0.1:1883")).and_then(|u| match parse_url(&u) {
+        Ok(url) => Some(url),
+        Err(e) => {
+            s.error("url", &e);
+            None
+        }
+    });
     let path = |v: Option<String>| v.map(|p| base.join(p));
     let c = MqttConfig {
         url: url.clone().unwrap_or(BrokerUrl::Embedded),
@@ -322,10 +302,9 @@ fn parse_url(url: &str) -> Result<BrokerUrl, String> {
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h.trim_matches(['[', ']']).to_string(),
-            p.parse::<u16>().map_err(|_| expected())?,
-        ),
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            (h.trim_matches(['[', ']']).to_string(), p.parse::<u16>().map_err(|_| expected())?)
+        }
         _ => (rest.to_string(), default_port),
     };
     if host.is_empty() || host.contains('/') {
@@ -339,10 +318,7 @@ fn parse_infer(section: Option<Section>) -> Option<InferConfig> {
     let engine = match s.string("engine", Some("tract")).as_deref() {
         Some("tract") => Some(Engine::Tract),
         Some("ort") => {
-            s.error(
-                "engine",
-                "\"ort\" (ONNX Runtime) is not in this build yet; use \"tract\"",
-            );
+            s.error("engine", "\"ort\" (ONNX Runtime) is not in this build yet; use \"tract\"");
             None
         }
         Some(other) => {
@@ -393,21 +369,14 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         let key = src.opt_pointer("key");
         let timestamp = src.opt_pointer("timestamp");
         let ok = src.finish();
-        ok.then_some(SourceConfig {
-            topic: topic?,
-            key,
-            timestamp,
-        })
+        ok.then_some(SourceConfig { topic: topic?, key, timestamp })
     });
     let features = s.table_of_pointers("features");
     let sink = s.section("sink", false).and_then(|mut snk| {
         let topic = snk.string("topic", None);
         if let Some(t) = &topic {
             if t.is_empty() || t.contains(['+', '#']) {
-                snk.error(
-                    "topic",
-                    "expected a topic without wildcards ({device} is replaced by the device id)",
-                );
+                snk.error("topic", "expected a topic without wildcards ({device} is replaced by the device id)");
             }
         }
         let ok = snk.finish();
@@ -419,10 +388,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             let wait_us = b.integer("wait_us", 0, 0, 1_000_000);
             let ok = b.finish();
             if ok {
-                BatchConfig {
-                    max: max.unwrap_or(64) as usize,
-                    wait_us: wait_us.unwrap_or(0),
-                }
+                BatchConfig { max: max.unwrap_or(64) as usize, wait_us: wait_us.unwrap_or(0) }
             } else {
                 BatchConfig::default()
             }
@@ -434,14 +400,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             s.error("sink.topic", "uses {device} but source.topic has no '+' to capture it");
         }
     }
-    Some(PipelineConfig {
-        name: name?,
-        model: model?,
-        source: source?,
-        features: features?,
-        sink: sink?,
-        batch,
-    })
+    Some(PipelineConfig { name: name?, model: model?, source: source?, features: features?, sink: sink?, batch })
 }
 
 #[cfg(test)]
@@ -470,14 +429,7 @@ batch = { max = 32 }
     fn a_complete_config_parses_with_defaults_filled_in() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.node, "line3-edge01");
-        assert_eq!(
-            c.mqtt.url,
-            BrokerUrl::Tcp {
-                host: "127.0.0.1".into(),
-                port: 1884,
-                tls: false
-            }
-        );
+        assert_eq!(c.mqtt.url, BrokerUrl::Tcp { host: "127.0.0.1".into(), port: 1884, tls: false });
         assert_eq!(c.mqtt.max_payload_bytes, 65_536);
         let p = &c.pipelines[0];
         assert_eq!(p.model, ModelRef::Name("pump-anomaly".into()));
@@ -521,22 +473,8 @@ batch = { max = 32 }
     #[test]
     fn broker_urls_parse() {
         assert_eq!(parse_url("embedded"), Ok(BrokerUrl::Embedded));
-        assert_eq!(
-            parse_url("mqtt://broker"),
-            Ok(BrokerUrl::Tcp {
-                host: "broker".into(),
-                port: 1883,
-                tls: false
-            })
-        );
-        assert_eq!(
-            parse_url("mqtts://b:1"),
-            Ok(BrokerUrl::Tcp {
-                host: "b".into(),
-                port: 1,
-                tls: true
-            })
-        );
+        assert_eq!(parse_url("mqtt://broker"), Ok(BrokerUrl::Tcp { host: "broker".into(), port: 1883, tls: false }));
+        assert_eq!(parse_url("mqtts://b:1"), Ok(BrokerUrl::Tcp { host: "b".into(), port: 1, tls: true }));
         assert!(parse_url("mqtt://b:notaport").is_err());
         assert!(parse_url("broker:1883").is_err());
     }
@@ -544,10 +482,7 @@ batch = { max = 32 }
     #[test]
     fn a_bundle_path_is_resolved_relative_to_the_config_file() {
         let c = parse(&GOOD.replace("\"pump-anomaly\"", "\"models/pump-1.lathe\"")).unwrap();
-        assert_eq!(
-            c.pipelines[0].model,
-            ModelRef::File("/etc/lathe/models/pump-1.lathe".into())
-        );
+        assert_eq!(c.pipelines[0].model, ModelRef::File("/etc/lathe/models/pump-1.lathe".into()));
     }
 
     #[test]

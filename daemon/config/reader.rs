@@ -26,12 +26,7 @@ fn type_name(v: &toml::Value) -> &'static str {
 
 impl<'e> Section<'e> {
     pub fn new(table: toml::Table, path: String, errors: &'e mut Vec<ConfigError>) -> Self {
-        Section {
-            table,
-            path,
-            errors,
-            failed: false,
-        }
+        Section { table, path, errors, failed: false }
     }
 
     fn key(&self, key: &str) -> String {
@@ -45,10 +40,7 @@ impl<'e> Section<'e> {
     pub fn error(&mut self, key: &str, message: &str) {
         self.failed = true;
         let key = self.key(key);
-        self.errors.push(ConfigError {
-            key,
-            message: message.to_string(),
-        });
+        self.errors.push(ConfigError { key, message: message.to_string() });
     }
 
     pub fn has(&self, key: &str) -> bool {

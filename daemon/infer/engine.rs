@@ -80,20 +80,13 @@ impl Engine {
             let mut proto = tract_onnx::onnx()
                 .proto_model_for_read(&mut &*onnx)
                 .map_err(|e| EngineError::Decode(format!("{e:#}")))?;
-            let graph = proto
-                .graph
-                .as_mut()
-                .ok_or_else(|| EngineError::Decode("no graph".into()))?;
+            let graph = proto.graph.as_mut().ok_or_else(|| EngineError::Decode("no graph".into()))?;
             super::ml_ops::rewrite(graph);
             let signature = signature(&proto)?;
             let model = tract_onnx::onnx()
                 .model_for_proto_model(&proto)
                 .map_err(|e| EngineError::Unsupported(format!("{e:#}")))?;
-            let mut engine = Engine {
-                model,
-                signature,
-                plans: HashMap::new(),
-            };
+            let mut engine = Engine { model, signature, plans: HashMap::new() };
             // Plan batch 1 now so a model tract cannot run fails at load, not at first message.
             engine.plan(engine.batch_for(1))?;
             Ok(engine)
@@ -103,20 +96,14 @@ impl Engine {
     /// The batch size a run of `n` rows is padded to: the fixed batch, or the next power of
     /// two, so at most log2(batch.max) plans exist.
     pub fn batch_for(&self, n: usize) -> usize {
-        self.signature
-            .fixed_batch
-            .unwrap_or_else(|| n.max(1).next_power_of_two())
+        self.signature.fixed_batch.unwrap_or_else(|| n.max(1).next_power_of_two())
     }
 
     fn plan(&mut self, batch: usize) -> Result<Arc<TypedRunnableModel>, EngineError> {
         if let Some(p) = self.plans.get(&batch) {
             return Ok(p.clone());
         }
-        let dt = if self.signature.input_is_f64 {
-            f64::datum_type()
-        } else {
-            f32::datum_type()
-        };
+        let dt = if self.signature.input_is_f64 { f64::datum_type() } else { f32::datum_type() };
         let fact = InferenceFact::dt_shape(dt, tvec![batch, self.signature.features]);
         let model = self.model.clone();
         let plan = guarded(|| {
@@ -124,10 +111,7 @@ impl Engine {
                 .with_input_fact(0, fact)
                 .and_then(|m| m.into_optimized())
                 .and_then(|m| m.into_runnable())
-                .map_err(|e| EngineError::Plan {
-                    batch,
-                    reason: format!("{e:#}"),
-                })
+                .map_err(|e| EngineError::Plan { batch, reason: format!("{e:#}") })
         })?;
         self.plans.insert(batch, plan.clone());
         Ok(plan)
@@ -139,11 +123,8 @@ impl Engine {
     /// A wrong row width, or tract failing on the batch.
     pub fn run(&mut self, rows: &[f32]) -> Result<Outputs, EngineError> {
         let f = self.signature.features;
-        if f == 0 || rows.len() % f != 0 {
-            return Err(EngineError::Run(format!(
-                "{} values is not a whole number of {f}-feature rows",
-                rows.len()
-            )));
+        if f == 0 || !rows.len().is_multiple_of(f) {
+            return Err(EngineError::Run(format!("{} values is not a whole number of {f}-feature rows", rows.len())));
         }
         let n = rows.len() / f;
         let mut outputs = Outputs {
@@ -163,17 +144,10 @@ impl Engine {
                 Tensor::from_shape(&[batch, f], &padded)
             }
             .map_err(|e| EngineError::Run(format!("{e:#}")))?;
-            let result = guarded(|| {
-                plan.run(tvec!(input.into()))
-                    .map_err(|e| EngineError::Run(format!("{e:#}")))
-            })?;
+            let result = guarded(|| plan.run(tvec!(input.into())).map_err(|e| EngineError::Run(format!("{e:#}"))))?;
             for (o, value) in result.iter().enumerate().take(outputs.values.len()) {
-                let t = value
-                    .cast_to::<f32>()
-                    .map_err(|e| EngineError::Run(format!("output {o}: {e:#}")))?;
-                let view = t
-                    .to_plain_array_view::<f32>()
-                    .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+                let t = value.cast_to::<f32>().map_err(|e| EngineError::Run(format!("output {o}: {e:#}")))?;
+                let view = t.to_plain_array_view::<f32>().map_err(|e| EngineError::Run(format!("{e:#}")))?;
                 let leading = view.shape().first().copied().unwrap_or(1);
                 if leading != batch || view.len() % batch != 0 {
                     return Err(EngineError::Run(format!(
@@ -210,16 +184,10 @@ const ONNX_FLOAT: i32 = 1;
 const ONNX_DOUBLE: i32 = 11;
 
 fn signature(proto: &ModelProto) -> Result<Signature, EngineError> {
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| EngineError::Decode("no graph".into()))?;
+    let graph = proto.graph.as_ref().ok_or_else(|| EngineError::Decode("no graph".into()))?;
     // Old exporters list initializers among the inputs too; those are not fed.
-    let inputs: Vec<&ValueInfoProto> = graph
-        .input
-        .iter()
-        .filter(|i| !graph.initializer.iter().any(|t| t.name == i.name))
-        .collect();
+    let inputs: Vec<&ValueInfoProto> =
+        graph.input.iter().filter(|i| !graph.initializer.iter().any(|t| t.name == i.name)).collect();
     let [input] = inputs.as_slice() else {
         return Err(EngineError::Unsupported(format!(
             "expected exactly one input tensor [batch, features], found {}",

@@ -20,12 +20,7 @@ pub fn rewrite(graph: &mut GraphProto) {
             "ArrayFeatureExtractor" => nodes.push(NodeProto {
                 op_type: "Gather".into(),
                 domain: String::new(),
-                attribute: vec![AttributeProto {
-                    name: "axis".into(),
-                    r#type: ATTR_INT,
-                    i: -1,
-                    ..Default::default()
-                }],
+                attribute: vec![AttributeProto { name: "axis".into(), r#type: ATTR_INT, i: -1, ..Default::default() }],
                 ..node
             }),
             "ZipMap" => {
@@ -41,12 +36,7 @@ pub fn rewrite(graph: &mut GraphProto) {
         // Rename the probability tensor to the ZipMap's output name everywhere, so the graph
         // output keeps the name the exporter gave it.
         for node in graph.node.iter_mut() {
-            for name in node
-                .output
-                .iter_mut()
-                .chain(node.input.iter_mut())
-                .filter(|n| **n == tensor)
-            {
+            for name in node.output.iter_mut().chain(node.input.iter_mut()).filter(|n| **n == tensor) {
                 name.clone_from(&map_output);
             }
         }
@@ -57,32 +47,19 @@ pub fn rewrite(graph: &mut GraphProto) {
 }
 
 fn floats(node: &NodeProto, name: &str) -> Vec<f32> {
-    node.attribute
-        .iter()
-        .find(|a| a.name == name)
-        .map(|a| a.floats.clone())
-        .unwrap_or_default()
+    node.attribute.iter().find(|a| a.name == name).map(|a| a.floats.clone()).unwrap_or_default()
 }
 
 fn constant(name: String, values: Vec<f32>) -> TensorProto {
-    TensorProto {
-        dims: vec![values.len() as i64],
-        data_type: FLOAT,
-        float_data: values,
-        name,
-        ..Default::default()
-    }
+    TensorProto { dims: vec![values.len() as i64], data_type: FLOAT, float_data: values, name, ..Default::default() }
 }
 
 fn scaler(node: &NodeProto, initializers: &mut Vec<TensorProto>) -> Vec<NodeProto> {
     let (Some(input), Some(output)) = (node.input.first(), node.output.first()) else {
         return vec![node.clone()];
     };
-    let (offset_name, scale_name, centered) = (
-        format!("{output}__offset"),
-        format!("{output}__scale"),
-        format!("{output}__centered"),
-    );
+    let (offset_name, scale_name, centered) =
+        (format!("{output}__offset"), format!("{output}__scale"), format!("{output}__centered"));
     initializers.push(constant(offset_name.clone(), floats(node, "offset")));
     initializers.push(constant(scale_name.clone(), floats(node, "scale")));
     let op = |op: &str, inputs: [&String; 2], out: &String| NodeProto {
@@ -92,8 +69,5 @@ fn scaler(node: &NodeProto, initializers: &mut Vec<TensorProto>) -> Vec<NodeProt
         name: format!("{}_{op}", node.name),
         ..Default::default()
     };
-    vec![
-        op("Sub", [input, &offset_name], &centered),
-        op("Mul", [&centered, &scale_name], output),
-    ]
+    vec![op("Sub", [input, &offset_name], &centered), op("Mul", [&centered, &scale_name], output)]
 }

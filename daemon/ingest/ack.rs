@@ -119,12 +119,7 @@ mod tests {
     fn acks_wait_for_every_earlier_message() {
         let mut line = Line::default();
         for seq in 0..3 {
-            assert!(line
-                .apply(AckMsg::Received {
-                    seq,
-                    token: token(seq as u16 + 10)
-                })
-                .is_empty());
+            assert!(line.apply(AckMsg::Received { seq, token: token(seq as u16 + 10) }).is_empty());
         }
         assert!(line.apply(AckMsg::Done { seq: 2 }).is_empty());
         assert!(line.apply(AckMsg::Done { seq: 1 }).is_empty());
@@ -134,16 +129,10 @@ mod tests {
     #[test]
     fn a_reconnect_forgets_stale_packet_ids() {
         let mut line = Line::default();
-        line.apply(AckMsg::Received {
-            seq: 0,
-            token: token(1),
-        });
+        line.apply(AckMsg::Received { seq: 0, token: token(1) });
         line.apply(AckMsg::Reset { next_seq: 1 });
         assert!(line.apply(AckMsg::Done { seq: 0 }).is_empty());
-        line.apply(AckMsg::Received {
-            seq: 1,
-            token: token(1),
-        });
+        line.apply(AckMsg::Received { seq: 1, token: token(1) });
         assert_eq!(pkids(line.apply(AckMsg::Done { seq: 1 })), vec![1]);
     }
 }

@@ -69,17 +69,9 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
     // limit would drop the connection, and the broker would redeliver it forever.
     o.set_max_packet_size(m.max_payload_bytes.max(1 << 20) + 1024, 1 << 20);
     o.set_request_channel_capacity(4096);
-    o.set_last_will(LastWill::new(
-        config.status_topic(),
-        r#"{"state":"offline"}"#,
-        QoS::AtLeastOnce,
-        true,
-    ));
+    o.set_last_will(LastWill::new(config.status_topic(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true));
     let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|source| ConnectError::Read {
-            path: p.display().to_string(),
-            source,
-        })
+        std::fs::read(p).map_err(|source| ConnectError::Read { path: p.display().to_string(), source })
     };
     if let Some(user) = &m.username {
         let password = match &m.password_file {
@@ -108,10 +100,8 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
 /// does not reconnect in lockstep after a broker restart.
 pub fn backoff(attempt: u32) -> Duration {
     let base = 100u64.saturating_mul(1u64 << attempt.min(9)).min(30_000);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let jitter = (nanos % 500) as f64 / 1000.0 - 0.25; // -0.25 .. +0.25
     Duration::from_millis((base as f64 * (1.0 + jitter)) as u64)
 }
@@ -275,10 +265,7 @@ mod tests {
         assert!(backoff(3) >= Duration::from_millis(600) && backoff(3) <= Duration::from_millis(1000));
         for attempt in [9, 20, u32::MAX] {
             let d = backoff(attempt);
-            assert!(
-                d >= Duration::from_millis(22_500) && d <= Duration::from_millis(37_500),
-                "{d:?}"
-            );
+            assert!(d >= Duration::from_millis(22_500) && d <= Duration::from_millis(37_500), "{d:?}");
         }
     }
 }

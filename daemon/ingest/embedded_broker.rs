@@ -13,9 +13,7 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 /// # Errors
 /// A bad address, a port already taken, or a broker that does not come up.
 pub fn start(listen: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = listen
-        .parse()
-        .map_err(|e| format!("embedded broker address {listen:?}: {e}"))?;
+    let addr: SocketAddr = listen.parse().map_err(|e| format!("embedded broker address {listen:?}: {e}"))?;
     // Bind once ourselves: rumqttd would only log the failure.
     let probe = TcpListener::bind(addr).map_err(|e| format!("embedded broker cannot listen on {addr}: {e}"))?;
     let addr = probe.local_addr().map_err(|e| e.to_string())?;
@@ -28,13 +26,8 @@ pub fn start(listen: &str) -> Result<SocketAddr, String> {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = ServerSettings {
-        name: "v4".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
+    let server =
+        ServerSettings { name: "v4".into(), listen: addr, tls: None, next_connection_delay_ms: 1, connections };
     let config = Config {
         router: RouterConfig {
             max_connections: 1000,

@@ -7,40 +7,18 @@ use crate::model::manifest::Input;
 /// Why a message was not accepted. Each is counted, logged and reported on the events topic.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reject {
-    TooLarge {
-        bytes: usize,
-        max: usize,
-    },
+    TooLarge { bytes: usize, max: usize },
     NotJson(String),
-    MissingFeature {
-        feature: String,
-        pointer: String,
-    },
-    NonNumeric {
-        feature: String,
-        found: String,
-    },
-    NonFinite {
-        feature: String,
-    },
-    OutOfRange {
-        feature: String,
-        value: f64,
-        min: f64,
-        max: f64,
-    },
+    MissingFeature { feature: String, pointer: String },
+    NonNumeric { feature: String, found: String },
+    NonFinite { feature: String },
+    OutOfRange { feature: String, value: f64, min: f64, max: f64 },
 }
 
 impl Reject {
     /// All reasons, in the order counters are kept.
-    pub const REASONS: [&'static str; 6] = [
-        "payload_too_large",
-        "not_json",
-        "missing_feature",
-        "non_numeric",
-        "non_finite",
-        "out_of_range",
-    ];
+    pub const REASONS: [&'static str; 6] =
+        ["payload_too_large", "not_json", "missing_feature", "non_numeric", "non_finite", "out_of_range"];
 
     pub fn index(&self) -> usize {
         match self {
@@ -74,16 +52,8 @@ impl std::fmt::Display for Reject {
             Reject::NonFinite { feature } => {
                 write!(f, "feature {feature:?} is not finite as a 32-bit float")
             }
-            Reject::OutOfRange {
-                feature,
-                value,
-                min,
-                max,
-            } => {
-                write!(
-                    f,
-                    "feature {feature:?} = {value} is outside the bundle's range [{min}, {max}]"
-                )
+            Reject::OutOfRange { feature, value, min, max } => {
+                write!(f, "feature {feature:?} = {value} is outside the bundle's range [{min}, {max}]")
             }
         }
     }
@@ -118,65 +88,38 @@ impl Extractor {
         let fields = inputs
             .iter()
             .map(|i| {
-                let ptr = pointers
-                    .get(&i.name)
-                    .cloned()
-                    .unwrap_or_else(|| format!("/{}", escape_pointer(&i.name)));
+                let ptr = pointers.get(&i.name).cloned().unwrap_or_else(|| format!("/{}", escape_pointer(&i.name)));
                 (i.name.clone(), ptr, i.min, i.max)
             })
             .collect();
-        Extractor {
-            fields,
-            key,
-            timestamp,
-            max_payload_bytes,
-        }
+        Extractor { fields, key, timestamp, max_payload_bytes }
     }
 
     /// # Errors
     /// The first reason the payload cannot be a row.
     pub fn extract(&self, payload: &[u8]) -> Result<Extracted, Reject> {
         if payload.len() > self.max_payload_bytes {
-            return Err(Reject::TooLarge {
-                bytes: payload.len(),
-                max: self.max_payload_bytes,
-            });
+            return Err(Reject::TooLarge { bytes: payload.len(), max: self.max_payload_bytes });
         }
         let doc: Value = serde_json::from_slice(payload).map_err(|e| Reject::NotJson(e.to_string()))?;
         let mut features = Vec::with_capacity(self.fields.len());
         for (name, ptr, min, max) in &self.fields {
-            let v = doc.pointer(ptr).ok_or_else(|| Reject::MissingFeature {
-                feature: name.clone(),
-                pointer: ptr.clone(),
-            })?;
-            let x = v.as_f64().ok_or_else(|| Reject::NonNumeric {
-                feature: name.clone(),
-                found: truncate(&v.to_string(), 40),
-            })?;
+            let v = doc
+                .pointer(ptr)
+                .ok_or_else(|| Reject::MissingFeature { feature: name.clone(), pointer: ptr.clone() })?;
+            let x = v
+                .as_f64()
+                .ok_or_else(|| Reject::NonNumeric { feature: name.clone(), found: truncate(&v.to_string(), 40) })?;
             if !(x as f32).is_finite() {
                 return Err(Reject::NonFinite { feature: name.clone() });
             }
             if x < *min || x > *max {
-                return Err(Reject::OutOfRange {
-                    feature: name.clone(),
-                    value: x,
-                    min: *min,
-                    max: *max,
-                });
+                return Err(Reject::OutOfRange { feature: name.clone(), value: x, min: *min, max: *max });
             }
             features.push(x as f32);
         }
-        let echo = |p: &Option<String>| {
-            p.as_deref()
-                .and_then(|p| doc.pointer(p))
-                .cloned()
-                .unwrap_or(Value::Null)
-        };
-        Ok(Extracted {
-            features,
-            key: echo(&self.key),
-            ts: echo(&self.timestamp),
-        })
+        let echo = |p: &Option<String>| p.as_deref().and_then(|p| doc.pointer(p)).cloned().unwrap_or(Value::Null);
+        Ok(Extracted { features, key: echo(&self.key), ts: echo(&self.timestamp) })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -204,18 +147,8 @@ mod tests {
 
     fn extractor() -> Extractor {
         let inputs = vec![
-            Input {
-                name: "temp".into(),
-                unit: "C".into(),
-                min: -40.0,
-                max: 150.0,
-            },
-            Input {
-                name: "vib".into(),
-                unit: String::new(),
-                min: 0.0,
-                max: 10.0,
-            },
+            Input { name: "temp".into(), unit: "C".into(), min: -40.0, max: 150.0 },
+            Input { name: "vib".into(), unit: String::new(), min: 0.0, max: 10.0 },
         ];
         let pointers = [("vib".to_string(), "/vibration/rms".to_string())].into();
         Extractor::new(&inputs, &pointers, Some("/seq".into()), None, 256)
@@ -223,9 +156,7 @@ mod tests {
 
     #[test]
     fn features_are_read_in_model_order_by_pointer() {
-        let got = extractor()
-            .extract(br#"{"vibration":{"rms":2.5},"temp":20,"seq":7}"#)
-            .unwrap();
+        let got = extractor().extract(br#"{"vibration":{"rms":2.5},"temp":20,"seq":7}"#).unwrap();
         assert_eq!(got.features, vec![20.0, 2.5]);
         assert_eq!(got.key, serde_json::json!(7));
         assert_eq!(got.ts, Value::Null);
@@ -245,12 +176,7 @@ mod tests {
 
     #[test]
     fn a_rejection_says_what_was_wrong() {
-        let r = extractor()
-            .extract(br#"{"temp":999,"vibration":{"rms":1}}"#)
-            .unwrap_err();
-        assert_eq!(
-            r.to_string(),
-            "feature \"temp\" = 999 is outside the bundle's range [-40, 150]"
-        );
+        let r = extractor().extract(br#"{"temp":999,"vibration":{"rms":1}}"#).unwrap_err();
+        assert_eq!(r.to_string(), "feature \"temp\" = 999 is outside the bundle's range [-40, 150]");
     }
 }

@@ -25,11 +25,7 @@ impl TopicFilter {
             }
         }
         let device_level = levels.iter().position(|l| l == "+");
-        Ok(TopicFilter {
-            filter: filter.to_string(),
-            levels,
-            device_level,
-        })
+        Ok(TopicFilter { filter: filter.to_string(), levels, device_level })
     }
 
     pub fn as_str(&self) -> &str {

@@ -66,30 +66,15 @@ fn sorted(values: &[f64]) -> Vec<f64> {
 pub fn stats(name: &str, values: &[f64]) -> Stats {
     let s = sorted(values);
     let n = s.len();
-    let mean = if n == 0 {
-        f64::NAN
-    } else {
-        s.iter().sum::<f64>() / n as f64
-    };
-    let var = if n == 0 {
-        f64::NAN
-    } else {
-        s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64
-    };
-    let (min, max) = (
-        s.first().copied().unwrap_or(f64::NAN),
-        s.last().copied().unwrap_or(f64::NAN),
-    );
+    let mean = if n == 0 { f64::NAN } else { s.iter().sum::<f64>() / n as f64 };
+    let var = if n == 0 { f64::NAN } else { s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64 };
+    let (min, max) = (s.first().copied().unwrap_or(f64::NAN), s.last().copied().unwrap_or(f64::NAN));
     const BINS: usize = 20;
     let width = (max - min) / BINS as f64;
     let edges: Vec<f64> = (0..=BINS).map(|i| min + width * i as f64).collect();
     let mut counts = vec![0u64; BINS];
     for x in &s {
-        let bin = if width > 0.0 {
-            (((x - min) / width) as usize).min(BINS - 1)
-        } else {
-            0
-        };
+        let bin = if width > 0.0 { (((x - min) / width) as usize).min(BINS - 1) } else { 0 };
         counts[bin] += 1;
     }
     Stats {
@@ -138,12 +123,7 @@ pub fn reconstruction_error(output: &[f32], input: &[f32]) -> f64 {
     if output.len() != input.len() || input.is_empty() {
         return f64::NAN;
     }
-    output
-        .iter()
-        .zip(input)
-        .map(|(o, i)| f64::from(o - i).powi(2))
-        .sum::<f64>()
-        / input.len() as f64
+    output.iter().zip(input).map(|(o, i)| f64::from(o - i).powi(2)).sum::<f64>() / input.len() as f64
 }
 
 fn argmax(row: &[f32]) -> Option<usize> {
@@ -188,21 +168,9 @@ pub fn roc_auc(scores: &[f64], labels: &[usize]) -> f64 {
 
 /// F1 of class `positive`.
 pub fn f1(predicted: &[usize], truth: &[usize], positive: usize) -> f64 {
-    let tp = predicted
-        .iter()
-        .zip(truth)
-        .filter(|(p, t)| **p == positive && **t == positive)
-        .count() as f64;
-    let fp = predicted
-        .iter()
-        .zip(truth)
-        .filter(|(p, t)| **p == positive && **t != positive)
-        .count() as f64;
-    let fnn = predicted
-        .iter()
-        .zip(truth)
-        .filter(|(p, t)| **p != positive && **t == positive)
-        .count() as f64;
+    let tp = predicted.iter().zip(truth).filter(|(p, t)| **p == positive && **t == positive).count() as f64;
+    let fp = predicted.iter().zip(truth).filter(|(p, t)| **p == positive && **t != positive).count() as f64;
+    let fnn = predicted.iter().zip(truth).filter(|(p, t)| **p != positive && **t == positive).count() as f64;
     if tp == 0.0 {
         return 0.0;
     }
@@ -239,16 +207,10 @@ pub fn regression_metrics(predicted: &[f64], truth: &[f64]) -> BTreeMap<String, 
 
 pub fn reconstruction_metrics(errors: &[f64]) -> BTreeMap<String, f64> {
     let s = sorted(errors);
-    [
-        ("error_p50", 0.5),
-        ("error_p90", 0.9),
-        ("error_p95", 0.95),
-        ("error_p99", 0.99),
-        ("error_max", 1.0),
-    ]
-    .into_iter()
-    .map(|(k, q)| (k.to_string(), quantile(&s, q)))
-    .collect()
+    [("error_p50", 0.5), ("error_p90", 0.9), ("error_p95", 0.95), ("error_p99", 0.99), ("error_max", 1.0)]
+        .into_iter()
+        .map(|(k, q)| (k.to_string(), quantile(&s, q)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -289,16 +251,10 @@ mod tests {
 
     #[test]
     fn single_column_binary_reading_uses_the_threshold() {
-        let r = Reading {
-            task: Task::Binary,
-            threshold: Some(0.0),
-        };
+        let r = Reading { task: Task::Binary, threshold: Some(0.0) };
         assert_eq!(r.class(&[-0.2]), Some(0));
         assert_eq!(r.class(&[0.3]), Some(1));
-        let r2 = Reading {
-            task: Task::Binary,
-            threshold: None,
-        };
+        let r2 = Reading { task: Task::Binary, threshold: None };
         assert_eq!(r2.class(&[0.1, 0.9]), Some(1));
         assert_eq!(r2.score(&[0.1, 0.9], &[]), 0.9f32 as f64);
     }

@@ -60,15 +60,10 @@ impl Bundle {
     /// # Errors
     /// Unreadable files, or any check of [`Bundle::from_bytes`].
     pub fn read(path: &Path) -> Result<Bundle, BundleError> {
-        let io = |source| BundleError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io = |source| BundleError::Io { path: path.display().to_string(), source };
         let len = std::fs::metadata(path).map_err(io)?.len();
         if len > MAX_BUNDLE_BYTES {
-            return Err(BundleError::Format(format!(
-                "{len} bytes is over the {MAX_BUNDLE_BYTES}-byte limit"
-            )));
+            return Err(BundleError::Format(format!("{len} bytes is over the {MAX_BUNDLE_BYTES}-byte limit")));
         }
         Bundle::from_bytes(&std::fs::read(path).map_err(io)?)
     }
@@ -84,11 +79,7 @@ impl Bundle {
         let entries = archive.entries().map_err(|e| BundleError::Format(e.to_string()))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
-            let name = entry
-                .path()
-                .map_err(|e| BundleError::Format(e.to_string()))?
-                .to_string_lossy()
-                .into_owned();
+            let name = entry.path().map_err(|e| BundleError::Format(e.to_string()))?.to_string_lossy().into_owned();
             if ![MANIFEST, MODEL, VALIDATION, SIGNATURE].contains(&name.as_str()) {
                 return Err(BundleError::Format(format!("unexpected file {name:?}")));
             }
@@ -96,16 +87,10 @@ impl Bundle {
                 return Err(BundleError::Format(format!("{name} appears twice")));
             }
             let mut data = Vec::new();
-            entry
-                .read_to_end(&mut data)
-                .map_err(|e| BundleError::Format(e.to_string()))?;
+            entry.read_to_end(&mut data).map_err(|e| BundleError::Format(e.to_string()))?;
             files.insert(name, data);
         }
-        let mut take = |name: &str| {
-            files
-                .remove(name)
-                .ok_or_else(|| BundleError::Format(format!("{name} is missing")))
-        };
+        let mut take = |name: &str| files.remove(name).ok_or_else(|| BundleError::Format(format!("{name} is missing")));
         let manifest_bytes = take(MANIFEST)?;
         let model = take(MODEL)?;
         let validation = take(VALIDATION)?;
@@ -116,9 +101,7 @@ impl Bundle {
         match format.get("format").and_then(toml::Value::as_integer) {
             Some(f) if f == i64::from(FORMAT) => {}
             other => {
-                return Err(BundleError::Format(format!(
-                    "bundle format {other:?}; this build reads format {FORMAT}"
-                )))
+                return Err(BundleError::Format(format!("bundle format {other:?}; this build reads format {FORMAT}")))
             }
         }
         let manifest: Manifest = toml::from_str(text).map_err(|e| BundleError::Format(format!("bundle.toml: {e}")))?;
@@ -128,22 +111,12 @@ impl Bundle {
             }
         }
         if manifest.files.len() != 2 {
-            return Err(BundleError::Format(
-                "bundle.toml lists files the bundle does not hold".into(),
-            ));
+            return Err(BundleError::Format("bundle.toml lists files the bundle does not hold".into()));
         }
         if manifest.primary_output >= manifest.outputs.len() || manifest.inputs.is_empty() {
-            return Err(BundleError::Format(
-                "bundle.toml: primary_output or inputs out of range".into(),
-            ));
+            return Err(BundleError::Format("bundle.toml: primary_output or inputs out of range".into()));
         }
-        Ok(Bundle {
-            manifest,
-            manifest_bytes,
-            model,
-            validation,
-            signature,
-        })
+        Ok(Bundle { manifest, manifest_bytes, model, validation, signature })
     }
 
     /// The tar bytes. Entries carry fixed metadata so the same bundle always packs the same.
@@ -152,11 +125,7 @@ impl Bundle {
     /// Only on an internal tar failure.
     pub fn to_bytes(&self) -> Result<Vec<u8>, BundleError> {
         let mut builder = tar::Builder::new(Vec::new());
-        let mut files = vec![
-            (MANIFEST, &self.manifest_bytes),
-            (MODEL, &self.model),
-            (VALIDATION, &self.validation),
-        ];
+        let mut files = vec![(MANIFEST, &self.manifest_bytes), (MODEL, &self.model), (VALIDATION, &self.validation)];
         if let Some(sig) = &self.signature {
             files.push((SIGNATURE, sig));
         }
@@ -166,18 +135,13 @@ impl Bundle {
             header.set_mode(0o644);
             header.set_mtime(0);
             header.set_cksum();
-            builder
-                .append_data(&mut header, name, data.as_slice())
-                .map_err(|e| BundleError::Format(e.to_string()))?;
+            builder.append_data(&mut header, name, data.as_slice()).map_err(|e| BundleError::Format(e.to_string()))?;
         }
         builder.into_inner().map_err(|e| BundleError::Format(e.to_string()))
     }
 
     pub fn reading(&self) -> Reading {
-        Reading {
-            task: self.manifest.task,
-            threshold: self.manifest.baseline.threshold,
-        }
+        Reading { task: self.manifest.task, threshold: self.manifest.baseline.threshold }
     }
 }
 
@@ -210,13 +174,8 @@ pub struct Table {
 /// A non-numeric cell or a ragged row, naming the line.
 pub fn parse_csv(text: &str) -> Result<Table, BundleError> {
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let (_, head) = lines
-        .next()
-        .ok_or_else(|| BundleError::Data("the CSV is empty".into()))?;
-    let header: Vec<String> = head
-        .split(',')
-        .map(|h| h.trim().trim_matches('"').to_string())
-        .collect();
+    let (_, head) = lines.next().ok_or_else(|| BundleError::Data("the CSV is empty".into()))?;
+    let header: Vec<String> = head.split(',').map(|h| h.trim().trim_matches('"').to_string()).collect();
     let mut rows = Vec::new();
     for (i, line) in lines {
         let row: Result<Vec<f64>, _> = line.split(',').map(|c| c.trim().parse::<f64>()).collect();
@@ -254,11 +213,7 @@ fn primary_output(task: Task, outputs: &Outputs, features: usize) -> usize {
     let first = |f: &dyn Fn(usize) -> bool| w.iter().position(|&x| f(x));
     let pick = match task {
         Task::Binary => first(&|x| x == 2).or_else(|| first(&|x| x == 1)),
-        Task::Multiclass => w
-            .iter()
-            .enumerate()
-            .max_by_key(|(i, &x)| (x, usize::MAX - i))
-            .map(|(i, _)| i),
+        Task::Multiclass => w.iter().enumerate().max_by_key(|(i, &x)| (x, usize::MAX - i)).map(|(i, _)| i),
         Task::Regression => first(&|x| x == 1),
         Task::Reconstruction => first(&|x| x == features),
     };
@@ -275,10 +230,7 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     let table = parse_csv(data)?;
     let col = |name: &str| {
         table.header.iter().position(|h| h == name).ok_or_else(|| {
-            BundleError::Data(format!(
-                "no column {name:?} in the CSV (columns: {})",
-                table.header.join(",")
-            ))
+            BundleError::Data(format!("no column {name:?} in the CSV (columns: {})", table.header.join(",")))
         })
     };
     let target = match (&opts.target, opts.task) {
@@ -288,13 +240,7 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     };
     let names: Vec<String> = match &opts.features {
         Some(f) => f.clone(),
-        None => table
-            .header
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| Some(*i) != target)
-            .map(|(_, h)| h.clone())
-            .collect(),
+        None => table.header.iter().enumerate().filter(|(i, _)| Some(*i) != target).map(|(_, h)| h.clone()).collect(),
     };
     let cols: Vec<usize> = names.iter().map(|n| col(n)).collect::<Result<_, _>>()?;
     let f = engine.signature.features;
@@ -306,25 +252,14 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
             names.join(",")
         )));
     }
-    let x: Vec<f32> = table
-        .rows
-        .iter()
-        .flat_map(|r| cols.iter().map(move |&c| r[c] as f32))
-        .collect();
+    let x: Vec<f32> = table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect();
     let outputs = engine.run(&x)?;
     let p = primary_output(opts.task, &outputs, f);
     let n = table.rows.len();
-    let truth: Vec<f64> = target
-        .map(|t| table.rows.iter().map(|r| r[t]).collect())
-        .unwrap_or_default();
+    let truth: Vec<f64> = target.map(|t| table.rows.iter().map(|r| r[t]).collect()).unwrap_or_default();
 
-    let mut reading = Reading {
-        task: opts.task,
-        threshold: None,
-    };
-    let scores: Vec<f64> = (0..n)
-        .map(|r| reading.score(outputs.row(p, r), &x[r * f..(r + 1) * f]))
-        .collect();
+    let mut reading = Reading { task: opts.task, threshold: None };
+    let scores: Vec<f64> = (0..n).map(|r| reading.score(outputs.row(p, r), &x[r * f..(r + 1) * f])).collect();
     if opts.task == Task::Binary && outputs.per_row[p] == 1 {
         reading.threshold = Some(baseline::binary_threshold(&scores));
     }
@@ -342,13 +277,9 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
                 .collect::<Result<_, _>>()?;
             let predicted: Vec<usize> = (0..n).map(|r| reading.class(outputs.row(p, r)).unwrap_or(0)).collect();
             let classes = outputs.per_row[p].max(2).max(labels.iter().max().map_or(0, |m| m + 1));
-            let shares = (0..classes)
-                .map(|c| predicted.iter().filter(|&&x| x == c).count() as f64 / n as f64)
-                .collect();
-            (
-                baseline::classification_metrics(opts.task, &predicted, &labels, &scores, classes),
-                shares,
-            )
+            let shares =
+                (0..classes).map(|c| predicted.iter().filter(|&&x| x == c).count() as f64 / n as f64).collect();
+            (baseline::classification_metrics(opts.task, &predicted, &labels, &scores, classes), shares)
         }
         Task::Regression => (baseline::regression_metrics(&scores, &truth), Vec::new()),
         Task::Reconstruction => (baseline::reconstruction_metrics(&scores), Vec::new()),
@@ -363,25 +294,15 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
         .zip(&features)
         .map(|(name, st)| {
             let (min, max) = opts.ranges.get(name).copied().unwrap_or_else(|| range_from_data(st));
-            Input {
-                name: name.clone(),
-                unit: opts.units.get(name).cloned().unwrap_or_default(),
-                min,
-                max,
-            }
+            Input { name: name.clone(), unit: opts.units.get(name).cloned().unwrap_or_default(), min, max }
         })
         .collect();
     for name in opts.ranges.keys().chain(opts.units.keys()) {
         if !names.contains(name) {
-            return Err(BundleError::Data(format!(
-                "--range/--unit names {name:?}, which is not a feature"
-            )));
+            return Err(BundleError::Data(format!("--range/--unit names {name:?}, which is not a feature")));
         }
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let manifest = Manifest {
         format: FORMAT,
         name: opts.name.clone(),

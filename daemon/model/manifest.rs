@@ -25,9 +25,7 @@ impl std::str::FromStr for Task {
             "multiclass" => Ok(Task::Multiclass),
             "regression" => Ok(Task::Regression),
             "reconstruction" => Ok(Task::Reconstruction),
-            _ => Err(format!(
-                "unknown task {s:?}; expected binary, multiclass, regression or reconstruction"
-            )),
+            _ => Err(format!("unknown task {s:?}; expected binary, multiclass, regression or reconstruction")),
         }
     }
 }
@@ -121,11 +119,7 @@ impl Gate {
             Task::Regression => ("rmse", false),
             Task::Reconstruction => ("error_p95", false),
         };
-        Gate {
-            metric: metric.into(),
-            higher_is_better,
-            min_improvement: 0.0,
-        }
+        Gate { metric: metric.into(), higher_is_better, min_improvement: 0.0 }
     }
 }
 

@@ -26,10 +26,7 @@ pub enum RegistryError {
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-    ));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
@@ -44,16 +41,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(state_dir: &Path) -> Registry {
-        Registry {
-            root: state_dir.join("registry"),
-        }
+        Registry { root: state_dir.join("registry") }
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-        move |source| RegistryError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        move |source| RegistryError::Io { path: path.to_path_buf(), source }
     }
 
     /// The champion's version, if the registry knows the name.
@@ -81,10 +73,9 @@ impl Registry {
     /// # Errors
     /// Unknown name, or a bundle that fails its checks.
     pub fn champion(&self, name: &str) -> Result<Bundle, RegistryError> {
-        let version = self.champion_version(name)?.ok_or_else(|| RegistryError::Missing {
-            name: name.into(),
-            dir: self.root.clone(),
-        })?;
+        let version = self
+            .champion_version(name)?
+            .ok_or_else(|| RegistryError::Missing { name: name.into(), dir: self.root.clone() })?;
         let path = self.bundle_path(name, version);
         Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })
     }
@@ -96,28 +87,18 @@ impl Registry {
     /// # Errors
     /// An invalid bundle, a same-version conflict, or a filesystem failure.
     pub fn seed(&self, file: &Path) -> Result<Bundle, RegistryError> {
-        let bundle = Bundle::read(file).map_err(|source| RegistryError::Bundle {
-            path: file.to_path_buf(),
-            source,
-        })?;
+        let bundle = Bundle::read(file).map_err(|source| RegistryError::Bundle { path: file.to_path_buf(), source })?;
         let m = &bundle.manifest;
         let dest = self.bundle_path(&m.name, m.version);
         if dest.exists() {
-            let existing = Bundle::read(&dest).map_err(|source| RegistryError::Bundle {
-                path: dest.clone(),
-                source,
-            })?;
+            let existing =
+                Bundle::read(&dest).map_err(|source| RegistryError::Bundle { path: dest.clone(), source })?;
             if existing.sha256() != bundle.sha256() {
-                return Err(RegistryError::Conflict {
-                    name: m.name.clone(),
-                    version: m.version,
-                });
+                return Err(RegistryError::Conflict { name: m.name.clone(), version: m.version });
             }
         } else {
-            let bytes = bundle.to_bytes().map_err(|source| RegistryError::Bundle {
-                path: file.to_path_buf(),
-                source,
-            })?;
+            let bytes =
+                bundle.to_bytes().map_err(|source| RegistryError::Bundle { path: file.to_path_buf(), source })?;
             write_atomic(&dest, &bytes).map_err(Self::io(&dest))?;
         }
         if self.champion_version(&m.name)?.is_none_or(|v| v < m.version) {

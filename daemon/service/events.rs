@@ -22,11 +22,8 @@ pub struct Counters {
 
 impl Counters {
     pub fn snapshot(&self) -> Value {
-        let rejected: serde_json::Map<String, Value> = Reject::REASONS
-            .iter()
-            .zip(&self.rejected)
-            .map(|(r, c)| (r.to_string(), c.load(Relaxed).into()))
-            .collect();
+        let rejected: serde_json::Map<String, Value> =
+            Reject::REASONS.iter().zip(&self.rejected).map(|(r, c)| (r.to_string(), c.load(Relaxed).into())).collect();
         json!({
             "received": self.received.load(Relaxed),
             "predicted": self.predicted.load(Relaxed),
@@ -39,20 +36,9 @@ impl Counters {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    InputRejected {
-        pipeline: String,
-        topic: String,
-        reason: &'static str,
-        detail: String,
-    },
-    InferenceFailed {
-        pipeline: String,
-        rows: usize,
-        error: String,
-    },
-    Connected {
-        attempts: u32,
-    },
+    InputRejected { pipeline: String, topic: String, reason: &'static str, detail: String },
+    InferenceFailed { pipeline: String, rows: usize, error: String },
+    Connected { attempts: u32 },
 }
 
 impl Event {
@@ -66,12 +52,7 @@ impl Event {
 
     fn payload(&self, suppressed: u64) -> Value {
         let mut v = match self {
-            Event::InputRejected {
-                pipeline,
-                topic,
-                reason,
-                detail,
-            } => {
+            Event::InputRejected { pipeline, topic, reason, detail } => {
                 json!({"pipeline": pipeline, "topic": topic, "reason": reason, "detail": detail})
             }
             Event::InferenceFailed { pipeline, rows, error } => {
@@ -89,12 +70,7 @@ impl Event {
 
     fn log(&self, suppressed: u64) {
         match self {
-            Event::InputRejected {
-                pipeline,
-                topic,
-                detail,
-                ..
-            } => {
+            Event::InputRejected { pipeline, topic, detail, .. } => {
                 tracing::warn!(pipeline, topic, suppressed, "Rejected a message: {detail}")
             }
             Event::InferenceFailed { pipeline, rows, error } => {
@@ -139,11 +115,7 @@ pub fn reporter(client: rumqttc::AsyncClient, topic: String) -> (Events, impl st
                 Event::Connected { .. } => String::new(),
             };
             let now = Instant::now();
-            let l = limits.entry((event.name(), pipeline)).or_insert(Limit {
-                window: now,
-                sent: 0,
-                suppressed: 0,
-            });
+            let l = limits.entry((event.name(), pipeline)).or_insert(Limit { window: now, sent: 0, suppressed: 0 });
             if now.duration_since(l.window) >= Duration::from_secs(1) {
                 l.window = now;
                 l.sent = 0;
@@ -156,11 +128,7 @@ pub fn reporter(client: rumqttc::AsyncClient, topic: String) -> (Events, impl st
             let suppressed = std::mem::take(&mut l.suppressed);
             event.log(suppressed);
             let body = event.payload(suppressed).to_string();
-            if client
-                .publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, body)
-                .await
-                .is_err()
-            {
+            if client.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, body).await.is_err() {
                 break;
             }
         }

@@ -23,10 +23,7 @@ use crate::model::{Bundle, Registry};
 use events::Counters;
 
 pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// How often the retained status is refreshed.
@@ -65,19 +62,13 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
         let key = format!("pipeline[{i}].model");
         let bundle = match &p.model {
             ModelRef::File(f) if seed => registry.seed(f),
-            ModelRef::File(f) => Bundle::read(f).map_err(|source| RegistryError::Bundle {
-                path: f.clone(),
-                source,
-            }),
+            ModelRef::File(f) => Bundle::read(f).map_err(|source| RegistryError::Bundle { path: f.clone(), source }),
             ModelRef::Name(n) => registry.champion(n),
         };
         let bundle = match bundle {
             Ok(b) => b,
             Err(e) => {
-                errors.push(ConfigError {
-                    key,
-                    message: e.to_string(),
-                });
+                errors.push(ConfigError { key, message: e.to_string() });
                 continue;
             }
         };
@@ -93,10 +84,7 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
                 continue;
             }
             Err(e) => {
-                errors.push(ConfigError {
-                    key,
-                    message: e.to_string(),
-                });
+                errors.push(ConfigError { key, message: e.to_string() });
                 continue;
             }
         };
@@ -120,19 +108,12 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
             p.source.timestamp.clone(),
             config.mqtt.max_payload_bytes,
         );
-        loaded.push(Loaded {
-            bundle,
-            engine,
-            extractor,
-        });
+        loaded.push(Loaded { bundle, engine, extractor });
     }
     if errors.is_empty() {
         Ok(loaded)
     } else {
-        Err(ConfigErrors {
-            file: config.file.clone(),
-            errors,
-        })
+        Err(ConfigErrors { file: config.file.clone(), errors })
     }
 }
 
@@ -233,22 +214,12 @@ pub async fn run(
     let ingest = tokio::spawn(ingest.run());
     on_start(Handle {
         ready: ready_rx.clone(),
-        counters: identity
-            .iter()
-            .map(|i| i.0.clone())
-            .zip(all_counters.iter().cloned())
-            .collect(),
+        counters: identity.iter().map(|i| i.0.clone()).zip(all_counters.iter().cloned()).collect(),
     });
 
     let status_task = {
-        let (client, config, identity, counters, mut stop, mut ready) = (
-            client.clone(),
-            config.clone(),
-            identity.clone(),
-            all_counters.clone(),
-            stop_rx,
-            ready_rx,
-        );
+        let (client, config, identity, counters, mut stop, mut ready) =
+            (client.clone(), config.clone(), identity.clone(), all_counters.clone(), stop_rx, ready_rx);
         // "online" goes out once subscribed (so it means "messages sent now are served"),
         // again after every reconnect (a restarted broker may have lost it), and every
         // STATUS_EVERY with fresh counters.
@@ -261,9 +232,7 @@ pub async fn run(
                 }
                 if *ready.borrow_and_update() {
                     let body = status(&config, "online", &identity, &counters).to_string();
-                    let _ = client
-                        .publish(config.status_topic(), QoS::AtLeastOnce, true, body)
-                        .await;
+                    let _ = client.publish(config.status_topic(), QoS::AtLeastOnce, true, body).await;
                 }
             }
         })
@@ -307,9 +276,7 @@ fn embedded(listen: &str) -> Result<(String, u16), ServiceError> {
 
 #[cfg(not(feature = "embedded-broker"))]
 fn embedded(_listen: &str) -> Result<(String, u16), ServiceError> {
-    Err(ServiceError::Broker(
-        "this build has no embedded broker (feature `embedded-broker`)".into(),
-    ))
+    Err(ServiceError::Broker("this build has no embedded broker (feature `embedded-broker`)".into()))
 }
 
 /// Resolves on SIGTERM or SIGINT.

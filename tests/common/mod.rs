@@ -31,11 +31,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -50,12 +46,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 fn mosquitto_installed() -> bool {
-    Command::new("mosquitto")
-        .arg("-h")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    Command::new("mosquitto").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
 /// The broker under test: a real mosquitto; without one (and without
@@ -77,19 +68,9 @@ impl Broker {
             );
             eprintln!("mosquitto not installed: falling back to the embedded broker");
             let addr = lathe::ingest::embedded_broker::start("127.0.0.1:0").unwrap();
-            return Broker {
-                port: addr.port(),
-                dir,
-                child: None,
-                mosquitto: false,
-            };
+            return Broker { port: addr.port(), dir, child: None, mosquitto: false };
         }
-        let mut b = Broker {
-            port: free_port(),
-            dir,
-            child: None,
-            mosquitto: true,
-        };
+        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true };
         b.restart();
         b
     }
@@ -106,22 +87,11 @@ impl Broker {
         )
         .unwrap();
         let log = std::fs::File::create(self.dir.join("mosquitto.log")).unwrap();
-        self.child = Some(
-            Command::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
+        self.child =
+            Some(Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap());
         let port = self.port;
         assert!(
-            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
+            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
             "mosquitto did not start on port {port}"
         );
     }
@@ -164,10 +134,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        Daemon {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        }
+        Daemon { child: Some(child), dir: dir.to_path_buf() }
     }
 
     pub fn log(&self) -> String {
@@ -235,11 +202,7 @@ pub struct Collector {
 impl Collector {
     pub fn new(port: u16, filters: &[&str]) -> Collector {
         static N: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "test-collector-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = format!("test-collector-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let (client, mut connection) = Client::new(MqttOptions::new(id, "127.0.0.1", port), 1000);
         for f in filters {
             client.subscribe(*f, QoS::AtLeastOnce).unwrap();
@@ -267,9 +230,7 @@ impl Collector {
                 }
             }
         });
-        subscribed_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("subscriptions acknowledged");
+        subscribed_rx.recv_timeout(Duration::from_secs(5)).expect("subscriptions acknowledged");
         Collector { messages, client }
     }
 
@@ -284,12 +245,7 @@ impl Collector {
     }
 
     pub fn count(&self, suffix: &str) -> usize {
-        self.messages
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, _)| t.ends_with(suffix))
-            .count()
+        self.messages.lock().unwrap().iter().filter(|(t, _)| t.ends_with(suffix)).count()
     }
 
     pub fn wait_for(&self, suffix: &str, n: usize, timeout: Duration) -> bool {
@@ -313,11 +269,7 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(port: u16) -> Publisher {
         static N: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "test-publisher-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = format!("test-publisher-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
         o.set_inflight(100);
         o.set_max_packet_size(1 << 20, 1 << 20);
@@ -345,9 +297,7 @@ impl Publisher {
     /// Waits until the broker acknowledged everything published so far.
     pub fn flush(&mut self) {
         for _ in 0..self.sent {
-            self.done
-                .recv_timeout(Duration::from_secs(10))
-                .expect("broker acknowledged the publish");
+            self.done.recv_timeout(Duration::from_secs(10)).expect("broker acknowledged the publish");
         }
         self.sent = 0;
     }
@@ -382,10 +332,7 @@ pub fn wait_online(port: u16, node: &str, daemon: &Daemon) {
     let topic = format!("lathe/{node}/status");
     let status = Collector::new(port, &[topic.as_str()]);
     assert!(
-        wait_until(Duration::from_secs(15), || status
-            .on(&topic)
-            .iter()
-            .any(|s| s["state"] == "online")),
+        wait_until(Duration::from_secs(15), || status.on(&topic).iter().any(|s| s["state"] == "online")),
         "the daemon did not come online; log:\n{}",
         daemon.log()
     );

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Side-by-side end-to-end benchmark: lathe vs the no-work C relay vs the Python service.
+
+    cargo build --release && python3 benches/compare.py [--rounds 3] [-n 20000]
+
+Each round runs every service once through e2e_bench.py (its own mosquitto on a free loopback
+port, QoS 1, 4 publishing devices, real Shuttle rows, the sample MLP), alternating so machine
+noise hits all of them alike. Prints one JSON line per run, then medians and the ratios
+lathe/relay and lathe/python. The Python service needs `pip install paho-mqtt onnxruntime
+numpy`; without them it is left out.
+"""
+import argparse, json, os, statistics, subprocess, sys, tempfile
+
+here = os.path.dirname(os.path.abspath(__file__))
+root = os.path.dirname(here)
+ap = argparse.ArgumentParser()
+ap.add_argument("--rounds", type=int, default=3)
+ap.add_argument("-n", type=int, default=20000)
+ap.add_argument("--lathe", default=os.path.join(root, "target", "release", "lathe"))
+args = ap.parse_args()
+
+config = """node = "bench"
+state_dir = "DIR/state"
+[mqtt]
+url = "mqtt://127.0.0.1:PORT"
+[[pipeline]]
+name = "shuttle"
+model = "%s"
+source = { topic = "plant/line1/+/telemetry", key = "/seq" }
+sink = { topic = "plant/line1/{device}/prediction" }
+""" % os.path.join(root, "models", "shuttle-mlp-1.lathe")
+template = os.path.join(tempfile.mkdtemp(prefix="lathe-bench-"), "lathe.toml.in")
+with open(template, "w") as f:
+    f.write(config)
+
+services = {
+    "relay": "mosquitto_sub -p {port} -q 1 -t 'plant/line1/+/telemetry' | "
+             "mosquitto_pub -p {port} -q 1 -l -t plant/line1/relay/prediction",
+    # exec keeps lathe itself the measured process.
+    "lathe": f"sed -e s/PORT/{{port}}/ -e 's|DIR|{{dir}}|' {template} > {{dir}}/lathe.toml && "
+             f"exec {args.lathe} run --config {{dir}}/lathe.toml",
+}
+try:
+    import paho.mqtt.client, onnxruntime, numpy  # noqa: F401
+    services["python"] = (f"exec {sys.executable} {os.path.join(here, 'py_daemon.py')} --port {{port}} "
+                          f"--model {os.path.join(root, 'models', 'shuttle-mlp.onnx')} --batch 64")
+except ImportError:
+    print("python reference skipped: pip install paho-mqtt onnxruntime numpy", file=sys.stderr)
+
+results = {name: [] for name in services}
+for r in range(args.rounds):
+    for name, cmd in services.items():
+        out = subprocess.run([sys.executable, os.path.join(here, "e2e_bench.py"), "-n", str(args.n), "--cmd", cmd],
+                             capture_output=True, text=True, timeout=300)
+        line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+        res = json.loads(line)
+        res["service"], res["round"] = name, r
+        print(json.dumps(res), flush=True)
+        if res.get("received") == args.n:
+            results[name].append(res)
+
+def median(name, key):
+    vals = [x[key] for x in results[name] if x.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+summary = {name: {"msgs_per_s": median(name, "msgs_per_s"), "peak_rss_mib": (median(name, "peak_rss_kib") or 0) / 1024,
+                  "complete_runs": len(results[name])} for name in services}
+lathe = summary["lathe"]["msgs_per_s"]
+for ref in ("relay", "python"):
+    if ref in summary and lathe and summary[ref]["msgs_per_s"]:
+        summary[f"lathe/{ref}"] = round(lathe / summary[ref]["msgs_per_s"], 2)
+print(json.dumps(summary, indent=1))
