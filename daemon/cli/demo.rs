@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -173,7 +175,7 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
 
 async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, devices: usize) {
     let mut o = MqttOptions::new("lathe-demo-sensors", host, port);
-    o.set_inflight(1000);
+    o.set_outgoing_inflight_upper_limit(1000);
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
     tokio::spawn(async move {
         loop {
@@ -215,7 +217,7 @@ async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<
             continue;
         };
         let Ok(mut s) = seen.lock() else { return };
-        if p.topic.ends_with("/events") {
+        if p.topic.ends_with(b"/events") {
             s.last_events.push(format!(
                 "{} {}",
                 doc["event"].as_str().unwrap_or("?"),

@@ -82,6 +82,9 @@ pub struct MqttConfig {
     pub max_payload_bytes: usize,
     /// QoS 1 predictions in flight (sent, not yet acknowledged by the broker).
     pub max_inflight: u16,
+    /// MQTT v5 Receive Maximum: telemetry messages the broker may have in flight to us.
+    /// Bounds the memory a burst or a redelivered backlog can take.
+    pub receive_maximum: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -273,6 +276,7 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
         keep_alive_s: s.integer("keep_alive_s", 30, 5, 3600).unwrap_or(30),
         max_payload_bytes: s.integer("max_payload_bytes", 65_536, 64, 16 << 20).unwrap_or(0) as usize,
         max_inflight: s.integer("max_inflight", 1000, 1, 65_535).unwrap_or(1) as u16,
+        receive_maximum: s.integer("receive_maximum", 1000, 1, 65_535).unwrap_or(1) as u16,
     };
     if c.password_file.is_some() && c.username.is_none() {
         s.error("password_file", "expected `username` too");
@@ -480,9 +484,10 @@ batch = { max = 32 }
     }
 
     #[test]
-    fn a_bundle_path_is_resolved_relative_to_the_config_file() {
-        let c = parse(&GOOD.replace("\"pump-anomaly\"", "\"models/pump-1.lathe\"")).unwrap();
-        assert_eq!(c.pipelines[0].model, ModelRef::File("/etc/lathe/models/pump-1.lathe".into()));
+    fn a_bundle_path_is_resolved_relative_to_the_config_file_and_must_exist() {
+        let errs = parse(&GOOD.replace("\"pump-anomaly\"", "\"models/pump-1.lathe\"")).unwrap_err();
+        assert_eq!(errs.errors[0].key, "pipeline[0].model");
+        assert_eq!(errs.errors[0].message, "bundle file /etc/lathe/models/pump-1.lathe not found");
     }
 
     #[test]

@@ -8,13 +8,15 @@
 
 use std::collections::VecDeque;
 
-use rumqttc::{AsyncClient, Publish};
+use rumqttc::v5::mqttbytes::v5::Publish;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
 use tokio::sync::mpsc;
 
 #[derive(Debug)]
 pub enum AckMsg {
-    /// Ingest took message `seq`; `token` carries its packet id.
-    Received { seq: u64, token: Publish },
+    /// Ingest took message `seq`, which arrived with packet id `pkid`.
+    Received { seq: u64, pkid: u16, qos: QoS },
     /// Every pipeline is done with `seq`.
     Done { seq: u64 },
     /// A new connection: the broker will redeliver whatever was not acked, so the old
@@ -49,19 +51,20 @@ impl AckSender {
 #[derive(Default)]
 struct Line {
     base: u64,
-    slots: VecDeque<(Option<Publish>, bool)>,
+    /// (packet id and QoS, done) per message since `base`.
+    slots: VecDeque<(Option<(u16, QoS)>, bool)>,
 }
 
 impl Line {
     /// Applies one message; returns the acks now due, in order.
-    fn apply(&mut self, msg: AckMsg) -> Vec<Publish> {
+    fn apply(&mut self, msg: AckMsg) -> Vec<(u16, QoS)> {
         match msg {
-            AckMsg::Received { seq, token } => {
+            AckMsg::Received { seq, pkid, qos } => {
                 if seq >= self.base {
                     while self.base + (self.slots.len() as u64) < seq {
                         self.slots.push_back((None, true)); // a QoS 0 gap: nothing to ack
                     }
-                    self.slots.push_back((Some(token), false));
+                    self.slots.push_back((Some((pkid, qos)), false));
                 }
             }
             AckMsg::Done { seq } => {
@@ -90,7 +93,9 @@ pub fn acker(client: AsyncClient) -> (AckSender, impl std::future::Future<Output
     let task = async move {
         let mut line = Line::default();
         while let Some(msg) = rx.recv().await {
-            for token in line.apply(msg) {
+            for (pkid, qos) in line.apply(msg) {
+                let mut token = Publish::new("", qos, Vec::new(), None);
+                token.pkid = pkid;
                 if client.ack(&token).await.is_err() {
                     return;
                 }
@@ -103,23 +108,20 @@ pub fn acker(client: AsyncClient) -> (AckSender, impl std::future::Future<Output
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::QoS;
 
-    fn token(pkid: u16) -> Publish {
-        let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new());
-        p.pkid = pkid;
-        p
+    fn received(seq: u64, pkid: u16) -> AckMsg {
+        AckMsg::Received { seq, pkid, qos: QoS::AtLeastOnce }
     }
 
-    fn pkids(v: Vec<Publish>) -> Vec<u16> {
-        v.into_iter().map(|p| p.pkid).collect()
+    fn pkids(v: Vec<(u16, QoS)>) -> Vec<u16> {
+        v.into_iter().map(|p| p.0).collect()
     }
 
     #[test]
     fn acks_wait_for_every_earlier_message() {
         let mut line = Line::default();
         for seq in 0..3 {
-            assert!(line.apply(AckMsg::Received { seq, token: token(seq as u16 + 10) }).is_empty());
+            assert!(line.apply(received(seq, seq as u16 + 10)).is_empty());
         }
         assert!(line.apply(AckMsg::Done { seq: 2 }).is_empty());
         assert!(line.apply(AckMsg::Done { seq: 1 }).is_empty());
@@ -129,10 +131,10 @@ mod tests {
     #[test]
     fn a_reconnect_forgets_stale_packet_ids() {
         let mut line = Line::default();
-        line.apply(AckMsg::Received { seq: 0, token: token(1) });
+        line.apply(received(0, 1));
         line.apply(AckMsg::Reset { next_seq: 1 });
         assert!(line.apply(AckMsg::Done { seq: 0 }).is_empty());
-        line.apply(AckMsg::Received { seq: 1, token: token(1) });
+        line.apply(received(1, 1));
         assert_eq!(pkids(line.apply(AckMsg::Done { seq: 1 })), vec![1]);
     }
 }

@@ -17,7 +17,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event as MqttEvent, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS};
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
+use rumqttc::Outgoing;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
@@ -54,7 +57,12 @@ pub enum ConnectError {
     Read { path: String, source: std::io::Error },
 }
 
-/// rumqttc options from the config: persistent session, manual acks, last will.
+/// rumqttc options from the config: MQTT v5, persistent session, manual acks, a receive
+/// window, last will.
+///
+/// MQTT v5 because of Receive Maximum: the broker sends at most `mqtt.receive_maximum`
+/// unacknowledged messages, so a burst (or a backlog redelivered after an outage) waits at the
+/// broker instead of in our memory. With 3.1.1 only the broker's own setting bounds it.
 ///
 /// # Errors
 /// Unreadable password or TLS files.
@@ -62,14 +70,17 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
     let m = &config.mqtt;
     let mut o = MqttOptions::new(config.client_id(), host, port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
-    o.set_clean_session(false);
+    // A session that never expires: what arrives while we are down waits for us.
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(u32::MAX));
     o.set_manual_acks(true);
-    o.set_inflight(m.max_inflight);
-    // Oversized telemetry must reach us to be rejected and acked: a packet over rumqttc's
-    // limit would drop the connection, and the broker would redeliver it forever.
-    o.set_max_packet_size(m.max_payload_bytes.max(1 << 20) + 1024, 1 << 20);
+    o.set_receive_maximum(Some(m.receive_maximum));
+    o.set_outgoing_inflight_upper_limit(m.max_inflight);
+    // Oversized telemetry must reach us to be rejected and reported: a v5 broker silently
+    // drops messages over the client's maximum packet size.
+    o.set_max_packet_size(Some(16 << 20));
     o.set_request_channel_capacity(4096);
-    o.set_last_will(LastWill::new(config.status_topic(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true));
+    o.set_last_will(LastWill::new(config.status_topic(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true, None));
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|source| ConnectError::Read { path: p.display().to_string(), source })
     };
@@ -155,7 +166,7 @@ impl Ingest {
                             // The broker lost (or never had) our session: subscribe again, from
                             // another task so this one never waits on the request channel.
                             let client = self.client.clone();
-                            let subs: Vec<_> = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)).collect();
+                            let subs: Vec<_> = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce)).collect();
                             tokio::spawn(async move { client.subscribe_many(subs).await });
                         }
                     }
@@ -198,15 +209,15 @@ impl Ingest {
     fn route(&self, p: Publish, pending: &mut [VecDeque<Sample>], next_seq: &mut u64) {
         let received = Instant::now();
         let ack = (p.qos != QoS::AtMostOnce).then(|| {
-            let mut token = Publish::new("", p.qos, Vec::new());
-            token.pkid = p.pkid;
             let seq = *next_seq;
             *next_seq += 1;
-            self.acks.send(AckMsg::Received { seq, token });
+            self.acks.send(AckMsg::Received { seq, pkid: p.pkid, qos: p.qos });
             Arc::new(AckTicket { seq })
         });
+        // MQTT topics are UTF-8 by the spec; anything else matches no pipeline.
+        let topic = std::str::from_utf8(&p.topic).unwrap_or("");
         for (i, route) in self.routes.iter().enumerate() {
-            let Some(device) = route.filter.matches(&p.topic) else {
+            let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
             route.counters.received.fetch_add(1, Relaxed);
@@ -227,7 +238,7 @@ impl Ingest {
                     route.counters.rejected[reject.index()].fetch_add(1, Relaxed);
                     self.events.emit(Event::InputRejected {
                         pipeline: route.pipeline.clone(),
-                        topic: p.topic.clone(),
+                        topic: topic.to_string(),
                         reason: reject.reason(),
                         detail: reject.to_string(),
                     });

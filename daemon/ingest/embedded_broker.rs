@@ -27,7 +27,7 @@ pub fn start(listen: &str) -> Result<SocketAddr, String> {
         dynamic_filters: true,
     };
     let server =
-        ServerSettings { name: "v4".into(), listen: addr, tls: None, next_connection_delay_ms: 1, connections };
+        ServerSettings { name: "v5".into(), listen: addr, tls: None, next_connection_delay_ms: 1, connections };
     let config = Config {
         router: RouterConfig {
             max_connections: 1000,
@@ -36,7 +36,8 @@ pub fn start(listen: &str) -> Result<SocketAddr, String> {
             max_segment_count: 10,
             ..Default::default()
         },
-        v4: Some(HashMap::from([("v4".to_string(), server)])),
+        // lathe speaks MQTT v5 (see ingest::connection), so the embedded broker does too.
+        v5: Some(HashMap::from([("v5".to_string(), server)])),
         ..Default::default()
     };
     std::thread::Builder::new()

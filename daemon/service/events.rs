@@ -105,7 +105,7 @@ struct Limit {
 }
 
 /// Publishes events on the events topic, rate-limited per (event, pipeline).
-pub fn reporter(client: rumqttc::AsyncClient, topic: String) -> (Events, impl std::future::Future<Output = ()>) {
+pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, impl std::future::Future<Output = ()>) {
     let (tx, mut rx) = mpsc::channel::<Event>(1024);
     let task = async move {
         let mut limits: std::collections::HashMap<(&'static str, String), Limit> = Default::default();
@@ -128,7 +128,7 @@ pub fn reporter(client: rumqttc::AsyncClient, topic: String) -> (Events, impl st
             let suppressed = std::mem::take(&mut l.suppressed);
             event.log(suppressed);
             let body = event.payload(suppressed).to_string();
-            if client.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, body).await.is_err() {
+            if client.publish(topic.as_str(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, body).await.is_err() {
                 break;
             }
         }

@@ -11,7 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Client, Event, MqttOptions};
 use serde_json::Value;
 
 pub const LATHE: &str = env!("CARGO_BIN_EXE_lathe");
@@ -217,7 +219,7 @@ impl Collector {
                 match ev {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                        sink.lock().unwrap().push((p.topic.clone(), v));
+                        sink.lock().unwrap().push((String::from_utf8_lossy(&p.topic).into_owned(), v));
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         acks += 1;
@@ -271,8 +273,7 @@ impl Publisher {
         static N: AtomicU32 = AtomicU32::new(0);
         let id = format!("test-publisher-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
-        o.set_inflight(100);
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_outgoing_inflight_upper_limit(100);
         let (client, mut connection) = Client::new(o, 100_000);
         let (tx, done) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -290,7 +291,7 @@ impl Publisher {
     }
 
     pub fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).unwrap();
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload.into()).unwrap();
         self.sent += 1;
     }
 
