@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 use serde::Serialize;
 use serde_json::Value;
@@ -16,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::config::BatchConfig;
 use crate::ingest::ack::AckSender;
+use crate::ingest::connection::Flow;
 use crate::ingest::Sample;
 use crate::model::baseline::Reading;
 use crate::service::events::{Counters, Event, Events};
@@ -52,6 +52,7 @@ pub struct Pipeline {
     pub counters: Arc<Counters>,
     pub events: Events,
     pub acks: AckSender,
+    pub flow: Arc<Flow>,
 }
 
 impl Pipeline {
@@ -62,6 +63,7 @@ impl Pipeline {
         while let Some(first) = rx.recv().await {
             batch.push(first);
             self.fill(&mut rx, &mut batch).await;
+            self.flow.taken(batch.len());
             rows.clear();
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
             match self.engine.run(&rows) {
@@ -121,7 +123,7 @@ impl Pipeline {
                 continue;
             };
             let topic = self.sink.replace("{device}", &s.device);
-            if self.client.publish(topic, QoS::AtLeastOnce, false, body).await.is_ok() {
+            if self.flow.publish(&self.client, topic, body).await {
                 self.counters.predicted.fetch_add(1, Relaxed);
             }
         }

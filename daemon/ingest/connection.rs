@@ -8,12 +8,16 @@
 //! and reported; acks go out in arrival order (see `ack`). If the daemon dies first, the
 //! broker redelivers the message to the next session.
 //!
-//! Memory: rows wait in a per-pipeline queue when inference is behind. Its length is bounded
-//! by the broker's in-flight window toward us (unacknowledged messages): mosquitto's
-//! `max_inflight_messages`, 20 by default.
+//! Memory: rows wait in a per-pipeline queue when inference is behind. Two things bound it.
+//! The broker may send at most `mqtt.receive_maximum` unacknowledged messages (MQTT v5);
+//! and because not every broker keeps to that (mosquitto 2.0.11 was seen to over-grant it
+//! once acks flow), this task also stops reading from the socket while more than that many
+//! rows wait, so TCP pushes back on the broker. It keeps polling whenever a pipeline is
+//! waiting to publish (see [`Flow`]), so the predictions and acks that free the queue are
+//! never stuck behind the pause.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +26,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::ack::{AckMsg, AckSender, AckTicket};
 use super::{Extractor, TopicFilter};
@@ -32,10 +36,11 @@ use crate::service::events::{Counters, Event, Events};
 /// A row on its way to inference.
 #[derive(Debug)]
 pub struct Sample {
-    pub device: String,
+    /// Interned per route: a plant has a fixed set of devices, so no allocation per message.
+    pub device: Arc<str>,
     pub key: Value,
     pub ts: Value,
-    pub features: Vec<f32>,
+    pub features: Box<[f32]>,
     pub received: Instant,
     /// Shared by every pipeline the message went to; the last one done reports it.
     pub ack: Option<Arc<AckTicket>>,
@@ -44,11 +49,42 @@ pub struct Sample {
 /// One pipeline as ingest sees it.
 pub struct Route {
     pub pipeline: String,
+    /// Device ids seen so far (bounded: past MAX_DEVICES, ids are no longer interned).
+    pub devices: std::collections::HashMap<String, Arc<str>>,
     pub filter: TopicFilter,
     pub extractor: Extractor,
     /// `None` once stopping: closing the channel lets the pipeline drain and finish.
     pub tx: Option<mpsc::Sender<Sample>>,
     pub counters: Arc<Counters>,
+}
+
+/// Shared between ingest and the pipelines to pace reading.
+#[derive(Debug, Default)]
+pub struct Flow {
+    /// Rows routed to a pipeline and not yet taken by its inference task.
+    pub waiting_rows: AtomicUsize,
+    /// Pipelines currently waiting for room in the client's request channel, which only
+    /// this task's polling makes.
+    pub blocked_publishers: AtomicUsize,
+    /// Wakes a paused ingest when either of the above changes in a way that matters.
+    pub wake: Notify,
+}
+
+impl Flow {
+    /// A pipeline took `n` rows off its channel.
+    pub fn taken(&self, n: usize) {
+        self.waiting_rows.fetch_sub(n, Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Publishes through `client`, making sure a paused ingest keeps polling meanwhile.
+    pub async fn publish(&self, client: &AsyncClient, topic: String, payload: Vec<u8>) -> bool {
+        self.blocked_publishers.fetch_add(1, Relaxed);
+        self.wake.notify_one();
+        let ok = client.publish(topic, QoS::AtLeastOnce, false, payload).await.is_ok();
+        self.blocked_publishers.fetch_sub(1, Relaxed);
+        ok
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,12 +159,31 @@ pub struct Ingest {
     pub routes: Vec<Route>,
     pub events: Events,
     pub acks: AckSender,
+    pub flow: Arc<Flow>,
+    /// Stop reading while more rows than this wait (`mqtt.receive_maximum`).
+    pub max_waiting_rows: usize,
     /// Flips to true to stop: no new messages are taken; queued ones drain.
     pub stop: watch::Receiver<bool>,
     /// Fires once all pipelines are drained, to disconnect cleanly.
     pub disconnect: watch::Receiver<bool>,
     /// True while connected and subscribed: messages published now will reach us.
     pub ready: watch::Sender<bool>,
+}
+
+/// How many distinct device ids a route remembers.
+const MAX_DEVICES: usize = 100_000;
+
+impl Route {
+    fn device(&mut self, id: &str) -> Arc<str> {
+        if let Some(d) = self.devices.get(id) {
+            return d.clone();
+        }
+        let d: Arc<str> = Arc::from(id);
+        if self.devices.len() < MAX_DEVICES {
+            self.devices.insert(id.to_string(), d.clone());
+        }
+        d
+    }
 }
 
 impl Ingest {
@@ -148,8 +203,10 @@ impl Ingest {
                 self.routes.iter_mut().for_each(|r| r.tx = None);
             }
             let backlog = pending.iter().any(|q| !q.is_empty());
+            let paused = self.flow.waiting_rows.load(Relaxed) > self.max_waiting_rows
+                && self.flow.blocked_publishers.load(Relaxed) == 0;
             tokio::select! {
-                ev = self.eventloop.poll() => match ev {
+                ev = self.eventloop.poll(), if !paused => match ev {
                     Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                         if stopping {
                             continue; // unacked: redelivered to our next session
@@ -194,6 +251,7 @@ impl Ingest {
                     }
                 },
                 _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => {}
+                _ = self.flow.wake.notified(), if paused => {}
                 _ = self.stop.changed(), if !stopping => {
                     stopping = true;
                 }
@@ -206,7 +264,7 @@ impl Ingest {
         let _ = self.ready.send(false);
     }
 
-    fn route(&self, p: Publish, pending: &mut [VecDeque<Sample>], next_seq: &mut u64) {
+    fn route(&mut self, p: Publish, pending: &mut [VecDeque<Sample>], next_seq: &mut u64) {
         let received = Instant::now();
         let ack = (p.qos != QoS::AtMostOnce).then(|| {
             let seq = *next_seq;
@@ -216,7 +274,7 @@ impl Ingest {
         });
         // MQTT topics are UTF-8 by the spec; anything else matches no pipeline.
         let topic = std::str::from_utf8(&p.topic).unwrap_or("");
-        for (i, route) in self.routes.iter().enumerate() {
+        for (i, route) in self.routes.iter_mut().enumerate() {
             let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
@@ -224,14 +282,15 @@ impl Ingest {
             match route.extractor.extract(&p.payload) {
                 Ok(x) => {
                     let sample = Sample {
-                        device: device.to_string(),
+                        device: route.device(device),
                         key: x.key,
                         ts: x.ts,
-                        features: x.features,
+                        features: x.features.into_boxed_slice(),
                         received,
                         ack: ack.clone(),
                     };
                     pending[i].push_back(sample);
+                    self.flow.waiting_rows.fetch_add(1, Relaxed);
                     flush(&mut pending[i], route.tx.as_ref());
                 }
                 Err(reject) => {

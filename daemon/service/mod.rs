@@ -163,6 +163,7 @@ pub async fn run(
     let (events, reporter) = events::reporter(client.clone(), config.events_topic());
     let reporter = tokio::spawn(reporter);
     let (acks, acker) = crate::ingest::ack::acker(client.clone());
+    let flow = Arc::new(connection::Flow::default());
     let acker = tokio::spawn(acker);
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -174,12 +175,15 @@ pub async fn run(
     let mut all_counters = Vec::new();
     for (p, l) in config.pipelines.iter().zip(loaded) {
         let counters = Arc::new(Counters::default());
-        let (tx, rx) = mpsc::channel(1024);
+        // Rows wait here rather than in ingest's overflow queue: the channel stores them in
+        // small blocks, without a VecDeque's doubling. See ingest::connection on what bounds it.
+        let (tx, rx) = mpsc::channel(1 << 16);
         let m = &l.bundle.manifest;
         tracing::info!(pipeline = p.name, model = m.name, version = m.version, "Serving");
         identity.push((p.name.clone(), m.name.clone(), m.version, l.bundle.sha256()));
         routes.push(Route {
             pipeline: p.name.clone(),
+            devices: Default::default(),
             filter: TopicFilter::parse(&p.source.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
             extractor: l.extractor,
             tx: Some(tx),
@@ -198,6 +202,7 @@ pub async fn run(
             counters: counters.clone(),
             events: events.clone(),
             acks: acks.clone(),
+            flow: flow.clone(),
         };
         tasks.push(tokio::spawn(pipeline.run(rx)));
         all_counters.push(counters);
@@ -208,6 +213,8 @@ pub async fn run(
         routes,
         events: events.clone(),
         acks,
+        flow,
+        max_waiting_rows: usize::from(config.mqtt.receive_maximum),
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
         ready: ready_tx,
