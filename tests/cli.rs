@@ -169,3 +169,43 @@ fn bundle_create_records_the_baseline_and_the_given_ranges() {
     let inspect = lathe(&["bundle", "inspect", out_path.to_str().unwrap()]);
     assert!(text(&inspect).contains("name = \"s\""));
 }
+
+#[test]
+fn a_csv_with_an_id_column_works_once_the_features_are_named() {
+    let dir = temp_dir("id-column");
+    let csv = dir.join("v.csv");
+    let source = std::fs::read_to_string(root().join("models/shuttle-validation.csv")).unwrap();
+    let mut csv_text = String::from("\u{feff}row_id,");
+    for (i, line) in source.lines().enumerate() {
+        if i > 0 {
+            csv_text.push_str(&format!("r{i},"));
+        }
+        csv_text.push_str(line);
+        csv_text.push('\n');
+    }
+    std::fs::write(&csv, csv_text).unwrap();
+    let model = root().join("models/shuttle-mlp.onnx");
+    let out_path = dir.join("s.lathe");
+    let base = [
+        "bundle",
+        "create",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        csv.to_str().unwrap(),
+        "--name",
+        "s",
+        "--task",
+        "binary",
+        "--target",
+        "anomaly",
+        "-o",
+        out_path.to_str().unwrap(),
+    ];
+    let args = |extra: &[&'static str]| base.iter().copied().chain(extra.iter().copied()).collect::<Vec<&str>>();
+    let out = lathe(&args(&[]));
+    assert!(!out.status.success());
+    assert!(text(&out).contains("line 2: column \"row_id\" holds \"r1\", not a number"), "{}", text(&out));
+    let out = lathe(&args(&["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9"]));
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -162,38 +162,64 @@ pub struct CreateOptions {
     pub data_name: String,
 }
 
-/// A numeric CSV: header and rows.
+/// A CSV of numbers, with a header. Cells that are not numbers (an id or a timestamp column)
+/// are kept as NaN and remembered, so they only matter if a used column holds them.
 pub struct Table {
     pub header: Vec<String>,
     pub rows: Vec<Vec<f64>>,
+    /// Per column, the first cell that is not a number: (line, text).
+    pub not_numeric: Vec<Option<(usize, String)>>,
 }
 
-/// Parses a numeric CSV with a header line.
+impl Table {
+    /// # Errors
+    /// A column that does not exist or holds a cell that is not a number.
+    pub fn numeric_column(&self, name: &str) -> Result<usize, BundleError> {
+        let c = self.header.iter().position(|h| h == name).ok_or_else(|| {
+            BundleError::Data(format!("no column {name:?} in the CSV (columns: {})", self.header.join(",")))
+        })?;
+        match &self.not_numeric[c] {
+            Some((line, text)) => Err(BundleError::Data(format!(
+                "line {line}: column {name:?} holds {text:?}, not a number (name the feature columns with --features)"
+            ))),
+            None => Ok(c),
+        }
+    }
+}
+
+/// Parses a CSV with a header line (a UTF-8 byte-order mark is ignored).
 ///
 /// # Errors
-/// A non-numeric cell or a ragged row, naming the line.
+/// An empty file or a row with the wrong number of cells, naming the line.
 pub fn parse_csv(text: &str) -> Result<Table, BundleError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
     let (_, head) = lines.next().ok_or_else(|| BundleError::Data("the CSV is empty".into()))?;
     let header: Vec<String> = head.split(',').map(|h| h.trim().trim_matches('"').to_string()).collect();
+    let mut not_numeric = vec![None; header.len()];
     let mut rows = Vec::new();
     for (i, line) in lines {
-        let row: Result<Vec<f64>, _> = line.split(',').map(|c| c.trim().parse::<f64>()).collect();
-        let row = row.map_err(|_| BundleError::Data(format!("line {}: expected numbers only: {line:?}", i + 1)))?;
-        if row.len() != header.len() {
-            return Err(BundleError::Data(format!(
-                "line {}: {} cells, the header has {}",
-                i + 1,
-                row.len(),
-                header.len()
-            )));
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() != header.len() {
+            let (n, h) = (cells.len(), header.len());
+            return Err(BundleError::Data(format!("line {}: {n} cells, the header has {h}", i + 1)));
         }
+        let row = cells
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                cell.parse::<f64>().unwrap_or_else(|_| {
+                    not_numeric[c].get_or_insert_with(|| (i + 1, cell.to_string()));
+                    f64::NAN
+                })
+            })
+            .collect();
         rows.push(row);
     }
     if rows.is_empty() {
         return Err(BundleError::Data("the CSV has a header but no rows".into()));
     }
-    Ok(Table { header, rows })
+    Ok(Table { header, rows, not_numeric })
 }
 
 /// Valid range of a feature from data: the observed span widened by the span again on each side,
@@ -228,11 +254,7 @@ fn primary_output(task: Task, outputs: &Outputs, features: usize) -> usize {
 pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle, BundleError> {
     let mut engine = Engine::load(&model)?;
     let table = parse_csv(data)?;
-    let col = |name: &str| {
-        table.header.iter().position(|h| h == name).ok_or_else(|| {
-            BundleError::Data(format!("no column {name:?} in the CSV (columns: {})", table.header.join(",")))
-        })
-    };
+    let col = |name: &str| table.numeric_column(name);
     let target = match (&opts.target, opts.task) {
         (Some(t), _) => Some(col(t)?),
         (None, Task::Reconstruction) => None,
