@@ -86,4 +86,7 @@ fn sigterm_mid_stream_loses_no_accepted_message() {
         second.log()
     );
     assert!(second.stop());
+    // A clean stop acknowledges what it answered, so nothing is answered twice either.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(out.count("prediction"), N, "no duplicate predictions across a clean stop");
 }

@@ -278,6 +278,16 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
         max_inflight: s.integer("max_inflight", 1000, 1, 65_535).unwrap_or(1) as u16,
         receive_maximum: s.integer("receive_maximum", 1000, 1, 65_535).unwrap_or(1) as u16,
     };
+    if c.cert_file.is_some() != c.key_file.is_some() {
+        s.error("cert_file", "expected `cert_file` and `key_file` together (a client certificate and its key)");
+    }
+    let tls = matches!(c.url, BrokerUrl::Tcp { tls: true, .. });
+    if !tls && (c.ca_file.is_some() || c.cert_file.is_some()) {
+        s.error("url", "ca_file/cert_file are set but the url is not mqtts://");
+    }
+    if tls && c.cert_file.is_some() && c.ca_file.is_none() {
+        s.error("ca_file", "a client certificate needs `ca_file` too (the broker's CA)");
+    }
     if c.password_file.is_some() && c.username.is_none() {
         s.error("password_file", "expected `username` too");
     }

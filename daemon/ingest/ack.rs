@@ -22,6 +22,9 @@ pub enum AckMsg {
     /// A new connection: the broker will redeliver whatever was not acked, so the old
     /// packet ids mean nothing any more.
     Reset { next_seq: u64 },
+    /// Answered once every message before it has been handled (acks handed to the client):
+    /// lets a stop send the last acks before it disconnects.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Handed along with a message; the last holder calls [`AckSender::done`].
@@ -44,6 +47,13 @@ impl AckSender {
 
     pub fn done(&self, ticket: AckTicket) {
         self.send(AckMsg::Done { seq: ticket.seq });
+    }
+
+    /// Waits until every ack due so far has been handed to the client.
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(AckMsg::Flush(tx));
+        let _ = rx.await;
     }
 }
 
@@ -75,6 +85,9 @@ impl Line {
             AckMsg::Reset { next_seq } => {
                 self.slots.clear();
                 self.base = next_seq;
+            }
+            AckMsg::Flush(done) => {
+                let _ = done.send(());
             }
         }
         let mut due = Vec::new();

@@ -2,7 +2,7 @@
 //! publish (rumqttc can freeze if it does, see NOTES.md). Incoming telemetry is routed to
 //! pipelines here; predictions are published by the pipelines through the cloned client.
 //!
-//! Delivery: the session is persistent (`clean_session = false`) and acks are manual. A
+//! Delivery: the session is persistent (`clean_start = false`, never expiring) and acks are manual. A
 //! telemetry message is acknowledged to the broker only after its prediction has been handed
 //! to the client (and so is written to the socket before the ack), or after it was rejected
 //! and reported; acks go out in arrival order (see `ack`). If the daemon dies first, the
@@ -30,7 +30,9 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::ack::{AckMsg, AckSender, AckTicket};
 use super::{Extractor, TopicFilter};
-use crate::config::{BrokerUrl, Config};
+#[cfg(feature = "tls")]
+use crate::config::BrokerUrl;
+use crate::config::Config;
 use crate::service::events::{Counters, Event, Events};
 
 /// A row on its way to inference.
@@ -129,17 +131,16 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
     }
     #[cfg(feature = "tls")]
     if matches!(m.url, BrokerUrl::Tcp { tls: true, .. }) {
-        let ca = match &m.ca_file {
-            Some(p) => read(p)?,
-            None => Vec::new(),
-        };
         let client_auth = match (&m.cert_file, &m.key_file) {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
             _ => None,
         };
-        o.set_transport(rumqttc::Transport::tls(ca, client_auth, None));
+        o.set_transport(match &m.ca_file {
+            Some(p) => rumqttc::Transport::tls(read(p)?, client_auth, None),
+            // No CA file: the system's trust store.
+            None => rumqttc::Transport::tls_with_default_config(),
+        });
     }
-    let _ = &BrokerUrl::Embedded; // the enum is matched only with the tls feature
     Ok(o)
 }
 
@@ -189,86 +190,140 @@ impl Route {
 impl Ingest {
     /// Polls the connection until a clean disconnect after stop (or a stop while the broker
     /// is unreachable).
-    pub async fn run(mut self) {
-        let filters: Vec<String> = self.routes.iter().map(|r| r.filter.as_str().to_string()).collect();
-        let mut pending: Vec<VecDeque<Sample>> = self.routes.iter().map(|_| VecDeque::new()).collect();
-        let mut stopping = false;
-        let mut failures: u32 = 0;
-        let mut next_seq: u64 = 0;
+    ///
+    /// rumqttc's `poll()` is not cancel-safe: a request it has taken from the channel is lost
+    /// if the future is dropped while writing it (an ack or a prediction, silently). So one
+    /// `poll()` future lives until it completes; the other branches run beside it without
+    /// dropping it.
+    pub async fn run(self) {
+        let Ingest {
+            mut eventloop,
+            client,
+            routes,
+            events,
+            acks,
+            flow,
+            max_waiting_rows,
+            mut stop,
+            mut disconnect,
+            ready,
+        } = self;
+        let filters: Vec<String> = routes.iter().map(|r| r.filter.as_str().to_string()).collect();
+        let mut router =
+            Router { pending: routes.iter().map(|_| VecDeque::new()).collect(), routes, events, acks, next_seq: 0 };
+        let (mut stopping, mut disconnecting, mut failures) = (false, false, 0u32);
+        // Set once our DISCONNECT is written: we then read until the broker closes the
+        // connection. Closing it ourselves with telemetry still unread would make the kernel
+        // send a reset, and the broker could drop the acks it had not processed yet.
+        let mut closing: Option<tokio::time::Instant> = None;
         loop {
-            for (queue, route) in pending.iter_mut().zip(&self.routes) {
-                flush(queue, route.tx.as_ref());
-            }
-            if stopping && pending.iter().all(VecDeque::is_empty) {
-                self.routes.iter_mut().for_each(|r| r.tx = None);
-            }
-            let backlog = pending.iter().any(|q| !q.is_empty());
-            let paused = self.flow.waiting_rows.load(Relaxed) > self.max_waiting_rows
-                && self.flow.blocked_publishers.load(Relaxed) == 0;
-            tokio::select! {
-                ev = self.eventloop.poll(), if !paused => match ev {
-                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                        if stopping {
-                            continue; // unacked: redelivered to our next session
-                        }
-                        self.route(p, &mut pending, &mut next_seq);
-                    }
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
-                        self.events.emit(Event::Connected { attempts: failures + 1 });
-                        failures = 0;
-                        self.acks.send(AckMsg::Reset { next_seq });
-                        if ack.session_present {
-                            let _ = self.ready.send(true);
-                        } else {
-                            // The broker lost (or never had) our session: subscribe again, from
-                            // another task so this one never waits on the request channel.
-                            let client = self.client.clone();
-                            let subs: Vec<_> = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce)).collect();
-                            tokio::spawn(async move { client.subscribe_many(subs).await });
-                        }
-                    }
-                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                        let _ = self.ready.send(true);
-                    }
-                    Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = self.ready.send(false);
-                        if failures == 0 {
-                            tracing::warn!("Broker connection lost: {e}; reconnecting with backoff");
-                        } else {
-                            tracing::debug!(attempt = failures, "Reconnect failed: {e}");
-                        }
-                        if *self.disconnect.borrow() {
-                            break; // stopping and the broker is gone: nothing more to send
-                        }
-                        let wait = backoff(failures);
-                        failures = failures.saturating_add(1);
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = self.disconnect.changed() => {}
-                        }
-                    }
-                },
-                _ = tokio::time::sleep(Duration::from_millis(1)), if backlog => {}
-                _ = self.flow.wake.notified(), if paused => {}
-                _ = self.stop.changed(), if !stopping => {
-                    stopping = true;
+            let poll = eventloop.poll();
+            tokio::pin!(poll);
+            let event = loop {
+                router.flush();
+                if stopping && !router.backlog() {
+                    router.close();
                 }
-                _ = self.disconnect.changed() => {
-                    let client = self.client.clone();
-                    tokio::spawn(async move { client.disconnect().await });
+                let paused =
+                    flow.waiting_rows.load(Relaxed) > max_waiting_rows && flow.blocked_publishers.load(Relaxed) == 0;
+                tokio::select! {
+                    event = &mut poll, if !paused => break event,
+                    _ = tokio::time::sleep(Duration::from_millis(1)), if router.backlog() => {}
+                    _ = flow.wake.notified(), if paused => {}
+                    _ = stop.changed(), if !stopping => stopping = true,
+                    _ = disconnect.changed(), if !disconnecting => {
+                        disconnecting = true;
+                        let client = client.clone();
+                        tokio::spawn(async move { client.disconnect().await });
+                    }
+                    _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
+                        let _ = ready.send(false);
+                        return;
+                    }
+                }
+            };
+            match event {
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if !stopping {
+                        router.route(p, &flow); // once stopping: unacked, redelivered to our next session
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                    router.events.emit(Event::Connected { attempts: failures + 1 });
+                    failures = 0;
+                    router.acks.send(AckMsg::Reset { next_seq: router.next_seq });
+                    if ack.session_present {
+                        let _ = ready.send(true);
+                    } else {
+                        // The broker lost (or never had) our session: subscribe again, from
+                        // another task so this one never waits on the request channel.
+                        let client = client.clone();
+                        let subs: Vec<_> = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce)).collect();
+                        tokio::spawn(async move { client.subscribe_many(subs).await });
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready.send(true);
+                }
+                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
+                    closing = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                }
+                Ok(_) => {}
+                Err(_) if closing.is_some() => break, // the broker closed after our DISCONNECT
+                Err(e) => {
+                    let _ = ready.send(false);
+                    if failures == 0 {
+                        tracing::warn!("Broker connection lost: {e}; reconnecting with backoff");
+                    } else {
+                        tracing::debug!(attempt = failures, "Reconnect failed: {e}");
+                    }
+                    if disconnecting {
+                        break; // stopping and the broker is gone: nothing more to send
+                    }
+                    let wait = backoff(failures);
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = disconnect.changed(), if !disconnecting => {}
+                    }
                 }
             }
         }
-        let _ = self.ready.send(false);
+        let _ = ready.send(false);
+    }
+}
+
+/// Routes incoming telemetry to the pipelines' channels.
+struct Router {
+    routes: Vec<Route>,
+    /// Per route, rows waiting for room in its channel.
+    pending: Vec<VecDeque<Sample>>,
+    events: Events,
+    acks: AckSender,
+    next_seq: u64,
+}
+
+impl Router {
+    fn flush(&mut self) {
+        for (queue, route) in self.pending.iter_mut().zip(&self.routes) {
+            flush(queue, route.tx.as_ref());
+        }
     }
 
-    fn route(&mut self, p: Publish, pending: &mut [VecDeque<Sample>], next_seq: &mut u64) {
+    fn backlog(&self) -> bool {
+        self.pending.iter().any(|q| !q.is_empty())
+    }
+
+    /// Closes the pipelines' channels, so each drains what it holds and finishes.
+    fn close(&mut self) {
+        self.routes.iter_mut().for_each(|r| r.tx = None);
+    }
+
+    fn route(&mut self, p: Publish, flow: &Flow) {
         let received = Instant::now();
         let ack = (p.qos != QoS::AtMostOnce).then(|| {
-            let seq = *next_seq;
-            *next_seq += 1;
+            let seq = self.next_seq;
+            self.next_seq += 1;
             self.acks.send(AckMsg::Received { seq, pkid: p.pkid, qos: p.qos });
             Arc::new(AckTicket { seq })
         });
@@ -289,9 +344,9 @@ impl Ingest {
                         received,
                         ack: ack.clone(),
                     };
-                    pending[i].push_back(sample);
-                    self.flow.waiting_rows.fetch_add(1, Relaxed);
-                    flush(&mut pending[i], route.tx.as_ref());
+                    self.pending[i].push_back(sample);
+                    flow.waiting_rows.fetch_add(1, Relaxed);
+                    flush(&mut self.pending[i], route.tx.as_ref());
                 }
                 Err(reject) => {
                     route.counters.rejected[reject.index()].fetch_add(1, Relaxed);

@@ -212,7 +212,7 @@ pub async fn run(
         client: client.clone(),
         routes,
         events: events.clone(),
-        acks,
+        acks: acks.clone(),
         flow,
         max_waiting_rows: usize::from(config.mqtt.receive_maximum),
         stop: stop_rx.clone(),
@@ -259,6 +259,8 @@ pub async fn run(
         tracing::warn!("Pipelines did not drain in {DRAIN_DEADLINE:?}; unanswered messages stay unacknowledged and will be redelivered");
     }
     let _ = status_task.await;
+    // The drained messages' acks must reach the client before the disconnect does.
+    let _ = tokio::time::timeout(Duration::from_secs(2), acks.flush()).await;
     let body = status(&config, "offline", &identity, &all_counters).to_string();
     let _ = tokio::time::timeout(
         Duration::from_secs(2),

@@ -120,14 +120,17 @@ impl Drop for Broker {
 /// `lathe run` as a child process.
 pub struct Daemon {
     child: Option<Child>,
-    pub dir: PathBuf,
+    log_path: PathBuf,
 }
 
 impl Daemon {
     pub fn start(dir: &Path, config: &str) -> Daemon {
         let path = dir.join("lathe.toml");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        // One log per start, so a restarted daemon does not overwrite the first one's.
+        let n = (0..).find(|i| !dir.join(format!("daemon-{i}.log")).exists()).unwrap();
+        let log_path = dir.join(format!("daemon-{n}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(LATHE)
             .args(["run", "--config"])
             .arg(&path)
@@ -136,11 +139,11 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
-        Daemon { child: Some(child), dir: dir.to_path_buf() }
+        Daemon { child: Some(child), log_path }
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
     /// SIGTERM, as systemd stops it; returns whether it exited successfully.
@@ -177,12 +180,14 @@ impl Drop for Daemon {
 }
 
 /// A config for one pipeline serving `model` (a bundle path) on `plant/line1/+/telemetry`.
+/// A receive window smaller than the tests' bursts, so flow control is always exercised.
 pub fn config(node: &str, broker: &Broker, state: &Path, model: &Path) -> String {
     format!(
         r#"node = "{node}"
 state_dir = "{state}"
 [mqtt]
 url = "{url}"
+receive_maximum = 200
 [[pipeline]]
 name = "shuttle"
 model = "{model}"
