@@ -53,18 +53,24 @@ sink = { topic = "plant/{device}/out" }
     assert_eq!(v["errors"].as_array().unwrap().len(), 3);
 }
 
+/// `lathe check` on a config serving the sample bundle with the given `features` table.
+fn check_sample_config(name: &str, features: &str) -> (std::path::PathBuf, Output) {
+    let dir = temp_dir(name);
+    let model = root().join("models/shuttle-mlp-1.lathe");
+    let config = format!(
+        "node = \"edge\"\nstate_dir = \"state\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[[pipeline]]\nname = \"p\"\n\
+         model = \"{}\"\nsource = {{ topic = \"plant/+/t\" }}\nfeatures = {features}\n\
+         sink = {{ topic = \"plant/{{device}}/out\" }}\n",
+        model.display()
+    );
+    std::fs::write(dir.join("lathe.toml"), config).unwrap();
+    let out = lathe(&["check", "--config", dir.join("lathe.toml").to_str().unwrap()]);
+    (dir, out)
+}
+
 #[test]
 fn check_accepts_a_good_config_and_names_the_model_it_would_serve() {
-    let dir = temp_dir("config-ok");
-    std::fs::write(
-        dir.join("lathe.toml"),
-        format!(
-            "node = \"edge\"\nstate_dir = \"state\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\nsource = {{ topic = \"plant/+/t\" }}\nfeatures = {{ f1 = \"/a/b\" }}\nsink = {{ topic = \"plant/{{device}}/out\" }}\n",
-            root().join("models/shuttle-mlp-1.lathe").display()
-        ),
-    )
-    .unwrap();
-    let out = lathe(&["check", "--config", dir.join("lathe.toml").to_str().unwrap()]);
+    let (dir, out) = check_sample_config("config-ok", "{ f1 = \"/a/b\" }");
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("shuttle-mlp v1"));
     assert!(!dir.join("state").exists(), "check changes nothing on disk");
@@ -72,16 +78,7 @@ fn check_accepts_a_good_config_and_names_the_model_it_would_serve() {
 
 #[test]
 fn a_feature_the_bundle_does_not_have_is_an_error_naming_the_inputs() {
-    let dir = temp_dir("config-feature");
-    std::fs::write(
-        dir.join("lathe.toml"),
-        format!(
-            "node = \"edge\"\n[mqtt]\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\nsource = {{ topic = \"t/+\" }}\nfeatures = {{ temp = \"/t\" }}\nsink = {{ topic = \"o/{{device}}\" }}\n",
-            root().join("models/shuttle-mlp-1.lathe").display()
-        ),
-    )
-    .unwrap();
-    let out = lathe(&["check", "--config", dir.join("lathe.toml").to_str().unwrap()]);
+    let (_, out) = check_sample_config("config-feature", "{ temp = \"/t\" }");
     assert!(!out.status.success());
     assert!(
         text(&out).contains("pipeline[0].features.temp: bundle shuttle-mlp has no input \"temp\" (inputs: f1, f2"),

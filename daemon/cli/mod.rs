@@ -69,7 +69,8 @@ pub fn main() -> ExitCode {
         Command::Check { config, json } => check(&config, json),
         #[cfg(feature = "embedded-broker")]
         Command::Demo(args) => {
-            init_logging("warn,rumqttd=off");
+            // Rejections are on the screen; log only errors so they do not scribble over it.
+            init_logging("error,rumqttd=off");
             demo::run(args)
         }
         Command::Bundle(cmd) => bundle::run(cmd),

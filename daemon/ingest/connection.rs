@@ -284,7 +284,8 @@ impl Ingest {
                     failures = failures.saturating_add(1);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = disconnect.changed(), if !disconnecting => {}
+                        // Told to disconnect while the broker is unreachable: nothing to send.
+                        _ = disconnect.changed(), if !disconnecting => break,
                     }
                 }
             }
