@@ -90,3 +90,21 @@ fn sigterm_mid_stream_loses_no_accepted_message() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(out.count("prediction"), N, "no duplicate predictions across a clean stop");
 }
+
+#[test]
+fn sigterm_while_the_broker_is_down_exits_promptly() {
+    let mut broker = Broker::start();
+    if !broker.mosquitto {
+        eprintln!("skipped: needs a mosquitto process to kill");
+        return;
+    }
+    let dir = temp_dir("stop-offline");
+    let mut daemon =
+        Daemon::start(&dir, &config("offline", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")));
+    wait_online(broker.port, "offline", &daemon);
+    broker.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    assert!(daemon.stop(), "clean exit; log:\n{}", daemon.log());
+    assert!(started.elapsed() < Duration::from_secs(8), "stopped in {:?}", started.elapsed());
+}
