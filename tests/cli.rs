@@ -206,3 +206,42 @@ fn a_csv_with_an_id_column_works_once_the_features_are_named() {
     let out = lathe(&args(&["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9"]));
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn bundle_create_writes_to_a_bare_file_name_in_the_current_directory() {
+    let dir = temp_dir("bare-output");
+    let out = Command::new(LATHE)
+        .current_dir(&dir)
+        .args(["bundle", "create", "--name", "s", "--task", "binary", "--target", "anomaly", "--model"])
+        .arg(root().join("models/shuttle-mlp.onnx"))
+        .arg("--data")
+        .arg(root().join("models/shuttle-validation.csv"))
+        .args(["-o", "s.lathe"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(dir.join("s.lathe").is_file());
+    // Without -o: NAME-VERSION.lathe, also in the current directory.
+    let out = Command::new(LATHE)
+        .current_dir(&dir)
+        .args([
+            "bundle",
+            "create",
+            "--name",
+            "t",
+            "--version",
+            "3",
+            "--task",
+            "binary",
+            "--target",
+            "anomaly",
+            "--model",
+        ])
+        .arg(root().join("models/shuttle-mlp.onnx"))
+        .arg("--data")
+        .arg(root().join("models/shuttle-validation.csv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(dir.join("t-3.lathe").is_file());
+}

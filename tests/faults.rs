@@ -99,8 +99,10 @@ fn sigterm_while_the_broker_is_down_exits_promptly() {
         return;
     }
     let dir = temp_dir("stop-offline");
-    let mut daemon =
-        Daemon::start(&dir, &config("offline", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")));
+    let mut daemon = Daemon::start(
+        &dir,
+        &config("offline", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")),
+    );
     wait_online(broker.port, "offline", &daemon);
     broker.kill();
     std::thread::sleep(Duration::from_millis(500));

@@ -24,7 +24,8 @@ pub enum RegistryError {
 /// # Errors
 /// Any filesystem failure.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // `Path::new("x.lathe").parent()` is `Some("")`, which names no directory.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     let mut f = std::fs::File::create(&tmp)?;
