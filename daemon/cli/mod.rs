@@ -4,6 +4,7 @@
 mod bundle;
 #[cfg(feature = "embedded-broker")]
 mod demo;
+mod models;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,9 @@ enum Command {
     /// Make, show and check model bundles.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// The on-device registry: list, import, promote, roll back.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
 }
 
 fn init_logging(default: &str) {
@@ -74,6 +78,7 @@ pub fn main() -> ExitCode {
             demo::run(args)
         }
         Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Models(cmd) => models::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,13 +102,7 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
         (Ok((c, models)), false) => {
             println!("{}: ok ({} pipeline(s))", path.display(), c.pipelines.len());
             for (p, m) in c.pipelines.iter().zip(&models) {
-                println!(
-                    "  {}: {} v{} ({})",
-                    p.name,
-                    m.bundle.manifest.name,
-                    m.bundle.manifest.version,
-                    &m.bundle.sha256()[..12]
-                );
+                println!("  {}: {} v{} ({})", p.name, m.name, m.version, &m.sha256[..12]);
             }
             Ok(())
         }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
 use tract_onnx::pb::type_proto::Value as TypeValue;
@@ -55,7 +55,9 @@ impl Outputs {
 pub struct Engine {
     model: InferenceModel,
     pub signature: Signature,
-    plans: HashMap<usize, Arc<TypedRunnableModel>>,
+    /// Planned lazily per batch size. A Mutex because the active model is shared (hot swap);
+    /// only the pipeline's own task runs it, so the lock is never contended.
+    plans: Mutex<HashMap<usize, Arc<TypedRunnableModel>>>,
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
@@ -86,7 +88,7 @@ impl Engine {
             let model = tract_onnx::onnx()
                 .model_for_proto_model(&proto)
                 .map_err(|e| EngineError::Unsupported(format!("{e:#}")))?;
-            let mut engine = Engine { model, signature, plans: HashMap::new() };
+            let engine = Engine { model, signature, plans: Mutex::new(HashMap::new()) };
             // Plan batch 1 now so a model tract cannot run fails at load, not at first message.
             engine.plan(engine.batch_for(1))?;
             Ok(engine)
@@ -99,8 +101,9 @@ impl Engine {
         self.signature.fixed_batch.unwrap_or_else(|| n.max(1).next_power_of_two())
     }
 
-    fn plan(&mut self, batch: usize) -> Result<Arc<TypedRunnableModel>, EngineError> {
-        if let Some(p) = self.plans.get(&batch) {
+    fn plan(&self, batch: usize) -> Result<Arc<TypedRunnableModel>, EngineError> {
+        let mut plans = self.plans.lock().map_err(|_| EngineError::Run("a previous plan panicked".into()))?;
+        if let Some(p) = plans.get(&batch) {
             return Ok(p.clone());
         }
         let dt = if self.signature.input_is_f64 { f64::datum_type() } else { f32::datum_type() };
@@ -113,7 +116,7 @@ impl Engine {
                 .and_then(|m| m.into_runnable())
                 .map_err(|e| EngineError::Plan { batch, reason: format!("{e:#}") })
         })?;
-        self.plans.insert(batch, plan.clone());
+        plans.insert(batch, plan.clone());
         Ok(plan)
     }
 
@@ -121,7 +124,7 @@ impl Engine {
     ///
     /// # Errors
     /// A wrong row width, or tract failing on the batch.
-    pub fn run(&mut self, rows: &[f32]) -> Result<Outputs, EngineError> {
+    pub fn run(&self, rows: &[f32]) -> Result<Outputs, EngineError> {
         let f = self.signature.features;
         if f == 0 || !rows.len().is_multiple_of(f) {
             return Err(EngineError::Run(format!("{} values is not a whole number of {f}-feature rows", rows.len())));

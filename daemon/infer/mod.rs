@@ -13,11 +13,15 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::config::BatchConfig;
+use arc_swap::ArcSwap;
+
+use crate::config::{BatchConfig, PipelineConfig};
 use crate::ingest::ack::AckSender;
 use crate::ingest::connection::Flow;
+use crate::ingest::Extractor;
 use crate::ingest::Sample;
 use crate::model::baseline::Reading;
+use crate::model::Bundle;
 use crate::service::events::{Counters, Event, Events};
 pub use engine::{Engine, EngineError, Outputs};
 
@@ -37,14 +41,57 @@ struct Prediction<'a> {
     latency_us: u64,
 }
 
+/// The model a pipeline serves right now, with everything derived from its bundle. It is
+/// swapped whole (one pointer store, `arc-swap`) on promotion or rollback: a batch runs on the
+/// model it loaded at its start, and every prediction names the version that computed it.
+pub struct ActiveModel {
+    pub engine: Engine,
+    /// Reads feature rows for this model's inputs and ranges.
+    pub extractor: Extractor,
+    pub reading: Reading,
+    pub primary_output: usize,
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+}
+
+impl ActiveModel {
+    /// Loads a bundle's model and checks it fits the pipeline.
+    ///
+    /// # Errors
+    /// A model tract cannot serve, or one whose input width disagrees with its manifest.
+    pub fn load(bundle: &Bundle, pipeline: &PipelineConfig, max_payload_bytes: usize) -> Result<ActiveModel, String> {
+        let m = &bundle.manifest;
+        let engine = Engine::load(&bundle.model).map_err(|e| e.to_string())?;
+        if engine.signature.features != m.inputs.len() {
+            return Err(format!(
+                "the model takes {} features, bundle.toml names {}",
+                engine.signature.features,
+                m.inputs.len()
+            ));
+        }
+        let src = &pipeline.source;
+        let extractor =
+            Extractor::new(&m.inputs, &pipeline.features, src.key.clone(), src.timestamp.clone(), max_payload_bytes);
+        Ok(ActiveModel {
+            engine,
+            extractor,
+            reading: bundle.reading(),
+            primary_output: m.primary_output,
+            name: m.name.clone(),
+            version: m.version,
+            sha256: bundle.sha256(),
+        })
+    }
+}
+
+/// Shared by ingest (the extractor), the pipeline's task (the engine) and the swapper.
+pub type SharedModel = Arc<ArcSwap<ActiveModel>>;
+
 /// Everything one pipeline's inference task needs.
 pub struct Pipeline {
     pub name: String,
-    pub engine: Engine,
-    pub reading: Reading,
-    pub primary_output: usize,
-    pub model: String,
-    pub version: u64,
+    pub model: SharedModel,
     /// Sink topic template; `{device}` is replaced.
     pub sink: String,
     pub batch: BatchConfig,
@@ -57,7 +104,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Serves until the channel closes (ingest stopped) and every queued row is answered.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Sample>) {
+    pub async fn run(self, mut rx: mpsc::Receiver<Sample>) {
         let mut batch: Vec<Sample> = Vec::with_capacity(self.batch.max);
         let mut rows: Vec<f32> = Vec::new();
         while let Some(first) = rx.recv().await {
@@ -66,8 +113,9 @@ impl Pipeline {
             self.flow.taken(batch.len());
             rows.clear();
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
-            match self.engine.run(&rows) {
-                Ok(out) => self.publish(&batch, &out).await,
+            let model = self.model.load_full();
+            match model.engine.run(&rows) {
+                Ok(out) => self.publish(&model, &batch, &out).await,
                 Err(e) => {
                     self.counters.failed.fetch_add(batch.len() as u64, Relaxed);
                     self.events.emit(Event::InferenceFailed {
@@ -105,18 +153,18 @@ impl Pipeline {
         }
     }
 
-    async fn publish(&self, batch: &[Sample], out: &Outputs) {
+    async fn publish(&self, model: &ActiveModel, batch: &[Sample], out: &Outputs) {
         let now = Instant::now();
         for (r, s) in batch.iter().enumerate() {
-            let output = out.row(self.primary_output, r);
+            let output = out.row(model.primary_output, r);
             let prediction = Prediction {
                 device: &s.device,
                 key: &s.key,
                 ts: &s.ts,
-                model: &self.model,
-                version: self.version,
+                model: &model.name,
+                version: model.version,
                 output,
-                class: self.reading.class(output),
+                class: model.reading.class(output),
                 latency_us: now.duration_since(s.received).as_micros() as u64,
             };
             let Ok(body) = serde_json::to_vec(&prediction) else {

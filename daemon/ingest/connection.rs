@@ -29,10 +29,11 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::ack::{AckMsg, AckSender, AckTicket};
-use super::{Extractor, TopicFilter};
+use super::TopicFilter;
 #[cfg(feature = "tls")]
 use crate::config::BrokerUrl;
 use crate::config::Config;
+use crate::infer::SharedModel;
 use crate::service::events::{Counters, Event, Events};
 
 /// A row on its way to inference.
@@ -54,7 +55,8 @@ pub struct Route {
     /// Device ids seen so far (bounded: past MAX_DEVICES, ids are no longer interned).
     pub devices: std::collections::HashMap<String, Arc<str>>,
     pub filter: TopicFilter,
-    pub extractor: Extractor,
+    /// The pipeline's active model: its extractor knows the inputs and their ranges.
+    pub model: SharedModel,
     /// `None` once stopping: closing the channel lets the pipeline drain and finish.
     pub tx: Option<mpsc::Sender<Sample>>,
     pub counters: Arc<Counters>,
@@ -335,7 +337,7 @@ impl Router {
                 continue;
             };
             route.counters.received.fetch_add(1, Relaxed);
-            match route.extractor.extract(&p.payload) {
+            match route.model.load().extractor.extract(&p.payload) {
                 Ok(x) => {
                     let sample = Sample {
                         device: route.device(device),

@@ -252,7 +252,7 @@ fn primary_output(task: Task, outputs: &Outputs, features: usize) -> usize {
 /// # Errors
 /// A model lathe cannot serve, data that does not fit it, or a task the outputs do not fit.
 pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle, BundleError> {
-    let mut engine = Engine::load(&model)?;
+    let engine = Engine::load(&model)?;
     let table = parse_csv(data)?;
     let col = |name: &str| table.numeric_column(name);
     let target = match (&opts.target, opts.task) {

@@ -17,6 +17,20 @@ pub enum RegistryError {
     Missing { name: String, dir: PathBuf },
     #[error("{name} version {version} is already in the registry with different contents; give the new bundle a new version")]
     Conflict { name: String, version: u64 },
+    #[error("{name} has no version {version} in the registry (versions: {available:?})")]
+    NoVersion { name: String, version: u64, available: Vec<u64> },
+    #[error("{name} has no earlier champion to roll back to")]
+    NothingToRollBack { name: String },
+}
+
+/// One model name in the registry.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Entry {
+    pub name: String,
+    pub versions: Vec<u64>,
+    pub champion: Option<u64>,
+    /// Earlier champions, oldest first: what `rollback` returns to.
+    pub history: Vec<u64>,
 }
 
 /// Writes `data` to `path` atomically.
@@ -81,14 +95,117 @@ impl Registry {
         Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })
     }
 
-    /// Imports a bundle file. It becomes champion when the registry has none for its name
-    /// or only an older version: pointing the config at a newer file upgrades, while a model
-    /// the device fine-tuned since (a higher version) is not undone by a restart.
+    /// Every model name with its versions, champion and history.
+    ///
+    /// # Errors
+    /// An unreadable registry.
+    pub fn list(&self) -> Result<Vec<Entry>, RegistryError> {
+        let mut out = Vec::new();
+        let dir = match std::fs::read_dir(&self.root) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(RegistryError::Io { path: self.root.clone(), source: e }),
+        };
+        let mut names: Vec<String> = dir
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in names {
+            out.push(Entry {
+                versions: self.versions(&name)?,
+                champion: self.champion_version(&name)?,
+                history: self.history(&name)?,
+                name,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The versions of `name` held, ascending.
+    ///
+    /// # Errors
+    /// An unreadable directory.
+    pub fn versions(&self, name: &str) -> Result<Vec<u64>, RegistryError> {
+        let dir = self.root.join(name);
+        let prefix = format!("{name}-");
+        let mut v: Vec<u64> = std::fs::read_dir(&dir)
+            .map_err(Self::io(&dir))?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|f| f.strip_prefix(&prefix)?.strip_suffix(".lathe")?.parse().ok())
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    fn history(&self, name: &str) -> Result<Vec<u64>, RegistryError> {
+        let path = self.root.join(name).join("history");
+        match std::fs::read_to_string(&path) {
+            Ok(s) => Ok(s.split_whitespace().filter_map(|v| v.parse().ok()).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(RegistryError::Io { path, source: e }),
+        }
+    }
+
+    /// Points the champion at `version` (which must load and pass its checks), remembering
+    /// the previous champion for `rollback`. Returns (previous, new).
+    ///
+    /// # Errors
+    /// An unknown version, a bundle failing its checks, or a filesystem failure.
+    pub fn promote(&self, name: &str, version: u64) -> Result<(Option<u64>, u64), RegistryError> {
+        let path = self.bundle_path(name, version);
+        if !path.is_file() {
+            let available = self.versions(name).unwrap_or_default();
+            return Err(RegistryError::NoVersion { name: name.into(), version, available });
+        }
+        Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })?;
+        let previous = self.champion_version(name)?;
+        if let Some(p) = previous.filter(|&p| p != version) {
+            let mut history = self.history(name)?;
+            history.push(p);
+            self.write(name, "history", &history.iter().map(u64::to_string).collect::<Vec<_>>().join("\n"))?;
+        }
+        self.write(name, "champion", &version.to_string())?;
+        Ok((previous, version))
+    }
+
+    /// Returns the champion to the one before it. Returns (previous, new).
+    ///
+    /// # Errors
+    /// No earlier champion, or a filesystem failure.
+    pub fn rollback(&self, name: &str) -> Result<(Option<u64>, u64), RegistryError> {
+        let mut history = self.history(name)?;
+        let to = history.pop().ok_or_else(|| RegistryError::NothingToRollBack { name: name.into() })?;
+        let previous = self.champion_version(name)?;
+        // Champion first: a crash between the two writes leaves an extra history entry, never
+        // a champion that history no longer knows how to leave.
+        self.write(name, "champion", &to.to_string())?;
+        self.write(name, "history", &history.iter().map(u64::to_string).collect::<Vec<_>>().join("\n"))?;
+        Ok((previous, to))
+    }
+
+    fn write(&self, name: &str, file: &str, text: &str) -> Result<(), RegistryError> {
+        let path = self.root.join(name).join(file);
+        write_atomic(&path, text.as_bytes()).map_err(Self::io(&path))
+    }
+
+    /// Adds a bundle file without changing the champion (unless there is none yet).
     ///
     /// # Errors
     /// An invalid bundle, a same-version conflict, or a filesystem failure.
-    pub fn seed(&self, file: &Path) -> Result<Bundle, RegistryError> {
+    pub fn import(&self, file: &Path) -> Result<Bundle, RegistryError> {
         let bundle = Bundle::read(file).map_err(|source| RegistryError::Bundle { path: file.to_path_buf(), source })?;
+        self.store(&bundle, file)?;
+        if self.champion_version(&bundle.manifest.name)?.is_none() {
+            self.write(&bundle.manifest.name, "champion", &bundle.manifest.version.to_string())?;
+        }
+        Ok(bundle)
+    }
+
+    /// Writes `bundle` into the registry unless that version is already there (identical).
+    fn store(&self, bundle: &Bundle, file: &Path) -> Result<(), RegistryError> {
         let m = &bundle.manifest;
         let dest = self.bundle_path(&m.name, m.version);
         if dest.exists() {
@@ -97,14 +214,24 @@ impl Registry {
             if existing.sha256() != bundle.sha256() {
                 return Err(RegistryError::Conflict { name: m.name.clone(), version: m.version });
             }
-        } else {
-            let bytes =
-                bundle.to_bytes().map_err(|source| RegistryError::Bundle { path: file.to_path_buf(), source })?;
-            write_atomic(&dest, &bytes).map_err(Self::io(&dest))?;
+            return Ok(());
         }
+        let bytes = bundle.to_bytes().map_err(|source| RegistryError::Bundle { path: file.to_path_buf(), source })?;
+        write_atomic(&dest, &bytes).map_err(Self::io(&dest))
+    }
+
+    /// Imports a bundle file. It becomes champion when the registry has none for its name
+    /// or only an older version: pointing the config at a newer file upgrades, while a model
+    /// the device fine-tuned since (a higher version) is not undone by a restart.
+    ///
+    /// # Errors
+    /// An invalid bundle, a same-version conflict, or a filesystem failure.
+    pub fn seed(&self, file: &Path) -> Result<Bundle, RegistryError> {
+        let bundle = Bundle::read(file).map_err(|source| RegistryError::Bundle { path: file.to_path_buf(), source })?;
+        self.store(&bundle, file)?;
+        let m = &bundle.manifest;
         if self.champion_version(&m.name)?.is_none_or(|v| v < m.version) {
-            let path = self.root.join(&m.name).join("champion");
-            write_atomic(&path, m.version.to_string().as_bytes()).map_err(Self::io(&path))?;
+            self.promote(&m.name, m.version)?;
         }
         self.champion(&m.name)
     }

@@ -36,9 +36,34 @@ impl Counters {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    InputRejected { pipeline: String, topic: String, reason: &'static str, detail: String },
-    InferenceFailed { pipeline: String, rows: usize, error: String },
-    Connected { attempts: u32 },
+    InputRejected {
+        pipeline: String,
+        topic: String,
+        reason: &'static str,
+        detail: String,
+    },
+    InferenceFailed {
+        pipeline: String,
+        rows: usize,
+        error: String,
+    },
+    Connected {
+        attempts: u32,
+    },
+    /// A pipeline now serves another version (`promoted` when newer, `rolled_back` when older).
+    Swapped {
+        pipeline: String,
+        model: String,
+        from: u64,
+        to: u64,
+    },
+    /// The registry named a version that could not be loaded; the current one keeps serving.
+    SwapRefused {
+        pipeline: String,
+        model: String,
+        version: u64,
+        error: String,
+    },
 }
 
 impl Event {
@@ -47,6 +72,9 @@ impl Event {
             Event::InputRejected { .. } => "input.rejected",
             Event::InferenceFailed { .. } => "inference.failed",
             Event::Connected { .. } => "broker.connected",
+            Event::Swapped { from, to, .. } if to > from => "promoted",
+            Event::Swapped { .. } => "rolled_back",
+            Event::SwapRefused { .. } => "model.refused",
         }
     }
 
@@ -59,6 +87,12 @@ impl Event {
                 json!({"pipeline": pipeline, "rows": rows, "error": error})
             }
             Event::Connected { attempts } => json!({"attempts": attempts}),
+            Event::Swapped { pipeline, model, from, to } => {
+                json!({"pipeline": pipeline, "model": model, "from": from, "to": to})
+            }
+            Event::SwapRefused { pipeline, model, version, error } => {
+                json!({"pipeline": pipeline, "model": model, "version": version, "error": error})
+            }
         };
         v["event"] = self.name().into();
         v["ts"] = crate::service::unix_ms().into();
@@ -77,6 +111,12 @@ impl Event {
                 tracing::error!(pipeline, rows, "Inference failed: {error}")
             }
             Event::Connected { attempts } => tracing::info!(attempts, "Connected to the broker"),
+            Event::Swapped { pipeline, model, from, to } => {
+                tracing::info!(pipeline, model, from, to, "Now serving {model} v{to} (was v{from})")
+            }
+            Event::SwapRefused { pipeline, model, version, error } => {
+                tracing::error!(pipeline, model, version, "Refused to serve {model} v{version}: {error}")
+            }
         }
     }
 }
@@ -111,7 +151,10 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
         let mut limits: std::collections::HashMap<(&'static str, String), Limit> = Default::default();
         while let Some(event) = rx.recv().await {
             let pipeline = match &event {
-                Event::InputRejected { pipeline, .. } | Event::InferenceFailed { pipeline, .. } => pipeline.clone(),
+                Event::InputRejected { pipeline, .. }
+                | Event::InferenceFailed { pipeline, .. }
+                | Event::Swapped { pipeline, .. }
+                | Event::SwapRefused { pipeline, .. } => pipeline.clone(),
                 Event::Connected { .. } => String::new(),
             };
             let now = Instant::now();

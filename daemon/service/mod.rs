@@ -6,6 +6,7 @@
 //! disconnects cleanly. Nothing accepted is lost: what was not answered was not acked either.
 
 pub mod events;
+mod swap;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{BrokerUrl, Config, ConfigError, ConfigErrors, ModelRef};
-use crate::infer::{Engine, Pipeline};
-use crate::ingest::{connection, Extractor, Ingest, Route, TopicFilter};
+use arc_swap::ArcSwap;
+
+use crate::infer::{ActiveModel, Pipeline, SharedModel};
+use crate::ingest::{connection, Ingest, Route, TopicFilter};
 use crate::model::registry::RegistryError;
 use crate::model::{Bundle, Registry};
 use events::Counters;
@@ -42,20 +45,13 @@ pub enum ServiceError {
     Connect(#[from] connection::ConnectError),
 }
 
-/// A pipeline's model, loaded and checked against its config.
-pub struct Loaded {
-    pub bundle: Bundle,
-    pub engine: Engine,
-    pub extractor: Extractor,
-}
-
 /// Loads each pipeline's champion bundle and checks it fits the pipeline: every problem is
 /// reported at once, like config errors. With `seed`, bundle files are imported into the
 /// registry first (the daemon); without, they are only read (`lathe check` changes nothing).
 ///
 /// # Errors
 /// Missing or invalid bundles, models tract cannot serve, feature names the bundle lacks.
-pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErrors> {
+pub fn load_models(config: &Config, seed: bool) -> Result<Vec<ActiveModel>, ConfigErrors> {
     let registry = Registry::new(&config.state_dir);
     let mut errors = Vec::new();
     let mut loaded = Vec::new();
@@ -68,22 +64,6 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
         };
         let bundle = match bundle {
             Ok(b) => b,
-            Err(e) => {
-                errors.push(ConfigError { key, message: e.to_string() });
-                continue;
-            }
-        };
-        let engine = match Engine::load(&bundle.model) {
-            Ok(e) if e.signature.features == bundle.manifest.inputs.len() => e,
-            Ok(e) => {
-                let message = format!(
-                    "the model takes {} features, bundle.toml names {}",
-                    e.signature.features,
-                    bundle.manifest.inputs.len()
-                );
-                errors.push(ConfigError { key, message });
-                continue;
-            }
             Err(e) => {
                 errors.push(ConfigError { key, message: e.to_string() });
                 continue;
@@ -102,14 +82,10 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
                 });
             }
         }
-        let extractor = Extractor::new(
-            &bundle.manifest.inputs,
-            &p.features,
-            p.source.key.clone(),
-            p.source.timestamp.clone(),
-            config.mqtt.max_payload_bytes,
-        );
-        loaded.push(Loaded { bundle, engine, extractor });
+        match ActiveModel::load(&bundle, p, config.mqtt.max_payload_bytes) {
+            Ok(model) => loaded.push(model),
+            Err(message) => errors.push(ConfigError { key, message }),
+        }
     }
     if errors.is_empty() {
         Ok(loaded)
@@ -118,14 +94,21 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<Loaded>, ConfigErr
     }
 }
 
-fn status(config: &Config, state: &str, loaded: &[(String, String, u64, String)], counters: &[Arc<Counters>]) -> Value {
-    let pipelines: Vec<Value> = loaded
+/// One running pipeline as the status report sees it.
+pub struct Serving {
+    pub pipeline: String,
+    pub model: SharedModel,
+    pub counters: Arc<Counters>,
+}
+
+fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
+    let pipelines: Vec<Value> = serving
         .iter()
-        .zip(counters)
-        .map(|((pipeline, model, version, sha), c)| {
+        .map(|s| {
+            let m = s.model.load();
             json!({
-                "name": pipeline, "model": model, "version": version, "sha256": sha,
-                "origin": "bundle", "backend": "tract", "drift": null, "counters": c.snapshot(),
+                "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
+                "origin": "bundle", "backend": "tract", "drift": null, "counters": s.counters.snapshot(),
             })
         })
         .collect();
@@ -171,31 +154,25 @@ pub async fn run(
     let (ready_tx, ready_rx) = watch::channel(false);
     let mut routes = Vec::new();
     let mut tasks = Vec::new();
-    let mut identity = Vec::new();
-    let mut all_counters = Vec::new();
-    for (p, l) in config.pipelines.iter().zip(loaded) {
+    let mut serving = Vec::new();
+    for (p, active) in config.pipelines.iter().zip(loaded) {
         let counters = Arc::new(Counters::default());
         // Rows wait here rather than in ingest's overflow queue: the channel stores them in
         // small blocks, without a VecDeque's doubling. See ingest::connection on what bounds it.
         let (tx, rx) = mpsc::channel(1 << 16);
-        let m = &l.bundle.manifest;
-        tracing::info!(pipeline = p.name, model = m.name, version = m.version, "Serving");
-        identity.push((p.name.clone(), m.name.clone(), m.version, l.bundle.sha256()));
+        tracing::info!(pipeline = p.name, model = active.name, version = active.version, "Serving");
+        let model: SharedModel = Arc::new(ArcSwap::from_pointee(active));
         routes.push(Route {
             pipeline: p.name.clone(),
             devices: Default::default(),
             filter: TopicFilter::parse(&p.source.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
-            extractor: l.extractor,
+            model: model.clone(),
             tx: Some(tx),
             counters: counters.clone(),
         });
         let pipeline = Pipeline {
             name: p.name.clone(),
-            reading: l.bundle.reading(),
-            primary_output: m.primary_output,
-            model: m.name.clone(),
-            version: m.version,
-            engine: l.engine,
+            model: model.clone(),
             sink: p.sink.topic.clone(),
             batch: p.batch,
             client: client.clone(),
@@ -205,8 +182,10 @@ pub async fn run(
             flow: flow.clone(),
         };
         tasks.push(tokio::spawn(pipeline.run(rx)));
-        all_counters.push(counters);
+        serving.push(Serving { pipeline: p.name.clone(), model, counters });
     }
+    let serving = Arc::new(serving);
+    let swapper = tokio::spawn(swap::watch(config.clone(), serving.clone(), events.clone(), stop_rx.clone()));
     let ingest = Ingest {
         eventloop,
         client: client.clone(),
@@ -222,12 +201,12 @@ pub async fn run(
     let ingest = tokio::spawn(ingest.run());
     on_start(Handle {
         ready: ready_rx.clone(),
-        counters: identity.iter().map(|i| i.0.clone()).zip(all_counters.iter().cloned()).collect(),
+        counters: serving.iter().map(|s| (s.pipeline.clone(), s.counters.clone())).collect(),
     });
 
     let status_task = {
-        let (client, config, identity, counters, mut stop, mut ready) =
-            (client.clone(), config.clone(), identity.clone(), all_counters.clone(), stop_rx, ready_rx);
+        let (client, config, serving, mut stop, mut ready) =
+            (client.clone(), config.clone(), serving.clone(), stop_rx, ready_rx);
         // "online" goes out once subscribed (so it means "messages sent now are served"),
         // again after every reconnect (a restarted broker may have lost it), and every
         // STATUS_EVERY with fresh counters.
@@ -239,7 +218,7 @@ pub async fn run(
                     _ = stop.changed() => break,
                 }
                 if *ready.borrow_and_update() {
-                    let body = status(&config, "online", &identity, &counters).to_string();
+                    let body = status(&config, "online", &serving).to_string();
                     let _ = client.publish(config.status_topic(), QoS::AtLeastOnce, true, body).await;
                 }
             }
@@ -259,9 +238,10 @@ pub async fn run(
         tracing::warn!("Pipelines did not drain in {DRAIN_DEADLINE:?}; unanswered messages stay unacknowledged and will be redelivered");
     }
     let _ = status_task.await;
+    let _ = swapper.await;
     // The drained messages' acks must reach the client before the disconnect does.
     let _ = tokio::time::timeout(Duration::from_secs(2), acks.flush()).await;
-    let body = status(&config, "offline", &identity, &all_counters).to_string();
+    let body = status(&config, "offline", &serving).to_string();
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
         client.publish(config.status_topic(), QoS::AtLeastOnce, true, body),
