@@ -19,6 +19,8 @@ pub enum RegistryError {
     Conflict { name: String, version: u64 },
     #[error("{name} has no version {version} in the registry (versions: {available:?})")]
     NoVersion { name: String, version: u64, available: Vec<u64> },
+    #[error("{name} v{version} reads inputs {inputs}, the champion reads {serving}; a new version must read the same inputs")]
+    Incompatible { name: String, version: u64, inputs: String, serving: String },
     #[error("{name} has no earlier champion to roll back to")]
     NothingToRollBack { name: String },
 }
@@ -160,8 +162,20 @@ impl Registry {
             let available = self.versions(name).unwrap_or_default();
             return Err(RegistryError::NoVersion { name: name.into(), version, available });
         }
-        Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })?;
+        let candidate = Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })?;
         let previous = self.champion_version(name)?;
+        // Telemetry does not change with a model version: a new one must read the same inputs.
+        if let Some(current) = previous.and_then(|_| self.champion(name).ok()) {
+            let names = |b: &Bundle| b.manifest.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+            if names(&candidate) != names(&current) {
+                return Err(RegistryError::Incompatible {
+                    name: name.into(),
+                    version,
+                    inputs: names(&candidate).join(","),
+                    serving: names(&current).join(","),
+                });
+            }
+        }
         if let Some(p) = previous.filter(|&p| p != version) {
             let mut history = self.history(name)?;
             history.push(p);

@@ -1,0 +1,160 @@
+//! Promotion and rollback while telemetry streams in: no message dropped, every prediction
+//! names the version that computed it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn lathe(args: &[&str]) -> String {
+    let out = Command::new(LATHE).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "lathe {args:?}: {text}");
+    text
+}
+
+#[test]
+fn promotions_and_rollbacks_under_load_drop_no_message() {
+    let broker = Broker::start();
+    let dir = temp_dir("swap");
+    let state = dir.join("state");
+    // Version 2: the same model, so every answer can be checked, under a new version number.
+    let v2 = dir.join("shuttle-mlp-2.lathe");
+    let mut create = vec!["bundle", "create", "--name", "shuttle-mlp", "--version", "2", "--task", "binary"];
+    create.extend(["--target", "anomaly", "-o", v2.to_str().unwrap()]);
+    let model = root().join("models/shuttle-mlp.onnx");
+    let data = root().join("models/shuttle-validation.csv");
+    create.extend(["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    let ranges: Vec<String> = (1..=9).map(|i| format!("f{i}=-100000:100000")).collect();
+    for r in &ranges {
+        create.extend(["--range", r.as_str()]);
+    }
+    lathe(&create);
+
+    let daemon = Daemon::start(&dir, &config("swap", &broker, &state, &root().join("models/shuttle-mlp-1.lathe")));
+    wait_online(broker.port, "swap", &daemon);
+    lathe(&["models", "import", v2.to_str().unwrap(), "--state-dir", state.to_str().unwrap()]);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/swap/events"]);
+
+    const N: usize = 20_000;
+    const SWAPS: usize = 8;
+    let rows = rows(&expected());
+    let port = broker.port;
+    let publisher = std::thread::spawn(move || {
+        let mut p = Publisher::new(port);
+        for seq in 0..N {
+            p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq % rows.len()], seq));
+            if seq % 500 == 499 {
+                p.flush(); // spread the load over the swaps
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        p.flush();
+    });
+    let state_arg = state.to_str().unwrap();
+    for i in 0..SWAPS {
+        std::thread::sleep(Duration::from_millis(400));
+        if i % 2 == 0 {
+            lathe(&["models", "promote", "shuttle-mlp", "2", "--state-dir", state_arg]);
+        } else {
+            lathe(&["models", "rollback", "shuttle-mlp", "--state-dir", state_arg]);
+        }
+    }
+    publisher.join().unwrap();
+    assert!(
+        out.wait_for("prediction", N, Duration::from_secs(60)),
+        "{} of {N}; log:\n{}",
+        out.count("prediction"),
+        daemon.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let predictions = out.on("plant/line1/");
+    assert_eq!(predictions.len(), N, "exactly one prediction per message");
+    let mut by_device: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for p in &predictions {
+        let (key, version) = (p["key"].as_u64().unwrap(), p["version"].as_u64().unwrap());
+        assert!(version == 1 || version == 2, "{p}");
+        by_device.entry(p["device"].as_str().unwrap().to_string()).or_default().push((key, version));
+    }
+    let versions: std::collections::BTreeSet<u64> =
+        predictions.iter().map(|p| p["version"].as_u64().unwrap()).collect();
+    assert_eq!(versions.len(), 2, "both versions served");
+    for (device, mut seen) in by_device {
+        seen.sort();
+        let changes = seen.windows(2).filter(|w| w[0].1 != w[1].1).count();
+        assert!(changes <= SWAPS, "{device}: the version changed {changes} times for {SWAPS} swaps");
+    }
+    let events = out.on("lathe/swap/events");
+    let kinds = |k: &str| events.iter().filter(|e| e["event"] == k).count();
+    assert!(kinds("promoted") >= 1 && kinds("rolled_back") >= 1, "{events:?}");
+    let list = lathe(&["models", "list", "--state-dir", state_arg]);
+    assert!(list.contains("shuttle-mlp: v1 (champion), v2"), "{list}");
+}
+
+#[test]
+fn a_broken_version_is_refused_and_the_champion_keeps_serving() {
+    let broker = Broker::start();
+    let dir = temp_dir("refuse");
+    let state = dir.join("state");
+    let daemon = Daemon::start(&dir, &config("refuse", &broker, &state, &root().join("models/shuttle-mlp-1.lathe")));
+    wait_online(broker.port, "refuse", &daemon);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/refuse/events"]);
+    // A bundle of another model with other inputs, dropped into the registry as version 5.
+    let csv = dir.join("v.csv");
+    let mut text = String::from("a,b,c,d,e,f,g,h,i,anomaly\n");
+    let source = std::fs::read_to_string(root().join("models/shuttle-validation.csv")).unwrap();
+    for line in source.lines().skip(1) {
+        text.push_str(line);
+        text.push('\n');
+    }
+    std::fs::write(&csv, text).unwrap();
+    let other = state.join("registry/shuttle-mlp/shuttle-mlp-5.lathe");
+    let model = root().join("models/shuttle-mlp.onnx");
+    lathe(&[
+        "bundle",
+        "create",
+        "--name",
+        "shuttle-mlp",
+        "--version",
+        "5",
+        "--task",
+        "binary",
+        "--target",
+        "anomaly",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        csv.to_str().unwrap(),
+        "-o",
+        other.to_str().unwrap(),
+    ]);
+    // `lathe models promote` refuses it ...
+    let out_promote = Command::new(LATHE)
+        .args(["models", "promote", "shuttle-mlp", "5", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out_promote.status.success());
+    assert!(String::from_utf8_lossy(&out_promote.stderr).contains("must read the same inputs"));
+    // ... so point the champion at it behind the registry's back, as a broken tool might.
+    std::fs::write(state.join("registry/shuttle-mlp/champion"), "5").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || out
+            .on("lathe/refuse/events")
+            .iter()
+            .any(|e| e["event"] == "model.refused")),
+        "log:\n{}",
+        daemon.log()
+    );
+    let refused = out.on("lathe/refuse/events").into_iter().find(|e| e["event"] == "model.refused").unwrap();
+    assert!(refused["error"].as_str().unwrap().contains("inputs (a,b,c"), "{refused}");
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    p.publish("plant/line1/dev0/telemetry", shuttle_message(&rows[0], 0));
+    p.flush();
+    assert!(out.wait_for("prediction", 1, Duration::from_secs(10)));
+    assert_eq!(out.on("plant/line1/")[0]["version"], 1, "the champion that loads keeps serving");
+}
