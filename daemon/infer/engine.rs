@@ -83,6 +83,7 @@ impl Engine {
                 .proto_model_for_read(&mut &*onnx)
                 .map_err(|e| EngineError::Decode(format!("{e:#}")))?;
             let graph = proto.graph.as_mut().ok_or_else(|| EngineError::Decode("no graph".into()))?;
+            super::untrusted::check(graph).map_err(EngineError::Unsupported)?;
             super::ml_ops::rewrite(graph);
             let signature = signature(&proto)?;
             let model = tract_onnx::onnx()

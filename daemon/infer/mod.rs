@@ -3,6 +3,7 @@
 
 pub mod engine;
 mod ml_ops;
+mod untrusted;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -70,6 +71,7 @@ impl ActiveModel {
                 m.inputs.len()
             ));
         }
+        bundle.validate(&engine).map_err(|e| e.to_string())?;
         let src = &pipeline.source;
         let extractor =
             Extractor::new(&m.inputs, &pipeline.features, src.key.clone(), src.timestamp.clone(), max_payload_bytes);

@@ -140,6 +140,28 @@ impl Bundle {
         builder.into_inner().map_err(|e| BundleError::Format(e.to_string()))
     }
 
+    /// The validation set's feature rows, in model order, flattened.
+    ///
+    /// # Errors
+    /// A validation CSV that lacks an input column or holds non-numbers in one.
+    pub fn validation_rows(&self) -> Result<Vec<f32>, BundleError> {
+        let text = std::str::from_utf8(&self.validation)
+            .map_err(|_| BundleError::Data("validation.csv is not UTF-8".into()))?;
+        let table = parse_csv(text)?;
+        let cols: Vec<usize> =
+            self.manifest.inputs.iter().map(|i| table.numeric_column(&i.name)).collect::<Result<_, _>>()?;
+        Ok(table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect())
+    }
+
+    /// Runs the model on its own validation set: what it outputs there must be finite.
+    ///
+    /// # Errors
+    /// The model failing on its data, or giving NaN or infinity.
+    pub fn validate(&self, engine: &Engine) -> Result<(), BundleError> {
+        let outputs = engine.run(&self.validation_rows()?)?;
+        check_finite(&outputs, &self.manifest.outputs)
+    }
+
     pub fn reading(&self) -> Reading {
         Reading { task: self.manifest.task, threshold: self.manifest.baseline.threshold }
     }
@@ -231,6 +253,21 @@ pub fn range_from_data(stats: &baseline::Stats) -> (f64, f64) {
     (stats.min - margin, stats.max + margin)
 }
 
+/// Refuses a model whose outputs are NaN or infinite: nothing downstream can use them.
+fn check_finite(outputs: &Outputs, names: &[String]) -> Result<(), BundleError> {
+    for (o, values) in outputs.values.iter().enumerate() {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let name = names.get(o).map(String::as_str).unwrap_or("?");
+            let row = i / outputs.per_row[o].max(1) + 1;
+            return Err(BundleError::Model(EngineError::Run(format!(
+                "output {name:?} is not finite ({}) on validation row {row}",
+                values[i]
+            ))));
+        }
+    }
+    Ok(())
+}
+
 /// Picks the output that is "the prediction": for classifiers the class-score tensor (not
 /// an integer label output), for regression the one-value output, for reconstruction the one
 /// as wide as the input.
@@ -276,6 +313,7 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     }
     let x: Vec<f32> = table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect();
     let outputs = engine.run(&x)?;
+    check_finite(&outputs, &engine.signature.outputs)?;
     let p = primary_output(opts.task, &outputs, f);
     let n = table.rows.len();
     let truth: Vec<f64> = target.map(|t| table.rows.iter().map(|r| r[t]).collect()).unwrap_or_default();

@@ -162,7 +162,12 @@ impl Registry {
             let available = self.versions(name).unwrap_or_default();
             return Err(RegistryError::NoVersion { name: name.into(), version, available });
         }
-        let candidate = Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })?;
+        let candidate = Bundle::read(&path).map_err(|source| RegistryError::Bundle { path: path.clone(), source })?;
+        // It must load and give finite outputs on its own validation set before it may serve.
+        crate::infer::Engine::load(&candidate.model)
+            .map_err(BundleError::from)
+            .and_then(|engine| candidate.validate(&engine))
+            .map_err(|source| RegistryError::Bundle { path, source })?;
         let previous = self.champion_version(name)?;
         // Telemetry does not change with a model version: a new one must read the same inputs.
         if let Some(current) = previous.and_then(|_| self.champion(name).ok()) {

@@ -1,0 +1,124 @@
+//! Hostile models (tests/fixtures/hostile, made by make_hostile.py): each is refused with a
+//! clear reason, and a daemon asked to serve one keeps serving the model it has.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn create(model: &Path, out: &Path) -> (bool, String) {
+    let o = Command::new(LATHE)
+        .args(["bundle", "create", "--name", "h", "--task", "binary", "--target", "anomaly", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(root().join("models/shuttle-validation.csv"))
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn each_hostile_model_is_refused_with_its_reason() {
+    let dir = temp_dir("hostile");
+    let cases = [
+        ("truncated.onnx", "not a readable ONNX model"),
+        ("external-data-dotdot.onnx", "keeps its data in an external file (\"../../../../etc/passwd\")"),
+        ("huge-declared-tensor.onnx", "declares 10000000000 values (shape [100000, 100000]) but holds 0"),
+        ("nan-output.onnx", "output \"y\" is not finite (NaN) on validation row 1"),
+        ("wrong-input-width.onnx", "takes 3 features; the CSV gives 9"),
+    ];
+    for (file, reason) in cases {
+        let out = dir.join(format!("{file}.lathe"));
+        let (ok, stderr) = create(&root().join("tests/fixtures/hostile").join(file), &out);
+        assert!(!ok, "{file} was accepted");
+        assert!(stderr.contains(reason), "{file}: {stderr}");
+        assert!(!out.exists(), "{file}: no bundle written");
+    }
+}
+
+/// The sample bundle with its model replaced by `model` (and the hash updated to match), as
+/// version `version`: what a tool that skips `bundle create`'s checks could produce.
+fn forged_bundle(model: &Path, version: u64) -> Vec<u8> {
+    let sample = std::fs::read(root().join("models/shuttle-mlp-1.lathe")).unwrap();
+    let onnx = std::fs::read(model).unwrap();
+    let mut archive = tar::Archive::new(sample.as_slice());
+    let mut files = Vec::new();
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        files.push((name, data));
+    }
+    let sha = |b: &[u8]| lathe::model::bundle::sha256_hex(b);
+    let old_sha = sha(&files.iter().find(|f| f.0 == "model.onnx").unwrap().1);
+    for (name, data) in files.iter_mut() {
+        if name == "model.onnx" {
+            *data = onnx.clone();
+        } else if name == "bundle.toml" {
+            let text = String::from_utf8(data.clone()).unwrap();
+            *data = text
+                .replace(&old_sha, &sha(&onnx))
+                .replace("version = 1\n", &format!("version = {version}\n"))
+                .into_bytes();
+        }
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        builder.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn a_daemon_told_to_serve_a_nan_model_refuses_it_and_keeps_answering() {
+    let broker = Broker::start();
+    let dir = temp_dir("hostile-daemon");
+    let state = dir.join("state");
+    let daemon = Daemon::start(&dir, &config("hostile", &broker, &state, &root().join("models/shuttle-mlp-1.lathe")));
+    wait_online(broker.port, "hostile", &daemon);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/hostile/events"]);
+    let registry = state.join("registry/shuttle-mlp");
+    std::fs::write(
+        registry.join("shuttle-mlp-9.lathe"),
+        forged_bundle(&root().join("tests/fixtures/hostile/nan-output.onnx"), 9),
+    )
+    .unwrap();
+    // `lathe models promote` runs the same checks and refuses ...
+    let promote = Command::new(LATHE)
+        .args(["models", "promote", "shuttle-mlp", "9", "--state-dir", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!promote.status.success());
+    assert!(String::from_utf8_lossy(&promote.stderr).contains("is not finite"), "{promote:?}");
+    // ... so name it champion behind the registry's back.
+    std::fs::write(registry.join("champion"), "9").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || out
+            .on("lathe/hostile/events")
+            .iter()
+            .any(|e| e["event"] == "model.refused")),
+        "log:\n{}",
+        daemon.log()
+    );
+    let refused = out.on("lathe/hostile/events").into_iter().find(|e| e["event"] == "model.refused").unwrap();
+    assert!(refused["error"].as_str().unwrap().contains("not finite"), "{refused}");
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    for (seq, row) in rows.iter().enumerate().take(10) {
+        p.publish("plant/line1/dev0/telemetry", shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", 10, Duration::from_secs(10)), "log:\n{}", daemon.log());
+    assert!(out.on("plant/line1/").iter().all(|p| p["version"] == 1), "v1 keeps serving");
+}
