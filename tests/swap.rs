@@ -158,3 +158,82 @@ fn a_broken_version_is_refused_and_the_champion_keeps_serving() {
     assert!(out.wait_for("prediction", 1, Duration::from_secs(10)));
     assert_eq!(out.on("plant/line1/")[0]["version"], 1, "the champion that loads keeps serving");
 }
+
+/// A state dir holding v1 and v2 (the same model under a second version), v2 champion.
+fn registry_with_two_versions(dir: &std::path::Path) -> std::path::PathBuf {
+    let state = dir.join("state");
+    let v2 = dir.join("shuttle-mlp-2.lathe");
+    let model = root().join("models/shuttle-mlp.onnx");
+    let data = root().join("models/shuttle-validation.csv");
+    let mut create = vec!["bundle", "create", "--name", "shuttle-mlp", "--version", "2", "--task", "binary"];
+    create.extend(["--target", "anomaly", "-o", v2.to_str().unwrap(), "--model", model.to_str().unwrap()]);
+    create.extend(["--data", data.to_str().unwrap()]);
+    lathe(&create);
+    let s = state.to_str().unwrap();
+    lathe(&["models", "import", root().join("models/shuttle-mlp-1.lathe").to_str().unwrap(), "--state-dir", s]);
+    lathe(&["models", "import", v2.to_str().unwrap(), "--state-dir", s]);
+    lathe(&["models", "promote", "shuttle-mlp", "2", "--state-dir", s]);
+    state
+}
+
+fn name_config(node: &str, broker: &Broker, state: &std::path::Path) -> String {
+    config(node, broker, state, std::path::Path::new("x")).replace("model = \"x\"", "model = \"shuttle-mlp\"")
+}
+
+#[test]
+fn a_corrupt_champion_falls_back_to_the_last_good_version_at_start() {
+    let broker = Broker::start();
+    let dir = temp_dir("fallback");
+    let state = registry_with_two_versions(&dir);
+    // Damage v2 on disk, as a failing flash card might.
+    let v2 = state.join("registry/shuttle-mlp/shuttle-mlp-2.lathe");
+    let mut bytes = std::fs::read(&v2).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&v2, bytes).unwrap();
+
+    let daemon = Daemon::start(&dir, &name_config("fallback", &broker, &state));
+    wait_online(broker.port, "fallback", &daemon);
+    let status = Collector::new(broker.port, &["lathe/fallback/status"]);
+    assert!(wait_until(Duration::from_secs(5), || !status.on("lathe/fallback/status").is_empty()));
+    assert_eq!(status.on("lathe/fallback/status")[0]["pipelines"][0]["version"], 1, "v1 serves");
+    assert!(daemon.log().contains("serving v1 instead"), "{}", daemon.log());
+    let list = lathe(&["models", "list", "--state-dir", state.to_str().unwrap()]);
+    assert!(list.contains("v1 (champion)"), "the registry says what serves: {list}");
+}
+
+#[test]
+fn killing_promote_and_rollback_at_random_points_leaves_a_registry_that_serves() {
+    let broker = Broker::start();
+    let dir = temp_dir("kill-promote");
+    let state = registry_with_two_versions(&dir);
+    let s = state.to_str().unwrap();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..30 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let args: Vec<&str> = if i % 2 == 0 {
+            vec!["models", "promote", "shuttle-mlp", "1", "--state-dir", s]
+        } else {
+            vec!["models", "promote", "shuttle-mlp", "2", "--state-dir", s]
+        };
+        let mut child = Command::new(LATHE).args(&args).spawn().unwrap();
+        std::thread::sleep(Duration::from_micros(seed % 60_000));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let entries: serde_json::Value =
+            serde_json::from_str(&lathe(&["models", "list", "--json", "--state-dir", s])).unwrap();
+        let e = &entries[0];
+        let champion = e["champion"].as_u64().expect("a champion after every kill");
+        assert!(e["versions"].as_array().unwrap().iter().any(|v| v.as_u64() == Some(champion)), "{e}");
+    }
+    let list: serde_json::Value =
+        serde_json::from_str(&lathe(&["models", "list", "--json", "--state-dir", s])).unwrap();
+    let champion = list[0]["champion"].as_u64().unwrap();
+    let daemon = Daemon::start(&dir, &name_config("killed", &broker, &state));
+    wait_online(broker.port, "killed", &daemon);
+    let status = Collector::new(broker.port, &["lathe/killed/status"]);
+    assert!(wait_until(Duration::from_secs(5), || !status.on("lathe/killed/status").is_empty()));
+    assert_eq!(status.on("lathe/killed/status")[0]["pipelines"][0]["version"], champion, "serves what the list says");
+}

@@ -52,6 +52,11 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Versions kept beyond the champion and its rollback history.
+const KEEP_VERSIONS: usize = 5;
+/// Earlier champions remembered for rollback.
+const KEEP_HISTORY: usize = 10;
+
 pub struct Registry {
     root: PathBuf,
 }
@@ -95,6 +100,41 @@ impl Registry {
             .ok_or_else(|| RegistryError::Missing { name: name.into(), dir: self.root.clone() })?;
         let path = self.bundle_path(name, version);
         Bundle::read(&path).map_err(|source| RegistryError::Bundle { path, source })
+    }
+
+    /// Versions to try when the champion cannot serve: earlier champions, most recent first,
+    /// then every other version, newest first.
+    ///
+    /// # Errors
+    /// An unreadable registry.
+    pub fn fallbacks(&self, name: &str) -> Result<Vec<u64>, RegistryError> {
+        let champion = self.champion_version(name).ok().flatten();
+        let mut order: Vec<u64> = self.history(name)?.into_iter().rev().collect();
+        order.extend(self.versions(name)?.into_iter().rev());
+        let mut seen = std::collections::HashSet::new();
+        Ok(order.into_iter().filter(|v| Some(*v) != champion && seen.insert(*v)).collect())
+    }
+
+    /// Points the champion at `version` without touching history (a fallback, not a decision).
+    ///
+    /// # Errors
+    /// A filesystem failure.
+    pub fn set_champion(&self, name: &str, version: u64) -> Result<(), RegistryError> {
+        self.write(name, "champion", &version.to_string())
+    }
+
+    /// Deletes versions nobody can return to: keeps the champion, the rollback history and the
+    /// newest `KEEP_VERSIONS`.
+    fn prune(&self, name: &str) -> Result<(), RegistryError> {
+        let mut keep: std::collections::HashSet<u64> = self.history(name)?.into_iter().collect();
+        keep.extend(self.champion_version(name)?);
+        let versions = self.versions(name)?;
+        keep.extend(versions.iter().rev().take(KEEP_VERSIONS));
+        for v in versions.into_iter().filter(|v| !keep.contains(v)) {
+            let path = self.bundle_path(name, v);
+            std::fs::remove_file(&path).map_err(Self::io(&path))?;
+        }
+        Ok(())
     }
 
     /// Every model name with its versions, champion and history.
@@ -184,9 +224,12 @@ impl Registry {
         if let Some(p) = previous.filter(|&p| p != version) {
             let mut history = self.history(name)?;
             history.push(p);
+            let excess = history.len().saturating_sub(KEEP_HISTORY);
+            history.drain(..excess);
             self.write(name, "history", &history.iter().map(u64::to_string).collect::<Vec<_>>().join("\n"))?;
         }
         self.write(name, "champion", &version.to_string())?;
+        self.prune(name)?;
         Ok((previous, version))
     }
 
@@ -220,6 +263,7 @@ impl Registry {
         if self.champion_version(&bundle.manifest.name)?.is_none() {
             self.write(&bundle.manifest.name, "champion", &bundle.manifest.version.to_string())?;
         }
+        self.prune(&bundle.manifest.name)?;
         Ok(bundle)
     }
 

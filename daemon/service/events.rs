@@ -57,6 +57,13 @@ pub enum Event {
         from: u64,
         to: u64,
     },
+    /// At start the champion could not serve; `version` (an earlier one) serves instead.
+    FellBack {
+        pipeline: String,
+        champion: String,
+        version: u64,
+        error: String,
+    },
     /// The registry named a version that could not be loaded; the current one keeps serving.
     SwapRefused {
         pipeline: String,
@@ -75,6 +82,7 @@ impl Event {
             Event::Swapped { from, to, .. } if to > from => "promoted",
             Event::Swapped { .. } => "rolled_back",
             Event::SwapRefused { .. } => "model.refused",
+            Event::FellBack { .. } => "model.fallback",
         }
     }
 
@@ -92,6 +100,9 @@ impl Event {
             }
             Event::SwapRefused { pipeline, model, version, error } => {
                 json!({"pipeline": pipeline, "model": model, "version": version, "error": error})
+            }
+            Event::FellBack { pipeline, champion, version, error } => {
+                json!({"pipeline": pipeline, "champion": champion, "version": version, "error": error})
             }
         };
         v["event"] = self.name().into();
@@ -116,6 +127,13 @@ impl Event {
             }
             Event::SwapRefused { pipeline, model, version, error } => {
                 tracing::error!(pipeline, model, version, "Refused to serve {model} v{version}: {error}")
+            }
+            Event::FellBack { pipeline, champion, version, error } => {
+                tracing::error!(
+                    pipeline,
+                    version,
+                    "Champion {champion} cannot serve ({error}); serving v{version} instead"
+                )
             }
         }
     }
@@ -154,7 +172,8 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
                 Event::InputRejected { pipeline, .. }
                 | Event::InferenceFailed { pipeline, .. }
                 | Event::Swapped { pipeline, .. }
-                | Event::SwapRefused { pipeline, .. } => pipeline.clone(),
+                | Event::SwapRefused { pipeline, .. }
+                | Event::FellBack { pipeline, .. } => pipeline.clone(),
                 Event::Connected { .. } => String::new(),
             };
             let now = Instant::now();

@@ -52,6 +52,16 @@ pub enum ServiceError {
 /// # Errors
 /// Missing or invalid bundles, models tract cannot serve, feature names the bundle lacks.
 pub fn load_models(config: &Config, seed: bool) -> Result<Vec<ActiveModel>, ConfigErrors> {
+    load_models_noting(config, seed, &mut Vec::new())
+}
+
+/// [`load_models`], noting in `fallbacks` each pipeline whose champion could not serve and
+/// the version that serves instead (never "no model" while any version loads).
+fn load_models_noting(
+    config: &Config,
+    seed: bool,
+    fallbacks: &mut Vec<(String, String, String)>,
+) -> Result<Vec<ActiveModel>, ConfigErrors> {
     let registry = Registry::new(&config.state_dir);
     let mut errors = Vec::new();
     let mut loaded = Vec::new();
@@ -65,7 +75,18 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<ActiveModel>, Conf
         let bundle = match bundle {
             Ok(b) => b,
             Err(e) => {
-                errors.push(ConfigError { key, message: e.to_string() });
+                // A champion that is missing or corrupt: serve the last good version instead.
+                let name = match &p.model {
+                    ModelRef::Name(n) => Some(n.clone()),
+                    ModelRef::File(f) => Bundle::read(f).ok().map(|b| b.manifest.name),
+                };
+                match name.filter(|_| seed).and_then(|n| fall_back(&registry, p, &n, config).map(|m| (n, m))) {
+                    Some((name, model)) => {
+                        fallbacks.push((p.name.clone(), format!("{name} (champion)"), e.to_string()));
+                        loaded.push(model);
+                    }
+                    None => errors.push(ConfigError { key, message: e.to_string() }),
+                }
                 continue;
             }
         };
@@ -84,7 +105,17 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<ActiveModel>, Conf
         }
         match ActiveModel::load(&bundle, p, config.mqtt.max_payload_bytes) {
             Ok(model) => loaded.push(model),
-            Err(message) => errors.push(ConfigError { key, message }),
+            Err(message) => match seed.then(|| fall_back(&registry, p, &bundle.manifest.name, config)).flatten() {
+                Some(model) => {
+                    fallbacks.push((
+                        p.name.clone(),
+                        format!("{} v{}", bundle.manifest.name, bundle.manifest.version),
+                        message,
+                    ));
+                    loaded.push(model);
+                }
+                None => errors.push(ConfigError { key, message }),
+            },
         }
     }
     if errors.is_empty() {
@@ -92,6 +123,24 @@ pub fn load_models(config: &Config, seed: bool) -> Result<Vec<ActiveModel>, Conf
     } else {
         Err(ConfigErrors { file: config.file.clone(), errors })
     }
+}
+
+/// The first earlier version that loads becomes champion again (the registry is repointed,
+/// so `lathe models list` says what serves).
+fn fall_back(
+    registry: &Registry,
+    p: &crate::config::PipelineConfig,
+    name: &str,
+    config: &Config,
+) -> Option<ActiveModel> {
+    for version in registry.fallbacks(name).ok()? {
+        let Ok(bundle) = Bundle::read(&registry.bundle_path(name, version)) else { continue };
+        if let Ok(model) = ActiveModel::load(&bundle, p, config.mqtt.max_payload_bytes) {
+            registry.set_champion(name, version).ok()?;
+            return Some(model);
+        }
+    }
+    None
 }
 
 /// One running pipeline as the status report sees it.
@@ -136,7 +185,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Handle),
 ) -> Result<(), ServiceError> {
-    let loaded = load_models(&config, true)?;
+    let mut fallbacks = Vec::new();
+    let loaded = load_models_noting(&config, true, &mut fallbacks)?;
     let (host, port) = match &config.mqtt.url {
         BrokerUrl::Tcp { host, port, .. } => (host.clone(), *port),
         BrokerUrl::Embedded => embedded(&config.mqtt.embedded_listen)?,
@@ -145,6 +195,11 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(options, 4096);
     let (events, reporter) = events::reporter(client.clone(), config.events_topic());
     let reporter = tokio::spawn(reporter);
+    for (pipeline, champion, error) in fallbacks {
+        let serving = config.pipelines.iter().position(|p| p.name == pipeline).and_then(|i| loaded.get(i));
+        let version = serving.map(|m| m.version).unwrap_or(0);
+        events.emit(events::Event::FellBack { pipeline, champion, version, error });
+    }
     let (acks, acker) = crate::ingest::ack::acker(client.clone());
     let flow = Arc::new(connection::Flow::default());
     let acker = tokio::spawn(acker);
