@@ -39,8 +39,8 @@ fn promotions_and_rollbacks_under_load_drop_no_message() {
     lathe(&["models", "import", v2.to_str().unwrap(), "--state-dir", state.to_str().unwrap()]);
     let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/swap/events"]);
 
-    const N: usize = 20_000;
-    const SWAPS: usize = 8;
+    const N: usize = 50_000;
+    const SWAPS: usize = 20;
     let rows = rows(&expected());
     let port = broker.port;
     let publisher = std::thread::spawn(move || {
@@ -49,7 +49,7 @@ fn promotions_and_rollbacks_under_load_drop_no_message() {
             p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq % rows.len()], seq));
             if seq % 500 == 499 {
                 p.flush(); // spread the load over the swaps
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(80));
             }
         }
         p.flush();
