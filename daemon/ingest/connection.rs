@@ -218,6 +218,9 @@ impl Ingest {
         // connection. Closing it ourselves with telemetry still unread would make the kernel
         // send a reset, and the broker could drop the acks it had not processed yet.
         let mut closing: Option<tokio::time::Instant> = None;
+        // systemd's watchdog is fed from this loop: if it stalls, the pings stop.
+        let watchdog_every = crate::service::systemd::watchdog_interval();
+        let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
         loop {
             let poll = eventloop.poll();
             tokio::pin!(poll);
@@ -232,6 +235,7 @@ impl Ingest {
                     event = &mut poll, if !paused => break event,
                     _ = tokio::time::sleep(Duration::from_millis(1)), if router.backlog() => {}
                     _ = flow.wake.notified(), if paused => {}
+                    _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::systemd::watchdog(),
                     _ = stop.changed(), if !stopping => stopping = true,
                     _ = disconnect.changed(), if !disconnecting => {
                         disconnecting = true;
@@ -284,10 +288,18 @@ impl Ingest {
                     }
                     let wait = backoff(failures);
                     failures = failures.saturating_add(1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        // Told to disconnect while the broker is unreachable: nothing to send.
-                        _ = disconnect.changed(), if !disconnecting => break,
+                    let wait = tokio::time::sleep(wait);
+                    tokio::pin!(wait);
+                    loop {
+                        tokio::select! {
+                            _ = &mut wait => break,
+                            // Told to disconnect while the broker is unreachable: nothing to send.
+                            _ = disconnect.changed(), if !disconnecting => {
+                                let _ = ready.send(false);
+                                return;
+                            }
+                            _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::systemd::watchdog(),
+                        }
                     }
                 }
             }

@@ -7,6 +7,7 @@
 
 pub mod events;
 mod swap;
+pub mod systemd;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -167,6 +168,18 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
     })
 }
 
+/// One line for `systemctl status`: what each pipeline serves.
+fn status_line(serving: &[Serving]) -> String {
+    let parts: Vec<String> = serving
+        .iter()
+        .map(|s| {
+            let m = s.model.load();
+            format!("{}: {} v{}", s.pipeline, m.name, m.version)
+        })
+        .collect();
+    format!("Serving {}", parts.join("; "))
+}
+
 /// What a running daemon exposes to its embedder (the demo, tests).
 #[derive(Clone)]
 pub struct Handle {
@@ -266,13 +279,23 @@ pub async fn run(
         // again after every reconnect (a restarted broker may have lost it), and every
         // STATUS_EVERY with fresh counters.
         tokio::spawn(async move {
+            let mut was_ready = false;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(STATUS_EVERY) => {}
                     _ = ready.changed() => {}
                     _ = stop.changed() => break,
                 }
-                if *ready.borrow_and_update() {
+                let is_ready = *ready.borrow_and_update();
+                if is_ready != was_ready {
+                    if is_ready {
+                        systemd::ready(&status_line(&serving));
+                    } else {
+                        systemd::status("Broker connection lost; reconnecting");
+                    }
+                    was_ready = is_ready;
+                }
+                if is_ready {
                     let body = status(&config, "online", &serving).to_string();
                     let _ = client.publish(config.status_topic(), QoS::AtLeastOnce, true, body).await;
                 }
@@ -282,6 +305,7 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("Stopping: draining in-flight messages");
+    systemd::stopping();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
         for t in tasks {
@@ -324,20 +348,23 @@ fn embedded(_listen: &str) -> Result<(String, u16), ServiceError> {
     Err(ServiceError::Broker("this build has no embedded broker (feature `embedded-broker`)".into()))
 }
 
-/// Resolves on SIGTERM or SIGINT.
+/// Resolves on SIGTERM or SIGINT. SIGHUP (a reload) is answered with a log line until
+/// reloading exists, rather than killing the daemon (its default action).
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => {
+                    tracing::warn!("Reload (SIGHUP) is not supported by this build yet; restart the service to apply config changes");
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
             }
         }
     }

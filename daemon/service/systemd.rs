@@ -1,0 +1,29 @@
+//! systemd integration (`Type=notify`): READY=1 once every pipeline's model is loaded and the
+//! broker connection is up and subscribed, STATUS= lines a person reads in `systemctl status`,
+//! WATCHDOG=1 from the ingest loop itself, and STOPPING=1. Without `NOTIFY_SOCKET` (not under
+//! systemd) every call is a no-op.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+pub fn ready(status: &str) {
+    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    let _ = sd_notify::notify(&[NotifyState::Status(status)]);
+}
+
+pub fn stopping() {
+    let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("Stopping: draining in-flight messages")]);
+}
+
+pub fn watchdog() {
+    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+}
+
+/// How often to ping: half of `WatchdogSec`, as systemd recommends. `None` without a watchdog.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|d| d / 2).filter(|d| !d.is_zero())
+}
