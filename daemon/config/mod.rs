@@ -89,12 +89,8 @@ pub struct MqttConfig {
 
 #[derive(Debug, Clone)]
 pub struct InferConfig {
-    pub engine: Engine,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Tract,
+    /// `engine = "tract"` (default) or `"ort"` with `ort_library = "/path/libonnxruntime.so.1.x"`.
+    pub engine: crate::infer::EngineKind,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -223,7 +219,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         }
     }
     let mqtt = parse_mqtt(root.section("mqtt", true), base);
-    let infer = parse_infer(root.section("infer", true));
+    let infer = parse_infer(root.section("infer", true), base);
     let pipelines = root.array_of_tables("pipeline").map(|tables| {
         if tables.is_empty() {
             root.error("pipeline", "expected at least one [[pipeline]]");
@@ -327,19 +323,31 @@ fn parse_url(url: &str) -> Result<BrokerUrl, String> {
     Ok(BrokerUrl::Tcp { host, port, tls })
 }
 
-fn parse_infer(section: Option<Section>) -> Option<InferConfig> {
+fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
+    use crate::infer::EngineKind;
     let mut s = section?;
-    let engine = match s.string("engine", Some("tract")).as_deref() {
-        Some("tract") => Some(Engine::Tract),
-        Some("ort") => {
-            s.error("engine", "\"ort\" (ONNX Runtime) is not in this build yet; use \"tract\"");
+    let engine = s.string("engine", Some("tract"));
+    let library = s.opt_string("ort_library").map(|p| base.join(p));
+    let engine = match (engine.as_deref(), library) {
+        (Some("tract"), None) => Some(EngineKind::Tract),
+        (Some("tract"), Some(_)) => {
+            s.error("ort_library", "only used with engine = \"ort\"");
             None
         }
-        Some(other) => {
-            s.error("engine", &format!("expected \"tract\", found {other:?}"));
+        (Some("ort"), _) if !cfg!(feature = "ort") => {
+            s.error("engine", "\"ort\" needs a build with `--features ort`");
             None
         }
-        None => None,
+        (Some("ort"), Some(library)) => Some(EngineKind::Ort { library }),
+        (Some("ort"), None) => {
+            s.error("ort_library", "missing: the path of libonnxruntime.so (e.g. from the onnxruntime wheel)");
+            None
+        }
+        (Some(other), _) => {
+            s.error("engine", &format!("expected \"tract\" or \"ort\", found {other:?}"));
+            None
+        }
+        (None, _) => None,
     };
     let ok = s.finish();
     if ok {

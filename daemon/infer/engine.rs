@@ -52,13 +52,34 @@ impl Outputs {
     }
 }
 
-pub struct Engine {
-    model: InferenceModel,
-    pub signature: Signature,
-    /// Planned lazily per batch size. A Mutex because the active model is shared (hot swap);
-    /// only the pipeline's own task runs it, so the lock is never contended.
-    plans: Mutex<HashMap<usize, Arc<TypedRunnableModel>>>,
+/// Which runtime executes a model (`infer.engine`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineKind {
+    Tract,
+    /// ONNX Runtime, loaded at run time from this `libonnxruntime.so` (feature `ort`).
+    Ort {
+        library: std::path::PathBuf,
+    },
 }
+
+pub struct Engine {
+    pub signature: Signature,
+    backend: Backend,
+}
+
+enum Backend {
+    Tract {
+        model: InferenceModel,
+        /// Planned lazily per batch size. A Mutex because the active model is shared (hot
+        /// swap); only the pipeline's own task runs it, so the lock is never contended.
+        plans: Mutex<HashMap<usize, Arc<TypedRunnableModel>>>,
+    },
+    #[cfg(feature = "ort")]
+    Ort(super::ort_engine::OrtSession),
+}
+
+/// One output of one batch: its values and its shape.
+pub type BatchOutput = (Vec<f32>, Vec<usize>);
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
@@ -78,6 +99,16 @@ impl Engine {
     /// # Errors
     /// Unreadable or unsupported models, or tract failing (or panicking) on them.
     pub fn load(onnx: &[u8]) -> Result<Engine, EngineError> {
+        Engine::load_with(onnx, &EngineKind::Tract)
+    }
+
+    /// Like [`Engine::load`], on the runtime `kind` names. The same checks and rewrites run
+    /// first whatever the runtime, so both see the same graph.
+    ///
+    /// # Errors
+    /// Unreadable or unsupported models, a runtime failing (or panicking) on them, or a
+    /// runtime this build does not have.
+    pub fn load_with(onnx: &[u8], kind: &EngineKind) -> Result<Engine, EngineError> {
         guarded(|| {
             let mut proto = tract_onnx::onnx()
                 .proto_model_for_read(&mut &*onnx)
@@ -86,12 +117,23 @@ impl Engine {
             super::untrusted::check(graph).map_err(EngineError::Unsupported)?;
             super::ml_ops::rewrite(graph);
             let signature = signature(&proto)?;
-            let model = tract_onnx::onnx()
-                .model_for_proto_model(&proto)
-                .map_err(|e| EngineError::Unsupported(format!("{e:#}")))?;
-            let engine = Engine { model, signature, plans: Mutex::new(HashMap::new()) };
-            // Plan batch 1 now so a model tract cannot run fails at load, not at first message.
-            engine.plan(engine.batch_for(1))?;
+            let backend = match kind {
+                EngineKind::Tract => Backend::Tract {
+                    model: tract_onnx::onnx()
+                        .model_for_proto_model(&proto)
+                        .map_err(|e| EngineError::Unsupported(format!("{e:#}")))?,
+                    plans: Mutex::new(HashMap::new()),
+                },
+                #[cfg(feature = "ort")]
+                EngineKind::Ort { library } => Backend::Ort(super::ort_engine::OrtSession::new(library, &proto)?),
+                #[cfg(not(feature = "ort"))]
+                EngineKind::Ort { .. } => {
+                    return Err(EngineError::Unsupported("this build has no ONNX Runtime (feature `ort`)".into()))
+                }
+            };
+            let engine = Engine { signature, backend };
+            // Run one row now, so a model the runtime cannot run fails at load, not at the first message.
+            engine.run(&vec![0.0; engine.signature.features])?;
             Ok(engine)
         })
     }
@@ -102,14 +144,19 @@ impl Engine {
         self.signature.fixed_batch.unwrap_or_else(|| n.max(1).next_power_of_two())
     }
 
-    fn plan(&self, batch: usize) -> Result<Arc<TypedRunnableModel>, EngineError> {
-        let mut plans = self.plans.lock().map_err(|_| EngineError::Run("a previous plan panicked".into()))?;
+    fn plan(
+        &self,
+        model: &InferenceModel,
+        plans: &Mutex<HashMap<usize, Arc<TypedRunnableModel>>>,
+        batch: usize,
+    ) -> Result<Arc<TypedRunnableModel>, EngineError> {
+        let mut plans = plans.lock().map_err(|_| EngineError::Run("a previous plan panicked".into()))?;
         if let Some(p) = plans.get(&batch) {
             return Ok(p.clone());
         }
         let dt = if self.signature.input_is_f64 { f64::datum_type() } else { f32::datum_type() };
         let fact = InferenceFact::dt_shape(dt, tvec![batch, self.signature.features]);
-        let model = self.model.clone();
+        let model = model.clone();
         let plan = guarded(|| {
             model
                 .with_input_fact(0, fact)
@@ -136,36 +183,54 @@ impl Engine {
             per_row: vec![0; self.signature.outputs.len()],
         };
         let batch = self.batch_for(n);
-        let plan = self.plan(batch)?;
         for chunk in rows.chunks(batch * f) {
             let rows_here = chunk.len() / f;
             let mut padded = chunk.to_vec();
             padded.resize(batch * f, 0.0);
-            let input = if self.signature.input_is_f64 {
-                let v: Vec<f64> = padded.iter().map(|&x| x as f64).collect();
-                Tensor::from_shape(&[batch, f], &v)
-            } else {
-                Tensor::from_shape(&[batch, f], &padded)
-            }
-            .map_err(|e| EngineError::Run(format!("{e:#}")))?;
-            let result = guarded(|| plan.run(tvec!(input.into())).map_err(|e| EngineError::Run(format!("{e:#}"))))?;
-            for (o, value) in result.iter().enumerate().take(outputs.values.len()) {
-                let t = value.cast_to::<f32>().map_err(|e| EngineError::Run(format!("output {o}: {e:#}")))?;
-                let view = t.to_plain_array_view::<f32>().map_err(|e| EngineError::Run(format!("{e:#}")))?;
-                let leading = view.shape().first().copied().unwrap_or(1);
-                if leading != batch || view.len() % batch != 0 {
+            let result = self.run_batch(&padded, batch)?;
+            for (o, (values, shape)) in result.into_iter().enumerate().take(outputs.values.len()) {
+                let leading = shape.first().copied().unwrap_or(1);
+                if leading != batch || values.len() % batch != 0 {
                     return Err(EngineError::Run(format!(
-                        "output {:?} has shape {:?}; expected the batch ({batch}) first",
+                        "output {:?} has shape {shape:?}; expected the batch ({batch}) first",
                         self.signature.outputs[o],
-                        view.shape()
                     )));
                 }
-                let w = view.len() / batch;
+                let w = values.len() / batch;
                 outputs.per_row[o] = w;
-                outputs.values[o].extend(view.iter().take(rows_here * w).copied());
+                outputs.values[o].extend(values.into_iter().take(rows_here * w));
             }
         }
         Ok(outputs)
+    }
+
+    /// One padded batch through the runtime: every output as f32 values and a shape.
+    fn run_batch(&self, padded: &[f32], batch: usize) -> Result<Vec<BatchOutput>, EngineError> {
+        let f = self.signature.features;
+        match &self.backend {
+            Backend::Tract { model, plans } => {
+                let plan = self.plan(model, plans, batch)?;
+                let input = if self.signature.input_is_f64 {
+                    let v: Vec<f64> = padded.iter().map(|&x| x as f64).collect();
+                    Tensor::from_shape(&[batch, f], &v)
+                } else {
+                    Tensor::from_shape(&[batch, f], padded)
+                }
+                .map_err(|e| EngineError::Run(format!("{e:#}")))?;
+                let result = guarded(|| plan.run(tvec!(input.into())).map_err(|e| EngineError::Run(format!("{e:#}"))))?;
+                result
+                    .iter()
+                    .enumerate()
+                    .map(|(o, value)| {
+                        let t = value.cast_to::<f32>().map_err(|e| EngineError::Run(format!("output {o}: {e:#}")))?;
+                        let view = t.to_plain_array_view::<f32>().map_err(|e| EngineError::Run(format!("{e:#}")))?;
+                        Ok((view.iter().copied().collect(), view.shape().to_vec()))
+                    })
+                    .collect()
+            }
+            #[cfg(feature = "ort")]
+            Backend::Ort(session) => session.run(padded, batch, f, self.signature.input_is_f64),
+        }
     }
 }
 

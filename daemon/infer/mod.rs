@@ -3,6 +3,8 @@
 
 pub mod engine;
 mod ml_ops;
+#[cfg(feature = "ort")]
+mod ort_engine;
 mod untrusted;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -16,7 +18,7 @@ use tokio::sync::mpsc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{BatchConfig, PipelineConfig};
+use crate::config::{BatchConfig, Config, PipelineConfig};
 use crate::ingest::ack::AckSender;
 use crate::ingest::connection::Flow;
 use crate::ingest::Extractor;
@@ -24,7 +26,7 @@ use crate::ingest::Sample;
 use crate::model::baseline::Reading;
 use crate::model::Bundle;
 use crate::service::events::{Counters, Event, Events};
-pub use engine::{Engine, EngineError, Outputs};
+pub use engine::{Engine, EngineError, EngineKind, Outputs};
 
 /// The prediction payload (DESIGN "MQTT contract").
 #[derive(Serialize)]
@@ -61,9 +63,10 @@ impl ActiveModel {
     ///
     /// # Errors
     /// A model tract cannot serve, or one whose input width disagrees with its manifest.
-    pub fn load(bundle: &Bundle, pipeline: &PipelineConfig, max_payload_bytes: usize) -> Result<ActiveModel, String> {
+    pub fn load(bundle: &Bundle, pipeline: &PipelineConfig, config: &Config) -> Result<ActiveModel, String> {
         let m = &bundle.manifest;
-        let engine = Engine::load(&bundle.model).map_err(|e| e.to_string())?;
+        let engine = Engine::load_with(&bundle.model, &config.infer.engine).map_err(|e| e.to_string())?;
+        let max_payload_bytes = config.mqtt.max_payload_bytes;
         if engine.signature.features != m.inputs.len() {
             return Err(format!(
                 "the model takes {} features, bundle.toml names {}",

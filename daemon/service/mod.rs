@@ -104,7 +104,7 @@ fn load_models_noting(
                 });
             }
         }
-        match ActiveModel::load(&bundle, p, config.mqtt.max_payload_bytes) {
+        match ActiveModel::load(&bundle, p, config) {
             Ok(model) => loaded.push(model),
             Err(message) => match seed.then(|| fall_back(&registry, p, &bundle.manifest.name, config)).flatten() {
                 Some(model) => {
@@ -136,7 +136,7 @@ fn fall_back(
 ) -> Option<ActiveModel> {
     for version in registry.fallbacks(name).ok()? {
         let Ok(bundle) = Bundle::read(&registry.bundle_path(name, version)) else { continue };
-        if let Ok(model) = ActiveModel::load(&bundle, p, config.mqtt.max_payload_bytes) {
+        if let Ok(model) = ActiveModel::load(&bundle, p, config) {
             registry.set_champion(name, version).ok()?;
             return Some(model);
         }

@@ -33,12 +33,11 @@ pub async fn watch(config: Config, serving: Arc<Vec<Serving>>, events: Events, m
             if version == current.version || refused.get(&pipeline.name) == Some(&version) {
                 continue;
             }
-            let (state_dir, name, pipeline_config) = (config.state_dir.clone(), current.name.clone(), pipeline.clone());
-            let max_payload = config.mqtt.max_payload_bytes;
+            let (config, name, pipeline_config) = (config.clone(), current.name.clone(), pipeline.clone());
             // A new version must read the same features: the telemetry does not change with it.
             let inputs: Vec<String> = current.extractor.names().map(String::from).collect();
             let loaded = tokio::task::spawn_blocking(move || {
-                let bundle = Registry::new(&state_dir).champion(&name).map_err(|e| e.to_string())?;
+                let bundle = Registry::new(&config.state_dir).champion(&name).map_err(|e| e.to_string())?;
                 let new: Vec<&str> = bundle.manifest.inputs.iter().map(|i| i.name.as_str()).collect();
                 if new != inputs {
                     return Err(format!(
@@ -47,7 +46,7 @@ pub async fn watch(config: Config, serving: Arc<Vec<Serving>>, events: Events, m
                         inputs.join(",")
                     ));
                 }
-                ActiveModel::load(&bundle, &pipeline_config, max_payload)
+                ActiveModel::load(&bundle, &pipeline_config, &config)
             })
             .await
             .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));

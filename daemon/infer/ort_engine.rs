@@ -1,0 +1,96 @@
+//! ONNX Runtime as a second engine (feature `ort`). The library is loaded at run time
+//! (`load-dynamic`) from the path in `infer.ort_library`, so one binary runs where the runtime
+//! is installed and still starts (with tract) where it is not.
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+use prost::Message;
+use tract_onnx::pb::ModelProto;
+
+use super::engine::{BatchOutput, EngineError};
+
+/// ONNX Runtime allows one environment per process: the first library path wins.
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+fn environment(library: &Path) -> Result<&'static Environment, EngineError> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            // `init_from` returns an error for a missing library (the lazy ORT_DYLIB_PATH path
+            // would panic, see NOTES.md).
+            ort::init_from(library)
+                .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+                .with_name("lathe")
+                .build()
+                .map_err(|e| format!("ONNX Runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Unsupported(e.clone()))
+}
+
+pub struct OrtSession {
+    /// `Session::run` takes `&mut self`; only the pipeline's own task runs it.
+    session: Mutex<Session>,
+    input: String,
+    outputs: Vec<String>,
+}
+
+impl OrtSession {
+    /// # Errors
+    /// The library failing to load, or ONNX Runtime refusing the model.
+    pub fn new(library: &Path, proto: &ModelProto) -> Result<OrtSession, EngineError> {
+        let env = environment(library)?;
+        let bytes = proto.encode_to_vec();
+        let session = Session::builder(env)
+            .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::All).map_err(Into::into))
+            .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|mut b| b.commit_from_memory(&bytes))
+            .map_err(|e| EngineError::Unsupported(format!("ONNX Runtime: {e}")))?;
+        let input = session.inputs().first().map(|i| i.name().to_string()).unwrap_or_default();
+        let outputs = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        Ok(OrtSession { session: Mutex::new(session), input, outputs })
+    }
+
+    /// # Errors
+    /// ONNX Runtime failing on the batch, or an output that is not numeric.
+    pub fn run(
+        &self,
+        padded: &[f32],
+        batch: usize,
+        features: usize,
+        f64_input: bool,
+    ) -> Result<Vec<BatchOutput>, EngineError> {
+        let err = |e: ort::Error| EngineError::Run(format!("ONNX Runtime: {e}"));
+        let input = if f64_input {
+            let v: Vec<f64> = padded.iter().map(|&x| f64::from(x)).collect();
+            Tensor::from_array(([batch, features], v)).map_err(err)?.into_dyn()
+        } else {
+            Tensor::from_array(([batch, features], padded.to_vec())).map_err(err)?.into_dyn()
+        };
+        let mut session = self.session.lock().map_err(|_| EngineError::Run("a previous run panicked".into()))?;
+        let result = session.run(ort::inputs![self.input.as_str() => input]).map_err(err)?;
+        let mut out = Vec::with_capacity(self.outputs.len());
+        for name in &self.outputs {
+            let value = &result[name.as_str()];
+            let (shape, values): (Vec<usize>, Vec<f32>) = if let Ok((s, v)) = value.try_extract_tensor::<f32>() {
+                (dims(s), v.to_vec())
+            } else if let Ok((s, v)) = value.try_extract_tensor::<i64>() {
+                (dims(s), v.iter().map(|&x| x as f32).collect())
+            } else if let Ok((s, v)) = value.try_extract_tensor::<f64>() {
+                (dims(s), v.iter().map(|&x| x as f32).collect())
+            } else {
+                return Err(EngineError::Run(format!("output {name:?} is not a numeric tensor")));
+            };
+            out.push((values, shape));
+        }
+        Ok(out)
+    }
+}
+
+fn dims(shape: &ort::value::Shape) -> Vec<usize> {
+    shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect()
+}

@@ -1,0 +1,85 @@
+//! tract and ONNX Runtime agree (feature `ort`; the library comes from `LATHE_ORT_LIBRARY`,
+//! which `.ci/run` sets from the PyPI onnxruntime wheel).
+#![cfg(feature = "ort")]
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+use lathe::infer::{Engine, EngineKind};
+
+fn ort_library() -> PathBuf {
+    PathBuf::from(std::env::var("LATHE_ORT_LIBRARY").expect("LATHE_ORT_LIBRARY: the path of libonnxruntime.so"))
+}
+
+#[test]
+fn tract_and_onnx_runtime_agree_on_every_batch_size() {
+    let expected = expected();
+    let rows: Vec<f32> = rows(&expected).iter().flatten().map(|&x| x as f32).collect();
+    let models = [
+        ("shuttle-mlp", root().join("models/shuttle-mlp.onnx")),
+        ("sklearn-mlp", root().join("tests/fixtures/sklearn-mlp.onnx")),
+    ];
+    for (name, path) in models {
+        let bytes = std::fs::read(&path).unwrap();
+        let tract = Engine::load(&bytes).unwrap();
+        let ort = Engine::load_with(&bytes, &EngineKind::Ort { library: ort_library() }).unwrap();
+        for batch in [1usize, 7, 64, 400] {
+            let n = batch * 9;
+            let (a, b) = (tract.run(&rows[..n]).unwrap(), ort.run(&rows[..n]).unwrap());
+            assert_eq!(a.per_row, b.per_row, "{name}");
+            for (o, (x, y)) in a.values.iter().zip(&b.values).enumerate() {
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    assert!((p - q).abs() <= 1e-4, "{name} batch {batch} output {o}[{i}]: tract {p} vs ort {q}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_daemon_serves_through_onnx_runtime_when_configured() {
+    let broker = Broker::start();
+    let dir = temp_dir("ort-serve");
+    let config = config("ortd", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")).replace(
+        "[[pipeline]]",
+        &format!("[infer]\nengine = \"ort\"\nort_library = \"{}\"\n[[pipeline]]", ort_library().display()),
+    );
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "ortd", &daemon);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
+    let expected = expected();
+    let want = expected["shuttle-mlp"].as_array().unwrap();
+    let mut p = Publisher::new(broker.port);
+    for (seq, row) in rows(&expected).iter().enumerate() {
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", want.len(), Duration::from_secs(30)), "log:\n{}", daemon.log());
+    for pred in out.on("plant/line1/") {
+        let seq = pred["key"].as_u64().unwrap() as usize;
+        for (a, b) in pred["output"].as_array().unwrap().iter().zip(want[seq].as_array().unwrap()) {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-5, "row {seq}: {pred}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_is_a_clear_error() {
+    let dir = temp_dir("ort-missing");
+    let config = format!(
+        "node = \"x\"\nstate_dir = \"state\"\n[infer]\nengine = \"ort\"\nort_library = \"/nonexistent/libonnxruntime.so\"\n\
+         [[pipeline]]\nname = \"p\"\nmodel = \"{}\"\nsource = {{ topic = \"t/+\" }}\nsink = {{ topic = \"o/{{device}}\" }}\n",
+        root().join("models/shuttle-mlp-1.lathe").display()
+    );
+    std::fs::write(dir.join("lathe.toml"), config).unwrap();
+    let out = std::process::Command::new(LATHE)
+        .args(["check", "--config", dir.join("lathe.toml").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot load ONNX Runtime from /nonexistent/libonnxruntime.so"), "{err}");
+}
