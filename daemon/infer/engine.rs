@@ -24,6 +24,9 @@ pub enum EngineError {
     Panicked(String),
 }
 
+/// Largest batch a plan is made for.
+const MAX_PLANNED_BATCH: usize = 64;
+
 /// What the model takes and gives, read from the ONNX graph itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Signature {
@@ -139,9 +142,10 @@ impl Engine {
     }
 
     /// The batch size a run of `n` rows is padded to: the fixed batch, or the next power of
-    /// two, so at most log2(batch.max) plans exist.
+    /// two up to `MAX_PLANNED_BATCH` (larger runs go in chunks), so at most 7 plans exist and
+    /// a long run (the validation set) does not leave a huge plan behind.
     pub fn batch_for(&self, n: usize) -> usize {
-        self.signature.fixed_batch.unwrap_or_else(|| n.max(1).next_power_of_two())
+        self.signature.fixed_batch.unwrap_or_else(|| n.clamp(1, MAX_PLANNED_BATCH).next_power_of_two())
     }
 
     fn plan(
