@@ -107,23 +107,11 @@ fn bundle_create_explains_a_feature_count_mismatch() {
     let dir = temp_dir("mismatch");
     let csv = dir.join("v.csv");
     std::fs::write(&csv, "a,b,y\n1,2,0\n3,4,1\n").unwrap();
-    let model = root().join("models/shuttle-mlp.onnx");
-    let out = lathe(&[
-        "bundle",
-        "create",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        csv.to_str().unwrap(),
-        "--name",
-        "x",
-        "--task",
-        "binary",
-        "--target",
-        "y",
-        "-o",
-        dir.join("x.lathe").to_str().unwrap(),
-    ]);
+    let out = bundle_create(&sample_model().0, &csv, "x")
+        .args(["--target", "y", "-o"])
+        .arg(dir.join("x.lathe"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("the model's input \"x\" takes 9 features; the CSV gives 2 (a,b)"), "{}", text(&out));
 }
@@ -132,27 +120,12 @@ fn bundle_create_explains_a_feature_count_mismatch() {
 fn bundle_create_records_the_baseline_and_the_given_ranges() {
     let dir = temp_dir("create");
     let out_path = dir.join("s.lathe");
-    let out = lathe(&[
-        "bundle",
-        "create",
-        "--json",
-        "--model",
-        root().join("models/shuttle-mlp.onnx").to_str().unwrap(),
-        "--data",
-        root().join("models/shuttle-validation.csv").to_str().unwrap(),
-        "--name",
-        "s",
-        "--task",
-        "binary",
-        "--target",
-        "anomaly",
-        "--range",
-        "f1=0:200",
-        "--unit",
-        "f1=degC",
-        "-o",
-        out_path.to_str().unwrap(),
-    ]);
+    let (model, data) = sample_model();
+    let out = bundle_create(&model, &data, "s")
+        .args(["--json", "--target", "anomaly", "--range", "f1=0:200", "--unit", "f1=degC", "-o"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let m = &v["manifest"];
@@ -181,65 +154,36 @@ fn a_csv_with_an_id_column_works_once_the_features_are_named() {
         csv_text.push('\n');
     }
     std::fs::write(&csv, csv_text).unwrap();
-    let model = root().join("models/shuttle-mlp.onnx");
-    let out_path = dir.join("s.lathe");
-    let base = [
-        "bundle",
-        "create",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        csv.to_str().unwrap(),
-        "--name",
-        "s",
-        "--task",
-        "binary",
-        "--target",
-        "anomaly",
-        "-o",
-        out_path.to_str().unwrap(),
-    ];
-    let args = |extra: &[&'static str]| base.iter().copied().chain(extra.iter().copied()).collect::<Vec<&str>>();
-    let out = lathe(&args(&[]));
+    let create = |extra: &[&str]| {
+        bundle_create(&sample_model().0, &csv, "s")
+            .args(["--target", "anomaly", "-o"])
+            .arg(dir.join("s.lathe"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = create(&[]);
     assert!(!out.status.success());
     assert!(text(&out).contains("line 2: column \"row_id\" holds \"r1\", not a number"), "{}", text(&out));
-    let out = lathe(&args(&["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9"]));
+    let out = create(&["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9"]);
     assert!(out.status.success(), "{}", text(&out));
 }
 
 #[test]
 fn bundle_create_writes_to_a_bare_file_name_in_the_current_directory() {
     let dir = temp_dir("bare-output");
-    let out = Command::new(LATHE)
+    let (model, data) = sample_model();
+    let out = bundle_create(&model, &data, "s")
         .current_dir(&dir)
-        .args(["bundle", "create", "--name", "s", "--task", "binary", "--target", "anomaly", "--model"])
-        .arg(root().join("models/shuttle-mlp.onnx"))
-        .arg("--data")
-        .arg(root().join("models/shuttle-validation.csv"))
-        .args(["-o", "s.lathe"])
+        .args(["--target", "anomaly", "-o", "s.lathe"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(dir.join("s.lathe").is_file());
     // Without -o: NAME-VERSION.lathe, also in the current directory.
-    let out = Command::new(LATHE)
+    let out = bundle_create(&model, &data, "t")
         .current_dir(&dir)
-        .args([
-            "bundle",
-            "create",
-            "--name",
-            "t",
-            "--version",
-            "3",
-            "--task",
-            "binary",
-            "--target",
-            "anomaly",
-            "--model",
-        ])
-        .arg(root().join("models/shuttle-mlp.onnx"))
-        .arg("--data")
-        .arg(root().join("models/shuttle-validation.csv"))
+        .args(["--target", "anomaly", "--version", "3"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));

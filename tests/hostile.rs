@@ -11,15 +11,7 @@ use std::time::Duration;
 use common::*;
 
 fn create(model: &Path, out: &Path) -> (bool, String) {
-    let o = Command::new(LATHE)
-        .args(["bundle", "create", "--name", "h", "--task", "binary", "--target", "anomaly", "--model"])
-        .arg(model)
-        .arg("--data")
-        .arg(root().join("models/shuttle-validation.csv"))
-        .arg("-o")
-        .arg(out)
-        .output()
-        .unwrap();
+    let o = bundle_create(model, &sample_model().1, "h").args(["--target", "anomaly", "-o"]).arg(out).output().unwrap();
     (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
 

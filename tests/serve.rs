@@ -74,12 +74,8 @@ fn every_message_gets_one_prediction_equal_to_onnxruntimes() {
 fn a_scikit_learn_export_is_bundled_and_served_with_onnxruntimes_numbers() {
     let dir = temp_dir("sklearn-bundle");
     let bundle = dir.join("sk.lathe");
-    let out = Command::new(LATHE)
-        .args(["bundle", "create", "--name", "sklearn-mlp", "--task", "binary", "--target", "anomaly", "--model"])
-        .arg(root().join("tests/fixtures/sklearn-mlp.onnx"))
-        .arg("--data")
-        .arg(root().join("models/shuttle-validation.csv"))
-        .arg("-o")
+    let out = bundle_create(&root().join("tests/fixtures/sklearn-mlp.onnx"), &sample_model().1, "sklearn-mlp")
+        .args(["--target", "anomaly", "-o"])
         .arg(&bundle)
         .output()
         .unwrap();

@@ -16,23 +16,26 @@ fn lathe(args: &[&str]) -> String {
     text
 }
 
+/// The sample model as `version` of shuttle-mlp, with `data` as its validation set and wide
+/// ranges, so every test row passes and every answer can be checked against version 1's.
+fn sample_version(out: &std::path::Path, version: u64, data: &std::path::Path) -> std::path::PathBuf {
+    let ranges: Vec<String> = (1..=9).map(|i| format!("--range=f{i}=-100000:100000")).collect();
+    let o = bundle_create(&sample_model().0, data, "shuttle-mlp")
+        .args(["--target", "anomaly", "--version", &version.to_string(), "-o"])
+        .arg(out)
+        .args(&ranges)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.to_path_buf()
+}
+
 #[test]
 fn promotions_and_rollbacks_under_load_drop_no_message() {
     let broker = Broker::start();
     let dir = temp_dir("swap");
     let state = dir.join("state");
-    // Version 2: the same model, so every answer can be checked, under a new version number.
-    let v2 = dir.join("shuttle-mlp-2.lathe");
-    let mut create = vec!["bundle", "create", "--name", "shuttle-mlp", "--version", "2", "--task", "binary"];
-    create.extend(["--target", "anomaly", "-o", v2.to_str().unwrap()]);
-    let model = root().join("models/shuttle-mlp.onnx");
-    let data = root().join("models/shuttle-validation.csv");
-    create.extend(["--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()]);
-    let ranges: Vec<String> = (1..=9).map(|i| format!("f{i}=-100000:100000")).collect();
-    for r in &ranges {
-        create.extend(["--range", r.as_str()]);
-    }
-    lathe(&create);
+    let v2 = sample_version(&dir.join("shuttle-mlp-2.lathe"), 2, &sample_model().1);
 
     let daemon = Daemon::start(&dir, &config("swap", &broker, &state, &root().join("models/shuttle-mlp-1.lathe")));
     wait_online(broker.port, "swap", &daemon);
@@ -113,25 +116,12 @@ fn a_broken_version_is_refused_and_the_champion_keeps_serving() {
     }
     std::fs::write(&csv, text).unwrap();
     let other = state.join("registry/shuttle-mlp/shuttle-mlp-5.lathe");
-    let model = root().join("models/shuttle-mlp.onnx");
-    lathe(&[
-        "bundle",
-        "create",
-        "--name",
-        "shuttle-mlp",
-        "--version",
-        "5",
-        "--task",
-        "binary",
-        "--target",
-        "anomaly",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        csv.to_str().unwrap(),
-        "-o",
-        other.to_str().unwrap(),
-    ]);
+    let o = bundle_create(&sample_model().0, &csv, "shuttle-mlp")
+        .args(["--target", "anomaly", "--version", "5", "-o"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // `lathe models promote` refuses it ...
     let out_promote = Command::new(LATHE)
         .args(["models", "promote", "shuttle-mlp", "5", "--state-dir", state.to_str().unwrap()])
@@ -162,13 +152,7 @@ fn a_broken_version_is_refused_and_the_champion_keeps_serving() {
 /// A state dir holding v1 and v2 (the same model under a second version), v2 champion.
 fn registry_with_two_versions(dir: &std::path::Path) -> std::path::PathBuf {
     let state = dir.join("state");
-    let v2 = dir.join("shuttle-mlp-2.lathe");
-    let model = root().join("models/shuttle-mlp.onnx");
-    let data = root().join("models/shuttle-validation.csv");
-    let mut create = vec!["bundle", "create", "--name", "shuttle-mlp", "--version", "2", "--task", "binary"];
-    create.extend(["--target", "anomaly", "-o", v2.to_str().unwrap(), "--model", model.to_str().unwrap()]);
-    create.extend(["--data", data.to_str().unwrap()]);
-    lathe(&create);
+    let v2 = sample_version(&dir.join("shuttle-mlp-2.lathe"), 2, &sample_model().1);
     let s = state.to_str().unwrap();
     lathe(&["models", "import", root().join("models/shuttle-mlp-1.lathe").to_str().unwrap(), "--state-dir", s]);
     lathe(&["models", "import", v2.to_str().unwrap(), "--state-dir", s]);

@@ -343,3 +343,16 @@ pub fn wait_online(port: u16, node: &str, daemon: &Daemon) {
         daemon.log()
     );
 }
+
+/// `lathe bundle create --task binary --name NAME --model MODEL --data DATA`; callers add the
+/// rest (`--target`, `-o`, `--version`, `--range` …).
+pub fn bundle_create(model: &Path, data: &Path, name: &str) -> Command {
+    let mut c = Command::new(LATHE);
+    c.args(["bundle", "create", "--task", "binary", "--name", name, "--model"]).arg(model).arg("--data").arg(data);
+    c
+}
+
+/// The sample model and its validation set.
+pub fn sample_model() -> (PathBuf, PathBuf) {
+    (root().join("models/shuttle-mlp.onnx"), root().join("models/shuttle-validation.csv"))
+}
