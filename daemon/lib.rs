@@ -20,3 +20,4 @@ pub mod infer;
 pub mod ingest;
 pub mod model;
 pub mod service;
+pub mod train;

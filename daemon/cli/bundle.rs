@@ -39,6 +39,10 @@ pub enum BundleCommand {
         /// A feature's unit, NAME=UNIT (repeatable).
         #[arg(long = "unit", value_parser = parse_unit)]
         units: Vec<(String, String)>,
+        /// What may fine-tune on the device: none | full | last:N | lora:RANK. Anything but
+        /// `none` is checked now: a model whose tail cannot train is refused here.
+        #[arg(long, default_value = "last:1")]
+        trainable: String,
         /// Output file (default: NAME-VERSION.lathe).
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -72,7 +76,20 @@ fn parse_unit(s: &str) -> Result<(String, String), String> {
 
 pub fn run(cmd: BundleCommand) -> Result<(), String> {
     match cmd {
-        BundleCommand::Create { model, data, name, task, target, features, version, ranges, units, output, json } => {
+        BundleCommand::Create {
+            model,
+            data,
+            name,
+            task,
+            target,
+            features,
+            version,
+            ranges,
+            units,
+            trainable,
+            output,
+            json,
+        } => {
             if !bundle::valid_name(&name) {
                 return Err(format!("bundle name {name:?}: use letters, digits, '.', '_' and '-'"));
             }
@@ -89,8 +106,19 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
                 units: units.into_iter().collect(),
                 source_model: file_name(&model),
                 data_name: file_name(&data),
+                trainable,
             };
             let b = bundle::create(model_bytes, &text, &opts).map_err(|e| e.to_string())?;
+            let m = &b.manifest;
+            if m.training.trainable != "none" {
+                crate::train::plan(&b.model, &m.outputs[m.primary_output], m.task, &m.training).map_err(|e| {
+                    format!(
+                        "this model cannot be fine-tuned as trainable = {:?}: {e} \
+                         (bundle it with --trainable none to serve it without fine-tuning)",
+                        m.training.trainable
+                    )
+                })?;
+            }
             let out = output.unwrap_or_else(|| PathBuf::from(b.file_name()));
             let bytes = b.to_bytes().map_err(|e| e.to_string())?;
             crate::model::registry::write_atomic(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;

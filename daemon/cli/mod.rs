@@ -5,6 +5,7 @@ mod bundle;
 #[cfg(feature = "embedded-broker")]
 mod demo;
 mod models;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ enum Command {
     /// The on-device registry: list, import, promote, roll back.
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// Fine-tune a bundle on fresh data, offline; writes a new bundle only if the gate accepts it.
+    Train(Box<train::TrainArgs>),
 }
 
 fn init_logging(default: &str) {
@@ -79,6 +82,7 @@ pub fn main() -> ExitCode {
         }
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Models(cmd) => models::run(cmd),
+        Command::Train(args) => train::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

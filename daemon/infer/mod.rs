@@ -2,7 +2,7 @@
 //! per accepted message. One task per pipeline; the model is planned per batch size.
 
 pub mod engine;
-mod ml_ops;
+pub(crate) mod ml_ops;
 #[cfg(feature = "ort")]
 mod ort_engine;
 mod untrusted;

@@ -153,6 +153,21 @@ impl Bundle {
         Ok(table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect())
     }
 
+    /// The validation set's target column (empty for `reconstruction`).
+    ///
+    /// # Errors
+    /// A missing or non-numeric target column.
+    pub fn validation_targets(&self) -> Result<Vec<f64>, BundleError> {
+        if self.manifest.task == Task::Reconstruction {
+            return Ok(Vec::new());
+        }
+        let text = std::str::from_utf8(&self.validation)
+            .map_err(|_| BundleError::Data("validation.csv is not UTF-8".into()))?;
+        let table = parse_csv(text)?;
+        let c = table.numeric_column(&self.manifest.target)?;
+        Ok(table.rows.iter().map(|r| r[c]).collect())
+    }
+
     /// Runs the model on its own validation set: what it outputs there must be finite.
     ///
     /// # Errors
@@ -182,6 +197,8 @@ pub struct CreateOptions {
     pub units: BTreeMap<String, String>,
     pub source_model: String,
     pub data_name: String,
+    /// `training.trainable`: "none", "full", "last:N" or "lora:RANK".
+    pub trainable: String,
 }
 
 /// A CSV of numbers, with a header. Cells that are not numbers (an id or a timestamp column)
@@ -283,6 +300,57 @@ fn primary_output(task: Task, outputs: &Outputs, features: usize) -> usize {
     pick.unwrap_or(0)
 }
 
+/// What a model's outputs on labelled rows amount to.
+pub struct Measured {
+    pub metrics: BTreeMap<String, f64>,
+    /// Classification: the share of each predicted class.
+    pub class_shares: Vec<f64>,
+    /// One score per row (see [`Reading::score`]).
+    pub scores: Vec<f64>,
+}
+
+/// The task's metrics for `outputs` (primary output `p`) on rows `x` (`f` features each)
+/// with true values `truth` (ignored for reconstruction). The baseline, the gate and the
+/// trainer's records all measure with this one function.
+///
+/// # Errors
+/// A classification target that is not a class index.
+pub fn measure(
+    task: Task,
+    threshold: Option<f64>,
+    outputs: &Outputs,
+    p: usize,
+    x: &[f32],
+    f: usize,
+    truth: &[f64],
+) -> Result<Measured, BundleError> {
+    let n = x.len() / f.max(1);
+    let reading = Reading { task, threshold };
+    let scores: Vec<f64> = (0..n).map(|r| reading.score(outputs.row(p, r), &x[r * f..(r + 1) * f])).collect();
+    let (metrics, class_shares) = match task {
+        Task::Binary | Task::Multiclass => {
+            let labels: Vec<usize> = truth
+                .iter()
+                .map(|&t| {
+                    if t >= 0.0 && t.fract() == 0.0 {
+                        Ok(t as usize)
+                    } else {
+                        Err(BundleError::Data(format!("target value {t} is not a class index")))
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            let predicted: Vec<usize> = (0..n).map(|r| reading.class(outputs.row(p, r)).unwrap_or(0)).collect();
+            let classes = outputs.per_row[p].max(2).max(labels.iter().max().map_or(0, |m| m + 1));
+            let shares =
+                (0..classes).map(|c| predicted.iter().filter(|&&x| x == c).count() as f64 / n.max(1) as f64).collect();
+            (baseline::classification_metrics(task, &predicted, &labels, &scores, classes), shares)
+        }
+        Task::Regression => (baseline::regression_metrics(&scores, truth), Vec::new()),
+        Task::Reconstruction => (baseline::reconstruction_metrics(&scores), Vec::new()),
+    };
+    Ok(Measured { metrics, class_shares, scores })
+}
+
 /// Makes a bundle from any ONNX model and its held-out validation data: runs the model on
 /// every row and writes the baseline.
 ///
@@ -318,32 +386,11 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     let n = table.rows.len();
     let truth: Vec<f64> = target.map(|t| table.rows.iter().map(|r| r[t]).collect()).unwrap_or_default();
 
-    let mut reading = Reading { task: opts.task, threshold: None };
-    let scores: Vec<f64> = (0..n).map(|r| reading.score(outputs.row(p, r), &x[r * f..(r + 1) * f])).collect();
-    if opts.task == Task::Binary && outputs.per_row[p] == 1 {
-        reading.threshold = Some(baseline::binary_threshold(&scores));
-    }
-    let (metrics, class_shares) = match opts.task {
-        Task::Binary | Task::Multiclass => {
-            let labels: Vec<usize> = truth
-                .iter()
-                .map(|&t| {
-                    if t >= 0.0 && t.fract() == 0.0 {
-                        Ok(t as usize)
-                    } else {
-                        Err(BundleError::Data(format!("target value {t} is not a class index")))
-                    }
-                })
-                .collect::<Result<_, _>>()?;
-            let predicted: Vec<usize> = (0..n).map(|r| reading.class(outputs.row(p, r)).unwrap_or(0)).collect();
-            let classes = outputs.per_row[p].max(2).max(labels.iter().max().map_or(0, |m| m + 1));
-            let shares =
-                (0..classes).map(|c| predicted.iter().filter(|&&x| x == c).count() as f64 / n as f64).collect();
-            (baseline::classification_metrics(opts.task, &predicted, &labels, &scores, classes), shares)
-        }
-        Task::Regression => (baseline::regression_metrics(&scores, &truth), Vec::new()),
-        Task::Reconstruction => (baseline::reconstruction_metrics(&scores), Vec::new()),
-    };
+    let threshold = (opts.task == Task::Binary && outputs.per_row[p] == 1).then(|| {
+        let scores: Vec<f64> = (0..n).map(|r| f64::from(outputs.row(p, r)[0])).collect();
+        baseline::binary_threshold(&scores)
+    });
+    let measured = measure(opts.task, threshold, &outputs, p, &x, f, &truth)?;
     let features: Vec<baseline::Stats> = names
         .iter()
         .zip(&cols)
@@ -374,21 +421,22 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
         model_input: engine.signature.input.clone(),
         inputs,
         outputs: engine.signature.outputs.clone(),
-        training: Training::default(),
+        training: Training { trainable: opts.trainable.clone(), ..Training::default() },
         gate: Gate::for_task(opts.task),
         baseline: Baseline {
             rows: n,
-            metrics,
-            threshold: reading.threshold,
+            metrics: measured.metrics,
+            threshold,
             features,
-            predictions: baseline::stats("score", &scores),
-            class_shares,
+            predictions: baseline::stats("score", &measured.scores),
+            class_shares: measured.class_shares,
         },
         lineage: Lineage {
             created_by: format!("lathe bundle create {}", env!("CARGO_PKG_VERSION")),
             created_unix: now,
             source_model: opts.source_model.clone(),
             data: format!("{} ({n} rows)", opts.data_name),
+            fine_tune: None,
         },
         files: BTreeMap::from([
             (MODEL.to_string(), sha256_hex(&model)),
@@ -401,6 +449,43 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
         manifest_bytes: text.into_bytes(),
         model,
         validation: data.as_bytes().to_vec(),
+        signature: None,
+    })
+}
+
+/// A fine-tuned child of `parent`: the same inputs, ranges, validation set, gate and reading;
+/// a new model; version + 1; `parent` = the parent's sha256; the baseline's metrics and
+/// prediction distribution measured again on the validation set with the new model (the
+/// feature statistics describe the same data, so they stay).
+///
+/// # Errors
+/// A model that fails or gives non-finite outputs on the validation set.
+pub fn derive(parent: &Bundle, model: Vec<u8>, training: Training, lineage: Lineage) -> Result<Bundle, BundleError> {
+    let engine = Engine::load(&model)?;
+    let m = &parent.manifest;
+    if engine.signature.outputs != m.outputs || engine.signature.features != m.inputs.len() {
+        return Err(BundleError::Format("the new model's inputs or outputs differ from its parent's".into()));
+    }
+    let x = parent.validation_rows()?;
+    let outputs = engine.run(&x)?;
+    check_finite(&outputs, &m.outputs)?;
+    let measured =
+        measure(m.task, m.baseline.threshold, &outputs, m.primary_output, &x, m.inputs.len(), &parent.validation_targets()?)?;
+    let mut manifest = m.clone();
+    manifest.version = m.version + 1;
+    manifest.parent = parent.sha256();
+    manifest.training = training;
+    manifest.lineage = lineage;
+    manifest.baseline.metrics = measured.metrics;
+    manifest.baseline.predictions = baseline::stats("score", &measured.scores);
+    manifest.baseline.class_shares = measured.class_shares;
+    manifest.files.insert(MODEL.to_string(), sha256_hex(&model));
+    let text = toml::to_string(&manifest).map_err(|e| BundleError::Format(e.to_string()))?;
+    Ok(Bundle {
+        manifest,
+        manifest_bytes: text.into_bytes(),
+        model,
+        validation: parent.validation.clone(),
         signature: None,
     })
 }

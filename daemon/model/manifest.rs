@@ -69,24 +69,67 @@ pub struct Input {
     pub max: f64,
 }
 
-/// How the model may be fine-tuned, and with what: never implicit.
+/// How the model may be fine-tuned, and with what: never implicit. A fine-tuned bundle
+/// carries the values its run actually used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Training {
-    /// "none", "full", "last:N" (the last N layers) or "lora:RANK".
+    /// "none", "full", "last:N" (the last N dense layers) or "lora:RANK" (every dense layer
+    /// of the tail, merged into the weights on export).
     pub trainable: String,
+    /// "sgd" (with `momentum`), "adam" or "adamw".
     pub optimizer: String,
     pub learning_rate: f64,
     pub batch: u32,
     pub epochs: u32,
-    /// Stop after this many epochs without validation improvement.
+    /// Stop after this many epochs without improvement on the early-stopping slice.
     pub early_stopping_patience: u32,
     pub seed: u64,
+    /// "auto" (from the task: softmax cross-entropy, BCE with logits, MSE, reconstruction
+    /// MSE), or one of "cross_entropy", "bce_with_logits", "mse".
+    #[serde(default = "defaults::auto")]
+    pub loss: String,
+    /// L2 for sgd/adam, decoupled for adamw.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::momentum")]
+    pub momentum: f64,
+    /// Clip the global gradient norm to this; 0 = no clipping.
+    #[serde(default)]
+    pub grad_clip: f64,
+    /// "none", "balanced" (n / (classes · count)) or explicit weights "w0,w1,…".
+    #[serde(default = "defaults::none")]
+    pub class_weights: String,
+    /// The newest fraction of the data kept as the fresh holdout the gate judges on.
+    #[serde(default = "defaults::holdout")]
+    pub holdout: f64,
+    /// LoRA scale numerator (scale = alpha / rank); 0 = the rank (scale 1).
+    #[serde(default)]
+    pub lora_alpha: f64,
+}
+
+mod defaults {
+    pub fn auto() -> String {
+        "auto".into()
+    }
+    pub fn none() -> String {
+        "none".into()
+    }
+    pub fn momentum() -> f64 {
+        0.9
+    }
+    pub fn holdout() -> f64 {
+        0.2
+    }
+    pub fn max_forgetting() -> f64 {
+        0.02
+    }
 }
 
 impl Default for Training {
     /// Conservative fine-tuning defaults for small tabular models: the last layer only,
-    /// Adam at a small learning rate, a fixed seed so a run can be repeated.
+    /// Adam at a small learning rate, a fixed seed so a run can be repeated, the newest 20 %
+    /// held out for the gate.
     fn default() -> Self {
         Training {
             trainable: "last:1".into(),
@@ -96,6 +139,13 @@ impl Default for Training {
             epochs: 20,
             early_stopping_patience: 3,
             seed: 0,
+            loss: defaults::auto(),
+            weight_decay: 0.0,
+            momentum: defaults::momentum(),
+            grad_clip: 0.0,
+            class_weights: defaults::none(),
+            holdout: defaults::holdout(),
+            lora_alpha: 0.0,
         }
     }
 }
@@ -107,8 +157,12 @@ pub struct Gate {
     /// A key of `baseline.metrics`.
     pub metric: String,
     pub higher_is_better: bool,
-    /// The challenger must beat the champion by at least this much on held-out data.
+    /// The challenger must beat the champion by more than this on the fresh holdout.
     pub min_improvement: f64,
+    /// ...and may be worse than the champion on the bundle's own validation set by at most
+    /// this fraction of the champion's value (so it cannot forget what it knew).
+    #[serde(default = "defaults::max_forgetting")]
+    pub max_forgetting: f64,
 }
 
 impl Gate {
@@ -119,7 +173,7 @@ impl Gate {
             Task::Regression => ("rmse", false),
             Task::Reconstruction => ("error_p95", false),
         };
-        Gate { metric: metric.into(), higher_is_better, min_improvement: 0.0 }
+        Gate { metric: metric.into(), higher_is_better, min_improvement: 0.0, max_forgetting: defaults::max_forgetting() }
     }
 }
 
@@ -132,4 +186,23 @@ pub struct Lineage {
     /// Where the model came from, and which data the baseline was computed on.
     pub source_model: String,
     pub data: String,
+    /// Set on bundles the device fine-tuned: the run that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tune: Option<FineTune>,
+}
+
+/// The short form of a run record, kept in the bundle it produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FineTune {
+    pub run_id: String,
+    pub backend: String,
+    pub wall_seconds: f64,
+    pub rows_trained: usize,
+    pub holdout_rows: usize,
+    /// Gate metric on the fresh holdout / validation set: champion, then this model.
+    pub holdout_before: f64,
+    pub holdout_after: f64,
+    pub validation_before: f64,
+    pub validation_after: f64,
 }

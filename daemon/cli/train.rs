@@ -1,0 +1,157 @@
+//! `lathe train`: the on-device fine-tune, offline — the same code the daemon runs.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::model::bundle::Bundle;
+use crate::model::registry::write_atomic;
+use crate::train::{self, cpu::Cpu};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The champion bundle to start from.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Fresh labelled data: a CSV with the bundle's feature columns and target, oldest row first.
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the challenger bundle goes if the gate accepts it.
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// The run record is kept in STATE_DIR/runs/.
+    #[arg(long, default_value = "/var/lib/lathe")]
+    state_dir: PathBuf,
+    /// cpu | auto (the CUDA backend is its own build step; auto means CPU in this build).
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Print the run record as JSON.
+    #[arg(long)]
+    json: bool,
+    // Overrides of the bundle's `[training]` (each written into the run record).
+    /// none | full | last:N | lora:RANK
+    #[arg(long)]
+    trainable: Option<String>,
+    /// sgd | adam | adamw
+    #[arg(long)]
+    optimizer: Option<String>,
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    #[arg(long)]
+    epochs: Option<u32>,
+    #[arg(long)]
+    batch: Option<u32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto | cross_entropy | bce_with_logits | mse
+    #[arg(long)]
+    loss: Option<String>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    momentum: Option<f64>,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// none | balanced | w0,w1,…
+    #[arg(long)]
+    class_weights: Option<String>,
+    /// The newest fraction of rows held out for the gate.
+    #[arg(long)]
+    holdout: Option<f64>,
+    #[arg(long)]
+    patience: Option<u32>,
+}
+
+pub fn run(a: TrainArgs) -> Result<(), String> {
+    let champion = Bundle::read(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
+    let csv = std::fs::read_to_string(&a.data).map_err(|e| format!("{}: {e}", a.data.display()))?;
+    let mut t = champion.manifest.training.clone();
+    macro_rules! set {
+        ($($field:ident = $value:expr),*) => { $( if let Some(v) = $value { t.$field = v; } )* };
+    }
+    set!(
+        trainable = a.trainable,
+        optimizer = a.optimizer,
+        learning_rate = a.learning_rate,
+        epochs = a.epochs,
+        batch = a.batch,
+        seed = a.seed,
+        loss = a.loss,
+        weight_decay = a.weight_decay,
+        momentum = a.momentum,
+        grad_clip = a.grad_clip,
+        class_weights = a.class_weights,
+        holdout = a.holdout,
+        early_stopping_patience = a.patience
+    );
+    if !matches!(a.backend.as_str(), "auto" | "cpu") {
+        return Err(format!("--backend {:?}: this build trains on the CPU (auto or cpu)", a.backend));
+    }
+    let name = a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let outcome = train::fine_tune(&Cpu, &champion, &csv, &name, &t)?;
+    let record = &outcome.record;
+    let json = serde_json::to_string_pretty(record).map_err(|e| e.to_string())?;
+    let runs = a.state_dir.join("runs");
+    let kept = std::fs::create_dir_all(&runs)
+        .and_then(|()| write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes()));
+    if let Err(e) = &kept {
+        eprintln!("lathe: warning: the run record was not kept in {}: {e}", runs.display());
+    }
+    if let Some(b) = &outcome.challenger {
+        let bytes = b.to_bytes().map_err(|e| e.to_string())?;
+        write_atomic(&a.output, &bytes).map_err(|e| format!("{}: {e}", a.output.display()))?;
+    }
+    if a.json {
+        println!("{json}");
+    } else {
+        print_summary(record, &a.output);
+    }
+    match &outcome.challenger {
+        Some(_) => Ok(()),
+        None => Err(format!("no new bundle: {}", record.outcome)),
+    }
+}
+
+fn print_summary(r: &train::RunRecord, output: &std::path::Path) {
+    let h = &r.hyperparameters;
+    println!("run {} on {} ({:.2} s)", r.run_id, r.backend, r.wall_seconds);
+    let dropped: usize = r.rows_dropped.values().sum();
+    println!(
+        "  data: {} rows used ({dropped} dropped {:?}); train {}, early stopping {}, holdout {} (newest)",
+        r.rows_used, r.rows_dropped, r.train_rows, r.early_stop_rows, r.holdout_rows
+    );
+    let trains: Vec<&str> = r.layers.iter().filter(|l| l.trains).map(|l| l.node.as_str()).collect();
+    println!(
+        "  trains {} ({} values, {:?} loss): {}",
+        h.trainable,
+        r.trainable_values,
+        r.loss,
+        trains.join(", ")
+    );
+    println!(
+        "  {} lr {} batch {} epochs {} (best {}{}), seed {}",
+        h.optimizer,
+        h.learning_rate,
+        h.batch,
+        r.epochs.len(),
+        r.best_epoch,
+        if r.stopped_early { ", stopped early" } else { "" },
+        h.seed
+    );
+    if let Some(g) = &r.gate {
+        let m = |map: &std::collections::BTreeMap<String, f64>| map.get(&g.metric).copied().unwrap_or(f64::NAN);
+        println!(
+            "  gate ({}): holdout {:.4} -> {:.4}, validation {:.4} -> {:.4}",
+            g.metric,
+            m(&g.champion_holdout),
+            m(&g.challenger_holdout),
+            m(&g.champion_validation),
+            m(&g.challenger_validation)
+        );
+    }
+    println!("  {}", r.outcome);
+    if let Some(v) = r.output_version {
+        println!("  wrote {} (version {v})", output.display());
+    }
+}

@@ -1,0 +1,131 @@
+//! The `Backend` trait: the whole op set fine-tuning needs, on buffers the backend owns.
+//!
+//! The trainer (`net.rs`) only ever talks to this trait, so the CPU backend (`cpu.rs`) and the
+//! CUDA backend (its own issue) run the same training code. Buffers are opaque (`Self::Buf`):
+//! host memory on the CPU, device memory on a GPU. Matrices are row-major f32; every op takes
+//! its sizes explicitly, so a buffer allocated for the largest batch serves a smaller last batch.
+//! Only `loss` and `sum_squares` bring a number back to the host (once per step).
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendError(pub String);
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Element-wise (or row-wise, for softmax) activations a dense tail uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Relu,
+    LeakyRelu(f32),
+    Sigmoid,
+    Tanh,
+    /// Along each row (the last axis).
+    Softmax,
+}
+
+/// `c = alpha · op(a) · op(b) + beta · c` with `op(a)` m×k and `op(b)` k×n; `trans_a` means `a`
+/// is stored k×m (and is used transposed), likewise `trans_b` (n×k).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// Mean over every element of (output − target)²; also the reconstruction loss.
+    Mse,
+    /// Binary cross-entropy on logits (one output column, targets 0/1), weighted mean.
+    BceWithLogits,
+    /// Softmax cross-entropy on logits, target = class index, weighted mean (PyTorch's
+    /// `CrossEntropyLoss(weight=…)`: Σ wᵧ·lossᵢ / Σ wᵧ).
+    SoftmaxCrossEntropy,
+}
+
+/// One optimizer update, PyTorch's definitions (`torch.optim.SGD/Adam/AdamW`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Update {
+    /// `g += wd·p; buf = momentum·buf + g; p -= lr·buf`.
+    Sgd { lr: f32, momentum: f32, weight_decay: f32 },
+    /// Adam with L2 (`g += wd·p`) when `decoupled` is false; AdamW (`p *= 1 − lr·wd`) when true.
+    /// `step` counts from 1 (bias correction).
+    Adam { lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, decoupled: bool, step: u32 },
+}
+
+pub trait Backend {
+    type Buf;
+
+    /// Named in run records ("cpu", "cuda:Orin").
+    fn name(&self) -> String;
+    /// A zeroed buffer of `len` values.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// Overwrites the first `host.len()` values of `dst`.
+    fn write(&self, dst: &mut Self::Buf, host: &[f32]) -> Result<()>;
+    /// Reads the first `host.len()` values of `src`.
+    fn read(&self, src: &Self::Buf, host: &mut [f32]) -> Result<()>;
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, len: usize) -> Result<()>;
+
+    fn gemm(&self, g: Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()>;
+    /// `y[r, c] += bias[c]`.
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize) -> Result<()>;
+    /// `db[c] = Σ_r dy[r, c]`.
+    fn bias_grad(&self, dy: &Self::Buf, rows: usize, cols: usize, db: &mut Self::Buf) -> Result<()>;
+    /// `y = f(x)`.
+    fn activation(&self, f: Activation, x: &Self::Buf, y: &mut Self::Buf, rows: usize, cols: usize) -> Result<()>;
+    /// `dx = dy · f'(x)`, given the forward pass's input `x` and output `y`.
+    #[allow(clippy::too_many_arguments)]
+    fn activation_grad(
+        &self,
+        f: Activation,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// The loss of `out` (rows×cols) against `target` (rows×cols, or rows class indices for
+    /// softmax cross-entropy) and its gradient with respect to `out`. `class_weights` (one per
+    /// class; for BCE `[w0, w1]`) weight the mean.
+    #[allow(clippy::too_many_arguments)]
+    fn loss(
+        &self,
+        loss: Loss,
+        out: &Self::Buf,
+        target: &Self::Buf,
+        class_weights: Option<&Self::Buf>,
+        rows: usize,
+        cols: usize,
+        grad: &mut Self::Buf,
+    ) -> Result<f32>;
+    /// Σ x² over the first `len` values (for gradient clipping by global norm).
+    fn sum_squares(&self, x: &Self::Buf, len: usize) -> Result<f32>;
+    fn scale(&self, x: &mut Self::Buf, len: usize, factor: f32) -> Result<()>;
+    /// Applies one update to `param` from `grad`, with its state buffers (`m`: momentum or
+    /// first moment, `v`: second moment; unused by SGD).
+    fn update(
+        &self,
+        u: Update,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        len: usize,
+    ) -> Result<()>;
+}

@@ -1,0 +1,101 @@
+//! Training data from a CSV: rows checked against the manifest exactly as live messages are
+//! (a row the daemon would reject is not trained on), counted by reason, kept in file order —
+//! which is time order — so the newest rows can be held out.
+
+use std::collections::BTreeMap;
+
+use crate::model::bundle::parse_csv;
+use crate::model::manifest::{Manifest, Task};
+
+pub struct Dataset {
+    /// Feature rows in model order, row-major.
+    pub x: Vec<f32>,
+    /// Target per row (class index or value); empty for reconstruction.
+    pub y: Vec<f64>,
+    pub rows: usize,
+    pub features: usize,
+    /// Rows dropped, by reason (`non_numeric`, `non_finite`, `out_of_range`, `bad_target`).
+    pub dropped: BTreeMap<String, usize>,
+}
+
+/// Reads `csv` for a model with `classes` output classes (0 for regression/reconstruction).
+///
+/// # Errors
+/// A CSV that cannot be parsed or lacks a feature or target column.
+pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, String> {
+    let table = parse_csv(csv).map_err(|e| e.to_string())?;
+    let column = |name: &str| {
+        table.header.iter().position(|h| h == name).ok_or_else(|| format!("the data has no column {name:?}"))
+    };
+    let cols: Vec<usize> = manifest.inputs.iter().map(|i| column(&i.name)).collect::<Result<_, _>>()?;
+    let target = match manifest.task {
+        Task::Reconstruction => None,
+        _ => Some(column(&manifest.target)?),
+    };
+    let mut data = Dataset {
+        x: Vec::with_capacity(table.rows.len() * cols.len()),
+        y: Vec::with_capacity(table.rows.len()),
+        rows: 0,
+        features: cols.len(),
+        dropped: BTreeMap::new(),
+    };
+    for row in &table.rows {
+        let reason = cols.iter().zip(&manifest.inputs).find_map(|(&c, input)| {
+            let v = row[c];
+            if v.is_nan() {
+                Some("non_numeric")
+            } else if !v.is_finite() {
+                Some("non_finite")
+            } else if v < input.min || v > input.max {
+                Some("out_of_range")
+            } else {
+                None
+            }
+        });
+        let reason = reason.or_else(|| {
+            let t = row[target?];
+            let bad = match manifest.task {
+                Task::Binary | Task::Multiclass => !(t >= 0.0 && t.fract() == 0.0 && (t as usize) < classes.max(2)),
+                _ => !t.is_finite(),
+            };
+            bad.then_some("bad_target")
+        });
+        if let Some(reason) = reason {
+            *data.dropped.entry(reason.to_string()).or_default() += 1;
+            continue;
+        }
+        data.x.extend(cols.iter().map(|&c| row[c] as f32));
+        if let Some(t) = target {
+            data.y.push(row[t]);
+        }
+        data.rows += 1;
+    }
+    Ok(data)
+}
+
+/// Row ranges of a time-ordered split: `[train | early stopping | holdout]`. The newest
+/// `holdout` fraction is the gate's fresh holdout; the 10 % before it decides early stopping,
+/// so the gate judges on rows no training decision has seen.
+pub struct Split {
+    pub train: std::ops::Range<usize>,
+    pub early_stop: std::ops::Range<usize>,
+    pub holdout: std::ops::Range<usize>,
+}
+
+/// # Errors
+/// Too few rows to train, stop and judge on.
+pub fn split(rows: usize, holdout: f64) -> Result<Split, String> {
+    if !(0.05..=0.5).contains(&holdout) {
+        return Err(format!("holdout = {holdout}; expected a fraction from 0.05 to 0.5"));
+    }
+    let h = ((rows as f64) * holdout).ceil() as usize;
+    let rest = rows.saturating_sub(h);
+    let e = (rest / 10).max(1);
+    let t = rest.saturating_sub(e);
+    if t < 20 || h < 10 {
+        return Err(format!(
+            "{rows} usable rows is too few: need at least 20 to train on and 10 to hold out (holdout = {holdout})"
+        ));
+    }
+    Ok(Split { train: 0..t, early_stop: t..t + e, holdout: t + e..rows })
+}

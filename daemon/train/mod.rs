@@ -1,0 +1,485 @@
+//! On-device fine-tuning: from a champion bundle and fresh data to a gated challenger bundle.
+//!
+//! ```text
+//! data.csv ─ data (checked like live input, time-ordered split)
+//!          ─ frozen part (inference engine) ─ frozen tail layers (once)
+//!          ─ Net on a Backend (train, early stopping) ─ graph::export (same graph, new weights)
+//!          ─ gate (champion vs challenger, both run by the inference engine)
+//!          ─ bundle::derive (version + 1, lineage) + run record
+//! ```
+//! The daemon's store (a later stage) feeds the same `fine_tune`.
+
+pub mod backend;
+pub mod cpu;
+pub mod data;
+pub mod graph;
+pub mod net;
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::infer::engine::Engine;
+use crate::model::bundle::{self, Bundle};
+use crate::model::manifest::{FineTune, Lineage, Task, Training};
+use backend::{Backend, Loss, Update};
+use graph::{DenseLayer, Tail};
+use net::{Mode, Net, Rng};
+
+/// What the trainable part of a bundle is: its tail, and how many of its layers train.
+pub struct Plan {
+    pub tail: Tail,
+    pub mode: Mode,
+    /// Index of the first training layer (`last:N` leaves the ones before it frozen).
+    pub first_trained: usize,
+    pub loss: Loss,
+}
+
+fn parse_trainable(spec: &str, layers: usize, seed: u64, lora_alpha: f64) -> Result<(Mode, usize), String> {
+    let count = |s: &str| s.parse::<usize>().ok().filter(|&n| n > 0);
+    match spec.split_once(':') {
+        None if spec == "full" => Ok((Mode::Full, 0)),
+        None if spec == "none" => Err("training.trainable = \"none\": this bundle is not to be fine-tuned".into()),
+        Some(("last", n)) => match count(n) {
+            Some(n) if n <= layers => Ok((Mode::Full, layers - n)),
+            Some(n) => Err(format!("trainable = \"last:{n}\" but the tail has {layers} dense layer(s)")),
+            None => Err(format!("trainable = {spec:?}: N must be a positive whole number")),
+        },
+        Some(("lora", r)) => match count(r) {
+            Some(rank) => {
+                let alpha = if lora_alpha > 0.0 { lora_alpha as f32 } else { rank as f32 };
+                Ok((Mode::Lora { rank, alpha, seed }, 0))
+            }
+            None => Err(format!("trainable = {spec:?}: the rank must be a positive whole number")),
+        },
+        _ => Err(format!("trainable = {spec:?}; expected none, full, last:N or lora:RANK")),
+    }
+}
+
+/// Decides what trains and with which loss; the check `lathe bundle create` runs too, so a
+/// model that cannot be fine-tuned is refused when it is bundled, not months later.
+///
+/// # Errors
+/// No trainable tail (naming the node that stopped it), a bad `trainable`, or a loss that
+/// does not fit the model's output.
+pub fn plan(onnx: &[u8], output: &str, task: Task, training: &Training) -> Result<Plan, String> {
+    let tail = graph::tail_of(onnx, output)?;
+    let (mode, first_trained) =
+        parse_trainable(&training.trainable, tail.layers.len(), training.seed, training.lora_alpha)?;
+    let out = tail.out_dim();
+    let loss = match (training.loss.as_str(), task) {
+        ("auto", Task::Binary) if out == 1 => Loss::BceWithLogits,
+        ("auto", Task::Binary | Task::Multiclass) => Loss::SoftmaxCrossEntropy,
+        ("auto", Task::Regression | Task::Reconstruction) => Loss::Mse,
+        ("cross_entropy", _) => Loss::SoftmaxCrossEntropy,
+        ("bce_with_logits", _) => Loss::BceWithLogits,
+        ("mse", _) => Loss::Mse,
+        (other, _) => return Err(format!("loss = {other:?}; expected auto, cross_entropy, bce_with_logits or mse")),
+    };
+    match (loss, task) {
+        (Loss::BceWithLogits, _) if out != 1 => return Err(format!("bce_with_logits needs 1 output value; {out} here")),
+        (Loss::SoftmaxCrossEntropy, _) if out < 2 => return Err("cross_entropy needs 2 or more classes".into()),
+        (Loss::Mse, Task::Regression) if out != 1 => {
+            return Err(format!("a regression tail must give 1 value; this one gives {out}"))
+        }
+        (_, Task::Reconstruction) if loss != Loss::Mse => return Err("reconstruction models train with mse".into()),
+        _ => {}
+    }
+    Ok(Plan { tail, mode, first_trained, loss })
+}
+
+/// The gate's verdict and the numbers behind it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateReport {
+    pub metric: String,
+    pub higher_is_better: bool,
+    pub min_improvement: f64,
+    pub max_forgetting: f64,
+    pub champion_holdout: BTreeMap<String, f64>,
+    pub challenger_holdout: BTreeMap<String, f64>,
+    pub champion_validation: BTreeMap<String, f64>,
+    pub challenger_validation: BTreeMap<String, f64>,
+    /// Gate metric gain on the holdout (positive = better, whichever direction is better).
+    pub improvement: f64,
+    /// How much worse on the validation set, as a fraction of the champion's value.
+    pub forgetting: f64,
+    pub accepted: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRecord {
+    pub epoch: u32,
+    pub train_loss: f64,
+    pub early_stop_loss: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerRecord {
+    pub node: String,
+    pub inputs: usize,
+    pub outputs: usize,
+    pub trains: bool,
+}
+
+/// Everything a run used and decided; printed by `lathe train`, kept in `state_dir/runs/`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub bundle: String,
+    pub version: u64,
+    pub sha256: String,
+    pub started_unix: u64,
+    pub wall_seconds: f64,
+    pub backend: String,
+    pub data: String,
+    pub rows_used: usize,
+    pub rows_dropped: BTreeMap<String, usize>,
+    pub train_rows: usize,
+    pub early_stop_rows: usize,
+    pub holdout_rows: usize,
+    pub hyperparameters: Training,
+    pub loss: Loss,
+    pub class_weights: Vec<f32>,
+    pub tail_input: String,
+    pub tail_stopped_by: String,
+    pub layers: Vec<LayerRecord>,
+    pub trainable_values: usize,
+    pub epochs: Vec<EpochRecord>,
+    pub best_epoch: u32,
+    pub stopped_early: bool,
+    pub gate: Option<GateReport>,
+    /// The challenger bundle's version and sha256 when the gate accepted it.
+    pub output_version: Option<u64>,
+    pub output_sha256: Option<String>,
+    pub outcome: String,
+}
+
+pub struct Outcome {
+    pub record: RunRecord,
+    /// The new bundle, when the gate accepted it.
+    pub challenger: Option<Bundle>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn class_weights(spec: &str, y: &[f64], classes: usize) -> Result<Vec<f32>, String> {
+    match spec {
+        "none" | "" => Ok(Vec::new()),
+        "balanced" => {
+            // scikit-learn's "balanced": n / (classes · count_c); a class absent from the data gets 1.
+            let mut counts = vec![0usize; classes];
+            for &t in y {
+                if let Some(c) = counts.get_mut(t as usize) {
+                    *c += 1;
+                }
+            }
+            let n = y.len() as f64;
+            Ok(counts.iter().map(|&c| if c == 0 { 1.0 } else { (n / (classes as f64 * c as f64)) as f32 }).collect())
+        }
+        list => {
+            let w: Vec<f32> = list
+                .split(',')
+                .map(|s| s.trim().parse::<f32>().ok().filter(|w| w.is_finite() && *w >= 0.0))
+                .collect::<Option<_>>()
+                .ok_or_else(|| format!("class_weights = {list:?}; expected none, balanced or w0,w1,…"))?;
+            if w.len() != classes {
+                return Err(format!("class_weights gives {} weights for {classes} classes", w.len()));
+            }
+            Ok(w)
+        }
+    }
+}
+
+fn update_rule(t: &Training) -> Result<Update, String> {
+    let (lr, wd) = (t.learning_rate as f32, t.weight_decay as f32);
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(format!("learning_rate = {}; expected a positive number", t.learning_rate));
+    }
+    let adam = |decoupled| Update::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd, decoupled, step: 0 };
+    match t.optimizer.as_str() {
+        "sgd" => Ok(Update::Sgd { lr, momentum: t.momentum as f32, weight_decay: wd }),
+        "adam" => Ok(adam(false)),
+        "adamw" => Ok(adam(true)),
+        other => Err(format!("optimizer = {other:?}; expected sgd, adam or adamw")),
+    }
+}
+
+/// Runs the frozen part of the model (everything before the tail) on raw rows.
+fn frozen_features(model: &[u8], tail: &Tail, x: &[f32]) -> Result<Vec<f32>, String> {
+    if tail.starts_at_model_input {
+        return Ok(x.to_vec());
+    }
+    let frozen = graph::frozen_part(model, &tail.input)?;
+    let engine = Engine::load(&frozen).map_err(|e| format!("the frozen part of the model: {e}"))?;
+    let out = engine.run(x).map_err(|e| format!("the frozen part of the model: {e}"))?;
+    let (values, width) = (out.values.into_iter().next().unwrap_or_default(), out.per_row.first().copied().unwrap_or(0));
+    if width != tail.in_dim() {
+        return Err(format!("the frozen part gives {width} values per row; the tail takes {}", tail.in_dim()));
+    }
+    Ok(values)
+}
+
+fn gate_metric(metrics: &BTreeMap<String, f64>, name: &str) -> Result<f64, String> {
+    metrics.get(name).copied().ok_or_else(|| format!("gate metric {name:?} is not measured for this task"))
+}
+
+/// Judges champion against challenger, both run by the inference engine from their ONNX bytes.
+fn judge(champion: &Bundle, challenger: &[u8], holdout_x: &[f32], holdout_y: &[f64]) -> Result<GateReport, String> {
+    let m = &champion.manifest;
+    let gate = &m.gate;
+    let f = m.inputs.len();
+    let (vx, vy) = (champion.validation_rows().map_err(|e| e.to_string())?, champion.validation_targets().map_err(|e| e.to_string())?);
+    let score = |model: &[u8], x: &[f32], y: &[f64]| -> Result<BTreeMap<String, f64>, String> {
+        let engine = Engine::load(model).map_err(|e| e.to_string())?;
+        let out = engine.run(x).map_err(|e| e.to_string())?;
+        Ok(bundle::measure(m.task, m.baseline.threshold, &out, m.primary_output, x, f, y).map_err(|e| e.to_string())?.metrics)
+    };
+    let (ch, cv) = (score(&champion.model, holdout_x, holdout_y)?, score(&champion.model, &vx, &vy)?);
+    let (nh, nv) = (score(challenger, holdout_x, holdout_y)?, score(challenger, &vx, &vy)?);
+    let sign = if gate.higher_is_better { 1.0 } else { -1.0 };
+    let (before, after) = (gate_metric(&ch, &gate.metric)?, gate_metric(&nh, &gate.metric)?);
+    let (kept, now) = (gate_metric(&cv, &gate.metric)?, gate_metric(&nv, &gate.metric)?);
+    let improvement = sign * (after - before);
+    let forgetting = sign * (kept - now) / kept.abs().max(1e-12);
+    let (accepted, reason) = if !(improvement.is_finite() && forgetting.is_finite()) {
+        (false, format!("{} is not a number on this data", gate.metric))
+    } else if improvement <= gate.min_improvement {
+        (
+            false,
+            format!(
+                "{} on the fresh holdout {after:.4} vs the champion's {before:.4}: not better by more than {}",
+                gate.metric, gate.min_improvement
+            ),
+        )
+    } else if forgetting > gate.max_forgetting {
+        (
+            false,
+            format!(
+                "{} on the validation set fell from {kept:.4} to {now:.4} ({:.1} % worse; at most {:.1} % allowed)",
+                gate.metric,
+                forgetting * 100.0,
+                gate.max_forgetting * 100.0
+            ),
+        )
+    } else {
+        (
+            true,
+            format!(
+                "{} on the fresh holdout {before:.4} -> {after:.4}; on the validation set {kept:.4} -> {now:.4}",
+                gate.metric
+            ),
+        )
+    };
+    Ok(GateReport {
+        metric: gate.metric.clone(),
+        higher_is_better: gate.higher_is_better,
+        min_improvement: gate.min_improvement,
+        max_forgetting: gate.max_forgetting,
+        champion_holdout: ch,
+        challenger_holdout: nh,
+        champion_validation: cv,
+        challenger_validation: nv,
+        improvement,
+        forgetting,
+        accepted,
+        reason,
+    })
+}
+
+/// Gathers rows `idx` of a row-major matrix `m` (`w` values per row) into `out`.
+fn gather(m: &[f32], w: usize, idx: &[usize], out: &mut Vec<f32>) {
+    out.clear();
+    for &i in idx {
+        out.extend_from_slice(&m[i * w..(i + 1) * w]);
+    }
+}
+
+/// Fine-tunes `champion` on `csv` (named `data_name` in records) with `training`.
+///
+/// # Errors
+/// Anything that stops a run from reaching the gate: data, model or backend. A run the gate
+/// refuses is not an error: its record says why.
+pub fn fine_tune<B: Backend>(
+    backend: &B,
+    champion: &Bundle,
+    csv: &str,
+    data_name: &str,
+    training: &Training,
+) -> Result<Outcome, String> {
+    let started = Instant::now();
+    let started_unix = now_unix();
+    let m = &champion.manifest;
+    let output = m.outputs.get(m.primary_output).ok_or("primary_output out of range")?;
+    let plan = plan(&champion.model, output, m.task, training)?;
+    let classes = match plan.loss {
+        Loss::BceWithLogits => 2,
+        Loss::SoftmaxCrossEntropy => plan.tail.out_dim(),
+        Loss::Mse => 0,
+    };
+    let data = data::load(m, csv, classes)?;
+    let split = data::split(data.rows, training.holdout)?;
+    let f = data.features;
+
+    // Everything that does not train is computed once, up front.
+    let mut z = frozen_features(&champion.model, &plan.tail, &data.x)?;
+    let frozen_layers = &plan.tail.layers[..plan.first_trained];
+    let mut trained: Vec<DenseLayer> = plan.tail.layers[plan.first_trained..].to_vec();
+    if !frozen_layers.is_empty() {
+        let mut frozen = Net::new(backend, frozen_layers, Mode::Frozen, 1024, 1).map_err(|e| e.to_string())?;
+        z = frozen.predict(backend, &z).map_err(|e| e.to_string())?;
+    }
+    // Softmax/sigmoid at the very end belong to the loss (it works on logits).
+    if let Some(last) = trained.last_mut() {
+        let head = match plan.loss {
+            Loss::SoftmaxCrossEntropy => Some(backend::Activation::Softmax),
+            Loss::BceWithLogits => Some(backend::Activation::Sigmoid),
+            Loss::Mse => None,
+        };
+        if head.is_some() && last.activations.last().copied() == head {
+            last.activations.pop();
+        }
+    }
+    let d_in = trained.first().map_or(0, |l| l.in_dim);
+    let (target, tw): (Vec<f32>, usize) = match m.task {
+        Task::Reconstruction => (data.x.clone(), f),
+        _ => (data.y.iter().map(|&v| v as f32).collect(), 1),
+    };
+    let weights = class_weights(&training.class_weights, &data.y[split.train.clone()], classes.max(1))?;
+    let update = update_rule(training)?;
+    let batch = (training.batch as usize).max(1);
+    let mut net = Net::new(backend, &trained, plan.mode, batch, tw).map_err(|e| e.to_string())?;
+    if !weights.is_empty() {
+        net.set_class_weights(backend, &weights).map_err(|e| e.to_string())?;
+    }
+    let clip = (training.grad_clip > 0.0).then_some(training.grad_clip as f32);
+    let es = split.early_stop.clone();
+    let es_x = &z[es.start * d_in..es.end * d_in];
+    let es_y = &target[es.start * tw..es.end * tw];
+
+    let mut best = net.evaluate(backend, plan.loss, es_x, es_y, tw).map_err(|e| e.to_string())?;
+    let mut best_snapshot = net.snapshot(backend).map_err(|e| e.to_string())?;
+    let (mut best_epoch, mut stopped_early, mut diverged) = (0u32, false, false);
+    let mut epochs = Vec::new();
+    let mut rng = Rng::new(training.seed);
+    let mut order: Vec<usize> = split.train.clone().collect();
+    let (mut xb, mut yb) = (Vec::with_capacity(batch * d_in), Vec::with_capacity(batch * tw));
+    for epoch in 1..=training.epochs {
+        rng.shuffle(&mut order);
+        let (mut sum, mut seen) = (0.0f64, 0usize);
+        for idx in order.chunks(batch) {
+            gather(&z, d_in, idx, &mut xb);
+            gather(&target, tw, idx, &mut yb);
+            let l = net.train_step(backend, &xb, &yb, plan.loss, update, clip).map_err(|e| e.to_string())?;
+            sum += f64::from(l) * idx.len() as f64;
+            seen += idx.len();
+        }
+        let es_loss = net.evaluate(backend, plan.loss, es_x, es_y, tw).map_err(|e| e.to_string())?;
+        let train_loss = sum / seen.max(1) as f64;
+        epochs.push(EpochRecord { epoch, train_loss, early_stop_loss: es_loss });
+        if !train_loss.is_finite() || !es_loss.is_finite() {
+            diverged = true;
+            break;
+        }
+        if es_loss < best {
+            best = es_loss;
+            best_epoch = epoch;
+            best_snapshot = net.snapshot(backend).map_err(|e| e.to_string())?;
+        } else if epoch - best_epoch >= training.early_stopping_patience.max(1) {
+            stopped_early = epoch < training.epochs;
+            break;
+        }
+    }
+    net.restore(backend, &best_snapshot).map_err(|e| e.to_string())?;
+
+    // The whole tail, trained layers with their new weights (activations as in the graph).
+    let mut layers = plan.tail.layers.clone();
+    let new = net.weights(backend, &plan.tail.layers[plan.first_trained..]).map_err(|e| e.to_string())?;
+    layers.splice(plan.first_trained.., new);
+    let model = graph::export(&champion.model, &layers)?;
+
+    let hx = &data.x[split.holdout.start * f..split.holdout.end * f];
+    let hy: &[f64] = if data.y.is_empty() { &[] } else { &data.y[split.holdout.clone()] };
+    let gate = if diverged { None } else { Some(judge(champion, &model, hx, hy)?) };
+    let run_id = format!("{}-v{}-{}", m.name, m.version, started_unix);
+    let mut record = RunRecord {
+        run_id: run_id.clone(),
+        bundle: m.name.clone(),
+        version: m.version,
+        sha256: champion.sha256(),
+        started_unix,
+        wall_seconds: 0.0,
+        backend: backend.name(),
+        data: data_name.to_string(),
+        rows_used: data.rows,
+        rows_dropped: data.dropped.clone(),
+        train_rows: split.train.len(),
+        early_stop_rows: split.early_stop.len(),
+        holdout_rows: split.holdout.len(),
+        hyperparameters: training.clone(),
+        loss: plan.loss,
+        class_weights: weights,
+        tail_input: plan.tail.input.clone(),
+        tail_stopped_by: plan.tail.stopped_by.clone(),
+        layers: plan
+            .tail
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LayerRecord {
+                node: l.node.clone(),
+                inputs: l.in_dim,
+                outputs: l.out_dim,
+                trains: i >= plan.first_trained,
+            })
+            .collect(),
+        trainable_values: net.trainable_values(),
+        epochs,
+        best_epoch,
+        stopped_early,
+        gate: gate.clone(),
+        output_version: None,
+        output_sha256: None,
+        outcome: String::new(),
+    };
+    let challenger = match &gate {
+        None => {
+            record.outcome = "refused: the loss diverged (not finite)".into();
+            None
+        }
+        Some(g) if !g.accepted => {
+            record.outcome = format!("refused: {}", g.reason);
+            None
+        }
+        Some(g) => {
+            let metric = |map: &BTreeMap<String, f64>| map.get(&g.metric).copied().unwrap_or(f64::NAN);
+            let lineage = Lineage {
+                created_by: format!("lathe train {} (run {run_id})", env!("CARGO_PKG_VERSION")),
+                created_unix: now_unix(),
+                source_model: m.lineage.source_model.clone(),
+                data: format!("{data_name} ({} rows, newest {} held out)", data.rows, split.holdout.len()),
+                fine_tune: Some(FineTune {
+                    run_id: run_id.clone(),
+                    backend: backend.name(),
+                    wall_seconds: started.elapsed().as_secs_f64(),
+                    rows_trained: split.train.len(),
+                    holdout_rows: split.holdout.len(),
+                    holdout_before: metric(&g.champion_holdout),
+                    holdout_after: metric(&g.challenger_holdout),
+                    validation_before: metric(&g.champion_validation),
+                    validation_after: metric(&g.challenger_validation),
+                }),
+            };
+            let b = bundle::derive(champion, model, training.clone(), lineage).map_err(|e| e.to_string())?;
+            record.output_version = Some(b.manifest.version);
+            record.output_sha256 = Some(b.sha256());
+            record.outcome = format!("accepted: {}", g.reason);
+            Some(b)
+        }
+    };
+    record.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(Outcome { record, challenger })
+}

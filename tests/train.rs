@@ -1,0 +1,221 @@
+//! The trainer against PyTorch and against finite differences, and `lathe train` end to end on
+//! real Shuttle rows: a fine-tune that helps is accepted, one on poisoned labels is refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use lathe::train::backend::{Activation, Loss, Update};
+use lathe::train::cpu::Cpu;
+use lathe::train::graph::{self, DenseLayer};
+use lathe::train::net::{Mode, Net};
+use serde_json::Value;
+
+fn fixture(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn initializers(onnx: &[u8]) -> BTreeMap<String, Vec<f32>> {
+    use prost::Message;
+    let proto = tract_onnx::pb::ModelProto::decode(onnx).unwrap();
+    proto.graph.unwrap().initializer.iter().map(|t| (t.name.clone(), graph::floats(t).unwrap().0)).collect()
+}
+
+/// Same initial weights (the exported ONNX), same batches in the same order, same
+/// hyperparameters as PyTorch: per-step loss within 1e-4 relative, final weights close.
+#[test]
+fn training_matches_pytorch_step_by_step_for_every_optimizer_and_loss() {
+    let vectors: Value = serde_json::from_slice(&std::fs::read(fixture("train/vectors.json")).unwrap()).unwrap();
+    let x = floats(&vectors["x"]);
+    let f = vectors["features"].as_u64().unwrap() as usize;
+    let batches: Vec<Vec<usize>> = vectors["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as usize).collect())
+        .collect();
+    let cases = vectors["cases"].as_array().unwrap();
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let onnx = std::fs::read(fixture(&format!("train/{}", case["model"].as_str().unwrap()))).unwrap();
+        let tail = graph::tail_of(&onnx, "y").unwrap();
+        assert!(tail.starts_at_model_input, "{name}: the whole PyTorch model is a dense tail");
+        let loss = match case["loss"].as_str().unwrap() {
+            "cross_entropy" => Loss::SoftmaxCrossEntropy,
+            "bce_with_logits" => Loss::BceWithLogits,
+            _ => Loss::Mse,
+        };
+        let tw = case["target_width"].as_u64().unwrap() as usize;
+        let target = floats(&case["target"]);
+        let (lr, wd) = (case["lr"].as_f64().unwrap() as f32, case["weight_decay"].as_f64().unwrap() as f32);
+        let update = match case["optimizer"].as_str().unwrap() {
+            "sgd" => Update::Sgd { lr, momentum: case["momentum"].as_f64().unwrap() as f32, weight_decay: wd },
+            opt => Update::Adam {
+                lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: wd,
+                decoupled: opt == "adamw",
+                step: 0,
+            },
+        };
+        let clip = case["grad_clip"].as_f64().unwrap() as f32;
+        let mut net = Net::new(&Cpu, &tail.layers, Mode::Full, 32, tw).unwrap();
+        let weights = floats(&case["class_weights"]);
+        if !weights.is_empty() {
+            net.set_class_weights(&Cpu, &weights).unwrap();
+        }
+        let expected = floats(&case["losses"]);
+        let (mut xb, mut yb) = (Vec::new(), Vec::new());
+        for (step, idx) in batches.iter().enumerate() {
+            xb.clear();
+            yb.clear();
+            for &i in idx {
+                xb.extend_from_slice(&x[i * f..(i + 1) * f]);
+                yb.extend_from_slice(&target[i * tw..(i + 1) * tw]);
+            }
+            let got = net.train_step(&Cpu, &xb, &yb, loss, update, (clip > 0.0).then_some(clip)).unwrap();
+            let want = expected[step];
+            assert!(
+                ((got - want) / want).abs() < 1e-4,
+                "{name} step {step}: loss {got} vs PyTorch {want}"
+            );
+        }
+        let trained = net.weights(&Cpu, &tail.layers).unwrap();
+        let exported = initializers(&graph::export(&onnx, &trained).unwrap());
+        for (param, want) in case["final"].as_object().unwrap() {
+            let want = floats(want);
+            let got = &exported[param];
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max);
+            assert!(worst < 1e-3, "{name}: {param} differs from PyTorch by {worst}");
+        }
+    }
+}
+
+/// Central differences on a tiny net, for every activation and loss: backprop's gradient of
+/// each weight matches (L(w+h) − L(w−h)) / 2h.
+#[test]
+fn gradients_match_finite_differences_for_every_op_and_loss() {
+    let acts = [
+        Activation::Relu,
+        Activation::LeakyRelu(0.1),
+        Activation::Sigmoid,
+        Activation::Tanh,
+        Activation::Softmax,
+    ];
+    let mut seed = 12345u64;
+    let mut rand = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+    };
+    let (rows, d_in, hidden, classes) = (6, 4, 5, 3);
+    let x: Vec<f32> = (0..rows * d_in).map(|_| rand()).collect();
+    for act in acts {
+        for loss in [Loss::Mse, Loss::BceWithLogits, Loss::SoftmaxCrossEntropy] {
+            let out = if loss == Loss::BceWithLogits { 1 } else { classes };
+            let layer = |i, o, acts: Vec<Activation>, r: &mut dyn FnMut() -> f32| {
+                let template = graph::tail_of(&std::fs::read(fixture("train/binary-adam.onnx")).unwrap(), "y")
+                    .unwrap()
+                    .layers
+                    .remove(0);
+                let mut l: DenseLayer = template;
+                l.in_dim = i;
+                l.out_dim = o;
+                l.weight = (0..i * o).map(|_| r()).collect();
+                l.bias = Some((0..o).map(|_| r() * 0.1).collect());
+                l.activations = acts;
+                l
+            };
+            let layers = vec![layer(d_in, hidden, vec![act], &mut rand), layer(hidden, out, vec![], &mut rand)];
+            let (target, tw): (Vec<f32>, usize) = match loss {
+                Loss::Mse => ((0..rows * out).map(|_| rand()).collect(), out),
+                Loss::BceWithLogits => ((0..rows).map(|i| (i % 2) as f32).collect(), 1),
+                Loss::SoftmaxCrossEntropy => ((0..rows).map(|i| (i % classes) as f32).collect(), 1),
+            };
+            let weights = [1.0, 2.0, 0.5];
+            // Plain SGD with lr 1 makes the update equal to the gradient: w' = w − g.
+            let sgd = Update::Sgd { lr: 1.0, momentum: 0.0, weight_decay: 0.0 };
+            let loss_at = |layers: &[DenseLayer]| -> f64 {
+                let mut net = Net::new(&Cpu, layers, Mode::Full, rows, tw).unwrap();
+                if loss != Loss::Mse {
+                    net.set_class_weights(&Cpu, &weights[..if loss == Loss::BceWithLogits { 2 } else { 3 }]).unwrap();
+                }
+                net.evaluate(&Cpu, loss, &x, &target, tw).unwrap()
+            };
+            let mut net = Net::new(&Cpu, &layers, Mode::Full, rows, tw).unwrap();
+            if loss != Loss::Mse {
+                net.set_class_weights(&Cpu, &weights[..if loss == Loss::BceWithLogits { 2 } else { 3 }]).unwrap();
+            }
+            net.train_step(&Cpu, &x, &target, loss, sgd, None).unwrap();
+            let stepped = net.weights(&Cpu, &layers).unwrap();
+            // Small enough not to cross a ReLU kink, large enough for f32 losses.
+            let h = 1e-3f32;
+            for (li, l) in layers.iter().enumerate() {
+                for wi in [0, l.weight.len() / 2, l.weight.len() - 1] {
+                    let analytic = f64::from(l.weight[wi] - stepped[li].weight[wi]);
+    
+                    let mut plus = layers.clone();
+                    plus[li].weight[wi] += h;
+                    let mut minus = layers.clone();
+                    minus[li].weight[wi] -= h;
+                    let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(h));
+                    let err = (analytic - numeric).abs() / numeric.abs().max(1e-2);
+                    assert!(err < 1e-2, "{act:?}/{loss:?} layer {li} weight {wi}: backprop {analytic} vs {numeric}");
+                }
+                let b = l.bias.as_ref().unwrap();
+                let analytic = f64::from(b[0] - stepped[li].bias.as_ref().unwrap()[0]);
+                let mut plus = layers.clone();
+                plus[li].bias.as_mut().unwrap()[0] += h;
+                let mut minus = layers.clone();
+                minus[li].bias.as_mut().unwrap()[0] -= h;
+                let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(h));
+                let err = (analytic - numeric).abs() / numeric.abs().max(1e-2);
+                assert!(err < 1e-2, "{act:?}/{loss:?} bias {li}: backprop {analytic} vs {numeric}");
+            }
+        }
+    }
+}
+
+/// LoRA: step 0 reproduces the champion exactly (B starts at zero), training moves the merged
+/// weight, and the export keeps every tensor's shape.
+#[test]
+fn lora_starts_at_the_champion_and_merges_into_the_same_shapes() {
+    let onnx = std::fs::read(fixture("train/multiclass-adam.onnx")).unwrap();
+    let tail = graph::tail_of(&onnx, "y").unwrap();
+    let mode = Mode::Lora { rank: 2, alpha: 2.0, seed: 1 };
+    let mut net = Net::new(&Cpu, &tail.layers, mode, 8, 1).unwrap();
+    let full = Net::new(&Cpu, &tail.layers, Mode::Full, 8, 1).unwrap();
+    assert!(net.trainable_values() < full.trainable_values());
+    let x: Vec<f32> = (0..8 * 9).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    let mut plain = Net::new(&Cpu, &tail.layers, Mode::Frozen, 8, 1).unwrap();
+    assert_eq!(net.predict(&Cpu, &x).unwrap(), plain.predict(&Cpu, &x).unwrap());
+    let y: Vec<f32> = (0..8).map(|i| (i % 3) as f32).collect();
+    let adam = Update::Adam { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false, step: 0 };
+    let first = net.train_step(&Cpu, &x, &y, Loss::SoftmaxCrossEntropy, adam, None).unwrap();
+    let mut last = first;
+    for _ in 0..30 {
+        last = net.train_step(&Cpu, &x, &y, Loss::SoftmaxCrossEntropy, adam, None).unwrap();
+    }
+    assert!(last < first * 0.8, "LoRA training lowers the loss: {first} -> {last}");
+    let merged = net.weights(&Cpu, &tail.layers).unwrap();
+    assert_ne!(merged[0].weight, tail.layers[0].weight);
+    let before = initializers(&onnx);
+    let after = initializers(&graph::export(&onnx, &merged).unwrap());
+    assert_eq!(before.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+    for (k, v) in &before {
+        assert_eq!(v.len(), after[k].len(), "{k} keeps its size");
+    }
+    // The exported model computes what the trained net computes.
+    let engine = lathe::infer::engine::Engine::load(&graph::export(&onnx, &merged).unwrap()).unwrap();
+    let served = engine.run(&x).unwrap().values.remove(0);
+    let trained = net.predict(&Cpu, &x).unwrap();
+    for (a, b) in served.iter().zip(&trained) {
+        assert!((a - b).abs() < 1e-4, "tract {a} vs trainer {b}");
+    }
+}
