@@ -219,3 +219,217 @@ fn lora_starts_at_the_champion_and_merges_into_the_same_shapes() {
         assert!((a - b).abs() < 1e-4, "tract {a} vs trainer {b}");
     }
 }
+
+// ---- `lathe train` and `lathe bundle create`, end to end on real Shuttle rows ----
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lathe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lathe"))
+}
+
+/// Shuttle rows the sample model never saw (tests/fixtures/make_shuttle_unseen.py), as a CSV;
+/// with `flip` of the labels flipped (seeded) when asked.
+fn unseen_csv(dir: &Path, flip: f64) -> PathBuf {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(fixture("shuttle-unseen.csv.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let mut state = 7u64;
+    let mut lines: Vec<String> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+        if i > 0 && u < flip {
+            let (features, label) = line.rsplit_once(',').unwrap();
+            lines.push(format!("{features},{}", 1 - label.parse::<u8>().unwrap()));
+        } else {
+            lines.push(line.to_string());
+        }
+    }
+    let path = dir.join(if flip > 0.0 { "poisoned.csv" } else { "unseen.csv" });
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn train(dir: &Path, bundle: &Path, data: &Path, extra: &[&str]) -> (Output, Value) {
+    let out = lathe()
+        .args(["train", "--json", "--bundle"])
+        .arg(bundle)
+        .arg("--data")
+        .arg(data)
+        .arg("-o")
+        .arg(dir.join("challenger.lathe"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(extra)
+        .output()
+        .unwrap();
+    let record = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("no run record ({e}); stderr: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    (out, record)
+}
+
+fn gate_value(record: &Value, which: &str) -> f64 {
+    let metric = record["gate"]["metric"].as_str().unwrap();
+    record["gate"][which][metric].as_f64().unwrap()
+}
+
+#[test]
+fn fine_tuning_on_unseen_shuttle_rows_improves_the_holdout_and_writes_a_child_bundle() {
+    let dir = common::temp_dir("train-unseen");
+    let champion = common::root().join("models/shuttle-mlp-1.lathe");
+    let (out, record) = train(&dir, &champion, &unseen_csv(&dir, 0.0), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(record["gate"]["accepted"], true, "{record:#}");
+    let (before, after) = (gate_value(&record, "champion_holdout"), gate_value(&record, "challenger_holdout"));
+    assert!(after > before, "holdout f1 {before} -> {after}");
+    assert!(gate_value(&record, "challenger_validation") >= gate_value(&record, "champion_validation") * 0.98);
+    // Every hyperparameter, the split and the backend are in the record, and it is kept.
+    assert_eq!(record["backend"], "cpu");
+    assert_eq!(record["hyperparameters"]["trainable"], "full");
+    assert_eq!(record["hyperparameters"]["optimizer"], "adam");
+    assert_eq!(record["rows_used"], 11730);
+    assert_eq!(record["holdout_rows"], 2346);
+    assert_eq!(record["tail_input"], "h0", "the standardisation (Sub, Div) stays frozen");
+    let kept = dir.join("state/runs").join(format!("{}.json", record["run_id"].as_str().unwrap()));
+    let kept: Value = serde_json::from_slice(&std::fs::read(kept).unwrap()).unwrap();
+    assert_eq!(kept["outcome"], record["outcome"]);
+
+    // The child bundle: version + 1, the parent's sha256, the run in its lineage, same inputs.
+    let parent = lathe::model::bundle::Bundle::read(&champion).unwrap();
+    let child = lathe::model::bundle::Bundle::read(&dir.join("challenger.lathe")).unwrap();
+    assert_eq!(child.manifest.version, 2);
+    assert_eq!(child.manifest.parent, parent.sha256());
+    assert_eq!(child.manifest.inputs, parent.manifest.inputs);
+    assert_eq!(record["output_sha256"].as_str().unwrap(), child.sha256());
+    let run = child.manifest.lineage.fine_tune.as_ref().unwrap();
+    assert_eq!(run.backend, "cpu");
+    assert!((run.holdout_after - after).abs() < 1e-12);
+    assert!(child.manifest.baseline.metrics["f1"] > 0.9);
+    // It serves: the registry takes it as a promotion candidate, and it answers differently.
+    let engine = lathe::infer::engine::Engine::load(&child.model).unwrap();
+    child.validate(&engine).unwrap();
+    let old = lathe::infer::engine::Engine::load(&parent.model).unwrap();
+    let rows = parent.validation_rows().unwrap();
+    assert_ne!(engine.run(&rows[..90]).unwrap().values, old.run(&rows[..90]).unwrap().values);
+}
+
+#[test]
+fn labels_with_40_percent_flipped_are_refused_by_the_gate() {
+    let dir = common::temp_dir("train-poisoned");
+    let champion = common::root().join("models/shuttle-mlp-1.lathe");
+    let poisoned = unseen_csv(&dir, 0.4);
+    for trainable in ["full", "last:1", "lora:4"] {
+        let (out, record) = train(&dir, &champion, &poisoned, &["--trainable", trainable]);
+        assert!(!out.status.success(), "{trainable}: a model trained on flipped labels must not pass");
+        assert_eq!(record["gate"]["accepted"], false, "{trainable}: {record:#}");
+        assert!(record["outcome"].as_str().unwrap().starts_with("refused"), "{record:#}");
+        assert!(!dir.join("challenger.lathe").exists(), "{trainable}: nothing written");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no new bundle: refused"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_scikit_learn_pipeline_fine_tunes_behind_its_frozen_scaler() {
+    let dir = common::temp_dir("train-sklearn");
+    let (_, validation) = common::sample_model();
+    let bundle = dir.join("sk.lathe");
+    let made = common::bundle_create(&fixture("sklearn-mlp.onnx"), &validation, "sk")
+        .args(["--target", "anomaly", "--trainable", "full", "-o"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (_, record) = train(&dir, &bundle, &unseen_csv(&dir, 0.0), &["--epochs", "5"]);
+    // Scaler and Cast are frozen; the two dense layers train on the logit of the Sigmoid pair.
+    assert!(record["tail_stopped_by"].as_str().unwrap().contains("(Cast)"), "{record:#}");
+    assert_eq!(record["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(record["loss"], "bce_with_logits");
+    assert!(record["gate"]["challenger_holdout"]["f1"].as_f64().unwrap() > 0.5, "{record:#}");
+}
+
+/// A graph `y = x * scale` (9 features): nothing in it trains.
+fn model_without_dense_layers() -> Vec<u8> {
+    use prost::Message;
+    use tract_onnx::pb::tensor_shape_proto::{dimension::Value as Dim, Dimension};
+    use tract_onnx::pb::type_proto::{Tensor, Value as Type};
+    use tract_onnx::pb::*;
+    let info = |name: &str| ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(Type::TensorType(Tensor {
+                elem_type: 1,
+                shape: Some(TensorShapeProto {
+                    dim: vec![
+                        Dimension { value: Some(Dim::DimParam("batch".into())), ..Default::default() },
+                        Dimension { value: Some(Dim::DimValue(9)), ..Default::default() },
+                    ],
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        name: "scale".into(),
+        node: vec![NodeProto {
+            name: "scale_it".into(),
+            op_type: "Mul".into(),
+            input: vec!["x".into(), "scale".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        }],
+        initializer: vec![TensorProto {
+            name: "scale".into(),
+            dims: vec![9],
+            data_type: 1,
+            float_data: vec![0.5; 9],
+            ..Default::default()
+        }],
+        input: vec![info("x")],
+        output: vec![info("y")],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 13 }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn bundle_create_refuses_a_model_whose_tail_cannot_train_and_names_the_node() {
+    let dir = common::temp_dir("train-refuse");
+    let model = dir.join("scale.onnx");
+    std::fs::write(&model, model_without_dense_layers()).unwrap();
+    let (_, validation) = common::sample_model();
+    let create = |trainable: &str| {
+        let mut c = lathe();
+        c.args(["bundle", "create", "--task", "reconstruction", "--name", "scale", "--model"]).arg(&model);
+        c.arg("--data").arg(&validation).args(["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9"]);
+        c.args(["--trainable", trainable, "-o"]).arg(dir.join("scale.lathe"));
+        c.output().unwrap()
+    };
+    let out = create("last:1");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node \"scale_it\" (Mul)") && err.contains("--trainable none"), "{err}");
+    assert!(create("none").status.success(), "a serve-only bundle is fine");
+
+    // A sample model asked for more layers than its tail has.
+    let (onnx, _) = common::sample_model();
+    let out = common::bundle_create(&onnx, &validation, "s")
+        .args(["--target", "anomaly", "--trainable", "last:4", "-o"])
+        .arg(dir.join("s.lathe"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the tail has 3 dense layer(s)"), "{err}");
+}

@@ -235,6 +235,20 @@ impl<'a> Walk<'a> {
     }
 }
 
+/// scikit-learn's binary classifiers end in `Concat(1 − p, p)` with `p = Sigmoid(logit)`: the
+/// pair is one probability written twice, so the tail really ends at `p` (one output, trained
+/// with BCE on the logit). Returns `p`'s tensor for such a head.
+fn probability_pair(walk: &Walk, output: &str) -> Option<String> {
+    let concat = walk.producer.get(output).filter(|n| n.op_type == "Concat")?;
+    let [neg, p] = concat.input.as_slice() else { return None };
+    let sub = walk.producer.get(neg.as_str()).filter(|n| n.op_type == "Sub")?;
+    let [one, q] = sub.input.as_slice() else { return None };
+    let ones = floats(walk.initializer.get(one.as_str())?).ok()?.0;
+    let is_sigmoid = walk.producer.get(p.as_str()).is_some_and(|n| n.op_type == "Sigmoid");
+    (q == p && is_sigmoid && ones.iter().all(|&v| v == 1.0) && matches!(attr_i(concat, "axis", 1), 1 | -1))
+        .then(|| p.clone())
+}
+
 /// Finds the dense tail ending at `output`. `graph` should already have had the ML-operator
 /// rewrite (`infer::ml_ops`), as the engine sees it.
 ///
@@ -249,7 +263,7 @@ pub fn tail(graph: &GraphProto, output: &str) -> Result<Tail, String> {
         .map(|i| i.name.as_str())
         .filter(|n| !walk.initializer.contains_key(n))
         .collect();
-    let mut tensor = output.to_string();
+    let mut tensor = probability_pair(&walk, output).unwrap_or_else(|| output.to_string());
     let mut layers: Vec<DenseLayer> = Vec::new();
     // Activations met since the last dense layer (walking backwards, so they follow it).
     let mut pending: Vec<Activation> = Vec::new();
