@@ -83,3 +83,45 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot load ONNX Runtime from /nonexistent/libonnxruntime.so"), "{err}");
 }
+
+/// A fine-tuned bundle's model (full network, and LoRA merged into the weights) is still one
+/// both runtimes serve identically.
+#[test]
+fn fine_tuned_models_give_the_same_outputs_in_tract_and_onnx_runtime() {
+    use lathe::model::bundle::Bundle;
+    use lathe::train::{cpu::Cpu, fine_tune, graph, net};
+    let dir = temp_dir("ort-finetuned");
+    let champion = Bundle::read(&root().join("models/shuttle-mlp-1.lathe")).unwrap();
+    let csv = std::fs::read_to_string(unseen_csv(&dir, 0.0)).unwrap();
+    let outcome = fine_tune(&Cpu, &champion, &csv, "unseen.csv", &champion.manifest.training).unwrap();
+    let full = outcome.challenger.expect("the full fine-tune is accepted").model;
+
+    let onnx = std::fs::read(root().join("tests/fixtures/train/multiclass-adam.onnx")).unwrap();
+    let tail = graph::tail_of(&onnx, "y").unwrap();
+    let mut lora = net::Net::new(&Cpu, &tail.layers, net::Mode::Lora { rank: 2, alpha: 4.0, seed: 3 }, 16, 1).unwrap();
+    let x: Vec<f32> = (0..16 * 9).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect();
+    let y: Vec<f32> = (0..16).map(|i| (i % 3) as f32).collect();
+    let adam = lathe::train::backend::Update::Adam {
+        lr: 0.05,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        decoupled: false,
+        step: 0,
+    };
+    for _ in 0..20 {
+        lora.train_step(&Cpu, &x, &y, lathe::train::backend::Loss::SoftmaxCrossEntropy, adam, None).unwrap();
+    }
+    let merged = graph::export(&onnx, &lora.weights(&Cpu, &tail.layers).unwrap()).unwrap();
+
+    let rows = champion.validation_rows().unwrap();
+    for (name, model, input) in [("full", &full, &rows[..9 * 500]), ("lora", &merged, &x[..])] {
+        let tract = Engine::load(model).unwrap();
+        let ort = Engine::load_with(model, &EngineKind::Ort { library: ort_library() }).unwrap();
+        let (a, b) = (tract.run(input).unwrap(), ort.run(input).unwrap());
+        for (p, q) in a.values[0].iter().zip(&b.values[0]) {
+            assert!((p - q).abs() <= 1e-4, "{name}: tract {p} vs ort {q}");
+        }
+    }
+}

@@ -82,10 +82,7 @@ fn training_matches_pytorch_step_by_step_for_every_optimizer_and_loss() {
             }
             let got = net.train_step(&Cpu, &xb, &yb, loss, update, (clip > 0.0).then_some(clip)).unwrap();
             let want = expected[step];
-            assert!(
-                ((got - want) / want).abs() < 1e-4,
-                "{name} step {step}: loss {got} vs PyTorch {want}"
-            );
+            assert!(((got - want) / want).abs() < 1e-4, "{name} step {step}: loss {got} vs PyTorch {want}");
         }
         let trained = net.weights(&Cpu, &tail.layers).unwrap();
         let exported = initializers(&graph::export(&onnx, &trained).unwrap());
@@ -102,13 +99,8 @@ fn training_matches_pytorch_step_by_step_for_every_optimizer_and_loss() {
 /// each weight matches (L(w+h) − L(w−h)) / 2h.
 #[test]
 fn gradients_match_finite_differences_for_every_op_and_loss() {
-    let acts = [
-        Activation::Relu,
-        Activation::LeakyRelu(0.1),
-        Activation::Sigmoid,
-        Activation::Tanh,
-        Activation::Softmax,
-    ];
+    let acts =
+        [Activation::Relu, Activation::LeakyRelu(0.1), Activation::Sigmoid, Activation::Tanh, Activation::Softmax];
     let mut seed = 12345u64;
     let mut rand = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -159,7 +151,7 @@ fn gradients_match_finite_differences_for_every_op_and_loss() {
             for (li, l) in layers.iter().enumerate() {
                 for wi in [0, l.weight.len() / 2, l.weight.len() - 1] {
                     let analytic = f64::from(l.weight[wi] - stepped[li].weight[wi]);
-    
+
                     let mut plus = layers.clone();
                     plus[li].weight[wi] += h;
                     let mut minus = layers.clone();
@@ -196,7 +188,8 @@ fn lora_starts_at_the_champion_and_merges_into_the_same_shapes() {
     let mut plain = Net::new(&Cpu, &tail.layers, Mode::Frozen, 8, 1).unwrap();
     assert_eq!(net.predict(&Cpu, &x).unwrap(), plain.predict(&Cpu, &x).unwrap());
     let y: Vec<f32> = (0..8).map(|i| (i % 3) as f32).collect();
-    let adam = Update::Adam { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false, step: 0 };
+    let adam =
+        Update::Adam { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false, step: 0 };
     let first = net.train_step(&Cpu, &x, &y, Loss::SoftmaxCrossEntropy, adam, None).unwrap();
     let mut last = first;
     for _ in 0..30 {
@@ -222,36 +215,11 @@ fn lora_starts_at_the_champion_and_merges_into_the_same_shapes() {
 
 // ---- `lathe train` and `lathe bundle create`, end to end on real Shuttle rows ----
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn lathe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lathe"))
-}
-
-/// Shuttle rows the sample model never saw (tests/fixtures/make_shuttle_unseen.py), as a CSV;
-/// with `flip` of the labels flipped (seeded) when asked.
-fn unseen_csv(dir: &Path, flip: f64) -> PathBuf {
-    use std::io::Read;
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(fixture("shuttle-unseen.csv.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
-    let mut state = 7u64;
-    let mut lines: Vec<String> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-        if i > 0 && u < flip {
-            let (features, label) = line.rsplit_once(',').unwrap();
-            lines.push(format!("{features},{}", 1 - label.parse::<u8>().unwrap()));
-        } else {
-            lines.push(line.to_string());
-        }
-    }
-    let path = dir.join(if flip > 0.0 { "poisoned.csv" } else { "unseen.csv" });
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
 }
 
 fn train(dir: &Path, bundle: &Path, data: &Path, extra: &[&str]) -> (Output, Value) {
@@ -282,7 +250,7 @@ fn gate_value(record: &Value, which: &str) -> f64 {
 fn fine_tuning_on_unseen_shuttle_rows_improves_the_holdout_and_writes_a_child_bundle() {
     let dir = common::temp_dir("train-unseen");
     let champion = common::root().join("models/shuttle-mlp-1.lathe");
-    let (out, record) = train(&dir, &champion, &unseen_csv(&dir, 0.0), &[]);
+    let (out, record) = train(&dir, &champion, &common::unseen_csv(&dir, 0.0), &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(record["gate"]["accepted"], true, "{record:#}");
     let (before, after) = (gate_value(&record, "champion_holdout"), gate_value(&record, "challenger_holdout"));
@@ -322,7 +290,7 @@ fn fine_tuning_on_unseen_shuttle_rows_improves_the_holdout_and_writes_a_child_bu
 fn labels_with_40_percent_flipped_are_refused_by_the_gate() {
     let dir = common::temp_dir("train-poisoned");
     let champion = common::root().join("models/shuttle-mlp-1.lathe");
-    let poisoned = unseen_csv(&dir, 0.4);
+    let poisoned = common::unseen_csv(&dir, 0.4);
     for trainable in ["full", "last:1", "lora:4"] {
         let (out, record) = train(&dir, &champion, &poisoned, &["--trainable", trainable]);
         assert!(!out.status.success(), "{trainable}: a model trained on flipped labels must not pass");
@@ -345,7 +313,7 @@ fn a_scikit_learn_pipeline_fine_tunes_behind_its_frozen_scaler() {
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let (_, record) = train(&dir, &bundle, &unseen_csv(&dir, 0.0), &["--epochs", "5"]);
+    let (_, record) = train(&dir, &bundle, &common::unseen_csv(&dir, 0.0), &["--epochs", "5"]);
     // Scaler and Cast are frozen; the two dense layers train on the logit of the Sigmoid pair.
     assert!(record["tail_stopped_by"].as_str().unwrap().contains("(Cast)"), "{record:#}");
     assert_eq!(record["layers"].as_array().unwrap().len(), 2);

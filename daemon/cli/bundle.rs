@@ -8,6 +8,8 @@ use clap::Subcommand;
 use crate::model::bundle::{self, Bundle, CreateOptions};
 use crate::model::Task;
 
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum BundleCommand {
     /// Make a bundle from any ONNX model with one [batch, features] input and its held-out

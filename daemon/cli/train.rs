@@ -122,13 +122,7 @@ fn print_summary(r: &train::RunRecord, output: &std::path::Path) {
         r.rows_used, r.rows_dropped, r.train_rows, r.early_stop_rows, r.holdout_rows
     );
     let trains: Vec<&str> = r.layers.iter().filter(|l| l.trains).map(|l| l.node.as_str()).collect();
-    println!(
-        "  trains {} ({} values, {:?} loss): {}",
-        h.trainable,
-        r.trainable_values,
-        r.loss,
-        trains.join(", ")
-    );
+    println!("  trains {} ({} values, {:?} loss): {}", h.trainable, r.trainable_values, r.loss, trains.join(", "));
     println!(
         "  {} lr {} batch {} epochs {} (best {}{}), seed {}",
         h.optimizer,

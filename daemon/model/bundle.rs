@@ -469,8 +469,15 @@ pub fn derive(parent: &Bundle, model: Vec<u8>, training: Training, lineage: Line
     let x = parent.validation_rows()?;
     let outputs = engine.run(&x)?;
     check_finite(&outputs, &m.outputs)?;
-    let measured =
-        measure(m.task, m.baseline.threshold, &outputs, m.primary_output, &x, m.inputs.len(), &parent.validation_targets()?)?;
+    let measured = measure(
+        m.task,
+        m.baseline.threshold,
+        &outputs,
+        m.primary_output,
+        &x,
+        m.inputs.len(),
+        &parent.validation_targets()?,
+    )?;
     let mut manifest = m.clone();
     manifest.version = m.version + 1;
     manifest.parent = parent.sha256();

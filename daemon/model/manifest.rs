@@ -173,7 +173,12 @@ impl Gate {
             Task::Regression => ("rmse", false),
             Task::Reconstruction => ("error_p95", false),
         };
-        Gate { metric: metric.into(), higher_is_better, min_improvement: 0.0, max_forgetting: defaults::max_forgetting() }
+        Gate {
+            metric: metric.into(),
+            higher_is_better,
+            min_improvement: 0.0,
+            max_forgetting: defaults::max_forgetting(),
+        }
     }
 }
 

@@ -131,7 +131,10 @@ impl<'a> Walk<'a> {
 
     /// An initializer only this node reads (a shared weight would change elsewhere too).
     fn own_weight(&self, name: &str, node: &NodeProto) -> Result<(Vec<f32>, Vec<usize>), String> {
-        let t = self.initializer.get(name).ok_or_else(|| format!("{}: {name:?} is not a stored weight", node_label(node)))?;
+        let t = self
+            .initializer
+            .get(name)
+            .ok_or_else(|| format!("{}: {name:?} is not a stored weight", node_label(node)))?;
         if self.consumers.get(name).copied().unwrap_or(0) > 1 {
             return Err(format!("{}: weight {name:?} is shared with other nodes", node_label(node)));
         }
@@ -257,12 +260,8 @@ fn probability_pair(walk: &Walk, output: &str) -> Option<String> {
 /// layer sizes do not chain.
 pub fn tail(graph: &GraphProto, output: &str) -> Result<Tail, String> {
     let walk = Walk::new(graph);
-    let model_inputs: Vec<&str> = graph
-        .input
-        .iter()
-        .map(|i| i.name.as_str())
-        .filter(|n| !walk.initializer.contains_key(n))
-        .collect();
+    let model_inputs: Vec<&str> =
+        graph.input.iter().map(|i| i.name.as_str()).filter(|n| !walk.initializer.contains_key(n)).collect();
     let mut tensor = probability_pair(&walk, output).unwrap_or_else(|| output.to_string());
     let mut layers: Vec<DenseLayer> = Vec::new();
     // Activations met since the last dense layer (walking backwards, so they follow it).
@@ -300,7 +299,12 @@ pub fn tail(graph: &GraphProto, output: &str) -> Result<Tail, String> {
             ));
         }
     }
-    Ok(Tail { starts_at_model_input: model_inputs.contains(&tail_input.as_str()), input: tail_input, layers, stopped_by })
+    Ok(Tail {
+        starts_at_model_input: model_inputs.contains(&tail_input.as_str()),
+        input: tail_input,
+        layers,
+        stopped_by,
+    })
 }
 
 /// Decodes a model and applies the same ML-operator rewrite the engine does.

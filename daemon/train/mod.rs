@@ -78,7 +78,9 @@ pub fn plan(onnx: &[u8], output: &str, task: Task, training: &Training) -> Resul
         (other, _) => return Err(format!("loss = {other:?}; expected auto, cross_entropy, bce_with_logits or mse")),
     };
     match (loss, task) {
-        (Loss::BceWithLogits, _) if out != 1 => return Err(format!("bce_with_logits needs 1 output value; {out} here")),
+        (Loss::BceWithLogits, _) if out != 1 => {
+            return Err(format!("bce_with_logits needs 1 output value; {out} here"))
+        }
         (Loss::SoftmaxCrossEntropy, _) if out < 2 => return Err("cross_entropy needs 2 or more classes".into()),
         (Loss::Mse, Task::Regression) if out != 1 => {
             return Err(format!("a regression tail must give 1 value; this one gives {out}"))
@@ -199,7 +201,8 @@ fn update_rule(t: &Training) -> Result<Update, String> {
     if !(lr.is_finite() && lr > 0.0) {
         return Err(format!("learning_rate = {}; expected a positive number", t.learning_rate));
     }
-    let adam = |decoupled| Update::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd, decoupled, step: 0 };
+    let adam =
+        |decoupled| Update::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd, decoupled, step: 0 };
     match t.optimizer.as_str() {
         "sgd" => Ok(Update::Sgd { lr, momentum: t.momentum as f32, weight_decay: wd }),
         "adam" => Ok(adam(false)),
@@ -216,7 +219,8 @@ fn frozen_features(model: &[u8], tail: &Tail, x: &[f32]) -> Result<Vec<f32>, Str
     let frozen = graph::frozen_part(model, &tail.input)?;
     let engine = Engine::load(&frozen).map_err(|e| format!("the frozen part of the model: {e}"))?;
     let out = engine.run(x).map_err(|e| format!("the frozen part of the model: {e}"))?;
-    let (values, width) = (out.values.into_iter().next().unwrap_or_default(), out.per_row.first().copied().unwrap_or(0));
+    let (values, width) =
+        (out.values.into_iter().next().unwrap_or_default(), out.per_row.first().copied().unwrap_or(0));
     if width != tail.in_dim() {
         return Err(format!("the frozen part gives {width} values per row; the tail takes {}", tail.in_dim()));
     }
@@ -232,11 +236,16 @@ fn judge(champion: &Bundle, challenger: &[u8], holdout_x: &[f32], holdout_y: &[f
     let m = &champion.manifest;
     let gate = &m.gate;
     let f = m.inputs.len();
-    let (vx, vy) = (champion.validation_rows().map_err(|e| e.to_string())?, champion.validation_targets().map_err(|e| e.to_string())?);
+    let (vx, vy) = (
+        champion.validation_rows().map_err(|e| e.to_string())?,
+        champion.validation_targets().map_err(|e| e.to_string())?,
+    );
     let score = |model: &[u8], x: &[f32], y: &[f64]| -> Result<BTreeMap<String, f64>, String> {
         let engine = Engine::load(model).map_err(|e| e.to_string())?;
         let out = engine.run(x).map_err(|e| e.to_string())?;
-        Ok(bundle::measure(m.task, m.baseline.threshold, &out, m.primary_output, x, f, y).map_err(|e| e.to_string())?.metrics)
+        Ok(bundle::measure(m.task, m.baseline.threshold, &out, m.primary_output, x, f, y)
+            .map_err(|e| e.to_string())?
+            .metrics)
     };
     let (ch, cv) = (score(&champion.model, holdout_x, holdout_y)?, score(&champion.model, &vx, &vy)?);
     let (nh, nv) = (score(challenger, holdout_x, holdout_y)?, score(challenger, &vx, &vy)?);

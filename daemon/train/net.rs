@@ -22,7 +22,14 @@ pub struct Param<B: Backend> {
 impl<B: Backend> Param<B> {
     fn new(b: &B, host: &[f32], trainable: bool) -> Result<Param<B>> {
         let n = if trainable { host.len() } else { 0 };
-        Ok(Param { value: b.upload(host)?, len: host.len(), trainable, grad: b.zeros(n)?, m: b.zeros(n)?, v: b.zeros(n)? })
+        Ok(Param {
+            value: b.upload(host)?,
+            len: host.len(),
+            trainable,
+            grad: b.zeros(n)?,
+            m: b.zeros(n)?,
+            v: b.zeros(n)?,
+        })
     }
 }
 
@@ -211,7 +218,8 @@ impl<B: Backend> Net<B> {
             let weight = match &mut layer.lora {
                 Some(lora) => {
                     b.copy(&layer.w.value, &mut lora.merged, k * n)?;
-                    let g = Gemm { m: k, n, k: lora.rank, trans_a: false, trans_b: false, alpha: lora.scale, beta: 1.0 };
+                    let g =
+                        Gemm { m: k, n, k: lora.rank, trans_a: false, trans_b: false, alpha: lora.scale, beta: 1.0 };
                     b.gemm(g, &lora.a.value, &lora.b.value, &mut lora.merged)?;
                     &lora.merged
                 }
@@ -233,10 +241,7 @@ impl<B: Backend> Net<B> {
     }
 
     fn output(&self) -> Result<&B::Buf> {
-        self.layers
-            .last()
-            .and_then(|l| l.outs.last())
-            .ok_or_else(|| BackendError("the net has no layers".into()))
+        self.layers.last().and_then(|l| l.outs.last()).ok_or_else(|| BackendError("the net has no layers".into()))
     }
 
     /// Runs `x` (rows × in_dim, any number of rows) through the net and returns the outputs.
@@ -354,19 +359,31 @@ impl<B: Backend> Net<B> {
                 Some(up) => &up.dx,
                 None => &self.loss_grad,
             };
-            // Back through the activations, ping-ponging between d1 and d2.
-            let mut dz_in_d1 = true;
-            b.copy(upstream, &mut layer.d1, rows * n)?;
+            // Back through the activations: the first reads the upstream gradient where it
+            // lies, the rest ping-pong between d1 and d2 (no copies).
+            let mut at: Option<bool> = None; // None: upstream, Some(true): d1, Some(false): d2
             for (j, act) in layer.activations.iter().enumerate().rev() {
                 let (x, y) = (&layer.outs[j], &layer.outs[j + 1]);
-                if dz_in_d1 {
-                    b.activation_grad(*act, x, y, &layer.d1, &mut layer.d2, rows, n)?;
-                } else {
-                    b.activation_grad(*act, x, y, &layer.d2, &mut layer.d1, rows, n)?;
-                }
-                dz_in_d1 = !dz_in_d1;
+                at = Some(match at {
+                    None => {
+                        b.activation_grad(*act, x, y, upstream, &mut layer.d1, rows, n)?;
+                        true
+                    }
+                    Some(true) => {
+                        b.activation_grad(*act, x, y, &layer.d1, &mut layer.d2, rows, n)?;
+                        false
+                    }
+                    Some(false) => {
+                        b.activation_grad(*act, x, y, &layer.d2, &mut layer.d1, rows, n)?;
+                        true
+                    }
+                });
             }
-            let dz = if dz_in_d1 { &layer.d1 } else { &layer.d2 };
+            let dz = match at {
+                None => upstream,
+                Some(true) => &layer.d1,
+                Some(false) => &layer.d2,
+            };
             let x = match below.last() {
                 Some(prev) => prev.outs.last().ok_or_else(|| BackendError("layer without output".into()))?,
                 None => &self.input,

@@ -356,3 +356,28 @@ pub fn bundle_create(model: &Path, data: &Path, name: &str) -> Command {
 pub fn sample_model() -> (PathBuf, PathBuf) {
     (root().join("models/shuttle-mlp.onnx"), root().join("models/shuttle-validation.csv"))
 }
+
+/// Shuttle rows the sample model never saw (tests/fixtures/make_shuttle_unseen.py), as a CSV;
+/// with `flip` of the labels flipped (seeded) when asked.
+pub fn unseen_csv(dir: &Path, flip: f64) -> PathBuf {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(root().join("tests/fixtures/shuttle-unseen.csv.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let mut state = 7u64;
+    let mut lines: Vec<String> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let u = (state >> 11) as f64 / (1u64 << 53) as f64;
+        if i > 0 && u < flip {
+            let (features, label) = line.rsplit_once(',').unwrap();
+            lines.push(format!("{features},{}", 1 - label.parse::<u8>().unwrap()));
+        } else {
+            lines.push(line.to_string());
+        }
+    }
+    let path = dir.join(if flip > 0.0 { "poisoned.csv" } else { "unseen.csv" });
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
