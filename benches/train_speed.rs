@@ -30,7 +30,13 @@ fn main() {
     let onnx = std::fs::read(root.join("tests/fixtures/train/binary-adam.onnx")).unwrap();
     let template = tail_of(&onnx, "y").unwrap().layers.remove(0);
     let seconds: f64 = std::env::var("LATHE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    // LATHE_BENCH_SHAPE=64-256-256-10 runs one shape (for profiling).
+    let only = std::env::var("LATHE_BENCH_SHAPE").ok();
     for (sizes, batch) in [(vec![9, 32, 16, 2], 64usize), (vec![64, 256, 256, 10], 256)] {
+        let shape = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join("-");
+        if only.as_ref().is_some_and(|o| *o != shape) {
+            continue;
+        }
         let mut rng = Rng::new(1);
         let n = sizes.len() - 1;
         let layers: Vec<DenseLayer> = (0..n)
@@ -69,7 +75,6 @@ fn main() {
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
-        let shape = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join("-");
         println!(
             "{{\"impl\":\"lathe-cpu\",\"shape\":\"{shape}\",\"batch\":{batch},\"steps\":{steps},\"samples_per_s\":{:.0},\"us_per_step\":{:.2},\"loss\":{last}}}",
             (steps * batch) as f64 / elapsed,

@@ -321,13 +321,17 @@ fn a_scikit_learn_pipeline_fine_tunes_behind_its_frozen_scaler() {
     assert!(record["gate"]["challenger_holdout"]["f1"].as_f64().unwrap() > 0.5, "{record:#}");
 }
 
-/// A graph `y = x * scale` (9 features): nothing in it trains.
-fn model_without_dense_layers() -> Vec<u8> {
+/// A float model `x [batch, 9] -> y [batch, out]` from nodes and initializers.
+fn onnx_model(
+    nodes: Vec<tract_onnx::pb::NodeProto>,
+    initializers: Vec<tract_onnx::pb::TensorProto>,
+    out: i64,
+) -> Vec<u8> {
     use prost::Message;
     use tract_onnx::pb::tensor_shape_proto::{dimension::Value as Dim, Dimension};
     use tract_onnx::pb::type_proto::{Tensor, Value as Type};
     use tract_onnx::pb::*;
-    let info = |name: &str| ValueInfoProto {
+    let info = |name: &str, width: i64| ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {
             value: Some(Type::TensorType(Tensor {
@@ -335,7 +339,7 @@ fn model_without_dense_layers() -> Vec<u8> {
                 shape: Some(TensorShapeProto {
                     dim: vec![
                         Dimension { value: Some(Dim::DimParam("batch".into())), ..Default::default() },
-                        Dimension { value: Some(Dim::DimValue(9)), ..Default::default() },
+                        Dimension { value: Some(Dim::DimValue(width)), ..Default::default() },
                     ],
                 }),
             })),
@@ -344,23 +348,11 @@ fn model_without_dense_layers() -> Vec<u8> {
         ..Default::default()
     };
     let graph = GraphProto {
-        name: "scale".into(),
-        node: vec![NodeProto {
-            name: "scale_it".into(),
-            op_type: "Mul".into(),
-            input: vec!["x".into(), "scale".into()],
-            output: vec!["y".into()],
-            ..Default::default()
-        }],
-        initializer: vec![TensorProto {
-            name: "scale".into(),
-            dims: vec![9],
-            data_type: 1,
-            float_data: vec![0.5; 9],
-            ..Default::default()
-        }],
-        input: vec![info("x")],
-        output: vec![info("y")],
+        name: "g".into(),
+        node: nodes,
+        initializer: initializers,
+        input: vec![info("x", 9)],
+        output: vec![info("y", out)],
         ..Default::default()
     };
     ModelProto {
@@ -370,6 +362,97 @@ fn model_without_dense_layers() -> Vec<u8> {
         ..Default::default()
     }
     .encode_to_vec()
+}
+
+fn node(name: &str, op: &str, inputs: &[&str], output: &str) -> tract_onnx::pb::NodeProto {
+    tract_onnx::pb::NodeProto {
+        name: name.into(),
+        op_type: op.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        ..Default::default()
+    }
+}
+
+fn tensor(name: &str, dims: &[i64], values: Vec<f32>) -> tract_onnx::pb::TensorProto {
+    tract_onnx::pb::TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: 1,
+        float_data: values,
+        ..Default::default()
+    }
+}
+
+fn attribute(name: &str, f: Option<f32>, i: Option<i64>) -> tract_onnx::pb::AttributeProto {
+    tract_onnx::pb::AttributeProto {
+        name: name.into(),
+        r#type: if f.is_some() { 1 } else { 2 },
+        f: f.unwrap_or(0.0),
+        i: i.unwrap_or(0),
+        ..Default::default()
+    }
+}
+
+/// A graph `y = x * scale` (9 features): nothing in it trains.
+fn model_without_dense_layers() -> Vec<u8> {
+    onnx_model(vec![node("scale_it", "Mul", &["x", "scale"], "y")], vec![tensor("scale", &[9], vec![0.5; 9])], 9)
+}
+
+/// `Transpose` + `Gemm(transA = 1, alpha = 0.5, beta = 2)` and a `MatMul` + `Add` with the
+/// bias first: the odd corners of what exporters write. Training then exporting must give a
+/// model that computes what the trainer computes (alpha, beta and the layouts undone right).
+#[test]
+fn odd_gemm_attributes_train_and_export_exactly() {
+    let mut gemm = node("g", "Gemm", &["xt", "w", "c"], "h");
+    gemm.attribute = vec![
+        attribute("transA", None, Some(1)),
+        attribute("alpha", Some(0.5), None),
+        attribute("beta", Some(2.0), None),
+    ];
+    let mut transpose = node("t", "Transpose", &["x"], "xt");
+    transpose.attribute =
+        vec![tract_onnx::pb::AttributeProto { name: "perm".into(), r#type: 7, ints: vec![1, 0], ..Default::default() }];
+    let w: Vec<f32> = (0..9 * 6).map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0).collect();
+    let w2: Vec<f32> = (0..6 * 3).map(|i| ((i * 5 % 7) as f32 - 3.0) / 5.0).collect();
+    let onnx = onnx_model(
+        vec![
+            transpose,
+            gemm,
+            node("r", "Tanh", &["h"], "a"),
+            node("m", "MatMul", &["a", "w2"], "mm"),
+            node("b", "Add", &["b2", "mm"], "y"),
+        ],
+        vec![
+            tensor("w", &[9, 6], w),
+            tensor("c", &[6], vec![0.1; 6]),
+            tensor("w2", &[6, 3], w2),
+            tensor("b2", &[3], vec![0.0, 0.2, -0.2]),
+        ],
+        3,
+    );
+    let tail = graph::tail_of(&onnx, "y").unwrap();
+    assert!(tail.starts_at_model_input, "Transpose + transA is a dense layer on x");
+    assert_eq!(tail.layers.len(), 2);
+    let x: Vec<f32> = (0..16 * 9).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
+    let engine = lathe::infer::engine::Engine::load(&onnx).unwrap();
+    let mut net = Net::new(&Cpu, &tail.layers, Mode::Full, 16, 1).unwrap();
+    let before = net.predict(&Cpu, &x).unwrap();
+    for (a, b) in engine.run(&x).unwrap().values[0].iter().zip(&before) {
+        assert!((a - b).abs() < 1e-5, "import: tract {a} vs trainer {b}");
+    }
+    let y: Vec<f32> = (0..16).map(|i| (i % 3) as f32).collect();
+    let sgd = Update::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.0 };
+    for _ in 0..10 {
+        net.train_step(&Cpu, &x, &y, Loss::SoftmaxCrossEntropy, sgd, None).unwrap();
+    }
+    let trained = net.predict(&Cpu, &x).unwrap();
+    let exported = graph::export(&onnx, &net.weights(&Cpu, &tail.layers).unwrap()).unwrap();
+    let served = lathe::infer::engine::Engine::load(&exported).unwrap().run(&x).unwrap().values.remove(0);
+    assert_ne!(served, engine.run(&x).unwrap().values[0]);
+    for (a, b) in served.iter().zip(&trained) {
+        assert!((a - b).abs() < 1e-5, "export: tract {a} vs trainer {b}");
+    }
 }
 
 #[test]

@@ -158,12 +158,31 @@ impl<'a> Walk<'a> {
         Ok(DenseLayer { node: label, in_dim: *k, out_dim: *n, weight, bias: None, activations: vec![], source })
     }
 
-    fn gemm(&self, node: &NodeProto) -> Result<DenseLayer, String> {
+    /// A `Gemm` and the tensor its rows come from. `transA = 1` reads its input transposed,
+    /// which in a row-batched model means the input is `Transpose(x)`: the pair is a plain dense
+    /// layer on `x`.
+    fn gemm(&self, node: &NodeProto) -> Result<(DenseLayer, String), String> {
         let label = node_label(node);
+        let a = node.input.first().cloned().unwrap_or_default();
+        let input = if attr_i(node, "transA", 0) == 0 {
+            a
+        } else {
+            let t = self.producer.get(a.as_str()).filter(|t| {
+                let perm = attr(t, "perm").map(|p| p.ints.clone()).unwrap_or_else(|| vec![1, 0]);
+                t.op_type == "Transpose" && perm == [1, 0]
+            });
+            match t {
+                Some(t) => t.input.first().cloned().unwrap_or_default(),
+                None => {
+                    return Err(format!(
+                        "{label}: transA = 1 on a tensor that is not a transposed row batch; \
+                         lathe trains row-batched tails"
+                    ))
+                }
+            }
+        };
         let (alpha, beta) = (attr_f(node, "alpha", 1.0), attr_f(node, "beta", 1.0));
-        if attr_i(node, "transA", 0) != 0 {
-            return Err(format!("{label}: transA = 1 puts the batch along columns; lathe trains row-batched tails"));
-        }
+
         if alpha == 0.0 {
             return Err(format!("{label}: alpha = 0 leaves nothing to train"));
         }
@@ -184,7 +203,7 @@ impl<'a> Walk<'a> {
             None => None,
         };
         let source = Source { weight: w.clone(), transposed, alpha, bias: bias_name.cloned(), beta };
-        Ok(DenseLayer { node: label, in_dim: k, out_dim: n, weight, bias, activations: vec![], source })
+        Ok((DenseLayer { node: label, in_dim: k, out_dim: n, weight, bias, activations: vec![], source }, input))
     }
 
     /// `Add(MatMul(x, W), b)` in either operand order.
@@ -222,7 +241,7 @@ impl<'a> Walk<'a> {
             "Flatten" if attr_i(node, "axis", 1) == 1 => Step::Skip(first()),
             "Identity" | "Dropout" => Step::Skip(first()),
             "Gemm" => match self.gemm(node) {
-                Ok(l) => Step::Dense(l, first()),
+                Ok((l, input)) => Step::Dense(l, input),
                 Err(e) => Step::Stop(e),
             },
             "MatMul" => match self.matmul(node, node_label(node)) {
