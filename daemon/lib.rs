@@ -19,5 +19,6 @@ pub mod config;
 pub mod infer;
 pub mod ingest;
 pub mod model;
+pub mod monitor;
 pub mod service;
 pub mod train;
