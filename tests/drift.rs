@@ -177,3 +177,51 @@ fn a_broken_relation_between_features_raises_the_multivariate_alarm() {
     assert!(!alarms.iter().any(|a| a.series == "f8"), "f8's own distribution did not change: {alarms:#?}");
     eprintln!("cross-wired f8: multivariate alarm after {} rows; all alarms {:?}", multi.row as usize - start, alarms.iter().map(|a| a.series.as_str()).collect::<Vec<_>>());
 }
+
+/// End to end over mosquitto: clean Shuttle rows, then the same sensor 20 units high. The
+/// daemon publishes one `drift` event naming f5 (not one per evaluation), and the retained
+/// status shows the alarm.
+#[test]
+fn the_daemon_reports_drift_once_per_episode_in_events_and_status() {
+    use std::time::Duration;
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("drift-daemon");
+    let config = common::config("driftd", &broker, &dir.join("state"), &common::root().join("models/shuttle-mlp-1.lathe"))
+        + "[pipeline.drift]\nwindow = 300\nevery = 50\n";
+    let daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, "driftd", &daemon);
+    let events = common::Collector::new(broker.port, &["lathe/driftd/events", "lathe/driftd/status"]);
+    let s = Shuttle::load();
+    let mut p = common::Publisher::new(broker.port);
+    let (clean, faulty) = (1500usize, 1500usize);
+    for seq in 0..clean + faulty {
+        let mut row: Vec<f64> = s.rows[seq * 9..(seq + 1) * 9].iter().map(|&x| f64::from(x)).collect();
+        if seq >= clean {
+            row[4] += 20.0;
+        }
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(&row, seq));
+    }
+    p.flush();
+    let drift = |events: &common::Collector| {
+        events.on("lathe/driftd/events").into_iter().filter(|e| e["event"] == "drift").collect::<Vec<_>>()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(30), || drift(&events).iter().any(|e| e["series"] == "f5")),
+        "no drift event for f5; events: {:?}\nlog:\n{}",
+        events.on("lathe/driftd/events"),
+        daemon.log()
+    );
+    let all = drift(&events);
+    assert!(all.iter().all(|e| e["row"].as_u64().unwrap() > clean as u64), "alarm before the fault: {all:?}");
+    assert_eq!(all.iter().filter(|e| e["series"] == "f5").count(), 1, "one alarm per episode: {all:?}");
+    let f5 = all.iter().find(|e| e["series"] == "f5").unwrap();
+    assert_eq!(f5["statistic"], "ks");
+    assert!(f5["value"].as_f64().unwrap() > f5["threshold"].as_f64().unwrap());
+    assert_eq!(f5["window"], 300);
+    assert_eq!(f5["model"], "shuttle-mlp");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        events.on("lathe/driftd/status").iter().any(|st| {
+            st["pipelines"][0]["drift"]["alarms"].as_array().is_some_and(|a| a.iter().any(|x| x == "f5"))
+        })
+    }));
+}

@@ -110,6 +110,8 @@ pub struct PipelineConfig {
     pub features: BTreeMap<String, String>,
     pub sink: SinkConfig,
     pub batch: BatchConfig,
+    /// `[pipeline.drift]`; `None` when `enabled = false`.
+    pub drift: Option<crate::monitor::Settings>,
 }
 
 #[derive(Debug, Clone)]
@@ -198,7 +200,6 @@ const NOT_YET: &[(&str, &str)] = &[
 const PIPELINE_NOT_YET: &[(&str, &str)] = &[
     ("labels", "late labels (the closed loop) are not in this build yet"),
     ("window", "sequence windows are not in this build yet"),
-    ("drift", "drift monitoring is not in this build yet"),
     ("train", "on-device training is not in this build yet"),
 ];
 
@@ -422,7 +423,46 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             s.error("sink.topic", "uses {device} but source.topic has no '+' to capture it");
         }
     }
-    Some(PipelineConfig { name: name?, model: model?, source: source?, features: features?, sink: sink?, batch })
+    let drift = parse_drift(s)?;
+    Some(PipelineConfig { name: name?, model: model?, source: source?, features: features?, sink: sink?, batch, drift })
+}
+
+/// `[pipeline.drift]`: on by default, every key optional (see `monitor::Settings`).
+fn parse_drift(s: &mut Section) -> Option<Option<crate::monitor::Settings>> {
+    let d = crate::monitor::Settings::default();
+    let mut t = s.section("drift", true)?;
+    let enabled = t.boolean("enabled", true);
+    let window = t.integer("window", d.window as u64, 20, 100_000);
+    let every = t.integer("every", d.every as u64, 1, 100_000);
+    let statistic = match t.string("statistic", Some("ks")).map(|v| v.parse::<crate::monitor::Statistic>()) {
+        Some(Ok(st)) => Some(st),
+        Some(Err(e)) => {
+            t.error("statistic", &e);
+            None
+        }
+        None => None,
+    };
+    let false_alarm_rate = t.number("false_alarm_rate", d.false_alarm_rate, 1e-9, 0.5);
+    let bootstrap = t.integer("bootstrap", d.bootstrap as u64, 20, 100_000);
+    let margin = t.number("margin", d.margin, 0.1, 100.0);
+    let clear_ratio = t.number("clear_ratio", d.clear_ratio, 0.0, 1.0);
+    let thresholds = t.table_of_numbers("thresholds");
+    let seed = t.integer("seed", 0, 0, u64::MAX >> 1);
+    let ok = t.finish();
+    if !ok {
+        return Some(None);
+    }
+    Some(enabled?.then(|| crate::monitor::Settings {
+        window: window.unwrap_or(500) as usize,
+        every: every.unwrap_or(100) as usize,
+        statistic: statistic.unwrap_or(crate::monitor::Statistic::Ks),
+        false_alarm_rate: false_alarm_rate.unwrap_or(d.false_alarm_rate),
+        bootstrap: bootstrap.unwrap_or(400) as usize,
+        margin: margin.unwrap_or(d.margin),
+        clear_ratio: clear_ratio.unwrap_or(d.clear_ratio),
+        thresholds,
+        seed: seed.unwrap_or(0),
+    }))
 }
 
 #[cfg(test)]

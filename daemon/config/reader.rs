@@ -109,6 +109,58 @@ impl<'e> Section<'e> {
         }
     }
 
+    /// A number (integer or float) within `min..=max`, `default` when absent.
+    pub fn number(&mut self, key: &str, default: f64, min: f64, max: f64) -> Option<f64> {
+        let v = match self.take(key) {
+            Some(toml::Value::Float(f)) => f,
+            Some(toml::Value::Integer(i)) => i as f64,
+            Some(other) => {
+                self.wrong(key, "a number", &other);
+                return None;
+            }
+            None => return Some(default),
+        };
+        if !(min..=max).contains(&v) {
+            self.error(key, &format!("expected a number in {min}..={max}, found {v}"));
+            return None;
+        }
+        Some(v)
+    }
+
+    pub fn boolean(&mut self, key: &str, default: bool) -> Option<bool> {
+        match self.take(key) {
+            Some(toml::Value::Boolean(b)) => Some(b),
+            Some(other) => {
+                self.wrong(key, "true or false", &other);
+                None
+            }
+            None => Some(default),
+        }
+    }
+
+    /// A table of `name = number`.
+    pub fn table_of_numbers(&mut self, key: &str) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        match self.take(key) {
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    match v {
+                        toml::Value::Float(f) => {
+                            out.insert(name, f);
+                        }
+                        toml::Value::Integer(i) => {
+                            out.insert(name, i as f64);
+                        }
+                        other => self.wrong(&format!("{key}.{name}"), "a number", &other),
+                    }
+                }
+            }
+            Some(other) => self.wrong(key, "a table of name = number", &other),
+            None => {}
+        }
+        out
+    }
+
     /// A sub-table. When absent: an empty one if `optional`, else an error.
     pub fn section(&mut self, key: &str, optional: bool) -> Option<Section<'_>> {
         let path = self.key(key);

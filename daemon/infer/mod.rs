@@ -25,6 +25,7 @@ use crate::ingest::Extractor;
 use crate::ingest::Sample;
 use crate::model::baseline::Reading;
 use crate::model::Bundle;
+use crate::monitor::Monitor;
 use crate::service::events::{Counters, Event, Events};
 pub use engine::{Engine, EngineError, EngineKind, Outputs};
 
@@ -56,6 +57,9 @@ pub struct ActiveModel {
     pub name: String,
     pub version: u64,
     pub sha256: String,
+    /// Drift against this model's own baseline; a new model starts a new monitor. Only the
+    /// pipeline's task observes (the status task reads the state), so the lock is uncontended.
+    pub monitor: Option<std::sync::Mutex<Monitor>>,
 }
 
 impl ActiveModel {
@@ -75,6 +79,10 @@ impl ActiveModel {
             ));
         }
         bundle.validate(&engine).map_err(|e| e.to_string())?;
+        let monitor = match &pipeline.drift {
+            Some(settings) => Some(std::sync::Mutex::new(drift_monitor(bundle, &engine, settings.clone())?)),
+            None => None,
+        };
         let src = &pipeline.source;
         let extractor =
             Extractor::new(&m.inputs, &pipeline.features, src.key.clone(), src.timestamp.clone(), max_payload_bytes);
@@ -86,8 +94,19 @@ impl ActiveModel {
             name: m.name.clone(),
             version: m.version,
             sha256: bundle.sha256(),
+            monitor,
         })
     }
+}
+
+/// A drift monitor whose reference is the bundle's validation set and the model's scores on it.
+fn drift_monitor(bundle: &Bundle, engine: &Engine, settings: crate::monitor::Settings) -> Result<Monitor, String> {
+    let rows = bundle.validation_rows().map_err(|e| e.to_string())?;
+    let out = engine.run(&rows).map_err(|e| e.to_string())?;
+    let (f, p, reading) = (bundle.manifest.inputs.len(), bundle.manifest.primary_output, bundle.reading());
+    let scores: Vec<f64> = (0..rows.len() / f).map(|r| reading.score(out.row(p, r), &rows[r * f..(r + 1) * f])).collect();
+    let names: Vec<String> = bundle.manifest.inputs.iter().map(|i| i.name.clone()).collect();
+    Ok(Monitor::new(&rows, &scores, &names, settings))
 }
 
 /// Shared by ingest (the extractor), the pipeline's task (the engine) and the swapper.
@@ -120,7 +139,10 @@ impl Pipeline {
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
             let model = self.model.load_full();
             match model.engine.run(&rows) {
-                Ok(out) => self.publish(&model, &batch, &out).await,
+                Ok(out) => {
+                    self.publish(&model, &batch, &out).await;
+                    self.watch(&model, &rows, &out);
+                }
                 Err(e) => {
                     self.counters.failed.fetch_add(batch.len() as u64, Relaxed);
                     self.events.emit(Event::InferenceFailed {
@@ -155,6 +177,27 @@ impl Pipeline {
                 Ok(Some(s)) => batch.push(s),
                 _ => break,
             }
+        }
+    }
+
+    /// Feeds the served rows to the drift monitor; alarms become `drift` events.
+    fn watch(&self, model: &ActiveModel, rows: &[f32], out: &Outputs) {
+        let Some(monitor) = &model.monitor else { return };
+        let Ok(mut monitor) = monitor.lock() else { return };
+        let f = model.engine.signature.features;
+        let mut alarms = Vec::new();
+        for (r, row) in rows.chunks_exact(f).enumerate() {
+            let score = model.reading.score(out.row(model.primary_output, r), row);
+            monitor.observe(row, score, &mut alarms);
+        }
+        drop(monitor);
+        for alarm in alarms {
+            self.events.emit(Event::Drift {
+                pipeline: self.name.clone(),
+                model: model.name.clone(),
+                version: model.version,
+                alarm,
+            });
         }
     }
 

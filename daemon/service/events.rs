@@ -71,6 +71,13 @@ pub enum Event {
         version: u64,
         error: String,
     },
+    /// A drift alarm raised (`drift`) or its episode ended (`drift.cleared`).
+    Drift {
+        pipeline: String,
+        model: String,
+        version: u64,
+        alarm: crate::monitor::Alarm,
+    },
 }
 
 impl Event {
@@ -83,6 +90,8 @@ impl Event {
             Event::Swapped { .. } => "rolled_back",
             Event::SwapRefused { .. } => "model.refused",
             Event::FellBack { .. } => "model.fallback",
+            Event::Drift { alarm, .. } if alarm.raised => "drift",
+            Event::Drift { .. } => "drift.cleared",
         }
     }
 
@@ -103,6 +112,13 @@ impl Event {
             }
             Event::FellBack { pipeline, champion, version, error } => {
                 json!({"pipeline": pipeline, "champion": champion, "version": version, "error": error})
+            }
+            Event::Drift { pipeline, model, version, alarm } => {
+                let mut v = serde_json::to_value(alarm).unwrap_or(Value::Null);
+                v["pipeline"] = pipeline.as_str().into();
+                v["model"] = model.as_str().into();
+                v["version"] = (*version).into();
+                v
             }
         };
         v["event"] = self.name().into();
@@ -134,6 +150,19 @@ impl Event {
                     version,
                     "Champion {champion} cannot serve ({error}); serving v{version} instead"
                 )
+            }
+            Event::Drift { pipeline, model, version, alarm } if alarm.raised => tracing::warn!(
+                pipeline,
+                series = alarm.series,
+                "Drift on {} of {model} v{version}: {} {:.4} > threshold {:.4} over the last {} rows",
+                alarm.series,
+                alarm.statistic,
+                alarm.value,
+                alarm.threshold,
+                alarm.window
+            ),
+            Event::Drift { pipeline, alarm, .. } => {
+                tracing::info!(pipeline, series = alarm.series, "Drift on {} has ended", alarm.series)
             }
         }
     }
@@ -173,7 +202,8 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
                 | Event::InferenceFailed { pipeline, .. }
                 | Event::Swapped { pipeline, .. }
                 | Event::SwapRefused { pipeline, .. }
-                | Event::FellBack { pipeline, .. } => pipeline.clone(),
+                | Event::FellBack { pipeline, .. }
+                | Event::Drift { pipeline, .. } => pipeline.clone(),
                 Event::Connected { .. } => String::new(),
             };
             let now = Instant::now();

@@ -156,9 +156,16 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
         .iter()
         .map(|s| {
             let m = s.model.load();
+            let drift = match m.monitor.as_ref().and_then(|d| d.lock().ok().map(|d| d.state())) {
+                Some(series) => {
+                    let alarms: Vec<&str> = series.iter().filter(|s| s.alarm).map(|s| s.series.as_str()).collect();
+                    json!({"alarms": alarms, "series": series})
+                }
+                None => Value::Null,
+            };
             json!({
                 "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
-                "origin": "bundle", "backend": "tract", "drift": null, "counters": s.counters.snapshot(),
+                "origin": "bundle", "backend": "tract", "drift": drift, "counters": s.counters.snapshot(),
             })
         })
         .collect();
