@@ -123,7 +123,9 @@ impl Shuttle {
 fn clean_shuttle_rows_raise_no_alarm_over_all_49k_rows() {
     let s = Shuttle::load();
     let alarms = s.stream(&s.rows);
-    for a in &alarms { eprintln!("{} {} {:.4} / {:.4} = {:.2}", a.row, a.series, a.value, a.threshold, a.value / a.threshold); }
+    for a in &alarms {
+        eprintln!("{} {} {:.4} / {:.4} = {:.2}", a.row, a.series, a.value, a.threshold, a.value / a.threshold);
+    }
     assert!(alarms.is_empty(), "false alarms on clean data");
 }
 
@@ -155,7 +157,11 @@ fn injected_sensor_faults_raise_an_alarm_naming_the_feature() {
             "{name}: no f5 alarm within 3000 rows: {alarms:#?}"
         );
         let delay = alarms.iter().find(|a| a.series == "f5").map(|a| a.row as usize - start).unwrap();
-        eprintln!("fault {name:<36} first f5 alarm after {delay:>5} rows ({} alarms: {:?})", alarms.len(), alarms.iter().map(|a| a.series.as_str()).collect::<Vec<_>>());
+        eprintln!(
+            "fault {name:<36} first f5 alarm after {delay:>5} rows ({} alarms: {:?})",
+            alarms.len(),
+            alarms.iter().map(|a| a.series.as_str()).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -172,10 +178,17 @@ fn a_broken_relation_between_features_raises_the_multivariate_alarm() {
         rows[i * 9 + 7] = s.rows[other * 9 + 7];
     }
     let alarms = s.stream(&rows);
-    let multi = alarms.iter().find(|a| a.series == "multivariate").unwrap_or_else(|| panic!("no multivariate alarm: {alarms:#?}"));
+    let multi = alarms
+        .iter()
+        .find(|a| a.series == "multivariate")
+        .unwrap_or_else(|| panic!("no multivariate alarm: {alarms:#?}"));
     assert!(multi.row as usize > start);
     assert!(!alarms.iter().any(|a| a.series == "f8"), "f8's own distribution did not change: {alarms:#?}");
-    eprintln!("cross-wired f8: multivariate alarm after {} rows; all alarms {:?}", multi.row as usize - start, alarms.iter().map(|a| a.series.as_str()).collect::<Vec<_>>());
+    eprintln!(
+        "cross-wired f8: multivariate alarm after {} rows; all alarms {:?}",
+        multi.row as usize - start,
+        alarms.iter().map(|a| a.series.as_str()).collect::<Vec<_>>()
+    );
 }
 
 /// End to end over mosquitto: clean Shuttle rows, then the same sensor 20 units high. The
@@ -186,10 +199,12 @@ fn the_daemon_reports_drift_once_per_episode_in_events_and_status() {
     use std::time::Duration;
     let broker = common::Broker::start();
     let dir = common::temp_dir("drift-daemon");
-    let config = common::config("driftd", &broker, &dir.join("state"), &common::root().join("models/shuttle-mlp-1.lathe"))
-        + "[pipeline.drift]\nwindow = 300\nevery = 50\n";
+    let config =
+        common::config("driftd", &broker, &dir.join("state"), &common::root().join("models/shuttle-mlp-1.lathe"))
+            + "[pipeline.drift]\nwindow = 300\nevery = 50\n";
     let daemon = common::Daemon::start(&dir, &config);
     common::wait_online(broker.port, "driftd", &daemon);
+    assert!(common::wait_until(Duration::from_secs(30), || daemon.log().contains("Drift monitor ready")));
     let events = common::Collector::new(broker.port, &["lathe/driftd/events", "lathe/driftd/status"]);
     let s = Shuttle::load();
     let mut p = common::Publisher::new(broker.port);
@@ -220,8 +235,68 @@ fn the_daemon_reports_drift_once_per_episode_in_events_and_status() {
     assert_eq!(f5["window"], 300);
     assert_eq!(f5["model"], "shuttle-mlp");
     assert!(common::wait_until(Duration::from_secs(15), || {
-        events.on("lathe/driftd/status").iter().any(|st| {
-            st["pipelines"][0]["drift"]["alarms"].as_array().is_some_and(|a| a.iter().any(|x| x == "f5"))
-        })
+        events
+            .on("lathe/driftd/status")
+            .iter()
+            .any(|st| st["pipelines"][0]["drift"]["alarms"].as_array().is_some_and(|a| a.iter().any(|x| x == "f5")))
     }));
+}
+
+/// Late labels over mosquitto: predictions are joined to labels by key; while the labels agree
+/// with the model nothing happens, and when a third of them start to disagree (the concept
+/// changed) one `performance` alarm is raised.
+#[test]
+fn late_labels_that_start_to_disagree_raise_a_performance_alarm() {
+    use std::time::Duration;
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("drift-labels");
+    let config =
+        common::config("labeld", &broker, &dir.join("state"), &common::root().join("models/shuttle-mlp-1.lathe"))
+            + "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\", window = 200 }\n";
+    let daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, "labeld", &daemon);
+    let out = common::Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/labeld/events"]);
+    let s = Shuttle::load();
+    let labels: Vec<u8> = {
+        use std::io::Read;
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(common::root().join("models/data/shuttle.csv.gz")).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        text.lines().skip(1).take(2000).map(|l| l.rsplit(',').next().unwrap().parse().unwrap()).collect()
+    };
+    let mut p = common::Publisher::new(broker.port);
+    let n = 2000usize;
+    for seq in 0..n {
+        let row: Vec<f64> = s.rows[seq * 9..(seq + 1) * 9].iter().map(|&x| f64::from(x)).collect();
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(&row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", n, Duration::from_secs(30)), "log:\n{}", daemon.log());
+    for seq in 0..n {
+        let mut truth = labels[seq];
+        if seq >= 1000 && seq % 3 == 0 {
+            truth = 1 - truth;
+        }
+        let body = serde_json::json!({"seq": seq, "anomaly": truth}).to_string();
+        p.publish(&format!("plant/line1/dev{}/label", seq % 4), body);
+    }
+    p.flush();
+    let perf = |c: &common::Collector| {
+        c.on("lathe/labeld/events")
+            .into_iter()
+            .filter(|e| e["event"] == "drift" && e["series"] == "performance")
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(20), || !perf(&out).is_empty()),
+        "no performance alarm; events {:?}\nlog:\n{}",
+        out.on("lathe/labeld/events"),
+        daemon.log()
+    );
+    let alarms = perf(&out);
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    let row = alarms[0]["row"].as_u64().unwrap();
+    assert!(row > 1000 && row < 1300, "raised at label {row}: {alarms:?}");
+    eprintln!("performance alarm after {} disagreeing-era labels: {}", row - 1000, alarms[0]);
 }

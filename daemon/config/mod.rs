@@ -112,6 +112,22 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
     /// `[pipeline.drift]`; `None` when `enabled = false`.
     pub drift: Option<crate::monitor::Settings>,
+    /// `labels = { topic, key, value, horizon_s, window }`: late ground truth.
+    pub labels: Option<LabelsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LabelsConfig {
+    /// MQTT filter; its first `+` is the device, as in `source.topic`.
+    pub topic: String,
+    /// JSON pointer to the key that names the prediction (same values as `source.key`).
+    pub key: String,
+    /// JSON pointer to the true value (class index, 0/1, true/false, or a number).
+    pub value: String,
+    /// How long a prediction waits for its label.
+    pub horizon: std::time::Duration,
+    /// Labels in the rolling performance window.
+    pub window: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -198,7 +214,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("metrics", "the metrics endpoint is not in this build yet"),
 ];
 const PIPELINE_NOT_YET: &[(&str, &str)] = &[
-    ("labels", "late labels (the closed loop) are not in this build yet"),
     ("window", "sequence windows are not in this build yet"),
     ("train", "on-device training is not in this build yet"),
 ];
@@ -424,7 +439,52 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         }
     }
     let drift = parse_drift(s)?;
-    Some(PipelineConfig { name: name?, model: model?, source: source?, features: features?, sink: sink?, batch, drift })
+    let labels = if s.has("labels") {
+        let mut l = s.section("labels", false)?;
+        let topic = l.string("topic", None);
+        if let Some(t) = &topic {
+            if let Err(e) = crate::ingest::TopicFilter::parse(t) {
+                l.error("topic", &e);
+            }
+        }
+        let key = l.opt_pointer("key");
+        if key.is_none() {
+            l.error("key", "missing (expected a JSON pointer to the key the prediction echoed)");
+        }
+        let value = l.opt_pointer("value");
+        if value.is_none() {
+            l.error("value", "missing (expected a JSON pointer to the true value)");
+        }
+        let horizon = l.integer("horizon_s", 86_400, 1, 365 * 86_400);
+        let window = l.integer("window", 500, 50, 1_000_000);
+        let ok = l.finish();
+        if ok {
+            Some(LabelsConfig {
+                topic: topic?,
+                key: key?,
+                value: value?,
+                horizon: std::time::Duration::from_secs(horizon?),
+                window: window? as usize,
+            })
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    if labels.is_some() && source.as_ref().is_some_and(|s| s.key.is_none()) {
+        s.error("labels", "needs source.key: labels are joined to predictions by key");
+    }
+    Some(PipelineConfig {
+        name: name?,
+        model: model?,
+        source: source?,
+        features: features?,
+        sink: sink?,
+        batch,
+        drift,
+        labels,
+    })
 }
 
 /// `[pipeline.drift]`: on by default, every key optional (see `monitor::Settings`).

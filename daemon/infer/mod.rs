@@ -25,6 +25,7 @@ use crate::ingest::Extractor;
 use crate::ingest::Sample;
 use crate::model::baseline::Reading;
 use crate::model::Bundle;
+use crate::monitor::performance::{Performance, Predicted};
 use crate::monitor::Monitor;
 use crate::service::events::{Counters, Event, Events};
 pub use engine::{Engine, EngineError, EngineKind, Outputs};
@@ -57,9 +58,13 @@ pub struct ActiveModel {
     pub name: String,
     pub version: u64,
     pub sha256: String,
-    /// Drift against this model's own baseline; a new model starts a new monitor. Only the
-    /// pipeline's task observes (the status task reads the state), so the lock is uncontended.
-    pub monitor: Option<std::sync::Mutex<Monitor>>,
+    /// Drift against this model's own baseline; a new model starts a new monitor. It is
+    /// calibrated on a thread of its own (the bootstrap takes a moment) and set here when done;
+    /// rows served before that are not monitored. Only the pipeline's task observes (the
+    /// status task reads the state), so the lock is uncontended.
+    pub monitor: Option<Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>>,
+    /// The per-sample loss the baseline implies (1 − accuracy, or MAE), for late labels.
+    pub baseline_loss: f64,
 }
 
 impl ActiveModel {
@@ -80,7 +85,7 @@ impl ActiveModel {
         }
         bundle.validate(&engine).map_err(|e| e.to_string())?;
         let monitor = match &pipeline.drift {
-            Some(settings) => Some(std::sync::Mutex::new(drift_monitor(bundle, &engine, settings.clone())?)),
+            Some(settings) => Some(drift_monitor(bundle, &engine, settings.clone())?),
             None => None,
         };
         let src = &pipeline.source;
@@ -95,18 +100,43 @@ impl ActiveModel {
             version: m.version,
             sha256: bundle.sha256(),
             monitor,
+            baseline_loss: match m.task {
+                crate::model::Task::Regression => m.baseline.metrics.get("mae").copied().unwrap_or(f64::NAN),
+                _ => 1.0 - m.baseline.metrics.get("accuracy").copied().unwrap_or(f64::NAN),
+            },
         })
     }
 }
 
-/// A drift monitor whose reference is the bundle's validation set and the model's scores on it.
-fn drift_monitor(bundle: &Bundle, engine: &Engine, settings: crate::monitor::Settings) -> Result<Monitor, String> {
+type DriftSlot = Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>;
+
+/// A drift monitor whose reference is the bundle's validation set and the model's scores on
+/// it, calibrated on its own thread; the slot is filled when it is ready.
+fn drift_monitor(bundle: &Bundle, engine: &Engine, settings: crate::monitor::Settings) -> Result<DriftSlot, String> {
     let rows = bundle.validation_rows().map_err(|e| e.to_string())?;
     let out = engine.run(&rows).map_err(|e| e.to_string())?;
     let (f, p, reading) = (bundle.manifest.inputs.len(), bundle.manifest.primary_output, bundle.reading());
-    let scores: Vec<f64> = (0..rows.len() / f).map(|r| reading.score(out.row(p, r), &rows[r * f..(r + 1) * f])).collect();
+    let scores: Vec<f64> =
+        (0..rows.len() / f).map(|r| reading.score(out.row(p, r), &rows[r * f..(r + 1) * f])).collect();
     let names: Vec<String> = bundle.manifest.inputs.iter().map(|i| i.name.clone()).collect();
-    Ok(Monitor::new(&rows, &scores, &names, settings))
+    let slot: DriftSlot = Arc::default();
+    let fill = slot.clone();
+    let model = format!("{} v{}", bundle.manifest.name, bundle.manifest.version);
+    std::thread::Builder::new()
+        .name("lathe-drift-calibrate".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let monitor = Monitor::new(&rows, &scores, &names, settings);
+            tracing::info!(
+                "Drift monitor ready for {model} ({} reference rows, {} PCA components, calibrated in {} ms)",
+                scores.len(),
+                monitor.components_kept(),
+                started.elapsed().as_millis()
+            );
+            let _ = fill.set(std::sync::Mutex::new(monitor));
+        })
+        .map_err(|e| format!("cannot start the drift calibration thread: {e}"))?;
+    Ok(slot)
 }
 
 /// Shared by ingest (the extractor), the pipeline's task (the engine) and the swapper.
@@ -124,6 +154,8 @@ pub struct Pipeline {
     pub events: Events,
     pub acks: AckSender,
     pub flow: Arc<Flow>,
+    /// Late-label performance, when the pipeline has `labels`.
+    pub performance: Option<Arc<std::sync::Mutex<Performance>>>,
 }
 
 impl Pipeline {
@@ -142,6 +174,7 @@ impl Pipeline {
                 Ok(out) => {
                     self.publish(&model, &batch, &out).await;
                     self.watch(&model, &rows, &out);
+                    self.remember(&model, &batch, &out);
                 }
                 Err(e) => {
                     self.counters.failed.fetch_add(batch.len() as u64, Relaxed);
@@ -180,9 +213,24 @@ impl Pipeline {
         }
     }
 
+    /// Keeps what each prediction said until its label arrives (pipelines with `labels`).
+    fn remember(&self, model: &ActiveModel, batch: &[Sample], out: &Outputs) {
+        let Some(perf) = &self.performance else { return };
+        let Ok(mut perf) = perf.lock() else { return };
+        let now = Instant::now();
+        for (r, s) in batch.iter().enumerate() {
+            let output = out.row(model.primary_output, r);
+            let p = match model.reading.class(output) {
+                Some(c) => Predicted::Class(c),
+                None => Predicted::Value(f64::from(output.first().copied().unwrap_or(f32::NAN))),
+            };
+            perf.predicted(s.device.clone(), s.key.to_string(), p, model.baseline_loss, now);
+        }
+    }
+
     /// Feeds the served rows to the drift monitor; alarms become `drift` events.
     fn watch(&self, model: &ActiveModel, rows: &[f32], out: &Outputs) {
-        let Some(monitor) = &model.monitor else { return };
+        let Some(monitor) = model.monitor.as_ref().and_then(|m| m.get()) else { return };
         let Ok(mut monitor) = monitor.lock() else { return };
         let f = model.engine.signature.features;
         let mut alarms = Vec::new();

@@ -60,6 +60,33 @@ pub struct Route {
     /// `None` once stopping: closing the channel lets the pipeline drain and finish.
     pub tx: Option<mpsc::Sender<Sample>>,
     pub counters: Arc<Counters>,
+    /// Where this pipeline's late labels arrive, when it has `labels`.
+    pub labels: Option<LabelRoute>,
+}
+
+/// A pipeline's label topic and what to read from a label message.
+pub struct LabelRoute {
+    pub filter: TopicFilter,
+    pub key: String,
+    pub value: String,
+    pub performance: Arc<std::sync::Mutex<crate::monitor::performance::Performance>>,
+}
+
+impl LabelRoute {
+    /// Joins one label message; returns an alarm raised or cleared, or why it was unusable.
+    fn take(&self, device: &str, payload: &[u8]) -> Result<Option<crate::monitor::Alarm>, String> {
+        let doc: Value = serde_json::from_slice(payload).map_err(|e| format!("label is not JSON: {e}"))?;
+        let key = doc.pointer(&self.key).ok_or_else(|| format!("label has no {}", self.key))?.to_string();
+        let value = match doc.pointer(&self.value) {
+            Some(Value::Number(n)) => n.as_f64(),
+            Some(Value::Bool(b)) => Some(f64::from(u8::from(*b))),
+            _ => None,
+        }
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| format!("label has no number or boolean at {}", self.value))?;
+        let mut perf = self.performance.lock().map_err(|_| "performance state poisoned".to_string())?;
+        Ok(perf.label(device, key, value, Instant::now()))
+    }
 }
 
 /// Shared between ingest and the pipelines to pace reading.
@@ -210,7 +237,11 @@ impl Ingest {
             mut disconnect,
             ready,
         } = self;
-        let filters: Vec<String> = routes.iter().map(|r| r.filter.as_str().to_string()).collect();
+        let filters: Vec<String> = routes
+            .iter()
+            .map(|r| r.filter.as_str().to_string())
+            .chain(routes.iter().filter_map(|r| r.labels.as_ref().map(|l| l.filter.as_str().to_string())))
+            .collect();
         let mut router =
             Router { pending: routes.iter().map(|_| VecDeque::new()).collect(), routes, events, acks, next_seq: 0 };
         let (mut stopping, mut disconnecting, mut failures) = (false, false, 0u32);
@@ -344,6 +375,28 @@ impl Router {
         });
         // MQTT topics are UTF-8 by the spec; anything else matches no pipeline.
         let topic = std::str::from_utf8(&p.topic).unwrap_or("");
+        for route in &self.routes {
+            let Some(labels) = &route.labels else { continue };
+            let Some(device) = labels.filter.matches(topic) else { continue };
+            match labels.take(device, &p.payload) {
+                Ok(Some(alarm)) => {
+                    let m = route.model.load();
+                    self.events.emit(Event::Drift {
+                        pipeline: route.pipeline.clone(),
+                        model: m.name.clone(),
+                        version: m.version,
+                        alarm,
+                    });
+                }
+                Ok(None) => {}
+                Err(detail) => {
+                    if let Ok(mut perf) = labels.performance.lock() {
+                        perf.unmatched += 1;
+                    }
+                    tracing::debug!(pipeline = route.pipeline, "Unusable label: {detail}");
+                }
+            }
+        }
         for (i, route) in self.routes.iter_mut().enumerate() {
             let Some(device) = route.filter.matches(topic) else {
                 continue;

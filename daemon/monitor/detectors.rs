@@ -179,8 +179,8 @@ impl Adwin {
     fn cut(&self, n0: f64, n1: f64, delta_mean: f64) -> bool {
         let delta_prime = (2.0 * self.width.ln() / self.delta).ln();
         let m_recip = 1.0 / (n0 - self.min_window + 1.0) + 1.0 / (n1 - self.min_window + 1.0);
-        let epsilon = (2.0 * m_recip * (self.variance / self.width) * delta_prime).sqrt()
-            + 2.0 / 3.0 * delta_prime * m_recip;
+        let epsilon =
+            (2.0 * m_recip * (self.variance / self.width) * delta_prime).sqrt() + 2.0 / 3.0 * delta_prime * m_recip;
         delta_mean.abs() > epsilon
     }
 

@@ -16,6 +16,7 @@
 
 pub mod detectors;
 pub mod pca;
+pub mod performance;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -131,7 +132,15 @@ impl Series {
         let edges = stats::psi_edges(&values, 10);
         let mut expected = vec![0; edges.len() + 1];
         stats::bin_counts(&values, &edges, &mut expected);
-        Series { name: name.to_string(), reference: values, edges, expected, threshold: f64::INFINITY, alarm: false, last: Measures::default() }
+        Series {
+            name: name.to_string(),
+            reference: values,
+            edges,
+            expected,
+            threshold: f64::INFINITY,
+            alarm: false,
+            last: Measures::default(),
+        }
     }
 
     /// All three statistics of a sorted window; `counts` is scratch.
@@ -180,9 +189,8 @@ impl Monitor {
     pub fn new(reference: &[f32], scores: &[f64], names: &[String], settings: Settings) -> Monitor {
         let f = names.len();
         let n = scores.len().min(reference.len() / f.max(1));
-        let mut series: Vec<Series> = (0..f)
-            .map(|c| Series::new(&names[c], (0..n).map(|r| f64::from(reference[r * f + c])).collect()))
-            .collect();
+        let mut series: Vec<Series> =
+            (0..f).map(|c| Series::new(&names[c], (0..n).map(|r| f64::from(reference[r * f + c])).collect())).collect();
         series.push(Series::new("prediction", scores[..n].to_vec()));
         let pca = pca::Pca::fit(&reference[..n * f], f);
         let mut z = vec![0.0; f];
@@ -231,10 +239,12 @@ impl Monitor {
             v.sort_by(f64::total_cmp);
             quantile(&v, q)
         };
-        let names: Vec<String> = self.series.iter().map(|s| s.name.clone()).chain(["multivariate".to_string()]).collect();
+        let names: Vec<String> =
+            self.series.iter().map(|s| s.name.clone()).chain(["multivariate".to_string()]).collect();
         for (k, values) in samples.into_iter().enumerate() {
             let t = self.settings.thresholds.get(&names[k]).copied().unwrap_or_else(|| {
-                let values = values.into_iter().map(|m| if k < self.series.len() { m.get(stat) } else { m.ks }).collect();
+                let values =
+                    values.into_iter().map(|m| if k < self.series.len() { m.get(stat) } else { m.ks }).collect();
                 threshold(values) * self.settings.margin
             });
             if k < self.series.len() {
@@ -323,7 +333,12 @@ impl Monitor {
         let stat = self.settings.statistic;
         self.series
             .iter()
-            .map(|s| SeriesState { series: s.name.clone(), alarm: s.alarm, value: s.last.get(stat), threshold: s.threshold })
+            .map(|s| SeriesState {
+                series: s.name.clone(),
+                alarm: s.alarm,
+                value: s.last.get(stat),
+                threshold: s.threshold,
+            })
             .chain([SeriesState {
                 series: "multivariate".into(),
                 alarm: self.multi.alarm,

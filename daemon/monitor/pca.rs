@@ -21,7 +21,10 @@ fn jacobi(mut a: Vec<Vec<f64>>) -> (Vec<f64>, Vec<Vec<f64>>) {
     let n = a.len();
     let mut v: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| f64::from(u8::from(i == j))).collect()).collect();
     for _sweep in 0..100 {
-        let off: f64 = (0..n).flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| a[i][j].powi(2)).sum();
+        let off: f64 = (0..n)
+            .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i][j].powi(2))
+            .sum();
         if off < 1e-18 {
             break;
         }
@@ -108,7 +111,8 @@ impl Pca {
             *z = (f64::from(x) - m) / s;
         }
         let norm2: f64 = z.iter().map(|v| v * v).sum();
-        let projected2: f64 = self.components.iter().map(|c| c.iter().zip(z.iter()).map(|(a, b)| a * b).sum::<f64>().powi(2)).sum();
+        let projected2: f64 =
+            self.components.iter().map(|c| c.iter().zip(z.iter()).map(|(a, b)| a * b).sum::<f64>().powi(2)).sum();
         (norm2 - projected2).max(0.0).sqrt()
     }
 }

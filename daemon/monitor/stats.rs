@@ -59,9 +59,8 @@ pub const PSI_FLOOR: f64 = 1e-4;
 /// The interior bin edges for PSI: the reference's deciles, duplicates removed (a feature
 /// with few distinct values gets fewer bins). Bin i holds values in `(edge[i-1], edge[i]]`.
 pub fn psi_edges(reference_sorted: &[f64], bins: usize) -> Vec<f64> {
-    let mut edges: Vec<f64> = (1..bins)
-        .map(|k| crate::model::baseline::quantile(reference_sorted, k as f64 / bins as f64))
-        .collect();
+    let mut edges: Vec<f64> =
+        (1..bins).map(|k| crate::model::baseline::quantile(reference_sorted, k as f64 / bins as f64)).collect();
     edges.dedup();
     edges
 }

@@ -149,6 +149,7 @@ pub struct Serving {
     pub pipeline: String,
     pub model: SharedModel,
     pub counters: Arc<Counters>,
+    pub performance: Option<Arc<std::sync::Mutex<crate::monitor::performance::Performance>>>,
 }
 
 fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
@@ -156,12 +157,19 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
         .iter()
         .map(|s| {
             let m = s.model.load();
-            let drift = match m.monitor.as_ref().and_then(|d| d.lock().ok().map(|d| d.state())) {
+            let performance = s.performance.as_ref().and_then(|p| p.lock().ok()).map(|p| {
+                json!({"alarm": p.in_alarm(), "labels_joined": p.joined(), "labels_unmatched": p.unmatched,
+                       "rolling_loss": p.rolling_loss(), "baseline_loss": m.baseline_loss})
+            });
+            let drift = match m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok().map(|d| d.state())) {
                 Some(series) => {
-                    let alarms: Vec<&str> = series.iter().filter(|s| s.alarm).map(|s| s.series.as_str()).collect();
-                    json!({"alarms": alarms, "series": series})
+                    let mut alarms: Vec<&str> = series.iter().filter(|s| s.alarm).map(|s| s.series.as_str()).collect();
+                    if performance.as_ref().is_some_and(|p| p["alarm"] == true) {
+                        alarms.push("performance");
+                    }
+                    json!({"alarms": alarms, "series": series, "performance": performance})
                 }
-                None => Value::Null,
+                None => json!({"performance": performance}),
             };
             json!({
                 "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
@@ -237,6 +245,18 @@ pub async fn run(
         let (tx, rx) = mpsc::channel(1 << 16);
         tracing::info!(pipeline = p.name, model = active.name, version = active.version, "Serving");
         let model: SharedModel = Arc::new(ArcSwap::from_pointee(active));
+        let performance = p.labels.as_ref().map(|l| {
+            Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
+        });
+        let labels = match (&p.labels, &performance) {
+            (Some(l), Some(perf)) => Some(crate::ingest::connection::LabelRoute {
+                filter: TopicFilter::parse(&l.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
+                key: l.key.clone(),
+                value: l.value.clone(),
+                performance: perf.clone(),
+            }),
+            _ => None,
+        };
         routes.push(Route {
             pipeline: p.name.clone(),
             devices: Default::default(),
@@ -244,6 +264,7 @@ pub async fn run(
             model: model.clone(),
             tx: Some(tx),
             counters: counters.clone(),
+            labels,
         });
         let pipeline = Pipeline {
             name: p.name.clone(),
@@ -255,9 +276,10 @@ pub async fn run(
             events: events.clone(),
             acks: acks.clone(),
             flow: flow.clone(),
+            performance: performance.clone(),
         };
         tasks.push(tokio::spawn(pipeline.run(rx)));
-        serving.push(Serving { pipeline: p.name.clone(), model, counters });
+        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance });
     }
     let serving = Arc::new(serving);
     let swapper = tokio::spawn(swap::watch(config.clone(), serving.clone(), events.clone(), stop_rx.clone()));

@@ -1,0 +1,170 @@
+//! Live performance from late labels. Each prediction is remembered by (device, key) for
+//! `horizon`; a label on `labels.topic` with the same key is joined to it and becomes one
+//! per-sample loss (0/1 error for classifiers, absolute error for regression). The losses feed
+//! ADWIN and Page-Hinkley (river's definitions, `detectors.rs`) and a rolling window compared
+//! with the loss the bundle's baseline implies (1 − accuracy, or MAE). A `performance` alarm
+//! is raised when the rolling loss is worse than the baseline by more than sampling noise
+//! explains, or when ADWIN finds a change to a mean worse than the baseline; once per episode.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::detectors::{Adwin, PageHinkley};
+use super::Alarm;
+
+/// Labels needed in the rolling window before it can raise an alarm.
+const MIN_LABELS: usize = 50;
+/// Most predictions remembered while waiting for their labels.
+const MAX_PENDING: usize = 200_000;
+
+/// What a prediction said, for scoring it when its label arrives.
+#[derive(Debug, Clone, Copy)]
+pub enum Predicted {
+    Class(usize),
+    Value(f64),
+}
+
+pub struct Performance {
+    horizon: Duration,
+    window: usize,
+    pending: HashMap<(Arc<str>, String), (Predicted, f64, Instant)>,
+    order: VecDeque<((Arc<str>, String), Instant)>,
+    losses: VecDeque<f64>,
+    sum: f64,
+    adwin: Adwin,
+    ph: PageHinkley,
+    alarm: bool,
+    joined: u64,
+    /// Labels with no prediction to join (too late, unknown key) or not a number.
+    pub unmatched: u64,
+}
+
+impl Performance {
+    pub fn new(horizon: Duration, window: usize) -> Performance {
+        Performance {
+            horizon,
+            window: window.max(MIN_LABELS),
+            pending: HashMap::new(),
+            order: VecDeque::new(),
+            losses: VecDeque::new(),
+            sum: 0.0,
+            adwin: Adwin::default(),
+            ph: PageHinkley::default(),
+            alarm: false,
+            joined: 0,
+            unmatched: 0,
+        }
+    }
+
+    /// Remembers a served prediction; `baseline_loss` is what the serving model's validation
+    /// set implies per sample.
+    pub fn predicted(&mut self, device: Arc<str>, key: String, p: Predicted, baseline_loss: f64, now: Instant) {
+        self.expire(now);
+        if self.pending.len() >= MAX_PENDING {
+            if let Some((old, _)) = self.order.pop_front() {
+                self.pending.remove(&old);
+            }
+        }
+        self.order.push_back(((device.clone(), key.clone()), now));
+        self.pending.insert((device, key), (p, baseline_loss, now));
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((k, t)) = self.order.front() {
+            if now.duration_since(*t) <= self.horizon {
+                break;
+            }
+            if self.pending.get(k).is_some_and(|(_, _, at)| at == t) {
+                self.pending.remove(k);
+            }
+            self.order.pop_front();
+        }
+    }
+
+    pub fn joined(&self) -> u64 {
+        self.joined
+    }
+
+    /// The rolling per-sample loss over the last `window` labels.
+    pub fn rolling_loss(&self) -> f64 {
+        if self.losses.is_empty() {
+            f64::NAN
+        } else {
+            self.sum / self.losses.len() as f64
+        }
+    }
+
+    /// Joins a label; returns an alarm raised or cleared.
+    pub fn label(&mut self, device: &str, key: String, truth: f64, now: Instant) -> Option<Alarm> {
+        self.expire(now);
+        let Some((p, baseline, _)) = self.pending.remove(&(Arc::from(device), key)) else {
+            self.unmatched += 1;
+            return None;
+        };
+        let loss = match p {
+            Predicted::Class(c) => f64::from(u8::from(truth < 0.0 || (truth.round() as usize) != c)),
+            Predicted::Value(v) => (v - truth).abs(),
+        };
+        if !loss.is_finite() {
+            self.unmatched += 1;
+            return None;
+        }
+        self.joined += 1;
+        self.losses.push_back(loss);
+        self.sum += loss;
+        if self.losses.len() > self.window {
+            self.sum -= self.losses.pop_front().unwrap_or(0.0);
+        }
+        let adwin_change = self.adwin.update(loss) && self.adwin.mean() > baseline;
+        let ph_change = self.ph.update(loss) && self.rolling_loss() > baseline;
+        let n = self.losses.len() as f64;
+        let rolling = self.rolling_loss();
+        // Sampling noise of a mean of n losses around the baseline: binomial for 0/1 errors;
+        // for absolute errors, the baseline itself as a scale (|e| has sd ≈ its mean).
+        let spread = match p {
+            Predicted::Class(_) => (baseline.max(1e-3) * (1.0 - baseline).max(1e-3) / n).sqrt(),
+            Predicted::Value(_) => baseline.max(1e-9) / n.sqrt(),
+        };
+        let threshold = baseline + 4.0 * spread;
+        let worse = self.losses.len() >= MIN_LABELS && rolling > threshold;
+        if !self.alarm && (worse || adwin_change || ph_change) && self.losses.len() >= MIN_LABELS {
+            self.alarm = true;
+            let detector = if worse {
+                "rolling"
+            } else if adwin_change {
+                "adwin"
+            } else {
+                "page_hinkley"
+            };
+            return Some(Alarm {
+                series: "performance".into(),
+                statistic: format!("loss ({detector})"),
+                value: rolling,
+                threshold,
+                window: self.losses.len(),
+                row: self.joined,
+                raised: true,
+                measures: None,
+            });
+        }
+        if self.alarm && rolling < baseline + 0.8 * (threshold - baseline) {
+            self.alarm = false;
+            return Some(Alarm {
+                series: "performance".into(),
+                statistic: "loss".into(),
+                value: rolling,
+                threshold,
+                window: self.losses.len(),
+                row: self.joined,
+                raised: false,
+                measures: None,
+            });
+        }
+        None
+    }
+
+    pub fn in_alarm(&self) -> bool {
+        self.alarm
+    }
+}
