@@ -300,3 +300,55 @@ fn late_labels_that_start_to_disagree_raise_a_performance_alarm() {
     assert!(row > 1000 && row < 1300, "raised at label {row}: {alarms:?}");
     eprintln!("performance alarm after {} disagreeing-era labels: {}", row - 1000, alarms[0]);
 }
+
+/// The office-occupancy sensors (tests/fixtures/occupancy.csv, from river; five annotators
+/// marked its change points). lathe compares against a baseline, so the reference is the first
+/// 50 rows — before the first annotated change at row 52–53 — and each sensor's first alarm is
+/// compared with the annotations. Printed for the README; asserted: nothing before the first
+/// change, and the first alarm within 40 rows of an annotated change.
+#[test]
+fn occupancy_alarms_line_up_with_the_annotated_change_points() {
+    let text = std::fs::read_to_string(common::root().join("tests/fixtures/occupancy.csv")).unwrap();
+    let names: Vec<String> = ["V1", "V2", "V3", "V4"].map(String::from).to_vec();
+    let rows: Vec<f32> =
+        text.lines().skip(1).flat_map(|l| l.split(',').skip(1).map(|v| v.parse::<f32>().unwrap()).collect::<Vec<_>>()).collect();
+    let n = rows.len() / 4;
+    let notes: Value =
+        serde_json::from_slice(&std::fs::read(common::root().join("tests/fixtures/occupancy.annotations.json")).unwrap())
+            .unwrap();
+    let mut marks: Vec<u64> = notes["annotations"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|v| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()))
+        .collect();
+    marks.sort_unstable();
+    let reference = &rows[..50 * 4];
+    let settings = Settings { window: 30, every: 5, ..Settings::default() };
+    let mut m = Monitor::new(reference, &[0.0; 50], &names, settings);
+    let mut alarms = Vec::new();
+    for r in 0..n {
+        m.observe(&rows[r * 4..(r + 1) * 4], 0.0, &mut alarms);
+    }
+    alarms.retain(|a| a.raised);
+    assert!(!alarms.is_empty());
+    for a in &alarms {
+        let nearest = marks.iter().filter(|&&c| c <= a.row).max().copied();
+        eprintln!("occupancy: {} alarm at row {} (latest annotated change before it: {nearest:?})", a.series, a.row);
+    }
+    let first = alarms.iter().map(|a| a.row).min().unwrap();
+    assert!(first > 52, "alarm before the first annotated change: {first}");
+    assert!(marks.iter().any(|&c| c <= first && first - c <= 40), "first alarm {first} is not within 40 rows of a change");
+    // ADWIN on each standardised sensor finds change points between regimes (no baseline).
+    for (c, name) in names.iter().enumerate() {
+        let mut adwin = Adwin::default();
+        let (mean, sd) = {
+            let v: Vec<f64> = (0..n).map(|r| f64::from(rows[r * 4 + c])).collect();
+            let mean = v.iter().sum::<f64>() / n as f64;
+            (mean, (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt())
+        };
+        let hits: Vec<usize> = (0..n).filter(|&r| adwin.update((f64::from(rows[r * 4 + c]) - mean) / sd)).collect();
+        eprintln!("occupancy: ADWIN on {name} flags rows {hits:?}");
+    }
+    eprintln!("occupancy: annotated change points (all annotators) {marks:?}");
+}
