@@ -6,7 +6,7 @@
 Each round runs every service once through e2e_bench.py (its own mosquitto on a free loopback
 port, QoS 1, 4 publishing devices, real Shuttle rows, the sample MLP), alternating so machine
 noise hits all of them alike. Prints one JSON line per run, then medians and the ratios
-lathe/relay and lathe/python. The Python service needs `pip install paho-mqtt onnxruntime
+lathe/relay, lathe/python and lathe/lathe-nodrift (the cost of drift monitoring). The Python service needs `pip install paho-mqtt onnxruntime
 numpy`; without them it is left out.
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile
@@ -32,6 +32,10 @@ sink = { topic = "plant/line1/{device}/prediction" }
 template = os.path.join(tempfile.mkdtemp(prefix="lathe-bench-"), "lathe.toml.in")
 with open(template, "w") as f:
     f.write(config)
+# The same service with drift monitoring off: the ratio is what monitoring costs end to end.
+template_nodrift = template.replace(".toml.in", "-nodrift.toml.in")
+with open(template_nodrift, "w") as f:
+    f.write(config + "[pipeline.drift]\nenabled = false\n")
 
 services = {
     "relay": "mosquitto_sub -p {port} -q 1 -t 'plant/line1/+/telemetry' | "
@@ -39,6 +43,8 @@ services = {
     # exec keeps lathe itself the measured process.
     "lathe": f"sed -e s/PORT/{{port}}/ -e 's|DIR|{{dir}}|' {template} > {{dir}}/lathe.toml && "
              f"exec {args.lathe} run --config {{dir}}/lathe.toml",
+    "lathe-nodrift": f"sed -e s/PORT/{{port}}/ -e 's|DIR|{{dir}}|' {template_nodrift} > {{dir}}/lathe.toml && "
+                     f"exec {args.lathe} run --config {{dir}}/lathe.toml",
 }
 try:
     import paho.mqtt.client, onnxruntime, numpy  # noqa: F401
@@ -66,7 +72,7 @@ def median(name, key):
 summary = {name: {"msgs_per_s": median(name, "msgs_per_s"), "peak_rss_mib": (median(name, "peak_rss_kib") or 0) / 1024,
                   "complete_runs": len(results[name])} for name in services}
 lathe = summary["lathe"]["msgs_per_s"]
-for ref in ("relay", "python"):
+for ref in ("relay", "python", "lathe-nodrift"):
     if ref in summary and lathe and summary[ref]["msgs_per_s"]:
         summary[f"lathe/{ref}"] = round(lathe / summary[ref]["msgs_per_s"], 2)
 print(json.dumps(summary, indent=1))

@@ -9,6 +9,8 @@
 //! - [`ingest`]: the MQTT connection, topic routing, JSON → feature rows, rejections.
 //! - [`infer`]: the tract engine and the per-pipeline micro-batching task.
 //! - [`model`]: the bundle format, its baseline, and the on-device registry.
+//! - [`monitor`]: drift against the bundle's baseline, late-label performance.
+//! - [`train`]: on-device fine-tuning (the `Backend` trait, CPU backend, gate, run records).
 //! - [`service`]: wiring, start and graceful stop, status and events.
 //! - [`cli`]: the `lathe` command line, including `lathe demo`.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::await_holding_lock)]

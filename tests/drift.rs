@@ -310,12 +310,16 @@ fn late_labels_that_start_to_disagree_raise_a_performance_alarm() {
 fn occupancy_alarms_line_up_with_the_annotated_change_points() {
     let text = std::fs::read_to_string(common::root().join("tests/fixtures/occupancy.csv")).unwrap();
     let names: Vec<String> = ["V1", "V2", "V3", "V4"].map(String::from).to_vec();
-    let rows: Vec<f32> =
-        text.lines().skip(1).flat_map(|l| l.split(',').skip(1).map(|v| v.parse::<f32>().unwrap()).collect::<Vec<_>>()).collect();
+    let rows: Vec<f32> = text
+        .lines()
+        .skip(1)
+        .flat_map(|l| l.split(',').skip(1).map(|v| v.parse::<f32>().unwrap()).collect::<Vec<_>>())
+        .collect();
     let n = rows.len() / 4;
-    let notes: Value =
-        serde_json::from_slice(&std::fs::read(common::root().join("tests/fixtures/occupancy.annotations.json")).unwrap())
-            .unwrap();
+    let notes: Value = serde_json::from_slice(
+        &std::fs::read(common::root().join("tests/fixtures/occupancy.annotations.json")).unwrap(),
+    )
+    .unwrap();
     let mut marks: Vec<u64> = notes["annotations"]
         .as_object()
         .unwrap()
@@ -338,7 +342,10 @@ fn occupancy_alarms_line_up_with_the_annotated_change_points() {
     }
     let first = alarms.iter().map(|a| a.row).min().unwrap();
     assert!(first > 52, "alarm before the first annotated change: {first}");
-    assert!(marks.iter().any(|&c| c <= first && first - c <= 40), "first alarm {first} is not within 40 rows of a change");
+    assert!(
+        marks.iter().any(|&c| c <= first && first - c <= 40),
+        "first alarm {first} is not within 40 rows of a change"
+    );
     // ADWIN on each standardised sensor finds change points between regimes (no baseline).
     for (c, name) in names.iter().enumerate() {
         let mut adwin = Adwin::default();

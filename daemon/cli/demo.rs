@@ -43,6 +43,8 @@ struct Seen {
     agree_with_label: u64,
     latencies_us: Vec<u64>,
     last_events: Vec<String>,
+    /// Drift alarms, kept apart so rejections do not push them off the screen.
+    drift: Vec<String>,
 }
 
 pub fn run(args: DemoArgs) -> Result<(), String> {
@@ -92,11 +94,13 @@ fn shuttle_rows() -> Result<Vec<(Vec<f64>, u8)>, String> {
         .collect())
 }
 
-/// Message `seq`: a real row, or now and then a broken one.
-fn telemetry(seq: u64, row: &[f64]) -> Vec<u8> {
+/// Message `seq`: a real row, or now and then a broken one. `drifted`: sensor f5 reads 20
+/// units high from then on (a miscalibrated replacement), which the drift monitor should name.
+fn telemetry(seq: u64, row: &[f64], drifted: bool) -> Vec<u8> {
     let mut doc = serde_json::Map::new();
     for (i, x) in row.iter().enumerate() {
-        doc.insert(format!("f{}", i + 1), (*x).into());
+        let x = if drifted && i == 4 { x + 20.0 } else { *x };
+        doc.insert(format!("f{}", i + 1), x.into());
     }
     doc.insert("seq".into(), seq.into());
     doc.insert("ts".into(), service::unix_ms().into());
@@ -132,7 +136,9 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
     let seen = Arc::new(Mutex::new(Seen::default()));
     let labels: Arc<Vec<u8>> = Arc::new(rows.iter().map(|r| r.1).collect());
     let watcher = tokio::spawn(watch(host.clone(), port, seen.clone(), labels));
-    let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices));
+    // Half-way through (or after 10 s when running until Ctrl-C) sensor f5 drifts.
+    let drift_after = args.rate * if args.seconds > 0 { args.seconds / 2 } else { 10 };
+    let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices, drift_after));
 
     let started = Instant::now();
     let tty = std::io::stdout().is_terminal();
@@ -173,7 +179,7 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
     Ok(())
 }
 
-async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, devices: usize) {
+async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, devices: usize, drift_after: u64) {
     let mut o = MqttOptions::new("lathe-demo-sensors", host, port);
     o.set_outgoing_inflight_upper_limit(1000);
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
@@ -193,7 +199,8 @@ async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, d
         for _ in 0..per_tick {
             let row = &rows[seq as usize % rows.len()].0;
             let topic = format!("plant/demo/dev{}/telemetry", seq as usize % devices.max(1));
-            if client.publish(topic, QoS::AtLeastOnce, false, telemetry(seq, row)).await.is_err() {
+            let body = telemetry(seq, row, seq >= drift_after);
+            if client.publish(topic, QoS::AtLeastOnce, false, body).await.is_err() {
                 return;
             }
             seq += 1;
@@ -218,11 +225,23 @@ async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<
         };
         let Ok(mut s) = seen.lock() else { return };
         if p.topic.ends_with(b"/events") {
-            s.last_events.push(format!(
-                "{} {}",
-                doc["event"].as_str().unwrap_or("?"),
-                doc["detail"].as_str().unwrap_or("")
-            ));
+            let event = doc["event"].as_str().unwrap_or("?");
+            if event.starts_with("drift") {
+                s.drift.push(format!(
+                    "{event} on {}: {} {:.3} (threshold {:.3}) over the last {} rows",
+                    doc["series"].as_str().unwrap_or("?"),
+                    doc["statistic"].as_str().unwrap_or("?"),
+                    doc["value"].as_f64().unwrap_or(f64::NAN),
+                    doc["threshold"].as_f64().unwrap_or(f64::NAN),
+                    doc["window"]
+                ));
+                let n = s.drift.len();
+                if n > 4 {
+                    s.drift.drain(..n - 4);
+                }
+                continue;
+            }
+            s.last_events.push(format!("{event} {}", doc["detail"].as_str().unwrap_or("")));
             let n = s.last_events.len();
             if n > 4 {
                 s.last_events.drain(..n - 4);
@@ -263,7 +282,7 @@ fn screen(handle: &Handle, seen: &Mutex<Seen>, started: Instant) -> String {
         "lathe demo — pipeline {name}, model shuttle-mlp v1 (tract), broker: embedded\n\n\
          {secs:6.1} s   in {received} ({:.0}/s)   predictions {} ({:.0}/s)   latency p50 {} µs  p99 {} µs\n\
          flagged anomalous: {} ({:.2} %)   agree with the Shuttle labels: {:.2} %\n\
-         rejected: {}\n\nlast events:\n",
+         rejected: {}\n\ndrift (sensor f5 reads 20 high from half-way): {}\n{}\nlast events:\n",
         received as f64 / secs,
         s.predictions,
         s.predictions as f64 / secs,
@@ -273,6 +292,8 @@ fn screen(handle: &Handle, seen: &Mutex<Seen>, started: Instant) -> String {
         100.0 * s.flagged as f64 / s.predictions.max(1) as f64,
         100.0 * s.agree_with_label as f64 / s.predictions.max(1) as f64,
         if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") },
+        if s.drift.is_empty() { "no alarm" } else { "" },
+        s.drift.iter().map(|d| format!("  {d}\n")).collect::<String>(),
     );
     for e in &s.last_events {
         out.push_str(&format!("  {e}\n"));

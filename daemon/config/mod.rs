@@ -514,7 +514,7 @@ fn parse_drift(s: &mut Section) -> Option<Option<crate::monitor::Settings>> {
     }
     Some(enabled?.then(|| crate::monitor::Settings {
         window: window.unwrap_or(500) as usize,
-        every: every.unwrap_or(100) as usize,
+        every: every.unwrap_or(d.every as u64) as usize,
         statistic: statistic.unwrap_or(crate::monitor::Statistic::Ks),
         false_alarm_rate: false_alarm_rate.unwrap_or(d.false_alarm_rate),
         bootstrap: bootstrap.unwrap_or(400) as usize,

@@ -124,6 +124,7 @@ fn drift_monitor(bundle: &Bundle, engine: &Engine, settings: crate::monitor::Set
     let model = format!("{} v{}", bundle.manifest.name, bundle.manifest.version);
     std::thread::Builder::new()
         .name("lathe-drift-calibrate".into())
+        .stack_size(256 * 1024)
         .spawn(move || {
             let started = Instant::now();
             let monitor = Monitor::new(&rows, &scores, &names, settings);

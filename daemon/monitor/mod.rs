@@ -68,7 +68,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             window: 500,
-            every: 100,
+            every: 250,
             statistic: Statistic::Ks,
             false_alarm_rate: 0.01,
             bootstrap: 400,
