@@ -117,7 +117,8 @@ pub struct Alarm {
 
 struct Series {
     name: String,
-    reference: Vec<f64>,
+    /// Sorted; f32 like the features themselves (scores and errors lose nothing that matters).
+    reference: Vec<f32>,
     edges: Vec<f64>,
     expected: Vec<u64>,
     threshold: f64,
@@ -134,7 +135,7 @@ impl Series {
         stats::bin_counts(&values, &edges, &mut expected);
         Series {
             name: name.to_string(),
-            reference: values,
+            reference: values.iter().map(|&v| v as f32).collect(),
             edges,
             expected,
             threshold: f64::INFINITY,
@@ -164,6 +165,11 @@ pub struct SeriesState {
     pub threshold: f64,
 }
 
+/// The reference is at most this many rows: enough for KS at any window up to its size, and
+/// the monitor's memory stays under ~250 KB per pipeline whatever the validation set's size
+/// (on Shuttle, 1,500 rows already made the thresholds too tight: false alarms).
+pub const MAX_REFERENCE_ROWS: usize = 5000;
+
 pub struct Monitor {
     settings: Settings,
     features: usize,
@@ -185,10 +191,19 @@ pub struct Monitor {
 
 impl Monitor {
     /// Builds the reference from the validation rows (`names.len()` values each) and the
-    /// model's scores on them, and calibrates the thresholds.
+    /// model's scores on them, and calibrates the thresholds. A validation set larger than
+    /// [`MAX_REFERENCE_ROWS`] is thinned evenly to that many rows.
     pub fn new(reference: &[f32], scores: &[f64], names: &[String], settings: Settings) -> Monitor {
         let f = names.len();
-        let n = scores.len().min(reference.len() / f.max(1));
+        let all = scores.len().min(reference.len() / f.max(1));
+        let keep: Vec<usize> = if all > MAX_REFERENCE_ROWS {
+            (0..MAX_REFERENCE_ROWS).map(|i| i * all / MAX_REFERENCE_ROWS).collect()
+        } else {
+            (0..all).collect()
+        };
+        let reference: Vec<f32> = keep.iter().flat_map(|&r| reference[r * f..(r + 1) * f].iter().copied()).collect();
+        let scores: Vec<f64> = keep.iter().map(|&r| scores[r]).collect();
+        let (reference, scores, n) = (&reference[..], &scores[..], keep.len());
         let mut series: Vec<Series> =
             (0..f).map(|c| Series::new(&names[c], (0..n).map(|r| f64::from(reference[r * f + c])).collect())).collect();
         series.push(Series::new("prediction", scores[..n].to_vec()));
@@ -221,7 +236,9 @@ impl Monitor {
         let (f, w) = (self.features, self.settings.window);
         let stat = self.settings.statistic;
         let mut rng = Rng::new(self.settings.seed);
-        let mut samples: Vec<Vec<Measures>> = vec![Vec::with_capacity(self.settings.bootstrap); self.series.len() + 1];
+        // Only the statistic that raises alarms is kept per draw.
+        let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(self.settings.bootstrap); self.series.len() + 1];
+        let multi = self.series.len();
         for _ in 0..self.settings.bootstrap {
             for i in 0..w {
                 let r = (rng.next_u64() % n.max(1) as u64) as usize;
@@ -230,7 +247,7 @@ impl Monitor {
             }
             self.filled = w;
             for (s, m) in self.measure_all().into_iter().enumerate() {
-                samples[s].push(m);
+                samples[s].push(if s == multi { m.ks } else { m.get(stat) });
             }
         }
         // Bonferroni: the rate is for the pipeline, so each series gets its share.
@@ -242,11 +259,7 @@ impl Monitor {
         let names: Vec<String> =
             self.series.iter().map(|s| s.name.clone()).chain(["multivariate".to_string()]).collect();
         for (k, values) in samples.into_iter().enumerate() {
-            let t = self.settings.thresholds.get(&names[k]).copied().unwrap_or_else(|| {
-                let values =
-                    values.into_iter().map(|m| if k < self.series.len() { m.get(stat) } else { m.ks }).collect();
-                threshold(values) * self.settings.margin
-            });
+            let t = self.settings.thresholds.get(&names[k]).copied().unwrap_or_else(|| threshold(values) * self.settings.margin);
             if k < self.series.len() {
                 self.series[k].threshold = t;
             } else {

@@ -4,8 +4,9 @@
 //! `wasserstein_distance`) and a plain PSI.
 
 /// Two-sample Kolmogorov–Smirnov statistic: the largest gap between the two empirical CDFs
-/// (scipy's `ks_2samp(a, b).statistic`). Both samples sorted ascending, finite.
-pub fn ks(a: &[f64], b: &[f64]) -> f64 {
+/// (scipy's `ks_2samp(a, b).statistic`). Both samples sorted ascending, finite; the first may
+/// be stored as f32 (the monitor's reference, half the memory).
+pub fn ks<A: Copy + Into<f64>>(a: &[A], b: &[f64]) -> f64 {
     let (n, m) = (a.len() as f64, b.len() as f64);
     if a.is_empty() || b.is_empty() {
         return f64::NAN;
@@ -13,8 +14,8 @@ pub fn ks(a: &[f64], b: &[f64]) -> f64 {
     let (mut i, mut j, mut d) = (0, 0, 0.0f64);
     while i < a.len() && j < b.len() {
         // Step past every copy of the smaller value in both samples, then compare the CDFs.
-        let x = a[i].min(b[j]);
-        while i < a.len() && a[i] <= x {
+        let x = a[i].into().min(b[j]);
+        while i < a.len() && a[i].into() <= x {
             i += 1;
         }
         while j < b.len() && b[j] <= x {
@@ -27,23 +28,23 @@ pub fn ks(a: &[f64], b: &[f64]) -> f64 {
 
 /// Wasserstein-1 (earth mover's) distance between the empirical distributions: the area
 /// between the two CDFs (scipy's `wasserstein_distance(a, b)`). Both samples sorted.
-pub fn wasserstein(a: &[f64], b: &[f64]) -> f64 {
+pub fn wasserstein<A: Copy + Into<f64>>(a: &[A], b: &[f64]) -> f64 {
     let (n, m) = (a.len() as f64, b.len() as f64);
     if a.is_empty() || b.is_empty() {
         return f64::NAN;
     }
     let (mut i, mut j, mut area) = (0, 0, 0.0f64);
-    let mut x = a[0].min(b[0]);
+    let mut x = a[0].into().min(b[0]);
     while i < a.len() || j < b.len() {
-        while i < a.len() && a[i] <= x {
+        while i < a.len() && a[i].into() <= x {
             i += 1;
         }
         while j < b.len() && b[j] <= x {
             j += 1;
         }
         let next = match (a.get(i), b.get(j)) {
-            (Some(&p), Some(&q)) => p.min(q),
-            (Some(&p), None) => p,
+            (Some(&p), Some(&q)) => p.into().min(q),
+            (Some(&p), None) => p.into(),
             (None, Some(&q)) => q,
             (None, None) => break,
         };
