@@ -273,8 +273,8 @@ fn late_labels_that_start_to_disagree_raise_a_performance_alarm() {
     }
     p.flush();
     assert!(out.wait_for("prediction", n, Duration::from_secs(30)), "log:\n{}", daemon.log());
-    for seq in 0..n {
-        let mut truth = labels[seq];
+    for (seq, &label) in labels.iter().enumerate().take(n) {
+        let mut truth = label;
         if seq >= 1000 && seq % 3 == 0 {
             truth = 1 - truth;
         }
@@ -358,4 +358,70 @@ fn occupancy_alarms_line_up_with_the_annotated_change_points() {
         eprintln!("occupancy: ADWIN on {name} flags rows {hits:?}");
     }
     eprintln!("occupancy: annotated change points (all annotators) {marks:?}");
+}
+
+/// Label shift: from message 1,000 half of the rows are anomalies (7 % before, as in the
+/// validation set). The class balance of the arriving labels moved, and a `labels` alarm says
+/// so once labels arrive — before the loss, which rises more slowly (the model misses a few
+/// per cent of anomalies, so more anomalies means more errors), raises its own.
+#[test]
+fn a_change_in_class_balance_raises_a_label_shift_alarm_once_labels_arrive() {
+    use std::io::Read;
+    use std::time::Duration;
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("drift-labelshift");
+    let config =
+        common::config("shiftd", &broker, &dir.join("state"), &common::root().join("models/shuttle-mlp-1.lathe"))
+            + "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\", window = 200 }\n";
+    let daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, "shiftd", &daemon);
+    let out = common::Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/shiftd/events"]);
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(common::root().join("models/data/shuttle.csv.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let all: Vec<(Vec<f64>, u8)> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
+            (v[..9].to_vec(), v[9] as u8)
+        })
+        .collect();
+    let (normal, anomalous): (Vec<_>, Vec<_>) = all.iter().partition(|r| r.1 == 0);
+    let mut stream: Vec<&(Vec<f64>, u8)> = all.iter().take(1000).collect();
+    for i in 0..1000 {
+        stream.push(if i % 2 == 0 { anomalous[i / 2] } else { normal[5000 + i] });
+    }
+    let mut p = common::Publisher::new(broker.port);
+    for (seq, (row, _)) in stream.iter().enumerate() {
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", stream.len(), Duration::from_secs(30)), "log:\n{}", daemon.log());
+    for (seq, (_, label)) in stream.iter().enumerate() {
+        p.publish(
+            &format!("plant/line1/dev{}/label", seq % 4),
+            serde_json::json!({"seq": seq, "anomaly": label}).to_string(),
+        );
+    }
+    p.flush();
+    let alarms = |c: &common::Collector, series: &str| {
+        c.on("lathe/shiftd/events")
+            .into_iter()
+            .filter(|e| e["event"] == "drift" && e["series"] == series)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(20), || !alarms(&out, "labels").is_empty()),
+        "no label-shift alarm; events {:?}",
+        out.on("lathe/shiftd/events")
+    );
+    let shift = alarms(&out, "labels");
+    assert_eq!(shift.len(), 1, "{shift:?}");
+    let row = shift[0]["row"].as_u64().unwrap();
+    assert!(row > 1000 && row < 1200, "label shift raised at label {row}");
+    let perf = alarms(&out, "performance");
+    assert!(perf.iter().all(|a| a["row"].as_u64().unwrap() > row), "label shift first: {perf:?}");
+    eprintln!("label shift alarm after {} shifted labels: {}; performance alarms {perf:?}", row - 1000, shift[0]);
 }

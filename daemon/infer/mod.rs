@@ -65,6 +65,8 @@ pub struct ActiveModel {
     pub monitor: Option<Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>>,
     /// The per-sample loss the baseline implies (1 − accuracy, or MAE), for late labels.
     pub baseline_loss: f64,
+    /// Classifiers: each class's share of the validation targets (label shift reference).
+    pub label_shares: Vec<f64>,
 }
 
 impl ActiveModel {
@@ -100,12 +102,30 @@ impl ActiveModel {
             version: m.version,
             sha256: bundle.sha256(),
             monitor,
+            label_shares: label_shares(bundle),
             baseline_loss: match m.task {
                 crate::model::Task::Regression => m.baseline.metrics.get("mae").copied().unwrap_or(f64::NAN),
                 _ => 1.0 - m.baseline.metrics.get("accuracy").copied().unwrap_or(f64::NAN),
             },
         })
     }
+}
+
+/// Each class's share of a classifier's validation targets (empty for other tasks).
+fn label_shares(bundle: &Bundle) -> Vec<f64> {
+    let m = &bundle.manifest;
+    if !matches!(m.task, crate::model::Task::Binary | crate::model::Task::Multiclass) {
+        return Vec::new();
+    }
+    let truth = bundle.validation_targets().unwrap_or_default();
+    let classes = m.baseline.class_shares.len().max(2);
+    let mut counts = vec![0usize; classes];
+    for t in &truth {
+        if let Some(c) = counts.get_mut(*t as usize) {
+            *c += 1;
+        }
+    }
+    counts.iter().map(|&c| c as f64 / truth.len().max(1) as f64).collect()
 }
 
 type DriftSlot = Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>;
@@ -218,6 +238,7 @@ impl Pipeline {
     fn remember(&self, model: &ActiveModel, batch: &[Sample], out: &Outputs) {
         let Some(perf) = &self.performance else { return };
         let Ok(mut perf) = perf.lock() else { return };
+        perf.set_baseline(model.version, &model.label_shares);
         let now = Instant::now();
         for (r, s) in batch.iter().enumerate() {
             let output = out.row(model.primary_output, r);

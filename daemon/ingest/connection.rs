@@ -73,8 +73,8 @@ pub struct LabelRoute {
 }
 
 impl LabelRoute {
-    /// Joins one label message; returns an alarm raised or cleared, or why it was unusable.
-    fn take(&self, device: &str, payload: &[u8]) -> Result<Option<crate::monitor::Alarm>, String> {
+    /// Joins one label message; returns the alarms raised or cleared, or why it was unusable.
+    fn take(&self, device: &str, payload: &[u8]) -> Result<Vec<crate::monitor::Alarm>, String> {
         let doc: Value = serde_json::from_slice(payload).map_err(|e| format!("label is not JSON: {e}"))?;
         let key = doc.pointer(&self.key).ok_or_else(|| format!("label has no {}", self.key))?.to_string();
         let value = match doc.pointer(&self.value) {
@@ -85,7 +85,9 @@ impl LabelRoute {
         .filter(|v| v.is_finite())
         .ok_or_else(|| format!("label has no number or boolean at {}", self.value))?;
         let mut perf = self.performance.lock().map_err(|_| "performance state poisoned".to_string())?;
-        Ok(perf.label(device, key, value, Instant::now()))
+        let mut alarms = Vec::new();
+        perf.label(device, key, value, Instant::now(), &mut alarms);
+        Ok(alarms)
     }
 }
 
@@ -379,16 +381,17 @@ impl Router {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
             match labels.take(device, &p.payload) {
-                Ok(Some(alarm)) => {
+                Ok(alarms) => {
                     let m = route.model.load();
-                    self.events.emit(Event::Drift {
-                        pipeline: route.pipeline.clone(),
-                        model: m.name.clone(),
-                        version: m.version,
-                        alarm,
-                    });
+                    for alarm in alarms {
+                        self.events.emit(Event::Drift {
+                            pipeline: route.pipeline.clone(),
+                            model: m.name.clone(),
+                            version: m.version,
+                            alarm,
+                        });
+                    }
                 }
-                Ok(None) => {}
                 Err(detail) => {
                     if let Ok(mut perf) = labels.performance.lock() {
                         perf.unmatched += 1;

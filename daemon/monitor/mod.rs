@@ -259,7 +259,12 @@ impl Monitor {
         let names: Vec<String> =
             self.series.iter().map(|s| s.name.clone()).chain(["multivariate".to_string()]).collect();
         for (k, values) in samples.into_iter().enumerate() {
-            let t = self.settings.thresholds.get(&names[k]).copied().unwrap_or_else(|| threshold(values) * self.settings.margin);
+            let t = self
+                .settings
+                .thresholds
+                .get(&names[k])
+                .copied()
+                .unwrap_or_else(|| threshold(values) * self.settings.margin);
             if k < self.series.len() {
                 self.series[k].threshold = t;
             } else {

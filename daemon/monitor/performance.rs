@@ -26,6 +26,16 @@ pub enum Predicted {
 }
 
 pub struct Performance {
+    /// The class shares of the serving model's validation targets, and which version they
+    /// belong to: the reference for label shift.
+    baseline_shares: Vec<f64>,
+    baseline_version: u64,
+    /// Classes of the labels in the rolling window (classifiers), and their counts.
+    classes: VecDeque<usize>,
+    class_counts: Vec<u64>,
+    shift_alarm: bool,
+    /// Whether the last label joined a classifier's prediction.
+    last_joined: bool,
     horizon: Duration,
     window: usize,
     pending: HashMap<(Arc<str>, String), (Predicted, f64, Instant)>,
@@ -43,6 +53,12 @@ pub struct Performance {
 impl Performance {
     pub fn new(horizon: Duration, window: usize) -> Performance {
         Performance {
+            baseline_shares: Vec::new(),
+            baseline_version: 0,
+            classes: VecDeque::new(),
+            class_counts: Vec::new(),
+            shift_alarm: false,
+            last_joined: false,
             horizon,
             window: window.max(MIN_LABELS),
             pending: HashMap::new(),
@@ -54,6 +70,70 @@ impl Performance {
             alarm: false,
             joined: 0,
             unmatched: 0,
+        }
+    }
+
+    /// The class shares the serving model's validation set has (set when a model starts
+    /// serving; classifiers only).
+    pub fn set_baseline(&mut self, version: u64, shares: &[f64]) {
+        if version != self.baseline_version || self.baseline_shares.len() != shares.len() {
+            self.baseline_version = version;
+            self.baseline_shares = shares.to_vec();
+            self.class_counts = vec![0; shares.len()];
+            self.classes.clear();
+        }
+    }
+
+    /// PSI of the rolling window's label shares against the baseline's.
+    pub fn label_shift(&self) -> f64 {
+        let n = self.classes.len() as f64;
+        if n == 0.0 || self.baseline_shares.is_empty() {
+            return f64::NAN;
+        }
+        self.baseline_shares
+            .iter()
+            .zip(&self.class_counts)
+            .map(|(&e, &c)| {
+                let (e, a) = (e.max(super::stats::PSI_FLOOR), (c as f64 / n).max(super::stats::PSI_FLOOR));
+                (a - e) * (a / e).ln()
+            })
+            .sum()
+    }
+
+    /// Label shift: the share of each class among the labels moved away from the validation
+    /// set's (PSI above 0.1, the usual "moderate shift" line, and above what (k − 1) / n, PSI's
+    /// expectation for n labels drawn from the baseline, times four allows). Once per episode.
+    fn watch_shift(&mut self, class: usize, alarms: &mut Vec<Alarm>) {
+        if class >= self.class_counts.len() {
+            return;
+        }
+        self.classes.push_back(class);
+        self.class_counts[class] += 1;
+        if self.classes.len() > self.window {
+            if let Some(old) = self.classes.pop_front() {
+                self.class_counts[old] -= 1;
+            }
+        }
+        if self.classes.len() < MIN_LABELS {
+            return;
+        }
+        let psi = self.label_shift();
+        let k = self.baseline_shares.len().max(2) as f64;
+        let threshold = (4.0 * (k - 1.0) / self.classes.len() as f64).max(0.1);
+        let raise = !self.shift_alarm && psi > threshold;
+        let end = self.shift_alarm && psi < 0.8 * threshold;
+        if raise || end {
+            self.shift_alarm = raise;
+            alarms.push(Alarm {
+                series: "labels".into(),
+                statistic: "psi_class_shares".into(),
+                value: psi,
+                threshold,
+                window: self.classes.len(),
+                row: self.joined,
+                raised: raise,
+                measures: None,
+            });
         }
     }
 
@@ -95,9 +175,19 @@ impl Performance {
         }
     }
 
-    /// Joins a label; returns an alarm raised or cleared.
-    pub fn label(&mut self, device: &str, key: String, truth: f64, now: Instant) -> Option<Alarm> {
+    /// Joins a label; appends the alarms raised or cleared (performance, label shift).
+    pub fn label(&mut self, device: &str, key: String, truth: f64, now: Instant, alarms: &mut Vec<Alarm>) {
+        if let Some(a) = self.join(device, key, truth, now) {
+            alarms.push(a);
+        }
+        if self.joined > 0 && truth >= 0.0 && truth.fract() == 0.0 && self.last_joined {
+            self.watch_shift(truth as usize, alarms);
+        }
+    }
+
+    fn join(&mut self, device: &str, key: String, truth: f64, now: Instant) -> Option<Alarm> {
         self.expire(now);
+        self.last_joined = false;
         let Some((p, baseline, _)) = self.pending.remove(&(Arc::from(device), key)) else {
             self.unmatched += 1;
             return None;
@@ -111,6 +201,7 @@ impl Performance {
             return None;
         }
         self.joined += 1;
+        self.last_joined = matches!(p, Predicted::Class(_));
         self.losses.push_back(loss);
         self.sum += loss;
         if self.losses.len() > self.window {
@@ -166,5 +257,9 @@ impl Performance {
 
     pub fn in_alarm(&self) -> bool {
         self.alarm
+    }
+
+    pub fn shift_in_alarm(&self) -> bool {
+        self.shift_alarm
     }
 }

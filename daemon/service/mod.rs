@@ -159,13 +159,17 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
             let m = s.model.load();
             let performance = s.performance.as_ref().and_then(|p| p.lock().ok()).map(|p| {
                 json!({"alarm": p.in_alarm(), "labels_joined": p.joined(), "labels_unmatched": p.unmatched,
-                       "rolling_loss": p.rolling_loss(), "baseline_loss": m.baseline_loss})
+                       "rolling_loss": p.rolling_loss(), "baseline_loss": m.baseline_loss,
+                       "label_shift_psi": p.label_shift(), "label_shift_alarm": p.shift_in_alarm()})
             });
             let drift = match m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok().map(|d| d.state())) {
                 Some(series) => {
                     let mut alarms: Vec<&str> = series.iter().filter(|s| s.alarm).map(|s| s.series.as_str()).collect();
                     if performance.as_ref().is_some_and(|p| p["alarm"] == true) {
                         alarms.push("performance");
+                    }
+                    if performance.as_ref().is_some_and(|p| p["label_shift_alarm"] == true) {
+                        alarms.push("labels");
                     }
                     json!({"alarms": alarms, "series": series, "performance": performance})
                 }
