@@ -179,3 +179,60 @@ fn a_killed_daemon_is_reported_offline_by_its_last_will() {
         "the broker publishes the last will once the keep-alive lapses"
     );
 }
+
+/// `[metrics] listen`: the Prometheus endpoint, scraped during an end-to-end run, counts what
+/// was sent — predictions, rejections by reason, the latency histogram — and names the model.
+#[test]
+fn the_metrics_endpoint_counts_what_was_sent() {
+    use std::io::{Read, Write};
+    let broker = Broker::start();
+    let dir = temp_dir("metrics");
+    let port = free_port();
+    let config = config("metricsd", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("[[pipeline]]", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[pipeline]]"));
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "metricsd", &daemon);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
+    let expected = expected();
+    let rows = rows(&expected);
+    let mut p = Publisher::new(broker.port);
+    for (seq, row) in rows.iter().take(120).enumerate() {
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
+    }
+    p.publish("plant/line1/dev0/telemetry", "not json");
+    p.publish("plant/line1/dev0/telemetry", r#"{"f1": 50}"#);
+    p.flush();
+    assert!(out.wait_for("prediction", 120, Duration::from_secs(20)));
+    let scrape = |path: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let ok = wait_until(Duration::from_secs(10), || {
+        let m = scrape("/metrics");
+        m.contains("lathe_messages_received_total{pipeline=\"shuttle\"} 122")
+    });
+    let m = scrape("/metrics");
+    assert!(ok, "{m}");
+    assert!(m.starts_with("HTTP/1.1 200 OK"));
+    assert_eq!(value(&m, "lathe_predictions_total{pipeline=\"shuttle\"}"), 120.0);
+    assert_eq!(value(&m, "lathe_messages_rejected_total{pipeline=\"shuttle\",reason=\"not_json\"}"), 1.0);
+    assert_eq!(value(&m, "lathe_messages_rejected_total{pipeline=\"shuttle\",reason=\"missing_feature\"}"), 1.0);
+    assert_eq!(value(&m, "lathe_latency_seconds_count{pipeline=\"shuttle\"}"), 120.0);
+    assert_eq!(value(&m, "lathe_latency_seconds_bucket{pipeline=\"shuttle\",le=\"+Inf\"}"), 120.0);
+    assert_eq!(value(&m, "lathe_broker_connected"), 1.0);
+    assert!(m.contains("lathe_model_info{pipeline=\"shuttle\",model=\"shuttle-mlp\",version=\"1\""), "{m}");
+    assert!(scrape("/other").starts_with("HTTP/1.1 404"));
+}

@@ -50,6 +50,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub mqtt: MqttConfig,
     pub infer: InferConfig,
+    /// `[metrics] listen`: where the Prometheus text endpoint listens (off when absent).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub pipelines: Vec<PipelineConfig>,
 }
 
@@ -211,7 +213,6 @@ impl Config {
 const NOT_YET: &[(&str, &str)] = &[
     ("train", "on-device training is not in this build yet"),
     ("update", "remote updates are not in this build yet"),
-    ("metrics", "the metrics endpoint is not in this build yet"),
 ];
 const PIPELINE_NOT_YET: &[(&str, &str)] = &[
     ("window", "sequence windows are not in this build yet"),
@@ -236,6 +237,20 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
     }
     let mqtt = parse_mqtt(root.section("mqtt", true), base);
     let infer = parse_infer(root.section("infer", true), base);
+    let metrics_listen = match root.section("metrics", true) {
+        Some(mut m) => {
+            let listen = m.opt_string("listen").and_then(|l| match l.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    m.error("listen", &format!("expected ADDRESS:PORT (e.g. \"127.0.0.1:9464\"), found {l:?}"));
+                    None
+                }
+            });
+            m.finish();
+            listen
+        }
+        None => None,
+    };
     let pipelines = root.array_of_tables("pipeline").map(|tables| {
         if tables.is_empty() {
             root.error("pipeline", "expected at least one [[pipeline]]");
@@ -262,6 +277,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         state_dir: state_dir?,
         mqtt: mqtt?,
         infer: infer?,
+        metrics_listen,
         pipelines: pipelines?,
     })
 }

@@ -188,6 +188,7 @@ impl Pipeline {
             batch.push(first);
             self.fill(&mut rx, &mut batch).await;
             self.flow.taken(batch.len());
+            self.counters.batch.observe(&crate::service::events::BATCH_BUCKETS, batch.len() as u64);
             rows.clear();
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
             let model = self.model.load_full();
@@ -275,6 +276,8 @@ impl Pipeline {
         let now = Instant::now();
         for (r, s) in batch.iter().enumerate() {
             let output = out.row(model.primary_output, r);
+            let latency_us = now.duration_since(s.received).as_micros() as u64;
+            self.counters.latency.observe(&crate::service::events::LATENCY_BUCKETS_US, latency_us);
             let prediction = Prediction {
                 device: &s.device,
                 key: &s.key,
@@ -283,7 +286,7 @@ impl Pipeline {
                 version: model.version,
                 output,
                 class: model.reading.class(output),
-                latency_us: now.duration_since(s.received).as_micros() as u64,
+                latency_us,
             };
             let Ok(body) = serde_json::to_vec(&prediction) else {
                 continue;

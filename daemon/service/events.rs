@@ -18,6 +18,47 @@ pub struct Counters {
     pub rejected: [AtomicU64; Reject::REASONS.len()],
     /// Rows whose inference failed (a model error, never bad input).
     pub failed: AtomicU64,
+    /// Message received → prediction handed to the client, in µs.
+    pub latency: Histogram<{ LATENCY_BUCKETS_US.len() }>,
+    /// Rows per inference call.
+    pub batch: Histogram<{ BATCH_BUCKETS.len() }>,
+}
+
+/// Upper bounds of the latency histogram's buckets, µs.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+/// Upper bounds of the batch-size histogram's buckets, rows.
+pub const BATCH_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
+/// A fixed-bucket histogram of atomics (Prometheus's cumulative form is made when rendering).
+#[derive(Debug)]
+pub struct Histogram<const N: usize> {
+    /// Per bucket (not cumulative); the last slot counts values above every bound.
+    pub buckets: [AtomicU64; N],
+    pub over: AtomicU64,
+    pub sum: AtomicU64,
+    pub count: AtomicU64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            over: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    pub fn observe(&self, bounds: &[u64; N], value: u64) {
+        match bounds.iter().position(|&b| value <= b) {
+            Some(i) => self.buckets[i].fetch_add(1, Relaxed),
+            None => self.over.fetch_add(1, Relaxed),
+        };
+        self.sum.fetch_add(value, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
 }
 
 impl Counters {

@@ -6,6 +6,7 @@
 //! disconnects cleanly. Nothing accepted is lost: what was not answered was not acked either.
 
 pub mod events;
+pub mod metrics;
 mod swap;
 pub mod systemd;
 
@@ -44,6 +45,8 @@ pub enum ServiceError {
     Broker(String),
     #[error("{0}")]
     Connect(#[from] connection::ConnectError),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(String),
 }
 
 /// Loads each pipeline's champion bundle and checks it fits the pipeline: every problem is
@@ -287,6 +290,13 @@ pub async fn run(
     }
     let serving = Arc::new(serving);
     let swapper = tokio::spawn(swap::watch(config.clone(), serving.clone(), events.clone(), stop_rx.clone()));
+    if let Some(listen) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| ServiceError::Metrics(format!("metrics.listen {listen}: {e}")))?;
+        tracing::info!("Metrics on http://{listen}/metrics");
+        tokio::spawn(metrics::serve(listener, serving.clone(), ready_rx.clone(), stop_rx.clone()));
+    }
     let ingest = Ingest {
         eventloop,
         client: client.clone(),

@@ -1,0 +1,167 @@
+//! The Prometheus text endpoint (`[metrics] listen`): a few lines of HTTP/1.1 on a tokio
+//! listener, enough for a scraper, no web framework. Every value is read from the same atomics
+//! and monitor state the status topic uses, at scrape time.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::events::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_US};
+use super::Serving;
+use crate::ingest::Reject;
+
+/// Label values are quoted; backslash, quote and newline must be escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn histogram<const N: usize>(out: &mut String, name: &str, pipeline: &str, h: &Histogram<N>, bounds: &[u64; N], scale: f64) {
+    let mut cumulative = 0;
+    for (b, bound) in h.buckets.iter().zip(bounds) {
+        cumulative += b.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{pipeline=\"{pipeline}\",le=\"{}\"}} {cumulative}", *bound as f64 * scale);
+    }
+    cumulative += h.over.load(Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{pipeline=\"{pipeline}\",le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum{{pipeline=\"{pipeline}\"}} {}", h.sum.load(Relaxed) as f64 * scale);
+    let _ = writeln!(out, "{name}_count{{pipeline=\"{pipeline}\"}} {}", h.count.load(Relaxed));
+}
+
+/// The whole exposition, in Prometheus text format 0.0.4.
+pub fn render(serving: &[Serving], connected: bool) -> String {
+    let mut out = String::with_capacity(4096);
+    let help = |out: &mut String, name: &str, kind: &str, text: &str| {
+        let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+    };
+    help(&mut out, "lathe_broker_connected", "gauge", "1 while connected to the broker and subscribed.");
+    let _ = writeln!(out, "lathe_broker_connected {}", u8::from(connected));
+    help(&mut out, "lathe_model_info", "gauge", "The model each pipeline serves (value 1).");
+    for s in serving {
+        let m = s.model.load();
+        let _ = writeln!(
+            out,
+            "lathe_model_info{{pipeline=\"{}\",model=\"{}\",version=\"{}\",sha256=\"{}\"}} 1",
+            label(&s.pipeline),
+            label(&m.name),
+            m.version,
+            m.sha256
+        );
+    }
+    let counters: [(&str, &str, fn(&super::events::Counters) -> u64); 3] = [
+        ("lathe_messages_received_total", "Telemetry messages received.", |c| c.received.load(Relaxed)),
+        ("lathe_predictions_total", "Predictions published.", |c| c.predicted.load(Relaxed)),
+        ("lathe_inference_failures_total", "Rows whose inference failed.", |c| c.failed.load(Relaxed)),
+    ];
+    for (name, text, get) in counters {
+        help(&mut out, name, "counter", text);
+        for s in serving {
+            let _ = writeln!(out, "{name}{{pipeline=\"{}\"}} {}", label(&s.pipeline), get(&s.counters));
+        }
+    }
+    help(&mut out, "lathe_messages_rejected_total", "counter", "Telemetry messages rejected, by reason.");
+    for s in serving {
+        for (reason, c) in Reject::REASONS.iter().zip(&s.counters.rejected) {
+            let _ = writeln!(
+                out,
+                "lathe_messages_rejected_total{{pipeline=\"{}\",reason=\"{reason}\"}} {}",
+                label(&s.pipeline),
+                c.load(Relaxed)
+            );
+        }
+    }
+    help(&mut out, "lathe_latency_seconds", "histogram", "Message received to prediction published.");
+    for s in serving {
+        histogram(&mut out, "lathe_latency_seconds", &label(&s.pipeline), &s.counters.latency, &LATENCY_BUCKETS_US, 1e-6);
+    }
+    help(&mut out, "lathe_batch_rows", "histogram", "Rows per inference call.");
+    for s in serving {
+        histogram(&mut out, "lathe_batch_rows", &label(&s.pipeline), &s.counters.batch, &BATCH_BUCKETS, 1.0);
+    }
+    help(&mut out, "lathe_drift_statistic", "gauge", "Each drift series' last value (KS by default).");
+    let mut thresholds = String::new();
+    let mut alarms = String::new();
+    for s in serving {
+        let m = s.model.load();
+        let Some(state) = m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok().map(|d| d.state())) else {
+            continue;
+        };
+        for st in state {
+            let labels = format!("pipeline=\"{}\",series=\"{}\"", label(&s.pipeline), label(&st.series));
+            if st.value.is_finite() {
+                let _ = writeln!(out, "lathe_drift_statistic{{{labels}}} {}", st.value);
+            }
+            let _ = writeln!(thresholds, "lathe_drift_threshold{{{labels}}} {}", st.threshold);
+            let _ = writeln!(alarms, "lathe_drift_alarm{{{labels}}} {}", u8::from(st.alarm));
+        }
+    }
+    help(&mut out, "lathe_drift_threshold", "gauge", "Each drift series' alarm threshold.");
+    out.push_str(&thresholds);
+    help(&mut out, "lathe_drift_alarm", "gauge", "1 while a drift series is in alarm.");
+    out.push_str(&alarms);
+    help(&mut out, "lathe_labels_joined_total", "counter", "Late labels joined to a prediction.");
+    let mut loss = String::new();
+    for s in serving {
+        if let Some(p) = s.performance.as_ref().and_then(|p| p.lock().ok()) {
+            let _ = writeln!(out, "lathe_labels_joined_total{{pipeline=\"{}\"}} {}", label(&s.pipeline), p.joined());
+            if p.rolling_loss().is_finite() {
+                let _ = writeln!(loss, "lathe_rolling_loss{{pipeline=\"{}\"}} {}", label(&s.pipeline), p.rolling_loss());
+            }
+        }
+    }
+    help(&mut out, "lathe_rolling_loss", "gauge", "Mean per-sample loss over the last labels.");
+    out.push_str(&loss);
+    out
+}
+
+/// Serves `GET /metrics` until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    serving: Arc<Vec<Serving>>,
+    ready: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let Ok((mut socket, _)) = accepted else { continue };
+        let (serving, ready) = (serving.clone(), ready.clone());
+        tokio::spawn(async move {
+            // One request per connection; a slow or silent client is dropped after 5 s.
+            let mut request = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+            let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+                ("200 OK", render(&serving, *ready.borrow()))
+            } else {
+                ("404 Not Found", "not found: GET /metrics\n".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
