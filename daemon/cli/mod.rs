@@ -93,11 +93,33 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The daemon. SIGHUP with a valid, changed config drains and stops the pipelines and starts
+/// them again with it, in the same process (the broker keeps our session, so nothing sent in
+/// between is lost); a bad one is refused and the running pipelines go on.
 fn run(path: &std::path::Path) -> Result<(), String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
-    runtime()?
-        .block_on(crate::service::run(config, crate::service::shutdown_signal(), |_| {}))
-        .map_err(|e| e.to_string())
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    let rt = runtime()?;
+    loop {
+        let next = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (slot, running) = (next.clone(), config.clone());
+        let signal = async move {
+            if let crate::service::Ending::Reload(new) =
+                crate::service::stop_or_reload(Some((path.to_path_buf(), &running))).await
+            {
+                if let Ok(mut s) = slot.lock() {
+                    *s = Some(*new);
+                }
+            }
+        };
+        rt.block_on(crate::service::run(config, signal, |_| {})).map_err(|e| e.to_string())?;
+        match next.lock().ok().and_then(|mut s| s.take()) {
+            Some(new) => {
+                tracing::info!("Reloaded {}", path.display());
+                config = new;
+            }
+            None => return Ok(()),
+        }
+    }
 }
 
 fn check(path: &std::path::Path, json: bool) -> Result<(), String> {

@@ -210,10 +210,8 @@ impl Config {
 
 /// Sections that DESIGN.md names but this build does not implement yet. Naming them is an
 /// error with a clear message rather than a silent no-op.
-const NOT_YET: &[(&str, &str)] = &[
-    ("train", "on-device training is not in this build yet"),
-    ("update", "remote updates are not in this build yet"),
-];
+const NOT_YET: &[(&str, &str)] =
+    &[("train", "on-device training is not in this build yet"), ("update", "remote updates are not in this build yet")];
 const PIPELINE_NOT_YET: &[(&str, &str)] = &[
     ("window", "sequence windows are not in this build yet"),
     ("train", "on-device training is not in this build yet"),

@@ -20,7 +20,14 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-fn histogram<const N: usize>(out: &mut String, name: &str, pipeline: &str, h: &Histogram<N>, bounds: &[u64; N], scale: f64) {
+fn histogram<const N: usize>(
+    out: &mut String,
+    name: &str,
+    pipeline: &str,
+    h: &Histogram<N>,
+    bounds: &[u64; N],
+    scale: f64,
+) {
     let mut cumulative = 0;
     for (b, bound) in h.buckets.iter().zip(bounds) {
         cumulative += b.load(Relaxed);
@@ -76,7 +83,14 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
     }
     help(&mut out, "lathe_latency_seconds", "histogram", "Message received to prediction published.");
     for s in serving {
-        histogram(&mut out, "lathe_latency_seconds", &label(&s.pipeline), &s.counters.latency, &LATENCY_BUCKETS_US, 1e-6);
+        histogram(
+            &mut out,
+            "lathe_latency_seconds",
+            &label(&s.pipeline),
+            &s.counters.latency,
+            &LATENCY_BUCKETS_US,
+            1e-6,
+        );
     }
     help(&mut out, "lathe_batch_rows", "histogram", "Rows per inference call.");
     for s in serving {
@@ -87,7 +101,8 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
     let mut alarms = String::new();
     for s in serving {
         let m = s.model.load();
-        let Some(state) = m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok().map(|d| d.state())) else {
+        let Some(state) = m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok().map(|d| d.state()))
+        else {
             continue;
         };
         for st in state {
@@ -109,7 +124,8 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
         if let Some(p) = s.performance.as_ref().and_then(|p| p.lock().ok()) {
             let _ = writeln!(out, "lathe_labels_joined_total{{pipeline=\"{}\"}} {}", label(&s.pipeline), p.joined());
             if p.rolling_loss().is_finite() {
-                let _ = writeln!(loss, "lathe_rolling_loss{{pipeline=\"{}\"}} {}", label(&s.pipeline), p.rolling_loss());
+                let _ =
+                    writeln!(loss, "lathe_rolling_loss{{pipeline=\"{}\"}} {}", label(&s.pipeline), p.rolling_loss());
             }
         }
     }

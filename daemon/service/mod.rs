@@ -11,6 +11,7 @@ mod swap;
 pub mod systemd;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -391,28 +392,64 @@ fn embedded(_listen: &str) -> Result<(String, u16), ServiceError> {
     Err(ServiceError::Broker("this build has no embedded broker (feature `embedded-broker`)".into()))
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP (a reload) is answered with a log line until
-/// reloading exists, rather than killing the daemon (its default action).
+/// Why the daemon's run ended.
+pub enum Ending {
+    Stop,
+    /// SIGHUP with a valid, changed config: run again with it.
+    Reload(Box<Config>),
+}
+
+/// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
+    let _ = stop_or_reload(None).await;
+}
+
+/// Resolves on SIGTERM or SIGINT (`Stop`), or on SIGHUP once the config file named in
+/// `reload` (path, and the running config) holds a valid config — every bundle loading — that
+/// differs from the running one (`Reload`). A SIGHUP with a bad config logs every error and
+/// keeps waiting: the running pipelines go on untouched.
+pub async fn stop_or_reload(reload: Option<(PathBuf, &Config)>) -> Ending {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
             let _ = tokio::signal::ctrl_c().await;
-            return;
+            return Ending::Stop;
         };
         loop {
             tokio::select! {
-                _ = term.recv() => return,
-                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return Ending::Stop,
+                _ = tokio::signal::ctrl_c() => return Ending::Stop,
                 _ = hup.recv() => {
-                    tracing::warn!("Reload (SIGHUP) is not supported by this build yet; restart the service to apply config changes");
+                    let Some((path, running)) = &reload else {
+                        tracing::warn!("SIGHUP: nothing to reload in this mode");
+                        continue;
+                    };
+                    let path = path.clone();
+                    let checked = tokio::task::spawn_blocking(move || {
+                        Config::load(&path).and_then(|c| load_models(&c, false).map(|_| c))
+                    }).await;
+                    match checked {
+                        Ok(Ok(new)) if format!("{new:?}") == format!("{running:?}") => {
+                            tracing::info!("SIGHUP: the config is unchanged; nothing to do");
+                        }
+                        Ok(Ok(new)) => {
+                            tracing::info!("SIGHUP: the new config is valid; restarting the pipelines with it");
+                            return Ending::Reload(Box::new(new));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!("SIGHUP: the new config is refused, the running one stays: {e}");
+                        }
+                        Err(e) => tracing::error!("SIGHUP: checking the new config failed: {e}"),
+                    }
                 }
             }
         }
     }
     #[cfg(not(unix))]
     {
+        let _ = reload;
         let _ = tokio::signal::ctrl_c().await;
+        Ending::Stop
     }
 }

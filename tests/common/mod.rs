@@ -99,6 +99,13 @@ impl Broker {
     }
 
     /// SIGKILL, like a crash or a power cut of the broker host.
+    /// SIGHUP, as `systemctl reload` sends it.
+    pub fn hangup(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-HUP", &c.id().to_string()]).status();
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -159,6 +166,13 @@ impl Daemon {
         }
         let _ = c.kill();
         false
+    }
+
+    /// SIGHUP, as `systemctl reload` sends it.
+    pub fn hangup(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").args(["-HUP", &c.id().to_string()]).status();
+        }
     }
 
     pub fn kill(&mut self) {
