@@ -59,7 +59,8 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
             m.sha256
         );
     }
-    let counters: [(&str, &str, fn(&super::events::Counters) -> u64); 3] = [
+    type Read = fn(&super::events::Counters) -> u64;
+    let counters: [(&str, &str, Read); 3] = [
         ("lathe_messages_received_total", "Telemetry messages received.", |c| c.received.load(Relaxed)),
         ("lathe_predictions_total", "Predictions published.", |c| c.predicted.load(Relaxed)),
         ("lathe_inference_failures_total", "Rows whose inference failed.", |c| c.failed.load(Relaxed)),
