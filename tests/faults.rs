@@ -125,7 +125,7 @@ fn reload_refuses_a_bad_config_and_applies_a_good_one_without_loss() {
     let expected = expected();
     let rows = rows(&expected);
     let mut p = Publisher::new(broker.port);
-    let mut send = |p: &mut Publisher, range: std::ops::Range<usize>| {
+    let send = |p: &mut Publisher, range: std::ops::Range<usize>| {
         for seq in range {
             p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq], seq));
         }
