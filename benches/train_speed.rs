@@ -47,15 +47,7 @@ fn main() {
         let x: Vec<f32> = (0..rows * d_in).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
         let y: Vec<f32> = (0..rows).map(|i| (i % classes) as f32).collect();
         let mut net = Net::new(&Cpu, &layers, Mode::Full, batch, 1).unwrap();
-        let adam = Update::Adam {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            decoupled: false,
-            step: 0,
-        };
+        let adam = Update::adam(1e-3, 0.0, false);
         let mut step = |s: usize| {
             let b = s % (rows / batch);
             let xb = &x[b * batch * d_in..(b + 1) * batch * d_in];

@@ -74,6 +74,8 @@ struct Shuttle {
     bundle: Bundle,
     engine: Engine,
     rows: Vec<f32>,
+    /// The anomaly label of each row.
+    labels: Vec<u8>,
 }
 
 impl Shuttle {
@@ -90,7 +92,12 @@ impl Shuttle {
             .skip(1)
             .flat_map(|l| l.split(',').take(9).map(|v| v.parse::<f32>().unwrap()).collect::<Vec<_>>())
             .collect();
-        Shuttle { bundle, engine, rows }
+        let labels = text.lines().skip(1).map(|l| l.rsplit(',').next().unwrap().parse().unwrap()).collect();
+        Shuttle { bundle, engine, rows, labels }
+    }
+
+    fn row(&self, i: usize) -> Vec<f64> {
+        self.rows[i * 9..(i + 1) * 9].iter().map(|&x| f64::from(x)).collect()
     }
 
     fn scores(&self, rows: &[f32]) -> Vec<f64> {
@@ -242,59 +249,69 @@ fn the_daemon_reports_drift_once_per_episode_in_events_and_status() {
     }));
 }
 
+/// A daemon on the sample model whose pipeline takes late labels on `plant/line1/+/label`,
+/// and a collector of its predictions and events.
+fn labelled_daemon(node: &str) -> (common::Broker, common::Daemon, common::Collector) {
+    let broker = common::Broker::start();
+    let dir = common::temp_dir(node);
+    let model = common::root().join("models/shuttle-mlp-1.lathe");
+    let config = common::config(node, &broker, &dir.join("state"), &model)
+        + "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\", window = 200 }\n";
+    let daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, node, &daemon);
+    let events = format!("lathe/{node}/events");
+    let out = common::Collector::new(broker.port, &["plant/line1/+/prediction", &events]);
+    (broker, daemon, out)
+}
+
+/// Publishes `rows` as telemetry, waits for every prediction, then publishes their labels.
+fn stream_then_label(
+    broker: &common::Broker,
+    out: &common::Collector,
+    rows: &[(Vec<f64>, u8)],
+    daemon: &common::Daemon,
+) {
+    use std::time::Duration;
+    let mut p = common::Publisher::new(broker.port);
+    for (seq, (row, _)) in rows.iter().enumerate() {
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", rows.len(), Duration::from_secs(30)), "log:\n{}", daemon.log());
+    for (seq, (_, label)) in rows.iter().enumerate() {
+        p.publish(
+            &format!("plant/line1/dev{}/label", seq % 4),
+            serde_json::json!({"seq": seq, "anomaly": label}).to_string(),
+        );
+    }
+    p.flush();
+}
+
+fn drift_events(out: &common::Collector, node: &str, series: &str) -> Vec<Value> {
+    out.on(&format!("lathe/{node}/events"))
+        .into_iter()
+        .filter(|e| e["event"] == "drift" && e["series"] == series)
+        .collect()
+}
+
 /// Late labels over mosquitto: predictions are joined to labels by key; while the labels agree
 /// with the model nothing happens, and when a third of them start to disagree (the concept
 /// changed) one `performance` alarm is raised.
 #[test]
 fn late_labels_that_start_to_disagree_raise_a_performance_alarm() {
     use std::time::Duration;
-    let broker = common::Broker::start();
-    let dir = common::temp_dir("drift-labels");
-    let config =
-        common::config("labeld", &broker, &dir.join("state"), &common::root().join("models/shuttle-mlp-1.lathe"))
-            + "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\", window = 200 }\n";
-    let daemon = common::Daemon::start(&dir, &config);
-    common::wait_online(broker.port, "labeld", &daemon);
-    let out = common::Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/labeld/events"]);
+    let (broker, daemon, out) = labelled_daemon("labeld");
     let s = Shuttle::load();
-    let labels: Vec<u8> = {
-        use std::io::Read;
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(std::fs::File::open(common::root().join("models/data/shuttle.csv.gz")).unwrap())
-            .read_to_string(&mut text)
-            .unwrap();
-        text.lines().skip(1).take(2000).map(|l| l.rsplit(',').next().unwrap().parse().unwrap()).collect()
-    };
-    let mut p = common::Publisher::new(broker.port);
-    let n = 2000usize;
-    for seq in 0..n {
-        let row: Vec<f64> = s.rows[seq * 9..(seq + 1) * 9].iter().map(|&x| f64::from(x)).collect();
-        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(&row, seq));
-    }
-    p.flush();
-    assert!(out.wait_for("prediction", n, Duration::from_secs(30)), "log:\n{}", daemon.log());
-    for (seq, &label) in labels.iter().enumerate().take(n) {
-        let mut truth = label;
-        if seq >= 1000 && seq % 3 == 0 {
-            truth = 1 - truth;
-        }
-        let body = serde_json::json!({"seq": seq, "anomaly": truth}).to_string();
-        p.publish(&format!("plant/line1/dev{}/label", seq % 4), body);
-    }
-    p.flush();
-    let perf = |c: &common::Collector| {
-        c.on("lathe/labeld/events")
-            .into_iter()
-            .filter(|e| e["event"] == "drift" && e["series"] == "performance")
-            .collect::<Vec<_>>()
-    };
+    let rows: Vec<(Vec<f64>, u8)> =
+        (0..2000).map(|i| (s.row(i), if i >= 1000 && i % 3 == 0 { 1 - s.labels[i] } else { s.labels[i] })).collect();
+    stream_then_label(&broker, &out, &rows, &daemon);
     assert!(
-        common::wait_until(Duration::from_secs(20), || !perf(&out).is_empty()),
+        common::wait_until(Duration::from_secs(20), || !drift_events(&out, "labeld", "performance").is_empty()),
         "no performance alarm; events {:?}\nlog:\n{}",
         out.on("lathe/labeld/events"),
         daemon.log()
     );
-    let alarms = perf(&out);
+    let alarms = drift_events(&out, "labeld", "performance");
     assert_eq!(alarms.len(), 1, "{alarms:?}");
     let row = alarms[0]["row"].as_u64().unwrap();
     assert!(row > 1000 && row < 1300, "raised at label {row}: {alarms:?}");
@@ -366,62 +383,26 @@ fn occupancy_alarms_line_up_with_the_annotated_change_points() {
 /// per cent of anomalies, so more anomalies means more errors), raises its own.
 #[test]
 fn a_change_in_class_balance_raises_a_label_shift_alarm_once_labels_arrive() {
-    use std::io::Read;
     use std::time::Duration;
-    let broker = common::Broker::start();
-    let dir = common::temp_dir("drift-labelshift");
-    let config =
-        common::config("shiftd", &broker, &dir.join("state"), &common::root().join("models/shuttle-mlp-1.lathe"))
-            + "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\", window = 200 }\n";
-    let daemon = common::Daemon::start(&dir, &config);
-    common::wait_online(broker.port, "shiftd", &daemon);
-    let out = common::Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/shiftd/events"]);
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(common::root().join("models/data/shuttle.csv.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
-    let all: Vec<(Vec<f64>, u8)> = text
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let v: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
-            (v[..9].to_vec(), v[9] as u8)
-        })
-        .collect();
-    let (normal, anomalous): (Vec<_>, Vec<_>) = all.iter().partition(|r| r.1 == 0);
-    let mut stream: Vec<&(Vec<f64>, u8)> = all.iter().take(1000).collect();
+    let (broker, daemon, out) = labelled_daemon("shiftd");
+    let s = Shuttle::load();
+    let (anomalous, normal): (Vec<usize>, Vec<usize>) = (0..s.labels.len()).partition(|&i| s.labels[i] == 1);
+    let mut rows: Vec<(Vec<f64>, u8)> = (0..1000).map(|i| (s.row(i), s.labels[i])).collect();
     for i in 0..1000 {
-        stream.push(if i % 2 == 0 { anomalous[i / 2] } else { normal[5000 + i] });
+        let r = if i % 2 == 0 { anomalous[i / 2] } else { normal[5000 + i] };
+        rows.push((s.row(r), s.labels[r]));
     }
-    let mut p = common::Publisher::new(broker.port);
-    for (seq, (row, _)) in stream.iter().enumerate() {
-        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(row, seq));
-    }
-    p.flush();
-    assert!(out.wait_for("prediction", stream.len(), Duration::from_secs(30)), "log:\n{}", daemon.log());
-    for (seq, (_, label)) in stream.iter().enumerate() {
-        p.publish(
-            &format!("plant/line1/dev{}/label", seq % 4),
-            serde_json::json!({"seq": seq, "anomaly": label}).to_string(),
-        );
-    }
-    p.flush();
-    let alarms = |c: &common::Collector, series: &str| {
-        c.on("lathe/shiftd/events")
-            .into_iter()
-            .filter(|e| e["event"] == "drift" && e["series"] == series)
-            .collect::<Vec<_>>()
-    };
+    stream_then_label(&broker, &out, &rows, &daemon);
     assert!(
-        common::wait_until(Duration::from_secs(20), || !alarms(&out, "labels").is_empty()),
+        common::wait_until(Duration::from_secs(20), || !drift_events(&out, "shiftd", "labels").is_empty()),
         "no label-shift alarm; events {:?}",
         out.on("lathe/shiftd/events")
     );
-    let shift = alarms(&out, "labels");
+    let shift = drift_events(&out, "shiftd", "labels");
     assert_eq!(shift.len(), 1, "{shift:?}");
     let row = shift[0]["row"].as_u64().unwrap();
     assert!(row > 1000 && row < 1200, "label shift raised at label {row}");
-    let perf = alarms(&out, "performance");
+    let perf = drift_events(&out, "shiftd", "performance");
     assert!(perf.iter().all(|a| a["row"].as_u64().unwrap() > row), "label shift first: {perf:?}");
     eprintln!("label shift alarm after {} shifted labels: {}; performance alarms {perf:?}", row - 1000, shift[0]);
 }

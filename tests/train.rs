@@ -55,15 +55,7 @@ fn training_matches_pytorch_step_by_step_for_every_optimizer_and_loss() {
         let (lr, wd) = (case["lr"].as_f64().unwrap() as f32, case["weight_decay"].as_f64().unwrap() as f32);
         let update = match case["optimizer"].as_str().unwrap() {
             "sgd" => Update::Sgd { lr, momentum: case["momentum"].as_f64().unwrap() as f32, weight_decay: wd },
-            opt => Update::Adam {
-                lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: wd,
-                decoupled: opt == "adamw",
-                step: 0,
-            },
+            opt => Update::adam(lr, wd, opt == "adamw"),
         };
         let clip = case["grad_clip"].as_f64().unwrap() as f32;
         let mut net = Net::new(&Cpu, &tail.layers, Mode::Full, 32, tw).unwrap();
@@ -188,8 +180,7 @@ fn lora_starts_at_the_champion_and_merges_into_the_same_shapes() {
     let mut plain = Net::new(&Cpu, &tail.layers, Mode::Frozen, 8, 1).unwrap();
     assert_eq!(net.predict(&Cpu, &x).unwrap(), plain.predict(&Cpu, &x).unwrap());
     let y: Vec<f32> = (0..8).map(|i| (i % 3) as f32).collect();
-    let adam =
-        Update::Adam { lr: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false, step: 0 };
+    let adam = Update::adam(0.05, 0.0, false);
     let first = net.train_step(&Cpu, &x, &y, Loss::SoftmaxCrossEntropy, adam, None).unwrap();
     let mut last = first;
     for _ in 0..30 {

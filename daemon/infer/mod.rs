@@ -262,14 +262,7 @@ impl Pipeline {
             monitor.observe(row, score, &mut alarms);
         }
         drop(monitor);
-        for alarm in alarms {
-            self.events.emit(Event::Drift {
-                pipeline: self.name.clone(),
-                model: model.name.clone(),
-                version: model.version,
-                alarm,
-            });
-        }
+        self.events.drift(&self.name, model, alarms);
     }
 
     async fn publish(&self, model: &ActiveModel, batch: &[Sample], out: &Outputs) {

@@ -381,17 +381,7 @@ impl Router {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
             match labels.take(device, &p.payload) {
-                Ok(alarms) => {
-                    let m = route.model.load();
-                    for alarm in alarms {
-                        self.events.emit(Event::Drift {
-                            pipeline: route.pipeline.clone(),
-                            model: m.name.clone(),
-                            version: m.version,
-                            alarm,
-                        });
-                    }
-                }
+                Ok(alarms) => self.events.drift(&route.pipeline, &route.model.load(), alarms),
                 Err(detail) => {
                     if let Ok(mut perf) = labels.performance.lock() {
                         perf.unmatched += 1;

@@ -221,6 +221,18 @@ impl Events {
     pub fn emit(&self, event: Event) {
         let _ = self.tx.try_send(event);
     }
+
+    /// One `drift` / `drift.cleared` event per alarm, naming the model that was serving.
+    pub fn drift(&self, pipeline: &str, model: &crate::infer::ActiveModel, alarms: Vec<crate::monitor::Alarm>) {
+        for alarm in alarms {
+            self.emit(Event::Drift {
+                pipeline: pipeline.to_string(),
+                model: model.name.clone(),
+                version: model.version,
+                alarm,
+            });
+        }
+    }
 }
 
 /// At most this many events of one kind per pipeline per second reach the log and the

@@ -67,6 +67,13 @@ pub enum Update {
     Adam { lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, decoupled: bool, step: u32 },
 }
 
+impl Update {
+    /// Adam (or AdamW when `decoupled`) with PyTorch's defaults: betas (0.9, 0.999), eps 1e-8.
+    pub fn adam(lr: f32, weight_decay: f32, decoupled: bool) -> Update {
+        Update::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, decoupled, step: 0 }
+    }
+}
+
 pub trait Backend {
     type Buf;
 

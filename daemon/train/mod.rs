@@ -201,12 +201,10 @@ fn update_rule(t: &Training) -> Result<Update, String> {
     if !(lr.is_finite() && lr > 0.0) {
         return Err(format!("learning_rate = {}; expected a positive number", t.learning_rate));
     }
-    let adam =
-        |decoupled| Update::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd, decoupled, step: 0 };
     match t.optimizer.as_str() {
         "sgd" => Ok(Update::Sgd { lr, momentum: t.momentum as f32, weight_decay: wd }),
-        "adam" => Ok(adam(false)),
-        "adamw" => Ok(adam(true)),
+        "adam" => Ok(Update::adam(lr, wd, false)),
+        "adamw" => Ok(Update::adam(lr, wd, true)),
         other => Err(format!("optimizer = {other:?}; expected sgd, adam or adamw")),
     }
 }
