@@ -39,6 +39,7 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
         .args(["run", "--config"])
         .arg(dir.join("lathe.toml"))
         .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("JOURNAL_STREAM")
         .env("WATCHDOG_USEC", "400000")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -69,4 +70,98 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
     let stopping = receive_for(&socket, Duration::from_millis(500));
     assert!(stopping.iter().any(|m| m.contains("STOPPING=1")), "{stopping:?}");
     assert!(child.wait().unwrap().success());
+}
+
+/// The fields of one journal native-protocol datagram: `NAME=value` lines, or `NAME`, a
+/// little-endian u64 length and the value (for values with newlines).
+fn journal_fields(mut d: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(nl) = d.iter().position(|&b| b == b'\n') {
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            d = &d[nl + 1..];
+        } else {
+            let name = String::from_utf8_lossy(line).into_owned();
+            let rest = &d[nl + 1..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            out.insert(name, String::from_utf8_lossy(&rest[8..8 + len]).into_owned());
+            d = &rest[(8 + len + 1).min(rest.len())..];
+        }
+    }
+    out
+}
+
+/// Under systemd (JOURNAL_STREAM set, the journal socket answering) log lines go to journald
+/// with structured fields: PIPELINE, DEVICE, EVENT, MODEL_VERSION. Plays journald by binding
+/// its socket; where a real journald owns it, the test cannot listen and says so.
+#[test]
+fn under_systemd_log_lines_reach_journald_with_structured_fields() {
+    let path = std::path::Path::new("/run/systemd/journal/socket");
+    if path.exists() {
+        eprintln!("skipped: a real journald owns {}", path.display());
+        return;
+    }
+    if std::fs::create_dir_all("/run/systemd/journal").is_err() {
+        eprintln!("skipped: cannot create /run/systemd/journal (not root)");
+        return;
+    }
+    let journal = UnixDatagram::bind(path).unwrap();
+    let broker = Broker::start();
+    let dir = temp_dir("journald");
+    std::fs::write(
+        dir.join("lathe.toml"),
+        config("journald", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")),
+    )
+    .unwrap();
+    let mut child = Command::new(LATHE)
+        .args(["run", "--config"])
+        .arg(dir.join("lathe.toml"))
+        .env("JOURNAL_STREAM", "8:12345")
+        .env("LATHE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let collector = Collector::new(broker.port, &["lathe/journald/status"]);
+    assert!(wait_until(Duration::from_secs(15), || collector
+        .on("lathe/journald/status")
+        .iter()
+        .any(|s| s["state"] == "online")));
+    let mut p = Publisher::new(broker.port);
+    p.publish("plant/line1/dev7/telemetry", "not json");
+    p.flush();
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    journal.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && !entries
+            .iter()
+            .any(|e: &std::collections::BTreeMap<String, String>| e.get("EVENT").is_some_and(|v| v == "input.rejected"))
+    {
+        if let Ok(n) = journal.recv(&mut buf) {
+            entries.push(journal_fields(&buf[..n]));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(path);
+    let rejected = entries
+        .iter()
+        .find(|e| e.get("EVENT").is_some_and(|v| v == "input.rejected"))
+        .unwrap_or_else(|| panic!("no input.rejected entry in {entries:#?}"));
+    assert_eq!(rejected["PIPELINE"], "shuttle");
+    assert_eq!(rejected["DEVICE"], "dev7");
+    assert_eq!(rejected["REASON"], "not_json");
+    assert_eq!(rejected["SYSLOG_IDENTIFIER"], "lathe");
+    assert_eq!(rejected["PRIORITY"], "4", "a warning");
+    assert!(rejected["MESSAGE"].starts_with("Rejected a message"));
+    assert!(entries.iter().any(|e| e.get("MESSAGE").is_some_and(|m| m.contains("Serving"))), "{entries:#?}");
 }

@@ -50,10 +50,25 @@ enum Command {
     Train(Box<train::TrainArgs>),
 }
 
+/// Logs to journald with structured fields (PIPELINE, DEVICE, MODEL_VERSION, EVENT, …: every
+/// field of a log line, uppercased) when systemd connected our output to the journal
+/// (`JOURNAL_STREAM`) and its socket answers; readable lines on stderr otherwise.
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default))
+    };
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journal) = tracing_journald::layer() {
+            let journal = journal.with_field_prefix(None).with_syslog_identifier("lathe".into());
+            if tracing_subscriber::registry().with(filter()).with(journal).try_init().is_ok() {
+                return;
+            }
+        }
+    }
+    let _ = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -413,6 +413,7 @@ impl Router {
                     route.counters.rejected[reject.index()].fetch_add(1, Relaxed);
                     self.events.emit(Event::InputRejected {
                         pipeline: route.pipeline.clone(),
+                        device: device.to_string(),
                         topic: topic.to_string(),
                         reason: reject.reason(),
                         detail: reject.to_string(),

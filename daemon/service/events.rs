@@ -80,6 +80,7 @@ impl Counters {
 pub enum Event {
     InputRejected {
         pipeline: String,
+        device: String,
         topic: String,
         reason: &'static str,
         detail: String,
@@ -139,8 +140,8 @@ impl Event {
 
     fn payload(&self, suppressed: u64) -> Value {
         let mut v = match self {
-            Event::InputRejected { pipeline, topic, reason, detail } => {
-                json!({"pipeline": pipeline, "topic": topic, "reason": reason, "detail": detail})
+            Event::InputRejected { pipeline, device, topic, reason, detail } => {
+                json!({"pipeline": pipeline, "device": device, "topic": topic, "reason": reason, "detail": detail})
             }
             Event::InferenceFailed { pipeline, rows, error } => {
                 json!({"pipeline": pipeline, "rows": rows, "error": error})
@@ -171,30 +172,44 @@ impl Event {
         v
     }
 
+    /// One log line per event. Its fields (pipeline, device, model_version, event, …) become
+    /// journald fields under systemd (`cli::init_logging`).
     fn log(&self, suppressed: u64) {
+        let event = self.name();
         match self {
-            Event::InputRejected { pipeline, topic, detail, .. } => {
-                tracing::warn!(pipeline, topic, suppressed, "Rejected a message: {detail}")
+            Event::InputRejected { pipeline, device, topic, detail, reason } => {
+                tracing::warn!(event, pipeline, device, topic, reason, suppressed, "Rejected a message: {detail}")
             }
             Event::InferenceFailed { pipeline, rows, error } => {
-                tracing::error!(pipeline, rows, "Inference failed: {error}")
+                tracing::error!(event, pipeline, rows, "Inference failed: {error}")
             }
-            Event::Connected { attempts } => tracing::info!(attempts, "Connected to the broker"),
-            Event::Swapped { pipeline, model, from, to } => {
-                tracing::info!(pipeline, model, from, to, "Now serving {model} v{to} (was v{from})")
-            }
-            Event::SwapRefused { pipeline, model, version, error } => {
-                tracing::error!(pipeline, model, version, "Refused to serve {model} v{version}: {error}")
-            }
-            Event::FellBack { pipeline, champion, version, error } => {
-                tracing::error!(
-                    pipeline,
-                    version,
-                    "Champion {champion} cannot serve ({error}); serving v{version} instead"
-                )
-            }
-            Event::Drift { pipeline, model, version, alarm } if alarm.raised => tracing::warn!(
+            Event::Connected { attempts } => tracing::info!(event, attempts, "Connected to the broker"),
+            Event::Swapped { pipeline, model, from, to } => tracing::info!(
+                event,
                 pipeline,
+                model,
+                model_version = to,
+                from,
+                "Now serving {model} v{to} (was v{from})"
+            ),
+            Event::SwapRefused { pipeline, model, version, error } => tracing::error!(
+                event,
+                pipeline,
+                model,
+                model_version = version,
+                "Refused to serve {model} v{version}: {error}"
+            ),
+            Event::FellBack { pipeline, champion, version, error } => tracing::error!(
+                event,
+                pipeline,
+                model_version = version,
+                "Champion {champion} cannot serve ({error}); serving v{version} instead"
+            ),
+            Event::Drift { pipeline, model, version, alarm } if alarm.raised => tracing::warn!(
+                event,
+                pipeline,
+                model,
+                model_version = version,
                 series = alarm.series,
                 "Drift on {} of {model} v{version}: {} {:.4} > threshold {:.4} over the last {} rows",
                 alarm.series,
@@ -203,9 +218,15 @@ impl Event {
                 alarm.threshold,
                 alarm.window
             ),
-            Event::Drift { pipeline, alarm, .. } => {
-                tracing::info!(pipeline, series = alarm.series, "Drift on {} has ended", alarm.series)
-            }
+            Event::Drift { pipeline, model, version, alarm } => tracing::info!(
+                event,
+                pipeline,
+                model,
+                model_version = version,
+                series = alarm.series,
+                "Drift on {} has ended",
+                alarm.series
+            ),
         }
     }
 }

@@ -142,6 +142,8 @@ impl Daemon {
             .args(["run", "--config"])
             .arg(&path)
             .env("LATHE_LOG", "info")
+            // Tests read the log from stderr, even when they run under systemd.
+            .env_remove("JOURNAL_STREAM")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
