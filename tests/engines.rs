@@ -25,7 +25,9 @@ fn tract_and_onnx_runtime_agree_on_every_batch_size() {
     for (name, path) in models {
         let bytes = std::fs::read(&path).unwrap();
         let tract = Engine::load(&bytes).unwrap();
-        let ort = Engine::load_with(&bytes, &EngineKind::Ort { library: ort_library() }).unwrap();
+        let ort =
+            Engine::load_with(&bytes, &EngineKind::Ort { library: ort_library(), providers: vec![], strict: false })
+                .unwrap();
         for batch in [1usize, 7, 64, 400] {
             let n = batch * 9;
             let (a, b) = (tract.run(&rows[..n]).unwrap(), ort.run(&rows[..n]).unwrap());
@@ -110,10 +112,29 @@ fn fine_tuned_models_give_the_same_outputs_in_tract_and_onnx_runtime() {
     let rows = champion.validation_rows().unwrap();
     for (name, model, input) in [("full", &full, &rows[..9 * 500]), ("lora", &merged, &x[..])] {
         let tract = Engine::load(model).unwrap();
-        let ort = Engine::load_with(model, &EngineKind::Ort { library: ort_library() }).unwrap();
+        let ort =
+            Engine::load_with(model, &EngineKind::Ort { library: ort_library(), providers: vec![], strict: false })
+                .unwrap();
         let (a, b) = (tract.run(input).unwrap(), ort.run(input).unwrap());
         for (p, q) in a.values[0].iter().zip(&b.values[0]) {
             assert!((p - q).abs() <= 1e-4, "{name}: tract {p} vs ort {q}");
         }
     }
+}
+
+/// Execution providers: with the CPU-only library from the PyPI wheel, asking for CUDA under
+/// `providers_policy = "strict"` is an error that names it; under "auto" the model loads on the
+/// CPU and answers exactly as without providers.
+#[test]
+fn a_provider_the_library_lacks_is_an_error_when_strict_and_a_cpu_fallback_when_auto() {
+    let bytes = std::fs::read(root().join("models/shuttle-mlp.onnx")).unwrap();
+    let kind = |strict| EngineKind::Ort { library: ort_library(), providers: vec!["cuda".into()], strict };
+    let err = Engine::load_with(&bytes, &kind(true)).err().expect("strict CUDA on a CPU-only library must fail");
+    assert!(err.to_string().contains("\"cuda\" is not available"), "{err}");
+    let auto = Engine::load_with(&bytes, &kind(false)).unwrap();
+    let plain =
+        Engine::load_with(&bytes, &EngineKind::Ort { library: ort_library(), providers: vec![], strict: false })
+            .unwrap();
+    let rows: Vec<f32> = rows(&expected()).iter().take(64).flatten().map(|&x| x as f32).collect();
+    assert_eq!(auto.run(&rows).unwrap().values, plain.run(&rows).unwrap().values);
 }

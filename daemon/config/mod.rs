@@ -358,6 +358,24 @@ fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
     let mut s = section?;
     let engine = s.string("engine", Some("tract"));
     let library = s.opt_string("ort_library").map(|p| base.join(p));
+    let providers = s.strings("providers").unwrap_or_default();
+    for (i, p) in providers.iter().enumerate() {
+        if !crate::infer::engine::PROVIDERS.contains(&p.as_str()) {
+            s.error(&format!("providers[{i}]"), &format!("expected \"tensorrt\" or \"cuda\", found {p:?}"));
+        }
+    }
+    let strict = match s.string("providers_policy", Some("auto")).as_deref() {
+        Some("auto") => false,
+        Some("strict") => true,
+        Some(other) => {
+            s.error("providers_policy", &format!("expected \"auto\" or \"strict\", found {other:?}"));
+            false
+        }
+        None => false,
+    };
+    if !providers.is_empty() && engine.as_deref() != Some("ort") {
+        s.error("providers", "execution providers need engine = \"ort\"");
+    }
     let engine = match (engine.as_deref(), library) {
         (Some("tract"), None) => Some(EngineKind::Tract),
         (Some("tract"), Some(_)) => {
@@ -368,7 +386,7 @@ fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
             s.error("engine", "\"ort\" needs a build with `--features ort`");
             None
         }
-        (Some("ort"), Some(library)) => Some(EngineKind::Ort { library }),
+        (Some("ort"), Some(library)) => Some(EngineKind::Ort { library, providers, strict }),
         (Some("ort"), None) => {
             s.error("ort_library", "missing: the path of libonnxruntime.so (e.g. from the onnxruntime wheel)");
             None
@@ -627,5 +645,37 @@ batch = { max = 32 }
         let errs = parse(&format!("{GOOD}\n[train]\nbackend = \"cpu\"\n")).unwrap_err();
         assert_eq!(errs.errors[0].key, "train");
         assert!(errs.errors[0].message.contains("not in this build"));
+    }
+
+    #[test]
+    fn execution_providers_need_the_ort_engine_and_known_names() {
+        let text = GOOD.replace(
+            "[[pipeline]]",
+            "[infer]\nproviders = [\"cuda\", \"npu\"]\nproviders_policy = \"sometimes\"\n[[pipeline]]",
+        );
+        let errs = parse(&text).err().unwrap();
+        let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"infer.providers[1]"), "{errs}");
+        assert!(keys.contains(&"infer.providers_policy"), "{errs}");
+        assert!(keys.contains(&"infer.providers"), "providers without engine = \"ort\": {errs}");
+    }
+
+    #[test]
+    fn drift_and_labels_and_metrics_are_read_and_checked() {
+        let text = GOOD.replace("[[pipeline]]", "[metrics]\nlisten = \"127.0.0.1:9464\"\n[[pipeline]]")
+            + "labels = { topic = \"plant/line3/+/inspection\", key = \"/seq\", value = \"/failed\" }\n"
+            + "[pipeline.drift]\nwindow = 300\nstatistic = \"psi\"\nthresholds = { temp = 0.2 }\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let d = c.pipelines[0].drift.as_ref().unwrap();
+        assert_eq!((d.window, d.statistic), (300, crate::monitor::Statistic::Psi));
+        assert_eq!(d.thresholds["temp"], 0.2);
+        assert_eq!(c.pipelines[0].labels.as_ref().unwrap().value, "/failed");
+        let bad = GOOD.to_string() + "[pipeline.drift]\nwindow = 5\nstatistic = \"t-test\"\n";
+        let errs = parse(&bad).err().unwrap();
+        let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"pipeline[0].drift.window") && keys.contains(&"pipeline[0].drift.statistic"), "{errs}");
+        let off = GOOD.to_string() + "[pipeline.drift]\nenabled = false\n";
+        assert!(parse(&off).unwrap().pipelines[0].drift.is_none());
     }
 }

@@ -127,6 +127,27 @@ impl<'e> Section<'e> {
         Some(v)
     }
 
+    /// An array of strings (empty when absent).
+    pub fn strings(&mut self, key: &str) -> Option<Vec<String>> {
+        match self.take(key) {
+            Some(toml::Value::Array(items)) => {
+                let mut out = Vec::new();
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        toml::Value::String(v) => out.push(v),
+                        other => self.wrong(&format!("{key}[{i}]"), "a string", &other),
+                    }
+                }
+                Some(out)
+            }
+            Some(other) => {
+                self.wrong(key, "an array of strings", &other);
+                None
+            }
+            None => Some(Vec::new()),
+        }
+    }
+
     pub fn boolean(&mut self, key: &str, default: bool) -> Option<bool> {
         match self.take(key) {
             Some(toml::Value::Boolean(b)) => Some(b),

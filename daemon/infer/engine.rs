@@ -62,8 +62,16 @@ pub enum EngineKind {
     /// ONNX Runtime, loaded at run time from this `libonnxruntime.so` (feature `ort`).
     Ort {
         library: std::path::PathBuf,
+        /// Execution providers to try, in order ("tensorrt", "cuda"); CPU is always last.
+        providers: Vec<String>,
+        /// `providers_policy = "strict"`: a provider that cannot be used is an error;
+        /// otherwise ("auto") the session falls back to CPU with one log line.
+        strict: bool,
     },
 }
+
+/// Execution provider names `infer.providers` accepts.
+pub const PROVIDERS: [&str; 2] = ["tensorrt", "cuda"];
 
 pub struct Engine {
     pub signature: Signature,
@@ -128,7 +136,9 @@ impl Engine {
                     plans: Mutex::new(HashMap::new()),
                 },
                 #[cfg(feature = "ort")]
-                EngineKind::Ort { library } => Backend::Ort(super::ort_engine::OrtSession::new(library, &proto)?),
+                EngineKind::Ort { library, providers, strict } => {
+                    Backend::Ort(super::ort_engine::OrtSession::new(library, &proto, providers, *strict)?)
+                }
                 #[cfg(not(feature = "ort"))]
                 EngineKind::Ort { .. } => {
                     return Err(EngineError::Unsupported("this build has no ONNX Runtime (feature `ort`)".into()))

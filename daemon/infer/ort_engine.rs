@@ -32,6 +32,43 @@ fn environment(library: &Path) -> Result<&'static Environment, EngineError> {
         .map_err(|e| EngineError::Unsupported(e.clone()))
 }
 
+/// The execution providers to register, in order. A provider the library was not built with
+/// is an error under `strict`; otherwise it is skipped with one log line and the session
+/// runs on what remains (CPU last, always). Under `strict` a provider that fails to register
+/// fails the session too (`error_on_failure`).
+fn execution_providers(
+    library: &Path,
+    names: &[String],
+    strict: bool,
+) -> Result<Vec<ort::ep::ExecutionProviderDispatch>, EngineError> {
+    use ort::ep::{ExecutionProvider, TensorRT, CUDA};
+    let mut out = Vec::new();
+    for name in names {
+        let (available, dispatch) = match name.as_str() {
+            "cuda" => (CUDA::is_available(), CUDA::default().build()),
+            "tensorrt" => (TensorRT::is_available(), TensorRT::default().build()),
+            other => return Err(EngineError::Unsupported(format!("unknown execution provider {other:?}"))),
+        };
+        match (available, strict) {
+            (Ok(true), true) => out.push(dispatch.error_on_failure()),
+            (Ok(true), false) => out.push(dispatch),
+            (_, true) => {
+                return Err(EngineError::Unsupported(format!(
+                    "execution provider {name:?} is not available in {} (providers_policy = \"strict\")",
+                    library.display()
+                )))
+            }
+            (_, false) => {
+                tracing::warn!(
+                    "Execution provider {name:?} is not available in {}; running on the CPU",
+                    library.display()
+                )
+            }
+        }
+    }
+    Ok(out)
+}
+
 pub struct OrtSession {
     /// `Session::run` takes `&mut self`; only the pipeline's own task runs it.
     session: Mutex<Session>,
@@ -42,12 +79,19 @@ pub struct OrtSession {
 impl OrtSession {
     /// # Errors
     /// The library failing to load, or ONNX Runtime refusing the model.
-    pub fn new(library: &Path, proto: &ModelProto) -> Result<OrtSession, EngineError> {
+    pub fn new(
+        library: &Path,
+        proto: &ModelProto,
+        providers: &[String],
+        strict: bool,
+    ) -> Result<OrtSession, EngineError> {
         let env = environment(library)?;
         let bytes = proto.encode_to_vec();
+        let eps = execution_providers(library, providers, strict)?;
         let session = Session::builder(env)
             .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::All).map_err(Into::into))
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|b| b.with_execution_providers(eps).map_err(Into::into))
             .and_then(|mut b| b.commit_from_memory(&bytes))
             .map_err(|e| EngineError::Unsupported(format!("ONNX Runtime: {e}")))?;
         let input = session.inputs().first().map(|i| i.name().to_string()).unwrap_or_default();
