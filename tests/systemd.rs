@@ -61,7 +61,36 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
         "pings go on once serving: {after:?}"
     );
 
-    // A reload request must not kill it (reloading itself is not built yet).
+    // A stalled working loop stops the pings (debug builds can stall it on request), and they
+    // come back when it runs again: systemd would have restarted a loop stuck for WatchdogSec.
+    let listener = socket.try_clone().unwrap();
+    let recorder = std::thread::spawn(move || {
+        let mut pings = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(4);
+        listener.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        while Instant::now() < deadline {
+            if let Ok(n) = listener.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                    pings.push(Instant::now());
+                }
+            }
+        }
+        pings
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut p = Publisher::new(broker.port);
+    p.publish("plant/line1/dev0/telemetry", r#"{"__lathe_debug_stall_ms": 1500}"#);
+    p.flush();
+    let pings = recorder.join().unwrap();
+    let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(longest >= Duration::from_millis(1200), "no pause in the pings while the loop stalled: {gaps:?}");
+    let resumed =
+        pings.iter().filter(|t| **t > pings[gaps.iter().position(|g| *g == longest).unwrap()] + longest).count();
+    assert!(resumed >= 2, "pings resume after the stall: {gaps:?}");
+
+    // An unchanged config on SIGHUP changes nothing and must not kill it.
     let _ = Command::new("kill").args(["-HUP", &child.id().to_string()]).status();
     std::thread::sleep(Duration::from_millis(300));
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP killed the daemon");

@@ -369,6 +369,13 @@ impl Router {
 
     fn route(&mut self, p: Publish, flow: &Flow) {
         let received = Instant::now();
+        // Debug builds only (the tests): a payload `{"__lathe_debug_stall_ms": N}` blocks this
+        // loop for N ms, so a test can see the watchdog pings stop when the loop stalls.
+        #[cfg(debug_assertions)]
+        if let Some(ms) = p.payload.strip_prefix(b"{\"__lathe_debug_stall_ms\":".as_slice()) {
+            let ms = std::str::from_utf8(ms).ok().and_then(|t| t.trim_end_matches('}').trim().parse::<u64>().ok());
+            std::thread::sleep(Duration::from_millis(ms.unwrap_or(0).min(10_000)));
+        }
         let ack = (p.qos != QoS::AtMostOnce).then(|| {
             let seq = self.next_seq;
             self.next_seq += 1;
