@@ -475,3 +475,27 @@ fn bundle_create_refuses_a_model_whose_tail_cannot_train_and_names_the_node() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("the tail has 3 dense layer(s)"), "{err}");
 }
+
+/// An autoencoder (`reconstruction`, a PyTorch export) fine-tunes without labels: the target is
+/// the input itself, and the gate judges the p95 reconstruction error (lower is better).
+#[test]
+fn an_autoencoder_fine_tunes_on_its_own_inputs() {
+    let dir = common::temp_dir("train-ae");
+    let (_, validation) = common::sample_model();
+    let bundle = dir.join("ae.lathe");
+    let made = lathe()
+        .args(["bundle", "create", "--task", "reconstruction", "--name", "ae", "--trainable", "full", "--model"])
+        .arg(fixture("train/reconstruction-adam.onnx"))
+        .arg("--data")
+        .arg(&validation)
+        .args(["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9", "-o"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (out, record) = train(&dir, &bundle, &common::unseen_csv(&dir, 0.0), &["--epochs", "3"]);
+    assert_eq!(record["loss"], "mse");
+    assert_eq!(record["gate"]["metric"], "error_p95");
+    let (before, after) = (gate_value(&record, "champion_holdout"), gate_value(&record, "challenger_holdout"));
+    assert!(out.status.success() && after < before, "p95 error {before} -> {after}: {record:#}");
+}

@@ -355,7 +355,9 @@ pub fn fine_tune<B: Backend>(
         Task::Reconstruction => (data.x.clone(), f),
         _ => (data.y.iter().map(|&v| v as f32).collect(), 1),
     };
-    let weights = class_weights(&training.class_weights, &data.y[split.train.clone()], classes.max(1))?;
+    // Reconstruction data has no targets: `get` gives an empty slice there, not a panic.
+    let train_y = data.y.get(split.train.clone()).unwrap_or_default();
+    let weights = class_weights(&training.class_weights, train_y, classes.max(1))?;
     let update = update_rule(training)?;
     let batch = (training.batch as usize).max(1);
     let mut net = Net::new(backend, &trained, plan.mode, batch, tw).map_err(|e| e.to_string())?;
@@ -409,7 +411,7 @@ pub fn fine_tune<B: Backend>(
     let model = graph::export(&champion.model, &layers)?;
 
     let hx = &data.x[split.holdout.start * f..split.holdout.end * f];
-    let hy: &[f64] = if data.y.is_empty() { &[] } else { &data.y[split.holdout.clone()] };
+    let hy: &[f64] = data.y.get(split.holdout.clone()).unwrap_or_default();
     let gate = if diverged { None } else { Some(judge(champion, &model, hx, hy)?) };
     let run_id = format!("{}-v{}-{}", m.name, m.version, started_unix);
     let mut record = RunRecord {
