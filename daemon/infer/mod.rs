@@ -85,9 +85,9 @@ impl ActiveModel {
                 m.inputs.len()
             ));
         }
-        bundle.validate(&engine).map_err(|e| e.to_string())?;
+        let (rows, outputs) = bundle.validated_outputs(&engine).map_err(|e| e.to_string())?;
         let monitor = match &pipeline.drift {
-            Some(settings) => Some(drift_monitor(bundle, &engine, settings.clone())?),
+            Some(settings) => Some(drift_monitor(bundle, rows, &outputs, settings.clone())?),
             None => None,
         };
         let src = &pipeline.source;
@@ -130,11 +130,15 @@ fn label_shares(bundle: &Bundle) -> Vec<f64> {
 
 type DriftSlot = Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>;
 
-/// A drift monitor whose reference is the bundle's validation set and the model's scores on
-/// it, calibrated on its own thread; the slot is filled when it is ready.
-fn drift_monitor(bundle: &Bundle, engine: &Engine, settings: crate::monitor::Settings) -> Result<DriftSlot, String> {
-    let rows = bundle.validation_rows().map_err(|e| e.to_string())?;
-    let out = engine.run(&rows).map_err(|e| e.to_string())?;
+/// A drift monitor whose reference is the bundle's validation `rows` and the model's outputs
+/// `out` on them (from validation, not run again), calibrated on its own thread; the slot is
+/// filled when it is ready.
+fn drift_monitor(
+    bundle: &Bundle,
+    rows: Vec<f32>,
+    out: &Outputs,
+    settings: crate::monitor::Settings,
+) -> Result<DriftSlot, String> {
     let (f, p, reading) = (bundle.manifest.inputs.len(), bundle.manifest.primary_output, bundle.reading());
     let scores: Vec<f64> =
         (0..rows.len() / f).map(|r| reading.score(out.row(p, r), &rows[r * f..(r + 1) * f])).collect();

@@ -173,8 +173,19 @@ impl Bundle {
     /// # Errors
     /// The model failing on its data, or giving NaN or infinity.
     pub fn validate(&self, engine: &Engine) -> Result<(), BundleError> {
-        let outputs = engine.run(&self.validation_rows()?)?;
-        check_finite(&outputs, &self.manifest.outputs)
+        self.validated_outputs(engine).map(|_| ())
+    }
+
+    /// Like [`Bundle::validate`], returning the validation rows and the model's outputs on
+    /// them, so a caller that needs both (the drift monitor's reference) runs the set once.
+    ///
+    /// # Errors
+    /// As [`Bundle::validate`].
+    pub fn validated_outputs(&self, engine: &Engine) -> Result<(Vec<f32>, Outputs), BundleError> {
+        let rows = self.validation_rows()?;
+        let outputs = engine.run(&rows)?;
+        check_finite(&outputs, &self.manifest.outputs)?;
+        Ok((rows, outputs))
     }
 
     pub fn reading(&self) -> Reading {
