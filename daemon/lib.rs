@@ -11,6 +11,7 @@
 //! - [`model`]: the bundle format, its baseline, and the on-device registry.
 //! - [`monitor`]: drift against the bundle's baseline, late-label performance.
 //! - [`train`]: on-device fine-tuning (the `Backend` trait, CPU backend, gate, run records).
+//! - [`store`]: the crash-safe sample store (redb) the loop trains from.
 //! - [`service`]: wiring, start and graceful stop, status and events.
 //! - [`cli`]: the `lathe` command line, including `lathe demo`.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::await_holding_lock)]
@@ -23,4 +24,5 @@ pub mod ingest;
 pub mod model;
 pub mod monitor;
 pub mod service;
+pub mod store;
 pub mod train;

@@ -48,6 +48,14 @@ enum Command {
     Models(models::ModelsCommand),
     /// Fine-tune a bundle on fresh data, offline; writes a new bundle only if the gate accepts it.
     Train(Box<train::TrainArgs>),
+    /// What the sample store holds for a pipeline (offline: the daemon holds the file's lock).
+    Store {
+        /// The daemon's config (for the store's path).
+        #[arg(long, default_value = "/etc/lathe/lathe.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        pipeline: String,
+    },
 }
 
 /// Logs to journald with structured fields (PIPELINE, DEVICE, MODEL_VERSION, EVENT, …: every
@@ -69,6 +77,24 @@ fn init_logging(default: &str) {
         }
     }
     let _ = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).try_init();
+}
+
+/// `lathe store`: the pipeline's store numbers and how many distinct messages it holds, JSON.
+fn store_stats(config: &std::path::Path, pipeline: &str) -> Result<(), String> {
+    let config = crate::config::Config::load(config).map_err(|e| e.to_string())?;
+    let store = crate::store::Store::open(config.store.clone()).map_err(|e| e.to_string())?;
+    let stats = store.stats(pipeline).map_err(|e| e.to_string())?;
+    let samples = store.samples(pipeline).map_err(|e| e.to_string())?;
+    let keys: std::collections::HashSet<String> = samples.iter().map(|r| r.join_key()).collect();
+    let versions: std::collections::BTreeMap<u64, usize> = samples.iter().fold(Default::default(), |mut m, r| {
+        *m.entry(r.version).or_default() += 1;
+        m
+    });
+    let mut out = serde_json::to_value(stats).map_err(|e| e.to_string())?;
+    out["distinct_keys"] = keys.len().into();
+    out["rows_by_version"] = serde_json::to_value(versions).map_err(|e| e.to_string())?;
+    println!("{out}");
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -98,6 +124,7 @@ pub fn main() -> ExitCode {
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Models(cmd) => models::run(cmd),
         Command::Train(args) => train::run(*args),
+        Command::Store { config, pipeline } => store_stats(&config, &pipeline),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,8 @@
 //! was expected. Unknown keys are errors: a typo must never silently fall back to a default.
 
 mod reader;
+mod train;
+pub use train::{parse_duration, Overrides, TrainConfig, Trigger};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -52,6 +54,8 @@ pub struct Config {
     pub infer: InferConfig,
     /// `[metrics] listen`: where the Prometheus text endpoint listens (off when absent).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `[store]`: the sample store the training loop keeps (used by pipelines with `train`).
+    pub store: crate::store::Settings,
     pub pipelines: Vec<PipelineConfig>,
 }
 
@@ -116,6 +120,8 @@ pub struct PipelineConfig {
     pub drift: Option<crate::monitor::Settings>,
     /// `labels = { topic, key, value, horizon_s, window }`: late ground truth.
     pub labels: Option<LabelsConfig>,
+    /// `[pipeline.train]`: the closed loop (its samples are stored, it fine-tunes itself).
+    pub train: Option<TrainConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -210,12 +216,11 @@ impl Config {
 
 /// Sections that DESIGN.md names but this build does not implement yet. Naming them is an
 /// error with a clear message rather than a silent no-op.
-const NOT_YET: &[(&str, &str)] =
-    &[("train", "on-device training is not in this build yet"), ("update", "remote updates are not in this build yet")];
-const PIPELINE_NOT_YET: &[(&str, &str)] = &[
-    ("window", "sequence windows are not in this build yet"),
-    ("train", "on-device training is not in this build yet"),
+const NOT_YET: &[(&str, &str)] = &[
+    ("train", "training is set per pipeline: [pipeline.train]"),
+    ("update", "remote updates are not in this build yet"),
 ];
+const PIPELINE_NOT_YET: &[(&str, &str)] = &[("window", "sequence windows are not in this build yet")];
 
 fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) -> Option<Config> {
     let base = path.parent().unwrap_or(Path::new("."));
@@ -233,6 +238,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
             root.error(key, why);
         }
     }
+    let store = train::parse_store(&mut root, state_dir.as_deref());
     let mqtt = parse_mqtt(root.section("mqtt", true), base);
     let infer = parse_infer(root.section("infer", true), base);
     let metrics_listen = match root.section("metrics", true) {
@@ -276,6 +282,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         mqtt: mqtt?,
         infer: infer?,
         metrics_listen,
+        store: store?,
         pipelines: pipelines?,
     })
 }
@@ -507,7 +514,12 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
     if labels.is_some() && source.as_ref().is_some_and(|s| s.key.is_none()) {
         s.error("labels", "needs source.key: labels are joined to predictions by key");
     }
+    let train = train::parse_train(s)?;
+    if train.is_some() && source.as_ref().is_some_and(|s| s.key.is_none()) {
+        s.error("train", "needs source.key: stored samples are joined to their labels by key");
+    }
     Some(PipelineConfig {
+        train,
         name: name?,
         model: model?,
         source: source?,

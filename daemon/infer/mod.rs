@@ -164,6 +164,14 @@ fn drift_monitor(
     Ok(slot)
 }
 
+/// What a served output row says, as the late label will judge it.
+fn predicted(model: &ActiveModel, output: &[f32]) -> Predicted {
+    match model.reading.class(output) {
+        Some(c) => Predicted::Class(c),
+        None => Predicted::Value(f64::from(output.first().copied().unwrap_or(f32::NAN))),
+    }
+}
+
 /// Shared by ingest (the extractor), the pipeline's task (the engine) and the swapper.
 pub type SharedModel = Arc<ArcSwap<ActiveModel>>;
 
@@ -181,6 +189,12 @@ pub struct Pipeline {
     pub flow: Arc<Flow>,
     /// Late-label performance, when the pipeline has `labels`.
     pub performance: Option<Arc<std::sync::Mutex<Performance>>>,
+    /// The sample store's writer, when the pipeline trains: served rows are stored and their
+    /// messages acknowledged once stored.
+    pub store: Option<crate::store::writer::Writer>,
+    /// A challenger in its shadow period: it scores the same rows, its outputs only compared
+    /// with the labels that arrive (never published).
+    pub shadow: Arc<arc_swap::ArcSwapOption<ActiveModel>>,
 }
 
 impl Pipeline {
@@ -199,8 +213,11 @@ impl Pipeline {
             match model.engine.run(&rows) {
                 Ok(out) => {
                     self.publish(&model, &batch, &out).await;
+                    self.check_health(&model, batch.len(), &out);
                     self.watch(&model, &rows, &out);
                     self.remember(&model, &batch, &out);
+                    self.shadow(&batch, &rows);
+                    self.keep(&model, &mut batch, &rows, &out);
                 }
                 Err(e) => {
                     self.counters.failed.fetch_add(batch.len() as u64, Relaxed);
@@ -239,6 +256,64 @@ impl Pipeline {
         }
     }
 
+    /// Output health, watched while a new version is on trial: non-finite values, and
+    /// probabilities pinned at 0 or 1.
+    fn check_health(&self, model: &ActiveModel, rows: usize, out: &Outputs) {
+        let (mut nonfinite, mut saturated) = (0u64, 0u64);
+        let probabilities = matches!(model.reading.task, crate::model::Task::Binary | crate::model::Task::Multiclass);
+        for r in 0..rows {
+            let o = out.row(model.primary_output, r);
+            if o.iter().any(|v| !v.is_finite()) {
+                nonfinite += 1;
+            } else if probabilities && o.iter().any(|&v| !(1e-6..=1.0 - 1e-6).contains(&v)) {
+                saturated += 1;
+            }
+        }
+        self.counters.outputs_nonfinite.fetch_add(nonfinite, Relaxed);
+        self.counters.outputs_saturated.fetch_add(saturated, Relaxed);
+    }
+
+    /// Hands the served rows to the store (pipelines that train); their acks go with them and
+    /// are sent once the rows are durable.
+    fn keep(&self, model: &ActiveModel, batch: &mut [Sample], rows: &[f32], out: &Outputs) {
+        let Some(store) = &self.store else { return };
+        let f = model.engine.signature.features;
+        let ts_ms = crate::service::unix_ms();
+        let mut writes = Vec::with_capacity(batch.len());
+        let mut tickets = Vec::with_capacity(batch.len());
+        for (r, s) in batch.iter_mut().enumerate() {
+            let output = out.row(model.primary_output, r);
+            let features = &rows[r * f..(r + 1) * f];
+            writes.push(crate::store::Write::Sample(crate::store::Record {
+                ts_ms,
+                version: model.version,
+                label: None,
+                score: model.reading.score(output, features) as f32,
+                device: s.device.to_string(),
+                key: s.key.to_string(),
+                features: features.to_vec(),
+                output: output.to_vec(),
+            }));
+            tickets.extend(s.ack.take());
+        }
+        store.submit(crate::store::writer::Job {
+            pipeline: Arc::from(self.name.as_str()),
+            writes,
+            tickets,
+            counters: self.counters.clone(),
+        });
+    }
+
+    fn shadow(&self, batch: &[Sample], rows: &[f32]) {
+        let (Some(shadow), Some(perf)) = (self.shadow.load_full(), &self.performance) else { return };
+        let Ok(out) = shadow.engine.run(rows) else { return };
+        let Ok(mut perf) = perf.lock() else { return };
+        for (r, s) in batch.iter().enumerate() {
+            let output = out.row(shadow.primary_output, r);
+            perf.shadow_predicted(&s.device, s.key.to_string(), predicted(&shadow, output));
+        }
+    }
+
     /// Keeps what each prediction said until its label arrives (pipelines with `labels`).
     fn remember(&self, model: &ActiveModel, batch: &[Sample], out: &Outputs) {
         let Some(perf) = &self.performance else { return };
@@ -246,12 +321,8 @@ impl Pipeline {
         perf.set_baseline(model.version, &model.label_shares);
         let now = Instant::now();
         for (r, s) in batch.iter().enumerate() {
-            let output = out.row(model.primary_output, r);
-            let p = match model.reading.class(output) {
-                Some(c) => Predicted::Class(c),
-                None => Predicted::Value(f64::from(output.first().copied().unwrap_or(f32::NAN))),
-            };
-            perf.predicted(s.device.clone(), s.key.to_string(), p, model.baseline_loss, now);
+            let p = predicted(model, out.row(model.primary_output, r));
+            perf.predicted(s.device.clone(), s.key.to_string(), p, model.version, model.baseline_loss, now);
         }
     }
 

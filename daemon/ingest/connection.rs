@@ -64,17 +64,29 @@ pub struct Route {
     pub labels: Option<LabelRoute>,
 }
 
+/// `lathe/{node}/cmd/+` and where its messages go (action, payload).
+pub type CommandRoute = (TopicFilter, mpsc::UnboundedSender<(String, Vec<u8>)>);
+
 /// A pipeline's label topic and what to read from a label message.
 pub struct LabelRoute {
     pub filter: TopicFilter,
     pub key: String,
     pub value: String,
     pub performance: Arc<std::sync::Mutex<crate::monitor::performance::Performance>>,
+    /// Pipelines that train also join labels to their stored samples.
+    pub store: Option<(crate::store::writer::Writer, Arc<Counters>)>,
 }
 
 impl LabelRoute {
     /// Joins one label message; returns the alarms raised or cleared, or why it was unusable.
-    fn take(&self, device: &str, payload: &[u8]) -> Result<Vec<crate::monitor::Alarm>, String> {
+    /// With a store, the label is stored too and `ack` released once it is durable.
+    fn take(
+        &self,
+        pipeline: &str,
+        device: &str,
+        payload: &[u8],
+        ack: Option<&Arc<AckTicket>>,
+    ) -> Result<Vec<crate::monitor::Alarm>, String> {
         let doc: Value = serde_json::from_slice(payload).map_err(|e| format!("label is not JSON: {e}"))?;
         let key = doc.pointer(&self.key).ok_or_else(|| format!("label has no {}", self.key))?.to_string();
         let value = match doc.pointer(&self.value) {
@@ -84,6 +96,19 @@ impl LabelRoute {
         }
         .filter(|v| v.is_finite())
         .ok_or_else(|| format!("label has no number or boolean at {}", self.value))?;
+        if let Some((writer, counters)) = &self.store {
+            writer.submit(crate::store::writer::Job {
+                pipeline: Arc::from(pipeline),
+                writes: vec![crate::store::Write::Label {
+                    device: device.to_string(),
+                    key: key.clone(),
+                    value,
+                    ts_ms: crate::service::unix_ms(),
+                }],
+                tickets: ack.cloned().into_iter().collect(),
+                counters: counters.clone(),
+            });
+        }
         let mut perf = self.performance.lock().map_err(|_| "performance state poisoned".to_string())?;
         let mut alarms = Vec::new();
         perf.label(device, key, value, Instant::now(), &mut alarms);
@@ -200,6 +225,8 @@ pub struct Ingest {
     pub disconnect: watch::Receiver<bool>,
     /// True while connected and subscribed: messages published now will reach us.
     pub ready: watch::Sender<bool>,
+    /// `lathe/{node}/cmd/+`: commands for the training loop (action, payload).
+    pub commands: Option<CommandRoute>,
 }
 
 /// How many distinct device ids a route remembers.
@@ -238,14 +265,22 @@ impl Ingest {
             mut stop,
             mut disconnect,
             ready,
+            commands,
         } = self;
         let filters: Vec<String> = routes
             .iter()
             .map(|r| r.filter.as_str().to_string())
             .chain(routes.iter().filter_map(|r| r.labels.as_ref().map(|l| l.filter.as_str().to_string())))
+            .chain(commands.iter().map(|(f, _)| f.as_str().to_string()))
             .collect();
-        let mut router =
-            Router { pending: routes.iter().map(|_| VecDeque::new()).collect(), routes, events, acks, next_seq: 0 };
+        let mut router = Router {
+            pending: routes.iter().map(|_| VecDeque::new()).collect(),
+            routes,
+            events,
+            acks,
+            next_seq: 0,
+            commands,
+        };
         let (mut stopping, mut disconnecting, mut failures) = (false, false, 0u32);
         // Set once our DISCONNECT is written: we then read until the broker closes the
         // connection. Closing it ourselves with telemetry still unread would make the kernel
@@ -349,6 +384,7 @@ struct Router {
     events: Events,
     acks: AckSender,
     next_seq: u64,
+    commands: Option<CommandRoute>,
 }
 
 impl Router {
@@ -384,10 +420,15 @@ impl Router {
         });
         // MQTT topics are UTF-8 by the spec; anything else matches no pipeline.
         let topic = std::str::from_utf8(&p.topic).unwrap_or("");
+        if let Some((filter, tx)) = &self.commands {
+            if let Some(action) = filter.matches(topic) {
+                let _ = tx.send((action.to_string(), p.payload.to_vec()));
+            }
+        }
         for route in &self.routes {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
-            match labels.take(device, &p.payload) {
+            match labels.take(&route.pipeline, device, &p.payload, ack.as_ref()) {
                 Ok(alarms) => self.events.drift(&route.pipeline, &route.model.load(), alarms),
                 Err(detail) => {
                     if let Ok(mut perf) = labels.performance.lock() {

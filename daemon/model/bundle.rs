@@ -53,6 +53,18 @@ impl Bundle {
         sha256_hex(&self.manifest_bytes)
     }
 
+    /// The same bundle as another version (the loop numbers a challenger past every version
+    /// the registry already has, e.g. one that was rolled back).
+    ///
+    /// # Errors
+    /// A manifest that cannot be written.
+    pub fn with_version(mut self, version: u64) -> Result<Bundle, BundleError> {
+        self.manifest.version = version;
+        self.manifest_bytes =
+            toml::to_string(&self.manifest).map_err(|e| BundleError::Format(e.to_string()))?.into_bytes();
+        Ok(self)
+    }
+
     pub fn file_name(&self) -> String {
         format!("{}-{}.lathe", self.manifest.name, self.manifest.version)
     }

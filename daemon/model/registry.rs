@@ -267,6 +267,16 @@ impl Registry {
         Ok(bundle)
     }
 
+    /// Adds a bundle made on the device (a fine-tuned challenger) without promoting it.
+    ///
+    /// # Errors
+    /// A same-version conflict or a filesystem failure.
+    pub fn add(&self, bundle: &Bundle) -> Result<(), RegistryError> {
+        let dest = self.bundle_path(&bundle.manifest.name, bundle.manifest.version);
+        self.store(bundle, &dest)?;
+        self.prune(&bundle.manifest.name)
+    }
+
     /// Writes `bundle` into the registry unless that version is already there (identical).
     fn store(&self, bundle: &Bundle, file: &Path) -> Result<(), RegistryError> {
         let m = &bundle.manifest;

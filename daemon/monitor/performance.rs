@@ -25,6 +25,28 @@ pub enum Predicted {
     Value(f64),
 }
 
+/// A prediction waiting for its label.
+struct Pending {
+    p: Predicted,
+    version: u64,
+    baseline: f64,
+    at: Instant,
+    /// What a shadowing challenger predicted for the same row.
+    shadow: Option<Predicted>,
+}
+
+/// Champion and shadowing challenger scored on the same labels.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Paired {
+    pub shadow_version: u64,
+    pub labels: u64,
+    pub champion_loss_sum: f64,
+    pub shadow_loss_sum: f64,
+}
+
+/// Versions whose live loss is remembered.
+const VERSIONS_KEPT: usize = 8;
+
 pub struct Performance {
     /// The class shares of the serving model's validation targets, and which version they
     /// belong to: the reference for label shift.
@@ -38,7 +60,12 @@ pub struct Performance {
     last_joined: bool,
     horizon: Duration,
     window: usize,
-    pending: HashMap<(Arc<str>, String), (Predicted, f64, Instant)>,
+    pending: HashMap<(Arc<str>, String), Pending>,
+    /// Per model version: labels joined to its predictions, and their summed loss (the
+    /// trial judges a new version on its own predictions only).
+    by_version: std::collections::BTreeMap<u64, (u64, f64)>,
+    /// While a challenger shadows the champion: losses of both on the same labeled rows.
+    pub paired: Option<Paired>,
     order: VecDeque<((Arc<str>, String), Instant)>,
     losses: VecDeque<f64>,
     sum: f64,
@@ -62,6 +89,8 @@ impl Performance {
             horizon,
             window: window.max(MIN_LABELS),
             pending: HashMap::new(),
+            by_version: Default::default(),
+            paired: None,
             order: VecDeque::new(),
             losses: VecDeque::new(),
             sum: 0.0,
@@ -139,7 +168,15 @@ impl Performance {
 
     /// Remembers a served prediction; `baseline_loss` is what the serving model's validation
     /// set implies per sample.
-    pub fn predicted(&mut self, device: Arc<str>, key: String, p: Predicted, baseline_loss: f64, now: Instant) {
+    pub fn predicted(
+        &mut self,
+        device: Arc<str>,
+        key: String,
+        p: Predicted,
+        version: u64,
+        baseline_loss: f64,
+        now: Instant,
+    ) {
         self.expire(now);
         if self.pending.len() >= MAX_PENDING {
             if let Some((old, _)) = self.order.pop_front() {
@@ -147,7 +184,19 @@ impl Performance {
             }
         }
         self.order.push_back(((device.clone(), key.clone()), now));
-        self.pending.insert((device, key), (p, baseline_loss, now));
+        self.pending.insert((device, key), Pending { p, version, baseline: baseline_loss, at: now, shadow: None });
+    }
+
+    /// A shadowing challenger's prediction for a row the champion just served.
+    pub fn shadow_predicted(&mut self, device: &Arc<str>, key: String, p: Predicted) {
+        if let Some(pending) = self.pending.get_mut(&(device.clone(), key)) {
+            pending.shadow = Some(p);
+        }
+    }
+
+    /// Labels joined to `version`'s own predictions, and their mean loss.
+    pub fn live_loss(&self, version: u64) -> (u64, f64) {
+        self.by_version.get(&version).map_or((0, f64::NAN), |&(n, sum)| (n, sum / n.max(1) as f64))
     }
 
     fn expire(&mut self, now: Instant) {
@@ -155,7 +204,7 @@ impl Performance {
             if now.duration_since(*t) <= self.horizon {
                 break;
             }
-            if self.pending.get(k).is_some_and(|(_, _, at)| at == t) {
+            if self.pending.get(k).is_some_and(|p| p.at == *t) {
                 self.pending.remove(k);
             }
             self.order.pop_front();
@@ -188,17 +237,29 @@ impl Performance {
     fn join(&mut self, device: &str, key: String, truth: f64, now: Instant) -> Option<Alarm> {
         self.expire(now);
         self.last_joined = false;
-        let Some((p, baseline, _)) = self.pending.remove(&(Arc::from(device), key)) else {
+        let Some(pending) = self.pending.remove(&(Arc::from(device), key)) else {
             self.unmatched += 1;
             return None;
         };
-        let loss = match p {
-            Predicted::Class(c) => f64::from(u8::from(truth < 0.0 || (truth.round() as usize) != c)),
-            Predicted::Value(v) => (v - truth).abs(),
-        };
+        let (p, baseline) = (pending.p, pending.baseline);
+        let loss = loss_of(p, truth);
         if !loss.is_finite() {
             self.unmatched += 1;
             return None;
+        }
+        let v = self.by_version.entry(pending.version).or_default();
+        v.0 += 1;
+        v.1 += loss;
+        while self.by_version.len() > VERSIONS_KEPT {
+            self.by_version.pop_first();
+        }
+        if let (Some(pair), Some(shadow)) = (self.paired.as_mut(), pending.shadow) {
+            let shadow_loss = loss_of(shadow, truth);
+            if shadow_loss.is_finite() {
+                pair.labels += 1;
+                pair.champion_loss_sum += loss;
+                pair.shadow_loss_sum += shadow_loss;
+            }
         }
         self.joined += 1;
         self.last_joined = matches!(p, Predicted::Class(_));
@@ -261,5 +322,13 @@ impl Performance {
 
     pub fn shift_in_alarm(&self) -> bool {
         self.shift_alarm
+    }
+}
+
+/// Per-sample loss: 0/1 error for a class, absolute error for a value.
+fn loss_of(p: Predicted, truth: f64) -> f64 {
+    match p {
+        Predicted::Class(c) => f64::from(u8::from(truth < 0.0 || (truth.round() as usize) != c)),
+        Predicted::Value(v) => (v - truth).abs(),
     }
 }

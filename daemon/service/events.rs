@@ -22,6 +22,17 @@ pub struct Counters {
     pub latency: Histogram<{ LATENCY_BUCKETS_US.len() }>,
     /// Rows per inference call.
     pub batch: Histogram<{ BATCH_BUCKETS.len() }>,
+    /// Samples committed to the store, failed to commit (disk full), dropped because its
+    /// queue was full, and evicted by its bounds; labels joined to stored samples.
+    pub stored: AtomicU64,
+    pub store_failed: AtomicU64,
+    pub store_dropped: AtomicU64,
+    pub store_evicted: AtomicU64,
+    pub labels_stored: AtomicU64,
+    /// Served outputs that were not finite, or saturated (a probability within 1e-6 of 0 or
+    /// 1): output health for a model on trial.
+    pub outputs_nonfinite: AtomicU64,
+    pub outputs_saturated: AtomicU64,
 }
 
 /// Upper bounds of the latency histogram's buckets, µs.
@@ -72,6 +83,13 @@ impl Counters {
             "rejected": self.rejected.iter().map(|c| c.load(Relaxed)).sum::<u64>(),
             "rejected_by_reason": rejected,
             "failed": self.failed.load(Relaxed),
+            "stored": self.stored.load(Relaxed),
+            "store_failed": self.store_failed.load(Relaxed),
+            "store_dropped": self.store_dropped.load(Relaxed),
+            "store_evicted": self.store_evicted.load(Relaxed),
+            "labels_stored": self.labels_stored.load(Relaxed),
+            "outputs_nonfinite": self.outputs_nonfinite.load(Relaxed),
+            "outputs_saturated": self.outputs_saturated.load(Relaxed),
         })
     }
 }
@@ -121,6 +139,24 @@ pub enum Event {
         version: u64,
         alarm: crate::monitor::Alarm,
     },
+    /// A batch of samples could not be written to the store (a full disk); inference goes on.
+    StoreFailed {
+        pipeline: String,
+        rows: u64,
+        error: String,
+    },
+    /// The store writes again after failing.
+    StoreRecovered {
+        path: String,
+    },
+    /// A step of the training loop (`train.started`, `train.refused`, `train.accepted`,
+    /// `shadow.*`, `trial.*`, …); `detail` carries the run record and the step's numbers.
+    Loop {
+        pipeline: String,
+        step: &'static str,
+        message: String,
+        detail: Value,
+    },
 }
 
 impl Event {
@@ -135,6 +171,9 @@ impl Event {
             Event::FellBack { .. } => "model.fallback",
             Event::Drift { alarm, .. } if alarm.raised => "drift",
             Event::Drift { .. } => "drift.cleared",
+            Event::StoreFailed { .. } => "store.failed",
+            Event::StoreRecovered { .. } => "store.recovered",
+            Event::Loop { step, .. } => step,
         }
     }
 
@@ -161,6 +200,19 @@ impl Event {
                 v["pipeline"] = pipeline.as_str().into();
                 v["model"] = model.as_str().into();
                 v["version"] = (*version).into();
+                v
+            }
+            Event::StoreFailed { pipeline, rows, error } => {
+                json!({"pipeline": pipeline, "rows": rows, "error": error})
+            }
+            Event::StoreRecovered { path } => json!({"path": path}),
+            Event::Loop { pipeline, message, detail, .. } => {
+                let mut v = detail.clone();
+                if !v.is_object() {
+                    v = json!({});
+                }
+                v["pipeline"] = pipeline.as_str().into();
+                v["message"] = message.as_str().into();
                 v
             }
         };
@@ -227,6 +279,14 @@ impl Event {
                 "Drift on {} has ended",
                 alarm.series
             ),
+            Event::StoreFailed { pipeline, rows, error } => {
+                tracing::error!(event, pipeline, rows, "{rows} sample(s) not stored: {error}")
+            }
+            Event::StoreRecovered { path } => tracing::info!(event, "The sample store {path} writes again"),
+            Event::Loop { pipeline, step, message, .. } if step.ends_with("failed") || step.ends_with("refused") => {
+                tracing::warn!(event, pipeline, "{message}")
+            }
+            Event::Loop { pipeline, message, .. } => tracing::info!(event, pipeline, "{message}"),
         }
     }
 }
@@ -236,6 +296,8 @@ impl Event {
 #[derive(Clone)]
 pub struct Events {
     tx: mpsc::Sender<Event>,
+    /// The training loop hears of raised drift alarms here (pipeline, reason).
+    triggers: Option<mpsc::UnboundedSender<(String, String)>>,
 }
 
 impl Events {
@@ -244,8 +306,17 @@ impl Events {
     }
 
     /// One `drift` / `drift.cleared` event per alarm, naming the model that was serving.
+    /// The same handle, also telling the training loop of raised drift alarms.
+    pub fn with_triggers(mut self, tx: mpsc::UnboundedSender<(String, String)>) -> Events {
+        self.triggers = Some(tx);
+        self
+    }
+
     pub fn drift(&self, pipeline: &str, model: &crate::infer::ActiveModel, alarms: Vec<crate::monitor::Alarm>) {
         for alarm in alarms {
+            if let (true, Some(tx)) = (alarm.raised, &self.triggers) {
+                let _ = tx.send((pipeline.to_string(), format!("drift on {} ({})", alarm.series, alarm.statistic)));
+            }
             self.emit(Event::Drift {
                 pipeline: pipeline.to_string(),
                 model: model.name.clone(),
@@ -278,8 +349,10 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
                 | Event::Swapped { pipeline, .. }
                 | Event::SwapRefused { pipeline, .. }
                 | Event::FellBack { pipeline, .. }
-                | Event::Drift { pipeline, .. } => pipeline.clone(),
-                Event::Connected { .. } => String::new(),
+                | Event::Drift { pipeline, .. }
+                | Event::StoreFailed { pipeline, .. }
+                | Event::Loop { pipeline, .. } => pipeline.clone(),
+                Event::Connected { .. } | Event::StoreRecovered { .. } => String::new(),
             };
             let now = Instant::now();
             let l = limits.entry((event.name(), pipeline)).or_insert(Limit { window: now, sent: 0, suppressed: 0 });
@@ -300,7 +373,7 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
             }
         }
     };
-    (Events { tx }, task)
+    (Events { tx, triggers: None }, task)
 }
 
 /// Counters for every pipeline, by name.

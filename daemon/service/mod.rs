@@ -5,6 +5,7 @@
 //! pipeline drains what it holds and publishes, then the final status goes out and the client
 //! disconnects cleanly. Nothing accepted is lost: what was not answered was not acked either.
 
+mod closed_loop;
 pub mod events;
 pub mod metrics;
 mod swap;
@@ -48,6 +49,8 @@ pub enum ServiceError {
     Connect(#[from] connection::ConnectError),
     #[error("cannot serve metrics: {0}")]
     Metrics(String),
+    #[error("{0}")]
+    Store(String),
 }
 
 /// Loads each pipeline's champion bundle and checks it fits the pipeline: every problem is
@@ -108,6 +111,25 @@ fn load_models_noting(
                 });
             }
         }
+        if let Some(t) = &p.train {
+            if bundle.manifest.task != crate::model::Task::Reconstruction && p.labels.is_none() {
+                errors.push(ConfigError {
+                    key: format!("pipeline[{i}].train"),
+                    message: format!(
+                        "bundle {} is a {:?} model: fine-tuning it needs labels (pipeline.labels)",
+                        bundle.manifest.name, bundle.manifest.task
+                    ),
+                });
+            }
+            let mut training = bundle.manifest.training.clone();
+            t.overrides.apply(&mut training);
+            if let Err(e) = crate::train::classes(&bundle, &training) {
+                errors.push(ConfigError {
+                    key: format!("pipeline[{i}].train"),
+                    message: format!("bundle {} cannot be fine-tuned: {e}", bundle.manifest.name),
+                });
+            }
+        }
         match ActiveModel::load(&bundle, p, config) {
             Ok(model) => loaded.push(model),
             Err(message) => match seed.then(|| fall_back(&registry, p, &bundle.manifest.name, config)).flatten() {
@@ -154,6 +176,8 @@ pub struct Serving {
     pub model: SharedModel,
     pub counters: Arc<Counters>,
     pub performance: Option<Arc<std::sync::Mutex<crate::monitor::performance::Performance>>>,
+    /// The sample store, for pipelines that train.
+    pub store: Option<Arc<crate::store::Store>>,
 }
 
 fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
@@ -179,9 +203,11 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
                 }
                 None => json!({"performance": performance}),
             };
+            let store = s.store.as_ref().and_then(|st| st.stats(&s.pipeline).ok());
             json!({
                 "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
                 "origin": "bundle", "backend": "tract", "drift": drift, "counters": s.counters.snapshot(),
+                "store": store,
             })
         })
         .collect();
@@ -240,6 +266,22 @@ pub async fn run(
     let flow = Arc::new(connection::Flow::default());
     let acker = tokio::spawn(acker);
 
+    // The closed loop: a sample store and its writer, drift alarms and commands as triggers.
+    let training = config.pipelines.iter().any(|p| p.train.is_some());
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+    let (command_tx, command_rx) = mpsc::unbounded_channel();
+    let (events, store) = if training {
+        let store = crate::store::Store::open(config.store.clone()).map_err(|e| ServiceError::Store(e.to_string()))?;
+        let store = Arc::new(store);
+        let events = events.with_triggers(trigger_tx);
+        let writer =
+            crate::store::writer::start(store.clone(), acks.clone(), events.clone()).map_err(ServiceError::Store)?;
+        (events, Some((store, writer)))
+    } else {
+        (events, None)
+    };
+    let mut looped = Vec::new();
+
     let (stop_tx, stop_rx) = watch::channel(false);
     let (disconnect_tx, disconnect_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -262,6 +304,7 @@ pub async fn run(
                 key: l.key.clone(),
                 value: l.value.clone(),
                 performance: perf.clone(),
+                store: store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| (w.clone(), counters.clone())),
             }),
             _ => None,
         };
@@ -285,10 +328,35 @@ pub async fn run(
             acks: acks.clone(),
             flow: flow.clone(),
             performance: performance.clone(),
+            store: store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| w.clone()),
+            shadow: Arc::default(),
         };
+        if let Some(train) = &p.train {
+            looped.push(closed_loop::LoopPipeline {
+                config: p.clone(),
+                train: train.clone(),
+                model: model.clone(),
+                shadow: pipeline.shadow.clone(),
+                counters: counters.clone(),
+                performance: performance.clone(),
+            });
+        }
         tasks.push(tokio::spawn(pipeline.run(rx)));
-        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance });
+        let store = store.as_ref().filter(|_| p.train.is_some()).map(|(s, _)| s.clone());
+        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store });
     }
+    let writer = store.as_ref().map(|(_, w)| w.clone());
+    let closed_loop = store.map(|(store, _)| {
+        tokio::spawn(closed_loop::run(
+            config.clone(),
+            store,
+            looped,
+            events.clone(),
+            trigger_rx,
+            command_rx,
+            stop_rx.clone(),
+        ))
+    });
     let serving = Arc::new(serving);
     let swapper = tokio::spawn(swap::watch(config.clone(), serving.clone(), events.clone(), stop_rx.clone()));
     if let Some(listen) = config.metrics_listen {
@@ -309,6 +377,13 @@ pub async fn run(
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
         ready: ready_tx,
+        commands: match training {
+            true => Some((
+                TopicFilter::parse(&format!("lathe/{}/cmd/+", config.node)).map_err(ServiceError::Broker)?,
+                command_tx,
+            )),
+            false => None,
+        },
     };
     let ingest = tokio::spawn(ingest.run());
     on_start(Handle {
@@ -362,6 +437,13 @@ pub async fn run(
     }
     let _ = status_task.await;
     let _ = swapper.await;
+    if let Some(l) = closed_loop {
+        let _ = l.await;
+    }
+    // Rows drained above are acked by the store's writer once committed: wait for it.
+    if let Some(w) = writer {
+        let _ = tokio::task::spawn_blocking(move || w.flush()).await;
+    }
     // The drained messages' acks must reach the client before the disconnect does.
     let _ = tokio::time::timeout(Duration::from_secs(2), acks.flush()).await;
     let body = status(&config, "offline", &serving).to_string();

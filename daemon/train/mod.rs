@@ -102,9 +102,13 @@ pub struct GateReport {
     pub challenger_holdout: BTreeMap<String, f64>,
     pub champion_validation: BTreeMap<String, f64>,
     pub challenger_validation: BTreeMap<String, f64>,
+    /// On the replay sample of older live data (daemon runs; empty when there is none).
+    pub champion_replay: BTreeMap<String, f64>,
+    pub challenger_replay: BTreeMap<String, f64>,
     /// Gate metric gain on the holdout (positive = better, whichever direction is better).
     pub improvement: f64,
-    /// How much worse on the validation set, as a fraction of the champion's value.
+    /// How much worse on the validation set or the replay sample (the worse), as a fraction
+    /// of the champion's value.
     pub forgetting: f64,
     pub accepted: bool,
     pub reason: String,
@@ -230,7 +234,13 @@ fn gate_metric(metrics: &BTreeMap<String, f64>, name: &str) -> Result<f64, Strin
 }
 
 /// Judges champion against challenger, both run by the inference engine from their ONNX bytes.
-fn judge(champion: &Bundle, challenger: &[u8], holdout_x: &[f32], holdout_y: &[f64]) -> Result<GateReport, String> {
+fn judge(
+    champion: &Bundle,
+    challenger: &[u8],
+    holdout_x: &[f32],
+    holdout_y: &[f64],
+    replay: Option<&Replay>,
+) -> Result<GateReport, String> {
     let m = &champion.manifest;
     let gate = &m.gate;
     let f = m.inputs.len();
@@ -249,9 +259,22 @@ fn judge(champion: &Bundle, challenger: &[u8], holdout_x: &[f32], holdout_y: &[f
     let (nh, nv) = (score(challenger, holdout_x, holdout_y)?, score(challenger, &vx, &vy)?);
     let sign = if gate.higher_is_better { 1.0 } else { -1.0 };
     let (before, after) = (gate_metric(&ch, &gate.metric)?, gate_metric(&nh, &gate.metric)?);
-    let (kept, now) = (gate_metric(&cv, &gate.metric)?, gate_metric(&nv, &gate.metric)?);
+    let (mut kept, mut now) = (gate_metric(&cv, &gate.metric)?, gate_metric(&nv, &gate.metric)?);
     let improvement = sign * (after - before);
-    let forgetting = sign * (kept - now) / kept.abs().max(1e-12);
+    let mut forgetting = sign * (kept - now) / kept.abs().max(1e-12);
+    let mut forgot_on = "the validation set";
+    // The replay sample (older live data) is judged like the validation set: the worse of
+    // the two decides.
+    let (mut cr, mut nr) = (BTreeMap::new(), BTreeMap::new());
+    if let Some(r) = replay.filter(|r| r.y.len() >= MIN_REPLAY_ROWS) {
+        cr = score(&champion.model, &r.x, &r.y)?;
+        nr = score(challenger, &r.x, &r.y)?;
+        let (k, n) = (gate_metric(&cr, &gate.metric)?, gate_metric(&nr, &gate.metric)?);
+        let f = sign * (k - n) / k.abs().max(1e-12);
+        if f > forgetting || !f.is_finite() {
+            (kept, now, forgetting, forgot_on) = (k, n, f, "the replay sample of older data");
+        }
+    }
     let (accepted, reason) = if !(improvement.is_finite() && forgetting.is_finite()) {
         (false, format!("{} is not a number on this data", gate.metric))
     } else if improvement <= gate.min_improvement {
@@ -266,7 +289,7 @@ fn judge(champion: &Bundle, challenger: &[u8], holdout_x: &[f32], holdout_y: &[f
         (
             false,
             format!(
-                "{} on the validation set fell from {kept:.4} to {now:.4} ({:.1} % worse; at most {:.1} % allowed)",
+                "{} on {forgot_on} fell from {kept:.4} to {now:.4} ({:.1} % worse; at most {:.1} % allowed)",
                 gate.metric,
                 forgetting * 100.0,
                 gate.max_forgetting * 100.0
@@ -276,7 +299,7 @@ fn judge(champion: &Bundle, challenger: &[u8], holdout_x: &[f32], holdout_y: &[f
         (
             true,
             format!(
-                "{} on the fresh holdout {before:.4} -> {after:.4}; on the validation set {kept:.4} -> {now:.4}",
+                "{} on the fresh holdout {before:.4} -> {after:.4}; on {forgot_on} {kept:.4} -> {now:.4}",
                 gate.metric
             ),
         )
@@ -290,6 +313,8 @@ fn judge(champion: &Bundle, challenger: &[u8], holdout_x: &[f32], holdout_y: &[f
         challenger_holdout: nh,
         champion_validation: cv,
         challenger_validation: nv,
+        champion_replay: cr,
+        challenger_replay: nr,
         improvement,
         forgetting,
         accepted,
@@ -305,6 +330,31 @@ fn gather(m: &[f32], w: usize, idx: &[usize], out: &mut Vec<f32>) {
     }
 }
 
+/// Older labeled rows the gate's forgetting check also judges on (daemon runs).
+pub struct Replay {
+    pub x: Vec<f32>,
+    pub y: Vec<f64>,
+}
+
+/// Fewer replay rows than this are not judged on (too noisy to refuse a model over).
+const MIN_REPLAY_ROWS: usize = 50;
+
+/// How many classes the loss of `champion`'s trainable tail has (0: regression or
+/// reconstruction); what [`data::load`] checks targets against.
+///
+/// # Errors
+/// A bundle that cannot be fine-tuned with `training`.
+pub fn classes(champion: &Bundle, training: &Training) -> Result<usize, String> {
+    let m = &champion.manifest;
+    let output = m.outputs.get(m.primary_output).ok_or("primary_output out of range")?;
+    let plan = plan(&champion.model, output, m.task, training)?;
+    Ok(match plan.loss {
+        Loss::BceWithLogits => 2,
+        Loss::SoftmaxCrossEntropy => plan.tail.out_dim(),
+        Loss::Mse => 0,
+    })
+}
+
 /// Fine-tunes `champion` on `csv` (named `data_name` in records) with `training`.
 ///
 /// # Errors
@@ -317,6 +367,24 @@ pub fn fine_tune<B: Backend>(
     data_name: &str,
     training: &Training,
 ) -> Result<Outcome, String> {
+    let data = data::load(&champion.manifest, csv, classes(champion, training)?)?;
+    fine_tune_on(backend, champion, data, data_name, training, None, &|| Ok(()))
+}
+
+/// [`fine_tune`] on rows already checked, with an optional replay sample for the gate and a
+/// `check` run after every epoch that may stop the run (the daemon's time and memory limits).
+///
+/// # Errors
+/// As [`fine_tune`], and whatever `check` returns.
+pub fn fine_tune_on<B: Backend>(
+    backend: &B,
+    champion: &Bundle,
+    data: data::Dataset,
+    data_name: &str,
+    training: &Training,
+    replay: Option<&Replay>,
+    check: &dyn Fn() -> Result<(), String>,
+) -> Result<Outcome, String> {
     let started = Instant::now();
     let started_unix = now_unix();
     let m = &champion.manifest;
@@ -327,7 +395,6 @@ pub fn fine_tune<B: Backend>(
         Loss::SoftmaxCrossEntropy => plan.tail.out_dim(),
         Loss::Mse => 0,
     };
-    let data = data::load(m, csv, classes)?;
     let split = data::split(data.rows, training.holdout)?;
     let f = data.features;
 
@@ -386,6 +453,7 @@ pub fn fine_tune<B: Backend>(
             sum += f64::from(l) * idx.len() as f64;
             seen += idx.len();
         }
+        check()?;
         let es_loss = net.evaluate(backend, plan.loss, es_x, es_y, tw).map_err(|e| e.to_string())?;
         let train_loss = sum / seen.max(1) as f64;
         epochs.push(EpochRecord { epoch, train_loss, early_stop_loss: es_loss });
@@ -412,7 +480,7 @@ pub fn fine_tune<B: Backend>(
 
     let hx = &data.x[split.holdout.start * f..split.holdout.end * f];
     let hy: &[f64] = data.y.get(split.holdout.clone()).unwrap_or_default();
-    let gate = if diverged { None } else { Some(judge(champion, &model, hx, hy)?) };
+    let gate = if diverged { None } else { Some(judge(champion, &model, hx, hy, replay)?) };
     let run_id = format!("{}-v{}-{}", m.name, m.version, started_unix);
     let mut record = RunRecord {
         run_id: run_id.clone(),

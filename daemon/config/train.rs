@@ -1,0 +1,213 @@
+//! `[store]` and `[pipeline.train]`: where samples are kept, and when and how the loop
+//! fine-tunes, promotes and watches a new version.
+
+use std::time::Duration;
+
+use super::reader::Section;
+
+/// What starts a fine-tune (the command topic always can).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trigger {
+    /// A drift alarm (features, output, performance or label shift) was raised.
+    Drift,
+    /// `every 6h`: this long after the last run.
+    Every(Duration),
+    /// `labels 500`: this many new labeled samples since the last run.
+    Labels(u64),
+}
+
+/// `[pipeline.train]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    pub triggers: Vec<Trigger>,
+    /// `hours = "02:00-04:00"` (UTC): runs the triggers start only inside it (a command
+    /// runs at once). May wrap midnight. `None`: any time.
+    pub hours: Option<(u32, u32)>,
+    /// After a run (accepted or not), triggers wait this long (a command does not).
+    pub cooldown: Duration,
+    /// No run with fewer usable rows than this.
+    pub min_rows: usize,
+    /// Train on at most the newest this many rows.
+    pub rows: usize,
+    /// "auto" or "cpu" (the CUDA backend is #6).
+    pub backend: String,
+    pub max_seconds: u64,
+    /// Abort a run whose training grows the daemon's resident memory by more than this.
+    pub max_memory_mb: u64,
+    /// Shadow period before promotion (0: promote once the gate accepts).
+    pub shadow: Duration,
+    /// Trial period after promotion.
+    pub trial: Duration,
+    /// Labels needed (shadow or trial) before live loss is judged.
+    pub min_live_labels: usize,
+    /// The trial fails when the live loss exceeds the gate's holdout loss by this much
+    /// (absolute: 0.05 = 5 points of error rate) beyond sampling noise.
+    pub max_loss_increase: f64,
+    /// ... or the share of non-finite outputs exceeds this ...
+    pub max_nonfinite: f64,
+    /// ... or saturated outputs rise by more than this share over the champion's ...
+    pub max_saturated_increase: f64,
+    /// ... or p99 latency grows by more than this fraction (and past 1 ms).
+    pub max_latency_increase: f64,
+    /// Overrides of the bundle's `[training]`.
+    pub overrides: Overrides,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub trainable: Option<String>,
+    pub optimizer: Option<String>,
+    pub learning_rate: Option<f64>,
+    pub epochs: Option<u32>,
+    pub batch: Option<u32>,
+    pub seed: Option<u64>,
+    pub holdout: Option<f64>,
+    pub class_weights: Option<String>,
+    /// The gate's `max_forgetting` (e.g. after a sensor was replaced for good, the old
+    /// regime's validation set matters less).
+    pub max_forgetting: Option<f64>,
+}
+
+impl Overrides {
+    pub fn apply(&self, t: &mut crate::model::manifest::Training) {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { t.$f = v.clone(); } )* };
+        }
+        set!(trainable, optimizer, learning_rate, epochs, batch, seed, holdout, class_weights);
+    }
+}
+
+/// `30s`, `15m`, `6h`, `2d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let (n, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "m" | "min" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+fn parse_clock(text: &str) -> Option<u32> {
+    let (h, m) = text.trim().split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+fn duration(s: &mut Section, key: &str, default: &str) -> Option<Duration> {
+    let text = s.string(key, Some(default))?;
+    let d = parse_duration(&text);
+    if d.is_none() {
+        s.error(key, &format!("expected a duration like \"30s\", \"15m\", \"6h\" or \"2d\", found {text:?}"));
+    }
+    d
+}
+
+pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
+    if !s.has("train") {
+        return Some(None);
+    }
+    let mut t = s.section("train", false)?;
+    let mut triggers = Vec::new();
+    for (i, spec) in t.strings("trigger").unwrap_or_else(|| vec!["drift".into()]).iter().enumerate() {
+        let words: Vec<&str> = spec.split_whitespace().collect();
+        let trigger = match words.as_slice() {
+            ["drift"] => Some(Trigger::Drift),
+            ["every", d] => parse_duration(d).filter(|d| d.as_secs() >= 60).map(Trigger::Every),
+            ["labels", n] => n.parse::<u64>().ok().filter(|&n| n > 0).map(Trigger::Labels),
+            _ => None,
+        };
+        match trigger {
+            Some(tr) => triggers.push(tr),
+            None => t.error(
+                &format!("trigger[{i}]"),
+                &format!("expected \"drift\", \"every DURATION\" (≥ 1m) or \"labels N\", found {spec:?}"),
+            ),
+        }
+    }
+    let hours = t.opt_string("hours").and_then(|h| {
+        let parsed = h.split_once('-').and_then(|(a, b)| Some((parse_clock(a)?, parse_clock(b)?)));
+        if parsed.is_none() {
+            t.error("hours", &format!("expected \"HH:MM-HH:MM\" (UTC), found {h:?}"));
+        }
+        parsed
+    });
+    let backend = t.string("backend", Some("auto"));
+    if let Some(b) = &backend {
+        if !matches!(b.as_str(), "auto" | "cpu") {
+            t.error("backend", &format!("expected \"auto\" or \"cpu\" (this build has no CUDA backend), found {b:?}"));
+        }
+    }
+    let overrides = Overrides {
+        trainable: t.opt_string("trainable"),
+        optimizer: t.opt_string("optimizer"),
+        learning_rate: t.has("learning_rate").then(|| t.number("learning_rate", 0.0, 1e-9, 10.0)).flatten(),
+        epochs: t.has("epochs").then(|| t.integer("epochs", 1, 1, 100_000)).flatten().map(|v| v as u32),
+        batch: t.has("batch").then(|| t.integer("batch", 1, 1, 65_536)).flatten().map(|v| v as u32),
+        seed: t.has("seed").then(|| t.integer("seed", 0, 0, u64::MAX >> 1)).flatten(),
+        holdout: t.has("holdout").then(|| t.number("holdout", 0.2, 0.05, 0.5)).flatten(),
+        class_weights: t.opt_string("class_weights"),
+        max_forgetting: t.has("max_forgetting").then(|| t.number("max_forgetting", 0.02, 0.0, 1.0)).flatten(),
+    };
+    let c = TrainConfig {
+        triggers,
+        hours,
+        cooldown: duration(&mut t, "cooldown", "1h")?,
+        min_rows: t.integer("min_rows", 500, 50, 10_000_000)? as usize,
+        rows: t.integer("rows", 5_000, 50, 10_000_000)? as usize,
+        backend: backend?,
+        max_seconds: t.integer("max_seconds", 600, 1, 86_400)?,
+        max_memory_mb: t.integer("max_memory_mb", 512, 16, 1 << 20)?,
+        shadow: duration(&mut t, "shadow", "0s")?,
+        trial: duration(&mut t, "trial", "10m")?,
+        min_live_labels: t.integer("min_live_labels", 100, 10, 1_000_000)? as usize,
+        max_loss_increase: t.number("max_loss_increase", 0.05, 0.0, 1e9)?,
+        max_nonfinite: t.number("max_nonfinite", 0.001, 0.0, 1.0)?,
+        max_saturated_increase: t.number("max_saturated_increase", 0.5, 0.0, 1.0)?,
+        max_latency_increase: t.number("max_latency_increase", 1.0, 0.0, 1e6)?,
+        overrides,
+    };
+    if c.rows < c.min_rows {
+        t.error("rows", &format!("is {} but min_rows is {}: no run could start", c.rows, c.min_rows));
+    }
+    let ok = t.finish();
+    Some(ok.then_some(c))
+}
+
+/// `[store]` (optional: defaults from [`crate::store::Settings::defaults`]).
+pub(super) fn parse_store(root: &mut Section, state_dir: Option<&std::path::Path>) -> Option<crate::store::Settings> {
+    let dir = state_dir?;
+    let d = crate::store::Settings::defaults(dir);
+    let Some(mut s) = root.section("store", true) else {
+        return Some(d);
+    };
+    let path = s.opt_string("path").map_or(d.path.clone(), |p| dir.join(p));
+    let settings = crate::store::Settings {
+        path,
+        max_rows: s.integer("max_rows", d.max_rows, 100, 1 << 40)?,
+        max_bytes: s.integer("max_mb", d.max_bytes >> 20, 1, 1 << 20)? << 20,
+        max_age: duration(&mut s, "max_age", "30d")?,
+        replay_rows: s.integer("replay_rows", d.replay_rows, 0, 1_000_000)?,
+        orphan_horizon: duration(&mut s, "orphan_horizon", "1h")?,
+    };
+    s.finish().then_some(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("6h"), Some(Duration::from_secs(21_600)));
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("6 weeks"), None);
+        assert_eq!(parse_clock("02:30"), Some(150));
+        assert_eq!(parse_clock("24:00"), None);
+    }
+}

@@ -1,0 +1,800 @@
+//! The closed loop: when to fine-tune, and what happens to the result.
+//!
+//! ```text
+//! trigger (drift event | every D | N new labels | cmd/train)   cooldown, hours, one at a time
+//!   → rows from the store (newest labeled, or judged normal for reconstruction; replay sample)
+//!   → fine_tune_on on the "lathe-train" thread (nice 10, time and memory limits)
+//!   → gate refused: event train.refused, champion unchanged
+//!   → gate accepted: challenger into the registry
+//!   → shadow (optional): it scores live traffic beside the champion; compared on the labels
+//!   → promote (registry champion; the swapper swaps it in) → trial
+//!   → trial: live loss on its own labeled predictions, output health, p99 latency
+//!   → degrade: roll back to the previous version (event trial.failed); else trial.passed
+//! ```
+//! Every step is an event on `lathe/{node}/events` carrying the run record. The trial is kept
+//! in the store's meta, so a restart mid-trial resumes it rather than forgetting it.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::events::{Counters, Event, Events, LATENCY_BUCKETS_US};
+use crate::config::{Config, PipelineConfig, TrainConfig, Trigger};
+use crate::infer::{ActiveModel, SharedModel};
+use crate::model::{Bundle, Registry, Task};
+use crate::monitor::performance::Performance;
+use crate::store::{Record, Store};
+use crate::train::{self, cpu::Cpu, data::Dataset, Outcome, Replay};
+
+/// One training at a time in the whole process (a reload starts a new loop; a run from the
+/// old one may still be finishing).
+static TRAINING: AtomicBool = AtomicBool::new(false);
+/// How often the loop looks at its pipelines.
+const TICK: Duration = Duration::from_millis(500);
+/// Rows a trial needs before output health and latency are judged.
+const MIN_TRIAL_ROWS: u64 = 200;
+
+/// A pipeline the loop runs.
+pub struct LoopPipeline {
+    pub config: PipelineConfig,
+    pub train: TrainConfig,
+    pub model: SharedModel,
+    /// A challenger in its shadow period (the pipeline runs it beside the champion).
+    pub shadow: Arc<ArcSwapOption<ActiveModel>>,
+    pub counters: Arc<Counters>,
+    pub performance: Option<Arc<Mutex<Performance>>>,
+}
+
+/// Counters at a moment, to judge a window between two.
+#[derive(Clone)]
+struct Snapshot {
+    predicted: u64,
+    nonfinite: u64,
+    saturated: u64,
+    latency: Vec<u64>,
+}
+
+impl Snapshot {
+    fn take(c: &Counters) -> Snapshot {
+        let mut latency: Vec<u64> = c.latency.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        latency.push(c.latency.over.load(Relaxed));
+        Snapshot {
+            predicted: c.predicted.load(Relaxed),
+            nonfinite: c.outputs_nonfinite.load(Relaxed),
+            saturated: c.outputs_saturated.load(Relaxed),
+            latency,
+        }
+    }
+
+    /// (rows, non-finite share, saturated share, p99 latency µs) from `self` to `later`.
+    fn window(&self, later: &Snapshot) -> (u64, f64, f64, u64) {
+        let rows = later.predicted.saturating_sub(self.predicted);
+        let share = |a: u64, b: u64| b.saturating_sub(a) as f64 / rows.max(1) as f64;
+        let counts: Vec<u64> = later.latency.iter().zip(&self.latency).map(|(l, e)| l.saturating_sub(*e)).collect();
+        let total: u64 = counts.iter().sum();
+        let mut seen = 0;
+        let mut p99 = u64::MAX;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if total > 0 && seen * 100 >= total * 99 {
+                p99 = LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX);
+                break;
+            }
+        }
+        (rows, share(self.nonfinite, later.nonfinite), share(self.saturated, later.saturated), p99)
+    }
+}
+
+enum Stage {
+    Idle,
+    Training {
+        done: oneshot::Receiver<Result<Outcome, String>>,
+        reason: String,
+        before: Snapshot,
+    },
+    Shadow {
+        challenger: Box<Bundle>,
+        record: Value,
+        until: Instant,
+        before: Snapshot,
+    },
+    Trial {
+        version: u64,
+        previous: u64,
+        until: Instant,
+        record: Value,
+        /// The champion's window (trigger → promotion) and the trial's start.
+        reference: (Snapshot, Snapshot),
+        start: Snapshot,
+        /// The per-sample loss the gate measured for this version on the fresh holdout.
+        gate_loss: f64,
+    },
+}
+
+struct State {
+    p: LoopPipeline,
+    stage: Stage,
+    /// A trigger fired and waits for the hours window, the cooldown, or (drift) enough new
+    /// rows: the reason, and the count of usable rows when it fired.
+    wanted: Option<(String, u64)>,
+    /// Not before this (a skipped run waits a minute before trying again).
+    retry_at: Option<Instant>,
+}
+
+/// Runs the loop until `stop`. `triggers` brings drift alarms (pipeline, reason);
+/// `commands` brings `lathe/{node}/cmd/+` messages (action, payload).
+pub async fn run(
+    config: Config,
+    store: Arc<Store>,
+    pipelines: Vec<LoopPipeline>,
+    events: Events,
+    mut triggers: mpsc::UnboundedReceiver<(String, String)>,
+    mut commands: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let registry = Registry::new(&config.state_dir);
+    let mut states: Vec<State> =
+        pipelines.into_iter().map(|p| State { p, stage: Stage::Idle, wanted: None, retry_at: None }).collect();
+    for s in &mut states {
+        resume_trial(s, &store, &registry);
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            Some((pipeline, reason)) = triggers.recv() => {
+                if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
+                    if s.p.train.triggers.contains(&Trigger::Drift) && s.wanted.is_none() && matches!(s.stage, Stage::Idle) {
+                        s.wanted = Some((reason, usable_rows(s, &store)));
+                    }
+                }
+                continue;
+            }
+            Some((action, payload)) = commands.recv() => {
+                command(&mut states, &action, &payload, &config, &store, &registry, &events);
+                continue;
+            }
+            _ = stop.changed() => return,
+        }
+        for s in &mut states {
+            tick(s, &config, &store, &registry, &events);
+        }
+    }
+}
+
+fn now_s() -> u64 {
+    crate::service::unix_ms() / 1000
+}
+
+/// `lathe/{node}/cmd/train` and `cmd/rollback`; the payload names the pipeline
+/// (`{"pipeline": "x"}` or the bare name; empty: every pipeline that trains).
+fn command(
+    states: &mut [State],
+    action: &str,
+    payload: &[u8],
+    config: &Config,
+    store: &Store,
+    registry: &Registry,
+    events: &Events,
+) {
+    let text = String::from_utf8_lossy(payload);
+    let named = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("pipeline").and_then(Value::as_str).map(String::from))
+        .or_else(|| (!text.trim().is_empty() && !text.trim_start().starts_with('{')).then(|| text.trim().to_string()));
+    for s in states.iter_mut().filter(|s| named.as_deref().is_none_or(|n| n == s.p.config.name)) {
+        match action {
+            "train" if matches!(s.stage, Stage::Idle) => start(s, "command", config, store, events),
+            "train" => emit(events, &s.p, "train.skipped", "a run or trial is already in progress".into(), json!({})),
+            "rollback" => {
+                let name = s.p.model.load().name.clone();
+                match registry.rollback(&name) {
+                    Ok((from, to)) => {
+                        s.stage = Stage::Idle;
+                        clear_trial(store, &s.p.config.name);
+                        emit(
+                            events,
+                            &s.p,
+                            "rollback.commanded",
+                            format!("Rolled back {name} from v{} to v{to} on command", from.unwrap_or(0)),
+                            json!({"from": from, "to": to}),
+                        );
+                    }
+                    Err(e) => emit(events, &s.p, "rollback.refused", e.to_string(), json!({})),
+                }
+            }
+            other => emit(
+                events,
+                &s.p,
+                "command.refused",
+                format!("unknown command {other:?}; expected train or rollback"),
+                json!({}),
+            ),
+        }
+    }
+}
+
+fn emit(events: &Events, p: &LoopPipeline, step: &'static str, message: String, detail: Value) {
+    events.emit(Event::Loop { pipeline: p.config.name.clone(), step, message, detail });
+}
+
+fn tick(s: &mut State, config: &Config, store: &Store, registry: &Registry, events: &Events) {
+    match &mut s.stage {
+        Stage::Idle => {
+            if let Some(reason) = due(s, store) {
+                start(s, &reason, config, store, events);
+            }
+        }
+        Stage::Training { done, .. } => match done.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => {}
+            Err(oneshot::error::TryRecvError::Closed) => {
+                s.stage = Stage::Idle;
+                emit(events, &s.p, "train.failed", "the training thread ended without a result".into(), json!({}));
+            }
+            Ok(result) => {
+                let Stage::Training { reason, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle) else {
+                    return;
+                };
+                finished(s, result, &reason, before, config, store, registry, events);
+            }
+        },
+        Stage::Shadow { until, .. } => {
+            let paired = s.p.performance.as_ref().and_then(|p| p.lock().ok().and_then(|p| p.paired));
+            let labels = paired.map_or(0, |p| p.labels);
+            if Instant::now() >= *until && labels >= s.p.train.min_live_labels as u64 {
+                end_shadow(s, config, store, registry, events);
+            }
+        }
+        Stage::Trial { .. } => watch_trial(s, store, registry, events),
+    }
+}
+
+/// Rows the pipeline could train on, ever: labels joined (supervised) or samples stored
+/// (reconstruction).
+fn usable_rows(s: &State, store: &Store) -> u64 {
+    let stats = store.stats(&s.p.config.name).unwrap_or_default();
+    match s.p.model.load().reading.task {
+        Task::Reconstruction => stats.stored_total,
+        _ => stats.labeled_total,
+    }
+}
+
+/// Why a run should start now, if it should.
+fn due(s: &mut State, store: &Store) -> Option<String> {
+    let t = &s.p.train;
+    let now = Instant::now();
+    if s.retry_at.is_some_and(|at| now < at) {
+        return None;
+    }
+    let last = store.meta(&s.p.config.name, "last_train_s").unwrap_or(0);
+    let in_cooldown = last > 0 && now_s().saturating_sub(last) < t.cooldown.as_secs();
+    if in_cooldown || !in_hours(t.hours) {
+        return None;
+    }
+    // After a drift alarm the loop waits for `min_rows` new rows, so it trains on the new
+    // regime rather than on what came before the change.
+    if let Some((reason, at)) = &s.wanted {
+        let new = usable_rows(s, store).saturating_sub(*at);
+        if new >= t.min_rows as u64 {
+            let reason = format!("{reason}; {new} new rows since");
+            s.wanted = None;
+            return Some(reason);
+        }
+        return None;
+    }
+    for trigger in &t.triggers {
+        match trigger {
+            Trigger::Every(d) if now_s().saturating_sub(last) >= d.as_secs() => {
+                return Some(format!("schedule (every {} s)", d.as_secs()))
+            }
+            Trigger::Labels(n) => {
+                let labeled = store.stats(&s.p.config.name).map_or(0, |st| st.labeled_total);
+                let at_last = store.meta(&s.p.config.name, "labeled_at_train").unwrap_or(0);
+                if labeled.saturating_sub(at_last) >= *n {
+                    return Some(format!("{} new labeled samples", labeled - at_last));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn in_hours(hours: Option<(u32, u32)>) -> bool {
+    let Some((from, to)) = hours else { return true };
+    let minute = ((now_s() / 60) % 1440) as u32;
+    if from <= to {
+        (from..to).contains(&minute)
+    } else {
+        minute >= from || minute < to // wraps midnight
+    }
+}
+
+/// Gathers the rows and starts the run on its own thread.
+fn start(s: &mut State, reason: &str, config: &Config, store: &Store, events: &Events) {
+    let p = &s.p;
+    let name = p.config.name.clone();
+    let champion = match Registry::new(&config.state_dir).champion(&p.model.load().name) {
+        Ok(b) => b,
+        Err(e) => {
+            emit(events, p, "train.failed", format!("cannot read the champion: {e}"), json!({}));
+            return;
+        }
+    };
+    let task = champion.manifest.task;
+    let threshold = champion.manifest.baseline.threshold;
+    // Supervised: labeled rows. Reconstruction: rows the serving model judged normal.
+    let rows = store.training_rows(&name, p.train.rows, |r: &Record| match task {
+        Task::Reconstruction => threshold.is_none_or(|t| f64::from(r.score) < t),
+        _ => r.label.is_some(),
+    });
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => {
+            emit(events, p, "train.failed", e.to_string(), json!({}));
+            return;
+        }
+    };
+    if rows.recent.len() < p.train.min_rows {
+        s.retry_at = Some(Instant::now() + Duration::from_secs(60));
+        emit(
+            events,
+            p,
+            "train.skipped",
+            format!("{reason}: only {} usable rows in the store (min_rows = {})", rows.recent.len(), p.train.min_rows),
+            json!({"reason": reason, "rows": rows.recent.len(), "min_rows": p.train.min_rows}),
+        );
+        return;
+    }
+    if TRAINING.swap(true, Relaxed) {
+        s.wanted = Some((reason.to_string(), 0));
+        s.retry_at = Some(Instant::now() + Duration::from_secs(5));
+        return;
+    }
+    let mut champion = champion;
+    let mut training = champion.manifest.training.clone();
+    p.train.overrides.apply(&mut training);
+    if let Some(f) = p.train.overrides.max_forgetting {
+        champion.manifest.gate.max_forgetting = f;
+    }
+    let limits = (Duration::from_secs(p.train.max_seconds), p.train.max_memory_mb);
+    let data_name = format!("store {name} ({reason})");
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new().name("lathe-train".into()).spawn(move || {
+        let result = train_on_rows(&champion, rows, &data_name, &training, limits);
+        TRAINING.store(false, Relaxed);
+        let _ = tx.send(result);
+    });
+    if let Err(e) = spawned {
+        TRAINING.store(false, Relaxed);
+        emit(events, p, "train.failed", format!("cannot start the training thread: {e}"), json!({}));
+        return;
+    }
+    let labeled = store.stats(&name).map_or(0, |st| st.labeled_total);
+    let _ = store.set_meta(&name, "last_train_s", now_s());
+    let _ = store.set_meta(&name, "labeled_at_train", labeled);
+    emit(
+        events,
+        p,
+        "train.started",
+        format!("Fine-tuning {} on the CPU: {reason}", p.model.load().name),
+        json!({"reason": reason, "backend": "cpu"}),
+    );
+    s.stage = Stage::Training { done: rx, reason: reason.to_string(), before: Snapshot::take(&p.counters) };
+}
+
+/// Resident memory of this process, bytes.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// The training thread: lower priority than inference, then the same fine-tune as
+/// `lathe train`, on rows from the store.
+fn train_on_rows(
+    champion: &Bundle,
+    rows: crate::store::TrainingRows,
+    data_name: &str,
+    training: &crate::model::manifest::Training,
+    (max_time, max_memory_mb): (Duration, u64),
+) -> Result<Outcome, String> {
+    // Linux nice is per thread: inference keeps the CPU it needs while this one trains.
+    // SAFETY: setpriority on the calling thread (who = 0) touches no memory of ours.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+    let m = &champion.manifest;
+    let classes = train::classes(champion, training)?;
+    let supervised = m.task != Task::Reconstruction;
+    let mut data = Dataset {
+        x: Vec::with_capacity(rows.recent.len() * m.inputs.len()),
+        y: Vec::new(),
+        rows: 0,
+        features: m.inputs.len(),
+        dropped: Default::default(),
+    };
+    let good_target = |t: f64| match m.task {
+        Task::Binary | Task::Multiclass => t >= 0.0 && t.fract() == 0.0 && (t as usize) < classes.max(2),
+        _ => t.is_finite(),
+    };
+    for r in &rows.recent {
+        if r.features.len() != data.features {
+            *data.dropped.entry("width".into()).or_default() += 1;
+            continue;
+        }
+        if supervised {
+            match r.label.filter(|&t| good_target(t)) {
+                Some(t) => data.y.push(t),
+                None => {
+                    *data.dropped.entry("bad_target".into()).or_default() += 1;
+                    continue;
+                }
+            }
+        }
+        data.x.extend_from_slice(&r.features);
+        data.rows += 1;
+    }
+    let replay = supervised.then(|| {
+        let usable: Vec<&Record> = rows
+            .older
+            .iter()
+            .filter(|r| r.features.len() == data.features && r.label.is_some_and(good_target))
+            .collect();
+        Replay {
+            x: usable.iter().flat_map(|r| r.features.iter().copied()).collect(),
+            y: usable.iter().filter_map(|r| r.label).collect(),
+        }
+    });
+    let started = Instant::now();
+    let rss_at_start = rss_bytes();
+    let check = || {
+        if started.elapsed() > max_time {
+            return Err(format!("stopped: over the time limit (max_seconds = {})", max_time.as_secs()));
+        }
+        let grown = rss_bytes().saturating_sub(rss_at_start) >> 20;
+        if grown > max_memory_mb {
+            return Err(format!("stopped: resident memory grew {grown} MiB (max_memory_mb = {max_memory_mb})"));
+        }
+        Ok(())
+    };
+    train::fine_tune_on(&Cpu, champion, data, data_name, training, replay.as_ref(), &check)
+}
+
+/// A run ended: keep its record, then refuse, shadow or promote.
+#[allow(clippy::too_many_arguments)]
+fn finished(
+    s: &mut State,
+    result: Result<Outcome, String>,
+    reason: &str,
+    before: Snapshot,
+    config: &Config,
+    store: &Store,
+    registry: &Registry,
+    events: &Events,
+) {
+    let p = &s.p;
+    let mut outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            emit(events, p, "train.failed", format!("Fine-tune failed: {e}"), json!({"reason": reason}));
+            return;
+        }
+    };
+    // Number the challenger past every version the registry has (one may have been rolled back).
+    if let Some(b) = outcome.challenger.take() {
+        let next = registry.versions(&b.manifest.name).unwrap_or_default().into_iter().max().unwrap_or(0) + 1;
+        let version = next.max(b.manifest.version);
+        match b.with_version(version) {
+            Ok(b) => {
+                outcome.record.output_version = Some(version);
+                outcome.record.output_sha256 = Some(b.sha256());
+                outcome.challenger = Some(b);
+            }
+            Err(e) => outcome.record.outcome = format!("refused: {e}"),
+        }
+    }
+    let record = serde_json::to_value(&outcome.record).unwrap_or(Value::Null);
+    keep_record(config, &outcome.record);
+    let gate = outcome.record.gate.as_ref();
+    let Some(challenger) = outcome.challenger else {
+        emit(
+            events,
+            p,
+            "train.refused",
+            format!("Challenger refused, champion unchanged: {}", outcome.record.outcome),
+            json!({"reason": reason, "run": record}),
+        );
+        return;
+    };
+    let gate_line = gate.map(|g| g.reason.clone()).unwrap_or_default();
+    if let Err(e) = registry.add(&challenger) {
+        emit(
+            events,
+            p,
+            "train.failed",
+            format!("cannot add the challenger to the registry: {e}"),
+            json!({"run": record}),
+        );
+        return;
+    }
+    emit(
+        events,
+        p,
+        "train.accepted",
+        format!("Challenger v{} passed the gate ({gate_line})", challenger.manifest.version),
+        json!({"reason": reason, "run": record}),
+    );
+    if !p.train.shadow.is_zero() && p.performance.is_some() {
+        let mut quiet = p.config.clone();
+        quiet.drift = None;
+        match ActiveModel::load(&challenger, &quiet, config) {
+            Ok(model) => {
+                if let Some(perf) = &p.performance {
+                    if let Ok(mut perf) = perf.lock() {
+                        perf.paired = Some(crate::monitor::performance::Paired {
+                            shadow_version: model.version,
+                            ..Default::default()
+                        });
+                    }
+                }
+                p.shadow.store(Some(Arc::new(model)));
+                emit(
+                    events,
+                    p,
+                    "shadow.started",
+                    format!(
+                        "Challenger v{} shadows the champion for {} s",
+                        challenger.manifest.version,
+                        p.train.shadow.as_secs()
+                    ),
+                    json!({"run": record}),
+                );
+                s.stage = Stage::Shadow {
+                    challenger: Box::new(challenger),
+                    record,
+                    until: Instant::now() + p.train.shadow,
+                    before,
+                };
+            }
+            Err(e) => {
+                emit(events, p, "shadow.failed", format!("the challenger cannot serve: {e}"), json!({"run": record}))
+            }
+        }
+        return;
+    }
+    promote(s, &challenger, record, before, store, registry, events);
+}
+
+fn keep_record(config: &Config, record: &train::RunRecord) {
+    let runs = config.state_dir.join("runs");
+    let kept = serde_json::to_string_pretty(record).map_err(|e| e.to_string()).and_then(|json| {
+        std::fs::create_dir_all(&runs)
+            .and_then(|()| {
+                crate::model::registry::write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes())
+            })
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = kept {
+        tracing::warn!("The run record was not kept in {}: {e}", runs.display());
+    }
+}
+
+/// The shadow period is over: promote if the challenger did at least as well as the champion
+/// on the same labeled rows.
+fn end_shadow(s: &mut State, _config: &Config, store: &Store, registry: &Registry, events: &Events) {
+    let Stage::Shadow { challenger, record, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle) else {
+        return;
+    };
+    s.p.shadow.store(None);
+    let paired = s.p.performance.as_ref().and_then(|p| p.lock().ok().and_then(|mut p| p.paired.take()));
+    let Some(pair) = paired else { return };
+    let n = pair.labels.max(1) as f64;
+    let (champion, shadow) = (pair.champion_loss_sum / n, pair.shadow_loss_sum / n);
+    let detail =
+        json!({"run": record, "labels": pair.labels, "champion_live_loss": champion, "challenger_live_loss": shadow});
+    if shadow > champion {
+        emit(
+            events,
+            &s.p,
+            "shadow.refused",
+            format!(
+                "Challenger v{} did worse than the champion live ({shadow:.4} vs {champion:.4} loss on {} labels); not promoted",
+                challenger.manifest.version, pair.labels
+            ),
+            detail,
+        );
+        return;
+    }
+    emit(
+        events,
+        &s.p,
+        "shadow.passed",
+        format!("Challenger live loss {shadow:.4} vs champion {champion:.4} on {} labels", pair.labels),
+        detail,
+    );
+    promote(s, &challenger, record, before, store, registry, events);
+}
+
+/// The per-sample loss a bundle's metrics imply (1 − accuracy, or MAE), as the live labels
+/// measure it.
+fn implied_loss(task: Task, metrics: &std::collections::BTreeMap<String, f64>) -> f64 {
+    match task {
+        Task::Regression => metrics.get("mae").copied().unwrap_or(f64::NAN),
+        Task::Reconstruction => f64::NAN,
+        _ => 1.0 - metrics.get("accuracy").copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn promote(
+    s: &mut State,
+    challenger: &Bundle,
+    record: Value,
+    before: Snapshot,
+    store: &Store,
+    registry: &Registry,
+    events: &Events,
+) {
+    let m = &challenger.manifest;
+    let previous = s.p.model.load().version;
+    if let Err(e) = registry.promote(&m.name, m.version) {
+        emit(events, &s.p, "promote.failed", format!("cannot promote v{}: {e}", m.version), json!({"run": record}));
+        return;
+    }
+    let gate_loss = m.lineage.fine_tune.as_ref().map_or(f64::NAN, |f| match m.task {
+        Task::Regression => f.holdout_after,
+        Task::Reconstruction => f64::NAN,
+        _ if m.gate.metric == "accuracy" => 1.0 - f.holdout_after,
+        _ => f64::NAN,
+    });
+    let gate_loss = if gate_loss.is_finite() { gate_loss } else { implied_loss(m.task, &m.baseline.metrics) };
+    let trial = s.p.train.trial;
+    let name = s.p.config.name.clone();
+    let _ = store.set_meta(&name, "trial_version", m.version);
+    let _ = store.set_meta(&name, "trial_previous", previous);
+    let _ = store.set_meta(&name, "trial_until_s", now_s() + trial.as_secs());
+    emit(
+        events,
+        &s.p,
+        "trial.started",
+        format!("Promoted {} v{} (was v{previous}); on trial for {} s", m.name, m.version, trial.as_secs()),
+        json!({"run": record, "version": m.version, "previous": previous, "trial_s": trial.as_secs(), "gate_loss": gate_loss}),
+    );
+    let now = Snapshot::take(&s.p.counters);
+    s.stage = Stage::Trial {
+        version: m.version,
+        previous,
+        until: Instant::now() + trial,
+        record,
+        reference: (before, now.clone()),
+        start: now,
+        gate_loss,
+    };
+}
+
+fn clear_trial(store: &Store, pipeline: &str) {
+    let _ = store.set_meta(pipeline, "trial_version", 0);
+}
+
+/// After a restart mid-trial: the trial goes on for the time it had left.
+fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
+    let name = &s.p.config.name;
+    let version = store.meta(name, "trial_version").unwrap_or(0);
+    let previous = store.meta(name, "trial_previous").unwrap_or(0);
+    let until_s = store.meta(name, "trial_until_s").unwrap_or(0);
+    let serving = s.p.model.load();
+    if version == 0 || serving.version != version || until_s <= now_s() {
+        return;
+    }
+    let gate_loss = registry
+        .champion(&serving.name)
+        .ok()
+        .map_or(f64::NAN, |b| implied_loss(b.manifest.task, &b.manifest.baseline.metrics));
+    let now = Snapshot::take(&s.p.counters);
+    tracing::info!(pipeline = name, "Resuming the trial of v{version} ({} s left)", until_s - now_s());
+    s.stage = Stage::Trial {
+        version,
+        previous,
+        until: Instant::now() + Duration::from_secs(until_s - now_s()),
+        record: json!({"resumed": true}),
+        reference: (now.clone(), now.clone()),
+        start: now,
+        gate_loss,
+    };
+}
+
+/// Judges the version on trial; rolls back on the first clear degradation.
+fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Events) {
+    let Stage::Trial { version, previous, until, record, reference, start, gate_loss } = &s.stage else {
+        return;
+    };
+    let t = &s.p.train;
+    let serving = s.p.model.load();
+    if serving.version != *version && registry.champion_version(&serving.name).ok().flatten() != Some(*version) {
+        // Someone else (a person, an update) changed the champion: the trial is theirs to end.
+        clear_trial(store, &s.p.config.name);
+        s.stage = Stage::Idle;
+        return;
+    }
+    let now = Snapshot::take(&s.p.counters);
+    let (rows, nonfinite, saturated, p99) = start.window(&now);
+    let (ref_rows, _, ref_saturated, ref_p99) = reference.0.window(&reference.1);
+    let (labels, live_loss) =
+        s.p.performance.as_ref().and_then(|p| p.lock().ok().map(|p| p.live_loss(*version))).unwrap_or((0, f64::NAN));
+    let mut failure = None;
+    if rows >= MIN_TRIAL_ROWS {
+        if nonfinite > t.max_nonfinite {
+            failure = Some(format!(
+                "{:.2} % of outputs are not finite (at most {:.2} %)",
+                nonfinite * 100.0,
+                t.max_nonfinite * 100.0
+            ));
+        } else if ref_rows >= MIN_TRIAL_ROWS && saturated > ref_saturated + t.max_saturated_increase {
+            failure = Some(format!(
+                "{:.1} % of outputs are saturated (the champion had {:.1} %)",
+                saturated * 100.0,
+                ref_saturated * 100.0
+            ));
+        } else if ref_rows >= MIN_TRIAL_ROWS
+            && p99 > 1_000
+            && p99 != u64::MAX
+            && p99 as f64 > ref_p99 as f64 * (1.0 + t.max_latency_increase)
+        {
+            failure = Some(format!("p99 latency {p99} µs vs {ref_p99} µs before promotion"));
+        }
+    }
+    if failure.is_none() && labels >= t.min_live_labels as u64 && gate_loss.is_finite() {
+        // Sampling noise of a mean of n 0/1 losses (or absolute errors) around the gate's number.
+        let spread = (gate_loss.max(1e-3) * (1.0 - gate_loss).max(1e-3) / labels as f64).sqrt();
+        let limit = gate_loss + t.max_loss_increase + 3.0 * spread;
+        if live_loss > limit {
+            failure = Some(format!(
+                "live loss {live_loss:.4} on {labels} labels vs {gate_loss:.4} on the gate's holdout (limit {limit:.4})"
+            ));
+        }
+    }
+    let detail = json!({
+        "run": record, "version": version, "rows": rows, "labels": labels, "live_loss": live_loss,
+        "gate_loss": gate_loss, "nonfinite_share": nonfinite, "saturated_share": saturated, "p99_us": p99,
+    });
+    let name = serving.name.clone();
+    let pipeline = s.p.config.name.clone();
+    if let Some(why) = failure {
+        let (version, previous) = (*version, *previous);
+        let back = registry.rollback(&name);
+        clear_trial(store, &pipeline);
+        s.stage = Stage::Idle;
+        match back {
+            Ok((_, to)) if to == previous => emit(
+                events,
+                &s.p,
+                "trial.failed",
+                format!("{name} v{version} degraded on trial: {why}; rolled back to v{previous}"),
+                detail,
+            ),
+            Ok((_, to)) => emit(
+                events,
+                &s.p,
+                "trial.failed",
+                format!("{name} v{version} degraded on trial: {why}; rolled back to v{to} (the registry's previous)"),
+                detail,
+            ),
+            Err(e) => emit(
+                events,
+                &s.p,
+                "trial.failed",
+                format!("v{version} degraded ({why}) but rollback failed: {e}"),
+                detail,
+            ),
+        }
+    } else if Instant::now() >= *until {
+        let version = *version;
+        clear_trial(store, &pipeline);
+        s.stage = Stage::Idle;
+        emit(events, &s.p, "trial.passed", format!("{name} v{version} passed its trial"), detail);
+    }
+}
