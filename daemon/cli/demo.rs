@@ -1,6 +1,9 @@
 //! `lathe demo`: the product on one machine with nothing installed. An embedded broker, the
 //! sample Shuttle bundle (built into the binary), real NASA Shuttle sensor rows replayed from
-//! several devices with a few faulty messages mixed in, and a live one-screen summary.
+//! several devices with a few faulty messages mixed in, their labels arriving late, and a live
+//! one-screen summary. A third of the way in, sensor f1 starts reading 20 high; the whole loop
+//! follows on its own: drift alarm, fine-tune, gate, promotion, trial, and a summary table of
+//! accuracy before and after.
 
 use std::io::{IsTerminal, Read, Write};
 
@@ -21,11 +24,13 @@ const BUNDLE: &[u8] = include_bytes!("../../models/shuttle-mlp-1.lathe");
 const SHUTTLE_CSV_GZ: &[u8] = include_bytes!("../../models/data/shuttle.csv.gz");
 /// One message in this many is a deliberately broken one (a faulty sensor or gateway).
 const FAULT_EVERY: u64 = 400;
+/// A row's label is published this many messages after the row.
+const LABEL_DELAY: u64 = 200;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// How long to replay, in seconds (0: until Ctrl-C).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 60)]
     seconds: u64,
     /// Telemetry messages per second, all devices together.
     #[arg(long, default_value_t = 2000)]
@@ -45,6 +50,13 @@ struct Seen {
     last_events: Vec<String>,
     /// Drift alarms, kept apart so rejections do not push them off the screen.
     drift: Vec<String>,
+    /// The version the last prediction named.
+    version: u64,
+    /// The training loop's steps, in order.
+    steps: Vec<String>,
+    /// Per phase (before the fault; fault, served by v1; fault, served by v2 …): predictions
+    /// and how many agreed with the label.
+    phases: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 pub fn run(args: DemoArgs) -> Result<(), String> {
@@ -65,6 +77,15 @@ name = "shuttle"
 model = "{bundle}"
 source = {{ topic = "plant/demo/+/telemetry", key = "/seq", timestamp = "/ts" }}
 sink = {{ topic = "plant/demo/{{device}}/prediction" }}
+labels = {{ topic = "plant/demo/+/label", key = "/seq", value = "/anomaly", horizon_s = 600 }}
+[pipeline.train]
+trigger = ["drift"]
+min_rows = 1500
+rows = 1500
+trial = "15s"
+min_live_labels = 300
+# The fault is a replaced sensor that stays: the old regime matters less than usual.
+max_forgetting = 0.05
 "#,
         state = dir.join("state").display(),
         bundle = bundle_path.display(),
@@ -94,12 +115,13 @@ fn shuttle_rows() -> Result<Vec<(Vec<f64>, u8)>, String> {
         .collect())
 }
 
-/// Message `seq`: a real row, or now and then a broken one. `drifted`: sensor f5 reads 20
-/// units high from then on (a miscalibrated replacement), which the drift monitor should name.
+/// Message `seq`: a real row, or now and then a broken one. `drifted`: sensor f1 reads 20
+/// units high from then on (a miscalibrated replacement): the drift monitor names it and the
+/// model's accuracy falls until the loop fine-tunes it.
 fn telemetry(seq: u64, row: &[f64], drifted: bool) -> Vec<u8> {
     let mut doc = serde_json::Map::new();
     for (i, x) in row.iter().enumerate() {
-        let x = if drifted && i == 4 { x + 20.0 } else { *x };
+        let x = if drifted && i == 0 { x + 20.0 } else { *x };
         doc.insert(format!("f{}", i + 1), x.into());
     }
     doc.insert("seq".into(), seq.into());
@@ -135,9 +157,9 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let labels: Arc<Vec<u8>> = Arc::new(rows.iter().map(|r| r.1).collect());
-    let watcher = tokio::spawn(watch(host.clone(), port, seen.clone(), labels));
-    // Half-way through (or after 10 s when running until Ctrl-C) sensor f5 drifts.
-    let drift_after = args.rate * if args.seconds > 0 { args.seconds / 2 } else { 10 };
+    // A third of the way through (or after 10 s when running until Ctrl-C) sensor f1 drifts.
+    let drift_after = args.rate * if args.seconds > 0 { args.seconds / 3 } else { 10 };
+    let watcher = tokio::spawn(watch(host.clone(), port, seen.clone(), labels, drift_after));
     let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices, drift_after));
 
     let started = Instant::now();
@@ -169,9 +191,17 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
     tokio::time::sleep(Duration::from_millis(200)).await;
     watcher.abort();
     println!("{}", screen(&handle, &seen, started));
+    println!("{}", summary(&seen));
     let (_, c) = handle.counters.first().ok_or("no pipeline")?;
     let accepted = c.received.load(Relaxed) - c.rejected.iter().map(|r| r.load(Relaxed)).sum::<u64>();
     let predicted = c.predicted.load(Relaxed);
+    println!(
+        "sample store: {} samples kept, {} labels joined to them (acknowledged once stored); {} not stored (queue full), {} failed",
+        c.stored.load(Relaxed),
+        c.labels_stored.load(Relaxed),
+        c.store_dropped.load(Relaxed),
+        c.store_failed.load(Relaxed)
+    );
     println!(
         "every accepted message answered: {} ({predicted} of {accepted})",
         if predicted == accepted { "yes" } else { "NO" }
@@ -198,17 +228,27 @@ async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, d
         interval.tick().await;
         for _ in 0..per_tick {
             let row = &rows[seq as usize % rows.len()].0;
-            let topic = format!("plant/demo/dev{}/telemetry", seq as usize % devices.max(1));
+            let device = seq as usize % devices.max(1);
             let body = telemetry(seq, row, seq >= drift_after);
-            if client.publish(topic, QoS::AtLeastOnce, false, body).await.is_err() {
+            if client.publish(format!("plant/demo/dev{device}/telemetry"), QoS::AtLeastOnce, false, body).await.is_err()
+            {
                 return;
+            }
+            // The inspection station's verdict arrives a while later (LABEL_DELAY messages).
+            if let Some(late) = seq.checked_sub(LABEL_DELAY) {
+                let label = rows[late as usize % rows.len()].1;
+                let topic = format!("plant/demo/dev{}/label", late as usize % devices.max(1));
+                let body = format!("{{\"seq\":{late},\"anomaly\":{label}}}");
+                if client.publish(topic, QoS::AtLeastOnce, false, body).await.is_err() {
+                    return;
+                }
             }
             seq += 1;
         }
     }
 }
 
-async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<u8>>) {
+async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<u8>>, drift_after: u64) {
     let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("lathe-demo-watcher", host, port), 1024);
     let _ = client.subscribe("plant/demo/+/prediction", QoS::AtMostOnce).await;
     let _ = client.subscribe("lathe/demo/events", QoS::AtMostOnce).await;
@@ -241,6 +281,10 @@ async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<
                 }
                 continue;
             }
+            if let Some(step) = loop_step(event, &doc) {
+                s.steps.push(step);
+                continue;
+            }
             s.last_events.push(format!("{event} {}", doc["detail"].as_str().unwrap_or("")));
             let n = s.last_events.len();
             if n > 4 {
@@ -254,9 +298,19 @@ async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<
             s.flagged += 1;
         }
         let label = doc["key"].as_u64().and_then(|k| labels.get(k as usize % labels.len().max(1))).copied();
-        if class.is_some() && class == label.map(u64::from) {
+        let right = class.is_some() && class == label.map(u64::from);
+        if right {
             s.agree_with_label += 1;
         }
+        let version = doc["version"].as_u64().unwrap_or(0);
+        s.version = version;
+        let phase = match doc["key"].as_u64() {
+            Some(k) if k < drift_after => format!("before the fault, v{version}"),
+            _ => format!("f1 reads 20 high, v{version}"),
+        };
+        let entry = s.phases.entry(phase).or_default();
+        entry.0 += 1;
+        entry.1 += u64::from(right);
         if let Some(l) = doc["latency_us"].as_u64() {
             s.latencies_us.push(l);
         }
@@ -279,10 +333,11 @@ fn screen(handle: &Handle, seen: &Mutex<Seen>, started: Instant) -> String {
         .map(|(r, n)| format!("{r} {}", n.load(Relaxed)))
         .collect();
     let mut out = format!(
-        "lathe demo — pipeline {name}, model shuttle-mlp v1 (tract), broker: embedded\n\n\
+        "lathe demo — pipeline {name}, model shuttle-mlp v{} (tract), broker: embedded\n\n\
          {secs:6.1} s   in {received} ({:.0}/s)   predictions {} ({:.0}/s)   latency p50 {} µs  p99 {} µs\n\
          flagged anomalous: {} ({:.2} %)   agree with the Shuttle labels: {:.2} %\n\
-         rejected: {}\n\ndrift (sensor f5 reads 20 high from half-way): {}\n{}\nlast events:\n",
+         rejected: {}\n\ndrift (sensor f1 reads 20 high from a third of the way): {}\n{}\nthe loop:\n{}\nlast events:\n",
+        s.version,
         received as f64 / secs,
         s.predictions,
         s.predictions as f64 / secs,
@@ -294,9 +349,53 @@ fn screen(handle: &Handle, seen: &Mutex<Seen>, started: Instant) -> String {
         if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") },
         if s.drift.is_empty() { "no alarm" } else { "" },
         s.drift.iter().map(|d| format!("  {d}\n")).collect::<String>(),
+        if s.steps.is_empty() { "  (waiting for a trigger)\n".to_string() } else { s.steps.iter().map(|d| format!("  {d}\n")).collect() },
     );
     for e in &s.last_events {
         out.push_str(&format!("  {e}\n"));
+    }
+    out
+}
+
+/// One line for a training-loop event (None for other events).
+fn loop_step(event: &str, doc: &Value) -> Option<String> {
+    let message = doc["message"].as_str().unwrap_or("");
+    let line = match event {
+        "train.started" => format!("fine-tune started ({})", message.trim_start_matches("Fine-tuning ")),
+        "train.accepted" | "train.refused" => {
+            let run = &doc["run"];
+            let gate = &run["gate"];
+            let metric = gate["metric"].as_str().unwrap_or("?");
+            let at = |k: &str| gate[k][metric].as_f64().unwrap_or(f64::NAN);
+            format!(
+                "{event}: backend {}, {} rows in {:.1} s; gate {metric}: fresh holdout {:.3} -> {:.3}, validation {:.3} -> {:.3}, replay {:.3} -> {:.3}",
+                run["backend"].as_str().unwrap_or("?"),
+                run["rows_used"],
+                run["wall_seconds"].as_f64().unwrap_or(0.0),
+                at("champion_holdout"),
+                at("challenger_holdout"),
+                at("champion_validation"),
+                at("challenger_validation"),
+                at("champion_replay"),
+                at("challenger_replay"),
+            )
+        }
+        "trial.started" | "trial.passed" | "trial.failed" | "train.failed" | "train.skipped" => {
+            format!("{event}: {message}")
+        }
+        "promoted" | "rolled_back" => format!("{event}: now serving v{}", doc["to"]),
+        _ => return None,
+    };
+    Some(line)
+}
+
+/// The closing table: accuracy against the labels in each phase of the run.
+fn summary(seen: &Mutex<Seen>) -> String {
+    let Ok(s) = seen.lock() else { return String::new() };
+    let mut out = String::from("accuracy against the Shuttle labels, by phase:\n");
+    out.push_str(&format!("  {:<32} {:>12} {:>10}\n", "phase, serving version", "predictions", "accuracy"));
+    for (phase, (n, right)) in &s.phases {
+        out.push_str(&format!("  {phase:<32} {n:>12} {:>9.2} %\n", 100.0 * *right as f64 / (*n).max(1) as f64));
     }
     out
 }

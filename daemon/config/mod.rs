@@ -654,9 +654,32 @@ batch = { max = 32 }
 
     #[test]
     fn sections_not_built_yet_are_refused_by_name() {
-        let errs = parse(&format!("{GOOD}\n[train]\nbackend = \"cpu\"\n")).unwrap_err();
-        assert_eq!(errs.errors[0].key, "train");
+        let errs = parse(&format!("{GOOD}\n[update]\nserver = \"x\"\n")).unwrap_err();
+        assert_eq!(errs.errors[0].key, "update");
         assert!(errs.errors[0].message.contains("not in this build"));
+        let errs = parse(&format!("{GOOD}\n[train]\nbackend = \"cpu\"\n")).unwrap_err();
+        assert!(errs.errors[0].message.contains("[pipeline.train]"), "{errs}");
+    }
+
+    #[test]
+    fn the_training_loop_section_parses_and_names_bad_triggers() {
+        let text = format!(
+            "{GOOD}[pipeline.train]\ntrigger = [\"drift\", \"every 6h\", \"labels 500\"]\nhours = \"22:00-04:00\"\nepochs = 5\n"
+        );
+        let c = parse(&text).unwrap();
+        let t = c.pipelines[0].train.as_ref().unwrap();
+        assert_eq!(
+            t.triggers,
+            vec![Trigger::Drift, Trigger::Every(std::time::Duration::from_secs(21_600)), Trigger::Labels(500)]
+        );
+        assert_eq!(t.hours, Some((22 * 60, 4 * 60)));
+        assert_eq!(t.overrides.epochs, Some(5));
+        assert_eq!(t.trial, std::time::Duration::from_secs(600));
+        assert_eq!(c.store.path, Path::new("/var/lib/lathe/samples.redb"));
+        let bad = format!("{GOOD}[pipeline.train]\ntrigger = [\"when it rains\"]\nhours = \"late\"\n");
+        let errs = parse(&bad).unwrap_err();
+        let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["pipeline[0].train.trigger[0]", "pipeline[0].train.hours"], "{errs}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ static TRAINING: AtomicBool = AtomicBool::new(false);
 const TICK: Duration = Duration::from_millis(500);
 /// Rows a trial needs before output health and latency are judged.
 const MIN_TRIAL_ROWS: u64 = 200;
+/// Output health and latency are judged from this long after promotion: the swap itself
+/// (loading, the drift monitor's calibration) costs a moment that is not the model's speed.
+const TRIAL_WARMUP: Duration = Duration::from_secs(3);
 
 /// A pipeline the loop runs.
 pub struct LoopPipeline {
@@ -109,7 +112,9 @@ enum Stage {
         record: Value,
         /// The champion's window (trigger → promotion) and the trial's start.
         reference: (Snapshot, Snapshot),
-        start: Snapshot,
+        /// Taken once the warm-up is over.
+        start: Option<Snapshot>,
+        promoted: Instant,
         /// The per-sample loss the gate measured for this version on the fresh holdout.
         gate_loss: f64,
     },
@@ -670,8 +675,9 @@ fn promote(
         previous,
         until: Instant::now() + trial,
         record,
-        reference: (before, now.clone()),
-        start: now,
+        reference: (before, now),
+        start: None,
+        promoted: Instant::now(),
         gate_loss,
     };
 }
@@ -701,17 +707,22 @@ fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
         previous,
         until: Instant::now() + Duration::from_secs(until_s - now_s()),
         record: json!({"resumed": true}),
-        reference: (now.clone(), now.clone()),
-        start: now,
+        reference: (now.clone(), now),
+        start: None,
+        promoted: Instant::now(),
         gate_loss,
     };
 }
 
 /// Judges the version on trial; rolls back on the first clear degradation.
 fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Events) {
-    let Stage::Trial { version, previous, until, record, reference, start, gate_loss } = &s.stage else {
+    let Stage::Trial { version, previous, until, record, reference, start, promoted, gate_loss } = &mut s.stage else {
         return;
     };
+    if start.is_none() && promoted.elapsed() >= TRIAL_WARMUP {
+        *start = Some(Snapshot::take(&s.p.counters));
+    }
+    let gate_loss = *gate_loss;
     let t = &s.p.train;
     let serving = s.p.model.load();
     if serving.version != *version && registry.champion_version(&serving.name).ok().flatten() != Some(*version) {
@@ -721,7 +732,7 @@ fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Event
         return;
     }
     let now = Snapshot::take(&s.p.counters);
-    let (rows, nonfinite, saturated, p99) = start.window(&now);
+    let (rows, nonfinite, saturated, p99) = start.as_ref().map_or((0, 0.0, 0.0, 0), |s| s.window(&now));
     let (ref_rows, _, ref_saturated, ref_p99) = reference.0.window(&reference.1);
     let (labels, live_loss) =
         s.p.performance.as_ref().and_then(|p| p.lock().ok().map(|p| p.live_loss(*version))).unwrap_or((0, f64::NAN));
