@@ -24,8 +24,10 @@ const BUNDLE: &[u8] = include_bytes!("../../models/shuttle-mlp-1.lathe");
 const SHUTTLE_CSV_GZ: &[u8] = include_bytes!("../../models/data/shuttle.csv.gz");
 /// One message in this many is a deliberately broken one (a faulty sensor or gateway).
 const FAULT_EVERY: u64 = 400;
-/// A row's label is published this many messages after the row.
+/// A row's label is published this many messages after the row …
 const LABEL_DELAY: u64 = 200;
+/// … for one row in this many (an inspection station checks a sample of parts).
+const LABEL_EVERY: u64 = 4;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -80,10 +82,10 @@ sink = {{ topic = "plant/demo/{{device}}/prediction" }}
 labels = {{ topic = "plant/demo/+/label", key = "/seq", value = "/anomaly", horizon_s = 600 }}
 [pipeline.train]
 trigger = ["drift"]
-min_rows = 1500
-rows = 1500
+min_rows = 1000
+rows = 1000
 trial = "15s"
-min_live_labels = 300
+min_live_labels = 200
 # The fault is a replaced sensor that stays: the old regime matters less than usual.
 max_forgetting = 0.05
 "#,
@@ -235,7 +237,7 @@ async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, d
                 return;
             }
             // The inspection station's verdict arrives a while later (LABEL_DELAY messages).
-            if let Some(late) = seq.checked_sub(LABEL_DELAY) {
+            if let Some(late) = seq.checked_sub(LABEL_DELAY).filter(|l| l % LABEL_EVERY == 0) {
                 let label = rows[late as usize % rows.len()].1;
                 let topic = format!("plant/demo/dev{}/label", late as usize % devices.max(1));
                 let body = format!("{{\"seq\":{late},\"anomaly\":{label}}}");
