@@ -91,13 +91,13 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let name = a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let outcome = train::fine_tune(&Cpu, &champion, &csv, &name, &t)?;
     let record = &outcome.record;
-    let json = serde_json::to_string_pretty(record).map_err(|e| e.to_string())?;
-    let runs = a.state_dir.join("runs");
-    let kept = std::fs::create_dir_all(&runs)
-        .and_then(|()| write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes()));
-    if let Err(e) = &kept {
-        eprintln!("lathe: warning: the run record was not kept in {}: {e}", runs.display());
-    }
+    let json = match train::keep_record(&a.state_dir, record) {
+        Ok(json) => json,
+        Err(e) => {
+            eprintln!("lathe: warning: {e}");
+            serde_json::to_string_pretty(record).map_err(|e| e.to_string())?
+        }
+    };
     if let Some(b) = &outcome.challenger {
         let bytes = b.to_bytes().map_err(|e| e.to_string())?;
         write_atomic(&a.output, &bytes).map_err(|e| format!("{}: {e}", a.output.display()))?;

@@ -103,10 +103,7 @@ impl ActiveModel {
             sha256: bundle.sha256(),
             monitor,
             label_shares: label_shares(bundle),
-            baseline_loss: match m.task {
-                crate::model::Task::Regression => m.baseline.metrics.get("mae").copied().unwrap_or(f64::NAN),
-                _ => 1.0 - m.baseline.metrics.get("accuracy").copied().unwrap_or(f64::NAN),
-            },
+            baseline_loss: crate::model::baseline::implied_loss(m.task, &m.baseline.metrics),
         })
     }
 }
@@ -191,7 +188,7 @@ pub struct Pipeline {
     pub performance: Option<Arc<std::sync::Mutex<Performance>>>,
     /// The sample store's writer, when the pipeline trains: served rows are stored and their
     /// messages acknowledged once stored.
-    pub store: Option<crate::store::writer::Writer>,
+    pub store: Option<crate::store::writer::PipelineWriter>,
     /// A challenger in its shadow period: it scores the same rows, its outputs only compared
     /// with the labels that arrive (never published).
     pub shadow: Arc<arc_swap::ArcSwapOption<ActiveModel>>,
@@ -210,8 +207,11 @@ impl Pipeline {
             rows.clear();
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
             let model = self.model.load_full();
+            let started = Instant::now();
             match model.engine.run(&rows) {
                 Ok(out) => {
+                    let per_row = started.elapsed().as_micros() as u64 / batch.len().max(1) as u64;
+                    self.counters.compute.observe(&crate::service::events::COMPUTE_BUCKETS_US, per_row);
                     self.publish(&model, &batch, &out).await;
                     self.check_health(&model, batch.len(), &out);
                     self.watch(&model, &rows, &out);
@@ -296,12 +296,7 @@ impl Pipeline {
             }));
             tickets.extend(s.ack.take());
         }
-        store.submit(crate::store::writer::Job {
-            pipeline: Arc::from(self.name.as_str()),
-            writes,
-            tickets,
-            counters: self.counters.clone(),
-        });
+        store.submit(writes, tickets);
     }
 
     fn shadow(&self, batch: &[Sample], rows: &[f32]) {

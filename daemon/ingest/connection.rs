@@ -74,7 +74,7 @@ pub struct LabelRoute {
     pub value: String,
     pub performance: Arc<std::sync::Mutex<crate::monitor::performance::Performance>>,
     /// Pipelines that train also join labels to their stored samples.
-    pub store: Option<(crate::store::writer::Writer, Arc<Counters>)>,
+    pub store: Option<crate::store::writer::PipelineWriter>,
 }
 
 impl LabelRoute {
@@ -82,7 +82,6 @@ impl LabelRoute {
     /// With a store, the label is stored too and `ack` released once it is durable.
     fn take(
         &self,
-        pipeline: &str,
         device: &str,
         payload: &[u8],
         ack: Option<&Arc<AckTicket>>,
@@ -96,18 +95,10 @@ impl LabelRoute {
         }
         .filter(|v| v.is_finite())
         .ok_or_else(|| format!("label has no number or boolean at {}", self.value))?;
-        if let Some((writer, counters)) = &self.store {
-            writer.submit(crate::store::writer::Job {
-                pipeline: Arc::from(pipeline),
-                writes: vec![crate::store::Write::Label {
-                    device: device.to_string(),
-                    key: key.clone(),
-                    value,
-                    ts_ms: crate::service::unix_ms(),
-                }],
-                tickets: ack.cloned().into_iter().collect(),
-                counters: counters.clone(),
-            });
+        if let Some(store) = &self.store {
+            let ts_ms = crate::service::unix_ms();
+            let label = crate::store::Write::Label { device: device.to_string(), key: key.clone(), value, ts_ms };
+            store.submit(vec![label], ack.cloned().into_iter().collect());
         }
         let mut perf = self.performance.lock().map_err(|_| "performance state poisoned".to_string())?;
         let mut alarms = Vec::new();
@@ -428,7 +419,7 @@ impl Router {
         for route in &self.routes {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
-            match labels.take(&route.pipeline, device, &p.payload, ack.as_ref()) {
+            match labels.take(device, &p.payload, ack.as_ref()) {
                 Ok(alarms) => self.events.drift(&route.pipeline, &route.model.load(), alarms),
                 Err(detail) => {
                     if let Ok(mut perf) = labels.performance.lock() {

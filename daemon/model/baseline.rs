@@ -119,6 +119,16 @@ impl Reading {
     }
 }
 
+/// The per-sample loss that a model's metrics imply, as late labels measure it: 1 − accuracy
+/// for classifiers, MAE for regression; NaN where labels do not apply (reconstruction).
+pub fn implied_loss(task: Task, metrics: &BTreeMap<String, f64>) -> f64 {
+    match task {
+        Task::Regression => metrics.get("mae").copied().unwrap_or(f64::NAN),
+        Task::Reconstruction => f64::NAN,
+        Task::Binary | Task::Multiclass => 1.0 - metrics.get("accuracy").copied().unwrap_or(f64::NAN),
+    }
+}
+
 pub fn reconstruction_error(output: &[f32], input: &[f32]) -> f64 {
     if output.len() != input.len() || input.is_empty() {
         return f64::NAN;

@@ -8,7 +8,7 @@
 //!   → gate accepted: challenger into the registry
 //!   → shadow (optional): it scores live traffic beside the champion; compared on the labels
 //!   → promote (registry champion; the swapper swaps it in) → trial
-//!   → trial: live loss on its own labeled predictions, output health, p99 latency
+//!   → trial: live loss on its own labeled predictions, output health, median compute per row
 //!   → degrade: roll back to the previous version (event trial.failed); else trial.passed
 //! ```
 //! Every step is an event on `lathe/{node}/events` carrying the run record. The trial is kept
@@ -22,7 +22,7 @@ use arc_swap::ArcSwapOption;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::events::{Counters, Event, Events, LATENCY_BUCKETS_US};
+use super::events::{Counters, Event, Events, COMPUTE_BUCKETS_US};
 use crate::config::{Config, PipelineConfig, TrainConfig, Trigger};
 use crate::infer::{ActiveModel, SharedModel};
 use crate::model::{Bundle, Registry, Task};
@@ -37,6 +37,8 @@ static TRAINING: AtomicBool = AtomicBool::new(false);
 const TICK: Duration = Duration::from_millis(500);
 /// Rows a trial needs before output health and latency are judged.
 const MIN_TRIAL_ROWS: u64 = 200;
+/// A model is not called slow below this median compute per row, whatever the ratio.
+const MIN_SLOW_COMPUTE_US: u64 = 100;
 /// Output health and latency are judged from this long after promotion: the swap itself
 /// (loading, the drift monitor's calibration) costs a moment that is not the model's speed.
 const TRIAL_WARMUP: Duration = Duration::from_secs(3);
@@ -58,37 +60,39 @@ struct Snapshot {
     predicted: u64,
     nonfinite: u64,
     saturated: u64,
-    latency: Vec<u64>,
+    /// The per-row compute histogram's bucket counts (queueing is the traffic's, not the model's).
+    compute: Vec<u64>,
 }
 
 impl Snapshot {
     fn take(c: &Counters) -> Snapshot {
-        let mut latency: Vec<u64> = c.latency.buckets.iter().map(|b| b.load(Relaxed)).collect();
-        latency.push(c.latency.over.load(Relaxed));
+        let mut compute: Vec<u64> = c.compute.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        compute.push(c.compute.over.load(Relaxed));
         Snapshot {
             predicted: c.predicted.load(Relaxed),
             nonfinite: c.outputs_nonfinite.load(Relaxed),
             saturated: c.outputs_saturated.load(Relaxed),
-            latency,
+            compute,
         }
     }
 
-    /// (rows, non-finite share, saturated share, p99 latency µs) from `self` to `later`.
+    /// (rows, non-finite share, saturated share, median compute µs per row) from `self` to
+    /// `later`. The median, not a tail: on a busy machine the tail is the scheduler's.
     fn window(&self, later: &Snapshot) -> (u64, f64, f64, u64) {
         let rows = later.predicted.saturating_sub(self.predicted);
         let share = |a: u64, b: u64| b.saturating_sub(a) as f64 / rows.max(1) as f64;
-        let counts: Vec<u64> = later.latency.iter().zip(&self.latency).map(|(l, e)| l.saturating_sub(*e)).collect();
+        let counts: Vec<u64> = later.compute.iter().zip(&self.compute).map(|(l, e)| l.saturating_sub(*e)).collect();
         let total: u64 = counts.iter().sum();
         let mut seen = 0;
-        let mut p99 = u64::MAX;
+        let mut p50 = u64::MAX;
         for (i, c) in counts.iter().enumerate() {
             seen += c;
-            if total > 0 && seen * 100 >= total * 99 {
-                p99 = LATENCY_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX);
+            if total > 0 && seen * 2 >= total {
+                p50 = COMPUTE_BUCKETS_US.get(i).copied().unwrap_or(u64::MAX);
                 break;
             }
         }
-        (rows, share(self.nonfinite, later.nonfinite), share(self.saturated, later.saturated), p99)
+        (rows, share(self.nonfinite, later.nonfinite), share(self.saturated, later.saturated), p50)
     }
 }
 
@@ -416,44 +420,22 @@ fn train_on_rows(
     let m = &champion.manifest;
     let classes = train::classes(champion, training)?;
     let supervised = m.task != Task::Reconstruction;
-    let mut data = Dataset {
-        x: Vec::with_capacity(rows.recent.len() * m.inputs.len()),
-        y: Vec::new(),
-        rows: 0,
-        features: m.inputs.len(),
-        dropped: Default::default(),
-    };
-    let good_target = |t: f64| match m.task {
-        Task::Binary | Task::Multiclass => t >= 0.0 && t.fract() == 0.0 && (t as usize) < classes.max(2),
-        _ => t.is_finite(),
-    };
+    let mut data = Dataset::new(m.inputs.len());
+    let mut x = Vec::with_capacity(m.inputs.len());
     for r in &rows.recent {
-        if r.features.len() != data.features {
-            *data.dropped.entry("width".into()).or_default() += 1;
-            continue;
-        }
-        if supervised {
-            match r.label.filter(|&t| good_target(t)) {
-                Some(t) => data.y.push(t),
-                None => {
-                    *data.dropped.entry("bad_target".into()).or_default() += 1;
-                    continue;
-                }
-            }
-        }
-        data.x.extend_from_slice(&r.features);
-        data.rows += 1;
+        x.clear();
+        x.extend(r.features.iter().map(|&v| f64::from(v)));
+        data.push(m, classes, &x, r.label);
     }
+    // The replay sample goes through the same checks (its dropped rows are not reported).
     let replay = supervised.then(|| {
-        let usable: Vec<&Record> = rows
-            .older
-            .iter()
-            .filter(|r| r.features.len() == data.features && r.label.is_some_and(good_target))
-            .collect();
-        Replay {
-            x: usable.iter().flat_map(|r| r.features.iter().copied()).collect(),
-            y: usable.iter().filter_map(|r| r.label).collect(),
+        let mut older = Dataset::new(m.inputs.len());
+        for r in &rows.older {
+            x.clear();
+            x.extend(r.features.iter().map(|&v| f64::from(v)));
+            older.push(m, classes, &x, r.label);
         }
+        Replay { x: older.x, y: older.y }
     });
     let started = Instant::now();
     let rss_at_start = rss_bytes();
@@ -504,7 +486,9 @@ fn finished(
         }
     }
     let record = serde_json::to_value(&outcome.record).unwrap_or(Value::Null);
-    keep_record(config, &outcome.record);
+    if let Err(e) = train::keep_record(&config.state_dir, &outcome.record) {
+        tracing::warn!(pipeline = p.config.name, "{e}");
+    }
     let gate = outcome.record.gate.as_ref();
     let Some(challenger) = outcome.challenger else {
         emit(
@@ -575,20 +559,6 @@ fn finished(
     promote(s, &challenger, record, before, store, registry, events);
 }
 
-fn keep_record(config: &Config, record: &train::RunRecord) {
-    let runs = config.state_dir.join("runs");
-    let kept = serde_json::to_string_pretty(record).map_err(|e| e.to_string()).and_then(|json| {
-        std::fs::create_dir_all(&runs)
-            .and_then(|()| {
-                crate::model::registry::write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes())
-            })
-            .map_err(|e| e.to_string())
-    });
-    if let Err(e) = kept {
-        tracing::warn!("The run record was not kept in {}: {e}", runs.display());
-    }
-}
-
 /// The shadow period is over: promote if the challenger did at least as well as the champion
 /// on the same labeled rows.
 fn end_shadow(s: &mut State, _config: &Config, store: &Store, registry: &Registry, events: &Events) {
@@ -625,16 +595,6 @@ fn end_shadow(s: &mut State, _config: &Config, store: &Store, registry: &Registr
     promote(s, &challenger, record, before, store, registry, events);
 }
 
-/// The per-sample loss a bundle's metrics imply (1 − accuracy, or MAE), as the live labels
-/// measure it.
-fn implied_loss(task: Task, metrics: &std::collections::BTreeMap<String, f64>) -> f64 {
-    match task {
-        Task::Regression => metrics.get("mae").copied().unwrap_or(f64::NAN),
-        Task::Reconstruction => f64::NAN,
-        _ => 1.0 - metrics.get("accuracy").copied().unwrap_or(f64::NAN),
-    }
-}
-
 fn promote(
     s: &mut State,
     challenger: &Bundle,
@@ -650,13 +610,11 @@ fn promote(
         emit(events, &s.p, "promote.failed", format!("cannot promote v{}: {e}", m.version), json!({"run": record}));
         return;
     }
-    let gate_loss = m.lineage.fine_tune.as_ref().map_or(f64::NAN, |f| match m.task {
-        Task::Regression => f.holdout_after,
-        Task::Reconstruction => f64::NAN,
-        _ if m.gate.metric == "accuracy" => 1.0 - f.holdout_after,
-        _ => f64::NAN,
-    });
-    let gate_loss = if gate_loss.is_finite() { gate_loss } else { implied_loss(m.task, &m.baseline.metrics) };
+    // The loss the gate measured for it on the fresh holdout (its validation baseline if none).
+    let holdout: std::collections::BTreeMap<String, f64> =
+        serde_json::from_value(record["gate"]["challenger_holdout"].clone()).unwrap_or_default();
+    let implied = |metrics| crate::model::baseline::implied_loss(m.task, metrics);
+    let gate_loss = Some(implied(&holdout)).filter(|l| l.is_finite()).unwrap_or_else(|| implied(&m.baseline.metrics));
     let trial = s.p.train.trial;
     let name = s.p.config.name.clone();
     let _ = store.set_meta(&name, "trial_version", m.version);
@@ -699,7 +657,7 @@ fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
     let gate_loss = registry
         .champion(&serving.name)
         .ok()
-        .map_or(f64::NAN, |b| implied_loss(b.manifest.task, &b.manifest.baseline.metrics));
+        .map_or(f64::NAN, |b| crate::model::baseline::implied_loss(b.manifest.task, &b.manifest.baseline.metrics));
     let now = Snapshot::take(&s.p.counters);
     tracing::info!(pipeline = name, "Resuming the trial of v{version} ({} s left)", until_s - now_s());
     s.stage = Stage::Trial {
@@ -732,8 +690,8 @@ fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Event
         return;
     }
     let now = Snapshot::take(&s.p.counters);
-    let (rows, nonfinite, saturated, p99) = start.as_ref().map_or((0, 0.0, 0.0, 0), |s| s.window(&now));
-    let (ref_rows, _, ref_saturated, ref_p99) = reference.0.window(&reference.1);
+    let (rows, nonfinite, saturated, p50) = start.as_ref().map_or((0, 0.0, 0.0, 0), |s| s.window(&now));
+    let (ref_rows, _, ref_saturated, ref_p50) = reference.0.window(&reference.1);
     let (labels, live_loss) =
         s.p.performance.as_ref().and_then(|p| p.lock().ok().map(|p| p.live_loss(*version))).unwrap_or((0, f64::NAN));
     let mut failure = None;
@@ -751,11 +709,11 @@ fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Event
                 ref_saturated * 100.0
             ));
         } else if ref_rows >= MIN_TRIAL_ROWS
-            && p99 > 1_000
-            && p99 != u64::MAX
-            && p99 as f64 > ref_p99 as f64 * (1.0 + t.max_latency_increase)
+            && p50 > MIN_SLOW_COMPUTE_US
+            && p50 != u64::MAX
+            && p50 as f64 > ref_p50 as f64 * (1.0 + t.max_latency_increase)
         {
-            failure = Some(format!("p99 latency {p99} µs vs {ref_p99} µs before promotion"));
+            failure = Some(format!("median compute {p50} µs per row vs {ref_p50} µs before promotion"));
         }
     }
     if failure.is_none() && labels >= t.min_live_labels as u64 && gate_loss.is_finite() {
@@ -770,7 +728,7 @@ fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Event
     }
     let detail = json!({
         "run": record, "version": version, "rows": rows, "labels": labels, "live_loss": live_loss,
-        "gate_loss": gate_loss, "nonfinite_share": nonfinite, "saturated_share": saturated, "p99_us": p99,
+        "gate_loss": gate_loss, "nonfinite_share": nonfinite, "saturated_share": saturated, "compute_p50_us": p50,
     });
     let name = serving.name.clone();
     let pipeline = s.p.config.name.clone();

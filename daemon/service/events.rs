@@ -22,6 +22,9 @@ pub struct Counters {
     pub latency: Histogram<{ LATENCY_BUCKETS_US.len() }>,
     /// Rows per inference call.
     pub batch: Histogram<{ BATCH_BUCKETS.len() }>,
+    /// The engine's own time per row of each batch, µs (no queueing): the model's speed, which
+    /// a trial compares before and after a promotion.
+    pub compute: Histogram<{ COMPUTE_BUCKETS_US.len() }>,
     /// Samples committed to the store, failed to commit (disk full), dropped because its
     /// queue was full, and evicted by its bounds; labels joined to stored samples.
     pub stored: AtomicU64,
@@ -38,6 +41,8 @@ pub struct Counters {
 /// Upper bounds of the latency histogram's buckets, µs.
 pub const LATENCY_BUCKETS_US: [u64; 12] =
     [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000];
+/// Upper bounds of the per-row compute histogram's buckets, µs.
+pub const COMPUTE_BUCKETS_US: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000];
 /// Upper bounds of the batch-size histogram's buckets, rows.
 pub const BATCH_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
 

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::events::{Histogram, BATCH_BUCKETS, LATENCY_BUCKETS_US};
+use super::events::{Histogram, BATCH_BUCKETS, COMPUTE_BUCKETS_US, LATENCY_BUCKETS_US};
 use super::Serving;
 use crate::ingest::Reject;
 
@@ -96,6 +96,29 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
     help(&mut out, "lathe_batch_rows", "histogram", "Rows per inference call.");
     for s in serving {
         histogram(&mut out, "lathe_batch_rows", &label(&s.pipeline), &s.counters.batch, &BATCH_BUCKETS, 1.0);
+    }
+    help(
+        &mut out,
+        "lathe_compute_seconds_per_row",
+        "histogram",
+        "The engine's time per row of each batch (no queueing).",
+    );
+    for s in serving {
+        let c = &s.counters.compute;
+        histogram(&mut out, "lathe_compute_seconds_per_row", &label(&s.pipeline), c, &COMPUTE_BUCKETS_US, 1e-6);
+    }
+    help(
+        &mut out,
+        "lathe_sample_store_rows_total",
+        "counter",
+        "Samples committed to the store / failed to commit / not queued.",
+    );
+    for s in serving.iter().filter(|s| s.store.is_some()) {
+        let c = &s.counters;
+        for (result, n) in [("stored", &c.stored), ("failed", &c.store_failed), ("dropped", &c.store_dropped)] {
+            let (pipeline, n) = (label(&s.pipeline), n.load(Relaxed));
+            let _ = writeln!(out, "lathe_sample_store_rows_total{{pipeline=\"{pipeline}\",result=\"{result}\"}} {n}");
+        }
     }
     help(&mut out, "lathe_drift_statistic", "gauge", "Each drift series' last value (KS by default).");
     let mut thresholds = String::new();

@@ -298,13 +298,15 @@ pub async fn run(
         let performance = p.labels.as_ref().map(|l| {
             Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
         });
+        let writer =
+            store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| w.for_pipeline(&p.name, counters.clone()));
         let labels = match (&p.labels, &performance) {
             (Some(l), Some(perf)) => Some(crate::ingest::connection::LabelRoute {
                 filter: TopicFilter::parse(&l.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
                 key: l.key.clone(),
                 value: l.value.clone(),
                 performance: perf.clone(),
-                store: store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| (w.clone(), counters.clone())),
+                store: writer.clone(),
             }),
             _ => None,
         };
@@ -328,7 +330,7 @@ pub async fn run(
             acks: acks.clone(),
             flow: flow.clone(),
             performance: performance.clone(),
-            store: store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| w.clone()),
+            store: writer,
             shadow: Arc::default(),
         };
         if let Some(train) = &p.train {

@@ -217,10 +217,8 @@ impl Store {
                                 }
                                 let value = r.encode();
                                 samples.insert(next, value.as_slice())?;
-                                if let Some(old) = keys.insert(jk.as_str(), next)? {
-                                    // The same key again (a resent message): the newer row wins the join.
-                                    let _ = old.value();
-                                }
+                                // The same key again (a resent message): the newer row wins the join.
+                                keys.insert(jk.as_str(), next)?;
                                 bytes += value.len() as u64;
                                 next += 1;
                                 a.stored += 1;
@@ -306,32 +304,22 @@ impl Store {
     pub fn stats(&self, pipeline: &str) -> Result<Stats, StoreError> {
         self.with_db(|db| {
             let tx = db.begin_read()?;
-            let meta = |name: &str| -> Result<u64, redb::Error> {
-                match tx.open_table(META) {
-                    Ok(t) => Ok(t.get(format!("{pipeline}/{name}").as_str())?.map_or(0, |v| v.value())),
-                    Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-                    Err(e) => Err(e.into()),
-                }
-            };
             let mut stats = Stats {
-                bytes: meta("bytes")?,
-                labeled_total: meta("labeled")?,
-                stored_total: meta("next")?,
+                bytes: meta_value(&tx, pipeline, "bytes")?,
+                labeled_total: meta_value(&tx, pipeline, "labeled")?,
+                stored_total: meta_value(&tx, pipeline, "next")?,
                 ..Stats::default()
             };
             let sn = samples_table(pipeline);
-            match tx.open_table(TableDefinition::<u64, &[u8]>::new(&sn)) {
-                Ok(t) => {
-                    stats.rows = t.len()?;
-                    stats.oldest_ts_ms = t.first()?.and_then(|(_, v)| Record::decode(v.value())).map(|r| r.ts_ms);
-                }
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.into()),
+            if let Some(t) = read_table(&tx, TableDefinition::<u64, &[u8]>::new(&sn))? {
+                stats.rows = t.len()?;
+                stats.oldest_ts_ms = t.first()?.and_then(|(_, v)| Record::decode(v.value())).map(|r| r.ts_ms);
             }
             let rn = replay_table(pipeline);
-            stats.replay_rows = table_len(&tx, TableDefinition::<u64, &[u8]>::new(&rn))?;
+            stats.replay_rows = read_table(&tx, TableDefinition::<u64, &[u8]>::new(&rn))?.map_or(Ok(0), |t| t.len())?;
             let on = orphans_table(pipeline);
-            stats.orphan_labels = table_len(&tx, TableDefinition::<&str, (u64, f64)>::new(&on))?;
+            stats.orphan_labels =
+                read_table(&tx, TableDefinition::<&str, (u64, f64)>::new(&on))?.map_or(Ok(0), |t| t.len())?;
             Ok(stats)
         })
     }
@@ -344,17 +332,7 @@ impl Store {
         self.with_db(|db| {
             let tx = db.begin_read()?;
             let sn = samples_table(pipeline);
-            let t = match tx.open_table(TableDefinition::<u64, &[u8]>::new(&sn)) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.into()),
-            };
-            let mut out = Vec::new();
-            for item in t.iter()? {
-                let (_, v) = item?;
-                out.extend(Record::decode(v.value()));
-            }
-            Ok(out)
+            decode_all(read_table(&tx, TableDefinition::<u64, &[u8]>::new(&sn))?)
         })
     }
 
@@ -372,43 +350,29 @@ impl Store {
         let cap = self.settings.replay_rows as usize;
         self.with_db(|db| {
             let tx = db.begin_read()?;
-            let (mut newest, mut older) = (Vec::new(), Vec::new());
             let rn = replay_table(pipeline);
-            match tx.open_table(TableDefinition::<u64, &[u8]>::new(&rn)) {
-                Ok(t) => {
-                    for item in t.iter()? {
-                        let (_, v) = item?;
-                        older.extend(Record::decode(v.value()).filter(|r| r.label.is_some()));
-                    }
-                }
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
+            let mut older = decode_all(read_table(&tx, TableDefinition::<u64, &[u8]>::new(&rn))?)?;
+            older.retain(|r| r.label.is_some());
+            let (mut newest, mut store_older) = (Vec::new(), Vec::new());
             let sn = samples_table(pipeline);
-            match tx.open_table(TableDefinition::<u64, &[u8]>::new(&sn)) {
-                Ok(t) => {
-                    let mut store_older = Vec::new();
-                    for item in t.iter()?.rev() {
-                        let (_, v) = item?;
-                        let Some(r) = Record::decode(v.value()) else { continue };
-                        if newest.len() < recent {
-                            if keep(&r) {
-                                newest.push(r);
-                            }
-                        } else if r.label.is_some() {
-                            if older.len() + store_older.len() >= cap {
-                                break;
-                            }
-                            store_older.push(r);
+            if let Some(t) = read_table(&tx, TableDefinition::<u64, &[u8]>::new(&sn))? {
+                for item in t.iter()?.rev() {
+                    let (_, v) = item?;
+                    let Some(r) = Record::decode(v.value()) else { continue };
+                    if newest.len() < recent {
+                        if keep(&r) {
+                            newest.push(r);
                         }
+                    } else if r.label.is_some() {
+                        if older.len() + store_older.len() >= cap {
+                            break;
+                        }
+                        store_older.push(r);
                     }
-                    store_older.reverse();
-                    older.extend(store_older);
                 }
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.into()),
             }
             newest.reverse();
+            older.extend(store_older);
             older.sort_by_key(|r| r.ts_ms);
             older.truncate(cap);
             Ok(TrainingRows { recent: newest, older })
@@ -420,14 +384,7 @@ impl Store {
     /// # Errors
     /// A storage error.
     pub fn meta(&self, pipeline: &str, name: &str) -> Result<u64, StoreError> {
-        self.with_db(|db| {
-            let tx = db.begin_read()?;
-            match tx.open_table(META) {
-                Ok(t) => Ok(t.get(format!("{pipeline}/{name}").as_str())?.map_or(0, |v| v.value())),
-                Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-                Err(e) => Err(e.into()),
-            }
-        })
+        self.with_db(|db| meta_value(&db.begin_read()?, pipeline, name))
     }
 
     /// # Errors
@@ -443,15 +400,35 @@ impl Store {
     }
 }
 
-fn table_len<K: redb::Key + 'static, V: redb::Value + 'static>(
+/// A table as a reader sees it; `None` while nothing was ever written to it.
+fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
     tx: &redb::ReadTransaction,
     def: TableDefinition<K, V>,
-) -> Result<u64, redb::Error> {
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, redb::Error> {
     match tx.open_table(def) {
-        Ok(t) => Ok(t.len()?),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+fn meta_value(tx: &redb::ReadTransaction, pipeline: &str, name: &str) -> Result<u64, redb::Error> {
+    match read_table(tx, META)? {
+        Some(t) => Ok(t.get(format!("{pipeline}/{name}").as_str())?.map_or(0, |v| v.value())),
+        None => Ok(0),
+    }
+}
+
+/// Every record of a sample-shaped table, in key order (undecodable values skipped).
+fn decode_all(table: Option<redb::ReadOnlyTable<u64, &'static [u8]>>) -> Result<Vec<Record>, redb::Error> {
+    let mut out = Vec::new();
+    if let Some(t) = table {
+        for item in t.iter()? {
+            let (_, v) = item?;
+            out.extend(Record::decode(v.value()));
+        }
+    }
+    Ok(out)
 }
 
 fn open_db(path: &Path) -> Result<Database, redb::Error> {

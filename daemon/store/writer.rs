@@ -21,12 +21,12 @@ const QUEUE: usize = 4096;
 /// Most jobs folded into one transaction.
 const MAX_JOBS_PER_COMMIT: usize = 512;
 
-pub struct Job {
-    pub pipeline: Arc<str>,
-    pub writes: Vec<Write>,
+struct Job {
+    pipeline: Arc<str>,
+    writes: Vec<Write>,
     /// Released (acked) once the writes are committed, or have failed.
-    pub tickets: Vec<Arc<AckTicket>>,
-    pub counters: Arc<Counters>,
+    tickets: Vec<Arc<AckTicket>>,
+    counters: Arc<Counters>,
 }
 
 enum Msg {
@@ -44,7 +44,7 @@ pub struct Writer {
 impl Writer {
     /// Queues `job`; when the queue is full its rows are counted as dropped from the store and
     /// its acks released at once.
-    pub fn submit(&self, job: Job) {
+    fn submit(&self, job: Job) {
         match self.tx.try_send(Msg::Job(job)) {
             Ok(()) => {}
             Err(TrySendError::Full(Msg::Job(job)) | TrySendError::Disconnected(Msg::Job(job))) => {
@@ -56,12 +56,32 @@ impl Writer {
         }
     }
 
+    /// A handle that submits `pipeline`'s writes, counted on `counters`.
+    pub fn for_pipeline(&self, pipeline: &str, counters: Arc<Counters>) -> PipelineWriter {
+        PipelineWriter { writer: self.clone(), pipeline: Arc::from(pipeline), counters }
+    }
+
     /// Waits until every job queued so far is committed (or has failed).
     pub fn flush(&self) {
         let (tx, rx) = sync_channel(1);
         if self.tx.send(Msg::Flush(tx)).is_ok() {
             let _ = rx.recv();
         }
+    }
+}
+
+/// One pipeline's way into the store (its name and counters fixed once, at start).
+#[derive(Clone)]
+pub struct PipelineWriter {
+    writer: Writer,
+    pipeline: Arc<str>,
+    counters: Arc<Counters>,
+}
+
+impl PipelineWriter {
+    /// Queues `writes`; `tickets` are acked once they are committed (or have failed).
+    pub fn submit(&self, writes: Vec<Write>, tickets: Vec<Arc<AckTicket>>) {
+        self.writer.submit(Job { pipeline: self.pipeline.clone(), writes, tickets, counters: self.counters.clone() });
     }
 }
 

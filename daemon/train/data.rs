@@ -18,6 +18,52 @@ pub struct Dataset {
     pub dropped: BTreeMap<String, usize>,
 }
 
+impl Dataset {
+    pub fn new(features: usize) -> Dataset {
+        Dataset { x: Vec::new(), y: Vec::new(), rows: 0, features, dropped: BTreeMap::new() }
+    }
+
+    /// Adds one row checked as live input is (and its target, `None` for reconstruction), or
+    /// counts why it was dropped.
+    pub fn push(&mut self, manifest: &Manifest, classes: usize, x: &[f64], target: Option<f64>) {
+        let reason = if x.len() != manifest.inputs.len() {
+            Some("width")
+        } else {
+            x.iter().zip(&manifest.inputs).find_map(|(&v, input)| {
+                if v.is_nan() {
+                    Some("non_numeric")
+                } else if !v.is_finite() {
+                    Some("non_finite")
+                } else if v < input.min || v > input.max {
+                    Some("out_of_range")
+                } else {
+                    None
+                }
+            })
+        };
+        let reason = reason.or_else(|| {
+            let bad = match (manifest.task, target) {
+                (Task::Reconstruction, _) => false,
+                (_, None) => true,
+                (Task::Binary | Task::Multiclass, Some(t)) => {
+                    !(t >= 0.0 && t.fract() == 0.0 && (t as usize) < classes.max(2))
+                }
+                (_, Some(t)) => !t.is_finite(),
+            };
+            bad.then_some("bad_target")
+        });
+        if let Some(reason) = reason {
+            *self.dropped.entry(reason.to_string()).or_default() += 1;
+            return;
+        }
+        self.x.extend(x.iter().map(|&v| v as f32));
+        if manifest.task != Task::Reconstruction {
+            self.y.extend(target);
+        }
+        self.rows += 1;
+    }
+}
+
 /// Reads `csv` for a model with `classes` output classes (0 for regression/reconstruction).
 ///
 /// # Errors
@@ -32,43 +78,12 @@ pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, S
         Task::Reconstruction => None,
         _ => Some(column(&manifest.target)?),
     };
-    let mut data = Dataset {
-        x: Vec::with_capacity(table.rows.len() * cols.len()),
-        y: Vec::with_capacity(table.rows.len()),
-        rows: 0,
-        features: cols.len(),
-        dropped: BTreeMap::new(),
-    };
+    let mut data = Dataset::new(cols.len());
+    let mut x = Vec::with_capacity(cols.len());
     for row in &table.rows {
-        let reason = cols.iter().zip(&manifest.inputs).find_map(|(&c, input)| {
-            let v = row[c];
-            if v.is_nan() {
-                Some("non_numeric")
-            } else if !v.is_finite() {
-                Some("non_finite")
-            } else if v < input.min || v > input.max {
-                Some("out_of_range")
-            } else {
-                None
-            }
-        });
-        let reason = reason.or_else(|| {
-            let t = row[target?];
-            let bad = match manifest.task {
-                Task::Binary | Task::Multiclass => !(t >= 0.0 && t.fract() == 0.0 && (t as usize) < classes.max(2)),
-                _ => !t.is_finite(),
-            };
-            bad.then_some("bad_target")
-        });
-        if let Some(reason) = reason {
-            *data.dropped.entry(reason.to_string()).or_default() += 1;
-            continue;
-        }
-        data.x.extend(cols.iter().map(|&c| row[c] as f32));
-        if let Some(t) = target {
-            data.y.push(row[t]);
-        }
-        data.rows += 1;
+        x.clear();
+        x.extend(cols.iter().map(|&c| row[c]));
+        data.push(manifest, classes, &x, target.map(|t| row[t]));
     }
     Ok(data)
 }

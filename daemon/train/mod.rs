@@ -162,6 +162,21 @@ pub struct RunRecord {
     pub outcome: String,
 }
 
+/// Keeps `record` as `state_dir/runs/RUN_ID.json`; returns the JSON.
+///
+/// # Errors
+/// The record cannot be written (callers warn and go on: a run is not undone for its record).
+pub fn keep_record(state_dir: &std::path::Path, record: &RunRecord) -> Result<String, String> {
+    let json = serde_json::to_string_pretty(record).map_err(|e| e.to_string())?;
+    let runs = state_dir.join("runs");
+    std::fs::create_dir_all(&runs)
+        .and_then(|()| {
+            crate::model::registry::write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes())
+        })
+        .map_err(|e| format!("the run record was not kept in {}: {e}", runs.display()))?;
+    Ok(json)
+}
+
 pub struct Outcome {
     pub record: RunRecord,
     /// The new bundle, when the gate accepted it.
