@@ -65,7 +65,7 @@ pub struct Route {
 }
 
 /// `lathe/{node}/cmd/+` and where its messages go (action, payload).
-pub type CommandRoute = (TopicFilter, mpsc::UnboundedSender<(String, Vec<u8>)>);
+pub type CommandRoute = (TopicFilter, std::sync::mpsc::Sender<(String, Vec<u8>)>);
 
 /// A pipeline's label topic and what to read from a label message.
 pub struct LabelRoute {

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use std::sync::mpsc;
+
+use tokio::sync::{oneshot, watch};
 
 use super::events::{Counters, Event, Events, COMPUTE_BUCKETS_US};
 use crate::config::{Config, PipelineConfig, TrainConfig, Trigger};
@@ -134,16 +136,18 @@ struct State {
     retry_at: Option<Instant>,
 }
 
-/// Runs the loop until `stop`. `triggers` brings drift alarms (pipeline, reason);
-/// `commands` brings `lathe/{node}/cmd/+` messages (action, payload).
-pub async fn run(
+/// Runs the loop until `stop`, on a thread of its own: reading the store and the registry
+/// blocks, and must never hold up an async worker that serves inference. `triggers` brings
+/// drift alarms (pipeline, reason); `commands` brings `lathe/{node}/cmd/+` messages
+/// (action, payload).
+pub fn run(
     config: Config,
     store: Arc<Store>,
     pipelines: Vec<LoopPipeline>,
     events: Events,
-    mut triggers: mpsc::UnboundedReceiver<(String, String)>,
-    mut commands: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-    mut stop: watch::Receiver<bool>,
+    triggers: mpsc::Receiver<(String, String)>,
+    commands: mpsc::Receiver<(String, Vec<u8>)>,
+    stop: watch::Receiver<bool>,
 ) {
     let registry = Registry::new(&config.state_dir);
     let mut states: Vec<State> =
@@ -151,25 +155,30 @@ pub async fn run(
     for s in &mut states {
         resume_trial(s, &store, &registry);
     }
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(TICK) => {}
-            Some((pipeline, reason)) = triggers.recv() => {
-                if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
-                    if s.p.train.triggers.contains(&Trigger::Drift) && s.wanted.is_none() && matches!(s.stage, Stage::Idle) {
-                        s.wanted = Some((reason, usable_rows(s, &store)));
-                    }
+    // A steady tick, apart from the messages: frequent commands or alarms must not starve it.
+    let mut next_tick = Instant::now();
+    while !*stop.borrow() {
+        while let Ok((pipeline, reason)) = triggers.try_recv() {
+            if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
+                if s.p.train.triggers.contains(&Trigger::Drift) && s.wanted.is_none() && matches!(s.stage, Stage::Idle)
+                {
+                    s.wanted = Some((reason, usable_rows(s, &store)));
                 }
-                continue;
             }
-            Some((action, payload)) = commands.recv() => {
-                command(&mut states, &action, &payload, &config, &store, &registry, &events);
-                continue;
-            }
-            _ = stop.changed() => return,
         }
-        for s in &mut states {
-            tick(s, &config, &store, &registry, &events);
+        match commands.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            Ok((action, payload)) => command(&mut states, &action, &payload, &config, &store, &registry, &events),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // No ingest any more (stopping): wait out the tick instead.
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(next_tick.saturating_duration_since(Instant::now()))
+            }
+        }
+        if Instant::now() >= next_tick {
+            next_tick = Instant::now() + TICK;
+            for s in &mut states {
+                tick(s, &config, &store, &registry, &events);
+            }
         }
     }
 }
@@ -185,7 +194,7 @@ fn command(
     action: &str,
     payload: &[u8],
     config: &Config,
-    store: &Store,
+    store: &Arc<Store>,
     registry: &Registry,
     events: &Events,
 ) {
@@ -230,7 +239,7 @@ fn emit(events: &Events, p: &LoopPipeline, step: &'static str, message: String, 
     events.emit(Event::Loop { pipeline: p.config.name.clone(), step, message, detail });
 }
 
-fn tick(s: &mut State, config: &Config, store: &Store, registry: &Registry, events: &Events) {
+fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry, events: &Events) {
     match &mut s.stage {
         Stage::Idle => {
             if let Some(reason) = due(s, store) {
@@ -323,7 +332,7 @@ fn in_hours(hours: Option<(u32, u32)>) -> bool {
 }
 
 /// Gathers the rows and starts the run on its own thread.
-fn start(s: &mut State, reason: &str, config: &Config, store: &Store, events: &Events) {
+fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, events: &Events) {
     let p = &s.p;
     let name = p.config.name.clone();
     let champion = match Registry::new(&config.state_dir).champion(&p.model.load().name) {
@@ -333,28 +342,16 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Store, events: &E
             return;
         }
     };
-    let task = champion.manifest.task;
-    let threshold = champion.manifest.baseline.threshold;
-    // Supervised: labeled rows. Reconstruction: rows the serving model judged normal.
-    let rows = store.training_rows(&name, p.train.rows, |r: &Record| match task {
-        Task::Reconstruction => threshold.is_none_or(|t| f64::from(r.score) < t),
-        _ => r.label.is_some(),
-    });
-    let rows = match rows {
-        Ok(r) => r,
-        Err(e) => {
-            emit(events, p, "train.failed", e.to_string(), json!({}));
-            return;
-        }
-    };
-    if rows.recent.len() < p.train.min_rows {
+    // A cheap count first; the rows themselves are read on the training thread.
+    let usable = usable_rows(s, store);
+    if usable < p.train.min_rows as u64 {
         s.retry_at = Some(Instant::now() + Duration::from_secs(60));
         emit(
             events,
             p,
             "train.skipped",
-            format!("{reason}: only {} usable rows in the store (min_rows = {})", rows.recent.len(), p.train.min_rows),
-            json!({"reason": reason, "rows": rows.recent.len(), "min_rows": p.train.min_rows}),
+            format!("{reason}: only {usable} usable rows in the store (min_rows = {})", p.train.min_rows),
+            json!({"reason": reason, "rows": usable, "min_rows": p.train.min_rows}),
         );
         return;
     }
@@ -371,9 +368,13 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Store, events: &E
     }
     let limits = (Duration::from_secs(p.train.max_seconds), p.train.max_memory_mb);
     let data_name = format!("store {name} ({reason})");
+    let name_for_run = name.clone();
     let (tx, rx) = oneshot::channel();
+    let (store_for_run, rows_wanted, min_rows) = (store.clone(), p.train.rows, p.train.min_rows);
     let spawned = std::thread::Builder::new().name("lathe-train".into()).spawn(move || {
-        let result = train_on_rows(&champion, rows, &data_name, &training, limits);
+        lower_priority();
+        let result = read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows)
+            .and_then(|rows| train_on_rows(&champion, rows, &data_name, &training, limits));
         TRAINING.store(false, Relaxed);
         let _ = tx.send(result);
     });
@@ -395,6 +396,40 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Store, events: &E
     s.stage = Stage::Training { done: rx, reason: reason.to_string(), before: Snapshot::take(&p.counters) };
 }
 
+/// Scheduling is per thread on Linux: SCHED_IDLE runs this one only on CPU time inference
+/// leaves over (nice 19 where SCHED_IDLE is refused).
+fn lower_priority() {
+    // SAFETY: both calls act on the calling thread (pid 0) and read only `param`.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        }
+    }
+}
+
+/// The run's rows from the store: the newest labeled ones (reconstruction: those the serving
+/// model judged normal), and the older labeled ones for the gate's replay check.
+fn read_rows(
+    store: &Store,
+    pipeline: &str,
+    champion: &Bundle,
+    rows: usize,
+    min_rows: usize,
+) -> Result<crate::store::TrainingRows, String> {
+    let (task, threshold) = (champion.manifest.task, champion.manifest.baseline.threshold);
+    let rows = store
+        .training_rows(pipeline, rows, |r: &Record| match task {
+            Task::Reconstruction => threshold.is_none_or(|t| f64::from(r.score) < t),
+            _ => r.label.is_some(),
+        })
+        .map_err(|e| e.to_string())?;
+    if rows.recent.len() < min_rows {
+        return Err(format!("only {} usable rows in the store (min_rows = {min_rows})", rows.recent.len()));
+    }
+    Ok(rows)
+}
+
 /// Resident memory of this process, bytes.
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -403,8 +438,7 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-/// The training thread: lower priority than inference, then the same fine-tune as
-/// `lathe train`, on rows from the store.
+/// The same fine-tune as `lathe train`, on rows from the store.
 fn train_on_rows(
     champion: &Bundle,
     rows: crate::store::TrainingRows,
@@ -412,11 +446,6 @@ fn train_on_rows(
     training: &crate::model::manifest::Training,
     (max_time, max_memory_mb): (Duration, u64),
 ) -> Result<Outcome, String> {
-    // Linux nice is per thread: inference keeps the CPU it needs while this one trains.
-    // SAFETY: setpriority on the calling thread (who = 0) touches no memory of ours.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-    }
     let m = &champion.manifest;
     let classes = train::classes(champion, training)?;
     let supervised = m.task != Task::Reconstruction;

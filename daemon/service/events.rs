@@ -302,7 +302,7 @@ impl Event {
 pub struct Events {
     tx: mpsc::Sender<Event>,
     /// The training loop hears of raised drift alarms here (pipeline, reason).
-    triggers: Option<mpsc::UnboundedSender<(String, String)>>,
+    triggers: Option<std::sync::mpsc::Sender<(String, String)>>,
 }
 
 impl Events {
@@ -312,7 +312,7 @@ impl Events {
 
     /// One `drift` / `drift.cleared` event per alarm, naming the model that was serving.
     /// The same handle, also telling the training loop of raised drift alarms.
-    pub fn with_triggers(mut self, tx: mpsc::UnboundedSender<(String, String)>) -> Events {
+    pub fn with_triggers(mut self, tx: std::sync::mpsc::Sender<(String, String)>) -> Events {
         self.triggers = Some(tx);
         self
     }

@@ -268,8 +268,8 @@ pub async fn run(
 
     // The closed loop: a sample store and its writer, drift alarms and commands as triggers.
     let training = config.pipelines.iter().any(|p| p.train.is_some());
-    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
-    let (command_tx, command_rx) = mpsc::unbounded_channel();
+    let (trigger_tx, trigger_rx) = std::sync::mpsc::channel();
+    let (command_tx, command_rx) = std::sync::mpsc::channel();
     let (events, store) = if training {
         let store = crate::store::Store::open(config.store.clone()).map_err(|e| ServiceError::Store(e.to_string()))?;
         let store = Arc::new(store);
@@ -348,17 +348,17 @@ pub async fn run(
         serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store });
     }
     let writer = store.as_ref().map(|(_, w)| w.clone());
-    let closed_loop = store.map(|(store, _)| {
-        tokio::spawn(closed_loop::run(
-            config.clone(),
-            store,
-            looped,
-            events.clone(),
-            trigger_rx,
-            command_rx,
-            stop_rx.clone(),
-        ))
-    });
+    let closed_loop = match store {
+        Some((store, _)) => {
+            let (config, events, stop) = (config.clone(), events.clone(), stop_rx.clone());
+            let thread = std::thread::Builder::new()
+                .name("lathe-loop".into())
+                .spawn(move || closed_loop::run(config, store, looped, events, trigger_rx, command_rx, stop))
+                .map_err(|e| ServiceError::Store(format!("cannot start the training loop: {e}")))?;
+            Some(thread)
+        }
+        None => None,
+    };
     let serving = Arc::new(serving);
     let swapper = tokio::spawn(swap::watch(config.clone(), serving.clone(), events.clone(), stop_rx.clone()));
     if let Some(listen) = config.metrics_listen {
@@ -440,7 +440,7 @@ pub async fn run(
     let _ = status_task.await;
     let _ = swapper.await;
     if let Some(l) = closed_loop {
-        let _ = l.await;
+        let _ = tokio::task::spawn_blocking(move || l.join()).await;
     }
     // Rows drained above are acked by the store's writer once committed: wait for it.
     if let Some(w) = writer {
