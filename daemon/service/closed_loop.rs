@@ -3,7 +3,7 @@
 //! ```text
 //! trigger (drift event | every D | N new labels | cmd/train)   cooldown, hours, one at a time
 //!   → rows from the store (newest labeled, or judged normal for reconstruction; replay sample)
-//!   → fine_tune_on on the "lathe-train" thread (nice 10, time and memory limits)
+//!   → fine_tune_on on the "lathe-train" thread (SCHED_IDLE, time and memory limits)
 //!   → gate refused: event train.refused, champion unchanged
 //!   → gate accepted: challenger into the registry
 //!   → shadow (optional): it scores live traffic beside the champion; compared on the labels
