@@ -363,3 +363,68 @@ fn a_full_disk_fails_store_writes_cleanly_and_recovers() {
     let keys = stats["distinct_keys"].as_u64().unwrap();
     assert!((400..1400).contains(&keys), "the first 200 and the last 200 are stored, not all in between: {stats}");
 }
+
+/// A reconstruction model (an autoencoder) needs no labels: the loop fine-tunes it on the
+/// recent rows the serving model itself judged normal (error below the bundle's threshold).
+#[test]
+fn an_autoencoder_fine_tunes_on_rows_it_judged_normal_without_labels() {
+    let dir = common::temp_dir("loopae");
+    let (_, validation) = common::sample_model();
+    let bundle = dir.join("ae.lathe");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(["bundle", "create", "--task", "reconstruction", "--name", "ae", "--trainable", "full", "--model"])
+        .arg(common::root().join("tests/fixtures/train/reconstruction-adam.onnx"))
+        .arg("--data")
+        .arg(&validation)
+        .args(["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9", "-o"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let b = lathe::model::Bundle::read(&bundle).unwrap();
+    let threshold = b.manifest.baseline.threshold.expect("a reconstruction bundle has an anomaly threshold");
+
+    let broker = common::Broker::start();
+    let config = common::config("loopae", &broker, &dir.join("state"), &bundle)
+        + "[pipeline.train]\ntrigger = []\nmin_rows = 500\nrows = 5000\nepochs = 3\n";
+    let mut l = Loop {
+        daemon: common::Daemon::start(&dir, &config),
+        out: common::Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/loopae/events"]),
+        publisher: common::Publisher::new(broker.port),
+        dir: dir.clone(),
+        node: "loopae".into(),
+        broker,
+    };
+    common::wait_online(l.broker.port, "loopae", &l.daemon);
+    // Rows inside the bundle's input ranges (others are rejected at ingest, never served).
+    let inputs = &b.manifest.inputs;
+    let rows: Vec<(Vec<f64>, u8)> =
+        unseen().into_iter().filter(|(r, _)| r.iter().zip(inputs).all(|(v, i)| *v >= i.min && *v <= i.max)).collect();
+    let sent = &rows[..1500];
+    for (seq, (row, _)) in sent.iter().enumerate() {
+        l.publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(row, seq));
+    }
+    l.publisher.flush();
+    assert!(l.out.wait_for("prediction", sent.len(), Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(500)); // the last rows reach the store
+    l.command("train");
+    let done = common::wait_until(Duration::from_secs(60), || {
+        !l.events("train.accepted").is_empty() || !l.events("train.refused").is_empty()
+    });
+    assert!(done, "log:\n{}", l.daemon.log());
+    let run = l.events("train.accepted").into_iter().chain(l.events("train.refused")).next().unwrap()["run"].clone();
+    // The rows it trained on are exactly those the model judged normal (its own score, computed
+    // here again with the library's engine; a row within float noise of the line may go either way).
+    let engine = lathe::infer::Engine::load(&b.model).unwrap();
+    let x: Vec<f32> = sent.iter().flat_map(|(r, _)| r.iter().map(|&v| v as f32)).collect();
+    let out = engine.run(&x).unwrap();
+    let normal = (0..sent.len())
+        .filter(|&i| lathe::model::baseline::reconstruction_error(out.row(0, i), &x[i * 9..(i + 1) * 9]) < threshold)
+        .count();
+    let used = run["rows_used"].as_u64().unwrap() as usize;
+    eprintln!("autoencoder: {used} rows used of {} sent, {normal} judged normal; {}", sent.len(), run["outcome"]);
+    assert!(normal < sent.len(), "some unseen rows are anomalous to the autoencoder");
+    assert!(used.abs_diff(normal) <= 2, "used {used}, normal {normal}");
+    assert_eq!(run["loss"], "mse");
+    assert!(l.daemon.stop());
+}

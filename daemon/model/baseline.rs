@@ -16,7 +16,8 @@ pub struct Baseline {
     /// (regression); error_p50 … error_max (reconstruction).
     pub metrics: BTreeMap<String, f64>,
     /// Binary models with one output: the score at or above which the class is 1
-    /// (0.5 for probabilities, 0 for logits).
+    /// (0.5 for probabilities, 0 for logits). Reconstruction models: the anomaly line, the
+    /// validation set's 99th-percentile reconstruction error (the loop trains below it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f64>,
     /// Per input, in model order.

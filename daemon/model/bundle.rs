@@ -409,10 +409,21 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     let n = table.rows.len();
     let truth: Vec<f64> = target.map(|t| table.rows.iter().map(|r| r[t]).collect()).unwrap_or_default();
 
-    let threshold = (opts.task == Task::Binary && outputs.per_row[p] == 1).then(|| {
-        let scores: Vec<f64> = (0..n).map(|r| f64::from(outputs.row(p, r)[0])).collect();
-        baseline::binary_threshold(&scores)
-    });
+    let threshold = match opts.task {
+        Task::Binary if outputs.per_row[p] == 1 => {
+            let scores: Vec<f64> = (0..n).map(|r| f64::from(outputs.row(p, r)[0])).collect();
+            Some(baseline::binary_threshold(&scores))
+        }
+        // The anomaly line of an autoencoder: the 99th percentile of its reconstruction error
+        // on the validation data (which is normal). The loop fine-tunes on rows below it.
+        Task::Reconstruction => {
+            let mut errors: Vec<f64> =
+                (0..n).map(|r| baseline::reconstruction_error(outputs.row(p, r), &x[r * f..(r + 1) * f])).collect();
+            errors.sort_by(f64::total_cmp);
+            errors.get((errors.len() * 99 / 100).min(errors.len().saturating_sub(1))).copied()
+        }
+        _ => None,
+    };
     let measured = measure(opts.task, threshold, &outputs, p, &x, f, &truth)?;
     let features: Vec<baseline::Stats> = names
         .iter()
