@@ -428,3 +428,41 @@ fn an_autoencoder_fine_tunes_on_rows_it_judged_normal_without_labels() {
     assert_eq!(run["loss"], "mse");
     assert!(l.daemon.stop());
 }
+
+/// The "labels N" trigger and the shadow period: after 800 new labels the loop fine-tunes; the
+/// challenger then scores live traffic beside the champion (never published), both are
+/// compared on the same arriving labels, and only a challenger at least as good is promoted.
+#[test]
+fn a_labels_trigger_and_a_shadow_period_promote_a_challenger_that_did_better_live() {
+    let rows = unseen();
+    let mut l = Loop::start(
+        "loopshadow",
+        "trigger = [\"labels 800\"]\nmin_rows = 800\nrows = 800\nshadow = \"3s\"\nmin_live_labels = 100\nmax_forgetting = 0.05\n",
+    );
+    l.stream(&rows[..300], 0, false);
+    let faulty = faulty(&rows[300..4000]);
+    let mut next = 0;
+    while l.events("shadow.started").is_empty() && next + 300 <= 1500 {
+        l.stream(&faulty[next..next + 300], 300 + next, false);
+        next += 300;
+        std::thread::sleep(Duration::from_millis(700)); // a tick or two of the loop
+    }
+    let started = l.wait_event("train.started", Duration::from_secs(10));
+    assert!(started["reason"].as_str().unwrap().contains("new labeled samples"), "{started}");
+    l.wait_event("shadow.started", Duration::from_secs(30));
+    assert!(l.events("trial.started").is_empty(), "not promoted before its shadow period");
+    // Live traffic while it shadows: predictions still come from v1.
+    let first = 300 + next;
+    l.stream(&faulty[next..next + 600], first, false);
+    let during: Vec<Value> =
+        l.out.on("prediction").into_iter().filter(|p| p["key"].as_u64().is_some_and(|k| k >= first as u64)).collect();
+    assert!(during.iter().all(|p| p["version"] == 1), "a shadow never answers");
+    let passed = l.wait_event("shadow.passed", Duration::from_secs(30));
+    eprintln!("shadow: {}", passed["message"]);
+    let (champion, challenger) =
+        (passed["champion_live_loss"].as_f64().unwrap(), passed["challenger_live_loss"].as_f64().unwrap());
+    assert!(passed["labels"].as_u64().unwrap() >= 100 && challenger < champion, "{passed}");
+    l.wait_event("trial.started", Duration::from_secs(10));
+    l.wait_serving(2);
+    assert!(l.daemon.stop());
+}

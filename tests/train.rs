@@ -499,3 +499,27 @@ fn an_autoencoder_fine_tunes_on_its_own_inputs() {
     let (before, after) = (gate_value(&record, "champion_holdout"), gate_value(&record, "challenger_holdout"));
     assert!(out.status.success() && after < before, "p95 error {before} -> {after}: {record:#}");
 }
+
+/// The daemon's limits reach inside a run: the check after each epoch (time, memory) stops it
+/// with its reason, and no challenger comes out.
+#[test]
+fn a_run_stops_when_its_epoch_check_says_so() {
+    let dir = common::temp_dir("train-limit");
+    let champion = lathe::model::Bundle::read(&common::root().join("models/shuttle-mlp-1.lathe")).unwrap();
+    let csv = std::fs::read_to_string(common::unseen_csv(&dir, 0.0)).unwrap();
+    let t = champion.manifest.training.clone();
+    let data =
+        lathe::train::data::load(&champion.manifest, &csv, lathe::train::classes(&champion, &t).unwrap()).unwrap();
+    let epochs = std::cell::Cell::new(0);
+    let check = || {
+        epochs.set(epochs.get() + 1);
+        if epochs.get() >= 2 {
+            Err("stopped: over the time limit (max_seconds = 1)".to_string())
+        } else {
+            Ok(())
+        }
+    };
+    let result = lathe::train::fine_tune_on(&Cpu, &champion, data, "unseen", &t, None, &check);
+    assert_eq!(result.err().as_deref(), Some("stopped: over the time limit (max_seconds = 1)"));
+    assert_eq!(epochs.get(), 2, "checked after every epoch, stopped at the first refusal");
+}
