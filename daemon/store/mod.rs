@@ -141,8 +141,28 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         }
-        let db = match open_db(&path) {
+        let mut opened = open_db(&path);
+        // Still open in this process (a reload while the last run's writer or training thread
+        // lets go of it): wait for it rather than take it for damage.
+        for _ in 0..100 {
+            if !matches!(opened, Err(redb::DatabaseError::DatabaseAlreadyOpen)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            opened = open_db(&path);
+        }
+        let db = match opened {
             Ok(db) => db,
+            // Only damage is moved aside ("not a redb file" is InvalidData); a lock or another
+            // I/O error (a full disk, permissions) is reported and the file left alone.
+            Err(e @ (redb::DatabaseError::DatabaseAlreadyOpen | redb::DatabaseError::LockProtocolMismatch)) => {
+                return Err(err(&path, e))
+            }
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(io)))
+                if io.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                return Err(err(&path, io))
+            }
             Err(e) if path.exists() => {
                 let aside = path.with_extension(format!("corrupt-{}", crate::service::unix_ms() / 1000));
                 tracing::error!("Sample store {} cannot be opened ({e}); moved to {}", path.display(), aside.display());
@@ -431,9 +451,9 @@ fn decode_all(table: Option<redb::ReadOnlyTable<u64, &'static [u8]>>) -> Result<
     Ok(out)
 }
 
-fn open_db(path: &Path) -> Result<Database, redb::Error> {
+fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
     // A small page cache: the store is written far more than read, and RSS is a product target.
-    Ok(Database::builder().set_cache_size(4 << 20).create(path)?)
+    Database::builder().set_cache_size(4 << 20).create(path)
 }
 
 fn splitmix(mut z: u64) -> u64 {
