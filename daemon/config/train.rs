@@ -48,7 +48,7 @@ pub struct TrainConfig {
     /// ... or saturated outputs rise by more than this share over the champion's ...
     pub max_saturated_increase: f64,
     /// ... or the engine's median time per row grows by more than this fraction (and past
-    /// 100 µs): the model's own speed, not queueing, which depends on the traffic.
+    /// 1 ms): the model's own speed, not queueing, which depends on the traffic.
     pub max_latency_increase: f64,
     /// Overrides of the bundle's `[training]`.
     pub overrides: Overrides,
