@@ -323,8 +323,12 @@ fn due(s: &mut State, store: &Store) -> Option<String> {
 }
 
 fn in_hours(hours: Option<(u32, u32)>) -> bool {
+    in_hours_at(hours, ((now_s() / 60) % 1440) as u32)
+}
+
+/// Whether `minute` (of the UTC day) is inside the `hours` window.
+fn in_hours_at(hours: Option<(u32, u32)>, minute: u32) -> bool {
     let Some((from, to)) = hours else { return true };
-    let minute = ((now_s() / 60) % 1440) as u32;
     if from <= to {
         (from..to).contains(&minute)
     } else {
@@ -796,5 +800,123 @@ fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Event
         clear_trial(store, &pipeline);
         s.stage = Stage::Idle;
         emit(events, &s.p, "trial.passed", format!("{name} v{version} passed its trial"), detail);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loop state for the sample model with `train` as its `[pipeline.train]`, and its store.
+    fn state(name: &str, train: &str) -> (State, Arc<Store>) {
+        let dir = std::env::temp_dir().join(format!("lathe-loop-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
+        let text = format!(
+            "node = \"n\"\nstate_dir = \"{}\"\n[mqtt]\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\n\
+             source = {{ topic = \"t/+/x\", key = \"/seq\" }}\nsink = {{ topic = \"t/{{device}}/y\" }}\n\
+             labels = {{ topic = \"t/+/l\", key = \"/seq\", value = \"/v\" }}\n\
+             [pipeline.drift]\nenabled = false\n[pipeline.train]\n{train}",
+            dir.display(),
+            model.display()
+        );
+        let config = Config::parse(&text, &dir.join("lathe.toml")).unwrap();
+        let p = config.pipelines[0].clone();
+        let bundle = Bundle::read(&model).unwrap();
+        let active = ActiveModel::load(&bundle, &p, &config).unwrap();
+        let store = Arc::new(Store::open(config.store.clone()).unwrap());
+        let lp = LoopPipeline {
+            train: p.train.clone().unwrap(),
+            config: p,
+            model: Arc::new(arc_swap::ArcSwap::from_pointee(active)),
+            shadow: Arc::default(),
+            counters: Arc::default(),
+            performance: None,
+        };
+        (State { p: lp, stage: Stage::Idle, wanted: None, retry_at: None }, store)
+    }
+
+    #[test]
+    fn the_hours_window_may_wrap_midnight() {
+        assert!(in_hours_at(None, 0));
+        assert!(in_hours_at(Some((120, 240)), 120) && !in_hours_at(Some((120, 240)), 240));
+        assert!(!in_hours_at(Some((120, 240)), 60));
+        let night = Some((22 * 60, 4 * 60));
+        assert!(in_hours_at(night, 23 * 60) && in_hours_at(night, 60) && !in_hours_at(night, 12 * 60));
+    }
+
+    #[test]
+    fn the_schedule_waits_for_its_period_and_the_cooldown() {
+        let (mut s, store) = state("every", "trigger = [\"every 2h\"]\ncooldown = \"1h\"\n");
+        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("schedule")), "never trained: due now");
+        store.set_meta("p", "last_train_s", now_s() - 1_800).unwrap();
+        assert_eq!(due(&mut s, &store), None, "30 min ago: in the cooldown");
+        store.set_meta("p", "last_train_s", now_s() - 5_400).unwrap();
+        assert_eq!(due(&mut s, &store), None, "90 min ago: past the cooldown, not the period");
+        store.set_meta("p", "last_train_s", now_s() - 7_300).unwrap();
+        assert!(due(&mut s, &store).is_some());
+        // Outside its hours window nothing starts, however due.
+        let minute = ((now_s() / 60) % 1440) as u32;
+        s.p.train.hours = Some(((minute + 60) % 1440, (minute + 120) % 1440));
+        assert_eq!(due(&mut s, &store), None);
+    }
+
+    #[test]
+    fn the_labels_trigger_counts_labels_joined_since_the_last_run() {
+        let (mut s, store) = state("labels", "trigger = [\"labels 3\"]\ncooldown = \"0s\"\n");
+        let sample = |i: u64| {
+            crate::store::Write::Sample(Record {
+                ts_ms: now_s() * 1000,
+                version: 1,
+                label: None,
+                score: 0.0,
+                device: "d".into(),
+                key: i.to_string(),
+                features: vec![50.0; 9],
+                output: vec![1.0, 0.0],
+            })
+        };
+        let label =
+            |i: u64| crate::store::Write::Label { device: "d".into(), key: i.to_string(), value: 0.0, ts_ms: 0 };
+        store.apply(&[("p", &[sample(1), sample(2), sample(3), label(1), label(2)])], now_s() * 1000).unwrap();
+        assert_eq!(due(&mut s, &store), None, "2 labels");
+        store.apply(&[("p", &[label(3)])], now_s() * 1000).unwrap();
+        assert_eq!(due(&mut s, &store).as_deref(), Some("3 new labeled samples"));
+        store.set_meta("p", "labeled_at_train", 3).unwrap();
+        assert_eq!(due(&mut s, &store), None, "none new since the last run");
+    }
+
+    #[test]
+    fn a_version_on_trial_whose_outputs_turn_non_finite_is_rolled_back() {
+        let (mut s, store) = state("health", "trigger = []\n");
+        let dir = store.settings().path.parent().unwrap().to_path_buf();
+        let registry = Registry::new(&dir);
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
+        let v1 = registry.seed(&model).unwrap();
+        registry.add(&v1.clone().with_version(2).unwrap()).unwrap();
+        registry.promote("shuttle-mlp", 2).unwrap();
+        let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
+        let (events, _reporter) = crate::service::events::reporter(client, "e".into());
+        let c = s.p.counters.clone();
+        let before = Snapshot::take(&c);
+        c.predicted.fetch_add(1_000, Relaxed); // the champion's window: healthy
+        s.stage = Stage::Trial {
+            version: 2,
+            previous: 1,
+            until: Instant::now() + Duration::from_secs(600),
+            record: json!({}),
+            reference: (before, Snapshot::take(&c)),
+            start: None,
+            promoted: Instant::now() - Duration::from_secs(10),
+            gate_loss: 0.01,
+        };
+        watch_trial(&mut s, &store, &registry, &events);
+        assert!(matches!(s.stage, Stage::Trial { .. }), "nothing served on trial yet");
+        c.predicted.fetch_add(500, Relaxed);
+        c.outputs_nonfinite.fetch_add(5, Relaxed); // 1 %, over the 0.1 % allowed
+        watch_trial(&mut s, &store, &registry, &events);
+        assert!(matches!(s.stage, Stage::Idle));
+        assert_eq!(registry.champion_version("shuttle-mlp").unwrap(), Some(1), "rolled back");
+        assert_eq!(store.meta("p", "trial_version").unwrap(), 0, "the trial is over");
     }
 }
