@@ -886,9 +886,9 @@ mod tests {
         assert_eq!(due(&mut s, &store), None, "none new since the last run");
     }
 
-    #[test]
-    fn a_version_on_trial_whose_outputs_turn_non_finite_is_rolled_back() {
-        let (mut s, store) = state("health", "trigger = []\n");
+    /// A trial fed `degrade` after a healthy champion window; returns whether it rolled back.
+    fn trial_rolls_back(name: &str, degrade: impl Fn(&Counters)) -> bool {
+        let (mut s, store) = state(name, "trigger = []\n");
         let dir = store.settings().path.parent().unwrap().to_path_buf();
         let registry = Registry::new(&dir);
         let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
@@ -899,7 +899,11 @@ mod tests {
         let (events, _reporter) = crate::service::events::reporter(client, "e".into());
         let c = s.p.counters.clone();
         let before = Snapshot::take(&c);
-        c.predicted.fetch_add(1_000, Relaxed); // the champion's window: healthy
+        // The champion's window: 1,000 rows, healthy, 50 µs per row.
+        c.predicted.fetch_add(1_000, Relaxed);
+        for _ in 0..100 {
+            c.compute.observe(&COMPUTE_BUCKETS_US, 50);
+        }
         s.stage = Stage::Trial {
             version: 2,
             previous: 1,
@@ -913,10 +917,30 @@ mod tests {
         watch_trial(&mut s, &store, &registry, &events);
         assert!(matches!(s.stage, Stage::Trial { .. }), "nothing served on trial yet");
         c.predicted.fetch_add(500, Relaxed);
-        c.outputs_nonfinite.fetch_add(5, Relaxed); // 1 %, over the 0.1 % allowed
+        degrade(&c);
         watch_trial(&mut s, &store, &registry, &events);
-        assert!(matches!(s.stage, Stage::Idle));
-        assert_eq!(registry.champion_version("shuttle-mlp").unwrap(), Some(1), "rolled back");
-        assert_eq!(store.meta("p", "trial_version").unwrap(), 0, "the trial is over");
+        let rolled_back = matches!(s.stage, Stage::Idle);
+        if rolled_back {
+            assert_eq!(registry.champion_version("shuttle-mlp").unwrap(), Some(1));
+            assert_eq!(store.meta("p", "trial_version").unwrap(), 0, "the trial is over");
+        }
+        rolled_back
+    }
+
+    #[test]
+    fn a_version_on_trial_is_rolled_back_on_bad_outputs_or_slowness_and_kept_otherwise() {
+        // 1 % non-finite (0.1 % allowed); 60 % saturated (the champion had none).
+        assert!(trial_rolls_back("nonfinite", |c| {
+            c.outputs_nonfinite.fetch_add(5, Relaxed);
+        }));
+        assert!(trial_rolls_back("saturated", |c| {
+            c.outputs_saturated.fetch_add(300, Relaxed);
+        }));
+        // 5 ms per row against 50 µs.
+        assert!(trial_rolls_back("slow", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 5_000))));
+        // Healthy, as fast as before: kept on trial.
+        assert!(!trial_rolls_back("healthy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 50))));
+        // Slower but under 1 ms per row (a busy machine): kept.
+        assert!(!trial_rolls_back("busy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 400))));
     }
 }
