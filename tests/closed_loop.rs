@@ -369,18 +369,7 @@ fn a_full_disk_fails_store_writes_cleanly_and_recovers() {
 #[test]
 fn an_autoencoder_fine_tunes_on_rows_it_judged_normal_without_labels() {
     let dir = common::temp_dir("loopae");
-    let (_, validation) = common::sample_model();
-    let bundle = dir.join("ae.lathe");
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
-        .args(["bundle", "create", "--task", "reconstruction", "--name", "ae", "--trainable", "full", "--model"])
-        .arg(common::root().join("tests/fixtures/train/reconstruction-adam.onnx"))
-        .arg("--data")
-        .arg(&validation)
-        .args(["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9", "-o"])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let bundle = common::autoencoder_bundle(&dir);
     let b = lathe::model::Bundle::read(&bundle).unwrap();
     let threshold = b.manifest.baseline.threshold.expect("a reconstruction bundle has an anomaly threshold");
 

@@ -481,18 +481,7 @@ fn bundle_create_refuses_a_model_whose_tail_cannot_train_and_names_the_node() {
 #[test]
 fn an_autoencoder_fine_tunes_on_its_own_inputs() {
     let dir = common::temp_dir("train-ae");
-    let (_, validation) = common::sample_model();
-    let bundle = dir.join("ae.lathe");
-    let made = lathe()
-        .args(["bundle", "create", "--task", "reconstruction", "--name", "ae", "--trainable", "full", "--model"])
-        .arg(fixture("train/reconstruction-adam.onnx"))
-        .arg("--data")
-        .arg(&validation)
-        .args(["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9", "-o"])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let bundle = common::autoencoder_bundle(&dir);
     let (out, record) = train(&dir, &bundle, &common::unseen_csv(&dir, 0.0), &["--epochs", "3"]);
     assert_eq!(record["loss"], "mse");
     assert_eq!(record["gate"]["metric"], "error_p95");

@@ -397,3 +397,20 @@ pub fn unseen_csv(dir: &Path, flip: f64) -> PathBuf {
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     path
 }
+
+/// The autoencoder fixture (a PyTorch export) bundled as a trainable `reconstruction` model on
+/// the sample validation set, written to `dir/ae.lathe`.
+pub fn autoencoder_bundle(dir: &Path) -> PathBuf {
+    let bundle = dir.join("ae.lathe");
+    let made = Command::new(LATHE)
+        .args(["bundle", "create", "--task", "reconstruction", "--name", "ae", "--trainable", "full", "--model"])
+        .arg(root().join("tests/fixtures/train/reconstruction-adam.onnx"))
+        .arg("--data")
+        .arg(sample_model().1)
+        .args(["--features", "f1,f2,f3,f4,f5,f6,f7,f8,f9", "-o"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    bundle
+}
