@@ -65,7 +65,7 @@ pub struct Route {
 }
 
 /// `lathe/{node}/cmd/+` and where its messages go (action, payload).
-pub type CommandRoute = (TopicFilter, std::sync::mpsc::Sender<(String, Vec<u8>)>);
+pub type CommandRoute = (TopicFilter, std::sync::mpsc::Sender<crate::service::closed_loop::LoopMessage>);
 
 /// A pipeline's label topic and what to read from a label message.
 pub struct LabelRoute {
@@ -413,7 +413,8 @@ impl Router {
         let topic = std::str::from_utf8(&p.topic).unwrap_or("");
         if let Some((filter, tx)) = &self.commands {
             if let Some(action) = filter.matches(topic) {
-                let _ = tx.send((action.to_string(), p.payload.to_vec()));
+                let (action, payload) = (action.to_string(), p.payload.to_vec());
+                let _ = tx.send(crate::service::closed_loop::LoopMessage::Command { action, payload });
             }
         }
         for route in &self.routes {

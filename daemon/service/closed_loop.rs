@@ -46,6 +46,16 @@ const MIN_SLOW_COMPUTE_US: u64 = 1_000;
 /// (loading, the drift monitor's calibration) costs a moment that is not the model's speed.
 const TRIAL_WARMUP: Duration = Duration::from_secs(3);
 
+/// What wakes the loop between its ticks. One channel for both, so a drift alarm is taken
+/// at once: the rows counted "since the alarm" must start at the alarm, not a tick later
+/// (CI streamed a whole test's rows in that tick and the run waited for rows never sent).
+pub enum LoopMessage {
+    /// A drift alarm was raised on `pipeline`.
+    Drift { pipeline: String, reason: String },
+    /// A `lathe/{node}/cmd/{action}` message.
+    Command { action: String, payload: Vec<u8> },
+}
+
 /// A pipeline the loop runs.
 pub struct LoopPipeline {
     pub config: PipelineConfig,
@@ -138,16 +148,14 @@ struct State {
 }
 
 /// Runs the loop until `stop`, on a thread of its own: reading the store and the registry
-/// blocks, and must never hold up an async worker that serves inference. `triggers` brings
-/// drift alarms (pipeline, reason); `commands` brings `lathe/{node}/cmd/+` messages
-/// (action, payload).
+/// blocks, and must never hold up an async worker that serves inference. `messages` brings
+/// drift alarms and `lathe/{node}/cmd/+` commands.
 pub fn run(
     config: Config,
     store: Arc<Store>,
     pipelines: Vec<LoopPipeline>,
     events: Events,
-    triggers: mpsc::Receiver<(String, String)>,
-    commands: mpsc::Receiver<(String, Vec<u8>)>,
+    messages: mpsc::Receiver<LoopMessage>,
     stop: watch::Receiver<bool>,
 ) {
     let registry = Registry::new(&config.state_dir);
@@ -159,16 +167,18 @@ pub fn run(
     // A steady tick, apart from the messages: frequent commands or alarms must not starve it.
     let mut next_tick = Instant::now();
     while !*stop.borrow() {
-        while let Ok((pipeline, reason)) = triggers.try_recv() {
-            if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
-                if s.p.train.triggers.contains(&Trigger::Drift) && s.wanted.is_none() && matches!(s.stage, Stage::Idle)
-                {
-                    s.wanted = Some((reason, usable_rows(s, &store)));
+        match messages.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            Ok(LoopMessage::Drift { pipeline, reason }) => {
+                if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
+                    let idle = matches!(s.stage, Stage::Idle);
+                    if s.p.train.triggers.contains(&Trigger::Drift) && s.wanted.is_none() && idle {
+                        s.wanted = Some((reason, usable_rows(s, &store)));
+                    }
                 }
             }
-        }
-        match commands.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
-            Ok((action, payload)) => command(&mut states, &action, &payload, &config, &store, &registry, &events),
+            Ok(LoopMessage::Command { action, payload }) => {
+                command(&mut states, &action, &payload, &config, &store, &registry, &events)
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             // No ingest any more (stopping): wait out the tick instead.
             Err(mpsc::RecvTimeoutError::Disconnected) => {

@@ -301,8 +301,8 @@ impl Event {
 #[derive(Clone)]
 pub struct Events {
     tx: mpsc::Sender<Event>,
-    /// The training loop hears of raised drift alarms here (pipeline, reason).
-    triggers: Option<std::sync::mpsc::Sender<(String, String)>>,
+    /// The training loop hears of raised drift alarms here.
+    triggers: Option<std::sync::mpsc::Sender<super::closed_loop::LoopMessage>>,
 }
 
 impl Events {
@@ -312,7 +312,7 @@ impl Events {
 
     /// One `drift` / `drift.cleared` event per alarm, naming the model that was serving.
     /// The same handle, also telling the training loop of raised drift alarms.
-    pub fn with_triggers(mut self, tx: std::sync::mpsc::Sender<(String, String)>) -> Events {
+    pub fn with_triggers(mut self, tx: std::sync::mpsc::Sender<super::closed_loop::LoopMessage>) -> Events {
         self.triggers = Some(tx);
         self
     }
@@ -320,7 +320,8 @@ impl Events {
     pub fn drift(&self, pipeline: &str, model: &crate::infer::ActiveModel, alarms: Vec<crate::monitor::Alarm>) {
         for alarm in alarms {
             if let (true, Some(tx)) = (alarm.raised, &self.triggers) {
-                let _ = tx.send((pipeline.to_string(), format!("drift on {} ({})", alarm.series, alarm.statistic)));
+                let reason = format!("drift on {} ({})", alarm.series, alarm.statistic);
+                let _ = tx.send(super::closed_loop::LoopMessage::Drift { pipeline: pipeline.to_string(), reason });
             }
             self.emit(Event::Drift {
                 pipeline: pipeline.to_string(),

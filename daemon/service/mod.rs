@@ -5,7 +5,7 @@
 //! pipeline drains what it holds and publishes, then the final status goes out and the client
 //! disconnects cleanly. Nothing accepted is lost: what was not answered was not acked either.
 
-mod closed_loop;
+pub(crate) mod closed_loop;
 pub mod events;
 pub mod metrics;
 mod swap;
@@ -268,12 +268,11 @@ pub async fn run(
 
     // The closed loop: a sample store and its writer, drift alarms and commands as triggers.
     let training = config.pipelines.iter().any(|p| p.train.is_some());
-    let (trigger_tx, trigger_rx) = std::sync::mpsc::channel();
-    let (command_tx, command_rx) = std::sync::mpsc::channel();
+    let (loop_tx, loop_rx) = std::sync::mpsc::channel();
     let (events, store) = if training {
         let store = crate::store::Store::open(config.store.clone()).map_err(|e| ServiceError::Store(e.to_string()))?;
         let store = Arc::new(store);
-        let events = events.with_triggers(trigger_tx);
+        let events = events.with_triggers(loop_tx.clone());
         let writer =
             crate::store::writer::start(store.clone(), acks.clone(), events.clone()).map_err(ServiceError::Store)?;
         (events, Some((store, writer)))
@@ -353,7 +352,7 @@ pub async fn run(
             let (config, events, stop) = (config.clone(), events.clone(), stop_rx.clone());
             let thread = std::thread::Builder::new()
                 .name("lathe-loop".into())
-                .spawn(move || closed_loop::run(config, store, looped, events, trigger_rx, command_rx, stop))
+                .spawn(move || closed_loop::run(config, store, looped, events, loop_rx, stop))
                 .map_err(|e| ServiceError::Store(format!("cannot start the training loop: {e}")))?;
             Some(thread)
         }
@@ -382,7 +381,7 @@ pub async fn run(
         commands: match training {
             true => Some((
                 TopicFilter::parse(&format!("lathe/{}/cmd/+", config.node)).map_err(ServiceError::Broker)?,
-                command_tx,
+                loop_tx,
             )),
             false => None,
         },
