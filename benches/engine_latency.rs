@@ -31,6 +31,10 @@ fn main() {
         ("scikit-learn MLPClassifier (skl2onnx, Scaler, ZipMap)", "tests/fixtures/sklearn-mlp.onnx"),
         ("PyTorch MLP 9-16-8-3 (Gemm transB, Tanh)", "tests/fixtures/train/multiclass-adam.onnx"),
         ("PyTorch autoencoder 9-4-9", "tests/fixtures/train/reconstruction-adam.onnx"),
+        ("scikit-learn LogisticRegression (LinearClassifier)", "tests/fixtures/zoo/sklearn-logistic.onnx"),
+        ("PyTorch Conv1d over 16 frames × 4", "tests/fixtures/zoo/torch-conv1d-w16.onnx"),
+        ("PyTorch GRU(8) over 16 frames × 4", "tests/fixtures/zoo/torch-gru-w16.onnx"),
+        ("PyTorch LSTM(8) over 16 frames × 4", "tests/fixtures/zoo/torch-lstm-w16.onnx"),
     ];
     println!("| model | batch | tract µs | ort µs | tract / ort |");
     println!("| --- | --- | --- | --- | --- |");
@@ -43,7 +47,8 @@ fn main() {
         )
         .unwrap();
         for batch in [1usize, 64] {
-            let rows: Vec<f32> = (0..batch * 9).map(|i| ((i * 37 % 101) as f32) / 10.0 + 20.0).collect();
+            let len = tract.signature.sample_len();
+            let rows: Vec<f32> = (0..batch * len).map(|i| ((i * 37 % 101) as f32) / 10.0 + 20.0).collect();
             let (t, o) = (median_us(&tract, &rows), median_us(&ort, &rows));
             println!("| {name} | {batch} | {t:.1} | {o:.1} | {:.2} |", t / o);
         }

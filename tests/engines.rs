@@ -41,6 +41,41 @@ fn tract_and_onnx_runtime_agree_on_every_batch_size() {
     }
 }
 
+/// The conformance zoo (tests/fixtures/zoo): PyTorch (MLP, Conv1d, GRU, LSTM over windows),
+/// scikit-learn and onnx.helper models, on both runtimes in this process, at every batch size.
+#[test]
+fn tract_and_onnx_runtime_agree_on_every_zoo_model() {
+    let zoo: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/zoo/zoo.json")).unwrap()).unwrap();
+    for (name, z) in zoo {
+        let bytes = std::fs::read(root().join(format!("tests/fixtures/zoo/{name}.onnx"))).unwrap();
+        let tract = Engine::load(&bytes).unwrap();
+        let ort =
+            Engine::load_with(&bytes, &EngineKind::Ort { library: ort_library(), providers: vec![], strict: false })
+                .unwrap();
+        assert_eq!(tract.signature, ort.signature, "{name}");
+        let frames: Vec<f32> = z["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+            .collect();
+        let samples = lathe::infer::engine::sliding_windows(&frames, tract.signature.features, tract.signature.frames);
+        let len = tract.signature.sample_len();
+        for batch in [1usize, 7, 64, samples.len() / len] {
+            let input = &samples[..batch * len];
+            let (a, b) = (tract.run(input).unwrap(), ort.run(input).unwrap());
+            assert_eq!(a.per_row, b.per_row, "{name}");
+            for (o, (x, y)) in a.values.iter().zip(&b.values).enumerate() {
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    let tolerance = 1e-4 * p.abs().max(1.0);
+                    assert!((p - q).abs() <= tolerance, "{name} batch {batch} output {o}[{i}]: tract {p} vs ort {q}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn the_daemon_serves_through_onnx_runtime_when_configured() {
     let broker = Broker::start();
@@ -137,4 +172,46 @@ fn a_provider_the_library_lacks_is_an_error_when_strict_and_a_cpu_fallback_when_
             .unwrap();
     let rows: Vec<f32> = rows(&expected()).iter().take(64).flatten().map(|&x| x as f32).collect();
     assert_eq!(auto.run(&rows).unwrap().values, plain.run(&rows).unwrap().values);
+}
+
+/// `lathe models promote --config` validates the candidate on the daemon's own engine: with
+/// `engine = "ort"` and a file that is no ONNX Runtime, the promotion is refused (tract alone
+/// would have passed it); with the real library it goes through.
+#[test]
+fn a_promotion_is_validated_on_the_configured_engine() {
+    let dir = temp_dir("ort-promote");
+    let state = dir.join("state");
+    let lathe = |args: &[&str]| std::process::Command::new(LATHE).args(args).output().unwrap();
+    let v2 = dir.join("shuttle-mlp-2.lathe");
+    let made = bundle_create(&sample_model().0, &sample_model().1, "shuttle-mlp")
+        .args(["--target", "anomaly", "--version", "2", "-o"])
+        .arg(&v2)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let s = state.to_str().unwrap();
+    for file in [root().join("models/shuttle-mlp-1.lathe"), v2] {
+        assert!(lathe(&["models", "import", file.to_str().unwrap(), "--state-dir", s]).status.success());
+    }
+    let config = |library: &std::path::Path| {
+        let path = dir.join("lathe.toml");
+        let text = format!(
+            "node = \"p\"\nstate_dir = \"{s}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[infer]\nengine = \"ort\"\nort_library = \"{}\"\n\
+             [[pipeline]]\nname = \"shuttle\"\nmodel = \"shuttle-mlp\"\nsource = {{ topic = \"a/+/t\" }}\nsink = {{ topic = \"a/p\" }}\n",
+            library.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let not_a_library = config(&root().join("models/shuttle-mlp.onnx"));
+    let refused = lathe(&["models", "promote", "shuttle-mlp", "2", "--config", not_a_library.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("ONNX Runtime"), "{err}");
+    let listed = String::from_utf8_lossy(&lathe(&["models", "list", "--state-dir", s]).stdout).to_string();
+    assert!(listed.contains("v1 (champion)"), "{listed}");
+    let real = config(&ort_library());
+    let promoted = lathe(&["models", "promote", "shuttle-mlp", "2", "--config", real.to_str().unwrap()]);
+    assert!(promoted.status.success(), "{}", String::from_utf8_lossy(&promoted.stderr));
+    let listed = String::from_utf8_lossy(&lathe(&["models", "list", "--state-dir", s]).stdout).to_string();
+    assert!(listed.contains("v2 (champion)"), "{listed}");
 }

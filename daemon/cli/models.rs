@@ -22,12 +22,16 @@ pub enum ModelsCommand {
         #[arg(long, default_value = "/var/lib/lathe")]
         state_dir: PathBuf,
     },
-    /// Serve VERSION of NAME from now on.
+    /// Serve VERSION of NAME from now on (it must load and pass its validation set first).
     Promote {
         name: String,
         version: u64,
         #[arg(long, default_value = "/var/lib/lathe")]
         state_dir: PathBuf,
+        /// The daemon's config: its state_dir, and its `infer.engine` to validate on (default:
+        /// tract, the built-in engine).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Go back to the champion before the current one.
     Rollback {
@@ -63,8 +67,15 @@ pub fn run(cmd: ModelsCommand) -> Result<(), String> {
             println!("imported {} v{}", b.manifest.name, b.manifest.version);
             Ok(())
         }
-        ModelsCommand::Promote { name, version, state_dir } => {
-            let (from, to) = Registry::new(&state_dir).promote(&name, version).map_err(|e| e.to_string())?;
+        ModelsCommand::Promote { name, version, state_dir, config } => {
+            let registry = match config {
+                Some(path) => {
+                    let c = crate::config::Config::load(&path).map_err(|e| e.to_string())?;
+                    Registry::new(&c.state_dir).with_engine(c.infer.engine)
+                }
+                None => Registry::new(&state_dir),
+            };
+            let (from, to) = registry.promote(&name, version).map_err(|e| e.to_string())?;
             show(from, to, &name);
             Ok(())
         }

@@ -116,6 +116,9 @@ pub struct PipelineConfig {
     pub features: BTreeMap<String, String>,
     pub sink: SinkConfig,
     pub batch: BatchConfig,
+    /// `window = { size = N }`: a sequence model is fed each device's last N frames
+    /// (`[batch, N, features]`); 1 when absent.
+    pub window: usize,
     /// `[pipeline.drift]`; `None` when `enabled = false`.
     pub drift: Option<crate::monitor::Settings>,
     /// `labels = { topic, key, value, horizon_s, window }`: late ground truth.
@@ -220,7 +223,6 @@ const NOT_YET: &[(&str, &str)] = &[
     ("train", "training is set per pipeline: [pipeline.train]"),
     ("update", "remote updates are not in this build yet"),
 ];
-const PIPELINE_NOT_YET: &[(&str, &str)] = &[("window", "sequence windows are not in this build yet")];
 
 fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) -> Option<Config> {
     let base = path.parent().unwrap_or(Path::new("."));
@@ -426,12 +428,6 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             s.error("model", &format!("bundle file {} not found", f.display()));
         }
     }
-    for (key, why) in PIPELINE_NOT_YET {
-        if s.has(key) {
-            s.take(key);
-            s.error(key, why);
-        }
-    }
     let source = s.section("source", false).and_then(|mut src| {
         let topic = src.string("topic", None);
         if let Some(t) = &topic {
@@ -471,6 +467,17 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             }
         }
         None => BatchConfig::default(),
+    };
+    let window = match s.has("window").then(|| s.section("window", false)).flatten() {
+        Some(mut w) => {
+            if !w.has("size") {
+                w.error("size", "missing (expected the number of frames the sequence model takes)");
+            }
+            let size = w.integer("size", 1, 2, crate::infer::engine::MAX_FRAMES as u64);
+            w.finish();
+            size.unwrap_or(1) as usize
+        }
+        None => 1,
     };
     if let (Some(src), Some(snk)) = (&source, &sink) {
         if snk.topic.contains("{device}") && !src.topic.contains('+') {
@@ -515,6 +522,12 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         s.error("labels", "needs source.key: labels are joined to predictions by key");
     }
     let train = train::parse_train(s)?;
+    if train.is_some() && window > 1 {
+        s.error(
+            "train",
+            "fine-tuning sequence models (window) is not in this build; serve them without [pipeline.train]",
+        );
+    }
     if train.is_some() && source.as_ref().is_some_and(|s| s.key.is_none()) {
         s.error("train", "needs source.key: stored samples are joined to their labels by key");
     }
@@ -526,6 +539,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         features: features?,
         sink: sink?,
         batch,
+        window,
         drift,
         labels,
     })

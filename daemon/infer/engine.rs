@@ -1,5 +1,6 @@
-//! The tract engine: an ONNX model with one `[batch, features]` input, planned once per batch
-//! size it is run at (a pinned shape is ~2x faster than a symbolic batch, see NOTES.md).
+//! The tract engine: an ONNX model with one `[batch, features]` input (or `[batch, frames,
+//! features]` for a sequence model), planned once per batch size it is run at (a pinned shape
+//! is ~2x faster than a symbolic batch, see NOTES.md).
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,6 +27,8 @@ pub enum EngineError {
 
 /// Largest batch a plan is made for.
 const MAX_PLANNED_BATCH: usize = 64;
+/// Longest window a sequence model may take (a declared 10⁹ would be a memory bomb).
+pub const MAX_FRAMES: i64 = 4096;
 
 /// What the model takes and gives, read from the ONNX graph itself.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,9 @@ pub struct Signature {
     pub input: String,
     /// Size of the input's last dimension: one value per named feature.
     pub features: usize,
+    /// Frames per sample: 1 for a `[batch, features]` input, N for a sequence model's
+    /// `[batch, N, features]` (the last N frames of a device, oldest first).
+    pub frames: usize,
     /// `Some(n)` when the model was exported with a fixed batch size (often 1).
     pub fixed_batch: Option<usize>,
     pub input_is_f64: bool,
@@ -45,6 +51,33 @@ pub struct Signature {
 pub struct Outputs {
     pub values: Vec<Vec<f32>>,
     pub per_row: Vec<usize>,
+}
+
+impl Signature {
+    /// Values one sample takes: `frames × features`.
+    pub fn sample_len(&self) -> usize {
+        self.frames * self.features
+    }
+
+    /// The input shape for `batch` samples.
+    pub fn input_shape(&self, batch: usize) -> Vec<usize> {
+        match self.frames {
+            1 => vec![batch, self.features],
+            n => vec![batch, n, self.features],
+        }
+    }
+}
+
+/// Every window of `n` consecutive frames in `frames` (`features` values each), oldest first,
+/// flattened: the samples a sequence model takes from a series. Window `i` ends on frame
+/// `i + n - 1`; fewer than `n` frames give none.
+pub fn sliding_windows(frames: &[f32], features: usize, n: usize) -> Vec<f32> {
+    let count = (frames.len() / features.max(1)).saturating_sub(n.saturating_sub(1));
+    let mut out = Vec::with_capacity(count * n * features);
+    for i in 0..count {
+        out.extend_from_slice(&frames[i * features..(i + n) * features]);
+    }
+    out
 }
 
 impl Outputs {
@@ -130,9 +163,12 @@ impl Engine {
             let signature = signature(&proto)?;
             let backend = match kind {
                 EngineKind::Tract => Backend::Tract {
-                    model: tract_onnx::onnx()
-                        .model_for_proto_model(&proto)
-                        .map_err(|e| EngineError::Unsupported(format!("{e:#}")))?,
+                    model: {
+                        standard_operators_only(graph_of(&proto)?)?;
+                        tract_onnx::onnx()
+                            .model_for_proto_model(&proto)
+                            .map_err(|e| EngineError::Unsupported(format!("{e:#}")))?
+                    },
                     plans: Mutex::new(HashMap::new()),
                 },
                 #[cfg(feature = "ort")]
@@ -146,7 +182,7 @@ impl Engine {
             };
             let engine = Engine { signature, backend };
             // Run one row now, so a model the runtime cannot run fails at load, not at the first message.
-            engine.run(&vec![0.0; engine.signature.features])?;
+            engine.run(&vec![0.0; engine.signature.sample_len()])?;
             Ok(engine)
         })
     }
@@ -169,7 +205,7 @@ impl Engine {
             return Ok(p.clone());
         }
         let dt = if self.signature.input_is_f64 { f64::datum_type() } else { f32::datum_type() };
-        let fact = InferenceFact::dt_shape(dt, tvec![batch, self.signature.features]);
+        let fact = InferenceFact::dt_shape(dt, self.signature.input_shape(batch));
         let model = model.clone();
         let plan = guarded(|| {
             model
@@ -182,14 +218,15 @@ impl Engine {
         Ok(plan)
     }
 
-    /// Runs `rows` (row-major, `features` values each).
+    /// Runs `rows` (row-major samples of `sample_len()` values: one frame of `features`, or a
+    /// sequence model's window of frames).
     ///
     /// # Errors
     /// A wrong row width, or tract failing on the batch.
     pub fn run(&self, rows: &[f32]) -> Result<Outputs, EngineError> {
-        let f = self.signature.features;
+        let f = self.signature.sample_len();
         if f == 0 || !rows.len().is_multiple_of(f) {
-            return Err(EngineError::Run(format!("{} values is not a whole number of {f}-feature rows", rows.len())));
+            return Err(EngineError::Run(format!("{} values is not a whole number of {f}-value samples", rows.len())));
         }
         let n = rows.len() / f;
         let mut outputs = Outputs {
@@ -220,15 +257,15 @@ impl Engine {
 
     /// One padded batch through the runtime: every output as f32 values and a shape.
     fn run_batch(&self, padded: &[f32], batch: usize) -> Result<Vec<BatchOutput>, EngineError> {
-        let f = self.signature.features;
+        let shape = self.signature.input_shape(batch);
         match &self.backend {
             Backend::Tract { model, plans } => {
                 let plan = self.plan(model, plans, batch)?;
                 let input = if self.signature.input_is_f64 {
                     let v: Vec<f64> = padded.iter().map(|&x| x as f64).collect();
-                    Tensor::from_shape(&[batch, f], &v)
+                    Tensor::from_shape(&shape, &v)
                 } else {
-                    Tensor::from_shape(&[batch, f], padded)
+                    Tensor::from_shape(&shape, padded)
                 }
                 .map_err(|e| EngineError::Run(format!("{e:#}")))?;
                 let result = guarded(|| plan.run(tvec!(input.into())).map_err(|e| EngineError::Run(format!("{e:#}"))))?;
@@ -243,8 +280,28 @@ impl Engine {
                     .collect()
             }
             #[cfg(feature = "ort")]
-            Backend::Ort(session) => session.run(padded, batch, f, self.signature.input_is_f64),
+            Backend::Ort(session) => session.run(padded, &shape, self.signature.input_is_f64),
         }
+    }
+}
+
+fn graph_of(proto: &ModelProto) -> Result<&tract_onnx::pb::GraphProto, EngineError> {
+    proto.graph.as_ref().ok_or_else(|| EngineError::Decode("no graph".into()))
+}
+
+/// tract runs the standard operator sets (and the `ai.onnx.ml` operators it or `ml_ops`
+/// handles). A runtime's private operators (`com.microsoft.*`, written by onnxruntime's graph
+/// optimizer) are named here, rather than failing deep inside tract's planner.
+fn standard_operators_only(graph: &tract_onnx::pb::GraphProto) -> Result<(), EngineError> {
+    match graph.node.iter().find(|n| !matches!(n.domain.as_str(), "" | "ai.onnx" | "ai.onnx.ml")) {
+        Some(n) => Err(EngineError::Unsupported(format!(
+            "node {:?} uses operator {}.{}, which only the runtime that defines it can run; \
+             export the model without runtime-specific optimizations",
+            if n.name.is_empty() { n.output.first().map_or("", String::as_str) } else { &n.name },
+            n.domain,
+            n.op_type
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -289,11 +346,13 @@ fn signature(proto: &ModelProto) -> Result<Signature, EngineError> {
             )))
         }
     };
-    let (fixed_batch, features) = match shape.as_slice() {
-        [batch, Some(f)] => (batch.map(|b| b as usize), *f as usize),
+    let (fixed_batch, frames, features) = match shape.as_slice() {
+        [batch, Some(f)] => (batch.map(|b| b as usize), 1, *f as usize),
+        [batch, Some(n), Some(f)] if *n <= MAX_FRAMES => (batch.map(|b| b as usize), *n as usize, *f as usize),
         _ => {
             return Err(EngineError::Unsupported(format!(
-                "input {:?} has shape {:?}; expected [batch, features] with a fixed feature count",
+                "input {:?} has shape {:?}; expected [batch, features] or, for a sequence model, \
+                 [batch, frames, features] (at most {MAX_FRAMES} frames), with fixed frame and feature counts",
                 input.name, shape
             )))
         }
@@ -304,6 +363,7 @@ fn signature(proto: &ModelProto) -> Result<Signature, EngineError> {
     Ok(Signature {
         input: input.name.clone(),
         features,
+        frames,
         fixed_batch,
         input_is_f64,
         outputs: graph.output.iter().map(|o| o.name.clone()).collect(),

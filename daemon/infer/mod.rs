@@ -6,6 +6,7 @@ pub(crate) mod ml_ops;
 #[cfg(feature = "ort")]
 mod ort_engine;
 mod untrusted;
+mod window;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -84,6 +85,26 @@ impl ActiveModel {
                 engine.signature.features,
                 m.inputs.len()
             ));
+        }
+        let frames = engine.signature.frames;
+        if frames != m.window {
+            return Err(format!("the model takes windows of {frames} frames, bundle.toml says {}", m.window));
+        }
+        if frames != pipeline.window {
+            return Err(match (frames, pipeline.window) {
+                (n, 1) => format!(
+                    "{} v{} is a sequence model taking the last {n} frames of a device; add window = {{ size = {n} }} to pipeline {:?}",
+                    m.name, m.version, pipeline.name
+                ),
+                (1, w) => format!(
+                    "pipeline {:?} has window = {{ size = {w} }} but {} v{} takes one frame per sample",
+                    pipeline.name, m.name, m.version
+                ),
+                (n, w) => format!(
+                    "pipeline {:?} has window = {{ size = {w} }} but {} v{} takes windows of {n} frames",
+                    pipeline.name, m.name, m.version
+                ),
+            });
         }
         let (rows, outputs) = bundle.validated_outputs(&engine).map_err(|e| e.to_string())?;
         let monitor = match &pipeline.drift {
@@ -198,17 +219,30 @@ impl Pipeline {
     /// Serves until the channel closes (ingest stopped) and every queued row is answered.
     pub async fn run(self, mut rx: mpsc::Receiver<Sample>) {
         let mut batch: Vec<Sample> = Vec::with_capacity(self.batch.max);
+        // The served rows (one frame each), and what the model takes: the same rows, or for a
+        // sequence model each row's window.
         let mut rows: Vec<f32> = Vec::new();
+        let mut windows = window::Windows::default();
+        let mut samples: Vec<f32> = Vec::new();
         while let Some(first) = rx.recv().await {
             batch.push(first);
             self.fill(&mut rx, &mut batch).await;
             self.flow.taken(batch.len());
+            let model = self.model.load_full();
+            let frames = model.engine.signature.frames;
+            if frames > 1 {
+                samples.clear();
+                self.fill_windows(&mut windows, frames, &mut batch, &mut samples);
+                if batch.is_empty() {
+                    continue;
+                }
+            }
             self.counters.batch.observe(&crate::service::events::BATCH_BUCKETS, batch.len() as u64);
             rows.clear();
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
-            let model = self.model.load_full();
+            let input = if frames > 1 { &samples } else { &rows };
             let started = Instant::now();
-            match model.engine.run(&rows) {
+            match model.engine.run(input) {
                 Ok(out) => {
                     let per_row = started.elapsed().as_micros() as u64 / batch.len().max(1) as u64;
                     self.counters.compute.observe(&crate::service::events::COMPUTE_BUCKETS_US, per_row);
@@ -216,7 +250,7 @@ impl Pipeline {
                     self.check_health(&model, batch.len(), &out);
                     self.watch(&model, &rows, &out);
                     self.remember(&model, &batch, &out);
-                    self.shadow(&batch, &rows);
+                    self.shadow(&batch, input);
                     self.keep(&model, &mut batch, &rows, &out);
                 }
                 Err(e) => {
@@ -234,6 +268,24 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// Sequence models: adds each row to its device's window; rows whose window is full stay
+    /// in `batch` with their window appended to `samples`, the others (still filling) are
+    /// counted and acknowledged here.
+    fn fill_windows(&self, windows: &mut window::Windows, n: usize, batch: &mut Vec<Sample>, samples: &mut Vec<f32>) {
+        let mut filling = 0u64;
+        batch.retain_mut(|s| {
+            if windows.push(&s.device, &s.features, n, samples) {
+                return true;
+            }
+            filling += 1;
+            if let Some(ticket) = s.ack.take().and_then(Arc::into_inner) {
+                self.acks.done(ticket);
+            }
+            false
+        });
+        self.counters.window_filling.fetch_add(filling, Relaxed);
     }
 
     /// Takes what is already queued, then waits up to `batch.wait_us` for more.

@@ -101,19 +101,13 @@ impl OrtSession {
 
     /// # Errors
     /// ONNX Runtime failing on the batch, or an output that is not numeric.
-    pub fn run(
-        &self,
-        padded: &[f32],
-        batch: usize,
-        features: usize,
-        f64_input: bool,
-    ) -> Result<Vec<BatchOutput>, EngineError> {
+    pub fn run(&self, padded: &[f32], shape: &[usize], f64_input: bool) -> Result<Vec<BatchOutput>, EngineError> {
         let err = |e: ort::Error| EngineError::Run(format!("ONNX Runtime: {e}"));
         let input = if f64_input {
             let v: Vec<f64> = padded.iter().map(|&x| f64::from(x)).collect();
-            Tensor::from_array(([batch, features], v)).map_err(err)?.into_dyn()
+            Tensor::from_array((shape.to_vec(), v)).map_err(err)?.into_dyn()
         } else {
-            Tensor::from_array(([batch, features], padded.to_vec())).map_err(err)?.into_dyn()
+            Tensor::from_array((shape.to_vec(), padded.to_vec())).map_err(err)?.into_dyn()
         };
         let mut session = self.session.lock().map_err(|_| EngineError::Run("a previous run panicked".into()))?;
         let result = session.run(ort::inputs![self.input.as_str() => input]).map_err(err)?;

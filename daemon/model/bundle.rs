@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::baseline::{self, Baseline, Reading};
 use super::manifest::{Gate, Input, Lineage, Manifest, Task, Training, FORMAT};
-use crate::infer::engine::{Engine, EngineError, Outputs};
+use crate::infer::engine::{sliding_windows, Engine, EngineError, Outputs};
 
 pub const MANIFEST: &str = "bundle.toml";
 pub const MODEL: &str = "model.onnx";
@@ -152,7 +152,8 @@ impl Bundle {
         builder.into_inner().map_err(|e| BundleError::Format(e.to_string()))
     }
 
-    /// The validation set's feature rows, in model order, flattened.
+    /// The validation set's feature rows (frames), in model order, flattened. A sequence
+    /// model's samples are the windows over them ([`Bundle::validation_samples`]).
     ///
     /// # Errors
     /// A validation CSV that lacks an input column or holds non-numbers in one.
@@ -165,7 +166,21 @@ impl Bundle {
         Ok(table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect())
     }
 
-    /// The validation set's target column (empty for `reconstruction`).
+    /// What the model takes on its validation set: the rows, or for a sequence model every
+    /// window of `window` consecutive rows (window `i` ends on row `i + window - 1`).
+    ///
+    /// # Errors
+    /// As [`Bundle::validation_rows`].
+    pub fn validation_samples(&self) -> Result<Vec<f32>, BundleError> {
+        let rows = self.validation_rows()?;
+        Ok(match self.manifest.window {
+            0 | 1 => rows,
+            n => sliding_windows(&rows, self.manifest.inputs.len(), n),
+        })
+    }
+
+    /// The validation set's target column (empty for `reconstruction`), one per sample: a
+    /// sequence model's first `window - 1` rows end no window, and their targets are skipped.
     ///
     /// # Errors
     /// A missing or non-numeric target column.
@@ -177,7 +192,7 @@ impl Bundle {
             .map_err(|_| BundleError::Data("validation.csv is not UTF-8".into()))?;
         let table = parse_csv(text)?;
         let c = table.numeric_column(&self.manifest.target)?;
-        Ok(table.rows.iter().map(|r| r[c]).collect())
+        Ok(table.rows.iter().skip(self.manifest.window.saturating_sub(1)).map(|r| r[c]).collect())
     }
 
     /// Runs the model on its own validation set: what it outputs there must be finite.
@@ -190,13 +205,16 @@ impl Bundle {
 
     /// Like [`Bundle::validate`], returning the validation rows and the model's outputs on
     /// them, so a caller that needs both (the drift monitor's reference) runs the set once.
+    /// For a sequence model the rows are those that end a window, one per output row.
     ///
     /// # Errors
     /// As [`Bundle::validate`].
     pub fn validated_outputs(&self, engine: &Engine) -> Result<(Vec<f32>, Outputs), BundleError> {
-        let rows = self.validation_rows()?;
-        let outputs = engine.run(&rows)?;
+        let mut rows = self.validation_rows()?;
+        let outputs = engine.run(&self.validation_samples()?)?;
         check_finite(&outputs, &self.manifest.outputs)?;
+        let skipped = self.manifest.window.saturating_sub(1) * self.manifest.inputs.len();
+        rows.drain(..skipped.min(rows.len()));
         Ok((rows, outputs))
     }
 
@@ -402,12 +420,29 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
             names.join(",")
         )));
     }
-    let x: Vec<f32> = table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect();
-    let outputs = engine.run(&x)?;
+    let mut x: Vec<f32> = table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect();
+    // A sequence model is judged on every window of consecutive rows, each with the target on
+    // its last row; from here on `x` holds the rows that end a window.
+    let window = engine.signature.frames;
+    if window > 1 && opts.task == Task::Reconstruction {
+        return Err(BundleError::Data("a sequence model (input [batch, frames, features]) cannot be a reconstruction model: lathe scores reconstruction against one row".into()));
+    }
+    if table.rows.len() < window + 1 {
+        return Err(BundleError::Data(format!(
+            "the model takes windows of {window} rows; the CSV has {} rows, too few to validate it",
+            table.rows.len()
+        )));
+    }
+    let outputs = match window {
+        1 => engine.run(&x)?,
+        n => engine.run(&sliding_windows(&x, f, n))?,
+    };
+    x.drain(..(window - 1) * f);
     check_finite(&outputs, &engine.signature.outputs)?;
     let p = primary_output(opts.task, &outputs, f);
-    let n = table.rows.len();
-    let truth: Vec<f64> = target.map(|t| table.rows.iter().map(|r| r[t]).collect()).unwrap_or_default();
+    let n = table.rows.len() - (window - 1);
+    let truth: Vec<f64> =
+        target.map(|t| table.rows.iter().skip(window - 1).map(|r| r[t]).collect()).unwrap_or_default();
 
     let threshold = match opts.task {
         Task::Binary if outputs.per_row[p] == 1 => {
@@ -453,6 +488,7 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
         target: opts.target.clone().unwrap_or_default(),
         primary_output: p,
         model_input: engine.signature.input.clone(),
+        window,
         inputs,
         outputs: engine.signature.outputs.clone(),
         training: Training { trainable: opts.trainable.clone(), ..Training::default() },
@@ -497,12 +533,11 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
 pub fn derive(parent: &Bundle, model: Vec<u8>, training: Training, lineage: Lineage) -> Result<Bundle, BundleError> {
     let engine = Engine::load(&model)?;
     let m = &parent.manifest;
-    if engine.signature.outputs != m.outputs || engine.signature.features != m.inputs.len() {
+    let s = &engine.signature;
+    if s.outputs != m.outputs || s.features != m.inputs.len() || s.frames != m.window {
         return Err(BundleError::Format("the new model's inputs or outputs differ from its parent's".into()));
     }
-    let x = parent.validation_rows()?;
-    let outputs = engine.run(&x)?;
-    check_finite(&outputs, &m.outputs)?;
+    let (x, outputs) = parent.validated_outputs(&engine)?;
     let measured = measure(
         m.task,
         m.baseline.threshold,

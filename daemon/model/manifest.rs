@@ -47,6 +47,10 @@ pub struct Manifest {
     /// Which output is "the prediction" (index into `outputs`).
     pub primary_output: usize,
     pub model_input: String,
+    /// Frames per sample: 1, or N for a sequence model fed the last N frames of a device
+    /// (`[batch, N, features]`); the pipeline's `window = { size = N }` must match it.
+    #[serde(default = "one_frame", skip_serializing_if = "is_one_frame")]
+    pub window: usize,
     pub inputs: Vec<Input>,
     pub outputs: Vec<String>,
     pub training: Training,
@@ -55,6 +59,14 @@ pub struct Manifest {
     pub lineage: Lineage,
     /// sha256 (hex) of every other file in the bundle.
     pub files: BTreeMap<String, String>,
+}
+
+fn one_frame() -> usize {
+    1
+}
+
+fn is_one_frame(n: &usize) -> bool {
+    *n == 1
 }
 
 /// One named feature, in model order.

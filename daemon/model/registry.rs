@@ -59,11 +59,20 @@ const KEEP_HISTORY: usize = 10;
 
 pub struct Registry {
     root: PathBuf,
+    /// The runtime a candidate must load and validate on before it is promoted: the one
+    /// that will serve it (`infer.engine`).
+    engine: crate::infer::EngineKind,
 }
 
 impl Registry {
     pub fn new(state_dir: &Path) -> Registry {
-        Registry { root: state_dir.join("registry") }
+        Registry { root: state_dir.join("registry"), engine: crate::infer::EngineKind::Tract }
+    }
+
+    /// The same registry, validating candidates on `engine` (the daemon's `infer.engine`).
+    pub fn with_engine(mut self, engine: crate::infer::EngineKind) -> Registry {
+        self.engine = engine;
+        self
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
@@ -203,8 +212,9 @@ impl Registry {
             return Err(RegistryError::NoVersion { name: name.into(), version, available });
         }
         let candidate = Bundle::read(&path).map_err(|source| RegistryError::Bundle { path: path.clone(), source })?;
-        // It must load and give finite outputs on its own validation set before it may serve.
-        crate::infer::Engine::load(&candidate.model)
+        // It must load and give finite outputs on its own validation set, on the runtime that
+        // will serve it, before it may serve.
+        crate::infer::Engine::load_with(&candidate.model, &self.engine)
             .map_err(BundleError::from)
             .and_then(|engine| candidate.validate(&engine))
             .map_err(|source| RegistryError::Bundle { path, source })?;

@@ -158,7 +158,7 @@ pub fn run(
     messages: mpsc::Receiver<LoopMessage>,
     stop: watch::Receiver<bool>,
 ) {
-    let registry = Registry::new(&config.state_dir);
+    let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
     let mut states: Vec<State> =
         pipelines.into_iter().map(|p| State { p, stage: Stage::Idle, wanted: None, retry_at: None }).collect();
     for s in &mut states {
@@ -350,7 +350,10 @@ fn in_hours_at(hours: Option<(u32, u32)>, minute: u32) -> bool {
 fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, events: &Events) {
     let p = &s.p;
     let name = p.config.name.clone();
-    let champion = match Registry::new(&config.state_dir).champion(&p.model.load().name) {
+    let champion = match Registry::new(&config.state_dir)
+        .with_engine(config.infer.engine.clone())
+        .champion(&p.model.load().name)
+    {
         Ok(b) => b,
         Err(e) => {
             emit(events, p, "train.failed", format!("cannot read the champion: {e}"), json!({}));

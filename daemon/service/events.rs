@@ -36,6 +36,8 @@ pub struct Counters {
     /// 1): output health for a model on trial.
     pub outputs_nonfinite: AtomicU64,
     pub outputs_saturated: AtomicU64,
+    /// Sequence models: rows that only filled their device's window (its first N − 1).
+    pub window_filling: AtomicU64,
 }
 
 /// Upper bounds of the latency histogram's buckets, µs.
@@ -95,6 +97,7 @@ impl Counters {
             "labels_stored": self.labels_stored.load(Relaxed),
             "outputs_nonfinite": self.outputs_nonfinite.load(Relaxed),
             "outputs_saturated": self.outputs_saturated.load(Relaxed),
+            "window_filling": self.window_filling.load(Relaxed),
         })
     }
 }

@@ -70,7 +70,7 @@ fn load_models_noting(
     seed: bool,
     fallbacks: &mut Vec<(String, String, String)>,
 ) -> Result<Vec<ActiveModel>, ConfigErrors> {
-    let registry = Registry::new(&config.state_dir);
+    let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
     let mut errors = Vec::new();
     let mut loaded = Vec::new();
     for (i, p) in config.pipelines.iter().enumerate() {

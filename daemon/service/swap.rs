@@ -19,7 +19,7 @@ use crate::model::Registry;
 const POLL: Duration = Duration::from_millis(250);
 
 pub async fn watch(config: Config, serving: Arc<Vec<Serving>>, events: Events, mut stop: watch::Receiver<bool>) {
-    let registry = Registry::new(&config.state_dir);
+    let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
     // Versions that failed to load, so a broken one is reported once, not every second.
     let mut refused: HashMap<String, u64> = HashMap::new();
     loop {
@@ -37,7 +37,10 @@ pub async fn watch(config: Config, serving: Arc<Vec<Serving>>, events: Events, m
             // A new version must read the same features: the telemetry does not change with it.
             let inputs: Vec<String> = current.extractor.names().map(String::from).collect();
             let loaded = tokio::task::spawn_blocking(move || {
-                let bundle = Registry::new(&config.state_dir).champion(&name).map_err(|e| e.to_string())?;
+                let bundle = Registry::new(&config.state_dir)
+                    .with_engine(config.infer.engine.clone())
+                    .champion(&name)
+                    .map_err(|e| e.to_string())?;
                 let new: Vec<&str> = bundle.manifest.inputs.iter().map(|i| i.name.as_str()).collect();
                 if new != inputs {
                     return Err(format!(

@@ -403,6 +403,12 @@ pub fn fine_tune_on<B: Backend>(
     let started = Instant::now();
     let started_unix = now_unix();
     let m = &champion.manifest;
+    if m.window > 1 {
+        return Err(format!(
+            "{} is a sequence model (windows of {} frames); fine-tuning sequence models is not in this build",
+            m.name, m.window
+        ));
+    }
     let output = m.outputs.get(m.primary_output).ok_or("primary_output out of range")?;
     let plan = plan(&champion.model, output, m.task, training)?;
     let classes = match plan.loss {

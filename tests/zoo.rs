@@ -1,0 +1,241 @@
+//! The conformance zoo (tests/fixtures/zoo, made by `make_zoo.py` with PyTorch, scikit-learn
+//! and onnx.helper): tract computes what onnxruntime computed on every model, at every batch
+//! size, windows included; each model becomes a bundle.
+
+mod common;
+
+use lathe::infer::engine::sliding_windows;
+use lathe::infer::Engine;
+use serde_json::Value;
+
+fn zoo() -> Vec<(String, Value)> {
+    let text = std::fs::read_to_string(common::root().join("tests/fixtures/zoo/zoo.json")).unwrap();
+    let zoo: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
+    zoo.into_iter().collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .collect()
+}
+
+#[test]
+fn tract_matches_onnx_runtime_on_every_zoo_model_and_batch_size() {
+    let models = zoo();
+    assert!(models.len() >= 9, "the zoo has {} models", models.len());
+    for (name, z) in models {
+        let bytes = std::fs::read(common::root().join(format!("tests/fixtures/zoo/{name}.onnx"))).unwrap();
+        let engine = Engine::load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let window = z["window"].as_u64().unwrap() as usize;
+        let f = z["features"].as_array().unwrap().len();
+        assert_eq!((engine.signature.frames, engine.signature.features), (window, f), "{name}");
+        let samples = sliding_windows(&floats(&z["frames"]), f, window);
+        let n = samples.len() / (window * f);
+        let expected: Vec<Vec<f32>> = z["outputs"].as_array().unwrap().iter().map(floats).collect();
+        assert_eq!(expected[0].len() / expected[0].len().max(1) * n, n);
+        let mut worst = 0f32;
+        for batch in [1usize, 7, 64, n] {
+            let mut got: Vec<Vec<f32>> = vec![Vec::new(); expected.len()];
+            for chunk in samples.chunks(batch * window * f) {
+                let out = engine.run(chunk).unwrap_or_else(|e| panic!("{name} batch {batch}: {e}"));
+                for (o, values) in got.iter_mut().enumerate() {
+                    values.extend_from_slice(&out.values[o]);
+                }
+            }
+            for (o, (want, got)) in expected.iter().zip(&got).enumerate() {
+                assert_eq!(want.len(), got.len(), "{name} output {o}");
+                for (i, (p, q)) in want.iter().zip(got).enumerate() {
+                    // 1e-4, relative above 1 (a CO2 forecast of 700 ppm is exact to ~1e-4 in f32).
+                    let tolerance = 1e-4 * p.abs().max(1.0);
+                    worst = worst.max((p - q).abs() / p.abs().max(1.0));
+                    assert!((p - q).abs() <= tolerance, "{name} batch {batch} output {o}[{i}]: ort {p} vs tract {q}");
+                }
+            }
+        }
+        eprintln!("{name}: {n} samples agree at batch 1, 7, 64 and {n}; largest difference {worst:.1e}");
+    }
+}
+
+/// `lathe bundle create` for a zoo model with its own validation CSV, written to `dir`.
+fn bundle(dir: &std::path::Path, name: &str, z: &Value) -> std::path::PathBuf {
+    let out = dir.join(format!("{name}.lathe"));
+    let zoo = common::root().join("tests/fixtures/zoo");
+    let made = std::process::Command::new(common::LATHE)
+        .args(["bundle", "create", "--json", "--trainable", "none", "--name", name])
+        .args(["--task", z["task"].as_str().unwrap(), "--target", z["target"].as_str().unwrap(), "--model"])
+        .arg(zoo.join(format!("{name}.onnx")))
+        .arg("--data")
+        .arg(zoo.join(format!("{name}.csv")))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{name}: {}", String::from_utf8_lossy(&made.stderr));
+    out
+}
+
+#[test]
+fn every_zoo_model_becomes_a_bundle_judged_on_its_own_windows() {
+    let dir = common::temp_dir("zoo-bundles");
+    for (name, z) in zoo() {
+        let path = bundle(&dir, &name, &z);
+        let b = lathe::model::Bundle::read(&path).unwrap();
+        let window = z["window"].as_u64().unwrap() as usize;
+        let frames = z["frames"].as_array().unwrap().len();
+        assert_eq!(b.manifest.window, window, "{name}");
+        // One baseline row per sample: a window of 16 needs 15 rows before its first.
+        assert_eq!(b.manifest.baseline.rows, frames - (window - 1), "{name}");
+        let metric = match z["task"].as_str().unwrap() {
+            "regression" => "mae",
+            _ => "accuracy",
+        };
+        let value = b.manifest.baseline.metrics[metric];
+        eprintln!("{name}: window {window}, {metric} {value:.4} on {} samples", b.manifest.baseline.rows);
+        match metric {
+            // CO2 forecasts one step ahead (ppm): persistence scores 23.8 on these rows.
+            "mae" => assert!(value < 60.0, "{name}: mae {value}"),
+            _ => assert!(value > 0.6, "{name}: accuracy {value}"),
+        }
+    }
+}
+
+#[test]
+fn a_sequence_model_must_be_served_with_its_window_and_is_not_fine_tuned() {
+    let dir = common::temp_dir("zoo-window-config");
+    let z = &zoo().into_iter().find(|(n, _)| n == "torch-gru-w16").unwrap().1;
+    let model = bundle(&dir, "torch-gru-w16", z);
+    let check = |extra: &str| {
+        let broker_url = "mqtt://127.0.0.1:1";
+        let config = format!(
+            "node = \"w\"\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{broker_url}\"\n[[pipeline]]\nname = \"co2\"\nmodel = \"{}\"\n\
+             source = {{ topic = \"plant/+/occupancy\", key = \"/seq\" }}\nsink = {{ topic = \"plant/{{device}}/co2\" }}\n{extra}",
+            dir.join("state").display(),
+            model.display()
+        );
+        let path = dir.join("lathe.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(common::LATHE).arg("check").arg("--config").arg(&path).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, text) = check("window = { size = 16 }\n");
+    assert!(ok, "{text}");
+    let (ok, text) = check("");
+    assert!(!ok && text.contains("add window = { size = 16 }"), "{text}");
+    let (ok, text) = check("window = { size = 8 }\n");
+    assert!(!ok && text.contains("takes windows of 16 frames"), "{text}");
+    let (ok, text) = check("window = { size = 16 }\n[pipeline.train]\ntrigger = []\n");
+    assert!(!ok && text.contains("sequence models"), "{text}");
+    let refused = std::process::Command::new(common::LATHE)
+        .args(["bundle", "create", "--task", "regression", "--target", "next_co2", "--name", "g", "--model"])
+        .arg(common::root().join("tests/fixtures/zoo/torch-gru-w16.onnx"))
+        .arg("--data")
+        .arg(common::root().join("tests/fixtures/zoo/torch-gru-w16.csv"))
+        .arg("-o")
+        .arg(dir.join("g.lathe"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && err.contains("--trainable none"), "{err}");
+}
+
+/// Two devices stream occupancy frames, interleaved, to a GRU and a Conv1d pipeline: each
+/// device's first 15 frames only fill its window; every later frame gets the prediction
+/// onnxruntime computed for the window ending on it.
+#[test]
+fn sequence_models_serve_each_devices_last_frames_as_onnx_runtime_computes_them() {
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("zoo-window-serve");
+    let models: Vec<(String, Value)> = zoo().into_iter().filter(|(_, z)| z["window"] != 1).collect();
+    assert_eq!(models.len(), 3);
+    let mut config = format!(
+        "node = \"seq\"\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\n",
+        dir.join("state").display(),
+        broker.url()
+    );
+    for (name, z) in &models {
+        let model = bundle(&dir, name, z);
+        config += &format!(
+            "[[pipeline]]\nname = \"{name}\"\nmodel = \"{}\"\nwindow = {{ size = 16 }}\n\
+             source = {{ topic = \"plant/+/occupancy\", key = \"/seq\" }}\nsink = {{ topic = \"plant/{{device}}/{name}\" }}\n",
+            model.display()
+        );
+    }
+    let mut daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, "seq", &daemon);
+    let out = common::Collector::new(
+        broker.port,
+        &["plant/+/torch-gru-w16", "plant/+/torch-conv1d-w16", "plant/+/torch-lstm-w16", "lathe/seq/status"],
+    );
+    // Device a streams the validation frames; device b the same frames, interleaved with a.
+    let z = &models[0].1;
+    let frames: Vec<Vec<f64>> = z["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect();
+    let names: Vec<String> =
+        z["features"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let mut p = common::Publisher::new(broker.port);
+    for (i, frame) in frames.iter().enumerate() {
+        for device in ["a", "b"] {
+            let mut doc = serde_json::Map::new();
+            for (n, v) in names.iter().zip(frame) {
+                doc.insert(n.clone(), (*v).into());
+            }
+            doc.insert("seq".into(), i.into());
+            p.publish(&format!("plant/{device}/occupancy"), Value::Object(doc).to_string());
+        }
+    }
+    p.flush();
+    let per_model = 2 * (frames.len() - 15);
+    for (name, z) in &models {
+        assert!(
+            out.wait_for(name, per_model, std::time::Duration::from_secs(60)),
+            "{name}: {} of {per_model} predictions; log:\n{}",
+            out.count(name),
+            daemon.log()
+        );
+        let expected: Vec<f64> = z["outputs"][0].as_array().unwrap().iter().map(|r| r[0].as_f64().unwrap()).collect();
+        for device in ["a", "b"] {
+            let got: Vec<Value> = out.on(&format!("plant/{device}/{name}"));
+            assert_eq!(got.len(), frames.len() - 15, "{name} {device}");
+            for prediction in got {
+                let key = prediction["key"].as_u64().unwrap() as usize;
+                assert!(key >= 15, "{name}: frame {key} cannot end a window of 16");
+                let (got, want) = (prediction["output"][0].as_f64().unwrap(), expected[key - 15]);
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{name} {device} frame {key}: {got} vs ort {want}"
+                );
+            }
+        }
+    }
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(15), || {
+            out.on("lathe/seq/status").last().is_some_and(|s| {
+                s["pipelines"].as_array().unwrap().iter().all(|p| p["counters"]["window_filling"] == 30)
+            })
+        }),
+        "{:?}",
+        out.on("lathe/seq/status").last()
+    );
+    assert!(daemon.stop());
+}
+
+#[test]
+fn a_model_with_an_operator_only_onnx_runtime_knows_is_refused_when_bundled() {
+    let dir = common::temp_dir("zoo-contrib");
+    let (_, data) = common::sample_model();
+    let out = common::bundle_create(&common::root().join("tests/fixtures/zoo/unsupported-contrib-op.onnx"), &data, "c")
+        .args(["--target", "anomaly", "-o"])
+        .arg(dir.join("c.lathe"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("com.microsoft.FusedMatMul"), "{err}");
+    assert!(!dir.join("c.lathe").exists());
+}
