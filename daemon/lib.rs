@@ -12,6 +12,7 @@
 //! - [`monitor`]: drift against the bundle's baseline, late-label performance.
 //! - [`train`]: on-device fine-tuning (the `Backend` trait, CPU backend, gate, run records).
 //! - [`store`]: the crash-safe sample store (redb) the loop trains from.
+//! - [`sparkplug`]: Sparkplug B in (alias tables, sequence, rebirth) and out (lathe as an edge node).
 //! - [`service`]: wiring, start and graceful stop, status and events.
 //! - [`cli`]: the `lathe` command line, including `lathe demo`.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::await_holding_lock)]
@@ -24,5 +25,6 @@ pub mod ingest;
 pub mod model;
 pub mod monitor;
 pub mod service;
+pub mod sparkplug;
 pub mod store;
 pub mod train;

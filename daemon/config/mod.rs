@@ -56,7 +56,17 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// `[store]`: the sample store the training loop keeps (used by pipelines with `train`).
     pub store: crate::store::Settings,
+    /// `[sparkplug] group, edge_node`: lathe also appears as a Sparkplug B edge node.
+    pub sparkplug: Option<SparkplugOutputConfig>,
     pub pipelines: Vec<PipelineConfig>,
+}
+
+/// lathe as a Sparkplug B edge node: its models in the NBIRTH, predictions as DDATA.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparkplugOutputConfig {
+    pub group: String,
+    /// Default: the node name.
+    pub edge_node: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -143,8 +153,12 @@ pub struct LabelsConfig {
 
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
-    /// MQTT filter; the level matched by its first `+` is the device id.
+    /// MQTT filter; the level matched by its first `+` is the device id. For Sparkplug B,
+    /// the namespace's filter (`spBv1.0/{group}/+/{edge_node}/#`).
     pub topic: String,
+    /// `format = "sparkplug-b"`: (group, edge_node), either may be `+`. Features then name
+    /// metrics, and the device comes from the Sparkplug topic.
+    pub sparkplug: Option<(String, String)>,
     /// JSON pointer to the message key echoed in predictions (e.g. `/seq`).
     pub key: Option<String>,
     /// JSON pointer to the message timestamp echoed in predictions.
@@ -257,6 +271,25 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         }
         None => None,
     };
+    let sparkplug = match root.has("sparkplug").then(|| root.section("sparkplug", false)).flatten() {
+        Some(mut sp) => {
+            let mut id = |key: &str, default: Option<&str>| {
+                let v = sp.string(key, default);
+                if v.as_deref().is_some_and(|v| v.is_empty() || v.contains(['/', '+', '#'])) {
+                    sp.error(key, "expected a Sparkplug id: not empty, no '/', '+' or '#'");
+                }
+                v
+            };
+            let group = id("group", None);
+            let edge_node = id("edge_node", node.as_deref());
+            let ok = sp.finish();
+            match (group, edge_node, ok) {
+                (Some(group), Some(edge_node), true) => Some(SparkplugOutputConfig { group, edge_node }),
+                _ => None,
+            }
+        }
+        None => None,
+    };
     let pipelines = root.array_of_tables("pipeline").map(|tables| {
         if tables.is_empty() {
             root.error("pipeline", "expected at least one [[pipeline]]");
@@ -285,6 +318,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         infer: infer?,
         metrics_listen,
         store: store?,
+        sparkplug,
         pipelines: pipelines?,
     })
 }
@@ -429,22 +463,53 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         }
     }
     let source = s.section("source", false).and_then(|mut src| {
-        let topic = src.string("topic", None);
+        let sparkplug = match src.string("format", Some("json")).as_deref() {
+            Some("json") | None => None,
+            Some("sparkplug-b") => {
+                let mut level = |key: &str| {
+                    let v = src.string(key, Some("+"));
+                    if v.as_deref().is_some_and(|v| v.is_empty() || (v != "+" && v.contains(['/', '+', '#']))) {
+                        src.error(key, "expected a Sparkplug id (no '/', '+' or '#') or \"+\" for any");
+                    }
+                    v.unwrap_or_default()
+                };
+                let (group, edge_node) = (level("group"), level("edge_node"));
+                Some((group, edge_node))
+            }
+            Some(other) => {
+                src.error("format", &format!("expected \"json\" or \"sparkplug-b\", found {other:?}"));
+                None
+            }
+        };
+        let topic = match &sparkplug {
+            Some((group, edge_node)) => {
+                if src.has("topic") {
+                    src.error("topic", "not used with format = \"sparkplug-b\" (the topics follow from group and edge_node)");
+                }
+                for key in ["key", "timestamp"] {
+                    if src.has(key) {
+                        src.error(key, "not used with format = \"sparkplug-b\": the key is the DATA message's timestamp, the time the metrics' own");
+                    }
+                }
+                Some(crate::sparkplug::Source::filter(group, edge_node))
+            }
+            None => src.string("topic", None),
+        };
         if let Some(t) = &topic {
             if let Err(e) = crate::ingest::TopicFilter::parse(t) {
                 src.error("topic", &e);
             }
         }
-        match src.string("format", Some("json")).as_deref() {
-            Some("json") | None => {}
-            Some(other) => src.error("format", &format!("expected \"json\", found {other:?}")),
-        }
         let key = src.opt_pointer("key");
         let timestamp = src.opt_pointer("timestamp");
         let ok = src.finish();
-        ok.then_some(SourceConfig { topic: topic?, key, timestamp })
+        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug })
     });
-    let features = s.table_of_pointers("features");
+    // JSON: input name = JSON pointer; Sparkplug B: input name = metric name.
+    let features = match source.as_ref().is_some_and(|src| src.sparkplug.is_some()) {
+        true => s.table_of_strings("features"),
+        false => s.table_of_pointers("features"),
+    };
     let sink = s.section("sink", false).and_then(|mut snk| {
         let topic = snk.string("topic", None);
         if let Some(t) = &topic {
@@ -480,7 +545,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         None => 1,
     };
     if let (Some(src), Some(snk)) = (&source, &sink) {
-        if snk.topic.contains("{device}") && !src.topic.contains('+') {
+        if snk.topic.contains("{device}") && !src.topic.contains('+') && src.sparkplug.is_none() {
             s.error("sink.topic", "uses {device} but source.topic has no '+' to capture it");
         }
     }
@@ -604,6 +669,29 @@ features = { temp = "/temp_c" }
 sink = { topic = "plant/line3/{device}/pump" }
 batch = { max = 32 }
 "#;
+
+    #[test]
+    fn a_sparkplug_source_names_metrics_and_derives_its_topics() {
+        let text = GOOD
+            .replace(r#"topic = "plant/line3/+/telemetry", key = "/seq""#, r#"format = "sparkplug-b", group = "line3""#)
+            .replace(r#""/temp_c""#, r#""Pump/Temperature""#)
+            + "[sparkplug]\ngroup = \"line3\"\n";
+        let c = parse(&text).unwrap();
+        let p = &c.pipelines[0];
+        assert_eq!(p.source.sparkplug, Some(("line3".into(), "+".into())));
+        assert_eq!(p.source.topic, "spBv1.0/line3/+/+/#");
+        assert_eq!(p.features["temp"], "Pump/Temperature");
+        let out = c.sparkplug.unwrap();
+        assert_eq!((out.group.as_str(), out.edge_node.as_str()), ("line3", "line3-edge01"));
+        // A topic, a key pointer, an id with '/', a [sparkplug] without group: each named.
+        let bad = text
+            .replace(r#"group = "line3" }"#, r#"group = "line3", edge_node = "a/b", topic = "x", key = "/seq" }"#)
+            .replace("[sparkplug]\ngroup = \"line3\"\n", "[sparkplug]\nedge_node = \"n\"\n");
+        let errs = parse(&bad).unwrap_err().to_string();
+        for key in ["source.edge_node", "source.topic", "source.key", "sparkplug.group"] {
+            assert!(errs.contains(key), "{key}: {errs}");
+        }
+    }
 
     #[test]
     fn a_complete_config_parses_with_defaults_filled_in() {

@@ -251,6 +251,26 @@ impl<'e> Section<'e> {
         Some(out)
     }
 
+    /// A table of input name = non-empty string (Sparkplug metric names).
+    pub fn table_of_strings(&mut self, key: &str) -> Option<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        match self.take(key) {
+            Some(toml::Value::Table(t)) => {
+                for (name, v) in t {
+                    match v {
+                        toml::Value::String(m) if !m.is_empty() => {
+                            out.insert(name, m);
+                        }
+                        other => self.wrong(&format!("{key}.{name}"), "a metric name", &other),
+                    }
+                }
+            }
+            Some(other) => self.wrong(key, "a table of input name = \"metric name\"", &other),
+            None => {}
+        }
+        Some(out)
+    }
+
     /// Reports the keys nobody read as unknown; returns whether this section had no errors.
     pub fn finish(mut self) -> bool {
         let left: Vec<String> = self.table.keys().cloned().collect();

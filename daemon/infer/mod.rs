@@ -112,8 +112,12 @@ impl ActiveModel {
             None => None,
         };
         let src = &pipeline.source;
-        let extractor =
-            Extractor::new(&m.inputs, &pipeline.features, src.key.clone(), src.timestamp.clone(), max_payload_bytes);
+        let extractor = match src.sparkplug {
+            Some(_) => Extractor::for_metrics(&m.inputs, &pipeline.features, max_payload_bytes),
+            None => {
+                Extractor::new(&m.inputs, &pipeline.features, src.key.clone(), src.timestamp.clone(), max_payload_bytes)
+            }
+        };
         Ok(ActiveModel {
             engine,
             extractor,
@@ -213,6 +217,8 @@ pub struct Pipeline {
     /// A challenger in its shadow period: it scores the same rows, its outputs only compared
     /// with the labels that arrive (never published).
     pub shadow: Arc<arc_swap::ArcSwapOption<ActiveModel>>,
+    /// `[sparkplug]`: predictions also go out as Sparkplug B DDATA.
+    pub sparkplug: Option<crate::sparkplug::output::Output>,
 }
 
 impl Pipeline {
@@ -409,6 +415,15 @@ impl Pipeline {
             let topic = self.sink.replace("{device}", &s.device);
             if self.flow.publish(&self.client, topic, body).await {
                 self.counters.predicted.fetch_add(1, Relaxed);
+            }
+            if let Some(out) = &self.sparkplug {
+                out.report(crate::sparkplug::output::Report {
+                    pipeline: self.name.as_str().into(),
+                    device: s.device.clone(),
+                    version: model.version,
+                    output: output.to_vec(),
+                    class: prediction.class,
+                });
             }
         }
     }

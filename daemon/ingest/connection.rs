@@ -62,6 +62,9 @@ pub struct Route {
     pub counters: Arc<Counters>,
     /// Where this pipeline's late labels arrive, when it has `labels`.
     pub labels: Option<LabelRoute>,
+    /// `format = "sparkplug-b"`: the namespace's state (aliases, values, sequence), shared
+    /// with the status.
+    pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
 }
 
 /// `lathe/{node}/cmd/+` and where its messages go (action, payload).
@@ -271,6 +274,7 @@ impl Ingest {
             acks,
             next_seq: 0,
             commands,
+            client: client.clone(),
         };
         let (mut stopping, mut disconnecting, mut failures) = (false, false, 0u32);
         // Set once our DISCONNECT is written: we then read until the broker closes the
@@ -376,6 +380,8 @@ struct Router {
     acks: AckSender,
     next_seq: u64,
     commands: Option<CommandRoute>,
+    /// Sends Sparkplug rebirth requests (never waits: `try_publish`).
+    client: AsyncClient,
 }
 
 impl Router {
@@ -434,11 +440,24 @@ impl Router {
             let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
+            let (device, row) = match &route.sparkplug {
+                None => (device.to_string(), route.model.load().extractor.extract(&p.payload)),
+                Some(source) => {
+                    let max = route.model.load().extractor.max_payload_bytes();
+                    let Some(step) = sparkplug_row(source, &route.model.load(), topic, &p.payload, max) else {
+                        continue; // a birth, a death, a command: state only
+                    };
+                    if let Some((group, edge_node, why)) = step.rebirth {
+                        ask_rebirth(&self.client, &self.events, &route.pipeline, &group, &edge_node, &why);
+                    }
+                    (step.device, step.row)
+                }
+            };
             route.counters.received.fetch_add(1, Relaxed);
-            match route.model.load().extractor.extract(&p.payload) {
+            match row {
                 Ok(x) => {
                     let sample = Sample {
-                        device: route.device(device),
+                        device: route.device(&device),
                         key: x.key,
                         ts: x.ts,
                         features: x.features.into_boxed_slice(),
@@ -453,7 +472,7 @@ impl Router {
                     route.counters.rejected[reject.index()].fetch_add(1, Relaxed);
                     self.events.emit(Event::InputRejected {
                         pipeline: route.pipeline.clone(),
-                        device: device.to_string(),
+                        device,
                         topic: topic.to_string(),
                         reason: reject.reason(),
                         detail: reject.to_string(),
@@ -466,6 +485,64 @@ impl Router {
             self.acks.done(ticket);
         }
     }
+}
+
+/// `NCMD` `Node Control/Rebirth` to an edge node whose state is in doubt.
+fn ask_rebirth(client: &AsyncClient, events: &Events, pipeline: &str, group: &str, edge_node: &str, why: &str) {
+    let (topic, payload) = crate::sparkplug::Source::rebirth_request(group, edge_node, crate::service::unix_ms());
+    let sent = client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_ok();
+    events.emit(Event::Step {
+        pipeline: pipeline.to_string(),
+        step: "sparkplug.rebirth_requested",
+        message: format!("Asked edge node {group}/{edge_node} for a rebirth: {why}"),
+        detail: serde_json::json!({"group": group, "edge_node": edge_node, "why": why, "sent": sent}),
+    });
+}
+
+/// What a Sparkplug message is for a pipeline: a row (or why not), for which device, and a
+/// rebirth to ask for (group, edge node, why).
+struct SparkplugStep {
+    device: String,
+    row: Result<super::extract::Extracted, super::Reject>,
+    rebirth: Option<(String, String, String)>,
+}
+
+/// `None` for messages that only change state (births, deaths, commands) or are not
+/// Sparkplug topics at all.
+fn sparkplug_row(
+    source: &std::sync::Mutex<crate::sparkplug::Source>,
+    model: &crate::infer::ActiveModel,
+    topic: &str,
+    payload: &[u8],
+    max_payload_bytes: usize,
+) -> Option<SparkplugStep> {
+    use crate::sparkplug::Outcome;
+    let t = crate::sparkplug::parse_topic(topic)?;
+    let device = t.device.unwrap_or(t.edge_node).to_string();
+    if payload.len() > max_payload_bytes {
+        let row = Err(super::Reject::TooLarge { bytes: payload.len(), max: max_payload_bytes });
+        return Some(SparkplugStep { device, row, rebirth: None });
+    }
+    let mut source = source.lock().ok()?;
+    let step = match source.handle(&t, payload) {
+        Outcome::State => return None,
+        Outcome::Row { device, key, ts } => SparkplugStep {
+            device,
+            row: model.extractor.from_metrics(|m| source.value(&t, m)).map(|features| super::extract::Extracted {
+                features,
+                key: key.into(),
+                ts: ts.into(),
+            }),
+            rebirth: None,
+        },
+        Outcome::Stale { why, rebirth } => SparkplugStep {
+            device,
+            rebirth: rebirth.map(|node| (t.group.to_string(), node, why.clone())),
+            row: Err(super::Reject::SparkplugStale(why)),
+        },
+        Outcome::Invalid(e) => SparkplugStep { device, row: Err(super::Reject::BadSparkplug(e)), rebirth: None },
+    };
+    Some(step)
 }
 
 fn flush(queue: &mut VecDeque<Sample>, tx: Option<&mpsc::Sender<Sample>>) {

@@ -7,18 +7,46 @@ use crate::model::manifest::Input;
 /// Why a message was not accepted. Each is counted, logged and reported on the events topic.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reject {
-    TooLarge { bytes: usize, max: usize },
+    TooLarge {
+        bytes: usize,
+        max: usize,
+    },
     NotJson(String),
-    MissingFeature { feature: String, pointer: String },
-    NonNumeric { feature: String, found: String },
-    NonFinite { feature: String },
-    OutOfRange { feature: String, value: f64, min: f64, max: f64 },
+    MissingFeature {
+        feature: String,
+        pointer: String,
+    },
+    NonNumeric {
+        feature: String,
+        found: String,
+    },
+    NonFinite {
+        feature: String,
+    },
+    OutOfRange {
+        feature: String,
+        value: f64,
+        min: f64,
+        max: f64,
+    },
+    /// Sparkplug B: not a Sparkplug payload.
+    BadSparkplug(String),
+    /// Sparkplug B: the edge node's state is in doubt until its rebirth.
+    SparkplugStale(String),
 }
 
 impl Reject {
     /// All reasons, in the order counters are kept.
-    pub const REASONS: [&'static str; 6] =
-        ["payload_too_large", "not_json", "missing_feature", "non_numeric", "non_finite", "out_of_range"];
+    pub const REASONS: [&'static str; 8] = [
+        "payload_too_large",
+        "not_json",
+        "missing_feature",
+        "non_numeric",
+        "non_finite",
+        "out_of_range",
+        "bad_sparkplug",
+        "sparkplug_stale",
+    ];
 
     pub fn index(&self) -> usize {
         match self {
@@ -28,6 +56,8 @@ impl Reject {
             Reject::NonNumeric { .. } => 3,
             Reject::NonFinite { .. } => 4,
             Reject::OutOfRange { .. } => 5,
+            Reject::BadSparkplug(_) => 6,
+            Reject::SparkplugStale(_) => 7,
         }
     }
 
@@ -55,6 +85,8 @@ impl std::fmt::Display for Reject {
             Reject::OutOfRange { feature, value, min, max } => {
                 write!(f, "feature {feature:?} = {value} is outside the bundle's range [{min}, {max}]")
             }
+            Reject::BadSparkplug(e) => write!(f, "{e}"),
+            Reject::SparkplugStale(why) => write!(f, "not scored until the edge node's rebirth: {why}"),
         }
     }
 }
@@ -70,7 +102,7 @@ pub struct Extracted {
 /// Reads a pipeline's features out of JSON payloads: pointers and ranges fixed at start.
 #[derive(Debug, Clone)]
 pub struct Extractor {
-    /// (input name, JSON pointer, min, max) in model order.
+    /// (input name, JSON pointer or Sparkplug metric name, min, max) in model order.
     fields: Vec<(String, String, f64, f64)>,
     key: Option<String>,
     timestamp: Option<String>,
@@ -95,6 +127,24 @@ impl Extractor {
         Extractor { fields, key, timestamp, max_payload_bytes }
     }
 
+    /// For a Sparkplug B source: input name → metric name (an input not listed reads the
+    /// metric of its own name).
+    pub fn for_metrics(
+        inputs: &[Input],
+        metrics: &std::collections::BTreeMap<String, String>,
+        max_payload_bytes: usize,
+    ) -> Extractor {
+        let fields = inputs
+            .iter()
+            .map(|i| (i.name.clone(), metrics.get(&i.name).unwrap_or(&i.name).clone(), i.min, i.max))
+            .collect();
+        Extractor { fields, key: None, timestamp: None, max_payload_bytes }
+    }
+
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
+    }
+
     /// # Errors
     /// The first reason the payload cannot be a row.
     pub fn extract(&self, payload: &[u8]) -> Result<Extracted, Reject> {
@@ -102,14 +152,36 @@ impl Extractor {
             return Err(Reject::TooLarge { bytes: payload.len(), max: self.max_payload_bytes });
         }
         let doc: Value = serde_json::from_slice(payload).map_err(|e| Reject::NotJson(e.to_string()))?;
-        let mut features = Vec::with_capacity(self.fields.len());
-        for (name, ptr, min, max) in &self.fields {
+        let features = self.features(|name, ptr| {
             let v = doc
                 .pointer(ptr)
-                .ok_or_else(|| Reject::MissingFeature { feature: name.clone(), pointer: ptr.clone() })?;
-            let x = v
-                .as_f64()
-                .ok_or_else(|| Reject::NonNumeric { feature: name.clone(), found: truncate(&v.to_string(), 40) })?;
+                .ok_or_else(|| Reject::MissingFeature { feature: name.to_string(), pointer: ptr.to_string() })?;
+            v.as_f64()
+                .ok_or_else(|| Reject::NonNumeric { feature: name.to_string(), found: truncate(&v.to_string(), 40) })
+        })?;
+        let echo = |p: &Option<String>| p.as_deref().and_then(|p| doc.pointer(p)).cloned().unwrap_or(Value::Null);
+        Ok(Extracted { features, key: echo(&self.key), ts: echo(&self.timestamp) })
+    }
+
+    /// A Sparkplug B row: each input's metric (its `features` name, by default the input's
+    /// own) from `value`, the device's current values.
+    ///
+    /// # Errors
+    /// A metric the device has no value for, or a value that is not finite or out of range.
+    pub fn from_metrics(&self, value: impl Fn(&str) -> Option<f64>) -> Result<Vec<f32>, Reject> {
+        self.features(|name, metric| {
+            value(metric).ok_or_else(|| Reject::MissingFeature {
+                feature: name.to_string(),
+                pointer: format!("metric {metric:?}"),
+            })
+        })
+    }
+
+    /// Reads every input with `read(name, source)` and checks it against the bundle's range.
+    fn features(&self, read: impl Fn(&str, &str) -> Result<f64, Reject>) -> Result<Vec<f32>, Reject> {
+        let mut features = Vec::with_capacity(self.fields.len());
+        for (name, source, min, max) in &self.fields {
+            let x = read(name, source)?;
             if !(x as f32).is_finite() {
                 return Err(Reject::NonFinite { feature: name.clone() });
             }
@@ -118,8 +190,7 @@ impl Extractor {
             }
             features.push(x as f32);
         }
-        let echo = |p: &Option<String>| p.as_deref().and_then(|p| doc.pointer(p)).cloned().unwrap_or(Value::Null);
-        Ok(Extracted { features, key: echo(&self.key), ts: echo(&self.timestamp) })
+        Ok(features)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

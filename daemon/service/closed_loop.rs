@@ -247,7 +247,7 @@ fn command(
 }
 
 fn emit(events: &Events, p: &LoopPipeline, step: &'static str, message: String, detail: Value) {
-    events.emit(Event::Loop { pipeline: p.config.name.clone(), step, message, detail });
+    events.emit(Event::Step { pipeline: p.config.name.clone(), step, message, detail });
 }
 
 fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry, events: &Events) {

@@ -158,8 +158,9 @@ pub enum Event {
         path: String,
     },
     /// A step of the training loop (`train.started`, `train.refused`, `train.accepted`,
-    /// `shadow.*`, `trial.*`, …); `detail` carries the run record and the step's numbers.
-    Loop {
+    /// `shadow.*`, `trial.*`, …; `detail` carries the run record and the step's numbers) or of
+    /// a Sparkplug source or output (`sparkplug.rebirth_requested`, …).
+    Step {
         pipeline: String,
         step: &'static str,
         message: String,
@@ -181,7 +182,7 @@ impl Event {
             Event::Drift { .. } => "drift.cleared",
             Event::StoreFailed { .. } => "store.failed",
             Event::StoreRecovered { .. } => "store.recovered",
-            Event::Loop { step, .. } => step,
+            Event::Step { step, .. } => step,
         }
     }
 
@@ -214,7 +215,7 @@ impl Event {
                 json!({"pipeline": pipeline, "rows": rows, "error": error})
             }
             Event::StoreRecovered { path } => json!({"path": path}),
-            Event::Loop { pipeline, message, detail, .. } => {
+            Event::Step { pipeline, message, detail, .. } => {
                 let mut v = detail.clone();
                 if !v.is_object() {
                     v = json!({});
@@ -291,10 +292,12 @@ impl Event {
                 tracing::error!(event, pipeline, rows, "{rows} sample(s) not stored: {error}")
             }
             Event::StoreRecovered { path } => tracing::info!(event, "The sample store {path} writes again"),
-            Event::Loop { pipeline, step, message, .. } if step.ends_with("failed") || step.ends_with("refused") => {
+            Event::Step { pipeline, step, message, .. }
+                if step.ends_with("failed") || step.ends_with("refused") || step.ends_with("requested") =>
+            {
                 tracing::warn!(event, pipeline, "{message}")
             }
-            Event::Loop { pipeline, message, .. } => tracing::info!(event, pipeline, "{message}"),
+            Event::Step { pipeline, message, .. } => tracing::info!(event, pipeline, "{message}"),
         }
     }
 }
@@ -360,7 +363,7 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
                 | Event::FellBack { pipeline, .. }
                 | Event::Drift { pipeline, .. }
                 | Event::StoreFailed { pipeline, .. }
-                | Event::Loop { pipeline, .. } => pipeline.clone(),
+                | Event::Step { pipeline, .. } => pipeline.clone(),
                 Event::Connected { .. } | Event::StoreRecovered { .. } => String::new(),
             };
             let now = Instant::now();

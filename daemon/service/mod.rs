@@ -178,6 +178,8 @@ pub struct Serving {
     pub performance: Option<Arc<std::sync::Mutex<crate::monitor::performance::Performance>>>,
     /// The sample store, for pipelines that train.
     pub store: Option<Arc<crate::store::Store>>,
+    /// A Sparkplug B source: its edge nodes and devices (online, offline, stale).
+    pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
 }
 
 fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
@@ -204,10 +206,11 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
                 None => json!({"performance": performance}),
             };
             let store = s.store.as_ref().and_then(|st| st.stats(&s.pipeline).ok());
+            let sparkplug = s.sparkplug.as_ref().and_then(|sp| sp.lock().ok().map(|sp| sp.status()));
             json!({
                 "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
                 "origin": "bundle", "backend": "tract", "drift": drift, "counters": s.counters.snapshot(),
-                "store": store,
+                "store": store, "sparkplug": sparkplug,
             })
         })
         .collect();
@@ -280,6 +283,9 @@ pub async fn run(
         (events, None)
     };
     let mut looped = Vec::new();
+    // `[sparkplug]`: the pipelines' handle now, the edge node's session once they exist.
+    let sparkplug_out = config.sparkplug.as_ref().map(|_| crate::sparkplug::output::channel());
+    let mut sparkplug_models = Vec::new();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (disconnect_tx, disconnect_rx) = watch::channel(false);
@@ -309,6 +315,10 @@ pub async fn run(
             }),
             _ => None,
         };
+        let sparkplug =
+            p.source.sparkplug.as_ref().map(|(group, edge_node)| {
+                Arc::new(std::sync::Mutex::new(crate::sparkplug::Source::new(group, edge_node)))
+            });
         routes.push(Route {
             pipeline: p.name.clone(),
             devices: Default::default(),
@@ -317,6 +327,7 @@ pub async fn run(
             tx: Some(tx),
             counters: counters.clone(),
             labels,
+            sparkplug: sparkplug.clone(),
         });
         let pipeline = Pipeline {
             name: p.name.clone(),
@@ -331,7 +342,9 @@ pub async fn run(
             performance: performance.clone(),
             store: writer,
             shadow: Arc::default(),
+            sparkplug: sparkplug_out.as_ref().map(|(o, _)| o.clone()),
         };
+        sparkplug_models.push((p.name.clone(), model.clone()));
         if let Some(train) = &p.train {
             looped.push(closed_loop::LoopPipeline {
                 config: p.clone(),
@@ -344,9 +357,16 @@ pub async fn run(
         }
         tasks.push(tokio::spawn(pipeline.run(rx)));
         let store = store.as_ref().filter(|_| p.train.is_some()).map(|(s, _)| s.clone());
-        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store });
+        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, sparkplug });
     }
     let writer = store.as_ref().map(|(_, w)| w.clone());
+    let sparkplug_task = match (&config.sparkplug, sparkplug_out) {
+        (Some(settings), Some((_, rx))) => Some(
+            crate::sparkplug::output::start(&config, settings, (&host, port), sparkplug_models, rx)
+                .map_err(ServiceError::Broker)?,
+        ),
+        _ => None,
+    };
     let closed_loop = match store {
         Some((store, _)) => {
             let (config, events, stop) = (config.clone(), events.clone(), stop_rx.clone());
@@ -435,6 +455,10 @@ pub async fn run(
     .await;
     if drained.is_err() {
         tracing::warn!("Pipelines did not drain in {DRAIN_DEADLINE:?}; unanswered messages stay unacknowledged and will be redelivered");
+    }
+    // The pipelines are done: the Sparkplug edge node sends what is left and its NDEATH.
+    if let Some(t) = sparkplug_task {
+        let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
     }
     let _ = status_task.await;
     let _ = swapper.await;

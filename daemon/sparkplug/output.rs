@@ -1,0 +1,278 @@
+//! lathe as a Sparkplug B edge node (`[sparkplug] group, edge_node`), so SCADA and historian
+//! tools that read Sparkplug see predictions and model versions without new integration.
+//!
+//! - Its own MQTT session (client id `{client_id}-sparkplug`), because the NDEATH must be that
+//!   session's last will, and the main session's will is the retained status.
+//! - `NBIRTH` (seq 0): `bdSeq`, `Node Control/Rebirth`, and per pipeline `{pipeline}/Model`,
+//!   `{pipeline}/Version`, `{pipeline}/SHA256`. A swap is reported as `NDATA` of those.
+//! - Each device lathe predicts for is born (`DBIRTH`) with its metrics the first time, and
+//!   again when a new metric appears (another pipeline); each prediction is `DDATA`:
+//!   `{pipeline}/Output/{i}` (Float), `{pipeline}/Class` (Int64, classifiers),
+//!   `{pipeline}/Version` (UInt64). Sparkplug ids cannot hold `/`: it becomes `.`.
+//! - `bdSeq` counts sessions across restarts (`state_dir/sparkplug-bdseq`); an `NCMD`
+//!   `Node Control/Rebirth` makes lathe publish its births again.
+//! - BIRTH and DATA go at QoS 0 and the NDEATH will at QoS 1, as the spec says.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent};
+use tokio::sync::mpsc;
+
+use super::proto::{datatype, Metric, Payload, Value};
+use super::{BD_SEQ, REBIRTH};
+use crate::config::{Config, SparkplugOutputConfig};
+use crate::infer::SharedModel;
+
+/// Predictions waiting for the Sparkplug session; past this they are dropped (and counted):
+/// the JSON predictions are the contract, this is a view of them.
+const QUEUE: usize = 4096;
+
+/// One served prediction, as the pipeline hands it over.
+pub struct Report {
+    pub pipeline: Arc<str>,
+    pub device: Arc<str>,
+    pub version: u64,
+    pub output: Vec<f32>,
+    pub class: Option<usize>,
+}
+
+/// Cheap handle for the pipelines: never waits.
+#[derive(Clone)]
+pub struct Output {
+    tx: mpsc::Sender<Report>,
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Output {
+    pub fn report(&self, report: Report) {
+        if self.tx.try_send(report).is_err() {
+            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// The pipelines' handle, and the receiver [`start`] takes.
+pub fn channel() -> (Output, mpsc::Receiver<Report>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    (Output { tx, dropped: Arc::default() }, rx)
+}
+
+/// Starts the edge node's session; it ends (with an NDEATH) once every pipeline has finished
+/// (the last `Output` is dropped), so the final predictions go out too.
+///
+/// # Errors
+/// Unreadable credentials or TLS files, as for the main session.
+pub fn start(
+    config: &Config,
+    settings: &SparkplugOutputConfig,
+    (host, port): (&str, u16),
+    models: Vec<(String, SharedModel)>,
+    rx: mpsc::Receiver<Report>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let bd_seq_file = config.state_dir.join("sparkplug-bdseq");
+    let bd_seq = std::fs::read_to_string(&bd_seq_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(0, |b| (b + 1) % 256);
+    let _ = crate::model::registry::write_atomic(&bd_seq_file, bd_seq.to_string().as_bytes());
+    let mut options = crate::ingest::connection::mqtt_options(config, host, port).map_err(|e| e.to_string())?;
+    options.set_client_id(format!("{}-sparkplug", config.client_id()));
+    options.set_clean_start(true);
+    options.set_session_expiry_interval(None);
+    options.set_manual_acks(false);
+    let node = Node { group: settings.group.clone(), edge_node: settings.edge_node.clone(), bd_seq, seq: 0 };
+    let death = node.death();
+    options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));
+    let (client, eventloop) = AsyncClient::new(options, 1024);
+    Ok(tokio::spawn(run(node, client, eventloop, models, rx)))
+}
+
+struct Node {
+    group: String,
+    edge_node: String,
+    bd_seq: u64,
+    /// The next message's `seq` (0–255, NBIRTH resets it).
+    seq: u64,
+}
+
+impl Node {
+    fn topic(&self, kind: &str, device: Option<&str>) -> String {
+        match device {
+            Some(d) => format!("spBv1.0/{}/{kind}/{}/{d}", self.group, self.edge_node),
+            None => format!("spBv1.0/{}/{kind}/{}", self.group, self.edge_node),
+        }
+    }
+
+    fn death(&self) -> Vec<u8> {
+        let now = crate::service::unix_ms();
+        let bd = Metric::new(BD_SEQ, datatype::INT64, Value::Long(self.bd_seq), now);
+        Payload { timestamp: Some(now), metrics: vec![bd], seq: None, uuid: None, body: None }.encode_to_vec()
+    }
+
+    /// A sequenced payload: `seq` goes 0–255 over every message after (and with) the NBIRTH.
+    fn payload(&mut self, metrics: Vec<Metric>) -> Vec<u8> {
+        let seq = self.seq;
+        self.seq = (self.seq + 1) % 256;
+        Payload { timestamp: Some(crate::service::unix_ms()), metrics, seq: Some(seq), uuid: None, body: None }
+            .encode_to_vec()
+    }
+}
+
+/// Per pipeline, what the NBIRTH and NDATA say about its model.
+fn model_metrics(models: &[(String, SharedModel)], now: u64) -> Vec<Metric> {
+    let mut metrics = Vec::new();
+    for (pipeline, model) in models {
+        let m = model.load();
+        metrics.push(Metric::new(&format!("{pipeline}/Model"), datatype::STRING, Value::String(m.name.clone()), now));
+        metrics.push(Metric::new(&format!("{pipeline}/Version"), datatype::UINT64, Value::Long(m.version), now));
+        metrics.push(Metric::new(
+            &format!("{pipeline}/SHA256"),
+            datatype::STRING,
+            Value::String(m.sha256.clone()),
+            now,
+        ));
+    }
+    metrics
+}
+
+/// A device's metrics from one report.
+fn device_metrics(r: &Report, now: u64) -> Vec<Metric> {
+    let mut metrics: Vec<Metric> = r
+        .output
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Metric::new(&format!("{}/Output/{i}", r.pipeline), datatype::FLOAT, Value::Float(*v), now))
+        .collect();
+    if let Some(c) = r.class {
+        metrics.push(Metric::new(&format!("{}/Class", r.pipeline), datatype::INT64, Value::Long(c as u64), now));
+    }
+    metrics.push(Metric::new(&format!("{}/Version", r.pipeline), datatype::UINT64, Value::Long(r.version), now));
+    metrics
+}
+
+/// What the session's event loop tells the edge node.
+enum Session {
+    Connected,
+    Rebirth,
+}
+
+/// Polls the session on a task of its own (rumqttc's `poll` must not be cancelled, and a
+/// `select!` would), forwarding what matters.
+async fn poll(mut eventloop: rumqttc::v5::EventLoop, ncmd: String, tx: mpsc::Sender<Session>) {
+    let mut failures = 0u32;
+    loop {
+        match eventloop.poll().await {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                let _ = tx.send(Session::Connected).await;
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) if p.topic.as_ref() == ncmd.as_bytes() => {
+                let asks = Payload::decode(p.payload.as_ref()).is_ok_and(|pl| {
+                    pl.metrics
+                        .iter()
+                        .any(|m| m.name.as_deref() == Some(REBIRTH) && m.value == Some(Value::Boolean(true)))
+                });
+                if asks {
+                    let _ = tx.send(Session::Rebirth).await;
+                }
+            }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("Sparkplug session: {e}");
+                tokio::time::sleep(crate::ingest::connection::backoff(failures)).await;
+                failures = failures.saturating_add(1);
+            }
+        }
+    }
+}
+
+async fn run(
+    mut node: Node,
+    client: AsyncClient,
+    eventloop: rumqttc::v5::EventLoop,
+    models: Vec<(String, SharedModel)>,
+    mut rx: mpsc::Receiver<Report>,
+) {
+    let (session_tx, mut session) = mpsc::channel(16);
+    let mut poller = tokio::spawn(poll(eventloop, node.topic("NCMD", None), session_tx));
+    // Per device: the metrics its last DBIRTH named, with their last values.
+    let mut devices: HashMap<String, BTreeMap<String, Metric>> = HashMap::new();
+    let mut born = false;
+    let mut versions: Vec<u64> = models.iter().map(|(_, m)| m.load().version).collect();
+    let mut check_models = tokio::time::interval(Duration::from_millis(500));
+    let publish = |topic: String, payload: Vec<u8>, qos: QoS| {
+        // A full request queue drops the message: Sparkplug data is QoS 0 anyway.
+        let _ = client.try_publish(topic, qos, false, payload);
+    };
+    loop {
+        tokio::select! {
+            event = session.recv() => match event {
+                Some(Session::Connected) => {
+                    let _ = client.try_subscribe(node.topic("NCMD", None), QoS::AtLeastOnce);
+                    born = birth(&mut node, &models, &publish);
+                    devices.clear();
+                }
+                Some(Session::Rebirth) => {
+                    born = birth(&mut node, &models, &publish);
+                    devices.clear();
+                }
+                None => break,
+            },
+            report = rx.recv() => {
+                let Some(report) = report else { break };
+                if !born {
+                    continue;
+                }
+                let now = crate::service::unix_ms();
+                let device = report.device.replace('/', ".");
+                let metrics = device_metrics(&report, now);
+                let known = devices.entry(device.clone()).or_default();
+                let new_metric = metrics.iter().any(|m| !known.contains_key(m.name.as_deref().unwrap_or_default()));
+                for m in &metrics {
+                    known.insert(m.name.clone().unwrap_or_default(), m.clone());
+                }
+                // A device is born with every metric it will report; a new one means a new birth.
+                let (kind, metrics) = match new_metric {
+                    true => ("DBIRTH", known.values().cloned().collect()),
+                    false => ("DDATA", metrics),
+                };
+                let payload = node.payload(metrics);
+                publish(node.topic(kind, Some(&device)), payload, QoS::AtMostOnce);
+            }
+            _ = check_models.tick() => {
+                let now_versions: Vec<u64> = models.iter().map(|(_, m)| m.load().version).collect();
+                if born && now_versions != versions {
+                    let payload = node.payload(model_metrics(&models, crate::service::unix_ms()));
+                    publish(node.topic("NDATA", None), payload, QoS::AtMostOnce);
+                }
+                versions = now_versions;
+            }
+        }
+    }
+    // A clean stop says so itself rather than leaving it to the broker's will.
+    publish(node.topic("NDEATH", None), node.death(), QoS::AtLeastOnce);
+    let _ = client.try_disconnect();
+    if tokio::time::timeout(Duration::from_secs(2), &mut poller).await.is_err() {
+        poller.abort();
+    }
+}
+
+/// The NBIRTH: seq 0, bdSeq, the rebirth control, every pipeline's model.
+fn birth(node: &mut Node, models: &[(String, SharedModel)], publish: &impl Fn(String, Vec<u8>, QoS)) -> bool {
+    let now = crate::service::unix_ms();
+    node.seq = 0;
+    let mut metrics = vec![
+        Metric::new(BD_SEQ, datatype::INT64, Value::Long(node.bd_seq), now),
+        Metric::new(REBIRTH, datatype::BOOLEAN, Value::Boolean(false), now),
+    ];
+    metrics.extend(model_metrics(models, now));
+    let payload = node.payload(metrics);
+    publish(node.topic("NBIRTH", None), payload, QoS::AtMostOnce);
+    true
+}
