@@ -14,6 +14,7 @@
 //! - [`store`]: the crash-safe sample store (redb) the loop trains from.
 //! - [`sparkplug`]: Sparkplug B in (alias tables, sequence, rebirth) and out (lathe as an edge node).
 //! - [`service`]: wiring, start and graceful stop, status and events.
+//! - [`update`]: signed remote updates: keys, offers, the anti-rollback floor, the download.
 //! - [`cli`]: the `lathe` command line, including `lathe demo`.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::await_holding_lock)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
@@ -28,3 +29,4 @@ pub mod service;
 pub mod sparkplug;
 pub mod store;
 pub mod train;
+pub mod update;

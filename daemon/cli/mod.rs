@@ -4,6 +4,7 @@
 mod bundle;
 #[cfg(feature = "embedded-broker")]
 mod demo;
+mod fleet;
 mod models;
 mod train;
 
@@ -48,6 +49,22 @@ enum Command {
     Models(models::ModelsCommand),
     /// Fine-tune a bundle on fresh data, offline; writes a new bundle only if the gate accepts it.
     Train(Box<train::TrainArgs>),
+    /// Make an ed25519 key pair for signing updates: OUT.key (secret) and OUT.pub (or
+    /// lathe.key and lathe.pub in OUT, a directory).
+    Keygen {
+        #[arg(short = 'o', long)]
+        out: PathBuf,
+    },
+    /// The central server's side of an update: sign a bundle, publish its chunks and a signed
+    /// offer to nodes or a group (optionally canaries first).
+    Push(Box<fleet::PushArgs>),
+    /// Every node's retained status: model, version, origin, drift, backend.
+    Fleet {
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// What the sample store holds for a pipeline (offline: the daemon holds the file's lock).
     Store {
         /// The daemon's config (for the store's path).
@@ -125,6 +142,12 @@ pub fn main() -> ExitCode {
         Command::Models(cmd) => models::run(cmd),
         Command::Train(args) => train::run(*args),
         Command::Store { config, pipeline } => store_stats(&config, &pipeline),
+        Command::Keygen { out } => fleet::keygen(&out),
+        Command::Push(args) => {
+            init_logging("warn");
+            fleet::push(*args)
+        }
+        Command::Fleet { broker, json } => fleet::fleet(&broker, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -58,7 +58,26 @@ pub struct Config {
     pub store: crate::store::Settings,
     /// `[sparkplug] group, edge_node`: lathe also appears as a Sparkplug B edge node.
     pub sparkplug: Option<SparkplugOutputConfig>,
+    /// `[update]`: signed model updates from a central server.
+    pub update: Option<UpdateConfig>,
     pub pipelines: Vec<PipelineConfig>,
+}
+
+/// Signed remote updates (DESIGN "Update protocol").
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateConfig {
+    /// Public keys (hex files) whose signatures on offers and bundles are trusted.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Fleet groups: offers on `lathe/fleet/{group}/update` are for this device too.
+    pub groups: Vec<String>,
+    /// The hardware string offers must name (empty: only offers that name none).
+    pub compatible: String,
+    /// The device's own key, which signs the bundles it fine-tunes (made at first start).
+    pub device_key: PathBuf,
+    /// A download that has not completed by then is abandoned (truncated).
+    pub download_timeout: std::time::Duration,
+    /// Offers of larger bundles are refused before anything is downloaded.
+    pub max_bundle_bytes: u64,
 }
 
 /// lathe as a Sparkplug B edge node: its models in the NBIRTH, predictions as DDATA.
@@ -233,10 +252,7 @@ impl Config {
 
 /// Sections that DESIGN.md names but this build does not implement yet. Naming them is an
 /// error with a clear message rather than a silent no-op.
-const NOT_YET: &[(&str, &str)] = &[
-    ("train", "training is set per pipeline: [pipeline.train]"),
-    ("update", "remote updates are not in this build yet"),
-];
+const NOT_YET: &[(&str, &str)] = &[("train", "training is set per pipeline: [pipeline.train]")];
 
 fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) -> Option<Config> {
     let base = path.parent().unwrap_or(Path::new("."));
@@ -290,6 +306,43 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         }
         None => None,
     };
+    let update = match root.has("update").then(|| root.section("update", false)).flatten() {
+        Some(mut u) => {
+            let trusted: Vec<PathBuf> =
+                u.strings("trusted_keys").unwrap_or_default().iter().map(|k| base.join(k)).collect();
+            if trusted.is_empty() {
+                u.error("trusted_keys", "expected at least one public key file (made by `lathe keygen`)");
+            }
+            for k in &trusted {
+                if let Err(e) = crate::update::signing::read_public_key(k) {
+                    u.error("trusted_keys", &e);
+                }
+            }
+            let groups = u.strings("groups").unwrap_or_default();
+            for g in &groups {
+                if g.is_empty() || g.contains(['/', '+', '#']) {
+                    u.error("groups", &format!("{g:?}: expected a name without '/', '+' or '#'"));
+                }
+            }
+            let compatible = u.string("compatible", Some("")).unwrap_or_default();
+            let device_key = u.opt_string("device_key").map(|k| base.join(k));
+            let download_timeout = train::duration(&mut u, "download_timeout", "2m");
+            let max_mb = u.integer("max_bundle_mb", 256, 1, 1 << 20);
+            let ok = u.finish();
+            match (state_dir.as_ref(), download_timeout, max_mb, ok) {
+                (Some(dir), Some(download_timeout), Some(max_mb), true) => Some(UpdateConfig {
+                    trusted_keys: trusted,
+                    groups,
+                    compatible,
+                    device_key: device_key.unwrap_or_else(|| dir.join("device.key")),
+                    download_timeout,
+                    max_bundle_bytes: max_mb << 20,
+                }),
+                _ => None,
+            }
+        }
+        None => None,
+    };
     let pipelines = root.array_of_tables("pipeline").map(|tables| {
         if tables.is_empty() {
             root.error("pipeline", "expected at least one [[pipeline]]");
@@ -319,6 +372,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         metrics_listen,
         store: store?,
         sparkplug,
+        update,
         pipelines: pipelines?,
     })
 }
@@ -371,7 +425,7 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
 }
 
 /// `mqtt://host[:port]`, `mqtts://host[:port]`, `tcp://…`, or `embedded`.
-fn parse_url(url: &str) -> Result<BrokerUrl, String> {
+pub fn parse_url(url: &str) -> Result<BrokerUrl, String> {
     if url == "embedded" {
         return Ok(BrokerUrl::Embedded);
     }
@@ -755,10 +809,12 @@ batch = { max = 32 }
     }
 
     #[test]
-    fn sections_not_built_yet_are_refused_by_name() {
-        let errs = parse(&format!("{GOOD}\n[update]\nserver = \"x\"\n")).unwrap_err();
-        assert_eq!(errs.errors[0].key, "update");
-        assert!(errs.errors[0].message.contains("not in this build"));
+    fn an_update_section_needs_readable_trusted_keys_and_a_root_train_is_refused() {
+        let errs = parse(&format!("{GOOD}\n[update]\nserver = \"x\"\n")).unwrap_err().to_string();
+        assert!(errs.contains("update.trusted_keys: expected at least one public key"), "{errs}");
+        assert!(errs.contains("update.server: unknown key"), "{errs}");
+        let errs = parse(&format!("{GOOD}\n[update]\ntrusted_keys = [\"/nonexistent.pub\"]\n")).unwrap_err();
+        assert!(errs.to_string().contains("/nonexistent.pub"), "{errs}");
         let errs = parse(&format!("{GOOD}\n[train]\nbackend = \"cpu\"\n")).unwrap_err();
         assert!(errs.errors[0].message.contains("[pipeline.train]"), "{errs}");
     }

@@ -99,7 +99,7 @@ fn parse_clock(text: &str) -> Option<u32> {
     (h < 24 && m < 60).then_some(h * 60 + m)
 }
 
-fn duration(s: &mut Section, key: &str, default: &str) -> Option<Duration> {
+pub(super) fn duration(s: &mut Section, key: &str, default: &str) -> Option<Duration> {
     let text = s.string(key, Some(default))?;
     let d = parse_duration(&text);
     if d.is_none() {
@@ -177,6 +177,20 @@ pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
     }
     let ok = t.finish();
     Some(ok.then_some(c))
+}
+
+impl TrainConfig {
+    /// For a pipeline without `[pipeline.train]` that the loop still watches (a pushed
+    /// update's trial): no triggers, every other setting at its default.
+    pub fn serve_only() -> Option<TrainConfig> {
+        let mut table = toml::Table::new();
+        let mut train = toml::Table::new();
+        train.insert("trigger".into(), toml::Value::Array(Vec::new()));
+        table.insert("train".into(), toml::Value::Table(train));
+        let mut errors = Vec::new();
+        let mut s = Section::new(table, String::new(), &mut errors);
+        parse_train(&mut s).flatten()
+    }
 }
 
 /// `[store]` (optional: defaults from [`crate::store::Settings::defaults`]).

@@ -68,6 +68,9 @@ pub struct ActiveModel {
     pub baseline_loss: f64,
     /// Classifiers: each class's share of the validation targets (label shift reference).
     pub label_shares: Vec<f64>,
+    /// Where this version came from: "fine-tuned" (grown on this device), "pushed" (a
+    /// signed update accepted here) or "bundle" (installed from a file).
+    pub origin: &'static str,
 }
 
 impl ActiveModel {
@@ -128,8 +131,21 @@ impl ActiveModel {
             sha256: bundle.sha256(),
             monitor,
             label_shares: label_shares(bundle),
+            origin: origin(bundle, config),
             baseline_loss: crate::model::baseline::implied_loss(m.task, &m.baseline.metrics),
         })
+    }
+}
+
+fn origin(bundle: &Bundle, config: &Config) -> &'static str {
+    let m = &bundle.manifest;
+    if m.lineage.fine_tune.is_some() {
+        return "fine-tuned";
+    }
+    let floor = crate::update::floor::Floor::new(&config.state_dir).read().unwrap_or_default();
+    match floor.get(&m.name) {
+        Some(a) if a.version == m.version => "pushed",
+        _ => "bundle",
     }
 }
 

@@ -156,19 +156,30 @@ pub enum ConnectError {
 /// Unreadable password or TLS files.
 pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOptions, ConnectError> {
     let m = &config.mqtt;
-    let mut o = MqttOptions::new(config.client_id(), host, port);
-    o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    let mut o = session_options(config, host, port, config.client_id())?;
     // A session that never expires: what arrives while we are down waits for us.
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(u32::MAX));
     o.set_manual_acks(true);
     o.set_receive_maximum(Some(m.receive_maximum));
     o.set_outgoing_inflight_upper_limit(m.max_inflight);
+    o.set_request_channel_capacity(4096);
+    o.set_last_will(LastWill::new(config.status_topic(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true, None));
+    Ok(o)
+}
+
+/// What every session of this daemon shares (the main one, the Sparkplug edge node, the
+/// updater): the broker, keep-alive, credentials and TLS. A clean session with no will.
+///
+/// # Errors
+/// Unreadable password or TLS files.
+pub fn session_options(config: &Config, host: &str, port: u16, client_id: String) -> Result<MqttOptions, ConnectError> {
+    let m = &config.mqtt;
+    let mut o = MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     // Oversized telemetry must reach us to be rejected and reported: a v5 broker silently
     // drops messages over the client's maximum packet size.
     o.set_max_packet_size(Some(16 << 20));
-    o.set_request_channel_capacity(4096);
-    o.set_last_will(LastWill::new(config.status_topic(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true, None));
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|source| ConnectError::Read { path: p.display().to_string(), source })
     };

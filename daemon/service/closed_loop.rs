@@ -54,6 +54,8 @@ pub enum LoopMessage {
     Drift { pipeline: String, reason: String },
     /// A `lathe/{node}/cmd/{action}` message.
     Command { action: String, payload: Vec<u8> },
+    /// A pushed bundle that passed every check (`update::device`): promote it onto trial.
+    Pushed { model: String, bundle: Box<Bundle>, record: Value },
 }
 
 /// A pipeline the loop runs.
@@ -65,6 +67,8 @@ pub struct LoopPipeline {
     pub shadow: Arc<ArcSwapOption<ActiveModel>>,
     pub counters: Arc<Counters>,
     pub performance: Option<Arc<Mutex<Performance>>>,
+    /// `[update]`: the device's own key, which signs the bundles it fine-tunes.
+    pub device_key: Option<Arc<ed25519_dalek::SigningKey>>,
 }
 
 /// Counters at a moment, to judge a window between two.
@@ -179,6 +183,17 @@ pub fn run(
             Ok(LoopMessage::Command { action, payload }) => {
                 command(&mut states, &action, &payload, &config, &store, &registry, &events)
             }
+            Ok(LoopMessage::Pushed { model, bundle, record }) => {
+                for s in states.iter_mut().filter(|s| s.p.model.load().name == model) {
+                    if matches!(s.stage, Stage::Training { .. }) {
+                        let why = "a fine-tune is running; the offer is taken again at the next reconnect";
+                        emit(&events, &s.p, "update.deferred", why.into(), json!({"run": record}));
+                        continue;
+                    }
+                    let before = Snapshot::take(&s.p.counters);
+                    promote(s, &bundle, record.clone(), before, &store, &registry, &events);
+                }
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             // No ingest any more (stopping): wait out the tick instead.
             Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -216,6 +231,9 @@ fn command(
         .or_else(|| (!text.trim().is_empty() && !text.trim_start().starts_with('{')).then(|| text.trim().to_string()));
     for s in states.iter_mut().filter(|s| named.as_deref().is_none_or(|n| n == s.p.config.name)) {
         match action {
+            "train" if s.p.config.train.is_none() => {
+                emit(events, &s.p, "command.refused", "this pipeline has no [pipeline.train]".into(), json!({}))
+            }
             "train" if matches!(s.stage, Stage::Idle) => start(s, "command", config, store, events),
             "train" => emit(events, &s.p, "train.skipped", "a run or trial is already in progress".into(), json!({})),
             "rollback" => {
@@ -537,7 +555,7 @@ fn finished(
         tracing::warn!(pipeline = p.config.name, "{e}");
     }
     let gate = outcome.record.gate.as_ref();
-    let Some(challenger) = outcome.challenger else {
+    let Some(mut challenger) = outcome.challenger else {
         emit(
             events,
             p,
@@ -548,6 +566,10 @@ fn finished(
         return;
     };
     let gate_line = gate.map(|g| g.reason.clone()).unwrap_or_default();
+    // Grown here, signed here: the central server tells it from a pushed bundle by the key.
+    if let Some(key) = &p.device_key {
+        crate::update::signing::sign_bundle(&mut challenger, key);
+    }
     if let Err(e) = registry.add(&challenger) {
         emit(
             events,
@@ -845,6 +867,7 @@ mod tests {
             shadow: Arc::default(),
             counters: Arc::default(),
             performance: None,
+            device_key: None,
         };
         (State { p: lp, stage: Stage::Idle, wanted: None, retry_at: None }, store)
     }

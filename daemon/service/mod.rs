@@ -21,7 +21,7 @@ use rumqttc::v5::AsyncClient;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{BrokerUrl, Config, ConfigError, ConfigErrors, ModelRef};
+use crate::config::{BrokerUrl, Config, ConfigError, ConfigErrors, ModelRef, TrainConfig};
 use arc_swap::ArcSwap;
 
 use crate::infer::{ActiveModel, Pipeline, SharedModel};
@@ -209,7 +209,7 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
             let sparkplug = s.sparkplug.as_ref().and_then(|sp| sp.lock().ok().map(|sp| sp.status()));
             json!({
                 "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
-                "origin": "bundle", "backend": "tract", "drift": drift, "counters": s.counters.snapshot(),
+                "origin": m.origin, "backend": "tract", "drift": drift, "counters": s.counters.snapshot(),
                 "store": store, "sparkplug": sparkplug,
             })
         })
@@ -217,6 +217,7 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
     json!({
         "state": state, "node": config.node, "daemon_version": env!("CARGO_PKG_VERSION"),
         "ts": unix_ms(), "pipelines": pipelines,
+        "groups": config.update.as_ref().map(|u| u.groups.clone()).unwrap_or_default(),
     })
 }
 
@@ -270,7 +271,8 @@ pub async fn run(
     let acker = tokio::spawn(acker);
 
     // The closed loop: a sample store and its writer, drift alarms and commands as triggers.
-    let training = config.pipelines.iter().any(|p| p.train.is_some());
+    // Pushed updates go through the loop's trial too, so `[update]` runs the loop as well.
+    let training = config.pipelines.iter().any(|p| p.train.is_some()) || config.update.is_some();
     let (loop_tx, loop_rx) = std::sync::mpsc::channel();
     let (events, store) = if training {
         let store = crate::store::Store::open(config.store.clone()).map_err(|e| ServiceError::Store(e.to_string()))?;
@@ -285,7 +287,11 @@ pub async fn run(
     let mut looped = Vec::new();
     // `[sparkplug]`: the pipelines' handle now, the edge node's session once they exist.
     let sparkplug_out = config.sparkplug.as_ref().map(|_| crate::sparkplug::output::channel());
-    let mut sparkplug_models = Vec::new();
+    let mut models = Vec::new();
+    let device_key = match &config.update {
+        Some(u) => Some(Arc::new(crate::update::signing::device_key(&u.device_key).map_err(ServiceError::Store)?)),
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (disconnect_tx, disconnect_rx) = watch::channel(false);
@@ -344,15 +350,17 @@ pub async fn run(
             shadow: Arc::default(),
             sparkplug: sparkplug_out.as_ref().map(|(o, _)| o.clone()),
         };
-        sparkplug_models.push((p.name.clone(), model.clone()));
-        if let Some(train) = &p.train {
+        models.push((p.name.clone(), model.clone()));
+        if let Some(train) = p.train.clone().or_else(|| config.update.as_ref().and_then(|_| TrainConfig::serve_only()))
+        {
             looped.push(closed_loop::LoopPipeline {
                 config: p.clone(),
-                train: train.clone(),
+                train,
                 model: model.clone(),
                 shadow: pipeline.shadow.clone(),
                 counters: counters.clone(),
                 performance: performance.clone(),
+                device_key: device_key.clone(),
             });
         }
         tasks.push(tokio::spawn(pipeline.run(rx)));
@@ -362,10 +370,25 @@ pub async fn run(
     let writer = store.as_ref().map(|(_, w)| w.clone());
     let sparkplug_task = match (&config.sparkplug, sparkplug_out) {
         (Some(settings), Some((_, rx))) => Some(
-            crate::sparkplug::output::start(&config, settings, (&host, port), sparkplug_models, rx)
+            crate::sparkplug::output::start(&config, settings, (&host, port), models.clone(), rx)
                 .map_err(ServiceError::Broker)?,
         ),
         _ => None,
+    };
+    let updater = match &config.update {
+        Some(settings) => Some(
+            crate::update::device::start(
+                &config,
+                settings,
+                (&host, port),
+                models,
+                events.clone(),
+                loop_tx.clone(),
+                stop_rx.clone(),
+            )
+            .map_err(ServiceError::Broker)?,
+        ),
+        None => None,
     };
     let closed_loop = match store {
         Some((store, _)) => {
@@ -401,7 +424,7 @@ pub async fn run(
         commands: match training {
             true => Some((
                 TopicFilter::parse(&format!("lathe/{}/cmd/+", config.node)).map_err(ServiceError::Broker)?,
-                loop_tx,
+                loop_tx.clone(),
             )),
             false => None,
         },
@@ -462,6 +485,9 @@ pub async fn run(
     }
     let _ = status_task.await;
     let _ = swapper.await;
+    if let Some(u) = updater {
+        let _ = tokio::time::timeout(Duration::from_secs(3), u).await;
+    }
     if let Some(l) = closed_loop {
         let _ = tokio::task::spawn_blocking(move || l.join()).await;
     }

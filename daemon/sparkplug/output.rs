@@ -80,11 +80,8 @@ pub fn start(
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map_or(0, |b| (b + 1) % 256);
     let _ = crate::model::registry::write_atomic(&bd_seq_file, bd_seq.to_string().as_bytes());
-    let mut options = crate::ingest::connection::mqtt_options(config, host, port).map_err(|e| e.to_string())?;
-    options.set_client_id(format!("{}-sparkplug", config.client_id()));
-    options.set_clean_start(true);
-    options.set_session_expiry_interval(None);
-    options.set_manual_acks(false);
+    let id = format!("{}-sparkplug", config.client_id());
+    let mut options = crate::ingest::connection::session_options(config, host, port, id).map_err(|e| e.to_string())?;
     let node = Node { group: settings.group.clone(), edge_node: settings.edge_node.clone(), bd_seq, seq: 0 };
     let death = node.death();
     options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));

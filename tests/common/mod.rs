@@ -316,6 +316,12 @@ impl Publisher {
         self.sent += 1;
     }
 
+    /// A retained message (kept by the broker for later subscribers).
+    pub fn publish_retained(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client.publish(topic, QoS::AtLeastOnce, true, payload.into()).unwrap();
+        self.sent += 1;
+    }
+
     /// Waits until the broker acknowledged everything published so far.
     pub fn flush(&mut self) {
         for _ in 0..self.sent {

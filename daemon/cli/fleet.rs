@@ -1,0 +1,307 @@
+//! The central server's commands: `lathe keygen`, `lathe push`, `lathe fleet`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::model::Bundle;
+use crate::update::push::{prepare, PushOptions};
+use crate::update::signing;
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The bundle to push (signed here with --key).
+    bundle: PathBuf,
+    /// The central server's signing key (`lathe keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// The broker the fleet listens to: mqtt://HOST:PORT.
+    #[arg(long)]
+    broker: String,
+    /// Offer to these nodes (`lathe/{node}/update`; repeatable).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// Offer to this fleet group (`lathe/fleet/{group}/update`).
+    #[arg(long)]
+    group: Option<String>,
+    /// The offer is refused after this long (e.g. 30m, 24h, 7d).
+    #[arg(long, default_value = "24h")]
+    expires: String,
+    /// Only devices whose `update.compatible` says this take it (empty: devices that name none).
+    #[arg(long, default_value = "")]
+    compatible: String,
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    min_daemon_version: String,
+    #[arg(long, default_value_t = 64)]
+    chunk_kb: usize,
+    /// With --group: offer to this many of the group's nodes first (by name), and to the
+    /// group only if they take it.
+    #[arg(long, default_value_t = 0)]
+    canary: usize,
+    /// Stop the rollout when more than this share of the canaries fail.
+    #[arg(long, default_value_t = 0.0)]
+    max_failure_share: f64,
+    /// How long to wait for the canaries.
+    #[arg(long, default_value = "10m")]
+    canary_wait: String,
+}
+
+/// One MQTT session for a command: the event loop polled on its own task (never cancelled),
+/// its events forwarded.
+async fn connect(broker: &str, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Event>), String> {
+    let (host, port) = match crate::config::parse_url(broker)? {
+        crate::config::BrokerUrl::Tcp { host, port, .. } => (host, port),
+        crate::config::BrokerUrl::Embedded => return Err("--broker must be mqtt://HOST:PORT".into()),
+    };
+    let mut options = MqttOptions::new(format!("{id}-{}", std::process::id()), host, port);
+    options.set_max_packet_size(Some(16 << 20));
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                Ok(e) => {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// `lathe keygen -o OUT`: OUT.key and OUT.pub, or `lathe.key` and `lathe.pub` in OUT when it
+/// is a directory.
+pub fn keygen(out: &std::path::Path) -> Result<(), String> {
+    let key = signing::generate()?;
+    let prefix = if out.is_dir() { out.join("lathe") } else { out.to_path_buf() };
+    let out = prefix.as_path();
+    signing::write_keypair(out, &key)?;
+    println!(
+        "wrote {} (secret, keep it on the central server) and {} (key id {}): list it in the devices' update.trusted_keys",
+        out.with_extension("key").display(),
+        out.with_extension("pub").display(),
+        signing::key_id(&key.verifying_key())
+    );
+    Ok(())
+}
+
+pub fn push(a: PushArgs) -> Result<(), String> {
+    if a.nodes.is_empty() && a.group.is_none() {
+        return Err("name --node NODE (repeatable) or --group GROUP".into());
+    }
+    let key = signing::read_signing_key(&a.key)?;
+    let bundle = Bundle::read(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
+    let expires = crate::config::parse_duration(&a.expires).ok_or("--expires: expected e.g. 30m, 24h, 7d")?;
+    let now = crate::service::unix_ms() / 1000;
+    let opts = PushOptions {
+        expires_unix: now + expires.as_secs(),
+        compatible: a.compatible.clone(),
+        min_daemon_version: a.min_daemon_version.clone(),
+        chunk_bytes: a.chunk_kb.max(1) << 10,
+    };
+    let prepared = prepare(bundle, &key, &opts)?;
+    let o = &prepared.offer;
+    let rt = super::runtime()?;
+    rt.block_on(async {
+        let (client, mut events) = connect(&a.broker, "lathe-push").await?;
+        // The bytes first, retained, so a device that takes the offer finds them.
+        let mut messages: Vec<(String, Vec<u8>)> = prepared.chunks.clone();
+        let mut offer_topics: Vec<String> = a.nodes.iter().map(|n| format!("lathe/{n}/update")).collect();
+        let mut staged = None;
+        if let Some(g) = &a.group {
+            if a.canary > 0 {
+                let canaries = group_nodes(&a.broker, g).await?.into_iter().take(a.canary).collect::<Vec<_>>();
+                if canaries.is_empty() {
+                    return Err(format!("no node of group {g} reports a status; nothing to canary"));
+                }
+                offer_topics.extend(canaries.iter().map(|n| format!("lathe/{n}/update")));
+                // Listening before the offer goes out: a quick refusal is not missed.
+                let watcher = connect(&a.broker, "lathe-rollout").await?;
+                for n in &canaries {
+                    for t in [format!("lathe/{n}/status"), format!("lathe/{n}/events")] {
+                        watcher.0.subscribe(t, QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                staged = Some((g.clone(), canaries, watcher));
+            } else {
+                offer_topics.push(format!("lathe/fleet/{g}/update"));
+            }
+        }
+        messages.extend(offer_topics.iter().map(|t| (t.clone(), prepared.message.clone())));
+        publish_all(&client, &mut events, messages).await?;
+        println!(
+            "offered {} v{} ({} bytes, {} chunks, sha256 {}) on {}",
+            o.name,
+            o.version,
+            o.length,
+            o.chunks,
+            o.sha256,
+            offer_topics.join(", ")
+        );
+        if let Some((group, canaries, watcher)) = staged {
+            let wait = crate::config::parse_duration(&a.canary_wait).ok_or("--canary-wait: expected e.g. 10m")?;
+            let (ok, failed) = watch_canaries(watcher, &canaries, &o.name, o.version, wait).await;
+            let share = failed.len() as f64 / canaries.len() as f64;
+            println!("canaries: {} took v{} ({}), {} failed ({})", ok.len(), o.version, ok.join(", "), failed.len(), failed.join("; "));
+            if share > a.max_failure_share {
+                let _ = client.disconnect().await;
+                return Err(format!(
+                    "rollout stopped: {:.0} % of the canaries failed (more than --max-failure-share {:.0} %); group {group} not offered",
+                    share * 100.0,
+                    a.max_failure_share * 100.0
+                ));
+            }
+            publish_all(&client, &mut events, vec![(format!("lathe/fleet/{group}/update"), prepared.message.clone())]).await?;
+            println!("offered to group {group}");
+        }
+        let _ = client.disconnect().await;
+        Ok(())
+    })
+}
+
+/// Publishes every message retained at QoS 1 and waits for the broker to acknowledge them all.
+async fn publish_all(
+    client: &AsyncClient,
+    events: &mut mpsc::Receiver<Event>,
+    messages: Vec<(String, Vec<u8>)>,
+) -> Result<(), String> {
+    let n = messages.len();
+    for (topic, bytes) in messages {
+        client.publish(topic, QoS::AtLeastOnce, true, bytes).await.map_err(|e| e.to_string())?;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut acked = 0;
+    while acked < n {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Some(_)) => {}
+            _ => return Err(format!("the broker acknowledged {acked} of {n} messages")),
+        }
+    }
+    Ok(())
+}
+
+/// Every retained status (`lathe/+/status`) the broker holds, by node.
+async fn statuses(broker: &str) -> Result<BTreeMap<String, Value>, String> {
+    let (client, mut events) = connect(broker, "lathe-fleet").await?;
+    client.subscribe("lathe/+/status", QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    // Retained messages arrive right after the subscription; a quiet second means all are in.
+    let mut quiet_until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(e)) = tokio::time::timeout_at(quiet_until, events.recv()).await {
+        if let Event::Incoming(Packet::Publish(p)) = e {
+            let topic = String::from_utf8_lossy(&p.topic).into_owned();
+            if let (Some(node), Ok(v)) = (topic.split('/').nth(1), serde_json::from_slice::<Value>(&p.payload)) {
+                out.insert(node.to_string(), v);
+            }
+            quiet_until = tokio::time::Instant::now() + Duration::from_secs(1);
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(out)
+}
+
+async fn group_nodes(broker: &str, group: &str) -> Result<Vec<String>, String> {
+    Ok(statuses(broker)
+        .await?
+        .into_iter()
+        .filter(|(_, s)| s["groups"].as_array().is_some_and(|g| g.iter().any(|x| x == group)))
+        .map(|(n, _)| n)
+        .collect())
+}
+
+/// Each canary either serves `name` v`version` (its status) or reports the update or its
+/// trial failing (its events). Returns (took it, failed with why); silence past `wait` fails.
+async fn watch_canaries(
+    (client, mut events): (AsyncClient, mpsc::Receiver<Event>),
+    canaries: &[String],
+    name: &str,
+    version: u64,
+    wait: Duration,
+) -> (Vec<String>, Vec<String>) {
+    let (mut ok, mut failed): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + wait;
+    let decided = |n: &String, ok: &Vec<String>, failed: &Vec<String>| {
+        ok.contains(n) || failed.iter().any(|f| f.starts_with(&format!("{n}:")))
+    };
+    while canaries.iter().any(|n| !decided(n, &ok, &failed)) && Instant::now() < deadline {
+        let Ok(Some(Event::Incoming(Packet::Publish(p)))) =
+            tokio::time::timeout(Duration::from_millis(500), events.recv()).await
+        else {
+            continue;
+        };
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        let Some(node) = topic.split('/').nth(1).map(String::from) else { continue };
+        let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else { continue };
+        if decided(&node, &ok, &failed) {
+            continue;
+        }
+        if topic.ends_with("/status") {
+            let serving = v["pipelines"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["model"] == name && p["version"] == version));
+            if serving {
+                ok.push(node);
+            }
+        } else if matches!(v["event"].as_str(), Some("update.failed" | "update.refused" | "trial.failed"))
+            && v["name"].as_str().is_none_or(|n| n == name)
+        {
+            failed.push(format!("{node}: {}", v["message"].as_str().unwrap_or("failed")));
+        }
+    }
+    for n in canaries.iter().filter(|n| !decided(n, &ok, &failed)).cloned().collect::<Vec<_>>() {
+        failed.push(format!("{n}: no answer within {} s", wait.as_secs()));
+    }
+    let _ = client.disconnect().await;
+    (ok, failed)
+}
+
+/// `lathe fleet`: every node's retained status as a table (or JSON).
+pub fn fleet(broker: &str, json: bool) -> Result<(), String> {
+    let all = super::runtime()?.block_on(statuses(broker))?;
+    if json {
+        println!("{}", serde_json::to_string(&all).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<8} {:<16} {:<20} {:>7}  {:<10} {:<8} drift",
+        "node", "state", "pipeline", "model", "version", "origin", "backend"
+    );
+    for (node, s) in &all {
+        let state = s["state"].as_str().unwrap_or("?");
+        let pipelines = s["pipelines"].as_array().cloned().unwrap_or_default();
+        if pipelines.is_empty() {
+            println!("{node:<20} {state:<8}");
+        }
+        for p in pipelines {
+            let alarms: Vec<String> = p["drift"]["alarms"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            println!(
+                "{node:<20} {state:<8} {:<16} {:<20} {:>7}  {:<10} {:<8} {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["model"].as_str().unwrap_or("?"),
+                p["version"],
+                p["origin"].as_str().unwrap_or("?"),
+                p["backend"].as_str().unwrap_or("?"),
+                if alarms.is_empty() { "ok".to_string() } else { alarms.join(",") }
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,429 @@
+//! The device side of remote updates: its own MQTT session (clean, client id
+//! `{client_id}-update`) for offers and chunks, so a download never competes with telemetry
+//! for the main session's flow control.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use ed25519_dalek::VerifyingKey;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event as MqttEvent};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use super::floor::Floor;
+use super::signing::{self, Offer};
+use crate::config::{Config, UpdateConfig};
+use crate::infer::{Engine, EngineKind, SharedModel};
+use crate::model::{bundle, Bundle, Registry};
+use crate::service::closed_loop::LoopMessage;
+use crate::service::events::{Event, Events};
+
+/// Downloads at once (each bounded by `max_bundle_mb`).
+const MAX_DOWNLOADS: usize = 2;
+
+/// What the session tells the updater.
+enum Session {
+    Connected,
+    Message { topic: String, payload: Vec<u8> },
+}
+
+/// A finished download and what its verification found.
+type Verified = (Download, Result<(Bundle, Value), String>);
+
+struct Download {
+    offer: Offer,
+    /// Where the offer came from (for the events).
+    topic: String,
+    signer: String,
+    chunks: BTreeMap<u32, Vec<u8>>,
+    bytes: u64,
+    /// The sha256 of the chunks so far in order, and the next index it needs.
+    hasher: Sha256,
+    next: u32,
+    deadline: tokio::time::Instant,
+}
+
+pub struct Updater {
+    config: Config,
+    settings: UpdateConfig,
+    trusted: Vec<VerifyingKey>,
+    events: Events,
+    loop_tx: Sender<LoopMessage>,
+    /// The models the pipelines serve, by pipeline.
+    models: Vec<(String, SharedModel)>,
+}
+
+fn bundles_topic(sha: &str) -> String {
+    format!("lathe/bundles/{sha}/+")
+}
+
+/// Starts the updater; it ends when `stop` fires.
+///
+/// # Errors
+/// Unreadable keys or credentials.
+pub fn start(
+    config: &Config,
+    settings: &UpdateConfig,
+    (host, port): (&str, u16),
+    models: Vec<(String, SharedModel)>,
+    events: Events,
+    loop_tx: Sender<LoopMessage>,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let trusted = settings.trusted_keys.iter().map(|k| signing::read_public_key(k)).collect::<Result<Vec<_>, _>>()?;
+    let id = format!("{}-update", config.client_id());
+    let options = crate::ingest::connection::session_options(config, host, port, id).map_err(|e| e.to_string())?;
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    let updater = Updater { config: config.clone(), settings: settings.clone(), trusted, events, loop_tx, models };
+    Ok(tokio::spawn(updater.run(client, eventloop, stop)))
+}
+
+async fn poll(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Session>) {
+    let mut failures = 0u32;
+    loop {
+        let event = eventloop.poll().await;
+        let message = match event {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                Some(Session::Connected)
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => Some(Session::Message {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+            }),
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!("Update session: {e}");
+                tokio::time::sleep(crate::ingest::connection::backoff(failures)).await;
+                failures = failures.saturating_add(1);
+                None
+            }
+        };
+        if let Some(m) = message {
+            if tx.send(m).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Updater {
+    fn offer_topics(&self) -> Vec<String> {
+        std::iter::once(format!("lathe/{}/update", self.config.node))
+            .chain(self.settings.groups.iter().map(|g| format!("lathe/fleet/{g}/update")))
+            .collect()
+    }
+
+    fn registry(&self) -> Registry {
+        Registry::new(&self.config.state_dir).with_engine(self.config.infer.engine.clone())
+    }
+
+    fn emit(&self, step: &'static str, message: String, detail: Value) {
+        let pipeline = detail["name"]
+            .as_str()
+            .and_then(|n| self.models.iter().find(|(_, m)| m.load().name == n))
+            .map_or_else(String::new, |(p, _)| p.clone());
+        self.events.emit(Event::Step { pipeline, step, message, detail });
+    }
+
+    async fn run(self, client: AsyncClient, eventloop: rumqttc::v5::EventLoop, mut stop: watch::Receiver<bool>) {
+        let (tx, mut session) = mpsc::channel(64);
+        let mut poller = tokio::spawn(poll(eventloop, tx));
+        let (done_tx, mut done) = mpsc::channel::<Verified>(4);
+        let mut downloads: BTreeMap<String, Download> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                event = session.recv() => match event {
+                    Some(Session::Connected) => {
+                        // Offers again (retained), and every download resumes where it was.
+                        for t in self.offer_topics() {
+                            let _ = client.subscribe(t, QoS::AtLeastOnce).await;
+                        }
+                        for sha in downloads.keys() {
+                            let _ = client.subscribe(bundles_topic(sha), QoS::AtLeastOnce).await;
+                        }
+                    }
+                    Some(Session::Message { topic, payload }) => {
+                        if let Some(rest) = topic.strip_prefix("lathe/bundles/") {
+                            self.chunk(rest, payload, &mut downloads, &client, &done_tx).await;
+                        } else if payload.is_empty() {
+                            // A cleared retained offer.
+                        } else if let Some(offer) = self.consider(&topic, &payload, &downloads) {
+                            if downloads.len() >= MAX_DOWNLOADS {
+                                self.emit("update.refused", "too many downloads at once; offer again later".into(), json!({"name": offer.0.name}));
+                                continue;
+                            }
+                            let (offer, signer) = offer;
+                            self.emit(
+                                "update.downloading",
+                                format!("Downloading {} v{} ({} bytes in {} chunks)", offer.name, offer.version, offer.length, offer.chunks),
+                                json!({"name": offer.name, "version": offer.version, "sha256": offer.sha256, "signer": signer}),
+                            );
+                            let _ = client.subscribe(bundles_topic(&offer.sha256), QoS::AtLeastOnce).await;
+                            downloads.insert(offer.sha256.clone(), Download {
+                                deadline: tokio::time::Instant::now() + self.settings.download_timeout,
+                                offer, topic, signer, chunks: BTreeMap::new(), bytes: 0, hasher: Sha256::new(), next: 0,
+                            });
+                        }
+                    }
+                    None => break,
+                },
+                Some((download, result)) = done.recv() => self.finish(download, result),
+                _ = tick.tick() => {
+                    let now = tokio::time::Instant::now();
+                    let late: Vec<String> = downloads.iter().filter(|(_, d)| d.deadline <= now).map(|(k, _)| k.clone()).collect();
+                    for sha in late {
+                        if let Some(d) = downloads.remove(&sha) {
+                            let _ = client.unsubscribe(bundles_topic(&sha)).await;
+                            self.failed(&d.offer, format!(
+                                "truncated download: {} of {} bytes ({} of {} chunks) after {} s",
+                                d.bytes, d.offer.length, d.chunks.len(), d.offer.chunks, self.settings.download_timeout.as_secs()
+                            ));
+                        }
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        let _ = client.try_disconnect();
+        if tokio::time::timeout(Duration::from_secs(2), &mut poller).await.is_err() {
+            poller.abort();
+        }
+    }
+
+    fn failed(&self, offer: &Offer, why: String) {
+        self.emit(
+            "update.failed",
+            format!("Update {} v{} failed, champion unchanged: {why}", offer.name, offer.version),
+            json!({"name": offer.name, "version": offer.version, "sha256": offer.sha256, "why": why}),
+        );
+    }
+
+    /// An offer message: `Some((offer, signer))` when it should be downloaded. Refusals are
+    /// events; an offer already acted on (a retained offer seen again) is dropped quietly.
+    fn consider(&self, topic: &str, payload: &[u8], downloads: &BTreeMap<String, Download>) -> Option<(Offer, String)> {
+        let refuse = |name: &str, why: String| {
+            self.emit(
+                "update.refused",
+                format!("Offer on {topic} refused, champion unchanged: {why}"),
+                json!({"name": name, "topic": topic, "why": why}),
+            );
+            None
+        };
+        let (offer, signer) = match signing::open_offer(payload, &self.trusted) {
+            Ok(o) => o,
+            Err(e) => return refuse("", e),
+        };
+        if downloads.contains_key(&offer.sha256) {
+            return None;
+        }
+        let now = crate::service::unix_ms() / 1000;
+        if now > offer.expires_unix {
+            return refuse(&offer.name, format!("the offer expired at {} (now {now})", offer.expires_unix));
+        }
+        if offer.compatible != self.settings.compatible {
+            return refuse(
+                &offer.name,
+                format!(
+                    "the offer is for hardware {:?}; this device is {:?}",
+                    offer.compatible, self.settings.compatible
+                ),
+            );
+        }
+        if !signing::version_at_least(env!("CARGO_PKG_VERSION"), &offer.min_daemon_version) {
+            return refuse(
+                &offer.name,
+                format!("it needs lathe {} or later; this is {}", offer.min_daemon_version, env!("CARGO_PKG_VERSION")),
+            );
+        }
+        if !self.models.iter().any(|(_, m)| m.load().name == offer.name) {
+            return refuse(&offer.name, format!("no pipeline here serves model {:?}", offer.name));
+        }
+        if offer.length > self.settings.max_bundle_bytes || offer.chunks == 0 || u64::from(offer.chunks) > offer.length
+        {
+            return refuse(
+                &offer.name,
+                format!(
+                    "{} bytes in {} chunks is not acceptable (update.max_bundle_mb = {})",
+                    offer.length,
+                    offer.chunks,
+                    self.settings.max_bundle_bytes >> 20
+                ),
+            );
+        }
+        let floor = Floor::new(&self.config.state_dir);
+        let accepted = match floor.read() {
+            Ok(all) => all.get(&offer.name).cloned(),
+            Err(e) => return refuse(&offer.name, format!("the anti-rollback floor is unreadable: {e}")),
+        };
+        let registry = self.registry();
+        let champion = registry.champion_version(&offer.name).ok().flatten();
+        // Accepted before (the same bytes): done, or (killed before the promotion) go on.
+        if accepted.as_ref().is_some_and(|a| a.version == offer.version && a.sha256 == offer.sha256) {
+            if champion == Some(offer.version) {
+                return None;
+            }
+        } else {
+            if let Ok(Some(why)) = floor.check(&offer.name, offer.version, &offer.sha256) {
+                return refuse(&offer.name, why);
+            }
+            let held = registry.versions(&offer.name).unwrap_or_default().into_iter().max().unwrap_or(0);
+            if offer.version <= held {
+                return refuse(
+                    &offer.name,
+                    format!("v{} is not newer than v{held}, which this device holds", offer.version),
+                );
+            }
+        }
+        Some((offer, signer))
+    }
+
+    async fn chunk(
+        &self,
+        rest: &str,
+        payload: Vec<u8>,
+        downloads: &mut BTreeMap<String, Download>,
+        client: &AsyncClient,
+        done: &mpsc::Sender<Verified>,
+    ) {
+        let Some((sha, index)) = rest.split_once('/') else { return };
+        let Some(d) = downloads.get_mut(sha) else { return };
+        let problem = match index.parse::<u32>() {
+            Err(_) => Some(format!("chunk topic {index:?} is not an index")),
+            Ok(i) if i >= d.offer.chunks => {
+                Some(format!("chunk {i} is past the {} the offer declared", d.offer.chunks))
+            }
+            Ok(i) if d.chunks.contains_key(&i) || i < d.next => None, // seen (a resubscription)
+            Ok(i) => {
+                d.bytes += payload.len() as u64;
+                d.chunks.insert(i, payload);
+                // Hash in order as the bytes become contiguous.
+                while let Some(c) = d.chunks.get(&d.next) {
+                    d.hasher.update(c);
+                    d.next += 1;
+                }
+                (d.bytes > d.offer.length)
+                    .then(|| format!("more than the {} bytes the offer declared (endless data)", d.offer.length))
+            }
+        };
+        let complete = d.next == d.offer.chunks;
+        if problem.is_none() && !complete {
+            return;
+        }
+        let sha = sha.to_string();
+        let _ = client.unsubscribe(bundles_topic(&sha)).await;
+        let Some(d) = downloads.remove(&sha) else { return };
+        if let Some(why) = problem {
+            return self.failed(&d.offer, why);
+        }
+        if d.bytes != d.offer.length {
+            return self.failed(&d.offer, format!("{} bytes arrived, the offer declared {}", d.bytes, d.offer.length));
+        }
+        let got = hex::encode(d.hasher.clone().finalize());
+        if got != d.offer.sha256 {
+            return self
+                .failed(&d.offer, format!("sha256 {got} is not the offer's {} (tampered chunks)", d.offer.sha256));
+        }
+        // Verification and validation load a model: off the async workers.
+        let (trusted, engine, state_dir, done) =
+            (self.trusted.clone(), self.config.infer.engine.clone(), self.config.state_dir.clone(), done.clone());
+        tokio::task::spawn_blocking(move || {
+            let bytes: Vec<u8> = d.chunks.values().flatten().copied().collect();
+            let result = verify(&bytes, &d.offer, &trusted, &engine, &state_dir);
+            let _ = done.blocking_send((d, result));
+        });
+    }
+
+    /// A verified bundle: into the registry, then the floor (trust), then the loop promotes it.
+    fn finish(&self, d: Download, result: Result<(Bundle, Value), String>) {
+        let (bundle, mut record) = match result {
+            Ok(r) => r,
+            Err(why) => return self.failed(&d.offer, why),
+        };
+        if let Err(e) = self.registry().add(&bundle) {
+            return self.failed(&d.offer, format!("cannot store the bundle: {e}"));
+        }
+        if let Err(e) = Floor::new(&self.config.state_dir).record(&d.offer.name, d.offer.version, &d.offer.sha256) {
+            return self.failed(&d.offer, format!("cannot record the anti-rollback floor: {e}"));
+        }
+        record["origin"] = "pushed".into();
+        record["offer_topic"] = d.topic.as_str().into();
+        record["signer"] = d.signer.as_str().into();
+        self.emit(
+            "update.verified",
+            format!(
+                "{} v{} verified (signed by {}), validated and recorded; promoting",
+                d.offer.name, d.offer.version, d.signer
+            ),
+            record.clone(),
+        );
+        let model = bundle.manifest.name.clone();
+        let _ = self.loop_tx.send(LoopMessage::Pushed { model, bundle: Box::new(bundle), record });
+    }
+}
+
+/// The downloaded bytes as a bundle: signed by a trusted key, the one offered, loading and
+/// finite on the serving engine, and not worse than the champion by the gate's rule on its
+/// own validation set.
+fn verify(
+    bytes: &[u8],
+    offer: &Offer,
+    trusted: &[VerifyingKey],
+    engine: &EngineKind,
+    state_dir: &std::path::Path,
+) -> Result<(Bundle, Value), String> {
+    let bundle = Bundle::from_bytes(bytes).map_err(|e| format!("not a valid bundle: {e}"))?;
+    let signer = signing::verify_bundle(&bundle, trusted)?;
+    let m = &bundle.manifest;
+    if m.name != offer.name || m.version != offer.version {
+        return Err(format!(
+            "the bundle is {} v{}, the offer said {} v{}",
+            m.name, m.version, offer.name, offer.version
+        ));
+    }
+    let candidate = Engine::load_with(&bundle.model, engine).map_err(|e| e.to_string())?;
+    let (x, outputs) = bundle.validated_outputs(&candidate).map_err(|e| e.to_string())?;
+    let truth = bundle.validation_targets().map_err(|e| e.to_string())?;
+    let f = m.inputs.len();
+    let measured = bundle::measure(m.task, m.baseline.threshold, &outputs, m.primary_output, &x, f, &truth)
+        .map_err(|e| e.to_string())?;
+    let metric = &m.gate.metric;
+    let value = measured.metrics.get(metric).copied().unwrap_or(f64::NAN);
+    let mut record = json!({
+        "name": m.name, "version": m.version, "sha256": offer.sha256, "bundle_signer": signer,
+        "validation": measured.metrics, "gate_metric": metric,
+    });
+    let registry = Registry::new(state_dir).with_engine(engine.clone());
+    if let Ok(champion) = registry.champion(&m.name) {
+        let c = &champion.manifest;
+        let names = |b: &Bundle| b.manifest.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+        if names(&champion) != names(&bundle) || c.window != m.window {
+            return Err(format!(
+                "its inputs ({}) differ from the champion's ({})",
+                names(&bundle).join(","),
+                names(&champion).join(",")
+            ));
+        }
+        let serving = Engine::load_with(&champion.model, engine).map_err(|e| e.to_string())?;
+        let out = serving.run(&bundle.validation_samples().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let theirs = bundle::measure(c.task, c.baseline.threshold, &out, c.primary_output, &x, f, &truth)
+            .map_err(|e| e.to_string())?;
+        let champ = theirs.metrics.get(metric).copied().unwrap_or(f64::NAN);
+        let slack = m.gate.max_forgetting * champ.abs();
+        let worse = if m.gate.higher_is_better { value < champ - slack } else { value > champ + slack };
+        record["champion_validation"] = json!(theirs.metrics);
+        if worse || !value.is_finite() {
+            return Err(format!(
+                "gate: {metric} {value:.4} on its validation set vs the champion's {champ:.4} (max_forgetting {})",
+                m.gate.max_forgetting
+            ));
+        }
+    }
+    Ok((bundle, record))
+}

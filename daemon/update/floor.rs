@@ -1,0 +1,70 @@
+//! The anti-rollback floor: per model, the highest version (and its sha256) this device has
+//! accepted from a push. Its own file (`state_dir/update-floor.json`, written atomically),
+//! apart from the registry, so a wiped or restored model directory does not lower it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub version: u64,
+    pub sha256: String,
+}
+
+pub struct Floor {
+    path: PathBuf,
+}
+
+impl Floor {
+    pub fn new(state_dir: &Path) -> Floor {
+        Floor { path: state_dir.join("update-floor.json") }
+    }
+
+    /// Everything accepted so far.
+    ///
+    /// # Errors
+    /// A floor file that exists but cannot be read: refusing every update is safer than
+    /// forgetting the floor.
+    pub fn read(&self) -> Result<BTreeMap<String, Accepted>, String> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", self.path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(format!("{}: {e}", self.path.display())),
+        }
+    }
+
+    /// Why an offer of `version`/`sha256` of `name` must be refused, if it must.
+    ///
+    /// # Errors
+    /// As [`Floor::read`].
+    pub fn check(&self, name: &str, version: u64, sha256: &str) -> Result<Option<String>, String> {
+        Ok(self.read()?.get(name).and_then(|a| {
+            if version < a.version {
+                Some(format!("v{version} is older than v{} already accepted (rollback refused)", a.version))
+            } else if version == a.version && sha256 != a.sha256 {
+                Some(format!(
+                    "v{version} was already accepted with another sha256 ({}…)",
+                    &a.sha256[..12.min(a.sha256.len())]
+                ))
+            } else {
+                None
+            }
+        }))
+    }
+
+    /// Records `name` v`version` as accepted (never lowers the floor).
+    ///
+    /// # Errors
+    /// The file cannot be written durably.
+    pub fn record(&self, name: &str, version: u64, sha256: &str) -> Result<(), String> {
+        let mut all = self.read()?;
+        if all.get(name).is_some_and(|a| a.version > version) {
+            return Ok(());
+        }
+        all.insert(name.to_string(), Accepted { version, sha256: sha256.to_string() });
+        let bytes = serde_json::to_vec_pretty(&all).map_err(|e| e.to_string())?;
+        crate::model::registry::write_atomic(&self.path, &bytes).map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+}
