@@ -179,11 +179,25 @@ fn v1_accuracy(rows: &[(Vec<f64>, u8)]) -> f64 {
 #[test]
 fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_trial() {
     let rows = unseen();
+    // With [update], what the device grows is signed with its own key.
+    let keys = common::temp_dir("loopok-keys");
+    lathe::update::signing::write_keypair(&keys.join("central"), &lathe::update::signing::generate().unwrap()).unwrap();
     let mut l = Loop::start(
         "loopok",
-        "trigger = [\"drift\"]\nmin_rows = 800\nrows = 800\ntrial = \"20s\"\nmin_live_labels = 100\nmax_forgetting = 0.05\n",
+        &format!(
+            "trigger = [\"drift\"]\nmin_rows = 800\nrows = 800\ntrial = \"20s\"\nmin_live_labels = 100\nmax_forgetting = 0.05\n\
+             [update]\ntrusted_keys = [\"{}\"]\n",
+            keys.join("central.pub").display()
+        ),
     );
     drift_to_promotion(&mut l, &rows);
+    let device = lathe::update::signing::read_public_key(&l.dir.join("state/device.pub")).unwrap();
+    let grown = lathe::model::Bundle::read(&l.dir.join("state/registry/shuttle-mlp/shuttle-mlp-2.lathe")).unwrap();
+    assert_eq!(
+        lathe::update::signing::verify_bundle(&grown, &[device]).unwrap(),
+        lathe::update::signing::key_id(&device)
+    );
+    assert!(grown.manifest.lineage.fine_tune.is_some() && !grown.manifest.parent.is_empty());
     // The same fault goes on: the promoted model serves it, and is right far more often.
     let later = faulty(&rows[4000..4600]);
     l.stream(&later, 10_000, false);

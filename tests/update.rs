@@ -439,3 +439,44 @@ fn keygen_writes_a_private_secret_and_never_overwrites_one() {
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("not overwriting"));
     assert_eq!(signing::read_signing_key(&secret).unwrap().to_bytes(), key.to_bytes());
 }
+
+/// The broker dies half-way through a download: the device keeps the chunks it has, subscribes
+/// again when the broker is back, and completes with only the rest (which is all the new
+/// broker holds).
+#[test]
+fn a_download_cut_by_a_broker_restart_resumes_where_it_was() {
+    let mut broker = Broker::start();
+    if !broker.mosquitto {
+        return; // the embedded broker cannot be restarted
+    }
+    let dir = temp_dir("update-resume");
+    let key = keys(&dir, "central");
+    let central = signing::read_signing_key(&key).unwrap();
+    let config = daemon_config("upd-r", &broker, &dir, &key.with_extension("pub"), "")
+        .replace("download_timeout = \"3s\"", "download_timeout = \"60s\"");
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "upd-r", &daemon);
+    let v2 = Bundle::read(&sample_version(&dir, 2, &sample_model().1)).unwrap();
+    let prepared = prepare(v2, &central, &PushOptions { chunk_bytes: 4 << 10, ..options() }).unwrap();
+    let half = prepared.chunks.len() / 2;
+    {
+        let mut p = Publisher::new(broker.port);
+        for (t, c) in &prepared.chunks[..half] {
+            p.publish_retained(t, c.clone());
+        }
+        p.publish("lathe/upd-r/update", prepared.message.clone());
+        p.flush();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    broker.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    broker.restart();
+    let out = Collector::new(broker.port, &["lathe/upd-r/status", "lathe/upd-r/events"]);
+    let mut p = Publisher::new(broker.port);
+    for (t, c) in &prepared.chunks[half..] {
+        p.publish_retained(t, c.clone());
+    }
+    p.flush();
+    wait_version(&out, "upd-r", 2, &daemon);
+    assert!(events(&out, "upd-r", "update.failed").is_empty(), "log:\n{}", daemon.log());
+}
