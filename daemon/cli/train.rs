@@ -6,7 +6,7 @@ use clap::Args;
 
 use crate::model::bundle::Bundle;
 use crate::model::registry::write_atomic;
-use crate::train::{self, cpu::Cpu};
+use crate::train;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -22,7 +22,8 @@ pub struct TrainArgs {
     /// The run record is kept in STATE_DIR/runs/.
     #[arg(long, default_value = "/var/lib/lathe")]
     state_dir: PathBuf,
-    /// cpu | auto (the CUDA backend is its own build step; auto means CPU in this build).
+    /// auto | cpu | cuda: auto takes the GPU when there is a usable one, else the CPU; cuda
+    /// fails with the reason when there is none.
     #[arg(long, default_value = "auto")]
     backend: String,
     /// Print the run record as JSON.
@@ -85,11 +86,13 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         holdout = a.holdout,
         early_stopping_patience = a.patience
     );
-    if !matches!(a.backend.as_str(), "auto" | "cpu") {
-        return Err(format!("--backend {:?}: this build trains on the CPU (auto or cpu)", a.backend));
+    if !matches!(a.backend.as_str(), "auto" | "cpu" | "cuda") {
+        return Err(format!("--backend {:?}: expected auto, cpu or cuda", a.backend));
     }
     let name = a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let outcome = train::fine_tune(&Cpu, &champion, &csv, &name, &t)?;
+    let data = train::data::load(&champion.manifest, &csv, train::classes(&champion, &t)?)?;
+    let gpu = train::GpuSettings { cache_dir: Some(a.state_dir.join("cache")), max_gpu_mem_mb: 1024 };
+    let outcome = train::fine_tune_with(&a.backend, &gpu, &champion, data, &name, &t, None, &|| Ok(()))?;
     let record = &outcome.record;
     let json = match train::keep_record(&a.state_dir, record) {
         Ok(json) => json,

@@ -29,8 +29,10 @@ pub struct TrainConfig {
     pub min_rows: usize,
     /// Train on at most the newest this many rows.
     pub rows: usize,
-    /// "auto" or "cpu" (the CUDA backend is #6).
+    /// "auto", "cpu" or "cuda".
     pub backend: String,
+    /// GPU memory a run may hold (the CUDA backend's buffers, allocated once per run).
+    pub max_gpu_mem_mb: u64,
     pub max_seconds: u64,
     /// Abort a run whose training grows the daemon's resident memory by more than this.
     pub max_memory_mb: u64,
@@ -139,8 +141,8 @@ pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
     });
     let backend = t.string("backend", Some("auto"));
     if let Some(b) = &backend {
-        if !matches!(b.as_str(), "auto" | "cpu") {
-            t.error("backend", &format!("expected \"auto\" or \"cpu\" (this build has no CUDA backend), found {b:?}"));
+        if !matches!(b.as_str(), "auto" | "cpu" | "cuda") {
+            t.error("backend", &format!("expected \"auto\", \"cpu\" or \"cuda\", found {b:?}"));
         }
     }
     let overrides = Overrides {
@@ -163,6 +165,7 @@ pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
         backend: backend?,
         max_seconds: t.integer("max_seconds", 600, 1, 86_400)?,
         max_memory_mb: t.integer("max_memory_mb", 512, 16, 1 << 20)?,
+        max_gpu_mem_mb: t.integer("max_gpu_mem_mb", 1024, 16, 1 << 20)?,
         shadow: duration(&mut t, "shadow", "0s")?,
         trial: duration(&mut t, "trial", "10m")?,
         min_live_labels: t.integer("min_live_labels", 100, 10, 1_000_000)? as usize,

@@ -103,6 +103,16 @@ pub enum EngineKind {
     },
 }
 
+impl EngineKind {
+    /// "tract" or "ort", for the status.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EngineKind::Tract => "tract",
+            EngineKind::Ort { .. } => "ort",
+        }
+    }
+}
+
 /// Execution provider names `infer.providers` accepts.
 pub const PROVIDERS: [&str; 2] = ["tensorrt", "cuda"];
 

@@ -30,7 +30,7 @@ use crate::infer::{ActiveModel, SharedModel};
 use crate::model::{Bundle, Registry, Task};
 use crate::monitor::performance::Performance;
 use crate::store::{Record, Store};
-use crate::train::{self, cpu::Cpu, data::Dataset, Outcome, Replay};
+use crate::train::{self, data::Dataset, Outcome, Replay};
 
 /// One training at a time in the whole process (a reload starts a new loop; a run from the
 /// old one may still be finishing).
@@ -403,6 +403,15 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
         champion.manifest.gate.max_forgetting = f;
     }
     let limits = (Duration::from_secs(p.train.max_seconds), p.train.max_memory_mb);
+    let backend = p.train.backend.clone();
+    let gpu = train::GpuSettings {
+        cache_dir: Some(
+            std::env::var_os("CACHE_DIRECTORY")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| config.state_dir.join("cache")),
+        ),
+        max_gpu_mem_mb: p.train.max_gpu_mem_mb,
+    };
     let data_name = format!("store {name} ({reason})");
     let name_for_run = name.clone();
     let (tx, rx) = oneshot::channel();
@@ -410,7 +419,7 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
     let spawned = std::thread::Builder::new().name("lathe-train".into()).spawn(move || {
         lower_priority();
         let result = read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows)
-            .and_then(|rows| train_on_rows(&champion, rows, &data_name, &training, limits));
+            .and_then(|rows| train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu)));
         TRAINING.store(false, Relaxed);
         let _ = tx.send(result);
     });
@@ -426,8 +435,8 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
         events,
         p,
         "train.started",
-        format!("Fine-tuning {} on the CPU: {reason}", p.model.load().name),
-        json!({"reason": reason, "backend": "cpu"}),
+        format!("Fine-tuning {} ({}): {reason}", p.model.load().name, train::resolved_backend(&p.train.backend)),
+        json!({"reason": reason, "backend": train::resolved_backend(&p.train.backend)}),
     );
     s.stage = Stage::Training { done: rx, reason: reason.to_string(), before: Snapshot::take(&p.counters) };
 }
@@ -481,6 +490,7 @@ fn train_on_rows(
     data_name: &str,
     training: &crate::model::manifest::Training,
     (max_time, max_memory_mb): (Duration, u64),
+    (backend, gpu): (&str, &train::GpuSettings),
 ) -> Result<Outcome, String> {
     let m = &champion.manifest;
     let classes = train::classes(champion, training)?;
@@ -514,7 +524,7 @@ fn train_on_rows(
         }
         Ok(())
     };
-    train::fine_tune_on(&Cpu, champion, data, data_name, training, replay.as_ref(), &check)
+    train::fine_tune_with(backend, gpu, champion, data, data_name, training, replay.as_ref(), &check)
 }
 
 /// A run ended: keep its record, then refuse, shadow or promote.

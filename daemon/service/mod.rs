@@ -207,9 +207,16 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
             };
             let store = s.store.as_ref().and_then(|st| st.stats(&s.pipeline).ok());
             let sparkplug = s.sparkplug.as_ref().and_then(|sp| sp.lock().ok().map(|sp| sp.status()));
+            // The training backend this pipeline's runs use (none: it does not train).
+            let backend = config
+                .pipelines
+                .iter()
+                .find(|p| p.name == s.pipeline)
+                .and_then(|p| p.train.as_ref())
+                .map(|t| crate::train::resolved_backend(&t.backend));
             json!({
                 "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
-                "origin": m.origin, "backend": "tract", "drift": drift, "counters": s.counters.snapshot(),
+                "origin": m.origin, "engine": config.infer.engine.name(), "backend": backend, "drift": drift, "counters": s.counters.snapshot(),
                 "store": store, "sparkplug": sparkplug,
             })
         })

@@ -11,6 +11,8 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod graph;
 pub mod net;
@@ -384,6 +386,65 @@ pub fn fine_tune<B: Backend>(
 ) -> Result<Outcome, String> {
     let data = data::load(&champion.manifest, csv, classes(champion, training)?)?;
     fine_tune_on(backend, champion, data, data_name, training, None, &|| Ok(()))
+}
+
+/// Where the CUDA backend may keep compiled kernels, and how much GPU memory a run may hold.
+#[derive(Debug, Clone)]
+pub struct GpuSettings {
+    /// systemd's `CacheDirectory` (`$CACHE_DIRECTORY`), else `state_dir/cache`.
+    pub cache_dir: Option<std::path::PathBuf>,
+    pub max_gpu_mem_mb: u64,
+}
+
+/// The backend `requested` ("auto", "cpu", "cuda") resolves to on this machine, for the
+/// status: probed once per process (a probe loads the driver).
+pub fn resolved_backend(requested: &str) -> String {
+    static PROBED: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    if requested == "cpu" {
+        return "cpu".into();
+    }
+    #[cfg(feature = "cuda")]
+    let probed = PROBED.get_or_init(|| cuda::probe().map(|d| format!("cuda:{} ({})", d.name, d.arch)));
+    #[cfg(not(feature = "cuda"))]
+    let probed = PROBED.get_or_init(|| Err("this build has no CUDA backend".into()));
+    match probed {
+        Ok(name) => name.clone(),
+        Err(why) if requested == "cuda" => format!("unavailable: {why}"),
+        Err(_) => "cpu".into(),
+    }
+}
+
+/// [`fine_tune_on`] on the backend `requested` names: `cpu`; `cuda` (an error saying why
+/// when there is no usable GPU); `auto` (the GPU when there is one, else the CPU, with one
+/// log line saying why). The run record's `backend` names the one that ran.
+///
+/// # Errors
+/// As [`fine_tune_on`], and `cuda` requested where CUDA cannot run.
+#[allow(clippy::too_many_arguments)]
+pub fn fine_tune_with(
+    requested: &str,
+    gpu: &GpuSettings,
+    champion: &Bundle,
+    data: data::Dataset,
+    data_name: &str,
+    training: &Training,
+    replay: Option<&Replay>,
+    check: &dyn Fn() -> Result<(), String>,
+) -> Result<Outcome, String> {
+    #[cfg(feature = "cuda")]
+    match cuda::choose(requested, gpu.cache_dir.as_deref(), gpu.max_gpu_mem_mb)? {
+        cuda::Chosen::Cuda(backend) => {
+            return fine_tune_on(&*backend, champion, data, data_name, training, replay, check)
+        }
+        cuda::Chosen::Cpu { why } if requested != "cpu" => tracing::info!("{why}"),
+        cuda::Chosen::Cpu { .. } => {}
+    }
+    #[cfg(not(feature = "cuda"))]
+    if requested == "cuda" {
+        let _ = gpu;
+        return Err("train.backend = \"cuda\" but this build has no CUDA backend (feature `cuda`)".into());
+    }
+    fine_tune_on(&cpu::Cpu, champion, data, data_name, training, replay, check)
 }
 
 /// [`fine_tune`] on rows already checked, with an optional replay sample for the gate and a

@@ -1,0 +1,47 @@
+// optim_f32: optimizer steps over a flat parameter buffer (PyTorch's torch.optim definitions),
+// and what gradient clipping needs.
+//
+// sgd_f32:          g += wd·p; m = momentum·m + g; p −= lr·(momentum ≠ 0 ? m : g)   grid ceil(n/256), block 256
+// adam_f32:         g += l2·p; p *= decay; m = b1·m + (1−b1)g; v = b2·v + (1−b2)g²;
+//                   p −= step·m / (√v / bc2_sqrt + eps)
+//                   (Adam: l2 = wd, decay = 1; AdamW: l2 = 0, decay = 1 − lr·wd;
+//                   step = lr / (1 − b1^t), bc2_sqrt = √(1 − b2^t))            grid ceil(n/256), block 256
+// scale_f32:        x *= factor                                                  grid ceil(n/256), block 256
+// sum_squares_f32:  out[0] += Σ x² (out zeroed first; atomicAdd across blocks)  grid ceil(n/256), block 256
+#include "common.cuh"
+
+extern "C" __global__ void sgd_f32(float* p, const float* g, float* m, int n, float lr, float momentum, float wd) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n) {
+        float gi = g[i] + wd * p[i];
+        m[i] = momentum * m[i] + gi;
+        p[i] -= lr * (momentum != 0.0f ? m[i] : gi);
+    }
+}
+
+extern "C" __global__ void adam_f32(float* p, const float* g, float* m, float* v, int n, float b1, float b2, float eps,
+                                    float l2, float decay, float step, float bc2_sqrt) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n) {
+        float gi = g[i] + l2 * p[i];
+        float pi = p[i] * decay;
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+
+extern "C" __global__ void scale_f32(float* x, int n, float factor) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (size_t)n) x[i] *= factor;
+}
+
+extern "C" __global__ void sum_squares_f32(const float* x, float* out, int n) {
+    __shared__ float shared[LATHE_BLOCK / 32];
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    float v = i < (size_t)n ? x[i] * x[i] : 0.0f;
+    v = lathe_block_sum(v, shared);
+    if (threadIdx.x == 0) atomicAdd(out, v);
+}

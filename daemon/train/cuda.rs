@@ -1,0 +1,580 @@
+//! The CUDA backend: the kernels in `cuda/*.cu`, compiled at run time by NVRTC for the GPU
+//! present, behind the same `Backend` trait as the CPU.
+//!
+//! One binary runs with and without CUDA: cudarc loads `libcuda` and `libnvrtc` at run time,
+//! and panics where a library or symbol is missing (NOTES.md), so every call that may load one
+//! is probed first (`is_culib_present`) and runs under `catch_unwind`. Compiled PTX is cached
+//! on disk, keyed by the sources' sha256, the architecture and the NVRTC version.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+use super::backend::{Activation, Backend, BackendError, Gemm, Loss, Result, Update};
+
+/// The kernels, each file one NVRTC program, `common.cuh` inlined.
+pub const SOURCES: [(&str, &str); 5] = [
+    ("gemm_f32.cu", include_str!("../../cuda/gemm_f32.cu")),
+    ("layer_f32.cu", include_str!("../../cuda/layer_f32.cu")),
+    ("loss_f32.cu", include_str!("../../cuda/loss_f32.cu")),
+    ("optim_f32.cu", include_str!("../../cuda/optim_f32.cu")),
+    ("lora_f32.cu", include_str!("../../cuda/lora_f32.cu")),
+];
+const COMMON: &str = include_str!("../../cuda/common.cuh");
+
+/// Architectures lathe compiles for: Jetson Nano/TX2 (sm_53/62), Xavier (sm_72), Turing,
+/// Ampere, Orin (sm_87), Ada, Hopper.
+pub const ARCHS: [&str; 9] = ["sm_53", "sm_62", "sm_70", "sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89"];
+const ARCH_90: &str = "sm_90";
+
+/// A kernel file as NVRTC compiles it: `#include "common.cuh"` replaced by the header.
+pub fn program(source: &str) -> String {
+    source.replace("#include \"common.cuh\"", &COMMON.replace("#pragma once", ""))
+}
+
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
+}
+
+/// Whether `libnvrtc.so.12` can be loaded (cudarc panics on first use otherwise).
+pub fn nvrtc_present() -> bool {
+    catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// Compiles one kernel file for `arch` (e.g. "sm_87"): its PTX, or the NVRTC log.
+///
+/// # Errors
+/// No NVRTC, or the source does not compile (the error holds NVRTC's log).
+pub fn compile(name: &str, source: &str, arch: &'static str) -> std::result::Result<String, String> {
+    if !nvrtc_present() {
+        return Err(
+            "libnvrtc.so.12 is not loadable (install the CUDA toolkit or the nvidia-cuda-nvrtc-cu12 wheel)".into()
+        );
+    }
+    let opts = CompileOptions { arch: Some(arch), name: Some(name.to_string()), ..Default::default() };
+    match catch_unwind(AssertUnwindSafe(|| cudarc::nvrtc::compile_ptx_with_opts(program(source), opts))) {
+        Ok(Ok(ptx)) => Ok(ptx.to_src()),
+        Ok(Err(CompileError::CompileError { log, .. })) => {
+            Err(format!("{name} does not compile for {arch}:\n{}", log.to_string_lossy()))
+        }
+        Ok(Err(e)) => Err(format!("{name} for {arch}: {e:?}")),
+        Err(p) => Err(format!("NVRTC panicked on {name}: {}", panic_text(p))),
+    }
+}
+
+/// The NVRTC version, for the cache key.
+fn nvrtc_version() -> String {
+    catch_unwind(|| {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two out-parameters; only called once NVRTC is known to load.
+        let _ = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        format!("{major}.{minor}")
+    })
+    .unwrap_or_default()
+}
+
+/// Every kernel's PTX for `arch`, from `cache_dir` when this exact source, architecture and
+/// NVRTC compiled it before.
+///
+/// # Errors
+/// As [`compile`]; an unwritable cache only costs a compile.
+pub fn compile_all(arch: &'static str, cache_dir: Option<&Path>) -> std::result::Result<Vec<String>, String> {
+    let mut key = sha2::Sha256::new();
+    use sha2::Digest;
+    for (name, src) in SOURCES {
+        key.update(name.as_bytes());
+        key.update(program(src).as_bytes());
+    }
+    key.update(arch.as_bytes());
+    key.update(nvrtc_version().as_bytes());
+    let key = hex::encode(key.finalize());
+    let cached: Option<PathBuf> = cache_dir.map(|d| d.join(format!("kernels-{arch}-{}.json", &key[..16])));
+    if let Some(text) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        if let Ok(ptx) = serde_json::from_str::<Vec<String>>(&text) {
+            if ptx.len() == SOURCES.len() {
+                return Ok(ptx);
+            }
+        }
+    }
+    let ptx = SOURCES.iter().map(|(name, src)| compile(name, src, arch)).collect::<std::result::Result<Vec<_>, _>>()?;
+    if let (Some(path), Ok(text)) = (cached, serde_json::to_string(&ptx)) {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = crate::model::registry::write_atomic(&path, text.as_bytes());
+    }
+    Ok(ptx)
+}
+
+/// The GPU found, or why there is none.
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub name: String,
+    pub arch: &'static str,
+}
+
+/// Looks for a CUDA GPU without letting cudarc panic the process.
+///
+/// # Errors
+/// No driver library, no device, or a driver too old for what cudarc calls.
+pub fn probe() -> std::result::Result<Device, String> {
+    let present = catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false);
+    if !present {
+        return Err("libcuda.so.1 is not loadable (no NVIDIA driver)".into());
+    }
+    let found = catch_unwind(|| -> std::result::Result<Device, String> {
+        let ctx = CudaContext::new(0).map_err(|e| format!("no usable CUDA device: {e}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let major = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).unwrap_or(0);
+        let minor = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).unwrap_or(0);
+        let wanted = format!("sm_{major}{minor}");
+        let arch = ARCHS
+            .iter()
+            .chain(std::iter::once(&ARCH_90))
+            .copied()
+            .find(|a| *a == wanted)
+            // A newer GPU runs the newest PTX we make (the driver JIT-compiles it).
+            .or_else(|| (major * 10 + minor > 90).then_some(ARCH_90))
+            .ok_or_else(|| format!("{name} is {wanted}, older than lathe's kernels support"))?;
+        Ok(Device { ctx, name, arch })
+    });
+    found.unwrap_or_else(|p| Err(format!("the CUDA driver failed: {}", panic_text(p))))
+}
+
+/// `train.backend`: which backend a run uses, and why.
+pub enum Chosen {
+    Cpu { why: String },
+    Cuda(Box<Cuda>),
+}
+
+/// `"cpu"`: the CPU. `"cuda"`: the GPU, or an error saying why not. `"auto"`: the GPU when
+/// there is one whose kernels compile, else the CPU (the caller logs `why` once).
+///
+/// # Errors
+/// `"cuda"` where CUDA cannot run.
+pub fn choose(requested: &str, cache_dir: Option<&Path>, max_gpu_mem_mb: u64) -> std::result::Result<Chosen, String> {
+    if requested == "cpu" {
+        return Ok(Chosen::Cpu { why: "train.backend = \"cpu\"".into() });
+    }
+    let cuda = probe().and_then(|d| Cuda::new(d, cache_dir, max_gpu_mem_mb));
+    match (requested, cuda) {
+        (_, Ok(c)) => Ok(Chosen::Cuda(Box::new(c))),
+        ("cuda", Err(e)) => Err(format!("train.backend = \"cuda\" but {e}")),
+        (_, Err(e)) => Ok(Chosen::Cpu { why: format!("auto: training on the CPU ({e})") }),
+    }
+}
+
+/// The CUDA backend: one context, a low-priority stream (inference and the rest of the GPU's
+/// work go first), the kernels loaded once.
+pub struct Cuda {
+    name: String,
+    stream: Arc<CudaStream>,
+    f: Kernels,
+    /// Device memory this backend may hold (`train.max_gpu_mem_mb`), and what it holds.
+    budget: u64,
+    held: std::sync::atomic::AtomicU64,
+    /// Scratch for the loss's per-row parts and the two-float reductions.
+    parts: std::sync::Mutex<Option<CudaSlice<f32>>>,
+}
+
+struct Kernels {
+    gemm: CudaFunction,
+    add_bias: CudaFunction,
+    activation: CudaFunction,
+    activation_grad: CudaFunction,
+    softmax_rows: CudaFunction,
+    softmax_grad: CudaFunction,
+    bias_grad: CudaFunction,
+    mse: CudaFunction,
+    bce: CudaFunction,
+    xent: CudaFunction,
+    reduce_pairs: CudaFunction,
+    sgd: CudaFunction,
+    adam: CudaFunction,
+    scale: CudaFunction,
+    sum_squares: CudaFunction,
+}
+
+fn err(e: impl std::fmt::Debug) -> BackendError {
+    BackendError(format!("CUDA: {e:?}"))
+}
+
+const BLOCK: u32 = 256;
+
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn act_code(f: Activation) -> (i32, f32) {
+    match f {
+        Activation::Relu => (0, 0.0),
+        Activation::LeakyRelu(a) => (1, a),
+        Activation::Sigmoid => (2, 0.0),
+        Activation::Tanh | Activation::Softmax => (3, 0.0),
+    }
+}
+
+impl Cuda {
+    /// # Errors
+    /// Kernels that do not compile or load, or a stream that cannot be made.
+    pub fn new(device: Device, cache_dir: Option<&Path>, max_gpu_mem_mb: u64) -> std::result::Result<Cuda, String> {
+        let ptx = compile_all(device.arch, cache_dir)?;
+        let loaded = catch_unwind(AssertUnwindSafe(|| -> std::result::Result<(Arc<CudaStream>, Kernels), String> {
+            let ctx = &device.ctx;
+            // The lowest priority the device offers (numerically greatest): inference first.
+            let stream = ctx.new_stream_with_priority(0).map_err(|e| format!("{e:?}"))?;
+            let modules = ptx
+                .into_iter()
+                .map(|p| ctx.load_module(Ptx::from_src(p)).map_err(|e| format!("{e:?}")))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let f = |m: usize, name: &str| modules[m].load_function(name).map_err(|e| format!("{name}: {e:?}"));
+            let kernels = Kernels {
+                gemm: f(0, "gemm_f32")?,
+                add_bias: f(1, "add_bias_f32")?,
+                activation: f(1, "activation_f32")?,
+                activation_grad: f(1, "activation_grad_f32")?,
+                softmax_rows: f(1, "softmax_rows_f32")?,
+                softmax_grad: f(1, "softmax_grad_f32")?,
+                bias_grad: f(1, "bias_grad_f32")?,
+                mse: f(2, "mse_f32")?,
+                bce: f(2, "bce_logits_f32")?,
+                xent: f(2, "softmax_xent_f32")?,
+                reduce_pairs: f(2, "reduce_pairs_f32")?,
+                sgd: f(3, "sgd_f32")?,
+                adam: f(3, "adam_f32")?,
+                scale: f(3, "scale_f32")?,
+                sum_squares: f(3, "sum_squares_f32")?,
+            };
+            Ok((stream, kernels))
+        }))
+        .unwrap_or_else(|p| Err(panic_text(p)))?;
+        let (stream, f) = loaded;
+        Ok(Cuda {
+            name: format!("cuda:{} ({})", device.name, device.arch),
+            stream,
+            f,
+            budget: max_gpu_mem_mb << 20,
+            held: Default::default(),
+            parts: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn reserve(&self, len: usize) -> Result<()> {
+        let bytes = (len * 4) as u64;
+        let held = self.held.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        if held > self.budget {
+            self.held.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            return Err(BackendError(format!(
+                "the run needs more than train.max_gpu_mem_mb = {} MiB of GPU memory",
+                self.budget >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// Scratch of at least `len` floats, zeroed, kept between calls.
+    fn scratch(&self, len: usize) -> Result<std::sync::MutexGuard<'_, Option<CudaSlice<f32>>>> {
+        let mut guard = self.parts.lock().map_err(|_| BackendError("CUDA scratch poisoned".into()))?;
+        if guard.as_ref().is_none_or(|s| s.len() < len) {
+            self.reserve(len)?;
+            *guard = Some(self.stream.alloc_zeros::<f32>(len).map_err(err)?);
+        }
+        Ok(guard)
+    }
+
+    /// Sums `n` (value, weight) pairs in `parts` into two floats on the host.
+    fn reduce_pairs(&self, parts: &CudaSlice<f32>, n: usize) -> Result<(f32, f32)> {
+        let mut out = self.stream.alloc_zeros::<f32>(2).map_err(err)?;
+        let n32 = n as i32;
+        unsafe {
+            self.stream.launch_builder(&self.f.reduce_pairs).arg(parts).arg(&mut out).arg(&n32).launch(elementwise(n))
+        }
+        .map_err(err)?;
+        let host = self.stream.clone_dtoh(&out).map_err(err)?;
+        Ok((host[0], host[1]))
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn zeros(&self, len: usize) -> Result<Self::Buf> {
+        self.reserve(len)?;
+        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(err)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf> {
+        self.reserve(host.len())?;
+        self.stream.clone_htod(host).map_err(err)
+    }
+
+    fn write(&self, dst: &mut Self::Buf, host: &[f32]) -> Result<()> {
+        let mut view = dst.slice_mut(..host.len());
+        self.stream.memcpy_htod(host, &mut view).map_err(err)
+    }
+
+    fn read(&self, src: &Self::Buf, host: &mut [f32]) -> Result<()> {
+        let n = host.len();
+        self.stream.memcpy_dtoh(&src.slice(..n), host).map_err(err)
+    }
+
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf, len: usize) -> Result<()> {
+        let mut view = dst.slice_mut(..len);
+        self.stream.memcpy_dtod(&src.slice(..len), &mut view).map_err(err)
+    }
+
+    fn gemm(&self, g: Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()> {
+        let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
+        let (ta, tb) = (i32::from(g.trans_a), i32::from(g.trans_b));
+        let cfg = LaunchConfig {
+            grid_dim: ((g.n as u32).div_ceil(16).max(1), (g.m as u32).div_ceil(16).max(1), 1),
+            block_dim: (16, 16, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe {
+            self.stream
+                .launch_builder(&self.f.gemm)
+                .arg(a)
+                .arg(b)
+                .arg(c)
+                .arg(&m)
+                .arg(&n)
+                .arg(&k)
+                .arg(&ta)
+                .arg(&tb)
+                .arg(&g.alpha)
+                .arg(&g.beta)
+                .launch(cfg)
+        }
+        .map(|_| ())
+        .map_err(err)
+    }
+
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize) -> Result<()> {
+        let (r, c) = (rows as i32, cols as i32);
+        unsafe {
+            self.stream
+                .launch_builder(&self.f.add_bias)
+                .arg(y)
+                .arg(bias)
+                .arg(&r)
+                .arg(&c)
+                .launch(elementwise(rows * cols))
+        }
+        .map(|_| ())
+        .map_err(err)
+    }
+
+    fn bias_grad(&self, dy: &Self::Buf, rows: usize, cols: usize, db: &mut Self::Buf) -> Result<()> {
+        let (r, c) = (rows as i32, cols as i32);
+        let cfg = LaunchConfig { grid_dim: (cols.max(1) as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        unsafe { self.stream.launch_builder(&self.f.bias_grad).arg(dy).arg(db).arg(&r).arg(&c).launch(cfg) }
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    fn activation(&self, f: Activation, x: &Self::Buf, y: &mut Self::Buf, rows: usize, cols: usize) -> Result<()> {
+        let (r, c, n) = (rows as i32, cols as i32, (rows * cols) as i32);
+        let launched = if f == Activation::Softmax {
+            unsafe {
+                self.stream.launch_builder(&self.f.softmax_rows).arg(x).arg(y).arg(&r).arg(&c).launch(per_row(rows))
+            }
+        } else {
+            let (code, slope) = act_code(f);
+            unsafe {
+                self.stream
+                    .launch_builder(&self.f.activation)
+                    .arg(x)
+                    .arg(y)
+                    .arg(&n)
+                    .arg(&code)
+                    .arg(&slope)
+                    .launch(elementwise(rows * cols))
+            }
+        };
+        launched.map(|_| ()).map_err(err)
+    }
+
+    fn activation_grad(
+        &self,
+        f: Activation,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (r, c, n) = (rows as i32, cols as i32, (rows * cols) as i32);
+        let launched = if f == Activation::Softmax {
+            unsafe {
+                self.stream
+                    .launch_builder(&self.f.softmax_grad)
+                    .arg(y)
+                    .arg(dy)
+                    .arg(dx)
+                    .arg(&r)
+                    .arg(&c)
+                    .launch(per_row(rows))
+            }
+        } else {
+            let (code, slope) = act_code(f);
+            unsafe {
+                self.stream
+                    .launch_builder(&self.f.activation_grad)
+                    .arg(x)
+                    .arg(y)
+                    .arg(dy)
+                    .arg(dx)
+                    .arg(&n)
+                    .arg(&code)
+                    .arg(&slope)
+                    .launch(elementwise(rows * cols))
+            }
+        };
+        launched.map(|_| ()).map_err(err)
+    }
+
+    fn loss(
+        &self,
+        loss: Loss,
+        out: &Self::Buf,
+        target: &Self::Buf,
+        class_weights: Option<&Self::Buf>,
+        rows: usize,
+        cols: usize,
+        grad: &mut Self::Buf,
+    ) -> Result<f32> {
+        let n = rows * cols;
+        let items = if loss == Loss::SoftmaxCrossEntropy { rows } else { n };
+        let mut guard = self.scratch(2 * items)?;
+        let parts = guard.as_mut().ok_or_else(|| BackendError("CUDA scratch missing".into()))?;
+        let weighted = i32::from(class_weights.is_some());
+        // Kernels that ignore the weights still take a pointer: the target serves.
+        let w = class_weights.unwrap_or(target);
+        let (r, c, n32) = (rows as i32, cols as i32, n as i32);
+        let launched = unsafe {
+            match loss {
+                Loss::Mse => self
+                    .stream
+                    .launch_builder(&self.f.mse)
+                    .arg(out)
+                    .arg(target)
+                    .arg(&mut *grad)
+                    .arg(&mut *parts)
+                    .arg(&n32)
+                    .launch(elementwise(n)),
+                Loss::BceWithLogits => self
+                    .stream
+                    .launch_builder(&self.f.bce)
+                    .arg(out)
+                    .arg(target)
+                    .arg(w)
+                    .arg(&weighted)
+                    .arg(&mut *grad)
+                    .arg(&mut *parts)
+                    .arg(&n32)
+                    .launch(elementwise(n)),
+                Loss::SoftmaxCrossEntropy => self
+                    .stream
+                    .launch_builder(&self.f.xent)
+                    .arg(out)
+                    .arg(target)
+                    .arg(w)
+                    .arg(&weighted)
+                    .arg(&mut *grad)
+                    .arg(&mut *parts)
+                    .arg(&r)
+                    .arg(&c)
+                    .launch(per_row(rows)),
+            }
+        };
+        launched.map_err(err)?;
+        let (sum, total_w) = self.reduce_pairs(parts, items)?;
+        if loss == Loss::Mse {
+            return Ok(sum / n.max(1) as f32);
+        }
+        let inv = if total_w > 0.0 { 1.0 / total_w } else { 0.0 };
+        self.scale(grad, n, inv)?;
+        Ok(sum * inv)
+    }
+
+    fn sum_squares(&self, x: &Self::Buf, len: usize) -> Result<f32> {
+        let mut out = self.stream.alloc_zeros::<f32>(1).map_err(err)?;
+        let n = len as i32;
+        unsafe {
+            self.stream.launch_builder(&self.f.sum_squares).arg(x).arg(&mut out).arg(&n).launch(elementwise(len))
+        }
+        .map_err(err)?;
+        Ok(self.stream.clone_dtoh(&out).map_err(err)?[0])
+    }
+
+    fn scale(&self, x: &mut Self::Buf, len: usize, factor: f32) -> Result<()> {
+        let n = len as i32;
+        unsafe { self.stream.launch_builder(&self.f.scale).arg(x).arg(&n).arg(&factor).launch(elementwise(len)) }
+            .map(|_| ())
+            .map_err(err)
+    }
+
+    fn update(
+        &self,
+        u: Update,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        len: usize,
+    ) -> Result<()> {
+        let n = len as i32;
+        let launched = match u {
+            Update::Sgd { lr, momentum, weight_decay } => unsafe {
+                self.stream
+                    .launch_builder(&self.f.sgd)
+                    .arg(param)
+                    .arg(grad)
+                    .arg(m)
+                    .arg(&n)
+                    .arg(&lr)
+                    .arg(&momentum)
+                    .arg(&weight_decay)
+                    .launch(elementwise(len))
+            },
+            Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step } => {
+                let bc1 = 1.0 - beta1.powi(step as i32);
+                let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
+                let (l2, decay) = if decoupled { (0.0f32, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0f32) };
+                let step_size = lr / bc1;
+                unsafe {
+                    self.stream
+                        .launch_builder(&self.f.adam)
+                        .arg(param)
+                        .arg(grad)
+                        .arg(m)
+                        .arg(v)
+                        .arg(&n)
+                        .arg(&beta1)
+                        .arg(&beta2)
+                        .arg(&eps)
+                        .arg(&l2)
+                        .arg(&decay)
+                        .arg(&step_size)
+                        .arg(&bc2_sqrt)
+                        .launch(elementwise(len))
+                }
+            }
+        };
+        launched.map(|_| ()).map_err(err)
+    }
+}
