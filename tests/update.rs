@@ -340,7 +340,8 @@ fn a_pushed_model_that_fails_its_trial_is_rolled_back() {
     let out = Collector::new(broker.port, &["lathe/upd-t/status", "lathe/upd-t/events", "plant/line1/+/prediction"]);
     let mut p = Publisher::new(broker.port);
     let v2 = Bundle::read(&sample_version(&dir, 2, &sample_model().1)).unwrap();
-    publish(&mut p, &prepare(v2, &central, &options()).unwrap(), "lathe/upd-t/update");
+    let offer = prepare(v2, &central, &options()).unwrap();
+    publish(&mut p, &offer, "lathe/upd-t/update");
     wait_version(&out, "upd-t", 2, &daemon);
     // Rows, then labels that say the opposite of the truth.
     let expected = expected();
@@ -364,6 +365,17 @@ fn a_pushed_model_that_fails_its_trial_is_rolled_back() {
     let failed = events(&out, "upd-t", "trial.failed").pop().unwrap();
     assert!(failed["message"].as_str().unwrap().contains("rolled back to v1"), "{failed}");
     wait_version(&out, "upd-t", 1, &daemon);
+    // The same offer again (a retained offer is, at every reconnect): not promoted again.
+    p.publish("lathe/upd-t/update", offer.message.clone());
+    p.flush();
+    assert!(
+        wait_until(Duration::from_secs(15), || events(&out, "upd-t", "update.refused")
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().contains("failed its trial here"))),
+        "log:\n{}",
+        daemon.log()
+    );
+    assert_eq!(events(&out, "upd-t", "update.verified").len(), 1);
 }
 
 /// A staged rollout: canaries first (by node name), the group only if few enough fail.

@@ -69,6 +69,11 @@ impl Registry {
         Registry { root: state_dir.join("registry"), engine: crate::infer::EngineKind::Tract }
     }
 
+    /// The `state_dir` this registry lives in.
+    pub fn state_dir(&self) -> &Path {
+        self.root.parent().unwrap_or(&self.root)
+    }
+
     /// The same registry, validating candidates on `engine` (the daemon's `infer.engine`).
     pub fn with_engine(mut self, engine: crate::infer::EngineKind) -> Registry {
         self.engine = engine;

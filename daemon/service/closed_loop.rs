@@ -817,6 +817,10 @@ fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Event
         let back = registry.rollback(&name);
         clear_trial(store, &pipeline);
         s.stage = Stage::Idle;
+        // A pushed version stays offered (retained): remember that it failed here.
+        if detail["run"]["origin"] == "pushed" {
+            let _ = crate::update::floor::Floor::new(registry.state_dir()).failed_trial(&name, version);
+        }
         match back {
             Ok((_, to)) if to == previous => emit(
                 events,

@@ -265,7 +265,13 @@ impl Updater {
         let registry = self.registry();
         let champion = registry.champion_version(&offer.name).ok().flatten();
         // Accepted before (the same bytes): done, or (killed before the promotion) go on.
-        if accepted.as_ref().is_some_and(|a| a.version == offer.version && a.sha256 == offer.sha256) {
+        if let Some(a) = accepted.as_ref().filter(|a| a.version == offer.version && a.sha256 == offer.sha256) {
+            if a.failed_trial {
+                return refuse(
+                    &offer.name,
+                    format!("v{} failed its trial here and was rolled back; offer a newer version", offer.version),
+                );
+            }
             if champion == Some(offer.version) {
                 return None;
             }

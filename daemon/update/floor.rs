@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 pub struct Accepted {
     pub version: u64,
     pub sha256: String,
+    /// It was promoted and failed its trial here: the same offer seen again (it is retained)
+    /// must not promote it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub failed_trial: bool,
 }
 
 pub struct Floor {
@@ -63,8 +67,25 @@ impl Floor {
         if all.get(name).is_some_and(|a| a.version > version) {
             return Ok(());
         }
-        all.insert(name.to_string(), Accepted { version, sha256: sha256.to_string() });
-        let bytes = serde_json::to_vec_pretty(&all).map_err(|e| e.to_string())?;
+        all.insert(name.to_string(), Accepted { version, sha256: sha256.to_string(), failed_trial: false });
+        self.write(&all)
+    }
+
+    /// Notes that `name` v`version` (accepted from a push) failed its trial and was rolled back.
+    ///
+    /// # Errors
+    /// The file cannot be written durably.
+    pub fn failed_trial(&self, name: &str, version: u64) -> Result<(), String> {
+        let mut all = self.read()?;
+        match all.get_mut(name) {
+            Some(a) if a.version == version => a.failed_trial = true,
+            _ => return Ok(()),
+        }
+        self.write(&all)
+    }
+
+    fn write(&self, all: &BTreeMap<String, Accepted>) -> Result<(), String> {
+        let bytes = serde_json::to_vec_pretty(all).map_err(|e| e.to_string())?;
         crate::model::registry::write_atomic(&self.path, &bytes).map_err(|e| format!("{}: {e}", self.path.display()))
     }
 }
