@@ -699,6 +699,7 @@ fn promote(
     let _ = store.set_meta(&name, "trial_version", m.version);
     let _ = store.set_meta(&name, "trial_previous", previous);
     let _ = store.set_meta(&name, "trial_until_s", now_s() + trial.as_secs());
+    let _ = store.set_meta(&name, "trial_pushed", u64::from(record["origin"] == "pushed"));
     emit(
         events,
         &s.p,
@@ -743,7 +744,10 @@ fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
         version,
         previous,
         until: Instant::now() + Duration::from_secs(until_s - now_s()),
-        record: json!({"resumed": true}),
+        record: match store.meta(name, "trial_pushed").unwrap_or(0) {
+            1 => json!({"resumed": true, "origin": "pushed"}),
+            _ => json!({"resumed": true}),
+        },
         reference: (now.clone(), now),
         start: None,
         promoted: Instant::now(),
