@@ -24,6 +24,12 @@ fn each_hostile_model_is_refused_with_its_reason() {
         ("huge-declared-tensor.onnx", "declares 10000000000 values (shape [100000, 100000]) but holds 0"),
         ("nan-output.onnx", "output \"y\" is not finite (NaN) on validation row 1"),
         ("wrong-input-width.onnx", "takes 3 features; the CSV gives 9"),
+        ("external-data-absolute.onnx", "keeps its data in an external file (\"/etc/shadow\")"),
+        ("expand-to-gigabytes.onnx", "(Expand) asks for 20000000000 values"),
+        ("tile-to-gigabytes.onnx", "(Tile) asks for 1000000000 values"),
+        ("int64-dimension-overflow.onnx", "(ConstantOfShape) has an impossible shape [1099511627776, 1099511627776]"),
+        ("graph-with-cycle.onnx", "Loop detected"),
+        ("recursive-function.onnx", "uses operator lathe.evil.Recurse"),
     ];
     for (file, reason) in cases {
         let out = dir.join(format!("{file}.lathe"));

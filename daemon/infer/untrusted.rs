@@ -7,6 +7,64 @@ use tract_onnx::pb::{GraphProto, TensorProto};
 
 /// Most bytes a model's initializers may declare.
 const MAX_DECLARED_BYTES: u64 = 2 << 30;
+/// Most values a constant shape may ask an `Expand`, `Tile` or `ConstantOfShape` to make: 2^26
+/// (256 MB of f32). Checked before tract plans the model, whose constant folding would
+/// otherwise allocate them (and an 8 GB request can succeed under overcommit, then exhaust
+/// the device).
+const MAX_SHAPED_VALUES: u64 = 1 << 26;
+
+/// The int64 values of a constant tensor (raw little-endian or `int64_data`).
+fn int64s(t: &TensorProto) -> Vec<i64> {
+    if !t.raw_data.is_empty() {
+        return t
+            .raw_data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .collect();
+    }
+    t.int64_data.clone()
+}
+
+/// The constant tensor named `name`: an initializer or a `Constant` node's value.
+fn constant<'g>(graph: &'g GraphProto, name: &str) -> Option<&'g TensorProto> {
+    graph.initializer.iter().find(|t| t.name == name).or_else(|| {
+        graph
+            .node
+            .iter()
+            .find(|n| n.op_type == "Constant" && n.output.iter().any(|o| o == name))
+            .and_then(|n| n.attribute.iter().find(|a| a.name == "value"))
+            .and_then(|a| a.t.as_ref())
+    })
+}
+
+/// Refuses an `Expand`, `Tile` or `ConstantOfShape` whose constant shape (or repeats) asks for
+/// more than `MAX_SHAPED_VALUES` values, or for a count past u64.
+fn check_shaped(graph: &GraphProto) -> Result<(), String> {
+    for node in &graph.node {
+        let input = match node.op_type.as_str() {
+            "Expand" | "Tile" => 1,
+            "ConstantOfShape" => 0,
+            _ => continue,
+        };
+        let Some(t) = node.input.get(input).and_then(|name| constant(graph, name)) else { continue };
+        let values = int64s(t);
+        let count = values.iter().try_fold(1u64, |acc, &d| u64::try_from(d).ok().and_then(|d| acc.checked_mul(d)));
+        let name = if node.name.is_empty() { node.output.first().map_or("", String::as_str) } else { &node.name };
+        match count {
+            Some(c) if c <= MAX_SHAPED_VALUES => {}
+            Some(c) => {
+                return Err(format!(
+                    "node {name:?} ({}) asks for {c} values (shape {values:?}); the limit is {MAX_SHAPED_VALUES}",
+                    node.op_type
+                ))
+            }
+            None => {
+                return Err(format!("node {name:?} ({}) has an impossible shape {values:?}", node.op_type));
+            }
+        }
+    }
+    Ok(())
+}
 
 fn element_size(data_type: i32) -> Option<u64> {
     Some(match data_type {
@@ -60,5 +118,5 @@ pub fn check(graph: &GraphProto) -> Result<(), String> {
             return Err(format!("the model's weights declare more than {MAX_DECLARED_BYTES} bytes"));
         }
     }
-    Ok(())
+    check_shaped(graph)
 }
