@@ -93,7 +93,9 @@ fn init_logging(default: &str) {
             }
         }
     }
-    let _ = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 /// `lathe store`: the pipeline's store numbers and how many distinct messages it holds, JSON.

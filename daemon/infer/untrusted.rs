@@ -66,6 +66,24 @@ fn check_shaped(graph: &GraphProto) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a `Transpose` whose `perm` is not a permutation (an axis twice, or out of range):
+/// tract plans such a graph and then allocates without bound (found by `fuzz/onnx`: a
+/// 4 KB LSTM with `perm = [1, 2, 2]` took 2.6 GB).
+fn check_transposes(graph: &GraphProto) -> Result<(), String> {
+    for node in graph.node.iter().filter(|n| n.op_type == "Transpose") {
+        let Some(perm) = node.attribute.iter().find(|a| a.name == "perm") else { continue };
+        let mut seen = vec![false; perm.ints.len()];
+        let valid = perm.ints.iter().all(|&axis| {
+            usize::try_from(axis).ok().and_then(|a| seen.get_mut(a)).is_some_and(|s| !std::mem::replace(s, true))
+        });
+        if !valid {
+            let name = if node.name.is_empty() { node.output.first().map_or("", String::as_str) } else { &node.name };
+            return Err(format!("node {name:?} (Transpose) has perm {:?}, which is not a permutation", perm.ints));
+        }
+    }
+    Ok(())
+}
+
 fn element_size(data_type: i32) -> Option<u64> {
     Some(match data_type {
         2 | 3 | 9 => 1,       // uint8, int8, bool
@@ -118,5 +136,6 @@ pub fn check(graph: &GraphProto) -> Result<(), String> {
             return Err(format!("the model's weights declare more than {MAX_DECLARED_BYTES} bytes"));
         }
     }
-    check_shaped(graph)
+    check_shaped(graph)?;
+    check_transposes(graph)
 }

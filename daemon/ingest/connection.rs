@@ -224,6 +224,8 @@ pub struct Ingest {
     pub flow: Arc<Flow>,
     /// Stop reading while more rows than this wait (`mqtt.receive_maximum`).
     pub max_waiting_rows: usize,
+    /// `mqtt.keep_alive_s`: a link that brings no packet for 1.5 times this is dead.
+    pub keep_alive: Duration,
     /// Flips to true to stop: no new messages are taken; queued ones drain.
     pub stop: watch::Receiver<bool>,
     /// Fires once all pipelines are drained, to disconnect cleanly.
@@ -267,6 +269,7 @@ impl Ingest {
             acks,
             flow,
             max_waiting_rows,
+            keep_alive,
             mut stop,
             mut disconnect,
             ready,
@@ -295,18 +298,36 @@ impl Ingest {
         // systemd's watchdog is fed from this loop: if it stalls, the pings stop.
         let watchdog_every = crate::service::systemd::watchdog_interval();
         let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+        // A half-open link (the broker host lost power, a NAT forgot us) brings no error, only
+        // silence. rumqttc pings every keep-alive and notices a missing answer only at the next
+        // ping (up to 2x); the broker answers each ping at once, so silence for 1.5x the
+        // keep-alive while connected and reading means the link is dead. Time spent paused
+        // (not reading) does not count.
+        let dead_after = keep_alive.mul_f32(1.5);
+        let mut last_heard: Option<tokio::time::Instant> = None;
         loop {
-            let poll = eventloop.poll();
-            tokio::pin!(poll);
-            let event = loop {
-                router.flush();
-                if stopping && !router.backlog() {
-                    router.close();
-                }
-                let paused =
-                    flow.waiting_rows.load(Relaxed) > max_waiting_rows && flow.blocked_publishers.load(Relaxed) == 0;
-                tokio::select! {
-                    event = &mut poll, if !paused => break event,
+            let event = {
+                // Dropped at the end of this block, so a dead link can be cleaned up below.
+                let poll = eventloop.poll();
+                tokio::pin!(poll);
+                loop {
+                    router.flush();
+                    if stopping && !router.backlog() {
+                        router.close();
+                    }
+                    let paused = flow.waiting_rows.load(Relaxed) > max_waiting_rows
+                        && flow.blocked_publishers.load(Relaxed) == 0;
+                    if paused {
+                        last_heard = last_heard.map(|_| tokio::time::Instant::now());
+                    }
+                    let silent_until = last_heard.map(|t| t + dead_after);
+                    tokio::select! {
+                        event = &mut poll, if !paused => break event.map_err(|e| (e.to_string(), false)),
+                        _ = tokio::time::sleep_until(silent_until.unwrap_or_else(tokio::time::Instant::now)),
+                            if silent_until.is_some() && !paused && closing.is_none() => {
+                            let silent = last_heard.map(|t| t.elapsed()).unwrap_or_default();
+                            break Err((format!("no packet from the broker for {:.1} s (keep-alive {} s): the link is dead", silent.as_secs_f32(), keep_alive.as_secs()), true));
+                        }
                     _ = tokio::time::sleep(Duration::from_millis(1)), if router.backlog() => {}
                     _ = flow.wake.notified(), if paused => {}
                     _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::systemd::watchdog(),
@@ -320,8 +341,17 @@ impl Ingest {
                         let _ = ready.send(false);
                         return;
                     }
+                    }
                 }
             };
+            if matches!(event, Ok(MqttEvent::Incoming(_))) {
+                last_heard = Some(tokio::time::Instant::now());
+            }
+            if let Err((_, true)) = &event {
+                // Drop the socket and requeue unacknowledged publishes, as rumqttc does on an
+                // error; acks still queued are dropped and the broker redelivers those messages.
+                eventloop.clean();
+            }
             match event {
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     if !stopping {
@@ -350,7 +380,8 @@ impl Ingest {
                 }
                 Ok(_) => {}
                 Err(_) if closing.is_some() => break, // the broker closed after our DISCONNECT
-                Err(e) => {
+                Err((e, _)) => {
+                    last_heard = None;
                     let _ = ready.send(false);
                     if failures == 0 {
                         tracing::warn!("Broker connection lost: {e}; reconnecting with backoff");

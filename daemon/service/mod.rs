@@ -425,6 +425,7 @@ pub async fn run(
         acks: acks.clone(),
         flow,
         max_waiting_rows: usize::from(config.mqtt.receive_maximum),
+        keep_alive: Duration::from_secs(config.mqtt.keep_alive_s),
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
         ready: ready_tx,

@@ -58,9 +58,23 @@ pub struct Broker {
     dir: PathBuf,
     child: Option<Child>,
     pub mosquitto: bool,
+    /// Saves its state after every change, so a SIGKILL loses at most what it did since.
+    persistent: bool,
 }
 
 impl Broker {
+    /// A mosquitto that keeps sessions and queued messages on disk across a SIGKILL
+    /// (`autosave_on_changes`, saved after each change). None without mosquitto.
+    pub fn start_persistent() -> Option<Broker> {
+        if !mosquitto_installed() {
+            return None;
+        }
+        let mut b =
+            Broker { port: free_port(), dir: temp_dir("broker"), child: None, mosquitto: true, persistent: true };
+        b.restart();
+        Some(b)
+    }
+
     pub fn start() -> Broker {
         let dir = temp_dir("broker");
         if !mosquitto_installed() {
@@ -70,24 +84,31 @@ impl Broker {
             );
             eprintln!("mosquitto not installed: falling back to the embedded broker");
             let addr = lathe::ingest::embedded_broker::start("127.0.0.1:0").unwrap();
-            return Broker { port: addr.port(), dir, child: None, mosquitto: false };
+            return Broker { port: addr.port(), dir, child: None, mosquitto: false, persistent: false };
         }
-        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true };
+        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: false };
         b.restart();
         b
     }
 
-    /// (Re)starts mosquitto on the same port, with no memory of earlier sessions.
+    /// (Re)starts mosquitto on the same port: with no memory of earlier sessions, or (a
+    /// persistent broker) with what it had saved.
     pub fn restart(&mut self) {
         let conf = self.dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 100\n",
-                self.port
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 100\n",
+            self.port
+        );
+        if self.persistent {
+            // mosquitto started as root drops to its own user, which must be able to save here.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+            text += &format!(
+                "persistence true\npersistence_location {}/\nautosave_on_changes true\nautosave_interval 1\n",
+                self.dir.display()
+            );
+        }
+        std::fs::write(&conf, text).unwrap();
         let log = std::fs::File::create(self.dir.join("mosquitto.log")).unwrap();
         self.child =
             Some(Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap());
@@ -141,7 +162,8 @@ impl Daemon {
         let child = Command::new(LATHE)
             .args(["run", "--config"])
             .arg(&path)
-            .env("LATHE_LOG", "info")
+            // LATHE_TEST_LOG=debug to see more of a failing test's daemon.
+            .env("LATHE_LOG", std::env::var("LATHE_TEST_LOG").unwrap_or_else(|_| "info".into()))
             // Tests read the log from stderr, even when they run under systemd.
             .env_remove("JOURNAL_STREAM")
             .stdout(Stdio::null())
@@ -182,6 +204,10 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn running(&mut self) -> bool {
