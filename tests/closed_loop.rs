@@ -4,41 +4,9 @@
 
 mod common;
 
-use std::io::Read;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-
-/// Shuttle rows the sample model never saw (tests/fixtures/shuttle-unseen.csv.gz), with labels.
-fn unseen() -> Vec<(Vec<f64>, u8)> {
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(
-        std::fs::File::open(common::root().join("tests/fixtures/shuttle-unseen.csv.gz")).unwrap(),
-    )
-    .read_to_string(&mut text)
-    .unwrap();
-    text.lines()
-        .skip(1)
-        .map(|l| {
-            let v: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
-            (v[..9].to_vec(), v[9] as u8)
-        })
-        .collect()
-}
-
-/// Sensor f1 reads 20 high (a miscalibrated replacement): the sample model's accuracy on such
-/// rows falls from 0.998 to about 0.73, and the drift monitor sees it. (The few rows pushed
-/// past f1's range would be rejected at ingest, not served, so they are left out.)
-fn faulty(rows: &[(Vec<f64>, u8)]) -> Vec<(Vec<f64>, u8)> {
-    rows.iter()
-        .filter(|(r, _)| r[0] + 20.0 <= 126.0)
-        .map(|(r, y)| {
-            let mut r = r.clone();
-            r[0] += 20.0;
-            (r, *y)
-        })
-        .collect()
-}
 
 struct Loop {
     broker: common::Broker,
@@ -134,7 +102,7 @@ fn drift_to_promotion(l: &mut Loop, rows: &[(Vec<f64>, u8)]) -> Value {
     for start in (0..1500).step_by(300) {
         l.stream(&rows[start..start + 300], start, false);
     }
-    let shifted = faulty(&rows[1500..3300]);
+    let shifted = common::faulty(&rows[1500..3300]);
     for start in (0..shifted.len()).step_by(300) {
         l.stream(&shifted[start..(start + 300).min(shifted.len())], 1500 + start, false);
         if !l.events("trial.started").is_empty() {
@@ -178,7 +146,7 @@ fn v1_accuracy(rows: &[(Vec<f64>, u8)]) -> f64 {
 
 #[test]
 fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_trial() {
-    let rows = unseen();
+    let rows = common::unseen();
     // With [update], what the device grows is signed with its own key.
     let keys = common::temp_dir("loopok-keys");
     lathe::update::signing::write_keypair(&keys.join("central"), &lathe::update::signing::generate().unwrap()).unwrap();
@@ -199,7 +167,7 @@ fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_tri
     );
     assert!(grown.manifest.lineage.fine_tune.is_some() && !grown.manifest.parent.is_empty());
     // The same fault goes on: the promoted model serves it, and is right far more often.
-    let later = faulty(&rows[4000..4600]);
+    let later = common::faulty(&rows[4000..4600]);
     l.stream(&later, 10_000, false);
     let predictions: Vec<Value> =
         l.out.on("prediction").into_iter().filter(|p| p["key"].as_u64().is_some_and(|k| k >= 10_000)).collect();
@@ -224,14 +192,14 @@ fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_tri
 
 #[test]
 fn a_challenger_that_degrades_live_is_rolled_back_within_its_trial() {
-    let rows = unseen();
+    let rows = common::unseen();
     let mut l = Loop::start(
         "looprb",
         "trigger = [\"drift\"]\nmin_rows = 800\nrows = 800\ntrial = \"10m\"\nmin_live_labels = 100\nmax_forgetting = 0.05\n",
     );
     drift_to_promotion(&mut l, &rows);
     // Live labels now disagree with the new model (the plant's ground truth changed again).
-    let later = faulty(&rows[4000..4400]);
+    let later = common::faulty(&rows[4000..4400]);
     l.stream(&later, 10_000, true);
     let failed = l.wait_event("trial.failed", Duration::from_secs(30));
     assert!(failed["message"].as_str().unwrap().contains("live loss"), "{failed}");
@@ -243,7 +211,7 @@ fn a_challenger_that_degrades_live_is_rolled_back_within_its_trial() {
 
 #[test]
 fn poisoned_labels_make_a_challenger_the_gate_refuses_and_the_champion_stays() {
-    let rows = unseen();
+    let rows = common::unseen();
     let mut l = Loop::start("looppoison", "trigger = []\nmin_rows = 800\nrows = 1500\n");
     // Almost half of the labels are wrong (a mislabelling station).
     let mut state = 11u64;
@@ -274,11 +242,11 @@ fn poisoned_labels_make_a_challenger_the_gate_refuses_and_the_champion_stays() {
 /// in the store (stored before it was acknowledged, or delivered again).
 #[test]
 fn kill_9_during_training_and_promotion_loses_no_acknowledged_sample() {
-    let rows = unseen();
+    let rows = common::unseen();
     let mut l = Loop::start("loopkill", "trigger = []\nmin_rows = 300\nrows = 3000\nmax_forgetting = 1.0\n");
     let config = l.dir.join("lathe.toml");
     let config_text = std::fs::read_to_string(&config).unwrap();
-    let rows = faulty(&rows);
+    let rows = common::faulty(&rows);
     let mut sent = 0;
     let mut delay = 7u64;
     for round in 0..6 {
@@ -336,7 +304,7 @@ fn a_full_disk_fails_store_writes_cleanly_and_recovers() {
         }
     }
     let _unmount = Unmount(disk.clone());
-    let rows = unseen();
+    let rows = common::unseen();
     let broker = common::Broker::start();
     let model = common::root().join("models/shuttle-mlp-1.lathe");
     let config = format!("store = {{ path = \"{}\" }}\n", disk.join("samples.redb").display())
@@ -401,8 +369,10 @@ fn an_autoencoder_fine_tunes_on_rows_it_judged_normal_without_labels() {
     common::wait_online(l.broker.port, "loopae", &l.daemon);
     // Rows inside the bundle's input ranges (others are rejected at ingest, never served).
     let inputs = &b.manifest.inputs;
-    let rows: Vec<(Vec<f64>, u8)> =
-        unseen().into_iter().filter(|(r, _)| r.iter().zip(inputs).all(|(v, i)| *v >= i.min && *v <= i.max)).collect();
+    let rows: Vec<(Vec<f64>, u8)> = common::unseen()
+        .into_iter()
+        .filter(|(r, _)| r.iter().zip(inputs).all(|(v, i)| *v >= i.min && *v <= i.max))
+        .collect();
     let sent = &rows[..1500];
     for (seq, (row, _)) in sent.iter().enumerate() {
         l.publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(row, seq));
@@ -437,13 +407,13 @@ fn an_autoencoder_fine_tunes_on_rows_it_judged_normal_without_labels() {
 /// compared on the same arriving labels, and only a challenger at least as good is promoted.
 #[test]
 fn a_labels_trigger_and_a_shadow_period_promote_a_challenger_that_did_better_live() {
-    let rows = unseen();
+    let rows = common::unseen();
     let mut l = Loop::start(
         "loopshadow",
         "trigger = [\"labels 800\"]\nmin_rows = 800\nrows = 800\nshadow = \"3s\"\nmin_live_labels = 100\nmax_forgetting = 0.05\n",
     );
     l.stream(&rows[..300], 0, false);
-    let faulty = faulty(&rows[300..4000]);
+    let faulty = common::faulty(&rows[300..4000]);
     let mut next = 0;
     while l.events("shadow.started").is_empty() && next + 300 <= 1500 {
         l.stream(&faulty[next..next + 300], 300 + next, false);

@@ -193,7 +193,7 @@ fn killing_promote_and_rollback_at_random_points_leaves_a_registry_that_serves()
     let state = registry_with_two_versions(&dir);
     let s = state.to_str().unwrap();
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in 0..30 {
+    for i in 0..200 {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;

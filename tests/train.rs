@@ -512,3 +512,61 @@ fn a_run_stops_when_its_epoch_check_says_so() {
     assert_eq!(result.err().as_deref(), Some("stopped: over the time limit (max_seconds = 1)"));
     assert_eq!(epochs.get(), 2, "checked after every epoch, stopped at the first refusal");
 }
+
+/// kill -9 at random points of `lathe train`, 40 times: what is left is either nothing or a
+/// whole, valid bundle at the output path, and every run record kept is whole JSON (both are
+/// written to a temporary file, synced and renamed). A run that finishes afterwards works.
+#[test]
+fn kill_9_at_random_points_of_a_fine_tune_leaves_no_partial_file() {
+    let dir = common::temp_dir("kill-train");
+    let data = common::unseen_csv(&dir, 0.0);
+    let state = dir.join("state");
+    let out = dir.join("child.lathe");
+    let run = || {
+        let mut c = std::process::Command::new(common::LATHE);
+        c.args(["train", "--bundle"])
+            .arg(common::root().join("models/shuttle-mlp-1.lathe"))
+            .arg("--data")
+            .arg(&data)
+            .arg("-o")
+            .arg(&out)
+            .arg("--state-dir")
+            .arg(&state)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    // How long a whole run takes here (the first, cold, is the slowest), to spread the kills over it.
+    let t = std::time::Instant::now();
+    assert!(run().status().unwrap().success());
+    let whole = t.elapsed().as_micros() as u64;
+    std::fs::remove_file(&out).unwrap();
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let (mut finished, mut killed) = (0, 0);
+    for _ in 0..40 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut child = run().spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(seed % whole));
+        match child.try_wait().unwrap() {
+            Some(_) => finished += 1,
+            None => killed += 1,
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if out.exists() {
+            let b = lathe::model::Bundle::read(&out).expect("a bundle at the output path is whole");
+            assert_eq!(b.manifest.version, 2);
+        }
+        for record in std::fs::read_dir(state.join("runs")).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(record.path()).unwrap();
+            let is_temp = record.file_name().to_string_lossy().starts_with('.');
+            assert!(is_temp || serde_json::from_str::<Value>(&text).is_ok(), "{:?} is whole JSON", record.path());
+        }
+    }
+    eprintln!("lathe train killed at random points: {killed} killed mid-run, {finished} had finished");
+    assert!(killed >= 15, "the kills landed mid-run ({killed})");
+    assert!(run().status().unwrap().success(), "a run after the kills works");
+    lathe::model::Bundle::read(&out).unwrap();
+}

@@ -205,16 +205,26 @@ impl Default for BatchConfig {
     }
 }
 
+/// Largest config file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 impl Config {
     /// Reads and validates a config file.
     ///
     /// # Errors
     /// Every problem found, each naming the key and what was expected.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        let refuse = |message: String| ConfigErrors {
             file: path.to_path_buf(),
-            errors: vec![ConfigError { key: "(file)".into(), message: format!("cannot read: {e}") }],
-        })?;
+            errors: vec![ConfigError { key: "(file)".into(), message }],
+        };
+        // Checked before reading: a config is never megabytes, and a wrong path (a device, a
+        // log) must not be read whole.
+        let len = std::fs::metadata(path).map_err(|e| refuse(format!("cannot read: {e}")))?.len();
+        if len > MAX_CONFIG_BYTES {
+            return Err(refuse(format!("{len} bytes; a config is at most {MAX_CONFIG_BYTES}")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| refuse(format!("cannot read: {e}")))?;
         Config::parse(&text, path)
     }
 

@@ -430,6 +430,36 @@ pub fn unseen_csv(dir: &Path, flip: f64) -> PathBuf {
     path
 }
 
+/// Shuttle rows the sample model never saw (tests/fixtures/shuttle-unseen.csv.gz), with labels.
+pub fn unseen() -> Vec<(Vec<f64>, u8)> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(root().join("tests/fixtures/shuttle-unseen.csv.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<f64> = l.split(',').map(|x| x.parse().unwrap()).collect();
+            (v[..9].to_vec(), v[9] as u8)
+        })
+        .collect()
+}
+
+/// Sensor f1 reads 20 high (a miscalibrated replacement): the sample model's accuracy on such
+/// rows falls from 0.998 to about 0.73, and the drift monitor sees it. (The few rows pushed
+/// past f1's range would be rejected at ingest, not served, so they are left out.)
+pub fn faulty(rows: &[(Vec<f64>, u8)]) -> Vec<(Vec<f64>, u8)> {
+    rows.iter()
+        .filter(|(r, _)| r[0] + 20.0 <= 126.0)
+        .map(|(r, y)| {
+            let mut r = r.clone();
+            r[0] += 20.0;
+            (r, *y)
+        })
+        .collect()
+}
+
 /// The autoencoder fixture (a PyTorch export) bundled as a trainable `reconstruction` model on
 /// the sample validation set, written to `dir/ae.lathe`.
 pub fn autoencoder_bundle(dir: &Path) -> PathBuf {

@@ -1,0 +1,108 @@
+//! The soak: the daemon at a steady rate for a long time, with drift episodes that set off
+//! fine-tunes, while its memory, descriptors and threads are sampled. CI runs 120 s
+//! (`LATHE_SOAK_SECONDS` sets it; the README's figures are from a one-hour run).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// The daemon's resident memory (kB), open descriptors and threads, from /proc.
+fn sample(pid: u32) -> (u64, usize, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    (field("VmRSS:"), fds, field("Threads:"))
+}
+
+#[test]
+fn a_steady_stream_with_drift_and_training_episodes_leaks_nothing() {
+    let seconds: u64 = std::env::var("LATHE_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    let broker = Broker::start();
+    let dir = temp_dir("soak");
+    let node = "soak";
+    let config = config(node, &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        + "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\", window = 200 }\n"
+        + "[pipeline.train]\ntrigger = [\"drift\"]\nmin_rows = 300\nrows = 600\ntrial = \"10s\"\n"
+        + "min_live_labels = 50\nmax_forgetting = 0.05\n";
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, node, &daemon);
+    assert!(wait_until(Duration::from_secs(20), || daemon.log().contains("Drift monitor ready")));
+    let pid = daemon.pid().unwrap();
+    let events = format!("lathe/{node}/events");
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", &events]);
+
+    // Episodes of 20 s: clean rows, then rows from a sensor reading 20 high (the drift), and
+    // so on; labels follow each row. 100 rows a second.
+    let clean = unseen();
+    let shifted = faulty(&clean);
+    let mut publisher = Publisher::new(broker.port);
+    let started = Instant::now();
+    // Warm-up: the first third, and at least until a fine-tune has run (its buffers, the new
+    // version's engine and drift monitor are steady state, not growth).
+    let warm_up = Duration::from_secs(seconds / 3);
+    let trained = || {
+        out.on(&events)
+            .iter()
+            .any(|e| ["train.accepted", "train.refused", "train.failed"].contains(&e["event"].as_str().unwrap_or("")))
+    };
+    let mut warming = true;
+    let (mut warm, mut after) = (Vec::new(), Vec::new());
+    let mut next_sample = Instant::now();
+    let mut seq = 0usize;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let episode = (started.elapsed().as_secs() / 20) as usize;
+        let rows = if episode % 2 == 0 { &clean } else { &shifted };
+        for _ in 0..10 {
+            let (row, label) = &rows[seq % rows.len()];
+            publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
+            publisher.publish(
+                &format!("plant/line1/dev{}/label", seq % 4),
+                json!({"seq": seq, "anomaly": label}).to_string(),
+            );
+            seq += 1;
+        }
+        publisher.flush();
+        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() >= next_sample {
+            next_sample += Duration::from_secs(2);
+            let s = sample(pid);
+            warming = warming && (started.elapsed() < warm_up || !trained());
+            if warming {
+                warm.push(s);
+            } else {
+                after.push(s);
+            }
+        }
+    }
+    let answered = wait_until(Duration::from_secs(60), || {
+        out.on("prediction").iter().filter_map(|p| p["key"].as_u64()).collect::<BTreeSet<_>>().len() == seq
+    });
+    let count = |step: &str| out.on(&events).iter().filter(|e| e["event"] == step).count();
+    let (drifts, trainings) = (count("drift"), count("train.started"));
+    assert!(after.len() >= 5, "no fine-tune finished in the first two thirds; log:\n{}", daemon.log());
+    let warm_rss = warm.iter().map(|s| s.0).max().unwrap();
+    let mut late_rss: Vec<u64> = after.iter().rev().take(5).map(|s| s.0).collect();
+    late_rss.sort_unstable();
+    let end_rss = late_rss[late_rss.len() / 2];
+    let (warm_fds, end_fds) = (warm.iter().map(|s| s.1).max().unwrap(), after.last().unwrap().1);
+    let (warm_threads, end_threads) = (warm.iter().map(|s| s.2).max().unwrap(), after.last().unwrap().2);
+    let growth = end_rss as f64 / warm_rss as f64 - 1.0;
+    eprintln!(
+        "soak {seconds} s: {seq} messages, {drifts} drift alarms, {trainings} fine-tunes; RSS {warm_rss} kB after \
+         warm-up -> {end_rss} kB at the end ({:+.1} %); descriptors {warm_fds} -> {end_fds}; threads \
+         {warm_threads} -> {end_threads}",
+        growth * 100.0
+    );
+    assert!(answered, "every message answered; log:\n{}", daemon.log());
+    assert!(trainings >= 1, "the drift episodes set off a fine-tune; log:\n{}", daemon.log());
+    assert!(growth < 0.05, "RSS grew {:.1} % after warm-up", growth * 100.0);
+    assert!(end_fds <= warm_fds + 2, "descriptors {warm_fds} -> {end_fds}");
+    assert!(end_threads <= warm_threads + 2, "threads {warm_threads} -> {end_threads}");
+}
