@@ -58,7 +58,7 @@ fn a_steady_stream_with_drift_and_training_episodes_leaks_nothing() {
     let mut seq = 0usize;
     while started.elapsed() < Duration::from_secs(seconds) {
         let episode = (started.elapsed().as_secs() / 20) as usize;
-        let rows = if episode % 2 == 0 { &clean } else { &shifted };
+        let rows = if episode.is_multiple_of(2) { &clean } else { &shifted };
         for _ in 0..10 {
             let (row, label) = &rows[seq % rows.len()];
             publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
