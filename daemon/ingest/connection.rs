@@ -326,21 +326,26 @@ impl Ingest {
                         _ = tokio::time::sleep_until(silent_until.unwrap_or_else(tokio::time::Instant::now)),
                             if silent_until.is_some() && !paused && closing.is_none() => {
                             let silent = last_heard.map(|t| t.elapsed()).unwrap_or_default();
-                            break Err((format!("no packet from the broker for {:.1} s (keep-alive {} s): the link is dead", silent.as_secs_f32(), keep_alive.as_secs()), true));
+                            let why = format!(
+                                "no packet from the broker for {:.1} s (keep-alive {} s): the link is dead",
+                                silent.as_secs_f32(),
+                                keep_alive.as_secs()
+                            );
+                            break Err((why, true));
                         }
-                    _ = tokio::time::sleep(Duration::from_millis(1)), if router.backlog() => {}
-                    _ = flow.wake.notified(), if paused => {}
-                    _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::systemd::watchdog(),
-                    _ = stop.changed(), if !stopping => stopping = true,
-                    _ = disconnect.changed(), if !disconnecting => {
-                        disconnecting = true;
-                        let client = client.clone();
-                        tokio::spawn(async move { client.disconnect().await });
-                    }
-                    _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
-                        let _ = ready.send(false);
-                        return;
-                    }
+                        _ = tokio::time::sleep(Duration::from_millis(1)), if router.backlog() => {}
+                        _ = flow.wake.notified(), if paused => {}
+                        _ = watchdog.tick(), if watchdog_every.is_some() => crate::service::systemd::watchdog(),
+                        _ = stop.changed(), if !stopping => stopping = true,
+                        _ = disconnect.changed(), if !disconnecting => {
+                            disconnecting = true;
+                            let client = client.clone();
+                            tokio::spawn(async move { client.disconnect().await });
+                        }
+                        _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
+                            let _ = ready.send(false);
+                            return;
+                        }
                     }
                 }
             };
