@@ -178,9 +178,19 @@ impl Performance {
         now: Instant,
     ) {
         self.expire(now);
+        // `order` keeps an entry for each prediction until its horizon passes (a day by
+        // default), labeled or not. Labels usually come within seconds, so without this it
+        // grew by one entry per message for a day (~70 bytes each: the soak found it). Drop
+        // the labeled ones once they are most of it: amortized O(1) per prediction.
+        if self.order.len() > 2 * self.pending.len() + 1024 {
+            let pending = &self.pending;
+            self.order.retain(|(k, t)| pending.get(k).is_some_and(|p| p.at == *t));
+        }
         if self.pending.len() >= MAX_PENDING {
-            if let Some((old, _)) = self.order.pop_front() {
-                self.pending.remove(&old);
+            if let Some((old, t)) = self.order.pop_front() {
+                if self.pending.get(&old).is_some_and(|p| p.at == t) {
+                    self.pending.remove(&old);
+                }
             }
         }
         self.order.push_back(((device.clone(), key.clone()), now));
@@ -330,5 +340,33 @@ fn loss_of(p: Predicted, truth: f64) -> f64 {
     match p {
         Predicted::Class(c) => f64::from(u8::from(truth < 0.0 || (truth.round() as usize) != c)),
         Predicted::Value(v) => (v - truth).abs(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predictions_labeled_at_once_leave_no_trail_behind() {
+        let mut perf = Performance::new(Duration::from_secs(86_400), 200);
+        let device: Arc<str> = Arc::from("dev1");
+        let now = Instant::now();
+        let mut alarms = Vec::new();
+        for i in 0..100_000u64 {
+            perf.predicted(device.clone(), i.to_string(), Predicted::Class(1), 1, 0.1, now);
+            perf.label("dev1", i.to_string(), 1.0, now, &mut alarms);
+        }
+        assert_eq!(perf.pending.len(), 0);
+        assert!(perf.order.len() <= 1025, "{} entries kept for labeled predictions", perf.order.len());
+        assert_eq!(perf.joined(), 100_000);
+        // Unlabeled predictions are still remembered until their horizon.
+        perf.predicted(device.clone(), "late".into(), Predicted::Class(0), 1, 0.1, now);
+        for i in 0..5_000u64 {
+            perf.predicted(device.clone(), format!("x{i}"), Predicted::Class(1), 1, 0.1, now);
+            perf.label("dev1", format!("x{i}"), 1.0, now, &mut alarms);
+        }
+        perf.label("dev1", "late".into(), 0.0, now, &mut alarms);
+        assert_eq!(perf.joined(), 105_001, "the late label still joined its prediction");
     }
 }
