@@ -77,6 +77,16 @@ fn a_steady_stream_with_drift_and_training_episodes_leaks_nothing() {
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(2);
             let s = sample(pid);
+            if (warm.len() + after.len()) % 30 == 0 {
+                eprintln!(
+                    "  {:>5} s: heap {} kB, RSS {} kB, {} descriptors, {} threads",
+                    started.elapsed().as_secs(),
+                    s.0,
+                    s.3,
+                    s.1,
+                    s.2
+                );
+            }
             warming = warming && (started.elapsed() < warm_up || !trained());
             if warming {
                 warm.push(s);
