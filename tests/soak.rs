@@ -40,7 +40,8 @@ fn a_steady_stream_with_drift_and_training_episodes_leaks_nothing() {
     assert!(wait_until(Duration::from_secs(20), || daemon.log().contains("Drift monitor ready")));
     let pid = daemon.pid().unwrap();
     let events = format!("lathe/{node}/events");
-    let out = Collector::new(broker.port, &["plant/line1/+/prediction", &events]);
+    let status = format!("lathe/{node}/status");
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", &events, &status]);
 
     // Episodes of 20 s: clean rows, then rows from a sensor reading 20 high (the drift), and
     // so on; labels follow each row. 100 rows a second.
@@ -98,6 +99,13 @@ fn a_steady_stream_with_drift_and_training_episodes_leaks_nothing() {
     let answered = wait_until(Duration::from_secs(60), || {
         out.on("prediction").iter().filter_map(|p| p["key"].as_u64()).collect::<BTreeSet<_>>().len() == seq
     });
+    // Each label is sent right behind its row, so most reach the daemon before their
+    // prediction is registered; they must still be joined, not left unmatched.
+    let performance =
+        || out.on(&status).last().map(|s| s["pipelines"][0]["drift"]["performance"].clone()).unwrap_or_default();
+    let joined_all =
+        wait_until(Duration::from_secs(15), || performance()["labels_joined"].as_u64() == Some(seq as u64));
+    eprintln!("labels: {}", performance());
     let count = |step: &str| out.on(&events).iter().filter(|e| e["event"] == step).count();
     let (drifts, trainings) = (count("drift"), count("train.started"));
     assert!(after.len() >= 5, "no fine-tune finished in the first two thirds; log:\n{}", daemon.log());
@@ -118,6 +126,7 @@ fn a_steady_stream_with_drift_and_training_episodes_leaks_nothing() {
         total_growth * 100.0
     );
     assert!(answered, "every message answered; log:\n{}", daemon.log());
+    assert!(joined_all, "every label joined its prediction: {}", performance());
     assert!(trainings >= 1, "the drift episodes set off a fine-tune; log:\n{}", daemon.log());
     // The target is < 5 % RSS growth over an hour. This short run guards against gross
     // leaks (10 %); the heap's own growth is printed, not judged: a few MB while new versions

@@ -26,7 +26,7 @@ use crate::ingest::Extractor;
 use crate::ingest::Sample;
 use crate::model::baseline::Reading;
 use crate::model::Bundle;
-use crate::monitor::performance::{Performance, Predicted};
+use crate::monitor::performance::{Performance, Predicted, Served};
 use crate::monitor::Monitor;
 use crate::service::events::{Counters, Event, Events};
 pub use engine::{Engine, EngineError, EngineKind, Outputs};
@@ -271,8 +271,8 @@ impl Pipeline {
                     self.publish(&model, &batch, &out).await;
                     self.check_health(&model, batch.len(), &out);
                     self.watch(&model, &rows, &out);
-                    self.remember(&model, &batch, &out);
-                    self.shadow(&batch, input);
+                    let shadow = self.shadow(input);
+                    self.remember(&model, &batch, &out, &shadow);
                     self.keep(&model, &mut batch, &rows, &out);
                 }
                 Err(e) => {
@@ -373,26 +373,40 @@ impl Pipeline {
         store.submit(writes, tickets);
     }
 
-    fn shadow(&self, batch: &[Sample], rows: &[f32]) {
-        let (Some(shadow), Some(perf)) = (self.shadow.load_full(), &self.performance) else { return };
-        let Ok(out) = shadow.engine.run(rows) else { return };
-        let Ok(mut perf) = perf.lock() else { return };
-        for (r, s) in batch.iter().enumerate() {
-            let output = out.row(shadow.primary_output, r);
-            perf.shadow_predicted(&s.device, s.key.to_string(), predicted(&shadow, output));
-        }
+    /// What a shadowing challenger predicts for the batch (pipelines with `labels`, during a
+    /// trial): scored beside the champion's predictions when the labels come.
+    fn shadow(&self, rows: &[f32]) -> Option<(Arc<ActiveModel>, Outputs)> {
+        self.performance.as_ref()?;
+        let shadow = self.shadow.load_full()?;
+        let out = shadow.engine.run(rows).ok()?;
+        Some((shadow, out))
     }
 
-    /// Keeps what each prediction said until its label arrives (pipelines with `labels`).
-    fn remember(&self, model: &ActiveModel, batch: &[Sample], out: &Outputs) {
+    /// Keeps what each prediction said until its label arrives (pipelines with `labels`);
+    /// labels that came first are scored now.
+    fn remember(
+        &self,
+        model: &ActiveModel,
+        batch: &[Sample],
+        out: &Outputs,
+        shadow: &Option<(Arc<ActiveModel>, Outputs)>,
+    ) {
         let Some(perf) = &self.performance else { return };
         let Ok(mut perf) = perf.lock() else { return };
         perf.set_baseline(model.version, &model.label_shares);
         let now = Instant::now();
+        let mut alarms = Vec::new();
         for (r, s) in batch.iter().enumerate() {
-            let p = predicted(model, out.row(model.primary_output, r));
-            perf.predicted(s.device.clone(), s.key.to_string(), p, model.version, model.baseline_loss, now);
+            let served = Served {
+                p: predicted(model, out.row(model.primary_output, r)),
+                version: model.version,
+                baseline: model.baseline_loss,
+                shadow: shadow.as_ref().map(|(m, o)| predicted(m, o.row(m.primary_output, r))),
+            };
+            perf.predicted(s.device.clone(), s.key.to_string(), served, now, &mut alarms);
         }
+        drop(perf);
+        self.events.drift(&self.name, model, alarms);
     }
 
     /// Feeds the served rows to the drift monitor; alarms become `drift` events.

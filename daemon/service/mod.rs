@@ -188,7 +188,9 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
         .map(|s| {
             let m = s.model.load();
             let performance = s.performance.as_ref().and_then(|p| p.lock().ok()).map(|p| {
+                let (predictions_waiting, labels_waiting) = p.waiting();
                 json!({"alarm": p.in_alarm(), "labels_joined": p.joined(), "labels_unmatched": p.unmatched,
+                       "predictions_waiting": predictions_waiting, "labels_waiting": labels_waiting,
                        "rolling_loss": p.rolling_loss(), "baseline_loss": m.baseline_loss,
                        "label_shift_psi": p.label_shift(), "label_shift_alarm": p.shift_in_alarm()})
             });
