@@ -162,10 +162,12 @@ pub fn main() -> ExitCode {
 
 /// The daemon. SIGHUP with a valid, changed config drains and stops the pipelines and starts
 /// them again with it, in the same process (the broker keeps our session, so nothing sent in
-/// between is lost); a bad one is refused and the running pipelines go on.
+/// between is lost); pipelines whose settings did not change keep their model and state. A
+/// bad config is refused and the running pipelines go on.
 fn run(path: &std::path::Path) -> Result<(), String> {
     let mut config = Config::load(path).map_err(|e| e.to_string())?;
     let rt = runtime()?;
+    let mut kept = crate::service::Kept::default();
     loop {
         let next = std::sync::Arc::new(std::sync::Mutex::new(None));
         let (slot, running) = (next.clone(), config.clone());
@@ -178,7 +180,7 @@ fn run(path: &std::path::Path) -> Result<(), String> {
                 }
             }
         };
-        rt.block_on(crate::service::run(config, signal, |_| {})).map_err(|e| e.to_string())?;
+        kept = rt.block_on(crate::service::run_keeping(config, kept, signal, |_| {})).map_err(|e| e.to_string())?;
         match next.lock().ok().and_then(|mut s| s.take()) {
             Some(new) => {
                 tracing::info!("Reloaded {}", path.display());
@@ -190,7 +192,7 @@ fn run(path: &std::path::Path) -> Result<(), String> {
 }
 
 fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
-    let result = Config::load(path).and_then(|c| crate::service::load_models(&c, false).map(|models| (c, models)));
+    let result = Config::load(path).and_then(|c| crate::service::check_models(&c).map(|models| (c, models)));
     match (result, json) {
         (Ok((c, models)), false) => {
             println!("{}: ok ({} pipeline(s))", path.display(), c.pipelines.len());

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, Publish, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
@@ -234,6 +234,9 @@ pub struct Ingest {
     pub ready: watch::Sender<bool>,
     /// `lathe/{node}/cmd/+`: commands for the training loop (action, payload).
     pub commands: Option<CommandRoute>,
+    /// Filters an earlier run subscribed to that no route uses now (after a reload): the
+    /// broker kept them in our session, so they are removed once connected.
+    pub unsubscribe: Vec<String>,
 }
 
 /// How many distinct device ids a route remembers.
@@ -253,6 +256,17 @@ impl Route {
 }
 
 impl Ingest {
+    /// The topic filters this ingest subscribes to: telemetry, labels, commands.
+    pub fn filters(&self) -> Vec<String> {
+        let routes = &self.routes;
+        routes
+            .iter()
+            .map(|r| r.filter.as_str().to_string())
+            .chain(routes.iter().filter_map(|r| r.labels.as_ref().map(|l| l.filter.as_str().to_string())))
+            .chain(self.commands.iter().map(|(f, _)| f.as_str().to_string()))
+            .collect()
+    }
+
     /// Polls the connection until a clean disconnect after stop (or a stop while the broker
     /// is unreachable).
     ///
@@ -261,6 +275,7 @@ impl Ingest {
     /// `poll()` future lives until it completes; the other branches run beside it without
     /// dropping it.
     pub async fn run(self) {
+        let filters = self.filters();
         let Ingest {
             mut eventloop,
             client,
@@ -274,13 +289,8 @@ impl Ingest {
             mut disconnect,
             ready,
             commands,
+            unsubscribe,
         } = self;
-        let filters: Vec<String> = routes
-            .iter()
-            .map(|r| r.filter.as_str().to_string())
-            .chain(routes.iter().filter_map(|r| r.labels.as_ref().map(|l| l.filter.as_str().to_string())))
-            .chain(commands.iter().map(|(f, _)| f.as_str().to_string()))
-            .collect();
         let mut router = Router {
             pending: routes.iter().map(|_| VecDeque::new()).collect(),
             routes,
@@ -363,19 +373,31 @@ impl Ingest {
                         router.route(p, &flow); // once stopping: unacked, redelivered to our next session
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     router.events.emit(Event::Connected { attempts: failures + 1 });
                     failures = 0;
                     router.acks.send(AckMsg::Reset { next_seq: router.next_seq });
-                    if ack.session_present {
-                        let _ = ready.send(true);
-                    } else {
-                        // The broker lost (or never had) our session: subscribe again, from
-                        // another task so this one never waits on the request channel.
-                        let client = client.clone();
-                        let subs: Vec<_> = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce)).collect();
-                        tokio::spawn(async move { client.subscribe_many(subs).await });
-                    }
+                    // Subscribe at every connect, from another task so this one never waits
+                    // on the request channel: a new session has no subscriptions, and a kept
+                    // one lacks those a reload added. Retained messages come again only for
+                    // subscriptions that are new to the broker.
+                    let client = client.clone();
+                    let subs: Vec<_> = filters
+                        .iter()
+                        .map(|f| Filter {
+                            retain_forward_rule: RetainForwardRule::OnNewSubscribe,
+                            ..Filter::new(f.clone(), QoS::AtLeastOnce)
+                        })
+                        .collect();
+                    let stale = unsubscribe.clone();
+                    tokio::spawn(async move {
+                        let _ = client.subscribe_many(subs).await;
+                        for f in stale {
+                            let _ = client.unsubscribe(f).await;
+                        }
+                    });
+                    // Ready (online) comes at the SUBACK, even with a kept session: only then
+                    // is every topic of this run's pipelines subscribed.
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
                     let _ = ready.send(true);

@@ -53,17 +53,21 @@ pub enum ServiceError {
     Store(String),
 }
 
-/// Loads each pipeline's champion bundle and checks it fits the pipeline: every problem is
-/// reported at once, like config errors. With `seed`, bundle files are imported into the
-/// registry first (the daemon); without, they are only read (`lathe check` changes nothing).
+/// Checks each pipeline's champion bundle loads and fits the pipeline, without changing
+/// anything (`lathe check`, a SIGHUP's new config): every problem is reported at once, like
+/// config errors. Bundle files are only read, not imported, and no drift monitor is
+/// calibrated (seconds of CPU for a model that is only looked at).
 ///
 /// # Errors
 /// Missing or invalid bundles, models tract cannot serve, feature names the bundle lacks.
-pub fn load_models(config: &Config, seed: bool) -> Result<Vec<ActiveModel>, ConfigErrors> {
-    load_models_noting(config, seed, &mut Vec::new())
+pub fn check_models(config: &Config) -> Result<Vec<ActiveModel>, ConfigErrors> {
+    let mut config = config.clone();
+    config.pipelines.iter_mut().for_each(|p| p.drift = None);
+    load_models_noting(&config, false, &mut Vec::new())
 }
 
-/// [`load_models`], noting in `fallbacks` each pipeline whose champion could not serve and
+/// Loads each pipeline's champion (with `seed`, bundle files are imported into the registry
+/// first), noting in `fallbacks` each pipeline whose champion could not serve and
 /// the version that serves instead (never "no model" while any version loads).
 fn load_models_noting(
     config: &Config,
@@ -182,6 +186,52 @@ pub struct Serving {
     pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
 }
 
+/// What the pipelines whose settings did not change keep across a SIGHUP reload: the model
+/// (so the drift monitor keeps its calibration and windows, and a fine-tuned champion stays
+/// loaded), the counters, the late-label state and the Sparkplug namespace. Only the
+/// connection and the tasks are made again. By pipeline name: (fingerprint, what it keeps).
+#[derive(Default)]
+pub struct Kept {
+    pipelines: std::collections::HashMap<String, (String, Serving)>,
+    /// The topic filters the last run subscribed to (the broker keeps them in our session).
+    filters: Vec<String>,
+}
+
+impl Kept {
+    fn from_serving(config: &Config, serving: &[Serving], filters: Vec<String>) -> Kept {
+        let mut kept = std::collections::HashMap::new();
+        for (p, s) in config.pipelines.iter().zip(serving) {
+            let s = Serving {
+                pipeline: s.pipeline.clone(),
+                model: s.model.clone(),
+                counters: s.counters.clone(),
+                performance: s.performance.clone(),
+                store: None,
+                sparkplug: s.sparkplug.clone(),
+            };
+            kept.insert(p.name.clone(), (fingerprint(config, p), s));
+        }
+        Kept { pipelines: kept, filters }
+    }
+
+    /// What pipeline `p` of `config` keeps: only if nothing it is built from changed.
+    fn take(&mut self, config: &Config, p: &crate::config::PipelineConfig) -> Option<Serving> {
+        let (print, serving) = self.pipelines.remove(&p.name)?;
+        (print == fingerprint(config, p)).then_some(serving)
+    }
+}
+
+/// Everything a pipeline's serving state is built from: its own settings, the engine, the
+/// payload cap, the registry's place, and the bundle file itself when it names one (a new
+/// bundle copied over the old path is a change).
+fn fingerprint(config: &Config, p: &crate::config::PipelineConfig) -> String {
+    let file = match &p.model {
+        ModelRef::File(f) => std::fs::metadata(f).ok().map(|m| (m.len(), m.modified().ok())),
+        ModelRef::Name(_) => None,
+    };
+    format!("{p:?} {:?} {} {:?} {file:?}", config.infer, config.mqtt.max_payload_bytes, config.state_dir)
+}
+
 fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
     let pipelines: Vec<Value> = serving
         .iter()
@@ -260,8 +310,27 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Handle),
 ) -> Result<(), ServiceError> {
+    run_keeping(config, Kept::default(), shutdown, on_start).await.map(|_| ())
+}
+
+/// [`run`], starting the pipelines `kept` from an earlier run (a reload) where their settings
+/// are unchanged; returns what the pipelines keep for the next run.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_keeping(
+    config: Config,
+    mut kept: Kept,
+    shutdown: impl Future<Output = ()>,
+    on_start: impl FnOnce(Handle),
+) -> Result<Kept, ServiceError> {
+    // Unchanged pipelines keep what they had; the others load their champion.
+    let reused: Vec<Option<Serving>> = config.pipelines.iter().map(|p| kept.take(&config, p)).collect();
+    let mut to_load = config.clone();
+    to_load.pipelines =
+        config.pipelines.iter().zip(&reused).filter(|(_, r)| r.is_none()).map(|(p, _)| p.clone()).collect();
     let mut fallbacks = Vec::new();
-    let loaded = load_models_noting(&config, true, &mut fallbacks)?;
+    let mut loaded = load_models_noting(&to_load, true, &mut fallbacks)?.into_iter();
     let (host, port) = match &config.mqtt.url {
         BrokerUrl::Tcp { host, port, .. } => (host.clone(), *port),
         BrokerUrl::Embedded => embedded(&config.mqtt.embedded_listen)?,
@@ -271,7 +340,7 @@ pub async fn run(
     let (events, reporter) = events::reporter(client.clone(), config.events_topic());
     let reporter = tokio::spawn(reporter);
     for (pipeline, champion, error) in fallbacks {
-        let serving = config.pipelines.iter().position(|p| p.name == pipeline).and_then(|i| loaded.get(i));
+        let serving = to_load.pipelines.iter().position(|p| p.name == pipeline).and_then(|i| loaded.as_slice().get(i));
         let version = serving.map(|m| m.version).unwrap_or(0);
         events.emit(events::Event::FellBack { pipeline, champion, version, error });
     }
@@ -308,16 +377,36 @@ pub async fn run(
     let mut routes = Vec::new();
     let mut tasks = Vec::new();
     let mut serving = Vec::new();
-    for (p, active) in config.pipelines.iter().zip(loaded) {
-        let counters = Arc::new(Counters::default());
+    for (p, reused) in config.pipelines.iter().zip(reused) {
         // Rows wait here rather than in ingest's overflow queue: the channel stores them in
         // small blocks, without a VecDeque's doubling. See ingest::connection on what bounds it.
         let (tx, rx) = mpsc::channel(1 << 16);
-        tracing::info!(pipeline = p.name, model = active.name, version = active.version, "Serving");
-        let model: SharedModel = Arc::new(ArcSwap::from_pointee(active));
-        let performance = p.labels.as_ref().map(|l| {
-            Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
-        });
+        let (model, counters, performance, sparkplug) = match reused {
+            Some(kept) => {
+                let m = kept.model.load();
+                tracing::info!(
+                    pipeline = p.name,
+                    model = m.name,
+                    version = m.version,
+                    "Serving (unchanged: kept its model and state)"
+                );
+                (kept.model, kept.counters, kept.performance, kept.sparkplug)
+            }
+            None => {
+                let Some(active) = loaded.next() else {
+                    return Err(ServiceError::Store(format!("pipeline {}: its model did not load", p.name)));
+                };
+                tracing::info!(pipeline = p.name, model = active.name, version = active.version, "Serving");
+                let model: SharedModel = Arc::new(ArcSwap::from_pointee(active));
+                let performance = p.labels.as_ref().map(|l| {
+                    Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
+                });
+                let sparkplug = p.source.sparkplug.as_ref().map(|(group, edge_node)| {
+                    Arc::new(std::sync::Mutex::new(crate::sparkplug::Source::new(group, edge_node)))
+                });
+                (model, Arc::new(Counters::default()), performance, sparkplug)
+            }
+        };
         let writer =
             store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| w.for_pipeline(&p.name, counters.clone()));
         let labels = match (&p.labels, &performance) {
@@ -330,10 +419,6 @@ pub async fn run(
             }),
             _ => None,
         };
-        let sparkplug =
-            p.source.sparkplug.as_ref().map(|(group, edge_node)| {
-                Arc::new(std::sync::Mutex::new(crate::sparkplug::Source::new(group, edge_node)))
-            });
         routes.push(Route {
             pipeline: p.name.clone(),
             devices: Default::default(),
@@ -438,7 +523,10 @@ pub async fn run(
             )),
             false => None,
         },
+        unsubscribe: Vec::new(),
     };
+    let filters = ingest.filters();
+    let ingest = Ingest { unsubscribe: kept.filters.into_iter().filter(|f| !filters.contains(f)).collect(), ..ingest };
     let ingest = tokio::spawn(ingest.run());
     on_start(Handle {
         ready: ready_rx.clone(),
@@ -520,7 +608,7 @@ pub async fn run(
     reporter.abort();
     acker.abort();
     tracing::info!("Stopped");
-    Ok(())
+    Ok(Kept::from_serving(&config, &serving, filters))
 }
 
 #[cfg(feature = "embedded-broker")]
@@ -570,14 +658,14 @@ pub async fn stop_or_reload(reload: Option<(PathBuf, &Config)>) -> Ending {
                     };
                     let path = path.clone();
                     let checked = tokio::task::spawn_blocking(move || {
-                        Config::load(&path).and_then(|c| load_models(&c, false).map(|_| c))
+                        Config::load(&path).and_then(|c| check_models(&c).map(|_| c))
                     }).await;
                     match checked {
                         Ok(Ok(new)) if format!("{new:?}") == format!("{running:?}") => {
                             tracing::info!("SIGHUP: the config is unchanged; nothing to do");
                         }
                         Ok(Ok(new)) => {
-                            tracing::info!("SIGHUP: the new config is valid; restarting the pipelines with it");
+                            tracing::info!("SIGHUP: the new config is valid; restarting with it (unchanged pipelines keep their model and state)");
                             return Ending::Reload(Box::new(new));
                         }
                         Ok(Err(e)) => {
