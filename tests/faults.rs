@@ -11,6 +11,14 @@ fn keys(c: &Collector) -> BTreeSet<u64> {
     c.on("prediction").iter().filter_map(|p| p["key"].as_u64()).collect()
 }
 
+/// Publishes Shuttle rows `seqs` (row `seq`, key `seq`) on `plant/{line}/dev{seq % 4}/telemetry`.
+fn send(p: &mut Publisher, line: &str, rows: &[Vec<f64>], seqs: std::ops::Range<usize>) {
+    for seq in seqs {
+        p.publish(&format!("plant/{line}/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq % rows.len()], seq));
+    }
+    p.flush();
+}
+
 #[test]
 fn the_daemon_reconnects_and_carries_on_after_the_broker_is_killed_and_restarted() {
     let mut broker = Broker::start();
@@ -27,11 +35,7 @@ fn the_daemon_reconnects_and_carries_on_after_the_broker_is_killed_and_restarted
     wait_online(broker.port, "restart", &daemon);
     {
         let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
-        let mut p = Publisher::new(broker.port);
-        for (seq, row) in rows.iter().enumerate().take(100) {
-            p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
-        }
-        p.flush();
+        send(&mut Publisher::new(broker.port), "line1", &rows, 0..100);
         assert!(out.wait_for("prediction", 100, Duration::from_secs(20)), "log:\n{}", daemon.log());
     }
 
@@ -41,11 +45,7 @@ fn the_daemon_reconnects_and_carries_on_after_the_broker_is_killed_and_restarted
     // The restarted broker has no session for us: the daemon must subscribe again.
     wait_online(broker.port, "restart", &daemon);
     let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
-    let mut p = Publisher::new(broker.port);
-    for (seq, row) in rows.iter().enumerate().take(300).skip(100) {
-        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
-    }
-    p.flush();
+    send(&mut Publisher::new(broker.port), "line1", &rows, 100..300);
     assert!(out.wait_for("prediction", 200, Duration::from_secs(20)), "log:\n{}", daemon.log());
     assert_eq!(keys(&out), (100..300).collect(), "every message after the restart answered");
     assert!(daemon.log().contains("Broker connection lost"), "the outage was logged");
@@ -125,13 +125,7 @@ fn reload_refuses_a_bad_config_and_applies_a_good_one_without_loss() {
     let expected = expected();
     let rows = rows(&expected);
     let mut p = Publisher::new(broker.port);
-    let send = |p: &mut Publisher, range: std::ops::Range<usize>| {
-        for seq in range {
-            p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq], seq));
-        }
-        p.flush();
-    };
-    send(&mut p, 0..100);
+    send(&mut p, "line1", &rows, 0..100);
     assert!(old.wait_for("prediction", 100, Duration::from_secs(20)));
 
     std::fs::write(dir.join("lathe.toml"), good.replace("[mqtt]", "[mqtt\nbroken")).unwrap();
@@ -141,7 +135,7 @@ fn reload_refuses_a_bad_config_and_applies_a_good_one_without_loss() {
         "{}",
         daemon.log()
     );
-    send(&mut p, 100..200);
+    send(&mut p, "line1", &rows, 100..200);
     assert!(old.wait_for("prediction", 200, Duration::from_secs(20)), "still serving after a bad reload");
     assert!(daemon.running());
 
@@ -149,7 +143,7 @@ fn reload_refuses_a_bad_config_and_applies_a_good_one_without_loss() {
     daemon.hangup();
     assert!(wait_until(Duration::from_secs(15), || daemon.log().contains("Reloaded")), "{}", daemon.log());
     // Published while the pipelines restart: the broker holds them for our session.
-    send(&mut p, 200..300);
+    send(&mut p, "line1", &rows, 200..300);
     assert!(new.wait_for("scored", 100, Duration::from_secs(20)), "log:\n{}", daemon.log());
     let keys = |c: &Collector, s: &str| {
         c.on(s).iter().map(|m| m["key"].as_u64().unwrap()).collect::<std::collections::BTreeSet<_>>()
@@ -176,13 +170,7 @@ fn reload_keeps_unchanged_pipelines_and_starts_new_ones() {
     let out = Collector::new(broker.port, &["plant/+/+/prediction", "lathe/keepd/status"]);
     let rows = rows(&expected());
     let mut p = Publisher::new(broker.port);
-    let mut send = |line: u32, range: std::ops::Range<usize>| {
-        for seq in range {
-            p.publish(&format!("plant/line{line}/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq], seq));
-        }
-        p.flush();
-    };
-    send(1, 0..200);
+    send(&mut p, "line1", &rows, 0..200);
     assert!(out.wait_for("prediction", 200, Duration::from_secs(20)));
 
     let two = one.clone()
@@ -194,12 +182,12 @@ fn reload_keeps_unchanged_pipelines_and_starts_new_ones() {
     std::fs::write(dir.join("lathe.toml"), two).unwrap();
     let hup = std::time::Instant::now();
     daemon.hangup();
-    send(1, 200..300); // while the pipelines restart: the broker holds them for our session
-                       // Online again (a fresh status naming both pipelines) means both are subscribed.
+    send(&mut p, "line1", &rows, 200..300); // while the pipelines restart: the broker holds them for our session
+                                            // Online again (a fresh status naming both pipelines) means both are subscribed.
     let pipelines = || out.on("lathe/keepd/status").last().and_then(|s| s["pipelines"].as_array().map(Vec::len));
     assert!(wait_until(Duration::from_secs(15), || pipelines() == Some(2)), "{}", daemon.log());
     let reloaded = hup.elapsed();
-    send(2, 300..400);
+    send(&mut p, "line2", &rows, 300..400);
     let on = |line: &str| -> std::collections::BTreeSet<u64> {
         out.on(&format!("plant/{line}/")).iter().filter_map(|m| m["key"].as_u64()).collect()
     };
