@@ -365,40 +365,29 @@ impl Performance {
         };
         let threshold = baseline + 4.0 * spread;
         let worse = self.losses.len() >= MIN_LABELS && rolling > threshold;
-        if !self.alarm && (worse || adwin_change || ph_change) && self.losses.len() >= MIN_LABELS {
-            self.alarm = true;
-            let detector = if worse {
-                "rolling"
-            } else if adwin_change {
-                "adwin"
-            } else {
-                "page_hinkley"
+        let statistic = if !self.alarm && (worse || adwin_change || ph_change) && self.losses.len() >= MIN_LABELS {
+            let detector = match (worse, adwin_change) {
+                (true, _) => "rolling",
+                (false, true) => "adwin",
+                (false, false) => "page_hinkley",
             };
-            return Some(Alarm {
-                series: "performance".into(),
-                statistic: format!("loss ({detector})"),
-                value: rolling,
-                threshold,
-                window: self.losses.len(),
-                row: self.joined,
-                raised: true,
-                measures: None,
-            });
-        }
-        if self.alarm && rolling < baseline + 0.8 * (threshold - baseline) {
-            self.alarm = false;
-            return Some(Alarm {
-                series: "performance".into(),
-                statistic: "loss".into(),
-                value: rolling,
-                threshold,
-                window: self.losses.len(),
-                row: self.joined,
-                raised: false,
-                measures: None,
-            });
-        }
-        None
+            format!("loss ({detector})")
+        } else if self.alarm && rolling < baseline + 0.8 * (threshold - baseline) {
+            "loss".to_string()
+        } else {
+            return None;
+        };
+        self.alarm = !self.alarm;
+        Some(Alarm {
+            series: "performance".into(),
+            statistic,
+            value: rolling,
+            threshold,
+            window: self.losses.len(),
+            row: self.joined,
+            raised: self.alarm,
+            measures: None,
+        })
     }
 
     pub fn in_alarm(&self) -> bool {
