@@ -167,7 +167,7 @@ pub fn main() -> ExitCode {
 fn run(path: &std::path::Path) -> Result<(), String> {
     let mut config = Config::load(path).map_err(|e| e.to_string())?;
     let rt = runtime()?;
-    let mut kept = crate::service::Kept::default();
+    let (mut kept, mut prepared) = (crate::service::Kept::default(), crate::service::Prepared::default());
     loop {
         let next = std::sync::Arc::new(std::sync::Mutex::new(None));
         let (slot, running) = (next.clone(), config.clone());
@@ -180,11 +180,13 @@ fn run(path: &std::path::Path) -> Result<(), String> {
                 }
             }
         };
-        kept = rt.block_on(crate::service::run_keeping(config, kept, signal, |_| {})).map_err(|e| e.to_string())?;
+        kept = rt
+            .block_on(crate::service::run_keeping(config, kept, prepared, signal, |_| {}))
+            .map_err(|e| e.to_string())?;
         match next.lock().ok().and_then(|mut s| s.take()) {
-            Some(new) => {
+            Some((new, models)) => {
                 tracing::info!("Reloaded {}", path.display());
-                config = new;
+                (config, prepared) = (new, models);
             }
             None => return Ok(()),
         }

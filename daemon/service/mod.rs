@@ -232,6 +232,34 @@ fn fingerprint(config: &Config, p: &crate::config::PipelineConfig) -> String {
     format!("{p:?} {:?} {} {:?} {file:?}", config.infer, config.mqtt.max_payload_bytes, config.state_dir)
 }
 
+/// A new config's models for the pipelines a reload changes or adds, loaded (and imported
+/// into the registry) while the running pipelines still serve: the reload then pauses them
+/// only for the reconnect, not for loading.
+#[derive(Default)]
+pub struct Prepared {
+    /// (pipeline name, its model).
+    models: Vec<(String, ActiveModel)>,
+    /// Pipelines whose champion could not serve: (pipeline, champion, error).
+    fallbacks: Vec<(String, String, String)>,
+}
+
+/// Loads what `new` needs beyond the pipelines of `running` it keeps unchanged.
+///
+/// # Errors
+/// A model that does not load (the config was checked first, so this is rare: a bundle
+/// changed in between).
+pub fn prepare(new: &Config, running: &Config) -> Result<Prepared, ConfigErrors> {
+    let unchanged = |p: &crate::config::PipelineConfig| {
+        running.pipelines.iter().any(|r| r.name == p.name && fingerprint(running, r) == fingerprint(new, p))
+    };
+    let mut to_load = new.clone();
+    to_load.pipelines.retain(|p| !unchanged(p));
+    let mut fallbacks = Vec::new();
+    let models = load_models_noting(&to_load, true, &mut fallbacks)?;
+    let models = to_load.pipelines.iter().map(|p| p.name.clone()).zip(models).collect();
+    Ok(Prepared { models, fallbacks })
+}
+
 fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
     let pipelines: Vec<Value> = serving
         .iter()
@@ -310,26 +338,34 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Handle),
 ) -> Result<(), ServiceError> {
-    run_keeping(config, Kept::default(), shutdown, on_start).await.map(|_| ())
+    run_keeping(config, Kept::default(), Prepared::default(), shutdown, on_start).await.map(|_| ())
 }
 
-/// [`run`], starting the pipelines `kept` from an earlier run (a reload) where their settings
-/// are unchanged; returns what the pipelines keep for the next run.
+/// [`run`] after a reload: the pipelines `kept` from the earlier run start from its state
+/// where their settings are unchanged, the others from the models `prepared` for them (or
+/// load them now); returns what the pipelines keep for the next run.
 ///
 /// # Errors
 /// As [`run`].
 pub async fn run_keeping(
     config: Config,
     mut kept: Kept,
+    prepared: Prepared,
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Handle),
 ) -> Result<Kept, ServiceError> {
-    // Unchanged pipelines keep what they had; the others load their champion.
+    // Unchanged pipelines keep what they had; the others take the model prepared for them
+    // or load their champion.
     let reused: Vec<Option<Serving>> = config.pipelines.iter().map(|p| kept.take(&config, p)).collect();
+    let Prepared { models: mut ready_models, mut fallbacks } = prepared;
     let mut to_load = config.clone();
-    to_load.pipelines =
-        config.pipelines.iter().zip(&reused).filter(|(_, r)| r.is_none()).map(|(p, _)| p.clone()).collect();
-    let mut fallbacks = Vec::new();
+    to_load.pipelines = config
+        .pipelines
+        .iter()
+        .zip(&reused)
+        .filter(|(p, r)| r.is_none() && !ready_models.iter().any(|(name, _)| name == &p.name))
+        .map(|(p, _)| p.clone())
+        .collect();
     let mut loaded = load_models_noting(&to_load, true, &mut fallbacks)?.into_iter();
     let (host, port) = match &config.mqtt.url {
         BrokerUrl::Tcp { host, port, .. } => (host.clone(), *port),
@@ -340,7 +376,10 @@ pub async fn run_keeping(
     let (events, reporter) = events::reporter(client.clone(), config.events_topic());
     let reporter = tokio::spawn(reporter);
     for (pipeline, champion, error) in fallbacks {
-        let serving = to_load.pipelines.iter().position(|p| p.name == pipeline).and_then(|i| loaded.as_slice().get(i));
+        let serving = match to_load.pipelines.iter().position(|p| p.name == pipeline) {
+            Some(i) => loaded.as_slice().get(i),
+            None => ready_models.iter().find(|(name, _)| name == &pipeline).map(|(_, m)| m),
+        };
         let version = serving.map(|m| m.version).unwrap_or(0);
         events.emit(events::Event::FellBack { pipeline, champion, version, error });
     }
@@ -393,7 +432,8 @@ pub async fn run_keeping(
                 (kept.model, kept.counters, kept.performance, kept.sparkplug)
             }
             None => {
-                let Some(active) = loaded.next() else {
+                let ready = ready_models.iter().position(|(name, _)| name == &p.name);
+                let Some(active) = ready.map(|i| ready_models.swap_remove(i).1).or_else(|| loaded.next()) else {
                     return Err(ServiceError::Store(format!("pipeline {}: its model did not load", p.name)));
                 };
                 tracing::info!(pipeline = p.name, model = active.name, version = active.version, "Serving");
@@ -626,8 +666,8 @@ fn embedded(_listen: &str) -> Result<(String, u16), ServiceError> {
 /// Why the daemon's run ended.
 pub enum Ending {
     Stop,
-    /// SIGHUP with a valid, changed config: run again with it.
-    Reload(Box<Config>),
+    /// SIGHUP with a valid, changed config: run again with it and the models prepared for it.
+    Reload(Box<(Config, Prepared)>),
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -665,8 +705,16 @@ pub async fn stop_or_reload(reload: Option<(PathBuf, &Config)>) -> Ending {
                             tracing::info!("SIGHUP: the config is unchanged; nothing to do");
                         }
                         Ok(Ok(new)) => {
-                            tracing::info!("SIGHUP: the new config is valid; restarting with it (unchanged pipelines keep their model and state)");
-                            return Ending::Reload(Box::new(new));
+                            let running = (*running).clone();
+                            let prepared = tokio::task::spawn_blocking(move || prepare(&new, &running).map(|p| (new, p))).await;
+                            match prepared {
+                                Ok(Ok(next)) => {
+                                    tracing::info!("SIGHUP: the new config is valid; restarting with it (unchanged pipelines keep their model and state)");
+                                    return Ending::Reload(Box::new(next));
+                                }
+                                Ok(Err(e)) => tracing::error!("SIGHUP: the new config's models did not load, the running config stays: {e}"),
+                                Err(e) => tracing::error!("SIGHUP: loading the new config's models failed: {e}"),
+                            }
                         }
                         Ok(Err(e)) => {
                             tracing::error!("SIGHUP: the new config is refused, the running one stays: {e}");
