@@ -198,9 +198,11 @@ pub struct Kept {
 }
 
 impl Kept {
-    fn from_serving(config: &Config, serving: &[Serving], filters: Vec<String>) -> Kept {
+    /// `prints`: each pipeline's fingerprint when its run started (its bundle file may have
+    /// changed since).
+    fn from_serving(config: &Config, prints: Vec<String>, serving: &[Serving], filters: Vec<String>) -> Kept {
         let mut kept = std::collections::HashMap::new();
-        for (p, s) in config.pipelines.iter().zip(serving) {
+        for ((p, print), s) in config.pipelines.iter().zip(prints).zip(serving) {
             let s = Serving {
                 pipeline: s.pipeline.clone(),
                 model: s.model.clone(),
@@ -209,7 +211,7 @@ impl Kept {
                 store: None,
                 sparkplug: s.sparkplug.clone(),
             };
-            kept.insert(p.name.clone(), (fingerprint(config, p), s));
+            kept.insert(p.name.clone(), (print, s));
         }
         Kept { pipelines: kept, filters }
     }
@@ -243,7 +245,8 @@ pub struct Prepared {
     fallbacks: Vec<(String, String, String)>,
 }
 
-/// Loads what `new` needs beyond the pipelines of `running` it keeps unchanged.
+/// Loads what `new` needs beyond the pipelines of `running` it keeps unchanged. (Only a
+/// head start: [`run_keeping`] decides what is kept, and loads what was not prepared.)
 ///
 /// # Errors
 /// A model that does not load (the config was checked first, so this is rare: a bundle
@@ -357,6 +360,7 @@ pub async fn run_keeping(
     // Unchanged pipelines keep what they had; the others take the model prepared for them
     // or load their champion.
     let reused: Vec<Option<Serving>> = config.pipelines.iter().map(|p| kept.take(&config, p)).collect();
+    let prints: Vec<String> = config.pipelines.iter().map(|p| fingerprint(&config, p)).collect();
     let Prepared { models: mut ready_models, mut fallbacks } = prepared;
     let mut to_load = config.clone();
     to_load.pipelines = config
@@ -648,7 +652,7 @@ pub async fn run_keeping(
     reporter.abort();
     acker.abort();
     tracing::info!("Stopped");
-    Ok(Kept::from_serving(&config, &serving, filters))
+    Ok(Kept::from_serving(&config, prints, &serving, filters))
 }
 
 #[cfg(feature = "embedded-broker")]
