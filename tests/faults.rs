@@ -224,7 +224,7 @@ fn reload_keeps_unchanged_pipelines_and_starts_new_ones() {
         let line = log.lines().filter(|l| l.contains(what)).nth(nth).unwrap();
         line.split_whitespace().next().unwrap().split(':').nth(2).unwrap().trim_end_matches('Z').parse().unwrap()
     };
-    let paused = (at("Connected to the broker", 1) - at("Stopping: draining", 0)).rem_euclid(60.0);
+    let paused = (at("Connected to the broker", 1) - at("Reloading: draining", 0)).rem_euclid(60.0);
     eprintln!(
         "reload with a pipeline added: {reloaded:?} from SIGHUP to serving both; serving paused {:.0} ms",
         paused * 1e3

@@ -34,7 +34,7 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
     let socket_path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     let config = config("notify", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
-    std::fs::write(dir.join("lathe.toml"), config).unwrap();
+    std::fs::write(dir.join("lathe.toml"), &config).unwrap();
     let mut child = Command::new(LATHE)
         .args(["run", "--config"])
         .arg(dir.join("lathe.toml"))
@@ -94,6 +94,17 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
     let _ = Command::new("kill").args(["-HUP", &child.id().to_string()]).status();
     std::thread::sleep(Duration::from_millis(300));
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP killed the daemon");
+    // A changed one is a reload to systemd: RELOADING=1 (with the monotonic time systemd 253
+    // wants), then READY=1; STOPPING=1 would have systemd kill it after TimeoutStopSec.
+    let changed = config.replace("{device}/prediction", "{device}/scored");
+    std::fs::write(dir.join("lathe.toml"), changed).unwrap();
+    let _ = Command::new("kill").args(["-HUP", &child.id().to_string()]).status();
+    let reload = receive_for(&socket, Duration::from_secs(4));
+    let begun = reload.iter().position(|m| m.contains("RELOADING=1")).unwrap_or_else(|| panic!("{reload:?}"));
+    assert!(reload[begun].contains("MONOTONIC_USEC="), "{reload:?}");
+    assert!(reload[begun..].iter().any(|m| m.contains("READY=1")), "the reload never ended: {reload:?}");
+    assert!(!reload.iter().any(|m| m.contains("STOPPING=1")), "{reload:?}");
+    assert!(child.try_wait().unwrap().is_none());
 
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let stopping = receive_for(&socket, Duration::from_millis(500));

@@ -172,12 +172,14 @@ fn run(path: &std::path::Path) -> Result<(), String> {
         let next = std::sync::Arc::new(std::sync::Mutex::new(None));
         let (slot, running) = (next.clone(), config.clone());
         let signal = async move {
-            if let crate::service::Ending::Reload(new) =
-                crate::service::stop_or_reload(Some((path.to_path_buf(), &running))).await
-            {
-                if let Ok(mut s) = slot.lock() {
-                    *s = Some(*new);
+            match crate::service::stop_or_reload(Some((path.to_path_buf(), &running))).await {
+                crate::service::Ending::Reload(new) => {
+                    if let Ok(mut s) = slot.lock() {
+                        *s = Some(*new);
+                    }
+                    true
                 }
+                crate::service::Ending::Stop => false,
             }
         };
         kept = rt

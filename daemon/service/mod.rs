@@ -341,12 +341,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Handle),
 ) -> Result<(), ServiceError> {
+    let shutdown = async {
+        shutdown.await;
+        false
+    };
     run_keeping(config, Kept::default(), Prepared::default(), shutdown, on_start).await.map(|_| ())
 }
 
 /// [`run`] after a reload: the pipelines `kept` from the earlier run start from its state
 /// where their settings are unchanged, the others from the models `prepared` for them (or
-/// load them now); returns what the pipelines keep for the next run.
+/// load them now); returns what the pipelines keep for the next run. `shutdown` resolves to
+/// true when the run ends for a reload (systemd hears RELOADING=1, not STOPPING=1, and no
+/// "offline" status goes out).
 ///
 /// # Errors
 /// As [`run`].
@@ -354,7 +360,7 @@ pub async fn run_keeping(
     config: Config,
     mut kept: Kept,
     prepared: Prepared,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = bool>,
     on_start: impl FnOnce(Handle),
 ) -> Result<Kept, ServiceError> {
     // Unchanged pipelines keep what they had; the others take the model prepared for them
@@ -608,9 +614,16 @@ pub async fn run_keeping(
         })
     };
 
-    shutdown.await;
-    tracing::info!("Stopping: draining in-flight messages");
-    systemd::stopping();
+    let reloading = shutdown.await;
+    if reloading {
+        // STOPPING=1 would make systemd treat the service as stopping, and kill it after
+        // TimeoutStopSec; the next run's READY=1 ends the reload.
+        tracing::info!("Reloading: draining in-flight messages");
+        systemd::reloading();
+    } else {
+        tracing::info!("Stopping: draining in-flight messages");
+        systemd::stopping();
+    }
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
         for t in tasks {
@@ -639,12 +652,14 @@ pub async fn run_keeping(
     }
     // The drained messages' acks must reach the client before the disconnect does.
     let _ = tokio::time::timeout(Duration::from_secs(2), acks.flush()).await;
-    let body = status(&config, "offline", &serving).to_string();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        client.publish(config.status_topic(), QoS::AtLeastOnce, true, body),
-    )
-    .await;
+    if !reloading {
+        let body = status(&config, "offline", &serving).to_string();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.publish(config.status_topic(), QoS::AtLeastOnce, true, body),
+        )
+        .await;
+    }
     let _ = disconnect_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(5), ingest).await.is_err() {
         tracing::warn!("The broker did not confirm the disconnect in time");

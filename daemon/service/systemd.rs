@@ -1,6 +1,6 @@
 //! systemd integration (`Type=notify`): READY=1 once every pipeline's model is loaded and the
 //! broker connection is up and subscribed, STATUS= lines a person reads in `systemctl status`,
-//! WATCHDOG=1 from the ingest loop itself, and STOPPING=1. Without `NOTIFY_SOCKET` (not under
+//! WATCHDOG=1 from the ingest loop itself, RELOADING=1 on SIGHUP, and STOPPING=1. Without `NOTIFY_SOCKET` (not under
 //! systemd) every call is a no-op.
 
 use std::time::Duration;
@@ -13,6 +13,14 @@ pub fn ready(status: &str) {
 
 pub fn status(status: &str) {
     let _ = sd_notify::notify(&[NotifyState::Status(status)]);
+}
+
+/// A reload begins; the next READY=1 ends it. systemd 253 and later refuse RELOADING=1
+/// without the monotonic time beside it.
+pub fn reloading() {
+    let mut states = vec![NotifyState::Reloading, NotifyState::Status("Reloading the config")];
+    states.extend(NotifyState::monotonic_usec_now().ok());
+    let _ = sd_notify::notify(&states);
 }
 
 pub fn stopping() {
