@@ -14,7 +14,7 @@
 //! Every step is an event on `lathe/{node}/events` carrying the run record. The trial is kept
 //! in the store's meta, so a restart mid-trial resumes it rather than forgetting it.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,10 @@ use crate::train::{self, data::Dataset, Outcome, Replay};
 /// One training at a time in the whole process (a reload starts a new loop; a run from the
 /// old one may still be finishing).
 static TRAINING: AtomicBool = AtomicBool::new(false);
+/// Counts the loops that have ended (a stop or a reload). A run started under an earlier
+/// count was started by a loop that is gone, so it stops at its next epoch instead of
+/// spending minutes of CPU on a result nobody will read.
+static LOOPS_ENDED: AtomicU64 = AtomicU64::new(0);
 /// How often the loop looks at its pipelines.
 const TICK: Duration = Duration::from_millis(500);
 /// Rows a trial needs before output health and latency are judged.
@@ -207,6 +211,7 @@ pub fn run(
             }
         }
     }
+    LOOPS_ENDED.fetch_add(1, Relaxed);
 }
 
 fn now_s() -> u64 {
@@ -416,10 +421,12 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
     let name_for_run = name.clone();
     let (tx, rx) = oneshot::channel();
     let (store_for_run, rows_wanted, min_rows) = (store.clone(), p.train.rows, p.train.min_rows);
+    let generation = LOOPS_ENDED.load(Relaxed);
     let spawned = std::thread::Builder::new().name("lathe-train".into()).spawn(move || {
         lower_priority();
-        let result = read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows)
-            .and_then(|rows| train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu)));
+        let result = read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows).and_then(|rows| {
+            train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
+        });
         TRAINING.store(false, Relaxed);
         let _ = tx.send(result);
     });
@@ -491,6 +498,7 @@ fn train_on_rows(
     training: &crate::model::manifest::Training,
     (max_time, max_memory_mb): (Duration, u64),
     (backend, gpu): (&str, &train::GpuSettings),
+    generation: u64,
 ) -> Result<Outcome, String> {
     let m = &champion.manifest;
     let classes = train::classes(champion, training)?;
@@ -515,6 +523,9 @@ fn train_on_rows(
     let started = Instant::now();
     let rss_at_start = rss_bytes();
     let check = || {
+        if LOOPS_ENDED.load(Relaxed) != generation {
+            return Err("stopped: the daemon is stopping or reloading".to_string());
+        }
         if started.elapsed() > max_time {
             return Err(format!("stopped: over the time limit (max_seconds = {})", max_time.as_secs()));
         }
@@ -996,5 +1007,39 @@ mod tests {
         assert!(!trial_rolls_back("healthy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 50))));
         // Slower but under 1 ms per row (a busy machine): kept.
         assert!(!trial_rolls_back("busy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 400))));
+    }
+
+    /// A fine-tune whose loop has ended (a stop or a reload) stops at its next epoch, and
+    /// frees the one training slot, instead of running on for a result nobody reads.
+    #[test]
+    fn a_run_started_by_a_loop_that_has_ended_stops_at_its_next_epoch() {
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
+        let bundle = Bundle::read(&model).unwrap();
+        let f = bundle.manifest.inputs.len();
+        let (x, y) = (bundle.validation_rows().unwrap(), bundle.validation_targets().unwrap());
+        let rows = || crate::store::TrainingRows {
+            recent: x
+                .chunks_exact(f)
+                .zip(&y)
+                .map(|(row, &label)| Record {
+                    ts_ms: 0,
+                    version: 1,
+                    label: Some(label),
+                    score: 0.0,
+                    device: "d".into(),
+                    key: "k".into(),
+                    features: row.to_vec(),
+                    output: vec![0.0],
+                })
+                .collect(),
+            older: Vec::new(),
+        };
+        let training = bundle.manifest.training.clone();
+        let gpu = train::GpuSettings { cache_dir: None, max_gpu_mem_mb: 0 };
+        let limits = (Duration::from_secs(600), 1 << 20);
+        let now = LOOPS_ENDED.load(Relaxed);
+        let stale = train_on_rows(&bundle, rows(), "t", &training, limits, ("cpu", &gpu), now.wrapping_sub(1));
+        assert_eq!(stale.err().as_deref(), Some("stopped: the daemon is stopping or reloading"));
+        assert!(train_on_rows(&bundle, rows(), "t", &training, limits, ("cpu", &gpu), now).is_ok());
     }
 }
