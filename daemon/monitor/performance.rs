@@ -15,13 +15,13 @@ use super::Alarm;
 
 /// Labels needed in the rolling window before it can raise an alarm.
 const MIN_LABELS: usize = 50;
-/// Memory for predictions waiting for their labels (~170 bytes each with short keys: about
-/// 190,000 of them). A day's horizon at 100 messages a second is 8.6 million, so when most
+/// Memory for predictions waiting for their labels (~200 bytes each with short keys: about
+/// 170,000 of them). A day's horizon at 100 messages a second is 8.6 million, so when most
 /// rows never get a label this budget, not the horizon, decides how long one waits.
 const PENDING_BYTES: usize = 32 << 20;
 /// A label can arrive before its prediction is registered: a sensor's label is often sent
 /// right behind its row, and the row still waits for its batch. Such labels wait this long
-/// for their prediction, in at most `EARLY_BYTES` (~24,000 labels); then they are unmatched.
+/// for their prediction, in at most `EARLY_BYTES` (~28,000 labels); then they are unmatched.
 const EARLY_WAIT: Duration = Duration::from_secs(30);
 const EARLY_BYTES: usize = 4 << 20;
 
