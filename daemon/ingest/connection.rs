@@ -83,12 +83,17 @@ pub struct LabelRoute {
 impl LabelRoute {
     /// Joins one label message; returns the alarms raised or cleared, or why it was unusable.
     /// With a store, the label is stored too and `ack` released once it is durable.
+    /// Labels obey the telemetry's `max_payload_bytes`, checked before the JSON is parsed.
     fn take(
         &self,
         device: &str,
         payload: &[u8],
+        max_payload_bytes: usize,
         ack: Option<&Arc<AckTicket>>,
     ) -> Result<Vec<crate::monitor::Alarm>, String> {
+        if payload.len() > max_payload_bytes {
+            return Err(format!("label is {} bytes, over max_payload_bytes ({max_payload_bytes})", payload.len()));
+        }
         let doc: Value = serde_json::from_slice(payload).map_err(|e| format!("label is not JSON: {e}"))?;
         let key = doc.pointer(&self.key).ok_or_else(|| format!("label has no {}", self.key))?.to_string();
         let value = match doc.pointer(&self.value) {
@@ -241,6 +246,8 @@ pub struct Ingest {
 
 /// How many distinct device ids a route remembers.
 const MAX_DEVICES: usize = 100_000;
+/// The largest `lathe/{node}/cmd/+` payload taken.
+const MAX_COMMAND_BYTES: usize = 4096;
 
 impl Route {
     fn device(&mut self, id: &str) -> Arc<str> {
@@ -487,15 +494,23 @@ impl Router {
         // MQTT topics are UTF-8 by the spec; anything else matches no pipeline.
         let topic = std::str::from_utf8(&p.topic).unwrap_or("");
         if let Some((filter, tx)) = &self.commands {
-            if let Some(action) = filter.matches(topic) {
-                let (action, payload) = (action.to_string(), p.payload.to_vec());
-                let _ = tx.send(crate::service::closed_loop::LoopMessage::Command { action, payload });
+            match filter.matches(topic) {
+                // A command is a pipeline's name at most; the loop's queue is not for megabytes.
+                Some(_) if p.payload.len() > MAX_COMMAND_BYTES => {
+                    tracing::warn!(topic, bytes = p.payload.len(), "Command ignored: over {MAX_COMMAND_BYTES} bytes");
+                }
+                Some(action) => {
+                    let (action, payload) = (action.to_string(), p.payload.to_vec());
+                    let _ = tx.send(crate::service::closed_loop::LoopMessage::Command { action, payload });
+                }
+                None => {}
             }
         }
         for route in &self.routes {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
-            match labels.take(device, &p.payload, ack.as_ref()) {
+            let max_payload_bytes = route.model.load().extractor.max_payload_bytes();
+            match labels.take(device, &p.payload, max_payload_bytes, ack.as_ref()) {
                 Ok(alarms) => self.events.drift(&route.pipeline, &route.model.load(), alarms),
                 Err(detail) => {
                     if let Ok(mut perf) = labels.performance.lock() {
@@ -631,6 +646,24 @@ fn flush(queue: &mut VecDeque<Sample>, tx: Option<&mpsc::Sender<Sample>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_label_over_the_payload_cap_is_refused_before_it_is_parsed() {
+        use crate::monitor::performance::Performance;
+        let route = LabelRoute {
+            filter: TopicFilter::parse("t/+/label").unwrap(),
+            key: "/seq".into(),
+            value: "/v".into(),
+            performance: Arc::new(std::sync::Mutex::new(Performance::new(Duration::from_secs(60), 100))),
+            store: None,
+        };
+        let big = format!(r#"{{"seq": 1, "v": 1, "pad": "{}"}}"#, "x".repeat(70_000));
+        let err = route.take("d", big.as_bytes(), 65_536, None).unwrap_err();
+        assert!(err.contains("over max_payload_bytes (65536)"), "{err}");
+        assert_eq!(route.performance.lock().unwrap().waiting(), (0, 0), "nothing of it is kept");
+        route.take("d", br#"{"seq": 1, "v": 1}"#, 65_536, None).unwrap();
+        assert_eq!(route.performance.lock().unwrap().waiting(), (0, 1), "a small one waits for its prediction");
+    }
 
     #[test]
     fn backoff_grows_to_a_cap_with_jitter() {
