@@ -11,6 +11,17 @@ fn keys(c: &Collector) -> BTreeSet<u64> {
     c.on("prediction").iter().filter_map(|p| p["key"].as_u64()).collect()
 }
 
+/// A broker that is a real mosquitto process, or `None` (the test is skipped, saying it
+/// needs `what`) where only the embedded fallback exists.
+fn mosquitto(what: &str) -> Option<Broker> {
+    let broker = Broker::start();
+    if !broker.mosquitto {
+        eprintln!("skipped: needs {what}");
+        return None;
+    }
+    Some(broker)
+}
+
 /// Publishes Shuttle rows `seqs` (row `seq`, key `seq`) on `plant/{line}/dev{seq % 4}/telemetry`.
 fn send(p: &mut Publisher, line: &str, rows: &[Vec<f64>], seqs: std::ops::Range<usize>) {
     for seq in seqs {
@@ -21,11 +32,7 @@ fn send(p: &mut Publisher, line: &str, rows: &[Vec<f64>], seqs: std::ops::Range<
 
 #[test]
 fn the_daemon_reconnects_and_carries_on_after_the_broker_is_killed_and_restarted() {
-    let mut broker = Broker::start();
-    if !broker.mosquitto {
-        eprintln!("skipped: needs a mosquitto process to kill");
-        return;
-    }
+    let Some(mut broker) = mosquitto("a mosquitto process to kill") else { return };
     let dir = temp_dir("restart");
     let rows = rows(&expected());
     let daemon = Daemon::start(
@@ -53,11 +60,7 @@ fn the_daemon_reconnects_and_carries_on_after_the_broker_is_killed_and_restarted
 
 #[test]
 fn sigterm_mid_stream_loses_no_accepted_message() {
-    let broker = Broker::start();
-    if !broker.mosquitto {
-        eprintln!("skipped: needs mosquitto's persistent sessions");
-        return;
-    }
+    let Some(broker) = mosquitto("mosquitto's persistent sessions") else { return };
     let dir = temp_dir("drain");
     let rows = rows(&expected());
     let config = config("drain", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
@@ -93,11 +96,7 @@ fn sigterm_mid_stream_loses_no_accepted_message() {
 
 #[test]
 fn sigterm_while_the_broker_is_down_exits_promptly() {
-    let mut broker = Broker::start();
-    if !broker.mosquitto {
-        eprintln!("skipped: needs a mosquitto process to kill");
-        return;
-    }
+    let Some(mut broker) = mosquitto("a mosquitto process to kill") else { return };
     let dir = temp_dir("stop-offline");
     let mut daemon = Daemon::start(
         &dir,
@@ -386,11 +385,7 @@ fn ten_thousand_messages_through_twenty_broker_kills_lose_nothing() {
 /// answered was not acknowledged, and comes back to the next run.
 #[test]
 fn kill_9_mid_stream_answers_every_message_after_restart() {
-    let broker = Broker::start();
-    if !broker.mosquitto {
-        eprintln!("skipped: needs mosquitto's persistent sessions");
-        return;
-    }
+    let Some(broker) = mosquitto("mosquitto's persistent sessions") else { return };
     const N: usize = 6000;
     let dir = temp_dir("kill9");
     let config = config("kill9", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
@@ -473,11 +468,7 @@ impl Proxy {
 /// message, including those sent while it was cut off.
 #[test]
 fn a_half_open_link_is_detected_within_one_and_a_half_keep_alives_and_nothing_is_lost() {
-    let broker = Broker::start();
-    if !broker.mosquitto {
-        eprintln!("skipped: needs mosquitto's persistent sessions");
-        return;
-    }
+    let Some(broker) = mosquitto("mosquitto's persistent sessions") else { return };
     const N: usize = 4000;
     let proxy = Proxy::start(broker.port);
     let dir = temp_dir("half-open");
@@ -519,11 +510,7 @@ fn a_half_open_link_is_detected_within_one_and_a_half_keep_alives_and_nothing_is
 /// connects when the broker appears.
 #[test]
 fn a_refused_connection_backs_off_quietly_and_connects_when_the_broker_appears() {
-    let mut broker = Broker::start();
-    if !broker.mosquitto {
-        eprintln!("skipped: needs a mosquitto process to stop");
-        return;
-    }
+    let Some(mut broker) = mosquitto("a mosquitto process to stop") else { return };
     broker.kill();
     let dir = temp_dir("refused");
     let daemon = Daemon::start(
