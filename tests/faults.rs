@@ -231,6 +231,55 @@ fn reload_keeps_unchanged_pipelines_and_starts_new_ones() {
     assert!(daemon.stop());
 }
 
+/// The upgrade a plant engineer does by hand: a new bundle copied over the file the config
+/// names, then `systemctl reload`. The config's text is the same; the pipeline must serve the
+/// new version. A second SIGHUP with nothing changed must not restart anything.
+#[test]
+fn sighup_after_a_bundle_is_replaced_in_place_serves_the_new_version() {
+    let broker = Broker::start();
+    let dir = temp_dir("reload-bundle");
+    let model = dir.join("model.lathe");
+    std::fs::copy(root().join("models/shuttle-mlp-1.lathe"), &model).unwrap();
+    let mut daemon = Daemon::start(&dir, &config("bundled", &broker, &dir.join("state"), &model));
+    wait_online(broker.port, "bundled", &daemon);
+    let out = Collector::new(broker.port, &["plant/+/+/prediction", "lathe/bundled/status"]);
+    let version = || out.on("lathe/bundled/status").last().and_then(|s| s["pipelines"][0]["version"].as_u64());
+    assert!(wait_until(Duration::from_secs(10), || version() == Some(1)), "{:?}", version());
+
+    // v2: the sample model fine-tuned offline on fresh rows.
+    let v2 = dir.join("v2.lathe");
+    let trained = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
+        .args(["train", "--bundle"])
+        .arg(&model)
+        .arg("--data")
+        .arg(unseen_csv(&dir, 0.0))
+        .arg("-o")
+        .arg(&v2)
+        .arg("--state-dir")
+        .arg(dir.join("train-state"))
+        .output()
+        .unwrap();
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    std::fs::rename(&v2, &model).unwrap();
+    daemon.hangup();
+    assert!(
+        wait_until(Duration::from_secs(20), || version() == Some(2)),
+        "still serving v{:?} after the bundle was replaced; log:\n{}",
+        version(),
+        daemon.log()
+    );
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    send(&mut p, "line1", &rows, 0..100);
+    assert!(out.wait_for("prediction", 100, Duration::from_secs(20)), "{}", daemon.log());
+
+    daemon.hangup();
+    let unchanged = || daemon.log().contains("config and its bundle files are unchanged; nothing to do");
+    assert!(wait_until(Duration::from_secs(10), unchanged), "{}", daemon.log());
+    assert_eq!(daemon.log().matches("Reloaded").count(), 1, "{}", daemon.log());
+    assert!(daemon.stop());
+}
+
 /// A tiny xorshift generator: random fault timings, with the seed printed to replay a run.
 fn rng() -> impl FnMut(u64, u64) -> u64 {
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;

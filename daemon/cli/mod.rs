@@ -170,9 +170,14 @@ fn run(path: &std::path::Path) -> Result<(), String> {
     let (mut kept, mut prepared) = (crate::service::Kept::default(), crate::service::Prepared::default());
     loop {
         let next = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let (slot, running) = (next.clone(), config.clone());
+        let running = crate::service::Running {
+            path: path.to_path_buf(),
+            config: config.clone(),
+            prints: crate::service::fingerprints(&config),
+        };
+        let slot = next.clone();
         let signal = async move {
-            match crate::service::stop_or_reload(Some((path.to_path_buf(), &running))).await {
+            match crate::service::stop_or_reload(Some(running)).await {
                 crate::service::Ending::Reload(new) => {
                     if let Ok(mut s) = slot.lock() {
                         *s = Some(*new);

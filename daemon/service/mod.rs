@@ -234,6 +234,21 @@ fn fingerprint(config: &Config, p: &crate::config::PipelineConfig) -> String {
     format!("{p:?} {:?} {} {:?} {file:?}", config.infer, config.mqtt.max_payload_bytes, config.state_dir)
 }
 
+/// Each pipeline's [`fingerprint`], in config order.
+pub fn fingerprints(config: &Config) -> Vec<String> {
+    config.pipelines.iter().map(|p| fingerprint(config, p)).collect()
+}
+
+/// What a SIGHUP compares the config file with: the running config, and its pipelines'
+/// fingerprints from when the run started (so a bundle replaced at the same path since then
+/// is a change, though the config's text is the same).
+#[derive(Clone)]
+pub struct Running {
+    pub path: PathBuf,
+    pub config: Config,
+    pub prints: Vec<String>,
+}
+
 /// A new config's models for the pipelines a reload changes or adds, loaded (and imported
 /// into the registry) while the running pipelines still serve: the reload then pauses them
 /// only for the reconnect, not for loading.
@@ -251,9 +266,10 @@ pub struct Prepared {
 /// # Errors
 /// A model that does not load (the config was checked first, so this is rare: a bundle
 /// changed in between).
-pub fn prepare(new: &Config, running: &Config) -> Result<Prepared, ConfigErrors> {
+pub fn prepare(new: &Config, running: &Running) -> Result<Prepared, ConfigErrors> {
     let unchanged = |p: &crate::config::PipelineConfig| {
-        running.pipelines.iter().any(|r| r.name == p.name && fingerprint(running, r) == fingerprint(new, p))
+        let mut was = running.config.pipelines.iter().zip(&running.prints);
+        was.any(|(r, print)| r.name == p.name && *print == fingerprint(new, p))
     };
     let mut to_load = new.clone();
     to_load.pipelines.retain(|p| !unchanged(p));
@@ -366,7 +382,7 @@ pub async fn run_keeping(
     // Unchanged pipelines keep what they had; the others take the model prepared for them
     // or load their champion.
     let reused: Vec<Option<Serving>> = config.pipelines.iter().map(|p| kept.take(&config, p)).collect();
-    let prints: Vec<String> = config.pipelines.iter().map(|p| fingerprint(&config, p)).collect();
+    let prints = fingerprints(&config);
     let Prepared { models: mut ready_models, mut fallbacks } = prepared;
     let mut to_load = config.clone();
     to_load.pipelines = config
@@ -694,11 +710,11 @@ pub async fn shutdown_signal() {
     let _ = stop_or_reload(None).await;
 }
 
-/// Resolves on SIGTERM or SIGINT (`Stop`), or on SIGHUP once the config file named in
-/// `reload` (path, and the running config) holds a valid config — every bundle loading — that
-/// differs from the running one (`Reload`). A SIGHUP with a bad config logs every error and
-/// keeps waiting: the running pipelines go on untouched.
-pub async fn stop_or_reload(reload: Option<(PathBuf, &Config)>) -> Ending {
+/// Resolves on SIGTERM or SIGINT (`Stop`), or on SIGHUP once the config file holds a valid
+/// config — every bundle loading — that differs from the `running` one, or names a bundle
+/// file that changed since its run started (`Reload`). A SIGHUP with a bad config logs every
+/// error and keeps waiting: the running pipelines go on untouched.
+pub async fn stop_or_reload(reload: Option<Running>) -> Ending {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -711,24 +727,24 @@ pub async fn stop_or_reload(reload: Option<(PathBuf, &Config)>) -> Ending {
                 _ = term.recv() => return Ending::Stop,
                 _ = tokio::signal::ctrl_c() => return Ending::Stop,
                 _ = hup.recv() => {
-                    let Some((path, running)) = &reload else {
+                    let Some(running) = &reload else {
                         tracing::warn!("SIGHUP: nothing to reload in this mode");
                         continue;
                     };
-                    let path = path.clone();
+                    let path = running.path.clone();
                     let checked = tokio::task::spawn_blocking(move || {
                         Config::load(&path).and_then(|c| check_models(&c).map(|_| c))
                     }).await;
                     match checked {
-                        Ok(Ok(new)) if format!("{new:?}") == format!("{running:?}") => {
-                            tracing::info!("SIGHUP: the config is unchanged; nothing to do");
+                        Ok(Ok(new)) if format!("{new:?}") == format!("{:?}", running.config) && fingerprints(&new) == running.prints => {
+                            tracing::info!("SIGHUP: the config and its bundle files are unchanged; nothing to do");
                         }
                         Ok(Ok(new)) => {
-                            let running = (*running).clone();
+                            let running = running.clone();
                             let prepared = tokio::task::spawn_blocking(move || prepare(&new, &running).map(|p| (new, p))).await;
                             match prepared {
                                 Ok(Ok(next)) => {
-                                    tracing::info!("SIGHUP: the new config is valid; restarting with it (unchanged pipelines keep their model and state)");
+                                    tracing::info!("SIGHUP: the config or a bundle file changed; restarting with it (unchanged pipelines keep their model and state)");
                                     return Ending::Reload(Box::new(next));
                                 }
                                 Ok(Err(e)) => tracing::error!("SIGHUP: the new config's models did not load, the running config stays: {e}"),

@@ -119,19 +119,14 @@ impl Broker {
         );
     }
 
-    /// SIGKILL, like a crash or a power cut of the broker host.
-    /// SIGHUP, as `systemctl reload` sends it.
+    /// SIGHUP: mosquitto re-reads its config.
     pub fn hangup(&self) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").args(["-HUP", &c.id().to_string()]).status();
-        }
+        hang_up(&self.child);
     }
 
+    /// SIGKILL, like a crash or a power cut of the broker host.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     pub fn url(&self) -> String {
@@ -142,6 +137,19 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+fn hang_up(child: &Option<Child>) {
+    if let Some(c) = child {
+        let _ = Command::new("kill").args(["-HUP", &c.id().to_string()]).status();
+    }
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
@@ -194,16 +202,12 @@ impl Daemon {
 
     /// SIGHUP, as `systemctl reload` sends it.
     pub fn hangup(&self) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").args(["-HUP", &c.id().to_string()]).status();
-        }
+        hang_up(&self.child);
     }
 
+    /// SIGKILL, like a crash or a power cut.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     pub fn pid(&self) -> Option<u32> {
