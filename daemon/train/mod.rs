@@ -164,7 +164,13 @@ pub struct RunRecord {
     pub outcome: String,
 }
 
-/// Keeps `record` as `state_dir/runs/RUN_ID.json`; returns the JSON.
+/// How many run records `state_dir/runs/` keeps: about 6 MB, and 83 days of runs at the
+/// default one-hour cooldown. An accepted run's record also lives on in its bundle's lineage.
+pub const MAX_RUN_RECORDS: usize = 2000;
+
+/// Keeps `record` as `state_dir/runs/RUN_ID.json`, deleting the oldest records beyond
+/// [`MAX_RUN_RECORDS`] (a daemon left alone for months must not fill its disk with them);
+/// returns the JSON.
 ///
 /// # Errors
 /// The record cannot be written (callers warn and go on: a run is not undone for its record).
@@ -176,7 +182,28 @@ pub fn keep_record(state_dir: &std::path::Path, record: &RunRecord) -> Result<St
             crate::model::registry::write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes())
         })
         .map_err(|e| format!("the run record was not kept in {}: {e}", runs.display()))?;
+    if let Err(e) = keep_newest_records(&runs, MAX_RUN_RECORDS) {
+        tracing::warn!("old run records in {} were not deleted: {e}", runs.display());
+    }
     Ok(json)
+}
+
+/// Deletes all but the newest `keep` `*.json` files in `runs` (by modification time, then name).
+fn keep_newest_records(runs: &std::path::Path, keep: usize) -> std::io::Result<()> {
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(runs)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            records.push((std::fs::metadata(&path)?.modified()?, path));
+        }
+    }
+    if records.len() > keep {
+        records.sort();
+        for (_, path) in &records[..records.len() - keep] {
+            std::fs::remove_file(path)?;
+        }
+    }
+    Ok(())
 }
 
 pub struct Outcome {
@@ -641,4 +668,30 @@ pub fn fine_tune_on<B: Backend>(
     };
     record.wall_seconds = started.elapsed().as_secs_f64();
     Ok(Outcome { record, challenger })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_run_records_are_kept() {
+        let runs = std::env::temp_dir().join(format!("lathe-runs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&runs);
+        std::fs::create_dir_all(&runs).unwrap();
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for i in 0..5u64 {
+            let path = runs.join(format!("run-{i}.json"));
+            std::fs::write(&path, "{}").unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(i)).unwrap();
+        }
+        std::fs::write(runs.join("notes.txt"), "not a record").unwrap();
+        keep_newest_records(&runs, 3).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&runs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["notes.txt", "run-2.json", "run-3.json", "run-4.json"]);
+        std::fs::remove_dir_all(&runs).unwrap();
+    }
 }
