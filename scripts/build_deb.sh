@@ -28,13 +28,16 @@ mkdir -p "$root/DEBIAN"
 for s in postinst prerm postrm; do install -m 755 "packaging/deb/$s" "$root/DEBIAN/$s"; done
 echo /etc/lathe/lathe.toml > "$root/DEBIAN/conffiles"
 size=$(du -sk "$root" | cut -f1)
+# The oldest glibc the binary can start on: the newest GLIBC_x.y symbol version it asks for
+# (readelf reads any architecture's ELF). dpkg then refuses a too-old system up front.
+glibc=$(readelf -V -W "$bin" | grep -o 'Name: GLIBC_[0-9.]*' | sed 's/.*GLIBC_//' | sort -V | tail -n 1)
 cat > "$root/DEBIAN/control" <<CONTROL
 Package: lathe
 Version: $version
 Architecture: $arch
 Maintainer: lathe developers <lathe@localhost>
 Installed-Size: $size
-Depends: libc6
+Depends: libc6${glibc:+ (>= $glibc)}
 Recommends: systemd
 Section: misc
 Priority: optional
