@@ -162,7 +162,8 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
     // A third of the way through (or after 10 s when running until Ctrl-C) sensor f1 drifts.
     let drift_after = args.rate * if args.seconds > 0 { args.seconds / 3 } else { 10 };
     let watcher = tokio::spawn(watch(host.clone(), port, seen.clone(), labels, drift_after));
-    let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices, drift_after));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices, drift_after, sent.clone()));
 
     let started = Instant::now();
     let tty = std::io::stdout().is_terminal();
@@ -186,7 +187,7 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
         }
     }
     sensors.abort();
-    // Let the last predictions arrive, then stop the daemon the way systemd would.
+    // Let the last predictions arrive (the sensors' client still sends what it had queued), then stop the daemon the way systemd would.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(());
     let _ = daemon.await;
@@ -204,14 +205,27 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
         c.store_dropped.load(Relaxed),
         c.store_failed.load(Relaxed)
     );
+    // Counted end to end: a broker that drops messages (one whose buffer overflows while the
+    // daemon is behind) shows here, not only in its log.
+    let (sent, received) = (sent.load(Relaxed), c.received.load(Relaxed));
     println!(
-        "every accepted message answered: {} ({predicted} of {accepted})",
+        "every message sent reached lathe: {} ({received} of {sent}); every accepted message answered: {} ({predicted} of {accepted})",
+        if received == sent { "yes" } else { "NO" },
         if predicted == accepted { "yes" } else { "NO" }
     );
     Ok(())
 }
 
-async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, devices: usize, drift_after: u64) {
+/// Publishes telemetry (and, later, labels) at `rate`; `sent` counts the telemetry published.
+async fn replay(
+    host: String,
+    port: u16,
+    rows: Vec<(Vec<f64>, u8)>,
+    rate: u64,
+    devices: usize,
+    drift_after: u64,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut o = MqttOptions::new("lathe-demo-sensors", host, port);
     o.set_outgoing_inflight_upper_limit(1000);
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
@@ -236,6 +250,7 @@ async fn replay(host: String, port: u16, rows: Vec<(Vec<f64>, u8)>, rate: u64, d
             {
                 return;
             }
+            sent.fetch_add(1, Relaxed);
             // The inspection station's verdict arrives a while later (LABEL_DELAY messages).
             if let Some(late) = seq.checked_sub(LABEL_DELAY).filter(|l| l % LABEL_EVERY == 0) {
                 let label = rows[late as usize % rows.len()].1;
