@@ -7,7 +7,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -162,7 +162,7 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
     // A third of the way through (or after 10 s when running until Ctrl-C) sensor f1 drifts.
     let drift_after = args.rate * if args.seconds > 0 { args.seconds / 3 } else { 10 };
     let watcher = tokio::spawn(watch(host.clone(), port, seen.clone(), labels, drift_after));
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
     let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices, drift_after, sent.clone()));
 
     let started = Instant::now();
@@ -187,7 +187,8 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
         }
     }
     sensors.abort();
-    // Let the last predictions arrive (the sensors' client still sends what it had queued), then stop the daemon the way systemd would.
+    // Let the last predictions arrive (the sensors' client still sends what it had queued),
+    // then stop the daemon the way systemd would.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(());
     let _ = daemon.await;
@@ -224,7 +225,7 @@ async fn replay(
     rate: u64,
     devices: usize,
     drift_after: u64,
-    sent: Arc<std::sync::atomic::AtomicU64>,
+    sent: Arc<AtomicU64>,
 ) {
     let mut o = MqttOptions::new("lathe-demo-sensors", host, port);
     o.set_outgoing_inflight_upper_limit(1000);
