@@ -189,3 +189,20 @@ fn bundle_create_writes_to_a_bare_file_name_in_the_current_directory() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(dir.join("t-3.lathe").is_file());
 }
+
+/// The README's first command, shortened: the embedded broker, the faulty messages, the drift
+/// and the closing count of messages sent against messages received and answered.
+#[test]
+fn the_demo_loses_nothing_and_reports_the_faults_and_the_drift() {
+    let out = lathe(&["demo", "--seconds", "9", "--rate", "600", "--devices", "3"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("every message sent reached lathe: yes"), "{t}");
+    assert!(t.contains("every accepted message answered: yes"), "{t}");
+    // One message in 400 is broken, cycling through four faults.
+    for reason in ["not_json", "out_of_range", "missing_feature", "non_numeric"] {
+        assert!(t.contains(reason), "{reason} not reported: {t}");
+    }
+    assert!(t.contains("drift on f1"), "the drifted sensor is named: {t}");
+    assert!(t.contains("before the fault, v1"), "{t}");
+}

@@ -7,7 +7,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -152,6 +152,11 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
         },
     ));
     let handle = handle_rx.await.map_err(|_| "the daemon did not start".to_string())?;
+    // Telemetry published before lathe has subscribed reaches nobody: wait for it.
+    let mut ready = handle.ready.clone();
+    if tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r)).await.is_err() {
+        return Err("lathe did not connect to the embedded broker within 30 s".into());
+    }
     let (host, port) = listen
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
@@ -163,7 +168,9 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
     let drift_after = args.rate * if args.seconds > 0 { args.seconds / 3 } else { 10 };
     let watcher = tokio::spawn(watch(host.clone(), port, seen.clone(), labels, drift_after));
     let sent = Arc::new(AtomicU64::new(0));
-    let sensors = tokio::spawn(replay(host, port, rows, args.rate, args.devices, drift_after, sent.clone()));
+    let quiet = Arc::new(AtomicBool::new(false));
+    let sensors =
+        tokio::spawn(replay(host, port, rows, (args.rate, args.devices, drift_after), sent.clone(), quiet.clone()));
 
     let started = Instant::now();
     let tty = std::io::stdout().is_terminal();
@@ -186,13 +193,21 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
             println!("{}", screen(&handle, &seen, started).lines().nth(2).unwrap_or_default());
         }
     }
-    sensors.abort();
-    // Let the last predictions arrive (the sensors' client still sends what it had queued),
-    // then stop the daemon the way systemd would.
+    // The sensors stop publishing but keep their client, which still sends what it holds
+    // (dropping it would drop its unacknowledged messages). Let those reach lathe and their
+    // predictions come back, then stop the daemon the way systemd would: a stop leaves unread
+    // telemetry at the broker for the next run, which would read as lost here.
+    quiet.store(true, Relaxed);
+    let received = |h: &Handle| h.counters.first().map_or(0, |(_, c)| c.received.load(Relaxed));
+    let drained = Instant::now();
+    while received(&handle) < sent.load(Relaxed) && drained.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(());
     let _ = daemon.await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    sensors.abort();
     watcher.abort();
     println!("{}", screen(&handle, &seen, started));
     println!("{}", summary(&seen));
@@ -214,20 +229,27 @@ async fn demo(config: Config, listen: String, rows: Vec<(Vec<f64>, u8)>, args: D
         if received == sent { "yes" } else { "NO" },
         if predicted == accepted { "yes" } else { "NO" }
     );
+    // The promise is that nothing is lost: a run that lost messages is not a success.
+    if received != sent || predicted != accepted {
+        return Err(format!(
+            "messages were lost: {received} of {sent} reached lathe, {predicted} of {accepted} answered"
+        ));
+    }
     Ok(())
 }
 
-/// Publishes telemetry (and, later, labels) at `rate`; `sent` counts the telemetry published.
+/// Publishes telemetry (and, later, labels) at `rate` until `quiet`, then holds its client
+/// until aborted; `sent` counts the telemetry published.
 async fn replay(
     host: String,
     port: u16,
     rows: Vec<(Vec<f64>, u8)>,
-    rate: u64,
-    devices: usize,
-    drift_after: u64,
+    (rate, devices, drift_after): (u64, usize, u64),
     sent: Arc<AtomicU64>,
+    quiet: Arc<AtomicBool>,
 ) {
     let mut o = MqttOptions::new("lathe-demo-sensors", host, port);
+    o.set_network_options(crate::ingest::connection::no_delay());
     o.set_outgoing_inflight_upper_limit(1000);
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
     tokio::spawn(async move {
@@ -243,6 +265,9 @@ async fn replay(
     let mut seq = 0u64;
     loop {
         interval.tick().await;
+        if quiet.load(Relaxed) {
+            return std::future::pending().await;
+        }
         for _ in 0..per_tick {
             let row = &rows[seq as usize % rows.len()].0;
             let device = seq as usize % devices.max(1);
@@ -267,7 +292,9 @@ async fn replay(
 }
 
 async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<u8>>, drift_after: u64) {
-    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("lathe-demo-watcher", host, port), 1024);
+    let mut o = MqttOptions::new("lathe-demo-watcher", host, port);
+    o.set_network_options(crate::ingest::connection::no_delay());
+    let (client, mut eventloop) = AsyncClient::new(o, 1024);
     let _ = client.subscribe("plant/demo/+/prediction", QoS::AtMostOnce).await;
     let _ = client.subscribe("lathe/demo/events", QoS::AtMostOnce).await;
     loop {

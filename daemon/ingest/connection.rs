@@ -173,6 +173,20 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
     Ok(o)
 }
 
+/// TCP options for every connection lathe makes: Nagle's algorithm off.
+///
+/// With Nagle on, a small write (a PUBACK) waits until the broker has acknowledged the
+/// previous one at the TCP level. A broker with a backlog for us sends nothing until our
+/// PUBACKs free its in-flight window, so nothing carries that acknowledgement and the kernel's
+/// delayed ACK (40 ms) paces the stream: measured with the embedded broker (whose window is
+/// 100), telemetry fell from 2,000 to a steady 1,680 msg/s once a backlog formed, while lathe
+/// itself acked each message within 2 ms.
+pub fn no_delay() -> rumqttc::NetworkOptions {
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net
+}
+
 /// What every session of this daemon shares (the main one, the Sparkplug edge node, the
 /// updater): the broker, keep-alive, credentials and TLS. A clean session with no will.
 ///
@@ -182,6 +196,7 @@ pub fn session_options(config: &Config, host: &str, port: u16, client_id: String
     let m = &config.mqtt;
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
+    o.set_network_options(no_delay());
     // Oversized telemetry must reach us to be rejected and reported: a v5 broker silently
     // drops messages over the client's maximum packet size.
     o.set_max_packet_size(Some(16 << 20));
