@@ -40,6 +40,10 @@ pub struct DemoArgs {
     /// Number of simulated devices.
     #[arg(long, default_value_t = 4)]
     devices: usize,
+    /// Keep the run's files (config, sample store, model registry, run records) in this
+    /// directory instead of removing them at the end.
+    #[arg(long)]
+    keep: Option<std::path::PathBuf>,
 }
 
 /// What the watching client has seen.
@@ -63,7 +67,14 @@ struct Seen {
 
 pub fn run(args: DemoArgs) -> Result<(), String> {
     let rows = shuttle_rows()?;
-    let dir = std::env::temp_dir().join(format!("lathe-demo-{}", std::process::id()));
+    let dir = match &args.keep {
+        // A store or registry left by an earlier run would change this one.
+        Some(dir) if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) => {
+            return Err(format!("{}: not empty; --keep needs a new or empty directory", dir.display()))
+        }
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("lathe-demo-{}", std::process::id())),
+    };
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let bundle_path = dir.join("shuttle-mlp-1.lathe");
     std::fs::write(&bundle_path, BUNDLE).map_err(|e| format!("{}: {e}", bundle_path.display()))?;
@@ -98,8 +109,11 @@ max_forgetting = 0.05
         args.devices, args.rate
     );
     let rt = super::runtime()?;
+    let keep = args.keep.is_some();
     let result = rt.block_on(demo(config, listen, rows, args));
-    let _ = std::fs::remove_dir_all(&dir);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     result
 }
 
@@ -413,7 +427,7 @@ fn loop_step(event: &str, doc: &Value) -> Option<String> {
             let metric = gate["metric"].as_str().unwrap_or("?");
             let at = |k: &str| gate[k][metric].as_f64().unwrap_or(f64::NAN);
             format!(
-                "{event}: backend {}, {} rows in {:.1} s; gate {metric}: fresh holdout {:.3} -> {:.3}, validation {:.3} -> {:.3}, replay {:.3} -> {:.3}",
+                "{event}: backend {}, {} rows in {:.1} s; gate {metric}: fresh holdout {:.3} -> {:.3}, validation {:.3} -> {:.3}, replay {:.3} -> {:.3}\n    data: {}",
                 run["backend"].as_str().unwrap_or("?"),
                 run["rows_used"],
                 run["wall_seconds"].as_f64().unwrap_or(0.0),
@@ -423,6 +437,7 @@ fn loop_step(event: &str, doc: &Value) -> Option<String> {
                 at("challenger_validation"),
                 at("champion_replay"),
                 at("challenger_replay"),
+                run["data"].as_str().unwrap_or("?"),
             )
         }
         "trial.started" | "trial.passed" | "trial.failed" | "train.failed" | "train.skipped" => {

@@ -54,8 +54,9 @@ const TRIAL_WARMUP: Duration = Duration::from_secs(3);
 /// at once: the rows counted "since the alarm" must start at the alarm, not a tick later
 /// (CI streamed a whole test's rows in that tick and the run waited for rows never sent).
 pub enum LoopMessage {
-    /// A drift alarm was raised on `pipeline`.
-    Drift { pipeline: String, reason: String },
+    /// A drift alarm on `series` (of the model version serving) of `pipeline` was raised, or
+    /// (`raised` false) has ended.
+    Drift { pipeline: String, series: (u64, String), reason: String, raised: bool },
     /// A `lathe/{node}/cmd/{action}` message.
     Command { action: String, payload: Vec<u8> },
     /// A pushed bundle that passed every check (`update::device`): promote it onto trial.
@@ -151,6 +152,11 @@ struct State {
     /// A trigger fired and waits for the hours window, the cooldown, or (drift) enough new
     /// rows: the reason, and the count of usable rows when it fired.
     wanted: Option<(String, u64)>,
+    /// Drift alarms raised and not yet ended, by model version and series. A run wanted for drift is dropped when
+    /// the last one ends before enough new rows arrived: training then would learn the old
+    /// regime (measured in the demo: a multivariate alarm 0.5 % over its threshold that ended
+    /// 130 ms later started a run on pre-fault rows, whose cooldown then hid the real fault).
+    alarms: std::collections::BTreeSet<(u64, String)>,
     /// Not before this (a skipped run waits a minute before trying again).
     retry_at: Option<Instant>,
 }
@@ -167,8 +173,10 @@ pub fn run(
     stop: watch::Receiver<bool>,
 ) {
     let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
-    let mut states: Vec<State> =
-        pipelines.into_iter().map(|p| State { p, stage: Stage::Idle, wanted: None, retry_at: None }).collect();
+    let mut states: Vec<State> = pipelines
+        .into_iter()
+        .map(|p| State { p, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None })
+        .collect();
     for s in &mut states {
         resume_trial(s, &store, &registry);
     }
@@ -176,12 +184,9 @@ pub fn run(
     let mut next_tick = Instant::now();
     while !*stop.borrow() {
         match messages.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
-            Ok(LoopMessage::Drift { pipeline, reason }) => {
+            Ok(LoopMessage::Drift { pipeline, series, reason, raised }) => {
                 if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
-                    let idle = matches!(s.stage, Stage::Idle);
-                    if s.p.train.triggers.contains(&Trigger::Drift) && s.wanted.is_none() && idle {
-                        s.wanted = Some((reason, usable_rows(s, &store)));
-                    }
+                    drift(s, series, reason, raised, &store, &events);
                 }
             }
             Ok(LoopMessage::Command { action, payload }) => {
@@ -302,6 +307,35 @@ fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry,
         }
         Stage::Trial { .. } => watch_trial(s, store, registry, events),
     }
+}
+
+/// A drift alarm raised or ended: a run is wanted once `min_rows` new rows have arrived, as
+/// long as some alarm is still raised then.
+fn drift(s: &mut State, series: (u64, String), reason: String, raised: bool, store: &Store, events: &Events) {
+    if !s.p.train.triggers.contains(&Trigger::Drift) {
+        return;
+    }
+    // A version's monitor goes with it: alarms of a version no longer serving never end.
+    s.alarms.retain(|(version, _)| *version == series.0);
+    if raised {
+        s.alarms.insert(series);
+        if s.wanted.is_none() && matches!(s.stage, Stage::Idle) {
+            s.wanted = Some((reason, usable_rows(s, store)));
+        }
+        return;
+    }
+    s.alarms.remove(&series);
+    let Some((why, at)) = s.wanted.as_ref().filter(|(why, _)| why.starts_with("drift") && s.alarms.is_empty()) else {
+        return;
+    };
+    let new = usable_rows(s, store).saturating_sub(*at);
+    if new >= s.p.train.min_rows as u64 {
+        return; // due already; waits only for a free slot or the hours window
+    }
+    let message =
+        format!("{why} ended after {new} new rows, before min_rows = {}: not fine-tuning", s.p.train.min_rows);
+    emit(events, &s.p, "train.skipped", message, json!({"reason": why, "rows": new, "min_rows": s.p.train.min_rows}));
+    s.wanted = None;
 }
 
 /// Rows the pipeline could train on, ever: labels joined (supervised) or samples stored
@@ -425,6 +459,7 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
     let spawned = std::thread::Builder::new().name("lathe-train".into()).spawn(move || {
         lower_priority();
         let result = read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows).and_then(|rows| {
+            let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
             train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
         });
         TRAINING.store(false, Relaxed);
@@ -480,6 +515,24 @@ fn read_rows(
         return Err(format!("only {} usable rows in the store (min_rows = {min_rows})", rows.recent.len()));
     }
     Ok(rows)
+}
+
+/// Which rows a run trained on, for its record: the keys of the oldest and newest, and when
+/// they were served, so "did it learn the new regime?" can be answered from the record.
+fn describe_rows(rows: &[Record], now_ms: u64) -> String {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return "no rows".into();
+    };
+    format!(
+        "{} rows served {:.0} s to {:.0} s ago, keys {} ({}) to {} ({})",
+        rows.len(),
+        now_ms.saturating_sub(first.ts_ms) as f64 / 1000.0,
+        now_ms.saturating_sub(last.ts_ms) as f64 / 1000.0,
+        first.key,
+        first.device,
+        last.key,
+        last.device
+    )
 }
 
 /// Resident memory of this process, bytes.
@@ -898,7 +951,7 @@ mod tests {
             performance: None,
             device_key: None,
         };
-        (State { p: lp, stage: Stage::Idle, wanted: None, retry_at: None }, store)
+        (State { p: lp, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None }, store)
     }
 
     #[test]
@@ -949,6 +1002,57 @@ mod tests {
         assert_eq!(due(&mut s, &store).as_deref(), Some("3 new labeled samples"));
         store.set_meta("p", "labeled_at_train", 3).unwrap();
         assert_eq!(due(&mut s, &store), None, "none new since the last run");
+    }
+
+    /// A drift alarm that ends before `min_rows` new rows arrived wants no run (it would train
+    /// on the regime before the alarm); one still raised when they are in starts it, and an
+    /// alarm left by a version no longer serving does not keep the wait alive.
+    #[test]
+    fn a_drift_alarm_that_ends_before_enough_new_rows_starts_no_run() {
+        let (mut s, store) = state("drift-ends", "trigger = [\"drift\"]\nmin_rows = 50\ncooldown = \"0s\"\n");
+        let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
+        let (events, _reporter) = crate::service::events::reporter(client, "e".into());
+        let labeled = |from: u64| {
+            let writes: Vec<_> = (from..from + 50)
+                .flat_map(|i| {
+                    let record = Record {
+                        ts_ms: now_s() * 1000,
+                        version: 1,
+                        label: None,
+                        score: 0.0,
+                        device: "d".into(),
+                        key: i.to_string(),
+                        features: vec![50.0; 9],
+                        output: vec![1.0, 0.0],
+                    };
+                    let label =
+                        crate::store::Write::Label { device: "d".into(), key: i.to_string(), value: 0.0, ts_ms: 0 };
+                    [crate::store::Write::Sample(record), label]
+                })
+                .collect();
+            store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
+        };
+        let alarm = |s: &mut State, version: u64, series: &str, raised: bool| {
+            drift(s, (version, series.into()), format!("drift on {series} (ks)"), raised, &store, &events)
+        };
+        // Raised and ended at once (a flicker at the threshold): nothing is wanted any more.
+        alarm(&mut s, 1, "multivariate", true);
+        assert!(s.wanted.is_some());
+        alarm(&mut s, 1, "multivariate", false);
+        assert!(s.wanted.is_none(), "the alarm ended before any new row");
+        labeled(0);
+        assert_eq!(due(&mut s, &store), None);
+        // Two alarms; one ends, the other holds: the run starts once the rows are in.
+        alarm(&mut s, 1, "f1", true);
+        alarm(&mut s, 1, "prediction", true);
+        alarm(&mut s, 1, "prediction", false);
+        assert_eq!(due(&mut s, &store), None, "no new rows yet");
+        labeled(100);
+        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("drift on f1")));
+        // v1's f1 alarm never ends (v2 serves now); v2's own alarm ending drops the wait.
+        alarm(&mut s, 2, "f3", true);
+        alarm(&mut s, 2, "f3", false);
+        assert!(s.wanted.is_none());
     }
 
     /// A trial fed `degrade` after a healthy champion window; returns whether it rolled back.

@@ -325,9 +325,13 @@ impl Events {
 
     pub fn drift(&self, pipeline: &str, model: &crate::infer::ActiveModel, alarms: Vec<crate::monitor::Alarm>) {
         for alarm in alarms {
-            if let (true, Some(tx)) = (alarm.raised, &self.triggers) {
-                let reason = format!("drift on {} ({})", alarm.series, alarm.statistic);
-                let _ = tx.send(super::closed_loop::LoopMessage::Drift { pipeline: pipeline.to_string(), reason });
+            if let Some(tx) = &self.triggers {
+                let _ = tx.send(super::closed_loop::LoopMessage::Drift {
+                    pipeline: pipeline.to_string(),
+                    series: (model.version, alarm.series.clone()),
+                    reason: format!("drift on {} ({})", alarm.series, alarm.statistic),
+                    raised: alarm.raised,
+                });
             }
             self.emit(Event::Drift {
                 pipeline: pipeline.to_string(),
