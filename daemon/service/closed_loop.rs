@@ -979,23 +979,26 @@ mod tests {
         assert_eq!(due(&mut s, &store), None);
     }
 
+    /// A served row of device "d" with key `i`, and its label.
+    fn sample(i: u64) -> crate::store::Write {
+        crate::store::Write::Sample(Record {
+            ts_ms: now_s() * 1000,
+            version: 1,
+            label: None,
+            score: 0.0,
+            device: "d".into(),
+            key: i.to_string(),
+            features: vec![50.0; 9],
+            output: vec![1.0, 0.0],
+        })
+    }
+    fn label(i: u64) -> crate::store::Write {
+        crate::store::Write::Label { device: "d".into(), key: i.to_string(), value: 0.0, ts_ms: 0 }
+    }
+
     #[test]
     fn the_labels_trigger_counts_labels_joined_since_the_last_run() {
         let (mut s, store) = state("labels", "trigger = [\"labels 3\"]\ncooldown = \"0s\"\n");
-        let sample = |i: u64| {
-            crate::store::Write::Sample(Record {
-                ts_ms: now_s() * 1000,
-                version: 1,
-                label: None,
-                score: 0.0,
-                device: "d".into(),
-                key: i.to_string(),
-                features: vec![50.0; 9],
-                output: vec![1.0, 0.0],
-            })
-        };
-        let label =
-            |i: u64| crate::store::Write::Label { device: "d".into(), key: i.to_string(), value: 0.0, ts_ms: 0 };
         store.apply(&[("p", &[sample(1), sample(2), sample(3), label(1), label(2)])], now_s() * 1000).unwrap();
         assert_eq!(due(&mut s, &store), None, "2 labels");
         store.apply(&[("p", &[label(3)])], now_s() * 1000).unwrap();
@@ -1013,23 +1016,7 @@ mod tests {
         let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
         let (events, _reporter) = crate::service::events::reporter(client, "e".into());
         let labeled = |from: u64| {
-            let writes: Vec<_> = (from..from + 50)
-                .flat_map(|i| {
-                    let record = Record {
-                        ts_ms: now_s() * 1000,
-                        version: 1,
-                        label: None,
-                        score: 0.0,
-                        device: "d".into(),
-                        key: i.to_string(),
-                        features: vec![50.0; 9],
-                        output: vec![1.0, 0.0],
-                    };
-                    let label =
-                        crate::store::Write::Label { device: "d".into(), key: i.to_string(), value: 0.0, ts_ms: 0 };
-                    [crate::store::Write::Sample(record), label]
-                })
-                .collect();
+            let writes: Vec<_> = (from..from + 50).flat_map(|i| [sample(i), label(i)]).collect();
             store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
         };
         let alarm = |s: &mut State, version: u64, series: &str, raised: bool| {
