@@ -173,7 +173,7 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
     Ok(o)
 }
 
-/// TCP options for every connection lathe makes: Nagle's algorithm off.
+/// TCP options with Nagle's algorithm off (the embedded broker's connections).
 ///
 /// With Nagle on, a small write (a PUBACK) waits until the broker has acknowledged the
 /// previous one at the TCP level. A broker with a backlog for us sends nothing until our
@@ -196,7 +196,12 @@ pub fn session_options(config: &Config, host: &str, port: u16, client_id: String
     let m = &config.mqtt;
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
-    o.set_network_options(no_delay());
+    // Only for the embedded broker so far: with no-delay towards mosquitto, the broker-kill
+    // test (`faults.rs`, 20 SIGKILLs) lost 1 prediction of 10,000 in 2 of 3 CI runs, a race
+    // not yet found; with Nagle it has never lost one.
+    if matches!(m.url, crate::config::BrokerUrl::Embedded) {
+        o.set_network_options(no_delay());
+    }
     // Oversized telemetry must reach us to be rejected and reported: a v5 broker silently
     // drops messages over the client's maximum packet size.
     o.set_max_packet_size(Some(16 << 20));
