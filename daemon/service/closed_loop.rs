@@ -152,8 +152,9 @@ struct State {
     /// A trigger fired and waits for the hours window, the cooldown, or (drift) enough new
     /// rows: the reason, and the count of usable rows when it fired.
     wanted: Option<(String, u64)>,
-    /// Drift alarms raised and not yet ended, by model version and series. A run wanted for drift is dropped when
-    /// the last one ends before enough new rows arrived: training then would learn the old
+    /// Drift alarms raised and not yet ended, by model version and series. A run wanted for
+    /// drift is dropped when the last one ends before enough new rows arrived: training then
+    /// would learn the old
     /// regime (measured in the demo: a multivariate alarm 0.5 % over its threshold that ended
     /// 130 ms later started a run on pre-fault rows, whose cooldown then hid the real fault).
     alarms: std::collections::BTreeSet<(u64, String)>,
