@@ -154,9 +154,9 @@ struct State {
     wanted: Option<(String, u64)>,
     /// Drift alarms raised and not yet ended, by model version and series. A run wanted for
     /// drift is dropped when the last one ends before enough new rows arrived: training then
-    /// would learn the old
-    /// regime (measured in the demo: a multivariate alarm 0.5 % over its threshold that ended
-    /// 130 ms later started a run on pre-fault rows, whose cooldown then hid the real fault).
+    /// would learn the old regime (measured in the demo: a multivariate alarm 0.5 % over its
+    /// threshold that ended 130 ms later started a run on pre-fault rows, whose cooldown then
+    /// hid the real fault).
     alarms: std::collections::BTreeSet<(u64, String)>,
     /// Not before this (a skipped run waits a minute before trying again).
     retry_at: Option<Instant>,
