@@ -59,18 +59,29 @@ pub struct Broker {
     child: Option<Child>,
     pub mosquitto: bool,
     /// Saves its state after every change, so a SIGKILL loses at most what it did since.
+    /// (Not a write-ahead log: mosquitto acknowledges a message before the save that holds
+    /// it.) Slow: a queue of thousands makes each save take milliseconds.
     persistent: bool,
+    /// `max_inflight_messages`: the window each way, and (MQTT 5) the Receive Maximum it
+    /// grants clients.
+    window: u16,
 }
 
 impl Broker {
     /// A mosquitto that keeps sessions and queued messages on disk across a SIGKILL
     /// (`autosave_on_changes`, saved after each change). None without mosquitto.
     pub fn start_persistent() -> Option<Broker> {
+        Broker::start_persistent_with_window(100)
+    }
+
+    /// [`Broker::start_persistent`] with `max_inflight_messages` at `window` (mosquitto's own
+    /// default is 20).
+    pub fn start_persistent_with_window(window: u16) -> Option<Broker> {
         if !mosquitto_installed() {
             return None;
         }
-        let mut b =
-            Broker { port: free_port(), dir: temp_dir("broker"), child: None, mosquitto: true, persistent: true };
+        let dir = temp_dir("broker");
+        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: true, window };
         b.restart();
         Some(b)
     }
@@ -84,9 +95,9 @@ impl Broker {
             );
             eprintln!("mosquitto not installed: falling back to the embedded broker");
             let addr = lathe::ingest::embedded_broker::start("127.0.0.1:0").unwrap();
-            return Broker { port: addr.port(), dir, child: None, mosquitto: false, persistent: false };
+            return Broker { port: addr.port(), dir, child: None, mosquitto: false, persistent: false, window: 100 };
         }
-        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: false };
+        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: false, window: 100 };
         b.restart();
         b
     }
@@ -96,8 +107,8 @@ impl Broker {
     pub fn restart(&mut self) {
         let conf = self.dir.join("mosquitto.conf");
         let mut text = format!(
-            "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 100\n",
-            self.port
+            "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages {}\n",
+            self.port, self.window
         );
         if self.persistent {
             // mosquitto started as root drops to its own user, which must be able to save here.
@@ -127,6 +138,15 @@ impl Broker {
     /// SIGKILL, like a crash or a power cut of the broker host.
     pub fn kill(&mut self) {
         kill(&mut self.child);
+    }
+
+    /// SIGTERM, and waits: mosquitto saves its state and closes every connection on the way
+    /// out, as on a planned restart.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
     }
 
     pub fn url(&self) -> String {

@@ -218,11 +218,16 @@ impl EventLoop {
             // After collision with pkid 1        -> [1b ,2, x, 4, 5].
             // 1a is saved to state and event loop is set to collision mode stopping new
             // outgoing requests (along with 1b).
+            // lathe patch: the requests replayed after a reconnect obey the same flow control
+            // as new ones. The original enabled this branch whenever `pending` was not empty,
+            // so a replayed backlog larger than the free packet ids collided again and again,
+            // and each collision overwrote `state.collision`, dropping the publish stashed
+            // there (see third_party/rumqttc/PATCHES.md).
             o = Self::next_request(
                 &mut self.pending,
                 &self.requests_rx,
                 self.options.pending_throttle
-            ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
+            ), if !inflight_full && !collision => match o {
                 Ok(request) => {
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;

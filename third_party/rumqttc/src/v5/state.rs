@@ -151,6 +151,13 @@ impl MqttState {
             }
         }
 
+        // lathe patch: the publish stashed by a collision goes out again too, after the
+        // publish holding its packet id. Left in `collision`, it was lost with the session,
+        // and (now that replays obey flow control) it would block the replay that frees it.
+        if let Some(publish) = self.collision.take() {
+            pending.push(Request::Publish(publish));
+        }
+
         // remove and collect pending releases
         for pkid in self.outgoing_rel.ones() {
             let request = Request::PubRel(PubRel::new(pkid as u16, None));
