@@ -168,6 +168,10 @@ fn label_shares(bundle: &Bundle) -> Vec<f64> {
 
 type DriftSlot = Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>;
 
+/// A reference smaller than this many windows is warned about: on Shuttle, 1,500 rows for a
+/// window of 500 ran clean and 1,000 did not (`tests/drift.rs`), so four leaves a margin.
+const SMALL_REFERENCE_WINDOWS: usize = 4;
+
 /// A drift monitor whose reference is the bundle's validation `rows` and the model's outputs
 /// `out` on them (from validation, not run again), calibrated on its own thread; the slot is
 /// filled when it is ready.
@@ -189,7 +193,16 @@ fn drift_monitor(
         .stack_size(256 * 1024)
         .spawn(move || {
             let started = Instant::now();
+            let window = settings.window;
             let monitor = Monitor::new(&rows, &scores, &names, settings);
+            if scores.len() < SMALL_REFERENCE_WINDOWS * window {
+                tracing::warn!(
+                    "The drift reference of {model} has {} rows for a window of {window}: with fewer than {} its own \
+                     sampling error can raise false alarms (README, \"Drift monitoring\")",
+                    scores.len(),
+                    SMALL_REFERENCE_WINDOWS * window
+                );
+            }
             tracing::info!(
                 "Drift monitor ready for {model} ({} reference rows, {} PCA components, calibrated in {} ms)",
                 scores.len(),
