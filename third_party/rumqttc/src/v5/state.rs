@@ -1020,4 +1020,19 @@ mod test {
         // should ping
         mqtt.outgoing_ping().unwrap();
     }
+
+    // lathe patch: the stashed publish is replayed, after the one holding its packet id.
+    #[test]
+    fn clean_replays_the_collision_stashed_publish_after_the_one_holding_its_id() {
+        let mut mqtt = MqttState::new(2, false);
+        let publish = build_outgoing_publish(QoS::AtLeastOnce);
+        mqtt.outgoing_publish(publish.clone()).unwrap();
+        mqtt.outgoing_publish(publish.clone()).unwrap();
+        mqtt.outgoing_publish(publish.clone()).unwrap(); // collides on pkid 1
+        assert!(mqtt.collision.is_some());
+        let pending = mqtt.clean();
+        assert!(mqtt.collision.is_none());
+        let pkids: Vec<u16> = pending.iter().map(|r| match r { Request::Publish(p) => p.pkid, _ => 0 }).collect();
+        assert_eq!(pkids, vec![1, 2, 1]);
+    }
 }
