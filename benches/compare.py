@@ -6,8 +6,8 @@
 Each round runs every service once through e2e_bench.py (its own mosquitto on a free loopback
 port, QoS 1, 4 publishing devices, real Shuttle rows, the sample MLP), alternating so machine
 noise hits all of them alike. Prints one JSON line per run, then medians and the ratios
-lathe/relay, lathe/python and lathe/lathe-nodrift (the cost of drift monitoring). The Python service needs `pip install paho-mqtt onnxruntime
-numpy`; without them it is left out.
+lathe/relay, lathe/python and lathe/lathe-nodrift (the cost of drift monitoring). The Python service needs `pip install "paho-mqtt>=2"
+onnxruntime numpy`; without them it is left out.
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile
 
@@ -48,10 +48,12 @@ services = {
 }
 try:
     import paho.mqtt.client, onnxruntime, numpy  # noqa: F401
+    if not hasattr(paho.mqtt.client, "CallbackAPIVersion"):  # py_daemon.py uses paho's 2.x API
+        raise ImportError
     services["python"] = (f"exec {sys.executable} {os.path.join(here, 'py_daemon.py')} --port {{port}} "
                           f"--model {os.path.join(root, 'models', 'shuttle-mlp.onnx')} --batch 64")
 except ImportError:
-    print("python reference skipped: pip install paho-mqtt onnxruntime numpy", file=sys.stderr)
+    print("python reference skipped: pip install 'paho-mqtt>=2' onnxruntime numpy", file=sys.stderr)
 
 results = {name: [] for name in services}
 for r in range(args.rounds):

@@ -11,7 +11,7 @@ the labels are partly flipped so the gate refuses every run: nothing is promoted
 swap is measured). The latency is lathe's own, from each prediction's latency_us (message received to
 prediction handed to the client). Prints p50/p99 per phase kind, the ratio training/idle, and
 the share of each training phase a run was actually in progress (from the events).
-Needs: mosquitto, pip install paho-mqtt.
+Needs: mosquitto, pip install "paho-mqtt>=2".
 """
 import argparse, gzip, json, os, socket, subprocess, sys, tempfile, threading, time
 
