@@ -53,14 +53,15 @@ sink = { topic = "plant/{device}/out" }
     assert_eq!(v["errors"].as_array().unwrap().len(), 3);
 }
 
-/// `lathe check` on a config serving the sample bundle with the given `features` table.
-fn check_sample_config(name: &str, features: &str) -> (std::path::PathBuf, Output) {
+/// `lathe check` on a config serving the sample bundle with the given `features` table, and
+/// `extra` (e.g. a `[pipeline.drift]` table) after it.
+fn check_sample_config(name: &str, features: &str, extra: &str) -> (std::path::PathBuf, Output) {
     let dir = temp_dir(name);
     let model = root().join("models/shuttle-mlp-1.lathe");
     let config = format!(
         "node = \"edge\"\nstate_dir = \"state\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[[pipeline]]\nname = \"p\"\n\
          model = \"{}\"\nsource = {{ topic = \"plant/+/t\" }}\nfeatures = {features}\n\
-         sink = {{ topic = \"plant/{{device}}/out\" }}\n",
+         sink = {{ topic = \"plant/{{device}}/out\" }}\n{extra}",
         model.display()
     );
     std::fs::write(dir.join("lathe.toml"), config).unwrap();
@@ -70,15 +71,31 @@ fn check_sample_config(name: &str, features: &str) -> (std::path::PathBuf, Outpu
 
 #[test]
 fn check_accepts_a_good_config_and_names_the_model_it_would_serve() {
-    let (dir, out) = check_sample_config("config-ok", "{ f1 = \"/a/b\" }");
+    let (dir, out) = check_sample_config("config-ok", "{ f1 = \"/a/b\" }", "");
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("shuttle-mlp v1"));
     assert!(!dir.join("state").exists(), "check changes nothing on disk");
 }
 
+/// The sample bundle's 3,000 validation rows are enough for the default drift window (500)
+/// but not for one of 1,000: `check` says so, and still passes.
+#[test]
+fn check_warns_when_the_drift_reference_is_small_for_the_window() {
+    let (_, out) = check_sample_config("config-small-ref", "{ f1 = \"/a/b\" }", "");
+    assert!(out.status.success() && !text(&out).contains("warning"), "{}", text(&out));
+    let (_, out) = check_sample_config("config-small-ref-2", "{ f1 = \"/a/b\" }", "[pipeline.drift]\nwindow = 1000\n");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out)
+            .contains("warning: the drift reference of shuttle-mlp v1 (pipeline p) has 3000 rows for a window of 1000"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn a_feature_the_bundle_does_not_have_is_an_error_naming_the_inputs() {
-    let (_, out) = check_sample_config("config-feature", "{ temp = \"/t\" }");
+    let (_, out) = check_sample_config("config-feature", "{ temp = \"/t\" }", "");
     assert!(!out.status.success());
     assert!(
         text(&out).contains("pipeline[0].features.temp: bundle shuttle-mlp has no input \"temp\" (inputs: f1, f2"),

@@ -208,10 +208,14 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
             for (p, m) in c.pipelines.iter().zip(&models) {
                 println!("  {}: {} v{} ({})", p.name, m.name, m.version, &m.sha256[..12]);
             }
+            for warning in warnings(&c, &models) {
+                println!("  warning: {warning}");
+            }
             Ok(())
         }
-        (Ok(_), true) => {
-            println!("{}", serde_json::json!({"file": path, "ok": true, "errors": []}));
+        (Ok((c, models)), true) => {
+            let warnings = warnings(&c, &models);
+            println!("{}", serde_json::json!({"file": path, "ok": true, "errors": [], "warnings": warnings}));
             Ok(())
         }
         (Err(e), true) => {
@@ -222,4 +226,18 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
         }
         (Err(e), false) => Err(e.to_string()),
     }
+}
+
+/// What loads but may not behave as hoped: so far, drift references too small for their window.
+fn warnings(config: &Config, models: &[crate::infer::ActiveModel]) -> Vec<String> {
+    config
+        .pipelines
+        .iter()
+        .zip(models)
+        .filter_map(|(p, m)| {
+            let window = p.drift.as_ref()?.window;
+            let model = format!("{} v{} (pipeline {})", m.name, m.version, p.name);
+            crate::infer::small_reference(&model, m.reference_rows, window)
+        })
+        .collect()
 }

@@ -68,6 +68,8 @@ pub struct ActiveModel {
     pub baseline_loss: f64,
     /// Classifiers: each class's share of the validation targets (label shift reference).
     pub label_shares: Vec<f64>,
+    /// Rows in the drift reference (the validation rows that end a sample).
+    pub reference_rows: usize,
     /// Where this version came from: "fine-tuned" (grown on this device), "pushed" (a
     /// signed update accepted here) or "bundle" (installed from a file).
     pub origin: &'static str,
@@ -110,6 +112,7 @@ impl ActiveModel {
             });
         }
         let (rows, outputs) = bundle.validated_outputs(&engine).map_err(|e| e.to_string())?;
+        let reference_rows = rows.len() / m.inputs.len().max(1);
         let monitor = match &pipeline.drift {
             Some(settings) => Some(drift_monitor(bundle, rows, &outputs, settings.clone())?),
             None => None,
@@ -131,6 +134,7 @@ impl ActiveModel {
             sha256: bundle.sha256(),
             monitor,
             label_shares: label_shares(bundle),
+            reference_rows,
             origin: origin(bundle, config),
             baseline_loss: crate::model::baseline::implied_loss(m.task, &m.baseline.metrics),
         })
@@ -172,6 +176,19 @@ type DriftSlot = Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>;
 /// window of 500 ran clean and 1,000 did not (`tests/drift.rs`), so four leaves a margin.
 const SMALL_REFERENCE_WINDOWS: usize = 4;
 
+/// The warning for a drift reference of `rows` rows watched with windows of `window` rows,
+/// when it is too small (logged at load, printed by `lathe check`).
+pub fn small_reference(model: &str, rows: usize, window: usize) -> Option<String> {
+    let enough = SMALL_REFERENCE_WINDOWS * window;
+    (rows < enough).then(|| {
+        format!(
+            "the drift reference of {model} has {rows} rows for a window of {window}: with fewer than {enough} its \
+             own sampling error can raise false alarms (give the bundle a larger validation set, or a smaller \
+             drift window)"
+        )
+    })
+}
+
 /// A drift monitor whose reference is the bundle's validation `rows` and the model's outputs
 /// `out` on them (from validation, not run again), calibrated on its own thread; the slot is
 /// filled when it is ready.
@@ -193,16 +210,10 @@ fn drift_monitor(
         .stack_size(256 * 1024)
         .spawn(move || {
             let started = Instant::now();
-            let window = settings.window;
-            let monitor = Monitor::new(&rows, &scores, &names, settings);
-            if scores.len() < SMALL_REFERENCE_WINDOWS * window {
-                tracing::warn!(
-                    "The drift reference of {model} has {} rows for a window of {window}: with fewer than {} its own \
-                     sampling error can raise false alarms (README, \"Drift monitoring\")",
-                    scores.len(),
-                    SMALL_REFERENCE_WINDOWS * window
-                );
+            if let Some(warning) = small_reference(&model, scores.len(), settings.window) {
+                tracing::warn!("{warning}");
             }
+            let monitor = Monitor::new(&rows, &scores, &names, settings);
             tracing::info!(
                 "Drift monitor ready for {model} ({} reference rows, {} PCA components, calibrated in {} ms)",
                 scores.len(),
