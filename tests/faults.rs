@@ -605,8 +605,8 @@ fn a_refused_connection_backs_off_quietly_and_connects_when_the_broker_appears()
 }
 
 /// Two models on one stream behind mosquitto's default window of 20, and the broker
-/// restarted six times mid-stream: at each restart lathe holds more predictions than the
-/// window lets it send. rumqttc 0.25.1 replayed such a backlog past its flow control and
+/// restarted six times mid-stream: with two predictions per message and 20 messages in
+/// flight, lathe can hold more predictions than the window lets it send. rumqttc 0.25.1 replayed such a backlog past its flow control and
 /// dropped a publish at every second packet-id collision (third_party/rumqttc/PATCHES.md).
 /// The broker is stopped with SIGTERM, so it saves everything and any loss is the clients':
 /// the test's own publisher lost hundreds of messages to the same bug.

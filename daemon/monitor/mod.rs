@@ -262,7 +262,7 @@ impl Monitor {
         // window of 500, 33 % for 1,500, which without it raised 3 false alarms over the other
         // 47,600 clean Shuttle rows (`tests/drift.rs`). Smaller still, the reference's fixed
         // sampling error wins anyway (1,000 rows: 8 alarms without, 1 with), hence the warning
-        // for references under four windows (`infer::drift_monitor`).
+        // for references under four windows (`infer::small_reference`).
         let finite = 1.0 + w as f64 / n.max(1) as f64;
         let series = self.series.len();
         let scale = |k: usize| if k < series && stat == Statistic::Psi { finite } else { finite.sqrt() };
