@@ -132,7 +132,7 @@ impl Broker {
 
     /// SIGHUP: mosquitto re-reads its config.
     pub fn hangup(&self) {
-        hang_up(&self.child);
+        signal(&self.child, "HUP");
     }
 
     /// SIGKILL, like a crash or a power cut of the broker host.
@@ -143,8 +143,8 @@ impl Broker {
     /// SIGTERM, and waits: mosquitto saves its state and closes every connection on the way
     /// out, as on a planned restart.
     pub fn stop(&mut self) {
+        signal(&self.child, "TERM");
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
             let _ = c.wait();
         }
     }
@@ -160,9 +160,10 @@ impl Drop for Broker {
     }
 }
 
-fn hang_up(child: &Option<Child>) {
+/// Sends `signal` ("HUP", "TERM") to the child, if it runs.
+fn signal(child: &Option<Child>, signal: &str) {
     if let Some(c) = child {
-        let _ = Command::new("kill").args(["-HUP", &c.id().to_string()]).status();
+        let _ = Command::new("kill").args([&format!("-{signal}"), &c.id().to_string()]).status();
     }
 }
 
@@ -222,7 +223,7 @@ impl Daemon {
 
     /// SIGHUP, as `systemctl reload` sends it.
     pub fn hangup(&self) {
-        hang_up(&self.child);
+        signal(&self.child, "HUP");
     }
 
     /// SIGKILL, like a crash or a power cut.
