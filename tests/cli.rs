@@ -60,7 +60,7 @@ fn check_sample_config(name: &str, features: &str, extra: &str) -> (std::path::P
     let model = root().join("models/shuttle-mlp-1.lathe");
     let config = format!(
         "node = \"edge\"\nstate_dir = \"state\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[[pipeline]]\nname = \"p\"\n\
-         model = \"{}\"\nsource = {{ topic = \"plant/+/t\" }}\nfeatures = {features}\n\
+         model = \"{}\"\nsource = {{ topic = \"plant/+/t\", key = \"/seq\" }}\nfeatures = {features}\n\
          sink = {{ topic = \"plant/{{device}}/out\" }}\n{extra}",
         model.display()
     );
@@ -91,6 +91,14 @@ fn check_warns_when_the_drift_reference_is_small_for_the_window() {
         "{}",
         text(&out)
     );
+    // A pipeline that trains (late labels) re-bases fine-tuned versions' references.
+    let (_, out) = check_sample_config(
+        "config-small-rebase",
+        "{ f1 = \"/a/b\" }\nlabels = { topic = \"plant/+/l\", key = \"/seq\", value = \"/y\" }",
+        "[pipeline.drift]\nrebase_rows = 1000\n[pipeline.train]\n",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("warning: drift.rebase_rows = 1000 in pipeline p is under 2000"), "{}", text(&out));
 }
 
 #[test]

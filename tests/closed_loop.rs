@@ -187,6 +187,57 @@ fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_tri
     // The run record is kept.
     let runs = std::fs::read_dir(l.dir.join("state/runs")).unwrap().count();
     assert_eq!(runs, 1);
+    rebased_reference_holds_across_a_restart(&mut l, &rows);
+}
+
+/// v2 carries v1's validation set, so its monitor is in alarm on f1 as v1's was. Once v2 has
+/// served `drift.rebase_rows` (2,000) rows, they become its reference: the alarm ends, and
+/// the same fault raises none, also after a restart, which rebuilds the monitor from the file.
+fn rebased_reference_holds_across_a_restart(l: &mut Loop, rows: &[(Vec<f64>, u8)]) {
+    let on_f1 = |l: &Loop| l.events("drift").into_iter().filter(|d| d["series"] == "f1" && d["version"] == 2).count();
+    assert!(on_f1(l) > 0, "v2's monitor alarms against the carried reference: {:?}", l.events("drift"));
+    let faulty = common::faulty(&rows[4600..]);
+    let mut sent = 0;
+    for chunk in faulty[..2400].chunks(300) {
+        l.stream(chunk, 20_000 + sent, false);
+        sent += chunk.len();
+        if !l.events("drift.rebased").is_empty() {
+            break;
+        }
+    }
+    let rebased = l.wait_event("drift.rebased", Duration::from_secs(20));
+    assert_eq!((rebased["version"].as_u64(), rebased["rows"].as_u64()), (Some(2), Some(2000)), "{rebased}");
+    assert!(rebased["ended"].as_array().unwrap().iter().any(|s| s == "f1"), "{rebased}");
+    assert!(
+        l.events("drift.cleared").iter().any(|d| d["series"] == "f1" && d["version"] == 2),
+        "the episode ends with the reference it was raised against"
+    );
+    let file = l.dir.join("state/registry/shuttle-mlp/shuttle-mlp-2.reference.json");
+    let kept: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(kept["rows"].as_array().unwrap().len(), 2000);
+    assert!(kept["rows"].as_array().unwrap().iter().all(|r| r[0].as_f64().unwrap() >= 20.0), "faulty rows only");
+    let status = format!("lathe/{}/status", l.node);
+    assert!(
+        common::wait_until(Duration::from_secs(15), || l.out.on(&status).last().is_some_and(|s| {
+            let d = &s["pipelines"][0]["drift"];
+            d["reference"]["rows"] == 2000 && d["alarms"].as_array().is_some_and(|a| !a.iter().any(|x| x == "f1"))
+        })),
+        "{:?}",
+        l.out.on(&status).last().map(|s| s["pipelines"][0]["drift"].clone())
+    );
+    let config_text = std::fs::read_to_string(l.dir.join("lathe.toml")).unwrap();
+    assert!(l.daemon.stop());
+    l.daemon = common::Daemon::start(&l.dir, &config_text);
+    common::wait_online(l.broker.port, &l.node, &l.daemon);
+    assert!(common::wait_until(Duration::from_secs(20), || l
+        .daemon
+        .log()
+        .contains("reference rows from 2000 rows v2 served")));
+    // Without the kept reference, 500 rows of the fault raise f1 again (as they did above).
+    let before = on_f1(l);
+    l.stream(&faulty[sent..sent + 1500], 20_000 + sent, false);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(on_f1(l), before, "no new alarm on f1: {:?}", l.events("drift"));
     assert!(l.daemon.stop());
 }
 

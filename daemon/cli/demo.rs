@@ -325,18 +325,19 @@ async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<
         let Ok(mut s) = seen.lock() else { return };
         if p.topic.ends_with(b"/events") {
             let event = doc["event"].as_str().unwrap_or("?");
-            if event.starts_with("drift") {
+            if event == "drift" || event == "drift.cleared" {
                 s.drift.push(format!(
-                    "{event} on {}: {} {:.3} (threshold {:.3}) over the last {} rows",
+                    "{event} on {} of v{}: {} {:.3} (threshold {:.3}) over the last {} rows",
                     doc["series"].as_str().unwrap_or("?"),
+                    doc["version"],
                     doc["statistic"].as_str().unwrap_or("?"),
                     doc["value"].as_f64().unwrap_or(f64::NAN),
                     doc["threshold"].as_f64().unwrap_or(f64::NAN),
                     doc["window"]
                 ));
                 let n = s.drift.len();
-                if n > 4 {
-                    s.drift.drain(..n - 4);
+                if n > 8 {
+                    s.drift.drain(..n - 8);
                 }
                 continue;
             }
@@ -440,7 +441,8 @@ fn loop_step(event: &str, doc: &Value) -> Option<String> {
                 run["data"].as_str().unwrap_or("?"),
             )
         }
-        "trial.started" | "trial.passed" | "trial.failed" | "train.failed" | "train.skipped" => {
+        "trial.started" | "trial.passed" | "trial.failed" | "train.failed" | "train.skipped" | "drift.rebased"
+        | "drift.kept" => {
             format!("{event}: {message}")
         }
         "promoted" | "rolled_back" => format!("{event}: now serving v{}", doc["to"]),

@@ -228,16 +228,22 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
     }
 }
 
-/// What loads but may not behave as hoped: so far, drift references too small for their window.
+/// What loads but may not behave as hoped: so far, drift references (the bundle's, or one
+/// re-based later) too small for their window.
 fn warnings(config: &Config, models: &[crate::infer::ActiveModel]) -> Vec<String> {
-    config
-        .pipelines
-        .iter()
-        .zip(models)
-        .filter_map(|(p, m)| {
-            let window = p.drift.as_ref()?.window;
-            let model = format!("{} v{} (pipeline {})", m.name, m.version, p.name);
-            crate::infer::small_reference(&model, m.reference_rows, window)
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (p, m) in config.pipelines.iter().zip(models) {
+        let Some(drift) = &p.drift else { continue };
+        let model = format!("{} v{} (pipeline {})", m.name, m.version, p.name);
+        out.extend(crate::infer::small_reference(&model, m.reference_rows, drift.window));
+        let enough = crate::infer::SMALL_REFERENCE_WINDOWS * drift.window;
+        if p.train.is_some() && (1..enough).contains(&drift.rebase_rows) {
+            out.push(format!(
+                "drift.rebase_rows = {} in pipeline {} is under {enough} (four windows of {}): a reference re-based on \
+                 so few rows can raise false alarms",
+                drift.rebase_rows, p.name, drift.window
+            ));
+        }
+    }
+    out
 }

@@ -695,6 +695,14 @@ fn parse_drift(s: &mut Section) -> Option<Option<crate::monitor::Settings>> {
     let clear_ratio = t.number("clear_ratio", d.clear_ratio, 0.0, 1.0);
     let thresholds = t.table_of_numbers("thresholds");
     let seed = t.integer("seed", 0, 0, u64::MAX >> 1);
+    // Four windows by default: a smaller reference false-alarms (`infer::small_reference`).
+    let default_rebase = 4 * window.unwrap_or(d.window as u64);
+    let rebase_rows = t.integer("rebase_rows", default_rebase, 0, 1_000_000);
+    if let (Some(r), Some(w)) = (rebase_rows, window) {
+        if r > 0 && r < w {
+            t.error("rebase_rows", &format!("{r} is less than one window ({w}); 0 turns re-basing off"));
+        }
+    }
     let ok = t.finish();
     if !ok {
         return Some(None);
@@ -709,6 +717,7 @@ fn parse_drift(s: &mut Section) -> Option<Option<crate::monitor::Settings>> {
         clear_ratio: clear_ratio.unwrap_or(d.clear_ratio),
         thresholds,
         seed: seed.unwrap_or(0),
+        rebase_rows: rebase_rows.unwrap_or(default_rebase) as usize,
     }))
 }
 
@@ -874,10 +883,16 @@ batch = { max = 32 }
         assert_eq!((d.window, d.statistic), (300, crate::monitor::Statistic::Psi));
         assert_eq!(d.thresholds["temp"], 0.2);
         assert_eq!(c.pipelines[0].labels.as_ref().unwrap().value, "/failed");
+        assert_eq!(d.rebase_rows, 1200, "four windows unless set");
         let bad = GOOD.to_string() + "[pipeline.drift]\nwindow = 5\nstatistic = \"t-test\"\n";
         let errs = parse(&bad).err().unwrap();
         let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
         assert!(keys.contains(&"pipeline[0].drift.window") && keys.contains(&"pipeline[0].drift.statistic"), "{errs}");
+        let short = GOOD.to_string() + "[pipeline.drift]\nwindow = 300\nrebase_rows = 100\n";
+        let errs = parse(&short).err().unwrap();
+        assert_eq!(errs.errors[0].key, "pipeline[0].drift.rebase_rows", "{errs}");
+        let never = GOOD.to_string() + "[pipeline.drift]\nrebase_rows = 0\n";
+        assert_eq!(parse(&never).unwrap().pipelines[0].drift.as_ref().unwrap().rebase_rows, 0);
         let off = GOOD.to_string() + "[pipeline.drift]\nenabled = false\n";
         assert!(parse(&off).unwrap().pipelines[0].drift.is_none());
     }

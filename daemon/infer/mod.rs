@@ -27,6 +27,7 @@ use crate::ingest::Sample;
 use crate::model::baseline::Reading;
 use crate::model::Bundle;
 use crate::monitor::performance::{Performance, Predicted, Served};
+use crate::monitor::reference::Rebased;
 use crate::monitor::Monitor;
 use crate::service::events::{Counters, Event, Events};
 pub use engine::{Engine, EngineError, EngineKind, Outputs};
@@ -114,7 +115,7 @@ impl ActiveModel {
         let (rows, outputs) = bundle.validated_outputs(&engine).map_err(|e| e.to_string())?;
         let reference_rows = rows.len() / m.inputs.len().max(1);
         let monitor = match &pipeline.drift {
-            Some(settings) => Some(drift_monitor(bundle, rows, &outputs, settings.clone())?),
+            Some(settings) => Some(drift_monitor(bundle, rows, &outputs, settings.clone(), rebased(bundle, config))?),
             None => None,
         };
         let src = &pipeline.source;
@@ -174,7 +175,7 @@ type DriftSlot = Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>;
 
 /// A reference smaller than this many windows is warned about: on Shuttle, 1,500 rows for a
 /// window of 500 ran clean and 1,000 did not (`tests/drift.rs`), so four leaves a margin.
-const SMALL_REFERENCE_WINDOWS: usize = 4;
+pub const SMALL_REFERENCE_WINDOWS: usize = 4;
 
 /// The warning for a drift reference of `rows` rows watched with windows of `window` rows,
 /// when it is too small (logged at load, printed by `lathe check`).
@@ -189,18 +190,44 @@ pub fn small_reference(model: &str, rows: usize, window: usize) -> Option<String
     })
 }
 
+/// The drift reference re-based on rows this version served, if it has one
+/// (`monitor::reference`). A damaged file is logged and the validation set used instead.
+fn rebased(bundle: &Bundle, config: &Config) -> Option<Rebased> {
+    let m = &bundle.manifest;
+    let path = crate::model::Registry::new(&config.state_dir).reference_path(&m.name, m.version);
+    let names: Vec<String> = m.inputs.iter().map(|i| i.name.clone()).collect();
+    Rebased::read_for(&path, &bundle.sha256(), &names)
+        .map_err(|e| tracing::warn!("Ignoring the re-based drift reference of {} v{}: {e}", m.name, m.version))
+        .ok()
+        .flatten()
+}
+
+/// How the status names a re-based reference.
+pub fn rebased_source(r: &Rebased) -> String {
+    format!("{} rows v{} served (keys {} to {})", r.rows.len(), r.version, r.served.first_key, r.served.last_key)
+}
+
 /// A drift monitor whose reference is the bundle's validation `rows` and the model's outputs
-/// `out` on them (from validation, not run again), calibrated on its own thread; the slot is
-/// filled when it is ready.
+/// `out` on them (from validation, not run again), or the rows the version served when it
+/// was re-based; calibrated on its own thread; the slot is filled when it is ready.
 fn drift_monitor(
     bundle: &Bundle,
     rows: Vec<f32>,
     out: &Outputs,
     settings: crate::monitor::Settings,
+    rebased: Option<Rebased>,
 ) -> Result<DriftSlot, String> {
     let (f, p, reading) = (bundle.manifest.inputs.len(), bundle.manifest.primary_output, bundle.reading());
-    let scores: Vec<f64> =
-        (0..rows.len() / f).map(|r| reading.score(out.row(p, r), &rows[r * f..(r + 1) * f])).collect();
+    let (rows, scores, source) = match rebased {
+        Some(r) => {
+            let (rows, scores) = r.reference();
+            (rows, scores, rebased_source(&r))
+        }
+        None => {
+            let scores = (0..rows.len() / f).map(|r| reading.score(out.row(p, r), &rows[r * f..(r + 1) * f])).collect();
+            (rows, scores, "the bundle's validation set".to_string())
+        }
+    };
     let names: Vec<String> = bundle.manifest.inputs.iter().map(|i| i.name.clone()).collect();
     let slot: DriftSlot = Arc::default();
     let fill = slot.clone();
@@ -213,13 +240,14 @@ fn drift_monitor(
             if let Some(warning) = small_reference(&model, scores.len(), settings.window) {
                 tracing::warn!("{warning}");
             }
-            let monitor = Monitor::new(&rows, &scores, &names, settings);
+            let mut monitor = Monitor::new(&rows, &scores, &names, settings);
             tracing::info!(
-                "Drift monitor ready for {model} ({} reference rows, {} PCA components, calibrated in {} ms)",
+                "Drift monitor ready for {model} ({} reference rows from {source}, {} PCA components, calibrated in {} ms)",
                 scores.len(),
                 monitor.components_kept(),
                 started.elapsed().as_millis()
             );
+            monitor.source = source;
             let _ = fill.set(std::sync::Mutex::new(monitor));
         })
         .map_err(|e| format!("cannot start the drift calibration thread: {e}"))?;

@@ -104,6 +104,11 @@ impl Registry {
         self.root.join(name).join(format!("{name}-{version}.lathe"))
     }
 
+    /// Where a version's re-based drift reference is kept (`monitor::reference`).
+    pub fn reference_path(&self, name: &str, version: u64) -> PathBuf {
+        self.root.join(name).join(format!("{name}-{version}.reference.json"))
+    }
+
     /// Loads the champion bundle of `name`.
     ///
     /// # Errors
@@ -147,6 +152,7 @@ impl Registry {
         for v in versions.into_iter().filter(|v| !keep.contains(v)) {
             let path = self.bundle_path(name, v);
             std::fs::remove_file(&path).map_err(Self::io(&path))?;
+            let _ = std::fs::remove_file(self.reference_path(name, v));
         }
         Ok(())
     }

@@ -19,6 +19,7 @@
 pub mod detectors;
 pub mod pca;
 pub mod performance;
+pub mod reference;
 pub mod stats;
 
 use std::collections::BTreeMap;
@@ -64,6 +65,9 @@ pub struct Settings {
     /// Explicit thresholds by series name (a feature, `prediction`, `multivariate`).
     pub thresholds: BTreeMap<String, f64>,
     pub seed: u64,
+    /// After a fine-tuned version passes its trial while its monitor is in alarm, the
+    /// reference is re-based on this many rows it served (`reference.rs`); 0: never.
+    pub rebase_rows: usize,
 }
 
 impl Default for Settings {
@@ -78,6 +82,7 @@ impl Default for Settings {
             clear_ratio: 0.8,
             thresholds: BTreeMap::new(),
             seed: 0,
+            rebase_rows: 2000,
         }
     }
 }
@@ -158,6 +163,15 @@ impl Series {
     }
 }
 
+/// The statistic that raises a series' alarms, as events name it.
+fn statistic_name(stat: Statistic, multi: bool) -> String {
+    if multi {
+        "ks_pca_reconstruction_error".to_string()
+    } else {
+        format!("{stat:?}").to_lowercase()
+    }
+}
+
 /// Per-series state for the retained status.
 #[derive(Debug, Clone, Serialize)]
 pub struct SeriesState {
@@ -173,6 +187,8 @@ pub struct SeriesState {
 pub const MAX_REFERENCE_ROWS: usize = 5000;
 
 pub struct Monitor {
+    /// Where the reference came from, as the status shows it.
+    pub source: String,
     settings: Settings,
     features: usize,
     /// One per feature, then `prediction`.
@@ -214,6 +230,7 @@ impl Monitor {
         let errors: Vec<f64> = (0..n).map(|r| pca.error(&reference[r * f..(r + 1) * f], &mut z)).collect();
         let window = settings.window.max(10);
         let mut m = Monitor {
+            source: "the bundle's validation set".into(),
             features: f,
             series,
             pca,
@@ -330,13 +347,6 @@ impl Monitor {
         let measures = self.measure_all();
         let stat = self.settings.statistic;
         let (clear, seen) = (self.settings.clear_ratio, self.seen);
-        let statistic_name = |multi: bool| {
-            if multi {
-                "ks_pca_reconstruction_error".to_string()
-            } else {
-                format!("{stat:?}").to_lowercase()
-            }
-        };
         for (k, m) in measures.into_iter().enumerate() {
             let multi = k == self.series.len();
             let s = if multi { &mut self.multi } else { &mut self.series[k] };
@@ -348,7 +358,7 @@ impl Monitor {
                 s.alarm = raise;
                 alarms.push(Alarm {
                     series: s.name.clone(),
-                    statistic: statistic_name(multi),
+                    statistic: statistic_name(stat, multi),
                     value,
                     threshold: s.threshold,
                     window: w,
@@ -358,6 +368,29 @@ impl Monitor {
                 });
             }
         }
+    }
+
+    /// The alarms raised and not yet ended, as ended: for a monitor being replaced (its
+    /// reference re-based), whose episodes end with it.
+    pub fn end_alarms(&self) -> Vec<Alarm> {
+        let stat = self.settings.statistic;
+        let multi = std::iter::once((&self.multi, true));
+        self.series
+            .iter()
+            .map(|s| (s, false))
+            .chain(multi)
+            .filter(|(s, _)| s.alarm)
+            .map(|(s, multi)| Alarm {
+                series: s.name.clone(),
+                statistic: statistic_name(stat, multi),
+                value: if multi { s.last.ks } else { s.last.get(stat) },
+                threshold: s.threshold,
+                window: self.settings.window,
+                row: self.seen,
+                raised: false,
+                measures: Some(s.last),
+            })
+            .collect()
     }
 
     /// Every series: in alarm or not, its last value and threshold.
@@ -387,5 +420,19 @@ impl Monitor {
 
     pub fn components_kept(&self) -> usize {
         self.pca.kept()
+    }
+
+    /// The feature names, in model order.
+    pub fn features(&self) -> Vec<String> {
+        self.series[..self.features].iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Rows in the reference (after thinning to [`MAX_REFERENCE_ROWS`]).
+    pub fn reference_rows(&self) -> usize {
+        self.multi.reference.len()
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 }

@@ -29,6 +29,8 @@ use crate::config::{Config, PipelineConfig, TrainConfig, Trigger};
 use crate::infer::{ActiveModel, SharedModel};
 use crate::model::{Bundle, Registry, Task};
 use crate::monitor::performance::Performance;
+use crate::monitor::reference::{Rebased, ServedSpan};
+use crate::monitor::Monitor;
 use crate::store::{Record, Store};
 use crate::train::{self, data::Dataset, Outcome, Replay};
 
@@ -160,6 +162,17 @@ struct State {
     alarms: std::collections::BTreeSet<(u64, String)>,
     /// Not before this (a skipped run waits a minute before trying again).
     retry_at: Option<Instant>,
+    /// A fine-tuned version that passed its trial, waiting to have served enough rows to
+    /// re-base its drift reference on (`rebase`).
+    rebase: Option<Rebase>,
+}
+
+/// The version, and the store's sample count when it was promoted (its rows are counted
+/// from there). Kept in the store's meta, so a restart does not forget it.
+#[derive(Clone, Copy)]
+struct Rebase {
+    version: u64,
+    from: u64,
 }
 
 /// Runs the loop until `stop`, on a thread of its own: reading the store and the registry
@@ -176,10 +189,22 @@ pub fn run(
     let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
     let mut states: Vec<State> = pipelines
         .into_iter()
-        .map(|p| State { p, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None })
+        .map(|p| State {
+            p,
+            stage: Stage::Idle,
+            wanted: None,
+            alarms: Default::default(),
+            retry_at: None,
+            rebase: None,
+        })
         .collect();
     for s in &mut states {
         resume_trial(s, &store, &registry);
+        let version = store.meta(&s.p.config.name, "rebase_version").unwrap_or(0);
+        if version != 0 && version == s.p.model.load().version {
+            let from = store.meta(&s.p.config.name, "rebase_from").unwrap_or(0);
+            s.rebase = Some(Rebase { version, from });
+        }
     }
     // A steady tick, apart from the messages: frequent commands or alarms must not starve it.
     let mut next_tick = Instant::now();
@@ -280,6 +305,7 @@ fn emit(events: &Events, p: &LoopPipeline, step: &'static str, message: String, 
 }
 
 fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry, events: &Events) {
+    rebase(s, store, registry, events);
     match &mut s.stage {
         Stage::Idle => {
             if let Some(reason) = due(s, store) {
@@ -765,6 +791,7 @@ fn promote(
     let _ = store.set_meta(&name, "trial_previous", previous);
     let _ = store.set_meta(&name, "trial_until_s", now_s() + trial.as_secs());
     let _ = store.set_meta(&name, "trial_pushed", u64::from(record["origin"] == "pushed"));
+    let _ = store.set_meta(&name, "rebase_from", store.stats(&name).map_or(0, |st| st.stored_total));
     emit(
         events,
         &s.p,
@@ -918,7 +945,115 @@ fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Event
         clear_trial(store, &pipeline);
         s.stage = Stage::Idle;
         emit(events, &s.p, "trial.passed", format!("{name} v{version} passed its trial"), detail);
+        // Only a fine-tuned version carries a reference that is not its own (its parent's
+        // validation set); a pushed one brings the validation set it was made with.
+        if serving.origin == "fine-tuned" && s.p.config.drift.as_ref().is_some_and(|d| d.rebase_rows > 0) {
+            let _ = store.set_meta(&pipeline, "rebase_version", version);
+            s.rebase = Some(Rebase { version, from: store.meta(&pipeline, "rebase_from").unwrap_or(0) });
+        }
     }
+}
+
+/// Re-bases the drift reference of a fine-tuned version that passed its trial, once it has
+/// served `drift.rebase_rows` rows since its promotion. Only while its monitor is in alarm
+/// against the reference it carries (its parent's validation set, the regime before the
+/// change it was adapted to): without an alarm that set still describes the data, and a
+/// longer one than a few thousand recent rows, so it stays. The rows are the newest the
+/// version served, those of its trial included; the trial's labels vouched for them.
+fn rebase(s: &mut State, store: &Store, registry: &Registry, events: &Events) {
+    let Some(r) = s.rebase else { return };
+    let pipeline = s.p.config.name.clone();
+    let serving = s.p.model.load_full();
+    let (Some(settings), Some(slot)) = (s.p.config.drift.clone(), serving.monitor.clone()) else {
+        return end_rebase(s, store);
+    };
+    if serving.version != r.version {
+        return end_rebase(s, store); // rolled back or replaced: that version's reference no longer matters
+    }
+    let n = settings.rebase_rows;
+    let stored = store.stats(&pipeline).map_or(0, |st| st.stored_total);
+    let Some(monitor) = slot.get().filter(|_| stored.saturating_sub(r.from) >= n as u64) else { return };
+    // Once, whatever follows: a failure is reported, not retried every tick.
+    end_rebase(s, store);
+    let (v, model) = (r.version, serving.name.clone());
+    let Some((ended, features, source)) = monitor.lock().ok().map(|m| (m.end_alarms(), m.features(), m.source.clone()))
+    else {
+        return;
+    };
+    let kept = |why: String| emit(events, &s.p, "drift.kept", why, json!({"version": v, "rows": n}));
+    if ended.is_empty() {
+        return kept(format!(
+            "{model} v{v} served {n} rows with no drift alarm against {source}: that reference is kept"
+        ));
+    }
+    let rows = match store.newest(&pipeline, n, |rec| rec.version == v && rec.features.len() == features.len()) {
+        Ok(rows) if rows.len() == n => rows,
+        Ok(rows) => {
+            return kept(format!(
+                "only {} of the {n} rows {model} v{v} served are still in the store: drift reference not re-based",
+                rows.len()
+            ))
+        }
+        Err(e) => return kept(format!("cannot read the rows {model} v{v} served: {e}; drift reference not re-based")),
+    };
+    let series: Vec<String> = ended.iter().map(|a| a.series.clone()).collect();
+    let (first, last) = (&rows[0], &rows[rows.len() - 1]);
+    let reference = Rebased {
+        model: model.clone(),
+        version: v,
+        bundle_sha256: serving.sha256.clone(),
+        created_ms: crate::service::unix_ms(),
+        reason: format!("v{v} passed its trial in drift alarm on {} against {source}", series.join(", ")),
+        served: ServedSpan {
+            first_key: first.key.clone(),
+            last_key: last.key.clone(),
+            first_ts_ms: first.ts_ms,
+            last_ts_ms: last.ts_ms,
+        },
+        features,
+        rows: rows.iter().map(|r| r.features.clone()).collect(),
+        scores: rows.iter().map(|r| r.score).collect(),
+    };
+    // The file first: a restart rebuilds the monitor from it.
+    let path = registry.reference_path(&model, v);
+    if let Err(e) = reference.write(&path) {
+        return kept(format!("cannot keep the re-based drift reference: {e}; not re-based"));
+    }
+    let started = Instant::now();
+    let (flat, scores) = reference.reference();
+    let mut rebased = Monitor::new(&flat, &scores, &reference.features, settings);
+    rebased.source = crate::infer::rebased_source(&reference);
+    if let Ok(mut m) = monitor.lock() {
+        *m = rebased;
+    }
+    // The episodes end with the reference they were raised against, and so does a run they
+    // still wanted: the version serving was fine-tuned for this data and vouched for on it.
+    for alarm in ended {
+        events.emit(Event::Drift { pipeline: pipeline.clone(), model: model.clone(), version: v, alarm });
+    }
+    s.alarms.retain(|(version, _)| *version != v);
+    if let Some((why, _)) = s.wanted.take_if(|(why, _)| why.starts_with("drift")) {
+        let message = format!("{why}: the drift reference of v{v} was re-based on the rows it served; not fine-tuning");
+        emit(events, &s.p, "train.skipped", message, json!({"reason": why}));
+    }
+    emit(
+        events,
+        &s.p,
+        "drift.rebased",
+        format!(
+            "Re-based the drift reference of {model} v{v} on the {n} rows it served (keys {} to {}): it passed its trial in alarm on {} against {source}",
+            reference.served.first_key,
+            reference.served.last_key,
+            series.join(", ")
+        ),
+        json!({"version": v, "rows": n, "ended": series, "served": reference.served, "replaced": source,
+               "path": path, "calibrated_ms": started.elapsed().as_millis() as u64}),
+    );
+}
+
+fn end_rebase(s: &mut State, store: &Store) {
+    s.rebase = None;
+    let _ = store.set_meta(&s.p.config.name, "rebase_version", 0);
 }
 
 #[cfg(test)]
@@ -952,7 +1087,10 @@ mod tests {
             performance: None,
             device_key: None,
         };
-        (State { p: lp, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None }, store)
+        (
+            State { p: lp, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None, rebase: None },
+            store,
+        )
     }
 
     #[test]

@@ -291,8 +291,9 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
                        "rolling_loss": p.rolling_loss(), "baseline_loss": m.baseline_loss,
                        "label_shift_psi": p.label_shift(), "label_shift_alarm": p.shift_in_alarm()})
             });
-            let drift = match m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok().map(|d| d.state())) {
-                Some(series) => {
+            let monitor = m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok());
+            let drift = match monitor.map(|d| (d.state(), json!({"rows": d.reference_rows(), "source": d.source}))) {
+                Some((series, reference)) => {
                     let mut alarms: Vec<&str> = series.iter().filter(|s| s.alarm).map(|s| s.series.as_str()).collect();
                     if performance.as_ref().is_some_and(|p| p["alarm"] == true) {
                         alarms.push("performance");
@@ -300,7 +301,7 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
                     if performance.as_ref().is_some_and(|p| p["label_shift_alarm"] == true) {
                         alarms.push("labels");
                     }
-                    json!({"alarms": alarms, "series": series, "performance": performance})
+                    json!({"alarms": alarms, "series": series, "reference": reference, "performance": performance})
                 }
                 None => json!({"performance": performance}),
             };

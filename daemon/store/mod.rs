@@ -356,6 +356,30 @@ impl Store {
         })
     }
 
+    /// The newest `n` samples of `pipeline` that `keep` accepts, oldest first (a drift
+    /// reference re-based on what a version served).
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn newest(&self, pipeline: &str, n: usize, keep: impl Fn(&Record) -> bool) -> Result<Vec<Record>, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let mut out = Vec::with_capacity(n);
+            let sn = samples_table(pipeline);
+            if let Some(t) = read_table(&tx, TableDefinition::<u64, &[u8]>::new(&sn))? {
+                for item in t.iter()?.rev() {
+                    if out.len() >= n {
+                        break;
+                    }
+                    let (_, v) = item?;
+                    out.extend(Record::decode(v.value()).filter(|r| keep(r)));
+                }
+            }
+            out.reverse();
+            Ok(out)
+        })
+    }
+
     /// The newest `recent` rows that `keep` accepts, and up to `replay_rows` older labeled
     /// rows (the replay sample first, then the store's older labeled rows), oldest first.
     ///
@@ -515,6 +539,8 @@ mod tests {
         assert_eq!(rows.recent.len(), 5);
         assert_eq!(rows.recent.last().unwrap().key, "69", "newest last");
         assert!(rows.older.iter().all(|r| r.label.is_some()) && rows.older.len() == 10);
+        let newest: Vec<String> = store.newest("p", 3, |r| r.key != "69").unwrap().into_iter().map(|r| r.key).collect();
+        assert_eq!(newest, ["66", "67", "68"], "the newest that pass the filter, oldest first");
         // Reopening (as after a crash) keeps everything committed.
         drop(store);
         let store = open(&dir, 50);
