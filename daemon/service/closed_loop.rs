@@ -1062,6 +1062,11 @@ mod tests {
 
     /// A loop state for the sample model with `train` as its `[pipeline.train]`, and its store.
     fn state(name: &str, train: &str) -> (State, Arc<Store>) {
+        state_with_drift(name, "enabled = false", train)
+    }
+
+    /// The same with `drift` as its `[pipeline.drift]`.
+    fn state_with_drift(name: &str, drift: &str, train: &str) -> (State, Arc<Store>) {
         let dir = std::env::temp_dir().join(format!("lathe-loop-unit-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
@@ -1069,7 +1074,7 @@ mod tests {
             "node = \"n\"\nstate_dir = \"{}\"\n[mqtt]\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\n\
              source = {{ topic = \"t/+/x\", key = \"/seq\" }}\nsink = {{ topic = \"t/{{device}}/y\" }}\n\
              labels = {{ topic = \"t/+/l\", key = \"/seq\", value = \"/v\" }}\n\
-             [pipeline.drift]\nenabled = false\n[pipeline.train]\n{train}",
+             [pipeline.drift]\n{drift}\n[pipeline.train]\n{train}",
             dir.display(),
             model.display()
         );
@@ -1237,6 +1242,89 @@ mod tests {
         assert!(!trial_rolls_back("healthy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 50))));
         // Slower but under 1 ms per row (a busy machine): kept.
         assert!(!trial_rolls_back("busy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 400))));
+    }
+
+    /// A version whose monitor is in alarm against the reference it carries has that
+    /// reference replaced by the rows it served, once it has served `rebase_rows`; one that is
+    /// not in alarm keeps it. Either way the pending re-base is over.
+    #[test]
+    fn a_version_in_drift_alarm_is_re_based_on_the_rows_it_served_and_one_without_keeps_its_reference() {
+        let (mut s, store) = state_with_drift(
+            "rebase",
+            "window = 100\nevery = 50\nbootstrap = 100\nrebase_rows = 400",
+            "trigger = []\n",
+        );
+        let registry = Registry::new(store.settings().path.parent().unwrap());
+        let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
+        let (events, _reporter) = crate::service::events::reporter(client, "e".into());
+        let serving = s.p.model.load_full();
+        let slot = serving.monitor.clone().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while slot.get().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let monitor = slot.get().unwrap();
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
+        let validation = Bundle::read(&model).unwrap().validation_rows().unwrap();
+        let store_rows = |from: usize, rows: &[Vec<f32>]| {
+            let writes: Vec<crate::store::Write> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    crate::store::Write::Sample(Record {
+                        ts_ms: now_s() * 1000,
+                        version: 1,
+                        label: None,
+                        score: 0.5,
+                        device: "d".into(),
+                        key: (from + i).to_string(),
+                        features: r.clone(),
+                        output: vec![0.5, 0.5],
+                    })
+                })
+                .collect();
+            store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
+        };
+        let clean: Vec<Vec<f32>> = validation.chunks_exact(9).take(800).map(<[f32]>::to_vec).collect();
+        let faulty: Vec<Vec<f32>> = clean.iter().map(|r| [&[r[0] + 20.0], &r[1..]].concat()).collect();
+        let source = |m: &Monitor| m.source.clone();
+        let path = registry.reference_path("shuttle-mlp", 1);
+
+        // Clean rows: no alarm, so the validation set stays.
+        s.rebase = Some(Rebase { version: 1, from: 0 });
+        store_rows(0, &clean[..300]);
+        rebase(&mut s, &store, &registry, &events);
+        assert!(s.rebase.is_some(), "300 of 400 rows served: still waiting");
+        store_rows(300, &clean[300..400]);
+        rebase(&mut s, &store, &registry, &events);
+        assert!(s.rebase.is_none() && !path.exists());
+        assert_eq!(source(&monitor.lock().unwrap()), "the bundle's validation set");
+
+        // The f1 fault: the monitor alarms on f1, then the 400 faulty rows become its reference.
+        let mut alarms = Vec::new();
+        for r in &faulty[..200] {
+            monitor.lock().unwrap().observe(r, 0.5, &mut alarms);
+        }
+        assert!(alarms.iter().any(|a| a.series == "f1" && a.raised), "{alarms:?}");
+        s.alarms.insert((1, "f1".into()));
+        s.wanted = Some(("drift on f1 (ks)".into(), 0));
+        let from = store.stats("p").unwrap().stored_total;
+        s.rebase = Some(Rebase { version: 1, from });
+        store_rows(1000, &faulty[..400]);
+        rebase(&mut s, &store, &registry, &events);
+        assert!(s.rebase.is_none() && s.alarms.is_empty() && s.wanted.is_none(), "the episode and its run are over");
+        let m = monitor.lock().unwrap();
+        assert_eq!((m.reference_rows(), source(&m)), (400, "400 rows v1 served (keys 1000 to 1399)".to_string()));
+        assert!(m.state().iter().all(|x| !x.alarm));
+        drop(m);
+        let kept = Rebased::read_for(&path, &serving.sha256, &monitor.lock().unwrap().features()).unwrap().unwrap();
+        assert!(kept.rows.iter().all(|r| r[0] >= 20.0) && kept.rows.len() == 400, "the faulty rows it served");
+        // The same fault no longer alarms against the new reference.
+        alarms.clear();
+        for r in faulty[400..].iter().chain(&faulty[..200]) {
+            monitor.lock().unwrap().observe(r, 0.5, &mut alarms);
+        }
+        assert!(alarms.iter().all(|a| a.series != "f1"), "{alarms:?}");
     }
 
     /// A fine-tune whose loop has ended (a stop or a reload) stops at its next epoch, and
