@@ -225,7 +225,7 @@ fn drift_monitor(
         }
         None => {
             let scores = (0..rows.len() / f).map(|r| reading.score(out.row(p, r), &rows[r * f..(r + 1) * f])).collect();
-            (rows, scores, "the bundle's validation set".to_string())
+            (rows, scores, crate::monitor::VALIDATION_SET.to_string())
         }
     };
     let names: Vec<String> = bundle.manifest.inputs.iter().map(|i| i.name.clone()).collect();

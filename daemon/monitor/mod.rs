@@ -186,6 +186,9 @@ pub struct SeriesState {
 /// (on Shuttle, 1,500 rows already made the thresholds too tight: false alarms).
 pub const MAX_REFERENCE_ROWS: usize = 5000;
 
+/// The reference a monitor starts with, as its `source` names it.
+pub const VALIDATION_SET: &str = "the bundle's validation set";
+
 pub struct Monitor {
     /// Where the reference came from, as the status shows it.
     pub source: String,
@@ -230,7 +233,7 @@ impl Monitor {
         let errors: Vec<f64> = (0..n).map(|r| pca.error(&reference[r * f..(r + 1) * f], &mut z)).collect();
         let window = settings.window.max(10);
         let mut m = Monitor {
-            source: "the bundle's validation set".into(),
+            source: VALIDATION_SET.into(),
             features: f,
             series,
             pca,

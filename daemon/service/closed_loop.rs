@@ -1298,7 +1298,7 @@ mod tests {
         store_rows(300, &clean[300..400]);
         rebase(&mut s, &store, &registry, &events);
         assert!(s.rebase.is_none() && !path.exists());
-        assert_eq!(source(&monitor.lock().unwrap()), "the bundle's validation set");
+        assert_eq!(source(&monitor.lock().unwrap()), crate::monitor::VALIDATION_SET);
 
         // The f1 fault: the monitor alarms on f1, then the 400 faulty rows become its reference.
         let mut alarms = Vec::new();
