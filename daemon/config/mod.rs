@@ -120,6 +120,8 @@ pub struct MqttConfig {
     /// MQTT v5 Receive Maximum: telemetry messages the broker may have in flight to us.
     /// Bounds the memory a burst or a redelivered backlog can take.
     pub receive_maximum: u16,
+    /// Nagle's algorithm off on the connection to the broker (`connection::no_delay`).
+    pub tcp_nodelay: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -410,6 +412,8 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
         max_payload_bytes: s.integer("max_payload_bytes", 65_536, 64, 16 << 20).unwrap_or(0) as usize,
         max_inflight: s.integer("max_inflight", 1000, 1, 65_535).unwrap_or(1) as u16,
         receive_maximum: s.integer("receive_maximum", 1000, 1, 65_535).unwrap_or(1) as u16,
+        // On for the embedded broker only by default: ARCHITECTURE.md ("TCP_NODELAY").
+        tcp_nodelay: s.boolean("tcp_nodelay", matches!(url, Some(BrokerUrl::Embedded))).unwrap_or(false),
     };
     if c.cert_file.is_some() != c.key_file.is_some() {
         s.error("cert_file", "expected `cert_file` and `key_file` together (a client certificate and its key)");
@@ -870,6 +874,17 @@ batch = { max = 32 }
         assert!(keys.contains(&"infer.providers[1]"), "{errs}");
         assert!(keys.contains(&"infer.providers_policy"), "{errs}");
         assert!(keys.contains(&"infer.providers"), "providers without engine = \"ort\": {errs}");
+    }
+
+    /// Nagle's algorithm stays on towards an external broker unless asked (a broker crash
+    /// loses less), and is off towards the embedded one.
+    #[test]
+    fn tcp_nodelay_is_on_only_for_the_embedded_broker_unless_set() {
+        assert!(!parse(GOOD).unwrap().mqtt.tcp_nodelay);
+        let on = GOOD.replace("url = \"mqtt://127.0.0.1:1884\"", "url = \"mqtt://127.0.0.1:1884\"\ntcp_nodelay = true");
+        assert!(parse(&on).unwrap().mqtt.tcp_nodelay);
+        let embedded = GOOD.replace("url = \"mqtt://127.0.0.1:1884\"", "url = \"embedded\"");
+        assert!(parse(&embedded).unwrap().mqtt.tcp_nodelay);
     }
 
     #[test]

@@ -196,11 +196,7 @@ pub fn session_options(config: &Config, host: &str, port: u16, client_id: String
     let m = &config.mqtt;
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
-    // Only for the embedded broker so far: with no-delay towards mosquitto, the broker-kill
-    // test (`faults.rs`, 20 SIGKILLs) lost 1 prediction of 10,000 in 2 of 3 CI runs; with
-    // Nagle it has never lost one. A race that fits has since been fixed in rumqttc
-    // (third_party/rumqttc/PATCHES.md), but it is not yet shown to be the one.
-    if matches!(m.url, crate::config::BrokerUrl::Embedded) {
+    if m.tcp_nodelay {
         o.set_network_options(no_delay());
     }
     // Oversized telemetry must reach us to be rejected and reported: a v5 broker silently

@@ -248,14 +248,16 @@ impl Drop for Daemon {
 
 /// A config for one pipeline serving `model` (a bundle path) on `plant/line1/+/telemetry`.
 /// A receive window smaller than the tests' bursts, so flow control is always exercised.
+/// `LATHE_TEST_TCP_NODELAY=true|false` sets `mqtt.tcp_nodelay` (default: the daemon's).
 pub fn config(node: &str, broker: &Broker, state: &Path, model: &Path) -> String {
+    let no_delay = std::env::var("LATHE_TEST_TCP_NODELAY").map(|v| format!("tcp_nodelay = {v}\n")).unwrap_or_default();
     format!(
         r#"node = "{node}"
 state_dir = "{state}"
 [mqtt]
 url = "{url}"
 receive_maximum = 200
-[[pipeline]]
+{no_delay}[[pipeline]]
 name = "shuttle"
 model = "{model}"
 source = {{ topic = "plant/line1/+/telemetry", key = "/seq" }}
