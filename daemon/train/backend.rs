@@ -95,6 +95,21 @@ pub trait Backend {
     fn bias_grad(&self, dy: &Self::Buf, rows: usize, cols: usize, db: &mut Self::Buf) -> Result<()>;
     /// `y = f(x)`.
     fn activation(&self, f: Activation, x: &Self::Buf, y: &mut Self::Buf, rows: usize, cols: usize) -> Result<()>;
+    /// `x[r, c] += bias[c]; y = f(x)`: a dense layer's forward after its GEMM, `x` keeping the
+    /// pre-activation for the backward. One kernel on a GPU (launches are what a small MLP's
+    /// step costs there); the two ops above by default.
+    fn bias_activation(
+        &self,
+        f: Activation,
+        x: &mut Self::Buf,
+        bias: &Self::Buf,
+        y: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.add_bias(x, bias, rows, cols)?;
+        self.activation(f, x, y, rows, cols)
+    }
     /// `dx = dy · f'(x)`, given the forward pass's input `x` and output `y`.
     #[allow(clippy::too_many_arguments)]
     fn activation_grad(

@@ -184,6 +184,7 @@ pub struct Cuda {
 struct Kernels {
     gemm: CudaFunction,
     add_bias: CudaFunction,
+    bias_act: CudaFunction,
     activation: CudaFunction,
     activation_grad: CudaFunction,
     softmax_rows: CudaFunction,
@@ -239,6 +240,7 @@ impl Cuda {
             let kernels = Kernels {
                 gemm: f(0, "gemm_f32")?,
                 add_bias: f(1, "add_bias_f32")?,
+                bias_act: f(1, "bias_act_f32")?,
                 activation: f(1, "activation_f32")?,
                 activation_grad: f(1, "activation_grad_f32")?,
                 softmax_rows: f(1, "softmax_rows_f32")?,
@@ -405,6 +407,38 @@ impl Backend for Cuda {
             }
         };
         launched.map(|_| ()).map_err(err)
+    }
+
+    fn bias_activation(
+        &self,
+        f: Activation,
+        x: &mut Self::Buf,
+        bias: &Self::Buf,
+        y: &mut Self::Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if f == Activation::Softmax {
+            // Softmax works on whole rows: the bias first, then the row kernel.
+            self.add_bias(x, bias, rows, cols)?;
+            return self.activation(f, x, y, rows, cols);
+        }
+        let (r, c) = (rows as i32, cols as i32);
+        let (code, slope) = act_code(f);
+        unsafe {
+            self.stream
+                .launch_builder(&self.f.bias_act)
+                .arg(x)
+                .arg(bias)
+                .arg(y)
+                .arg(&r)
+                .arg(&c)
+                .arg(&code)
+                .arg(&slope)
+                .launch(elementwise(rows * cols))
+        }
+        .map(|_| ())
+        .map_err(err)
     }
 
     fn activation_grad(

@@ -1,0 +1,122 @@
+//! The CUDA backend, unchanged, on a stand-in for the NVIDIA driver that runs lathe's kernels
+//! on the CPU (`tests/cuda_emulator/`: what it proves and what only a GPU can is in its
+//! README). No GPU here, so this is how `daemon/train/cuda.rs` is run at all: the probe, NVRTC's
+//! real PTX for the emulated Orin (sm_87), every launch shape and argument, every copy, the
+//! memory bound, and a whole `lathe train --backend cuda` against the CPU.
+//!
+//! Needs g++ (to build the stand-in) and NVRTC (`LATHE_NVRTC`, as tests/cuda.rs); skipped
+//! without them unless `LATHE_REQUIRE_NVRTC` is set (CI), where it fails instead.
+//! A test binary of its own: once the stand-in is loaded this process has a "GPU".
+#![cfg(feature = "cuda")]
+
+#[path = "cuda_emulator/checks.rs"]
+mod checks;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use lathe::train::backend::Backend;
+use lathe::train::cuda;
+
+/// Builds `libcuda.so` from tests/cuda_emulator (once per run) and loads it, so cudarc's
+/// `dlopen("libcuda.so")` finds it; its folder, or None where it cannot be built.
+fn emulator() -> Option<&'static Path> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if !checks::nvrtc() {
+                return None;
+            }
+            let src = common::root().join("tests/cuda_emulator");
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emulator");
+            std::fs::create_dir_all(&dir).unwrap();
+            let lib = dir.join("libcuda.so");
+            let built = std::process::Command::new("g++")
+                .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas"])
+                .arg("-I")
+                .arg(common::root().join("cuda"))
+                .arg("-Wl,-soname,libcuda.so")
+                .arg("-o")
+                .arg(&lib)
+                .arg(src.join("libcuda.cpp"))
+                .output();
+            match built {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => panic!("the CUDA emulator does not build:\n{}", String::from_utf8_lossy(&out.stderr)),
+                Err(e) => {
+                    assert!(
+                        std::env::var_os("LATHE_REQUIRE_NVRTC").is_none(),
+                        "no g++ to build the CUDA emulator: {e}"
+                    );
+                    eprintln!("skipped: no g++ ({e})");
+                    return None;
+                }
+            }
+            let c = std::ffi::CString::new(lib.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: a plain dlopen of a path; the handle is kept for the process.
+            let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            assert!(!handle.is_null(), "{lib:?} does not load");
+            Some(dir)
+        })
+        .as_deref()
+}
+
+fn backend(max_gpu_mem_mb: u64) -> cuda::Cuda {
+    match cuda::choose("cuda", None, max_gpu_mem_mb) {
+        Ok(cuda::Chosen::Cuda(c)) => *c,
+        Ok(cuda::Chosen::Cpu { why }) => panic!("the CPU was chosen: {why}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn the_probe_finds_the_emulated_orin_and_every_kernel_loads() {
+    if emulator().is_none() {
+        return;
+    }
+    let device = cuda::probe().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(device.arch, "sm_87");
+    assert!(device.name.contains("emulator"), "{}", device.name);
+    // `auto` takes the GPU when there is one; the backend names it, for the run's record.
+    match cuda::choose("auto", None, 64).unwrap() {
+        cuda::Chosen::Cuda(c) => assert_eq!(c.name(), "cuda:lathe CUDA emulator (sm_87, CPU) (sm_87)"),
+        cuda::Chosen::Cpu { why } => panic!("auto chose the CPU: {why}"),
+    }
+}
+
+#[test]
+fn each_op_matches_the_cpu_on_the_emulator() {
+    if emulator().is_none() {
+        return;
+    }
+    checks::each_op_matches_the_cpu(&backend(4096));
+}
+
+/// `train.max_gpu_mem_mb` bounds what a run may hold on the GPU: past it, a clean error.
+#[test]
+fn a_run_past_max_gpu_mem_mb_is_refused_with_the_reason() {
+    if emulator().is_none() {
+        return;
+    }
+    let g = backend(1);
+    let quarter = vec![0.5f32; 1 << 16]; // 256 KiB
+    let held: Vec<_> = (0..4).map(|_| g.upload(&quarter).unwrap()).collect();
+    let Err(err) = g.zeros(1) else { panic!("1 MiB is held; one more float is over the bound") };
+    assert!(err.0.contains("more than train.max_gpu_mem_mb = 1 MiB"), "{}", err.0);
+    let mut back = vec![0.0f32; 1 << 16];
+    g.read(&held[3], &mut back).unwrap();
+    assert_eq!(back, quarter, "what was uploaded before the refusal is intact");
+}
+
+/// The whole of `lathe train --backend cuda` (a child process that finds the stand-in on its
+/// library path) against `--backend cpu`: the same per-epoch losses and gate decision.
+#[test]
+fn a_fine_tune_on_the_emulator_matches_the_cpu() {
+    let Some(dir) = emulator() else {
+        return;
+    };
+    let nvrtc_dir = std::env::var_os("LATHE_NVRTC").map(|p| PathBuf::from(p).parent().unwrap().to_path_buf());
+    let path = std::env::join_paths(std::iter::once(dir.to_path_buf()).chain(nvrtc_dir)).unwrap();
+    checks::a_fine_tune_matches_the_cpu(&[("LD_LIBRARY_PATH", path)]);
+}

@@ -1,0 +1,199 @@
+//! The CUDA backend against the CPU backend: every op, and a whole fine-tune. Run on a real GPU
+//! by `tests/cuda.rs` (ignored without one) and on the CPU emulator of the driver by
+//! `tests/cuda_emulated.rs`; included by both with `#[path]`.
+
+use lathe::train::backend::{Activation, Backend, Gemm, Loss, Update};
+use lathe::train::cpu::Cpu;
+use lathe::train::cuda;
+
+use super::common;
+
+/// Loads `LATHE_NVRTC` by its absolute path first, so cudarc's later `dlopen("libnvrtc.so.12")`
+/// finds it; says whether NVRTC is usable.
+pub fn nvrtc() -> bool {
+    if let Some(path) = std::env::var_os("LATHE_NVRTC") {
+        let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).unwrap();
+        // SAFETY: a plain dlopen of a path; the handle is kept for the process.
+        let handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        assert!(!handle.is_null(), "LATHE_NVRTC={path:?} does not load");
+    }
+    let ok = cuda::nvrtc_present();
+    if !ok {
+        assert!(
+            std::env::var_os("LATHE_REQUIRE_NVRTC").is_none(),
+            "LATHE_REQUIRE_NVRTC is set but libnvrtc.so.12 does not load"
+        );
+        eprintln!("skipped: no libnvrtc.so.12 (pip install nvidia-cuda-nvrtc-cu12; LATHE_NVRTC=…/libnvrtc.so.12)");
+    }
+    ok
+}
+
+pub fn close(name: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{name}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * x.abs().max(1.0), "{name}[{i}]: cpu {x} vs cuda {y}");
+    }
+}
+
+pub fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2000) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
+/// Runs `op` on both backends from the same inputs and compares what it wrote to `out`.
+fn both<F, G>(g: &cuda::Cuda, name: &str, inputs: &[Vec<f32>], out_len: usize, cpu_op: F, gpu_op: G)
+where
+    F: Fn(&Cpu, &[Vec<f32>], &mut Vec<f32>),
+    G: Fn(&cuda::Cuda, &[cudarc::driver::CudaSlice<f32>], &mut cudarc::driver::CudaSlice<f32>),
+{
+    let mut c_out = values(out_len, 99);
+    cpu_op(&Cpu, inputs, &mut c_out);
+    let bufs: Vec<_> = inputs.iter().map(|v| g.upload(v).unwrap()).collect();
+    let mut g_out = g.upload(&values(out_len, 99)).unwrap();
+    gpu_op(g, &bufs, &mut g_out);
+    let mut host = vec![0.0; out_len];
+    g.read(&g_out, &mut host).unwrap();
+    close(name, &c_out, &host, 1e-4);
+}
+
+/// Every op of the `Backend` trait on `g` against the CPU backend, on shapes that are not
+/// multiples of the tile or block size.
+pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let shape = Gemm { m: 37, n: 29, k: 53, trans_a: ta, trans_b: tb, alpha: 0.5, beta: 0.25 };
+        both(
+            g,
+            &format!("gemm {ta} {tb}"),
+            &[values(37 * 53, 1), values(53 * 29, 2)],
+            37 * 29,
+            |b, i, o| b.gemm(shape, &i[0].clone(), &i[1].clone(), o).unwrap(),
+            |b, i, o| b.gemm(shape, &i[0], &i[1], o).unwrap(),
+        );
+    }
+    let (r, c) = (67, 13);
+    both(
+        g,
+        "add_bias",
+        &[values(c, 3)],
+        r * c,
+        |b, i, o| b.add_bias(o, &i[0].clone(), r, c).unwrap(),
+        |b, i, o| b.add_bias(o, &i[0], r, c).unwrap(),
+    );
+    both(
+        g,
+        "bias_grad",
+        &[values(r * c, 4)],
+        c,
+        |b, i, o| b.bias_grad(&i[0].clone(), r, c, o).unwrap(),
+        |b, i, o| b.bias_grad(&i[0], r, c, o).unwrap(),
+    );
+    for f in [Activation::Relu, Activation::LeakyRelu(0.01), Activation::Sigmoid, Activation::Tanh, Activation::Softmax]
+    {
+        both(
+            g,
+            &format!("{f:?}"),
+            &[values(r * c, 5)],
+            r * c,
+            |b, i, o| b.activation(f, &i[0].clone(), o, r, c).unwrap(),
+            |b, i, o| b.activation(f, &i[0], o, r, c).unwrap(),
+        );
+        // The layer's fused forward: both the pre-activation kept in x and y.
+        let (x, bias) = (values(r * c, 16), values(c, 17));
+        let (mut cx, mut cy) = (x.clone(), vec![0.0; r * c]);
+        Cpu.bias_activation(f, &mut cx, &bias, &mut cy, r, c).unwrap();
+        let (mut gx, mut gy) = (g.upload(&x).unwrap(), g.zeros(r * c).unwrap());
+        g.bias_activation(f, &mut gx, &g.upload(&bias).unwrap(), &mut gy, r, c).unwrap();
+        let (mut hx, mut hy) = (vec![0.0; r * c], vec![0.0; r * c]);
+        g.read(&gx, &mut hx).unwrap();
+        g.read(&gy, &mut hy).unwrap();
+        close(&format!("{f:?} bias_activation x"), &cx, &hx, 1e-4);
+        close(&format!("{f:?} bias_activation y"), &cy, &hy, 1e-4);
+        let x = values(r * c, 6);
+        let mut y = vec![0.0; r * c];
+        Cpu.activation(f, &x, &mut y, r, c).unwrap();
+        both(
+            g,
+            &format!("{f:?} grad"),
+            &[x, y, values(r * c, 7)],
+            r * c,
+            |b, i, o| b.activation_grad(f, &i[0].clone(), &i[1].clone(), &i[2].clone(), o, r, c).unwrap(),
+            |b, i, o| b.activation_grad(f, &i[0], &i[1], &i[2], o, r, c).unwrap(),
+        );
+    }
+    let classes: Vec<f32> = (0..r).map(|i| (i % c) as f32).collect();
+    let binary: Vec<f32> = (0..r).map(|i| (i % 2) as f32).collect();
+    for (loss, cols, target, weights) in [
+        (Loss::Mse, c, values(r * c, 8), None),
+        (Loss::BceWithLogits, 1, binary.clone(), Some(vec![0.3, 1.7])),
+        (Loss::SoftmaxCrossEntropy, c, classes.clone(), Some(values(c, 9).iter().map(|w| w.abs() + 0.1).collect())),
+        (Loss::SoftmaxCrossEntropy, c, classes, None),
+    ] {
+        let out = values(r * cols, 10);
+        let mut cg = vec![0.0; r * cols];
+        let cl = Cpu.loss(loss, &out, &target, weights.as_ref(), r, cols, &mut cg).unwrap();
+        let w = weights.as_ref().map(|w| g.upload(w).unwrap());
+        let mut gg = g.zeros(r * cols).unwrap();
+        let gl =
+            g.loss(loss, &g.upload(&out).unwrap(), &g.upload(&target).unwrap(), w.as_ref(), r, cols, &mut gg).unwrap();
+        let mut host = vec![0.0; r * cols];
+        g.read(&gg, &mut host).unwrap();
+        assert!((cl - gl).abs() <= 1e-4 * cl.abs().max(1.0), "{loss:?}: cpu {cl} vs cuda {gl}");
+        close(&format!("{loss:?} grad"), &cg, &host, 1e-4);
+    }
+    let n = 1000;
+    for u in [
+        Update::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 },
+        Update::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: true, step: 3 },
+        Update::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: false, step: 1 },
+    ] {
+        let (p, gr, m, v) =
+            (values(n, 11), values(n, 12), values(n, 13), values(n, 14).iter().map(|x| x.abs()).collect::<Vec<_>>());
+        let (mut cp, mut cm, mut cv) = (p.clone(), m.clone(), v.clone());
+        Cpu.update(u, &mut cp, &gr, &mut cm, &mut cv, n).unwrap();
+        let (mut gp, mut gm, mut gv) = (g.upload(&p).unwrap(), g.upload(&m).unwrap(), g.upload(&v).unwrap());
+        g.update(u, &mut gp, &g.upload(&gr).unwrap(), &mut gm, &mut gv, n).unwrap();
+        // The parameters and the optimizer's state it keeps for the next step.
+        for (what, c_side, g_side) in [("p", &cp, &gp), ("m", &cm, &gm), ("v", &cv, &gv)] {
+            let mut host = vec![0.0; n];
+            g.read(g_side, &mut host).unwrap();
+            close(&format!("{u:?} {what}"), c_side, &host, 1e-5);
+        }
+    }
+    let x = values(5000, 15);
+    let (a, b) = (Cpu.sum_squares(&x, 5000).unwrap(), g.sum_squares(&g.upload(&x).unwrap(), 5000).unwrap());
+    assert!((a - b).abs() <= 1e-3 * a, "sum_squares: {a} vs {b}");
+}
+
+/// The same fine-tune (`lathe train`) with `--backend cpu` and `--backend cuda`, the latter with
+/// `env` added (where the emulator is): per-epoch losses agree, and the gate decides the same.
+pub fn a_fine_tune_matches_the_cpu(env: &[(&str, std::ffi::OsString)]) {
+    let dir = common::temp_dir("cuda-finetune");
+    let data = common::unseen_csv(&dir, 0.0);
+    let run = |backend: &str| -> serde_json::Value {
+        let out = std::process::Command::new(common::LATHE)
+            .args(["train", "--bundle"])
+            .arg(common::root().join("models/shuttle-mlp-1.lathe"))
+            .arg("--data")
+            .arg(&data)
+            .arg("-o")
+            .arg(dir.join(format!("{backend}.lathe")))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--backend", backend, "--json"])
+            .envs(env.iter().map(|(k, v)| (k, v)).filter(|_| backend == "cuda"))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let (c, g) = (run("cpu"), run("cuda"));
+    assert!(g["backend"].as_str().unwrap().starts_with("cuda:"), "{g}");
+    let losses = |r: &serde_json::Value| -> Vec<f64> {
+        r["epochs"].as_array().unwrap().iter().map(|e| e["train_loss"].as_f64().unwrap()).collect()
+    };
+    for (e, (a, b)) in losses(&c).iter().zip(losses(&g)).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1e-3), "epoch {}: cpu {a} vs cuda {b}", e + 1);
+    }
+    assert_eq!(c["gate"]["accepted"], g["gate"]["accepted"]);
+    eprintln!("cpu {} s, cuda {} s", c["wall_seconds"], g["wall_seconds"]);
+}
