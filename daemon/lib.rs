@@ -30,3 +30,12 @@ pub mod sparkplug;
 pub mod store;
 pub mod train;
 pub mod update;
+
+/// What a caught panic said (the text of `panic!`/`assert!`), for an error message. Used where
+/// a dependency panics instead of returning an error (NOTES.md: tract, cudarc).
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

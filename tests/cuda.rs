@@ -7,7 +7,8 @@
 //! (`.ci/run` sets it and `LATHE_REQUIRE_NVRTC=1`).
 //!
 //! On a GPU (`cargo test --test cuda -- --ignored`, or `scripts/gpu-check.sh`): every op
-//! against the CPU backend, and a whole fine-tune on both.
+//! against the CPU backend, PyTorch's recorded training steps, and a whole fine-tune on both.
+//! The same checks run on an emulated GPU in tests/cuda_emulated.rs.
 #![cfg(feature = "cuda")]
 
 #[path = "cuda_emulator/checks.rs"]
@@ -118,6 +119,12 @@ fn gpu() -> cuda::Cuda {
 #[ignore = "needs a CUDA GPU"]
 fn each_kernel_matches_the_cpu_op() {
     checks::each_op_matches_the_cpu(&gpu());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn training_on_the_gpu_matches_pytorch_step_by_step() {
+    common::pytorch::training_matches_pytorch_step_by_step(&gpu());
 }
 
 /// The same fine-tune on the GPU and the CPU: per-epoch losses agree, and the gate decides

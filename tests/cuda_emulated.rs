@@ -16,8 +16,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use lathe::train::backend::Backend;
+use lathe::train::backend::{Backend, Loss, Update};
 use lathe::train::cuda;
+use lathe::train::graph;
+use lathe::train::net::{Mode, Net};
 
 /// Builds `libcuda.so` from tests/cuda_emulator (once per run) and loads it, so cudarc's
 /// `dlopen("libcuda.so")` finds it; its folder, or None where it cannot be built.
@@ -62,6 +64,21 @@ fn emulator() -> Option<&'static Path> {
         .as_deref()
 }
 
+/// (allocations, launches) this thread has asked of the emulated driver so far.
+fn counts() -> (u64, u64) {
+    let name = c"lathe_emulator_counts";
+    // SAFETY: the symbol is the emulator's `void(unsigned long*, unsigned long*)`, loaded
+    // RTLD_GLOBAL by `emulator()`.
+    unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
+        assert!(!f.is_null(), "the emulator is not loaded");
+        let f: extern "C" fn(*mut u64, *mut u64) = std::mem::transmute(f);
+        let (mut a, mut l) = (0, 0);
+        f(&mut a, &mut l);
+        (a, l)
+    }
+}
+
 fn backend(max_gpu_mem_mb: u64) -> cuda::Cuda {
     match cuda::choose("cuda", None, max_gpu_mem_mb) {
         Ok(cuda::Chosen::Cuda(c)) => *c,
@@ -91,6 +108,42 @@ fn each_op_matches_the_cpu_on_the_emulator() {
         return;
     }
     checks::each_op_matches_the_cpu(&backend(4096));
+}
+
+#[test]
+fn training_on_the_emulator_matches_pytorch_step_by_step() {
+    if emulator().is_none() {
+        return;
+    }
+    common::pytorch::training_matches_pytorch_step_by_step(&backend(4096));
+}
+
+/// Buffers are allocated once per run: a training step (forward, loss, backward, clipping,
+/// Adam) allocates nothing on the GPU, and costs a fixed number of launches.
+#[test]
+fn a_training_step_allocates_nothing_on_the_gpu() {
+    if emulator().is_none() {
+        return;
+    }
+    let g = backend(4096);
+    let onnx = std::fs::read(common::root().join("tests/fixtures/train/multiclass-adam.onnx")).unwrap();
+    let tail = graph::tail_of(&onnx, "y").unwrap();
+    let (rows, classes) = (32, tail.out_dim());
+    let mut net = Net::new(&g, &tail.layers, Mode::Full, rows, 1).unwrap();
+    let x = checks::values(rows * tail.in_dim(), 1);
+    let y: Vec<f32> = (0..rows).map(|i| (i % classes) as f32).collect();
+    let mut step = || net.train_step(&g, &x, &y, Loss::SoftmaxCrossEntropy, Update::adam(0.01, 0.0, false), Some(0.5));
+    step().unwrap();
+    let mut per_step = Vec::new();
+    for _ in 0..10 {
+        let before = counts();
+        step().unwrap();
+        let after = counts();
+        assert_eq!(after.0 - before.0, 0, "GPU allocations in a training step");
+        per_step.push(after.1 - before.1);
+    }
+    eprintln!("{} layers: {per_step:?} kernel launches per training step", tail.layers.len());
+    assert!(per_step[0] > 0 && per_step.iter().all(|&n| n == per_step[0]), "{per_step:?}");
 }
 
 /// `train.max_gpu_mem_mb` bounds what a run may hold on the GPU: past it, a clean error.

@@ -135,16 +135,9 @@ enum Backend {
 /// One output of one batch: its values and its shape.
 pub type BatchOutput = (Vec<f32>, Vec<usize>);
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// Runs tract code that may panic on hostile models (tract #2390, #1177) as an error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(p))))
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(EngineError::Panicked(crate::panic_message(p))))
 }
 
 impl Engine {

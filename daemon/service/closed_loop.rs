@@ -485,10 +485,16 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
     let generation = LOOPS_ENDED.load(Relaxed);
     let spawned = std::thread::Builder::new().name("lathe-train".into()).spawn(move || {
         lower_priority();
-        let result = read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows).and_then(|rows| {
-            let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
-            train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
+        // A panic inside a dependency (cudarc asserts, tract) fails this run, not every later
+        // one: TRAINING is cleared and the loop gets the reason.
+        let run = std::panic::AssertUnwindSafe(|| {
+            read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows).and_then(|rows| {
+                let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
+                train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
+            })
         });
+        let result = std::panic::catch_unwind(run)
+            .unwrap_or_else(|p| Err(format!("the training run panicked: {}", crate::panic_message(p))));
         TRAINING.store(false, Relaxed);
         let _ = tx.send(result);
     });

@@ -35,10 +35,6 @@ pub fn program(source: &str) -> String {
     source.replace("#include \"common.cuh\"", &COMMON.replace("#pragma once", ""))
 }
 
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
-}
-
 /// Whether `libnvrtc.so.12` can be loaded (cudarc panics on first use otherwise).
 pub fn nvrtc_present() -> bool {
     catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
@@ -61,7 +57,7 @@ pub fn compile(name: &str, source: &str, arch: &'static str) -> std::result::Res
             Err(format!("{name} does not compile for {arch}:\n{}", log.to_string_lossy()))
         }
         Ok(Err(e)) => Err(format!("{name} for {arch}: {e:?}")),
-        Err(p) => Err(format!("NVRTC panicked on {name}: {}", panic_text(p))),
+        Err(p) => Err(format!("NVRTC panicked on {name}: {}", crate::panic_message(p))),
     }
 }
 
@@ -142,7 +138,7 @@ pub fn probe() -> std::result::Result<Device, String> {
             .ok_or_else(|| format!("{name} is {wanted}, older than lathe's kernels support"))?;
         Ok(Device { ctx, name, arch })
     });
-    found.unwrap_or_else(|p| Err(format!("the CUDA driver failed: {}", panic_text(p))))
+    found.unwrap_or_else(|p| Err(format!("the CUDA driver failed: {}", crate::panic_message(p))))
 }
 
 /// `train.backend`: which backend a run uses, and why.
@@ -177,8 +173,11 @@ pub struct Cuda {
     /// Device memory this backend may hold (`train.max_gpu_mem_mb`), and what it holds.
     budget: u64,
     held: std::sync::atomic::AtomicU64,
-    /// Scratch for the loss's per-row parts and the two-float reductions.
+    /// Scratch for the loss's per-row parts.
     parts: std::sync::Mutex<Option<CudaSlice<f32>>>,
+    /// Where the reductions (the loss and its weight, Σ x²) land: allocated once, so a
+    /// training step allocates nothing.
+    sums: std::sync::Mutex<CudaSlice<f32>>,
 }
 
 struct Kernels {
@@ -228,7 +227,8 @@ impl Cuda {
     /// Kernels that do not compile or load, or a stream that cannot be made.
     pub fn new(device: Device, cache_dir: Option<&Path>, max_gpu_mem_mb: u64) -> std::result::Result<Cuda, String> {
         let ptx = compile_all(device.arch, cache_dir)?;
-        let loaded = catch_unwind(AssertUnwindSafe(|| -> std::result::Result<(Arc<CudaStream>, Kernels), String> {
+        type Loaded = (Arc<CudaStream>, Kernels, CudaSlice<f32>);
+        let loaded = catch_unwind(AssertUnwindSafe(|| -> std::result::Result<Loaded, String> {
             let ctx = &device.ctx;
             // The lowest priority the device offers (numerically greatest): inference first.
             let stream = ctx.new_stream_with_priority(0).map_err(|e| format!("{e:?}"))?;
@@ -255,10 +255,11 @@ impl Cuda {
                 scale: f(3, "scale_f32")?,
                 sum_squares: f(3, "sum_squares_f32")?,
             };
-            Ok((stream, kernels))
+            let sums = stream.alloc_zeros::<f32>(2).map_err(|e| format!("{e:?}"))?;
+            Ok((stream, kernels, sums))
         }))
-        .unwrap_or_else(|p| Err(panic_text(p)))?;
-        let (stream, f) = loaded;
+        .unwrap_or_else(|p| Err(crate::panic_message(p)))?;
+        let (stream, f, sums) = loaded;
         Ok(Cuda {
             name: format!("cuda:{} ({})", device.name, device.arch),
             stream,
@@ -266,6 +267,7 @@ impl Cuda {
             budget: max_gpu_mem_mb << 20,
             held: Default::default(),
             parts: std::sync::Mutex::new(None),
+            sums: std::sync::Mutex::new(sums),
         })
     }
 
@@ -292,16 +294,30 @@ impl Cuda {
         Ok(guard)
     }
 
+    /// The two-float sums, zeroed.
+    fn sums(&self) -> Result<std::sync::MutexGuard<'_, CudaSlice<f32>>> {
+        let mut sums = self.sums.lock().map_err(|_| BackendError("CUDA sums poisoned".into()))?;
+        self.stream.memset_zeros(&mut *sums).map_err(err)?;
+        Ok(sums)
+    }
+
+    /// Reads the two sums back to the host.
+    fn read_sums(&self, sums: &CudaSlice<f32>) -> Result<[f32; 2]> {
+        let mut host = [0.0f32; 2];
+        self.stream.memcpy_dtoh(sums, &mut host[..]).map_err(err)?;
+        Ok(host)
+    }
+
     /// Sums `n` (value, weight) pairs in `parts` into two floats on the host.
     fn reduce_pairs(&self, parts: &CudaSlice<f32>, n: usize) -> Result<(f32, f32)> {
-        let mut out = self.stream.alloc_zeros::<f32>(2).map_err(err)?;
+        let mut out = self.sums()?;
         let n32 = n as i32;
         unsafe {
-            self.stream.launch_builder(&self.f.reduce_pairs).arg(parts).arg(&mut out).arg(&n32).launch(elementwise(n))
+            self.stream.launch_builder(&self.f.reduce_pairs).arg(parts).arg(&mut *out).arg(&n32).launch(elementwise(n))
         }
         .map_err(err)?;
-        let host = self.stream.clone_dtoh(&out).map_err(err)?;
-        Ok((host[0], host[1]))
+        let [sum, weight] = self.read_sums(&out)?;
+        Ok((sum, weight))
     }
 }
 
@@ -546,13 +562,13 @@ impl Backend for Cuda {
     }
 
     fn sum_squares(&self, x: &Self::Buf, len: usize) -> Result<f32> {
-        let mut out = self.stream.alloc_zeros::<f32>(1).map_err(err)?;
+        let mut out = self.sums()?;
         let n = len as i32;
         unsafe {
-            self.stream.launch_builder(&self.f.sum_squares).arg(x).arg(&mut out).arg(&n).launch(elementwise(len))
+            self.stream.launch_builder(&self.f.sum_squares).arg(x).arg(&mut *out).arg(&n).launch(elementwise(len))
         }
         .map_err(err)?;
-        Ok(self.stream.clone_dtoh(&out).map_err(err)?[0])
+        Ok(self.read_sums(&out)?[0])
     }
 
     fn scale(&self, x: &mut Self::Buf, len: usize, factor: f32) -> Result<()> {

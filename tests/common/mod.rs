@@ -2,6 +2,8 @@
 //! binary as a child process, and MQTT clients that publish and collect.
 #![allow(dead_code)]
 
+pub mod pytorch;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

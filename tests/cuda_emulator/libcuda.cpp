@@ -73,6 +73,9 @@ struct Allocation {
 };
 
 std::mutex lock;  // one driver call at a time
+// What the calling thread asked of the driver, for tests that count (every call is synchronous,
+// so a thread's counts are its own): see lathe_emulator_counts below.
+thread_local unsigned long thread_allocations = 0, thread_launches = 0;
 std::map<std::uintptr_t, Allocation> allocations;
 std::size_t held_bytes = 0;
 const std::size_t PAGE = 4096;
@@ -504,6 +507,7 @@ int cuMemGetInfo_v2(std::size_t* free_bytes, std::size_t* total) {
 
 int cuMemAlloc_v2(std::uintptr_t* ptr, std::size_t bytes) {
     std::lock_guard<std::mutex> g(lock);
+    ++thread_allocations;
     if (held_bytes + bytes > TOTAL_MEM) return OUT_OF_MEMORY;
     *ptr = allocate(bytes);
     return *ptr != 0 ? SUCCESS : OUT_OF_MEMORY;
@@ -625,6 +629,7 @@ int cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned 
                    unsigned shared_bytes, void*, void** params, void** extra) {
     std::lock_guard<std::mutex> g(lock);
     if (params == nullptr || extra != nullptr || shared_bytes != 0) return INVALID_VALUE;
+    ++thread_launches;
     std::string err = launch(*f->kernel, f->barriers, uint3{gx, gy, gz}, uint3{bx, by, bz}, params);
     running = nullptr;
     emu::current = nullptr;
@@ -655,6 +660,12 @@ int cuGetErrorString(int code, const char** s) {
         return SUCCESS;
     }
     return cuGetErrorName(code, s);
+}
+
+// Not part of the driver: how many allocations and launches the calling thread has made.
+void lathe_emulator_counts(unsigned long* allocations, unsigned long* launches) {
+    *allocations = thread_allocations;
+    *launches = thread_launches;
 }
 
 }  // extern "C"
