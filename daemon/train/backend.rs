@@ -150,4 +150,31 @@ pub trait Backend {
         v: &mut Self::Buf,
         len: usize,
     ) -> Result<()>;
+
+    // The optimizer step over every parameter tensor of a net. One launch each on a GPU (a
+    // small MLP's step is launch-bound); by default the per-tensor ops above, in order.
+
+    /// Σ over every tensor of Σ grad² (the squared global gradient norm, for clipping).
+    fn grad_sum_squares(&self, params: &[ParamSlot<'_, Self::Buf>]) -> Result<f32> {
+        params.iter().map(|p| self.sum_squares(p.grad, p.len)).sum()
+    }
+    /// Scales every tensor's gradient by `factor`.
+    fn scale_grads(&self, params: &mut [ParamSlot<'_, Self::Buf>], factor: f32) -> Result<()> {
+        params.iter_mut().try_for_each(|p| self.scale(p.grad, p.len, factor))
+    }
+    /// `update` on every tensor.
+    fn update_all(&self, u: Update, params: &mut [ParamSlot<'_, Self::Buf>]) -> Result<()> {
+        params.iter_mut().try_for_each(|p| self.update(u, p.value, p.grad, p.m, p.v, p.len))
+    }
+}
+
+/// One parameter tensor's buffers, for the step over all of a net's parameters.
+pub struct ParamSlot<'a, Buf> {
+    pub value: &'a mut Buf,
+    pub grad: &'a mut Buf,
+    /// Momentum or first moment.
+    pub m: &'a mut Buf,
+    /// Second moment (Adam).
+    pub v: &'a mut Buf,
+    pub len: usize,
 }

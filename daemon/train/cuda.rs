@@ -10,10 +10,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use super::backend::{Activation, Backend, BackendError, Gemm, Loss, Result, Update};
+use super::backend::{Activation, Backend, BackendError, Gemm, Loss, ParamSlot, Result, Update};
 
 /// The kernels, each file one NVRTC program, `common.cuh` inlined.
 pub const SOURCES: [(&str, &str); 5] = [
@@ -178,6 +178,17 @@ pub struct Cuda {
     /// Where the reductions (the loss and its weight, Σ x²) land: allocated once, so a
     /// training step allocates nothing.
     sums: std::sync::Mutex<CudaSlice<f32>>,
+    /// The multi-tensor kernels' tables: [0] (param, grad, m, v, len) per tensor for the
+    /// update, [1] (grad, len) for clipping.
+    tables: std::sync::Mutex<[Table; 2]>,
+}
+
+/// A table of u64s (device pointers and lengths) on the device, uploaded again only when it
+/// changes: a net's buffers live as long as its run, so after the first step nothing is copied.
+#[derive(Default)]
+struct Table {
+    host: Vec<u64>,
+    dev: Option<CudaSlice<u64>>,
 }
 
 struct Kernels {
@@ -197,6 +208,10 @@ struct Kernels {
     adam: CudaFunction,
     scale: CudaFunction,
     sum_squares: CudaFunction,
+    sgd_all: CudaFunction,
+    adam_all: CudaFunction,
+    scale_all: CudaFunction,
+    sum_squares_all: CudaFunction,
 }
 
 fn err(e: impl std::fmt::Debug) -> BackendError {
@@ -254,6 +269,10 @@ impl Cuda {
                 adam: f(3, "adam_f32")?,
                 scale: f(3, "scale_f32")?,
                 sum_squares: f(3, "sum_squares_f32")?,
+                sgd_all: f(3, "sgd_all_f32")?,
+                adam_all: f(3, "adam_all_f32")?,
+                scale_all: f(3, "scale_all_f32")?,
+                sum_squares_all: f(3, "sum_squares_all_f32")?,
             };
             let sums = stream.alloc_zeros::<f32>(2).map_err(|e| format!("{e:?}"))?;
             Ok((stream, kernels, sums))
@@ -268,6 +287,7 @@ impl Cuda {
             held: Default::default(),
             parts: std::sync::Mutex::new(None),
             sums: std::sync::Mutex::new(sums),
+            tables: Default::default(),
         })
     }
 
@@ -306,6 +326,43 @@ impl Cuda {
         let mut host = [0.0f32; 2];
         self.stream.memcpy_dtoh(sums, &mut host[..]).map_err(err)?;
         Ok(host)
+    }
+
+    fn ptr(&self, buf: &CudaSlice<f32>) -> u64 {
+        buf.device_ptr(&self.stream).0
+    }
+
+    /// Runs `launch` with table `which` holding `entries` on the device.
+    fn with_table<R>(
+        &self,
+        which: usize,
+        entries: Vec<u64>,
+        launch: impl FnOnce(&CudaSlice<u64>) -> Result<R>,
+    ) -> Result<R> {
+        let mut tables = self.tables.lock().map_err(|_| BackendError("CUDA tables poisoned".into()))?;
+        let table = &mut tables[which];
+        if table.dev.is_none() || table.host != entries {
+            if table.dev.as_ref().is_none_or(|d| d.len() < entries.len()) {
+                self.reserve(2 * entries.len())?;
+                table.dev = Some(self.stream.alloc_zeros::<u64>(entries.len()).map_err(err)?);
+            }
+            let dev = table.dev.as_mut().ok_or_else(|| BackendError("CUDA table missing".into()))?;
+            self.stream.memcpy_htod(&entries, &mut dev.slice_mut(..entries.len())).map_err(err)?;
+            table.host = entries;
+        }
+        launch(table.dev.as_ref().ok_or_else(|| BackendError("CUDA table missing".into()))?)
+    }
+
+    /// Launch shape of a multi-tensor kernel: a row of blocks per tensor, long enough for the
+    /// longest.
+    fn per_tensor(params: &[ParamSlot<'_, CudaSlice<f32>>]) -> LaunchConfig {
+        let longest = params.iter().map(|p| p.len).max().unwrap_or(0);
+        let blocks = (longest as u32).div_ceil(BLOCK).max(1);
+        LaunchConfig { grid_dim: (blocks, params.len() as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn grad_table(&self, params: &[ParamSlot<'_, CudaSlice<f32>>]) -> Vec<u64> {
+        params.iter().flat_map(|p| [self.ptr(p.grad), p.len as u64]).collect()
     }
 
     /// Sums `n` (value, weight) pairs in `parts` into two floats on the host.
@@ -602,10 +659,7 @@ impl Backend for Cuda {
                     .launch(elementwise(len))
             },
             Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step } => {
-                let bc1 = 1.0 - beta1.powi(step as i32);
-                let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
-                let (l2, decay) = if decoupled { (0.0f32, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0f32) };
-                let step_size = lr / bc1;
+                let a = adam_terms(lr, beta1, beta2, weight_decay, decoupled, step);
                 unsafe {
                     self.stream
                         .launch_builder(&self.f.adam)
@@ -617,14 +671,99 @@ impl Backend for Cuda {
                         .arg(&beta1)
                         .arg(&beta2)
                         .arg(&eps)
-                        .arg(&l2)
-                        .arg(&decay)
-                        .arg(&step_size)
-                        .arg(&bc2_sqrt)
+                        .arg(&a.l2)
+                        .arg(&a.decay)
+                        .arg(&a.step_size)
+                        .arg(&a.bc2_sqrt)
                         .launch(elementwise(len))
                 }
             }
         };
         launched.map(|_| ()).map_err(err)
     }
+
+    fn grad_sum_squares(&self, params: &[ParamSlot<'_, Self::Buf>]) -> Result<f32> {
+        if params.is_empty() {
+            return Ok(0.0);
+        }
+        let (cfg, tensors) = (Self::per_tensor(params), params.len() as i32);
+        let mut out = self.sums()?;
+        self.with_table(1, self.grad_table(params), |table| {
+            unsafe {
+                self.stream.launch_builder(&self.f.sum_squares_all).arg(table).arg(&tensors).arg(&mut *out).launch(cfg)
+            }
+            .map_err(err)
+        })?;
+        Ok(self.read_sums(&out)?[0])
+    }
+
+    fn scale_grads(&self, params: &mut [ParamSlot<'_, Self::Buf>], factor: f32) -> Result<()> {
+        if params.is_empty() {
+            return Ok(());
+        }
+        let (cfg, tensors) = (Self::per_tensor(params), params.len() as i32);
+        self.with_table(1, self.grad_table(params), |table| {
+            unsafe { self.stream.launch_builder(&self.f.scale_all).arg(table).arg(&tensors).arg(&factor).launch(cfg) }
+                .map(|_| ())
+                .map_err(err)
+        })
+    }
+
+    fn update_all(&self, u: Update, params: &mut [ParamSlot<'_, Self::Buf>]) -> Result<()> {
+        if params.is_empty() {
+            return Ok(());
+        }
+        let (cfg, tensors) = (Self::per_tensor(params), params.len() as i32);
+        let entries = params
+            .iter()
+            .flat_map(|p| [self.ptr(p.value), self.ptr(p.grad), self.ptr(p.m), self.ptr(p.v), p.len as u64]);
+        self.with_table(0, entries.collect(), |table| {
+            let launched = match u {
+                Update::Sgd { lr, momentum, weight_decay } => unsafe {
+                    self.stream
+                        .launch_builder(&self.f.sgd_all)
+                        .arg(table)
+                        .arg(&tensors)
+                        .arg(&lr)
+                        .arg(&momentum)
+                        .arg(&weight_decay)
+                        .launch(cfg)
+                },
+                Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step } => {
+                    let a = adam_terms(lr, beta1, beta2, weight_decay, decoupled, step);
+                    unsafe {
+                        self.stream
+                            .launch_builder(&self.f.adam_all)
+                            .arg(table)
+                            .arg(&tensors)
+                            .arg(&beta1)
+                            .arg(&beta2)
+                            .arg(&eps)
+                            .arg(&a.l2)
+                            .arg(&a.decay)
+                            .arg(&a.step_size)
+                            .arg(&a.bc2_sqrt)
+                            .launch(cfg)
+                    }
+                }
+            };
+            launched.map(|_| ()).map_err(err)
+        })
+    }
+}
+
+/// Adam's per-step scalars, as the kernels take them (PyTorch's definitions).
+struct AdamTerms {
+    l2: f32,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+fn adam_terms(lr: f32, beta1: f32, beta2: f32, weight_decay: f32, decoupled: bool, step: u32) -> AdamTerms {
+    let bc1 = 1.0 - beta1.powi(step as i32);
+    let bc2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
+    // Adam: L2 added to the gradient; AdamW: the weights decay by lr·wd.
+    let (l2, decay) = if decoupled { (0.0f32, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0f32) };
+    AdamTerms { l2, decay, step_size: lr / bc1, bc2_sqrt }
 }

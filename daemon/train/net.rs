@@ -6,7 +6,7 @@
 //! `B` starting at zero so step 0 is the champion); the delta is merged into `W` on export, so
 //! the graph never changes shape.
 
-use super::backend::{Activation, Backend, BackendError, Gemm, Loss, Result, Update};
+use super::backend::{Activation, Backend, BackendError, Gemm, Loss, ParamSlot, Result, Update};
 use super::graph::DenseLayer;
 
 /// One tensor that may train, with its gradient and optimizer state.
@@ -20,6 +20,10 @@ pub struct Param<B: Backend> {
 }
 
 impl<B: Backend> Param<B> {
+    fn slot(&mut self) -> ParamSlot<'_, B::Buf> {
+        ParamSlot { value: &mut self.value, grad: &mut self.grad, m: &mut self.m, v: &mut self.v, len: self.len }
+    }
+
     fn new(b: &B, host: &[f32], trainable: bool) -> Result<Param<B>> {
         let n = if trainable { host.len() } else { 0 };
         Ok(Param {
@@ -322,26 +326,23 @@ impl<B: Backend> Net<B> {
         let value = self.loss_only(b, loss, rows)?;
         self.backward(b, rows)?;
         self.step += 1;
+        let step = self.step;
+        let mut params: Vec<ParamSlot<'_, B::Buf>> = self.params_mut().map(Param::slot).collect();
         if let Some(max) = clip_norm {
-            let total = self.params().map(|p| b.sum_squares(&p.grad, p.len)).sum::<Result<f32>>()?.sqrt();
+            let total = b.grad_sum_squares(&params)?.sqrt();
             // torch.nn.utils.clip_grad_norm_: scale by max/(norm + 1e-6) when that is below 1.
             let coef = max / (total + 1e-6);
             if coef < 1.0 {
-                for p in self.params_mut() {
-                    b.scale(&mut p.grad, p.len, coef)?;
-                }
+                b.scale_grads(&mut params, coef)?;
             }
         }
-        let step = self.step;
-        for p in self.params_mut() {
-            let u = match update {
-                Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, .. } => {
-                    Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step }
-                }
-                sgd => sgd,
-            };
-            b.update(u, &mut p.value, &p.grad, &mut p.m, &mut p.v, p.len)?;
-        }
+        let u = match update {
+            Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, .. } => {
+                Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step }
+            }
+            sgd => sgd,
+        };
+        b.update_all(u, &mut params)?;
         Ok(value)
     }
 

@@ -2,7 +2,7 @@
 //! by `tests/cuda.rs` (ignored without one) and on the CPU emulator of the driver by
 //! `tests/cuda_emulated.rs`; included by both with `#[path]`.
 
-use lathe::train::backend::{Activation, Backend, Gemm, Loss, Update};
+use lathe::train::backend::{Activation, Backend, Gemm, Loss, ParamSlot, Update};
 use lathe::train::cpu::Cpu;
 use lathe::train::cuda;
 
@@ -158,6 +158,53 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
             let mut host = vec![0.0; n];
             g.read(g_side, &mut host).unwrap();
             close(&format!("{u:?} {what}"), c_side, &host, 1e-5);
+        }
+    }
+    // The step over all of a net's tensors at once (one launch each on the GPU), on tensors of
+    // different lengths: clipping's Σ grad² and scale, then each update rule.
+    let lens = [1000usize, 37, 300];
+    for u in [
+        Update::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 },
+        Update::Adam { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: true, step: 2 },
+    ] {
+        let host: Vec<[Vec<f32>; 4]> = lens
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| {
+                let s = 20 + 4 * t as u32;
+                [values(n, s), values(n, s + 1), values(n, s + 2), values(n, s + 3).iter().map(|x| x.abs()).collect()]
+            })
+            .collect();
+        let mut cpu: Vec<[Vec<f32>; 4]> = host.clone();
+        let mut gpu: Vec<Vec<_>> = host.iter().map(|t| t.iter().map(|v| g.upload(v).unwrap()).collect()).collect();
+        let mut cs: Vec<ParamSlot<'_, Vec<f32>>> = cpu
+            .iter_mut()
+            .map(|[value, grad, m, v]| {
+                let len = value.len();
+                ParamSlot { value, grad, m, v, len }
+            })
+            .collect();
+        let mut gs: Vec<ParamSlot<'_, _>> = gpu
+            .iter_mut()
+            .zip(lens)
+            .map(|(t, len)| {
+                let [value, grad, m, v] = &mut t[..] else { unreachable!() };
+                ParamSlot { value, grad, m, v, len }
+            })
+            .collect();
+        let (a, b) = (Cpu.grad_sum_squares(&cs).unwrap(), g.grad_sum_squares(&gs).unwrap());
+        assert!((a - b).abs() <= 1e-4 * a, "grad_sum_squares: cpu {a} vs cuda {b}");
+        Cpu.scale_grads(&mut cs, 0.5).unwrap();
+        g.scale_grads(&mut gs, 0.5).unwrap();
+        Cpu.update_all(u, &mut cs).unwrap();
+        g.update_all(u, &mut gs).unwrap();
+        drop((cs, gs));
+        for (t, (c, d)) in cpu.iter().zip(&gpu).enumerate() {
+            for (what, (cv, dv)) in ["value", "grad", "m", "v"].iter().zip(c.iter().zip(d)) {
+                let mut back = vec![0.0; cv.len()];
+                g.read(dv, &mut back).unwrap();
+                close(&format!("{u:?} update_all tensor {t} {what}"), cv, &back, 1e-5);
+            }
         }
     }
     let x = values(5000, 15);
