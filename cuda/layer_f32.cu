@@ -1,8 +1,7 @@
-// layer_f32: a dense layer's element-wise parts, forward and backward.
+// layer_f32: a dense layer's element-wise parts, forward and backward (its fused forward,
+// GEMM + bias + activation, is dense_f32 in gemm_f32.cu).
 //
 // add_bias_f32:        y[r,c] += bias[c]                          grid ceil(rows·cols/256), block 256
-// bias_act_f32:        x[r,c] += bias[c]; y = act(x)  (fused: the layer's forward after its GEMM,
-//                      x keeps the pre-activation for the backward)  grid ceil(rows·cols/256), block 256
 // activation_f32:      y = act(x)                                  grid ceil(n/256), block 256
 // activation_grad_f32: dx = dy · act'(x, y)                        grid ceil(n/256), block 256
 // softmax_rows_f32:    y[r,:] = softmax(x[r,:])                    grid rows, block 1 (classes are few)
@@ -13,15 +12,6 @@
 extern "C" __global__ void add_bias_f32(float* y, const float* bias, int rows, int cols) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < (size_t)rows * cols) y[i] += bias[i % cols];
-}
-
-extern "C" __global__ void bias_act_f32(float* x, const float* bias, float* y, int rows, int cols, int act, float slope) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < (size_t)rows * cols) {
-        float v = x[i] + bias[i % cols];
-        x[i] = v;
-        y[i] = lathe_act(act, slope, v);
-    }
 }
 
 extern "C" __global__ void activation_f32(const float* x, float* y, int n, int act, float slope) {

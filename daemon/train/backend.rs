@@ -95,20 +95,26 @@ pub trait Backend {
     fn bias_grad(&self, dy: &Self::Buf, rows: usize, cols: usize, db: &mut Self::Buf) -> Result<()>;
     /// `y = f(x)`.
     fn activation(&self, f: Activation, x: &Self::Buf, y: &mut Self::Buf, rows: usize, cols: usize) -> Result<()>;
-    /// `x[r, c] += bias[c]; y = f(x)`: a dense layer's forward after its GEMM, `x` keeping the
-    /// pre-activation for the backward. One kernel on a GPU (launches are what a small MLP's
-    /// step costs there); the two ops above by default.
-    fn bias_activation(
+    /// A dense layer's forward: `z = x · w + bias` (`x` rows×k, `w` k×cols, the bias
+    /// optional), `y = f(z)`, `z` keeping the pre-activation for the backward. One kernel on a
+    /// GPU (a small MLP's step is launch-bound there); a GEMM and the ops above by default.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_forward(
         &self,
         f: Activation,
-        x: &mut Self::Buf,
-        bias: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        z: &mut Self::Buf,
         y: &mut Self::Buf,
-        rows: usize,
-        cols: usize,
+        (rows, k, cols): (usize, usize, usize),
     ) -> Result<()> {
-        self.add_bias(x, bias, rows, cols)?;
-        self.activation(f, x, y, rows, cols)
+        let g = Gemm { m: rows, n: cols, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+        self.gemm(g, x, w, z)?;
+        if let Some(bias) = bias {
+            self.add_bias(z, bias, rows, cols)?;
+        }
+        self.activation(f, z, y, rows, cols)
     }
     /// `dx = dy · f'(x)`, given the forward pass's input `x` and output `y`.
     #[allow(clippy::too_many_arguments)]

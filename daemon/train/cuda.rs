@@ -194,7 +194,7 @@ struct Table {
 struct Kernels {
     gemm: CudaFunction,
     add_bias: CudaFunction,
-    bias_act: CudaFunction,
+    dense: CudaFunction,
     activation: CudaFunction,
     activation_grad: CudaFunction,
     softmax_rows: CudaFunction,
@@ -222,6 +222,15 @@ const BLOCK: u32 = 256;
 
 fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// gemm_f32 and dense_f32: a 16×16 block per 16×16 tile of the rows×cols output.
+fn tiles(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((cols as u32).div_ceil(16).max(1), (rows as u32).div_ceil(16).max(1), 1),
+        block_dim: (16, 16, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn per_row(rows: usize) -> LaunchConfig {
@@ -255,7 +264,7 @@ impl Cuda {
             let kernels = Kernels {
                 gemm: f(0, "gemm_f32")?,
                 add_bias: f(1, "add_bias_f32")?,
-                bias_act: f(1, "bias_act_f32")?,
+                dense: f(0, "dense_f32")?,
                 activation: f(1, "activation_f32")?,
                 activation_grad: f(1, "activation_grad_f32")?,
                 softmax_rows: f(1, "softmax_rows_f32")?,
@@ -413,11 +422,7 @@ impl Backend for Cuda {
     fn gemm(&self, g: Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<()> {
         let (m, n, k) = (g.m as i32, g.n as i32, g.k as i32);
         let (ta, tb) = (i32::from(g.trans_a), i32::from(g.trans_b));
-        let cfg = LaunchConfig {
-            grid_dim: ((g.n as u32).div_ceil(16).max(1), (g.m as u32).div_ceil(16).max(1), 1),
-            block_dim: (16, 16, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = tiles(g.m, g.n);
         unsafe {
             self.stream
                 .launch_builder(&self.f.gemm)
@@ -482,33 +487,45 @@ impl Backend for Cuda {
         launched.map(|_| ()).map_err(err)
     }
 
-    fn bias_activation(
+    fn dense_forward(
         &self,
         f: Activation,
-        x: &mut Self::Buf,
-        bias: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        z: &mut Self::Buf,
         y: &mut Self::Buf,
-        rows: usize,
-        cols: usize,
+        (rows, k, cols): (usize, usize, usize),
     ) -> Result<()> {
         if f == Activation::Softmax {
-            // Softmax works on whole rows: the bias first, then the row kernel.
-            self.add_bias(x, bias, rows, cols)?;
-            return self.activation(f, x, y, rows, cols);
+            // Softmax works on whole rows: the GEMM and bias first, then the row kernel.
+            let g = Gemm { m: rows, n: cols, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+            self.gemm(g, x, w, z)?;
+            if let Some(bias) = bias {
+                self.add_bias(z, bias, rows, cols)?;
+            }
+            return self.activation(f, z, y, rows, cols);
         }
-        let (r, c) = (rows as i32, cols as i32);
+        let (m, n, k32) = (rows as i32, cols as i32, k as i32);
         let (code, slope) = act_code(f);
+        let has_bias = i32::from(bias.is_some());
+        // Without a bias the kernel never reads it: any buffer serves as the pointer.
+        let bias = bias.unwrap_or(w);
         unsafe {
             self.stream
-                .launch_builder(&self.f.bias_act)
+                .launch_builder(&self.f.dense)
                 .arg(x)
+                .arg(w)
                 .arg(bias)
+                .arg(&has_bias)
+                .arg(z)
                 .arg(y)
-                .arg(&r)
-                .arg(&c)
+                .arg(&m)
+                .arg(&n)
+                .arg(&k32)
                 .arg(&code)
                 .arg(&slope)
-                .launch(elementwise(rows * cols))
+                .launch(tiles(rows, cols))
         }
         .map(|_| ())
         .map_err(err)

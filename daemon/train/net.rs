@@ -231,23 +231,26 @@ impl<B: Backend> Net<B> {
             };
             let (z, acts) = layer.outs.split_at_mut(1);
             let z = &mut z[0];
-            b.gemm(Gemm { m: rows, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }, x, weight, z)?;
-            // The bias and the first activation in one op (one kernel on a GPU).
+            let bias = layer.b.as_ref().map(|p| &p.value);
+            // The GEMM, the bias and the first activation in one op (one kernel on a GPU).
             let mut pairs = layer.activations.iter().zip(acts.iter_mut());
-            let mut prev: &B::Buf = match (&layer.b, pairs.next()) {
-                (Some(bias), Some((act, out))) => {
-                    b.bias_activation(*act, z, &bias.value, out, rows, n)?;
+            let mut prev: &B::Buf = match pairs.next() {
+                Some((act, out)) => {
+                    b.dense_forward(*act, x, weight, bias, z, out, (rows, k, n))?;
                     out
                 }
-                (Some(bias), None) => {
-                    b.add_bias(z, &bias.value, rows, n)?;
+                None => {
+                    b.gemm(
+                        Gemm { m: rows, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 },
+                        x,
+                        weight,
+                        z,
+                    )?;
+                    if let Some(bias) = bias {
+                        b.add_bias(z, bias, rows, n)?;
+                    }
                     z
                 }
-                (None, Some((act, out))) => {
-                    b.activation(*act, z, out, rows, n)?;
-                    out
-                }
-                (None, None) => z,
             };
             for (act, out) in pairs {
                 b.activation(*act, prev, out, rows, n)?;

@@ -98,17 +98,21 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
             |b, i, o| b.activation(f, &i[0].clone(), o, r, c).unwrap(),
             |b, i, o| b.activation(f, &i[0], o, r, c).unwrap(),
         );
-        // The layer's fused forward: both the pre-activation kept in x and y.
-        let (x, bias) = (values(r * c, 16), values(c, 17));
-        let (mut cx, mut cy) = (x.clone(), vec![0.0; r * c]);
-        Cpu.bias_activation(f, &mut cx, &bias, &mut cy, r, c).unwrap();
-        let (mut gx, mut gy) = (g.upload(&x).unwrap(), g.zeros(r * c).unwrap());
-        g.bias_activation(f, &mut gx, &g.upload(&bias).unwrap(), &mut gy, r, c).unwrap();
-        let (mut hx, mut hy) = (vec![0.0; r * c], vec![0.0; r * c]);
-        g.read(&gx, &mut hx).unwrap();
-        g.read(&gy, &mut hy).unwrap();
-        close(&format!("{f:?} bias_activation x"), &cx, &hx, 1e-4);
-        close(&format!("{f:?} bias_activation y"), &cy, &hy, 1e-4);
+        // The layer's fused forward (GEMM, bias, activation), with and without a bias: the
+        // pre-activation z and the output y.
+        let (k, x, w, bias) = (21, values(r * 21, 16), values(21 * c, 17), values(c, 18));
+        for with_bias in [true, false] {
+            let (mut cz, mut cy) = (vec![0.0; r * c], vec![0.0; r * c]);
+            Cpu.dense_forward(f, &x, &w, with_bias.then_some(&bias), &mut cz, &mut cy, (r, k, c)).unwrap();
+            let (gx, gw, gb) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.upload(&bias).unwrap());
+            let (mut gz, mut gy) = (g.zeros(r * c).unwrap(), g.zeros(r * c).unwrap());
+            g.dense_forward(f, &gx, &gw, with_bias.then_some(&gb), &mut gz, &mut gy, (r, k, c)).unwrap();
+            for (what, cpu, gpu) in [("z", &cz, &gz), ("y", &cy, &gy)] {
+                let mut back = vec![0.0; r * c];
+                g.read(gpu, &mut back).unwrap();
+                close(&format!("{f:?} dense_forward bias {with_bias} {what}"), cpu, &back, 1e-4);
+            }
+        }
         let x = values(r * c, 6);
         let mut y = vec![0.0; r * c];
         Cpu.activation(f, &x, &mut y, r, c).unwrap();
