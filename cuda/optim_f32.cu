@@ -13,7 +13,9 @@
 // launch-bound): `table` holds per tensor its device pointers and length as u64s, tensor t
 // is blockIdx.y.
 // sgd_all_f32, adam_all_f32:  table[5t..5t+5] = (param, grad, m, v, len)
-// scale_all_f32, sum_squares_all_f32:  table[2t..2t+2] = (x, len)
+// sum_squares_all_f32:  out[0] += Σ over tensors of Σ x²; table[2t..2t+2] = (x, len)
+// clip_all_f32:     x *= max_norm / (√sum_sq[0] + 1e-6) when that is below 1 (clip_grad_norm_,
+//                   the norm read on the device: the host never waits for it); table as above
 //                   grid (ceil(longest/256), tensors), block 256
 #include "common.cuh"
 
@@ -75,10 +77,12 @@ extern "C" __global__ void adam_all_f32(const unsigned long long* table, int ten
                LATHE_TENSOR(table, 5, 3), i, b1, b2, eps, l2, decay, step, bc2_sqrt);
 }
 
-extern "C" __global__ void scale_all_f32(const unsigned long long* table, int tensors, float factor) {
+extern "C" __global__ void clip_all_f32(const unsigned long long* table, int tensors, const float* sum_sq,
+                                        float max_norm) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if ((int)blockIdx.y >= tensors || i >= table[(size_t)blockIdx.y * 2 + 1]) return;
-    LATHE_TENSOR(table, 2, 0)[i] *= factor;
+    float coef = max_norm / (sqrtf(sum_sq[0]) + 1e-6f);
+    if (coef < 1.0f) LATHE_TENSOR(table, 2, 0)[i] *= coef;
 }
 
 extern "C" __global__ void sum_squares_all_f32(const unsigned long long* table, int tensors, float* out) {

@@ -144,10 +144,10 @@ fn a_training_step_allocates_nothing_on_the_gpu() {
     }
     eprintln!("{} layers: {per_step:?} kernel launches per training step", tail.layers.len());
     assert!(per_step[0] > 0 && per_step.iter().all(|&n| n == per_step[0]), "{per_step:?}");
-    // Launch-bound on a GPU, so counted: per layer its GEMM and fused bias + activation
-    // forward, at most four backward (activation, two GEMMs, bias); the loss, its reduction
-    // and scaling; and one launch each for clipping's norm, its scale and the update over
-    // all parameters (per-tensor updates would be 6 × 3 more here).
+    // Launch-bound on a GPU, so counted: per layer one forward kernel and at most four
+    // backward (activation, two GEMMs, bias); the loss, its reduction and scaling; and one
+    // launch each for clipping's norm, its scale and the update over all parameters
+    // (per-tensor ones would be 3 × 5 more here).
     let layers = tail.layers.len() as u64;
     assert!(per_step[0] <= 6 * layers + 6, "{} launches per step for {layers} layers", per_step[0]);
 }

@@ -160,13 +160,16 @@ pub trait Backend {
     // The optimizer step over every parameter tensor of a net. One launch each on a GPU (a
     // small MLP's step is launch-bound); by default the per-tensor ops above, in order.
 
-    /// Σ over every tensor of Σ grad² (the squared global gradient norm, for clipping).
-    fn grad_sum_squares(&self, params: &[ParamSlot<'_, Self::Buf>]) -> Result<f32> {
-        params.iter().map(|p| self.sum_squares(p.grad, p.len)).sum()
-    }
-    /// Scales every tensor's gradient by `factor`.
-    fn scale_grads(&self, params: &mut [ParamSlot<'_, Self::Buf>], factor: f32) -> Result<()> {
-        params.iter_mut().try_for_each(|p| self.scale(p.grad, p.len, factor))
+    /// `torch.nn.utils.clip_grad_norm_`: scales every tensor's gradient by
+    /// `max_norm / (‖g‖ + 1e-6)` when that is below 1, ‖g‖ taken over all tensors together.
+    /// On a GPU the norm never leaves the device (no blocking read).
+    fn clip_grad_norm(&self, params: &mut [ParamSlot<'_, Self::Buf>], max_norm: f32) -> Result<()> {
+        let total = params.iter().map(|p| self.sum_squares(p.grad, p.len)).sum::<Result<f32>>()?.sqrt();
+        let coef = max_norm / (total + 1e-6);
+        if coef < 1.0 {
+            params.iter_mut().try_for_each(|p| self.scale(p.grad, p.len, coef))?;
+        }
+        Ok(())
     }
     /// `update` on every tensor.
     fn update_all(&self, u: Update, params: &mut [ParamSlot<'_, Self::Buf>]) -> Result<()> {

@@ -210,7 +210,7 @@ struct Kernels {
     sum_squares: CudaFunction,
     sgd_all: CudaFunction,
     adam_all: CudaFunction,
-    scale_all: CudaFunction,
+    clip_all: CudaFunction,
     sum_squares_all: CudaFunction,
 }
 
@@ -280,7 +280,7 @@ impl Cuda {
                 sum_squares: f(3, "sum_squares_f32")?,
                 sgd_all: f(3, "sgd_all_f32")?,
                 adam_all: f(3, "adam_all_f32")?,
-                scale_all: f(3, "scale_all_f32")?,
+                clip_all: f(3, "clip_all_f32")?,
                 sum_squares_all: f(3, "sum_squares_all_f32")?,
             };
             let sums = stream.alloc_zeros::<f32>(2).map_err(|e| format!("{e:?}"))?;
@@ -699,30 +699,33 @@ impl Backend for Cuda {
         launched.map(|_| ()).map_err(err)
     }
 
-    fn grad_sum_squares(&self, params: &[ParamSlot<'_, Self::Buf>]) -> Result<f32> {
-        if params.is_empty() {
-            return Ok(0.0);
-        }
-        let (cfg, tensors) = (Self::per_tensor(params), params.len() as i32);
-        let mut out = self.sums()?;
-        self.with_table(1, self.grad_table(params), |table| {
-            unsafe {
-                self.stream.launch_builder(&self.f.sum_squares_all).arg(table).arg(&tensors).arg(&mut *out).launch(cfg)
-            }
-            .map_err(err)
-        })?;
-        Ok(self.read_sums(&out)?[0])
-    }
-
-    fn scale_grads(&self, params: &mut [ParamSlot<'_, Self::Buf>], factor: f32) -> Result<()> {
+    fn clip_grad_norm(&self, params: &mut [ParamSlot<'_, Self::Buf>], max_norm: f32) -> Result<()> {
         if params.is_empty() {
             return Ok(());
         }
         let (cfg, tensors) = (Self::per_tensor(params), params.len() as i32);
+        let mut sum_sq = self.sums()?;
         self.with_table(1, self.grad_table(params), |table| {
-            unsafe { self.stream.launch_builder(&self.f.scale_all).arg(table).arg(&tensors).arg(&factor).launch(cfg) }
-                .map(|_| ())
-                .map_err(err)
+            unsafe {
+                self.stream
+                    .launch_builder(&self.f.sum_squares_all)
+                    .arg(table)
+                    .arg(&tensors)
+                    .arg(&mut *sum_sq)
+                    .launch(cfg)
+            }
+            .map_err(err)?;
+            unsafe {
+                self.stream
+                    .launch_builder(&self.f.clip_all)
+                    .arg(table)
+                    .arg(&tensors)
+                    .arg(&*sum_sq)
+                    .arg(&max_norm)
+                    .launch(cfg)
+            }
+            .map(|_| ())
+            .map_err(err)
         })
     }
 

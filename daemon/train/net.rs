@@ -332,12 +332,7 @@ impl<B: Backend> Net<B> {
         let step = self.step;
         let mut params: Vec<ParamSlot<'_, B::Buf>> = self.params_mut().map(Param::slot).collect();
         if let Some(max) = clip_norm {
-            let total = b.grad_sum_squares(&params)?.sqrt();
-            // torch.nn.utils.clip_grad_norm_: scale by max/(norm + 1e-6) when that is below 1.
-            let coef = max / (total + 1e-6);
-            if coef < 1.0 {
-                b.scale_grads(&mut params, coef)?;
-            }
+            b.clip_grad_norm(&mut params, max)?;
         }
         let u = match update {
             Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, .. } => {
