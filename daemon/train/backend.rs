@@ -109,12 +109,7 @@ pub trait Backend {
         y: &mut Self::Buf,
         (rows, k, cols): (usize, usize, usize),
     ) -> Result<()> {
-        let g = Gemm { m: rows, n: cols, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
-        self.gemm(g, x, w, z)?;
-        if let Some(bias) = bias {
-            self.add_bias(z, bias, rows, cols)?;
-        }
-        self.activation(f, z, y, rows, cols)
+        dense_forward_unfused(self, f, x, w, bias, z, y, (rows, k, cols))
     }
     /// `dx = dy · f'(x)`, given the forward pass's input `x` and output `y`.
     #[allow(clippy::too_many_arguments)]
@@ -186,4 +181,24 @@ pub struct ParamSlot<'a, Buf> {
     /// Second moment (Adam).
     pub v: &'a mut Buf,
     pub len: usize,
+}
+
+/// `Backend::dense_forward` as three ops: the GEMM, the bias, the activation.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_forward_unfused<B: Backend + ?Sized>(
+    b: &B,
+    f: Activation,
+    x: &B::Buf,
+    w: &B::Buf,
+    bias: Option<&B::Buf>,
+    z: &mut B::Buf,
+    y: &mut B::Buf,
+    (rows, k, cols): (usize, usize, usize),
+) -> Result<()> {
+    let g = Gemm { m: rows, n: cols, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+    b.gemm(g, x, w, z)?;
+    if let Some(bias) = bias {
+        b.add_bias(z, bias, rows, cols)?;
+    }
+    b.activation(f, z, y, rows, cols)
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use super::backend::{Activation, Backend, BackendError, Gemm, Loss, ParamSlot, Result, Update};
+use super::backend::{dense_forward_unfused, Activation, Backend, BackendError, Gemm, Loss, ParamSlot, Result, Update};
 
 /// The kernels, each file one NVRTC program, `common.cuh` inlined.
 pub const SOURCES: [(&str, &str); 5] = [
@@ -178,9 +178,9 @@ pub struct Cuda {
     /// Where the reductions (the loss and its weight, Σ x²) land: allocated once, so a
     /// training step allocates nothing.
     sums: std::sync::Mutex<CudaSlice<f32>>,
-    /// The multi-tensor kernels' tables: [0] (param, grad, m, v, len) per tensor for the
-    /// update, [1] (grad, len) for clipping.
-    tables: std::sync::Mutex<[Table; 2]>,
+    /// The multi-tensor kernels' tables: [0] (param, grad, m, v, len) per tensor for a net's
+    /// update, [1] (grad, len) for clipping, [2] a single tensor's update.
+    tables: std::sync::Mutex<[Table; 3]>,
 }
 
 /// A table of u64s (device pointers and lengths) on the device, uploaded again only when it
@@ -204,8 +204,6 @@ struct Kernels {
     bce: CudaFunction,
     xent: CudaFunction,
     reduce_pairs: CudaFunction,
-    sgd: CudaFunction,
-    adam: CudaFunction,
     scale: CudaFunction,
     sum_squares: CudaFunction,
     sgd_all: CudaFunction,
@@ -222,6 +220,12 @@ const BLOCK: u32 = 256;
 
 fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The multi-tensor kernels: a row of blocks per tensor (blockIdx.y), enough for the longest.
+fn multi_tensor(longest: usize, tensors: usize) -> LaunchConfig {
+    let blocks = (longest as u32).div_ceil(BLOCK).max(1);
+    LaunchConfig { grid_dim: (blocks, tensors.max(1) as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// gemm_f32 and dense_f32: a 16×16 block per 16×16 tile of the rows×cols output.
@@ -274,8 +278,6 @@ impl Cuda {
                 bce: f(2, "bce_logits_f32")?,
                 xent: f(2, "softmax_xent_f32")?,
                 reduce_pairs: f(2, "reduce_pairs_f32")?,
-                sgd: f(3, "sgd_f32")?,
-                adam: f(3, "adam_f32")?,
                 scale: f(3, "scale_f32")?,
                 sum_squares: f(3, "sum_squares_f32")?,
                 sgd_all: f(3, "sgd_all_f32")?,
@@ -365,9 +367,46 @@ impl Cuda {
     /// Launch shape of a multi-tensor kernel: a row of blocks per tensor, long enough for the
     /// longest.
     fn per_tensor(params: &[ParamSlot<'_, CudaSlice<f32>>]) -> LaunchConfig {
-        let longest = params.iter().map(|p| p.len).max().unwrap_or(0);
-        let blocks = (longest as u32).div_ceil(BLOCK).max(1);
-        LaunchConfig { grid_dim: (blocks, params.len() as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+        multi_tensor(params.iter().map(|p| p.len).max().unwrap_or(0), params.len())
+    }
+
+    /// The optimizer's kernel over the tensors in `entries` (param, grad, m, v, len each), from
+    /// table `which`: 0 a whole net's step, 2 a single tensor's.
+    fn launch_update(&self, u: Update, which: usize, entries: Vec<u64>, longest: usize) -> Result<()> {
+        let tensors = entries.len() / 5;
+        let (cfg, count) = (multi_tensor(longest, tensors), tensors as i32);
+        self.with_table(which, entries, |table| {
+            let launched = match u {
+                Update::Sgd { lr, momentum, weight_decay } => unsafe {
+                    self.stream
+                        .launch_builder(&self.f.sgd_all)
+                        .arg(table)
+                        .arg(&count)
+                        .arg(&lr)
+                        .arg(&momentum)
+                        .arg(&weight_decay)
+                        .launch(cfg)
+                },
+                Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step } => {
+                    let a = adam_terms(lr, beta1, beta2, weight_decay, decoupled, step);
+                    unsafe {
+                        self.stream
+                            .launch_builder(&self.f.adam_all)
+                            .arg(table)
+                            .arg(&count)
+                            .arg(&beta1)
+                            .arg(&beta2)
+                            .arg(&eps)
+                            .arg(&a.l2)
+                            .arg(&a.decay)
+                            .arg(&a.step_size)
+                            .arg(&a.bc2_sqrt)
+                            .launch(cfg)
+                    }
+                }
+            };
+            launched.map(|_| ()).map_err(err)
+        })
     }
 
     fn grad_table(&self, params: &[ParamSlot<'_, CudaSlice<f32>>]) -> Vec<u64> {
@@ -499,12 +538,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         if f == Activation::Softmax {
             // Softmax works on whole rows: the GEMM and bias first, then the row kernel.
-            let g = Gemm { m: rows, n: cols, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
-            self.gemm(g, x, w, z)?;
-            if let Some(bias) = bias {
-                self.add_bias(z, bias, rows, cols)?;
-            }
-            return self.activation(f, z, y, rows, cols);
+            return dense_forward_unfused(self, f, x, w, bias, z, y, (rows, k, cols));
         }
         let (m, n, k32) = (rows as i32, cols as i32, k as i32);
         let (code, slope) = act_code(f);
@@ -661,42 +695,8 @@ impl Backend for Cuda {
         v: &mut Self::Buf,
         len: usize,
     ) -> Result<()> {
-        let n = len as i32;
-        let launched = match u {
-            Update::Sgd { lr, momentum, weight_decay } => unsafe {
-                self.stream
-                    .launch_builder(&self.f.sgd)
-                    .arg(param)
-                    .arg(grad)
-                    .arg(m)
-                    .arg(&n)
-                    .arg(&lr)
-                    .arg(&momentum)
-                    .arg(&weight_decay)
-                    .launch(elementwise(len))
-            },
-            Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step } => {
-                let a = adam_terms(lr, beta1, beta2, weight_decay, decoupled, step);
-                unsafe {
-                    self.stream
-                        .launch_builder(&self.f.adam)
-                        .arg(param)
-                        .arg(grad)
-                        .arg(m)
-                        .arg(v)
-                        .arg(&n)
-                        .arg(&beta1)
-                        .arg(&beta2)
-                        .arg(&eps)
-                        .arg(&a.l2)
-                        .arg(&a.decay)
-                        .arg(&a.step_size)
-                        .arg(&a.bc2_sqrt)
-                        .launch(elementwise(len))
-                }
-            }
-        };
-        launched.map(|_| ()).map_err(err)
+        let entry = vec![self.ptr(param), self.ptr(grad), self.ptr(m), self.ptr(v), len as u64];
+        self.launch_update(u, 2, entry, len)
     }
 
     fn clip_grad_norm(&self, params: &mut [ParamSlot<'_, Self::Buf>], max_norm: f32) -> Result<()> {
@@ -733,42 +733,11 @@ impl Backend for Cuda {
         if params.is_empty() {
             return Ok(());
         }
-        let (cfg, tensors) = (Self::per_tensor(params), params.len() as i32);
         let entries = params
             .iter()
             .flat_map(|p| [self.ptr(p.value), self.ptr(p.grad), self.ptr(p.m), self.ptr(p.v), p.len as u64]);
-        self.with_table(0, entries.collect(), |table| {
-            let launched = match u {
-                Update::Sgd { lr, momentum, weight_decay } => unsafe {
-                    self.stream
-                        .launch_builder(&self.f.sgd_all)
-                        .arg(table)
-                        .arg(&tensors)
-                        .arg(&lr)
-                        .arg(&momentum)
-                        .arg(&weight_decay)
-                        .launch(cfg)
-                },
-                Update::Adam { lr, beta1, beta2, eps, weight_decay, decoupled, step } => {
-                    let a = adam_terms(lr, beta1, beta2, weight_decay, decoupled, step);
-                    unsafe {
-                        self.stream
-                            .launch_builder(&self.f.adam_all)
-                            .arg(table)
-                            .arg(&tensors)
-                            .arg(&beta1)
-                            .arg(&beta2)
-                            .arg(&eps)
-                            .arg(&a.l2)
-                            .arg(&a.decay)
-                            .arg(&a.step_size)
-                            .arg(&a.bc2_sqrt)
-                            .launch(cfg)
-                    }
-                }
-            };
-            launched.map(|_| ()).map_err(err)
-        })
+        let longest = params.iter().map(|p| p.len).max().unwrap_or(0);
+        self.launch_update(u, 0, entries.collect(), longest)
     }
 }
 
