@@ -117,7 +117,7 @@ struct Barrier {
 // Switching between fibers. On x86-64 a few instructions that save the callee-saved registers
 // (glibc's swapcontext also saves the signal mask: a system call per switch, 50× slower);
 // elsewhere ucontext.
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(LATHE_EMULATOR_UCONTEXT)
 extern "C" void emu_switch(void** save_sp, void* to_sp);
 asm(R"(
     .text
