@@ -64,18 +64,26 @@ fn emulator() -> Option<&'static Path> {
         .as_deref()
 }
 
-/// (allocations, launches) this thread has asked of the emulated driver so far.
-fn counts() -> (u64, u64) {
+/// What this thread has asked of the emulated driver so far.
+#[derive(Clone, Copy, Debug)]
+struct Counts {
+    allocations: u64,
+    launches: u64,
+    /// Driver calls of any kind: launches, copies, allocations, events.
+    calls: u64,
+}
+
+fn counts() -> Counts {
     let name = c"lathe_emulator_counts";
-    // SAFETY: the symbol is the emulator's `void(unsigned long*, unsigned long*)`, loaded
-    // RTLD_GLOBAL by `emulator()`.
+    // SAFETY: the symbol is the emulator's `void(unsigned long*, unsigned long*, unsigned
+    // long*)`, loaded RTLD_GLOBAL by `emulator()`.
     unsafe {
         let f = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
         assert!(!f.is_null(), "the emulator is not loaded");
-        let f: extern "C" fn(*mut u64, *mut u64) = std::mem::transmute(f);
-        let (mut a, mut l) = (0, 0);
-        f(&mut a, &mut l);
-        (a, l)
+        let f: extern "C" fn(*mut u64, *mut u64, *mut u64) = std::mem::transmute(f);
+        let mut c = Counts { allocations: 0, launches: 0, calls: 0 };
+        f(&mut c.allocations, &mut c.launches, &mut c.calls);
+        c
     }
 }
 
@@ -100,6 +108,9 @@ fn the_probe_finds_the_emulated_orin_and_every_kernel_loads() {
         cuda::Chosen::Cuda(c) => assert_eq!(c.name(), "cuda:lathe CUDA emulator (sm_87, CPU) (sm_87)"),
         cuda::Chosen::Cpu { why } => panic!("auto chose the CPU: {why}"),
     }
+    // What the daemon's status and `train.started` say runs.
+    assert_eq!(lathe::train::resolved_backend("auto"), "cuda:lathe CUDA emulator (sm_87, CPU) (sm_87)");
+    assert_eq!(lathe::train::resolved_backend("cpu"), "cpu");
 }
 
 #[test]
@@ -134,16 +145,21 @@ fn a_training_step_allocates_nothing_on_the_gpu() {
     let y: Vec<f32> = (0..rows).map(|i| (i % classes) as f32).collect();
     let mut step = || net.train_step(&g, &x, &y, Loss::SoftmaxCrossEntropy, Update::adam(0.01, 0.0, false), Some(0.5));
     step().unwrap();
-    let mut per_step = Vec::new();
+    let (mut launches, mut calls) = (Vec::new(), Vec::new());
     for _ in 0..10 {
         let before = counts();
         step().unwrap();
         let after = counts();
-        assert_eq!(after.0 - before.0, 0, "GPU allocations in a training step");
-        per_step.push(after.1 - before.1);
+        assert_eq!(after.allocations - before.allocations, 0, "GPU allocations in a training step");
+        launches.push(after.launches - before.launches);
+        calls.push(after.calls - before.calls);
     }
-    eprintln!("{} layers: {per_step:?} kernel launches per training step", tail.layers.len());
+    eprintln!("{} layers, per training step: {launches:?} kernel launches, {calls:?} driver calls", tail.layers.len());
+    let per_step = launches;
     assert!(per_step[0] > 0 && per_step.iter().all(|&n| n == per_step[0]), "{per_step:?}");
+    // The host's cost per launch: with cudarc's event tracking (for multi-stream use, off
+    // here: one stream) each launch was ~20 driver calls (448 per step).
+    assert!(calls[0] <= 2 * per_step[0], "{} driver calls for {} launches", calls[0], per_step[0]);
     // Launch-bound on a GPU, so counted: per layer one forward kernel and at most four
     // backward (activation, two GEMMs, bias); the loss, its reduction and scaling; and one
     // launch each for clipping's norm, its scale and the update over all parameters

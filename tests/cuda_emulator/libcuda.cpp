@@ -75,7 +75,7 @@ struct Allocation {
 std::mutex lock;  // one driver call at a time
 // What the calling thread asked of the driver, for tests that count (every call is synchronous,
 // so a thread's counts are its own): see lathe_emulator_counts below.
-thread_local unsigned long thread_allocations = 0, thread_launches = 0;
+thread_local unsigned long thread_allocations = 0, thread_launches = 0, thread_calls = 0;
 std::map<std::uintptr_t, Allocation> allocations;
 std::size_t held_bytes = 0;
 const std::size_t PAGE = 4096;
@@ -390,6 +390,7 @@ int arch() {
 extern "C" {
 
 int cuInit(unsigned) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     if (!initialized) {
         struct sigaction sa{};
@@ -403,16 +404,19 @@ int cuInit(unsigned) {
 }
 
 int cuDriverGetVersion(int* v) {
+    ++thread_calls;
     *v = 12060;
     return SUCCESS;
 }
 
 int cuDeviceGetCount(int* n) {
+    ++thread_calls;
     *n = 1;
     return initialized ? SUCCESS : NOT_INITIALIZED;
 }
 
 int cuDeviceGet(int* dev, int ordinal) {
+    ++thread_calls;
     if (!initialized) return NOT_INITIALIZED;
     if (ordinal != 0) return INVALID_DEVICE;
     *dev = 0;
@@ -420,11 +424,13 @@ int cuDeviceGet(int* dev, int ordinal) {
 }
 
 int cuDeviceGetName(char* name, int len, int) {
+    ++thread_calls;
     std::snprintf(name, len, "lathe CUDA emulator (sm_%d, CPU)", arch());
     return SUCCESS;
 }
 
 int cuDeviceGetAttribute(int* v, int attrib, int) {
+    ++thread_calls;
     switch (attrib) {
         case 75: *v = arch() / 10; break;   // COMPUTE_CAPABILITY_MAJOR
         case 76: *v = arch() % 10; break;   // COMPUTE_CAPABILITY_MINOR
@@ -437,68 +443,100 @@ int cuDeviceGetAttribute(int* v, int attrib, int) {
 }
 
 int cuDeviceTotalMem_v2(std::size_t* bytes, int) {
+    ++thread_calls;
     *bytes = TOTAL_MEM;
     return SUCCESS;
 }
 
 int cuDevicePrimaryCtxRetain(void** ctx, int) {
+    ++thread_calls;
     *ctx = &primary_ctx;
     return SUCCESS;
 }
 
-int cuDevicePrimaryCtxRelease_v2(int) { return SUCCESS; }
+int cuDevicePrimaryCtxRelease_v2(int) {
+    ++thread_calls;
+    return SUCCESS;
+}
 
 int cuCtxGetCurrent(void** ctx) {
+    ++thread_calls;
     *ctx = current_ctx;
     return SUCCESS;
 }
 
 int cuCtxSetCurrent(void* ctx) {
+    ++thread_calls;
     current_ctx = ctx;
     return SUCCESS;
 }
 
-int cuCtxSynchronize() { return SUCCESS; }
+int cuCtxSynchronize() {
+    ++thread_calls;
+    return SUCCESS;
+}
 
 int cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    ++thread_calls;
     *least = 0;
     *greatest = -5;
     return SUCCESS;
 }
 
 int cuStreamCreateWithPriority(void** stream, unsigned, int) {
+    ++thread_calls;
     *stream = new int(0);
     return SUCCESS;
 }
 
 int cuStreamCreate(void** stream, unsigned) {
+    ++thread_calls;
     *stream = new int(0);
     return SUCCESS;
 }
 
 int cuStreamDestroy_v2(void* stream) {
+    ++thread_calls;
     delete static_cast<int*>(stream);
     return SUCCESS;
 }
 
-int cuStreamSynchronize(void*) { return SUCCESS; }
-int cuStreamWaitEvent(void*, void*, unsigned) { return SUCCESS; }
+int cuStreamSynchronize(void*) {
+    ++thread_calls;
+    return SUCCESS;
+}
+int cuStreamWaitEvent(void*, void*, unsigned) {
+    ++thread_calls;
+    return SUCCESS;
+}
 
 int cuEventCreate(void** event, unsigned) {
+    ++thread_calls;
     *event = new int(0);
     return SUCCESS;
 }
 
 int cuEventDestroy_v2(void* event) {
+    ++thread_calls;
     delete static_cast<int*>(event);
     return SUCCESS;
 }
 
-int cuEventRecord(void*, void*) { return SUCCESS; }
-int cuEventSynchronize(void*) { return SUCCESS; }
-int cuEventQuery(void*) { return SUCCESS; }
+int cuEventRecord(void*, void*) {
+    ++thread_calls;
+    return SUCCESS;
+}
+int cuEventSynchronize(void*) {
+    ++thread_calls;
+    return SUCCESS;
+}
+int cuEventQuery(void*) {
+    ++thread_calls;
+    return SUCCESS;
+}
 
 int cuMemGetInfo_v2(std::size_t* free_bytes, std::size_t* total) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     *total = TOTAL_MEM;
     *free_bytes = TOTAL_MEM - held_bytes;
@@ -506,6 +544,7 @@ int cuMemGetInfo_v2(std::size_t* free_bytes, std::size_t* total) {
 }
 
 int cuMemAlloc_v2(std::uintptr_t* ptr, std::size_t bytes) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     ++thread_allocations;
     if (held_bytes + bytes > TOTAL_MEM) return OUT_OF_MEMORY;
@@ -513,9 +552,12 @@ int cuMemAlloc_v2(std::uintptr_t* ptr, std::size_t bytes) {
     return *ptr != 0 ? SUCCESS : OUT_OF_MEMORY;
 }
 
-int cuMemAllocAsync(std::uintptr_t* ptr, std::size_t bytes, void*) { return cuMemAlloc_v2(ptr, bytes); }
+int cuMemAllocAsync(std::uintptr_t* ptr, std::size_t bytes, void*) {
+    return cuMemAlloc_v2(ptr, bytes);
+}
 
 int cuMemFree_v2(std::uintptr_t ptr) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     auto it = allocations.find(ptr);
     if (it == allocations.end()) return INVALID_VALUE;
@@ -525,9 +567,12 @@ int cuMemFree_v2(std::uintptr_t ptr) {
     return SUCCESS;
 }
 
-int cuMemFreeAsync(std::uintptr_t ptr, void*) { return cuMemFree_v2(ptr); }
+int cuMemFreeAsync(std::uintptr_t ptr, void*) {
+    return cuMemFree_v2(ptr);
+}
 
 int cuMemsetD8Async(std::uintptr_t dst, unsigned char value, std::size_t n, void*) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     if (!inside(dst, n)) return INVALID_VALUE;
     std::memset(reinterpret_cast<void*>(dst), value, n);
@@ -539,6 +584,7 @@ int cuMemsetD8_v2(std::uintptr_t dst, unsigned char value, std::size_t n) {
 }
 
 int cuMemcpyHtoDAsync_v2(std::uintptr_t dst, const void* src, std::size_t n, void*) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     if (!inside(dst, n)) return INVALID_VALUE;
     std::memcpy(reinterpret_cast<void*>(dst), src, n);
@@ -550,6 +596,7 @@ int cuMemcpyHtoD_v2(std::uintptr_t dst, const void* src, std::size_t n) {
 }
 
 int cuMemcpyDtoHAsync_v2(void* dst, std::uintptr_t src, std::size_t n, void*) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     if (!inside(src, n)) return INVALID_VALUE;
     std::memcpy(dst, reinterpret_cast<const void*>(src), n);
@@ -561,6 +608,7 @@ int cuMemcpyDtoH_v2(void* dst, std::uintptr_t src, std::size_t n) {
 }
 
 int cuMemcpyDtoDAsync_v2(std::uintptr_t dst, std::uintptr_t src, std::size_t n, void*) {
+    ++thread_calls;
     std::lock_guard<std::mutex> g(lock);
     if (!inside(dst, n) || !inside(src, n)) return INVALID_VALUE;
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
@@ -574,6 +622,7 @@ int cuMemcpyDtoD_v2(std::uintptr_t dst, std::uintptr_t src, std::size_t n) {
 // The PTX is NVRTC's real output for the emulated architecture: its target is checked and its
 // `.entry` names and parameter counts are what cuModuleGetFunction accepts.
 int cuModuleLoadData(void** module, const void* image) {
+    ++thread_calls;
     std::string ptx(static_cast<const char*>(image));
     std::string target = ".target sm_" + std::to_string(arch());
     if (ptx.find(target) == std::string::npos) {
@@ -599,11 +648,13 @@ int cuModuleLoadData(void** module, const void* image) {
 }
 
 int cuModuleUnload(void* module) {
+    ++thread_calls;
     delete static_cast<Module*>(module);
     return SUCCESS;
 }
 
 int cuModuleGetFunction(Function** f, void* module, const char* name) {
+    ++thread_calls;
     auto* m = static_cast<Module*>(module);
     auto entry = m->entries.find(name);
     if (entry == m->entries.end()) return NOT_FOUND;
@@ -621,6 +672,7 @@ int cuModuleGetFunction(Function** f, void* module, const char* name) {
 }
 
 int cuFuncGetAttribute(int* v, int, Function*) {
+    ++thread_calls;
     *v = 0;
     return SUCCESS;
 }
@@ -642,6 +694,7 @@ int cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned 
 }
 
 int cuGetErrorName(int code, const char** s) {
+    ++thread_calls;
     switch (code) {
         case SUCCESS: *s = "CUDA_SUCCESS"; break;
         case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
@@ -655,6 +708,7 @@ int cuGetErrorName(int code, const char** s) {
 }
 
 int cuGetErrorString(int code, const char** s) {
+    ++thread_calls;
     if (code == LAUNCH_FAILED || code == INVALID_IMAGE) {
         *s = last_error.c_str();
         return SUCCESS;
@@ -662,10 +716,12 @@ int cuGetErrorString(int code, const char** s) {
     return cuGetErrorName(code, s);
 }
 
-// Not part of the driver: how many allocations and launches the calling thread has made.
-void lathe_emulator_counts(unsigned long* allocations, unsigned long* launches) {
+// Not part of the driver: how many allocations, launches and driver calls of any kind the
+// calling thread has made.
+void lathe_emulator_counts(unsigned long* allocations, unsigned long* launches, unsigned long* calls) {
     *allocations = thread_allocations;
     *launches = thread_launches;
+    *calls = thread_calls;
 }
 
 }  // extern "C"
