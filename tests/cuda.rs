@@ -127,6 +127,12 @@ fn training_on_the_gpu_matches_pytorch_step_by_step() {
     common::pytorch::training_matches_pytorch_step_by_step(&gpu());
 }
 
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_net_trains_alike_on_the_gpu_in_every_mode() {
+    checks::a_net_trains_alike_in_every_mode(&gpu());
+}
+
 /// The same fine-tune on the GPU and the CPU: per-epoch losses agree, and the gate decides
 /// the same.
 #[test]

@@ -129,6 +129,14 @@ fn training_on_the_emulator_matches_pytorch_step_by_step() {
     common::pytorch::training_matches_pytorch_step_by_step(&backend(4096));
 }
 
+#[test]
+fn a_net_trains_alike_on_the_emulator_in_every_mode() {
+    if emulator().is_none() {
+        return;
+    }
+    checks::a_net_trains_alike_in_every_mode(&backend(4096));
+}
+
 /// Buffers are allocated once per run: a training step (forward, loss, backward, clipping,
 /// Adam) allocates nothing on the GPU, and costs a fixed, small number of launches.
 #[test]

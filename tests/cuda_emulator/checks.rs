@@ -5,6 +5,8 @@
 use lathe::train::backend::{Activation, Backend, Gemm, Loss, ParamSlot, Update};
 use lathe::train::cpu::Cpu;
 use lathe::train::cuda;
+use lathe::train::graph;
+use lathe::train::net::{Mode, Net};
 
 use super::common;
 
@@ -216,6 +218,42 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
     let x = values(5000, 15);
     let (a, b) = (Cpu.sum_squares(&x, 5000).unwrap(), g.sum_squares(&g.upload(&x).unwrap(), 5000).unwrap());
     assert!((a - b).abs() <= 1e-3 * a, "sum_squares: {a} vs {b}");
+}
+
+/// A net trained for 20 steps on the CPU and on `g` from the same weights and batches, in each
+/// mode (every weight; LoRA adapters on frozen weights) with each loss: the same losses and the
+/// same exported weights.
+pub fn a_net_trains_alike_in_every_mode(g: &cuda::Cuda) {
+    let onnx = std::fs::read(common::root().join("tests/fixtures/train/multiclass-adam.onnx")).unwrap();
+    let tail = graph::tail_of(&onnx, "y").unwrap();
+    let (rows, classes) = (24, tail.out_dim());
+    let x = values(rows * tail.in_dim(), 30);
+    for mode in [Mode::Full, Mode::Lora { rank: 2, alpha: 4.0, seed: 3 }] {
+        for (loss, target, width) in [
+            (Loss::SoftmaxCrossEntropy, (0..rows).map(|i| (i % classes) as f32).collect::<Vec<_>>(), 1),
+            (Loss::Mse, values(rows * classes, 31), classes),
+        ] {
+            let name = format!("{mode:?} {loss:?}");
+            let mut c = Net::new(&Cpu, &tail.layers, mode, rows, width).unwrap();
+            let mut n = Net::new(g, &tail.layers, mode, rows, width).unwrap();
+            let adam = Update::adam(0.05, 0.01, true);
+            for step in 0..20 {
+                let a = c.train_step(&Cpu, &x, &target, loss, adam, Some(1.0)).unwrap();
+                let b = n.train_step(g, &x, &target, loss, adam, Some(1.0)).unwrap();
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1e-3), "{name} step {step}: cpu {a} vs cuda {b}");
+            }
+            let (cw, gw) = (c.weights(&Cpu, &tail.layers).unwrap(), n.weights(g, &tail.layers).unwrap());
+            for (l, (a, b)) in cw.iter().zip(&gw).enumerate() {
+                close(&format!("{name} layer {l} weight"), &a.weight, &b.weight, 1e-4);
+                close(
+                    &format!("{name} layer {l} bias"),
+                    a.bias.as_deref().unwrap_or(&[]),
+                    b.bias.as_deref().unwrap_or(&[]),
+                    1e-4,
+                );
+            }
+        }
+    }
 }
 
 /// The same fine-tune (`lathe train`) with `--backend cpu` and `--backend cuda`, the latter with
