@@ -111,6 +111,20 @@ pub trait Backend {
     ) -> Result<()> {
         dense_forward_unfused(self, f, x, w, bias, z, y, (rows, k, cols))
     }
+    /// LoRA's merged weight: `out = w + scale · a · b` (`w`, `out` rows×cols, `a` rows×rank,
+    /// `b` rank×cols). One kernel on a GPU; a copy and a GEMM by default.
+    fn lora_merge(
+        &self,
+        w: &Self::Buf,
+        (a, b): (&Self::Buf, &Self::Buf),
+        out: &mut Self::Buf,
+        (rows, rank, cols): (usize, usize, usize),
+        scale: f32,
+    ) -> Result<()> {
+        self.copy(w, out, rows * cols)?;
+        let g = Gemm { m: rows, n: cols, k: rank, trans_a: false, trans_b: false, alpha: scale, beta: 1.0 };
+        self.gemm(g, a, b, out)
+    }
     /// `dx = dy · f'(x)`, given the forward pass's input `x` and output `y`.
     #[allow(clippy::too_many_arguments)]
     fn activation_grad(

@@ -199,6 +199,7 @@ struct Kernels {
     gemm: CudaFunction,
     add_bias: CudaFunction,
     dense: CudaFunction,
+    lora_merge: CudaFunction,
     activation: CudaFunction,
     activation_grad: CudaFunction,
     softmax_rows: CudaFunction,
@@ -273,6 +274,7 @@ impl Cuda {
                 gemm: f(0, "gemm_f32")?,
                 add_bias: f(1, "add_bias_f32")?,
                 dense: f(0, "dense_f32")?,
+                lora_merge: f(4, "lora_merge_f32")?,
                 activation: f(1, "activation_f32")?,
                 activation_grad: f(1, "activation_grad_f32")?,
                 softmax_rows: f(1, "softmax_rows_f32")?,
@@ -564,6 +566,32 @@ impl Backend for Cuda {
                 .arg(&code)
                 .arg(&slope)
                 .launch(tiles(rows, cols))
+        }
+        .map(|_| ())
+        .map_err(err)
+    }
+
+    fn lora_merge(
+        &self,
+        w: &Self::Buf,
+        (a, b): (&Self::Buf, &Self::Buf),
+        out: &mut Self::Buf,
+        (rows, rank, cols): (usize, usize, usize),
+        scale: f32,
+    ) -> Result<()> {
+        let (r, c, k) = (rows as i32, cols as i32, rank as i32);
+        unsafe {
+            self.stream
+                .launch_builder(&self.f.lora_merge)
+                .arg(w)
+                .arg(a)
+                .arg(b)
+                .arg(out)
+                .arg(&r)
+                .arg(&c)
+                .arg(&k)
+                .arg(&scale)
+                .launch(elementwise(rows * cols))
         }
         .map(|_| ())
         .map_err(err)

@@ -221,10 +221,8 @@ impl<B: Backend> Net<B> {
             let (k, n) = (layer.in_dim, layer.out_dim);
             let weight = match &mut layer.lora {
                 Some(lora) => {
-                    b.copy(&layer.w.value, &mut lora.merged, k * n)?;
-                    let g =
-                        Gemm { m: k, n, k: lora.rank, trans_a: false, trans_b: false, alpha: lora.scale, beta: 1.0 };
-                    b.gemm(g, &lora.a.value, &lora.b.value, &mut lora.merged)?;
+                    let adapter = (&lora.a.value, &lora.b.value);
+                    b.lora_merge(&layer.w.value, adapter, &mut lora.merged, (k, lora.rank, n), lora.scale)?;
                     &lora.merged
                 }
                 None => &layer.w.value,
@@ -437,17 +435,8 @@ impl<B: Backend> Net<B> {
                 Some(lora) => {
                     // The merged weight as of the current A and B (forward recomputes it too).
                     let mut merged = b.zeros(l.in_dim * l.out_dim)?;
-                    b.copy(&l.w.value, &mut merged, l.in_dim * l.out_dim)?;
-                    let g = Gemm {
-                        m: l.in_dim,
-                        n: l.out_dim,
-                        k: lora.rank,
-                        trans_a: false,
-                        trans_b: false,
-                        alpha: lora.scale,
-                        beta: 1.0,
-                    };
-                    b.gemm(g, &lora.a.value, &lora.b.value, &mut merged)?;
+                    let shape = (l.in_dim, lora.rank, l.out_dim);
+                    b.lora_merge(&l.w.value, (&lora.a.value, &lora.b.value), &mut merged, shape, lora.scale)?;
                     merged
                 }
                 None => b.upload(&[])?,

@@ -73,6 +73,15 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
             |b, i, o| b.gemm(shape, &i[0], &i[1], o).unwrap(),
         );
     }
+    let (rows, rank, cols) = (37, 3, 29);
+    both(
+        g,
+        "lora_merge",
+        &[values(rows * cols, 40), values(rows * rank, 41), values(rank * cols, 42)],
+        rows * cols,
+        |b, i, o| b.lora_merge(&i[0].clone(), (&i[1].clone(), &i[2].clone()), o, (rows, rank, cols), 1.5).unwrap(),
+        |b, i, o| b.lora_merge(&i[0], (&i[1], &i[2]), o, (rows, rank, cols), 1.5).unwrap(),
+    );
     let (r, c) = (67, 13);
     both(
         g,
