@@ -1,4 +1,5 @@
-//! The `lathe` binary: everything lives in the library; this only hands over the arguments.
+//! The `lathe` binary: everything lives in the library; this sets up the allocator and hands
+//! over the arguments.
 
 fn main() -> std::process::ExitCode {
     one_malloc_arena();
