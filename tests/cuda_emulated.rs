@@ -87,6 +87,14 @@ fn counts() -> Counts {
     }
 }
 
+/// What the emulated GPU is called in run records and the status.
+const EMULATED: &str = "cuda:lathe CUDA emulator (sm_87, CPU) (sm_87)";
+
+/// The CUDA backend on the emulated GPU; None (the test skips) where it cannot be built.
+fn emulated_gpu() -> Option<cuda::Cuda> {
+    emulator().map(|_| backend(4096))
+}
+
 fn backend(max_gpu_mem_mb: u64) -> cuda::Cuda {
     match cuda::choose("cuda", None, max_gpu_mem_mb) {
         Ok(cuda::Chosen::Cuda(c)) => *c,
@@ -105,47 +113,38 @@ fn the_probe_finds_the_emulated_orin_and_every_kernel_loads() {
     assert!(device.name.contains("emulator"), "{}", device.name);
     // `auto` takes the GPU when there is one; the backend names it, for the run's record.
     match cuda::choose("auto", None, 64).unwrap() {
-        cuda::Chosen::Cuda(c) => assert_eq!(c.name(), "cuda:lathe CUDA emulator (sm_87, CPU) (sm_87)"),
+        cuda::Chosen::Cuda(c) => assert_eq!(c.name(), EMULATED),
         cuda::Chosen::Cpu { why } => panic!("auto chose the CPU: {why}"),
     }
     // What the daemon's status and `train.started` say runs.
-    assert_eq!(lathe::train::resolved_backend("auto"), "cuda:lathe CUDA emulator (sm_87, CPU) (sm_87)");
+    assert_eq!(lathe::train::resolved_backend("auto"), EMULATED);
     assert_eq!(lathe::train::resolved_backend("cpu"), "cpu");
 }
 
 #[test]
 fn each_op_matches_the_cpu_on_the_emulator() {
-    if emulator().is_none() {
-        return;
-    }
-    checks::each_op_matches_the_cpu(&backend(4096));
+    let Some(g) = emulated_gpu() else { return };
+    checks::each_op_matches_the_cpu(&g);
 }
 
 #[test]
 fn training_on_the_emulator_matches_pytorch_step_by_step() {
-    if emulator().is_none() {
-        return;
-    }
-    common::pytorch::training_matches_pytorch_step_by_step(&backend(4096));
+    let Some(g) = emulated_gpu() else { return };
+    common::pytorch::training_matches_pytorch_step_by_step(&g);
 }
 
 #[test]
 fn a_net_trains_alike_on_the_emulator_in_every_mode() {
-    if emulator().is_none() {
-        return;
-    }
-    checks::a_net_trains_alike_in_every_mode(&backend(4096));
+    let Some(g) = emulated_gpu() else { return };
+    checks::a_net_trains_alike_in_every_mode(&g);
 }
 
 /// Buffers are allocated once per run: a training step (forward, loss, backward, clipping,
 /// Adam) allocates nothing on the GPU, and costs a fixed, small number of launches.
 #[test]
 fn a_training_step_allocates_nothing_on_the_gpu() {
-    if emulator().is_none() {
-        return;
-    }
-    let g = backend(4096);
-    let onnx = std::fs::read(common::root().join("tests/fixtures/train/multiclass-adam.onnx")).unwrap();
+    let Some(g) = emulated_gpu() else { return };
+    let onnx = std::fs::read(common::fixture("train/multiclass-adam.onnx")).unwrap();
     let tail = graph::tail_of(&onnx, "y").unwrap();
     let (rows, classes) = (32, tail.out_dim());
     let mut net = Net::new(&g, &tail.layers, Mode::Full, rows, 1).unwrap();

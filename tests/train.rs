@@ -9,10 +9,6 @@ use lathe::train::graph::{self, DenseLayer};
 use lathe::train::net::{Mode, Net};
 use serde_json::Value;
 
-fn fixture(path: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
-}
-
 /// Same initial weights (the exported ONNX), same batches in the same order, same
 /// hyperparameters as PyTorch: per-step loss within 1e-4 relative, final weights close.
 #[test]
@@ -37,7 +33,7 @@ fn gradients_match_finite_differences_for_every_op_and_loss() {
         for loss in [Loss::Mse, Loss::BceWithLogits, Loss::SoftmaxCrossEntropy] {
             let out = if loss == Loss::BceWithLogits { 1 } else { classes };
             let layer = |i, o, acts: Vec<Activation>, r: &mut dyn FnMut() -> f32| {
-                let template = graph::tail_of(&std::fs::read(fixture("train/binary-adam.onnx")).unwrap(), "y")
+                let template = graph::tail_of(&std::fs::read(common::fixture("train/binary-adam.onnx")).unwrap(), "y")
                     .unwrap()
                     .layers
                     .remove(0);
@@ -103,7 +99,7 @@ fn gradients_match_finite_differences_for_every_op_and_loss() {
 /// weight, and the export keeps every tensor's shape.
 #[test]
 fn lora_starts_at_the_champion_and_merges_into_the_same_shapes() {
-    let onnx = std::fs::read(fixture("train/multiclass-adam.onnx")).unwrap();
+    let onnx = std::fs::read(common::fixture("train/multiclass-adam.onnx")).unwrap();
     let tail = graph::tail_of(&onnx, "y").unwrap();
     let mode = Mode::Lora { rank: 2, alpha: 2.0, seed: 1 };
     let mut net = Net::new(&Cpu, &tail.layers, mode, 8, 1).unwrap();
@@ -231,7 +227,7 @@ fn a_scikit_learn_pipeline_fine_tunes_behind_its_frozen_scaler() {
     let dir = common::temp_dir("train-sklearn");
     let (_, validation) = common::sample_model();
     let bundle = dir.join("sk.lathe");
-    let made = common::bundle_create(&fixture("sklearn-mlp.onnx"), &validation, "sk")
+    let made = common::bundle_create(&common::fixture("sklearn-mlp.onnx"), &validation, "sk")
         .args(["--target", "anomaly", "--trainable", "full", "-o"])
         .arg(&bundle)
         .output()

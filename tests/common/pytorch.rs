@@ -10,14 +10,10 @@ use lathe::train::graph;
 use lathe::train::net::{Mode, Net};
 use serde_json::Value;
 
-use super::root;
+use super::fixture;
 
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-}
-
-fn fixture(path: &str) -> std::path::PathBuf {
-    root().join("tests/fixtures").join(path)
 }
 
 pub fn initializers(onnx: &[u8]) -> BTreeMap<String, Vec<f32>> {

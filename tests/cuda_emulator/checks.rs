@@ -233,7 +233,7 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
 /// mode (every weight; LoRA adapters on frozen weights) with each loss: the same losses and the
 /// same exported weights.
 pub fn a_net_trains_alike_in_every_mode(g: &cuda::Cuda) {
-    let onnx = std::fs::read(common::root().join("tests/fixtures/train/multiclass-adam.onnx")).unwrap();
+    let onnx = std::fs::read(common::fixture("train/multiclass-adam.onnx")).unwrap();
     let tail = graph::tail_of(&onnx, "y").unwrap();
     let (rows, classes) = (24, tail.out_dim());
     let x = values(rows * tail.in_dim(), 30);
