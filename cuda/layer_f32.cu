@@ -1,5 +1,7 @@
-// layer_f32: a dense layer's element-wise parts, forward and backward (its fused forward,
-// GEMM + bias + activation, is dense_f32 in gemm_f32.cu).
+// layer_f32: a dense layer's element-wise parts, forward and backward. Its fused forward and
+// backward (dense_f32, dense_backward_f32 in gemm_f32.cu) use these only for softmax, whose
+// rows need a kernel of their own; the rest serve a layer's further activations and the
+// trait's separate ops.
 //
 // add_bias_f32:        y[r,c] += bias[c]                          grid ceil(rows·cols/256), block 256
 // activation_f32:      y = act(x)                                  grid ceil(n/256), block 256

@@ -96,20 +96,18 @@ pub trait Backend {
     /// `y = f(x)`.
     fn activation(&self, f: Activation, x: &Self::Buf, y: &mut Self::Buf, rows: usize, cols: usize) -> Result<()>;
     /// A dense layer's forward: `z = x · w + bias` (`x` rows×k, `w` k×cols, the bias
-    /// optional), `y = f(z)`, `z` keeping the pre-activation for the backward. One kernel on a
-    /// GPU (a small MLP's step is launch-bound there); a GEMM and the ops above by default.
-    #[allow(clippy::too_many_arguments)]
+    /// optional), then `y = f(z)` for the layer's first activation `(f, y)` if it has one, `z`
+    /// keeping the pre-activation for the backward. One kernel on a GPU (a small MLP's step is
+    /// launch-bound there); a GEMM and the ops above by default.
     fn dense_forward(
         &self,
-        f: Activation,
-        x: &Self::Buf,
-        w: &Self::Buf,
+        (x, w): (&Self::Buf, &Self::Buf),
         bias: Option<&Self::Buf>,
         z: &mut Self::Buf,
-        y: &mut Self::Buf,
+        act: Option<(Activation, &mut Self::Buf)>,
         (rows, k, cols): (usize, usize, usize),
     ) -> Result<()> {
-        dense_forward_unfused(self, f, x, w, bias, z, y, (rows, k, cols))
+        dense_forward_unfused(self, (x, w), bias, z, act, (rows, k, cols))
     }
     /// LoRA's merged weight: `out = w + scale · a · b` (`w`, `out` rows×cols, `a` rows×rank,
     /// `b` rank×cols). One kernel on a GPU; a copy and a GEMM by default.
@@ -124,6 +122,23 @@ pub trait Backend {
         self.copy(w, out, rows * cols)?;
         let g = Gemm { m: rows, n: cols, k: rank, trans_a: false, trans_b: false, alpha: scale, beta: 1.0 };
         self.gemm(g, a, b, out)
+    }
+    /// A dense layer's backward, from `dy`, the gradient at the output of its first activation
+    /// `f` (at `z` itself when `f` is `None`): `dz = dy · f'(z)` (`z` the pre-activation, `y`
+    /// the activation's output), then `dw = xᵀ · dz`, `db = Σ_r dz[r, :]` and `dx = dz · wᵀ`,
+    /// each only where `grads` asks for it (`x` rows×k, `w` k×cols). One kernel on a GPU; by
+    /// default `activation_grad` into the scratch `dz`, two GEMMs and `bias_grad`.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_backward(
+        &self,
+        f: Option<Activation>,
+        (x, w): (&Self::Buf, &Self::Buf),
+        (z, y, dy): (&Self::Buf, &Self::Buf, &Self::Buf),
+        dz: &mut Self::Buf,
+        grads: DenseGrads<'_, Self::Buf>,
+        (rows, k, cols): (usize, usize, usize),
+    ) -> Result<()> {
+        dense_backward_unfused(self, f, (x, w), (z, y, dy), dz, grads, (rows, k, cols))
     }
     /// `dx = dy · f'(x)`, given the forward pass's input `x` and output `y`.
     #[allow(clippy::too_many_arguments)]
@@ -197,16 +212,53 @@ pub struct ParamSlot<'a, Buf> {
     pub len: usize,
 }
 
-/// `Backend::dense_forward` as three ops: the GEMM, the bias, the activation.
+/// Where `Backend::dense_backward` writes: the weight's gradient, the bias's and the layer
+/// input's (the layer below's upstream gradient); `None` for what is not needed (a frozen
+/// weight, no bias, the first layer).
+pub struct DenseGrads<'a, Buf> {
+    pub dw: Option<&'a mut Buf>,
+    pub db: Option<&'a mut Buf>,
+    pub dx: Option<&'a mut Buf>,
+}
+
+/// `Backend::dense_backward` as separate ops: the activation's gradient, the two GEMMs and the
+/// bias gradient.
 #[allow(clippy::too_many_arguments)]
+pub fn dense_backward_unfused<B: Backend + ?Sized>(
+    b: &B,
+    f: Option<Activation>,
+    (x, w): (&B::Buf, &B::Buf),
+    (z, y, dy): (&B::Buf, &B::Buf, &B::Buf),
+    scratch: &mut B::Buf,
+    grads: DenseGrads<'_, B::Buf>,
+    (rows, k, cols): (usize, usize, usize),
+) -> Result<()> {
+    let dz = match f {
+        Some(f) => {
+            b.activation_grad(f, z, y, dy, scratch, rows, cols)?;
+            &*scratch
+        }
+        None => dy,
+    };
+    if let Some(dw) = grads.dw {
+        b.gemm(Gemm { m: k, n: cols, k: rows, trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0 }, x, dz, dw)?;
+    }
+    if let Some(db) = grads.db {
+        b.bias_grad(dz, rows, cols, db)?;
+    }
+    if let Some(dx) = grads.dx {
+        b.gemm(Gemm { m: rows, n: k, k: cols, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 }, dz, w, dx)?;
+    }
+    Ok(())
+}
+
+/// `Backend::dense_forward` as three ops: the GEMM, the bias, the activation.
 pub fn dense_forward_unfused<B: Backend + ?Sized>(
     b: &B,
-    f: Activation,
-    x: &B::Buf,
-    w: &B::Buf,
+    (x, w): (&B::Buf, &B::Buf),
     bias: Option<&B::Buf>,
     z: &mut B::Buf,
-    y: &mut B::Buf,
+    act: Option<(Activation, &mut B::Buf)>,
     (rows, k, cols): (usize, usize, usize),
 ) -> Result<()> {
     let g = Gemm { m: rows, n: cols, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
@@ -214,5 +266,8 @@ pub fn dense_forward_unfused<B: Backend + ?Sized>(
     if let Some(bias) = bias {
         b.add_bias(z, bias, rows, cols)?;
     }
-    b.activation(f, z, y, rows, cols)
+    match act {
+        Some((f, y)) => b.activation(f, z, y, rows, cols),
+        None => Ok(()),
+    }
 }

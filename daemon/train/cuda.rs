@@ -13,7 +13,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use super::backend::{dense_forward_unfused, Activation, Backend, BackendError, Gemm, Loss, ParamSlot, Result, Update};
+use super::backend::{
+    dense_backward_unfused, dense_forward_unfused, Activation, Backend, BackendError, DenseGrads, Gemm, Loss,
+    ParamSlot, Result, Update,
+};
 
 /// The kernels, each file one NVRTC program, `common.cuh` inlined.
 pub const SOURCES: [(&str, &str); 5] = [
@@ -199,6 +202,7 @@ struct Kernels {
     gemm: CudaFunction,
     add_bias: CudaFunction,
     dense: CudaFunction,
+    dense_backward: CudaFunction,
     lora_merge: CudaFunction,
     activation: CudaFunction,
     activation_grad: CudaFunction,
@@ -274,6 +278,7 @@ impl Cuda {
                 gemm: f(0, "gemm_f32")?,
                 add_bias: f(1, "add_bias_f32")?,
                 dense: f(0, "dense_f32")?,
+                dense_backward: f(0, "dense_backward_f32")?,
                 lora_merge: f(4, "lora_merge_f32")?,
                 activation: f(1, "activation_f32")?,
                 activation_grad: f(1, "activation_grad_f32")?,
@@ -534,41 +539,69 @@ impl Backend for Cuda {
 
     fn dense_forward(
         &self,
-        f: Activation,
-        x: &Self::Buf,
-        w: &Self::Buf,
+        (x, w): (&Self::Buf, &Self::Buf),
         bias: Option<&Self::Buf>,
         z: &mut Self::Buf,
-        y: &mut Self::Buf,
+        act: Option<(Activation, &mut Self::Buf)>,
         (rows, k, cols): (usize, usize, usize),
     ) -> Result<()> {
-        if f == Activation::Softmax {
+        if matches!(act, Some((Activation::Softmax, _))) {
             // Softmax works on whole rows: the GEMM and bias first, then the row kernel.
-            return dense_forward_unfused(self, f, x, w, bias, z, y, (rows, k, cols));
+            return dense_forward_unfused(self, (x, w), bias, z, act, (rows, k, cols));
         }
         let (m, n, k32) = (rows as i32, cols as i32, k as i32);
-        let (code, slope) = act_code(f);
+        let (code, slope) = act.as_ref().map_or((-1, 0.0), |(f, _)| act_code(*f));
         let has_bias = i32::from(bias.is_some());
-        // Without a bias the kernel never reads it: any buffer serves as the pointer.
-        let bias = bias.unwrap_or(w);
-        unsafe {
-            self.stream
-                .launch_builder(&self.f.dense)
-                .arg(x)
-                .arg(w)
-                .arg(bias)
-                .arg(&has_bias)
-                .arg(z)
-                .arg(y)
-                .arg(&m)
-                .arg(&n)
-                .arg(&k32)
-                .arg(&code)
-                .arg(&slope)
-                .launch(tiles(rows, cols))
+        let mut launch = self.stream.launch_builder(&self.f.dense);
+        // Without a bias or an activation the kernel never touches those: `x` serves as the
+        // pointer.
+        launch.arg(x).arg(w).arg(bias.unwrap_or(x)).arg(&has_bias).arg(z);
+        match act {
+            Some((_, y)) => launch.arg(y),
+            None => launch.arg(x),
+        };
+        launch.arg(&m).arg(&n).arg(&k32).arg(&code).arg(&slope);
+        unsafe { launch.launch(tiles(rows, cols)) }.map(|_| ()).map_err(err)
+    }
+
+    fn dense_backward(
+        &self,
+        f: Option<Activation>,
+        (x, w): (&Self::Buf, &Self::Buf),
+        (z, y, dy): (&Self::Buf, &Self::Buf, &Self::Buf),
+        dz: &mut Self::Buf,
+        grads: DenseGrads<'_, Self::Buf>,
+        (rows, k, cols): (usize, usize, usize),
+    ) -> Result<()> {
+        if f == Some(Activation::Softmax) {
+            // Softmax's gradient needs whole rows: its row kernel first, then the GEMMs.
+            return dense_backward_unfused(self, f, (x, w), (z, y, dy), dz, grads, (rows, k, cols));
         }
-        .map(|_| ())
-        .map_err(err)
+        let DenseGrads { dw, db, dx } = grads;
+        let tiles_in = |len: usize| len.div_ceil(16);
+        // dw's tile rows; one row of tiles when only the bias gradient is wanted.
+        let dw_rows = if dw.is_some() { tiles_in(k) } else { usize::from(db.is_some()) };
+        let dx_tiles = if dx.is_some() { tiles_in(rows) * tiles_in(k) } else { 0 };
+        let blocks = dw_rows * tiles_in(cols) + dx_tiles;
+        if blocks == 0 {
+            return Ok(());
+        }
+        let (code, slope) = f.map_or((-1, 0.0), act_code);
+        let (m, n, k32, dw_rows32) = (rows as i32, cols as i32, k as i32, dw_rows as i32);
+        let flags = [i32::from(dw.is_some()), i32::from(db.is_some()), i32::from(dx.is_some())];
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (16, 16, 1), shared_mem_bytes: 0 };
+        let mut launch = self.stream.launch_builder(&self.f.dense_backward);
+        launch.arg(x).arg(w).arg(z).arg(y).arg(dy);
+        // What is not asked for is never written: `x` serves as its pointer.
+        for out in [dw, db, dx] {
+            match out {
+                Some(buf) => launch.arg(buf),
+                None => launch.arg(x),
+            };
+        }
+        launch.arg(&m).arg(&n).arg(&k32).arg(&code).arg(&slope).arg(&dw_rows32);
+        launch.arg(&flags[0]).arg(&flags[1]).arg(&flags[2]);
+        unsafe { launch.launch(cfg) }.map(|_| ()).map_err(err)
     }
 
     fn lora_merge(

@@ -6,7 +6,7 @@
 //! `B` starting at zero so step 0 is the champion); the delta is merged into `W` on export, so
 //! the graph never changes shape.
 
-use super::backend::{Activation, Backend, BackendError, Gemm, Loss, ParamSlot, Result, Update};
+use super::backend::{Activation, Backend, BackendError, DenseGrads, Gemm, Loss, ParamSlot, Result, Update};
 use super::graph::DenseLayer;
 
 /// One tensor that may train, with its gradient and optimizer state.
@@ -232,21 +232,15 @@ impl<B: Backend> Net<B> {
             let bias = layer.b.as_ref().map(|p| &p.value);
             // The GEMM, the bias and the first activation in one op (one kernel on a GPU).
             let mut pairs = layer.activations.iter().zip(acts.iter_mut());
-            let mut prev: &B::Buf = match pairs.next() {
+            let first = pairs.next().map(|(act, out)| (*act, out));
+            let shape = (rows, k, n);
+            let mut prev: &B::Buf = match first {
                 Some((act, out)) => {
-                    b.dense_forward(*act, x, weight, bias, z, out, (rows, k, n))?;
+                    b.dense_forward((x, weight), bias, z, Some((act, &mut *out)), shape)?;
                     out
                 }
                 None => {
-                    b.gemm(
-                        Gemm { m: rows, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 },
-                        x,
-                        weight,
-                        z,
-                    )?;
-                    if let Some(bias) = bias {
-                        b.add_bias(z, bias, rows, n)?;
-                    }
+                    b.dense_forward((x, weight), bias, z, None, shape)?;
                     z
                 }
             };
@@ -361,64 +355,63 @@ impl<B: Backend> Net<B> {
         for i in (0..last).rev() {
             let (below, rest) = self.layers.split_at_mut(i);
             let (layer, above) = rest.split_at_mut(1);
-            let layer = &mut layer[0];
-            let n = layer.out_dim;
-            let k = layer.in_dim;
+            let Layer { in_dim: k, out_dim: n, w, b: bias, lora, activations, outs, d1, d2, dx, .. } = &mut layer[0];
+            let (k, n) = (*k, *n);
             // dL/d(layer output): the loss gradient, or the layer above's dx.
             let upstream = match above.first() {
                 Some(up) => &up.dx,
                 None => &self.loss_grad,
             };
-            // Back through the activations: the first reads the upstream gradient where it
-            // lies, the rest ping-pong between d1 and d2 (no copies).
+            // Back through the activations after the first: the first reads the upstream
+            // gradient where it lies, the rest ping-pong between d1 and d2 (no copies). The
+            // first activation goes with the layer's own backward below.
             let mut at: Option<bool> = None; // None: upstream, Some(true): d1, Some(false): d2
-            for (j, act) in layer.activations.iter().enumerate().rev() {
-                let (x, y) = (&layer.outs[j], &layer.outs[j + 1]);
+            for j in (1..activations.len()).rev() {
+                let (act, x, y) = (activations[j], &outs[j], &outs[j + 1]);
                 at = Some(match at {
                     None => {
-                        b.activation_grad(*act, x, y, upstream, &mut layer.d1, rows, n)?;
+                        b.activation_grad(act, x, y, upstream, d1, rows, n)?;
                         true
                     }
                     Some(true) => {
-                        b.activation_grad(*act, x, y, &layer.d1, &mut layer.d2, rows, n)?;
+                        b.activation_grad(act, x, y, d1, d2, rows, n)?;
                         false
                     }
                     Some(false) => {
-                        b.activation_grad(*act, x, y, &layer.d2, &mut layer.d1, rows, n)?;
+                        b.activation_grad(act, x, y, d2, d1, rows, n)?;
                         true
                     }
                 });
             }
-            let dz = match at {
-                None => upstream,
-                Some(true) => &layer.d1,
-                Some(false) => &layer.d2,
+            // The gradient at the first activation's output, and a free buffer for dz.
+            let (dy, scratch) = match at {
+                None => (upstream, d1),
+                Some(true) => (&*d1, d2),
+                Some(false) => (&*d2, d1),
             };
             let x = match below.last() {
                 Some(prev) => prev.outs.last().ok_or_else(|| BackendError("layer without output".into()))?,
                 None => &self.input,
             };
-            let grad_w = Gemm { m: k, n, k: rows, trans_a: true, trans_b: false, alpha: 1.0, beta: 0.0 };
-            if layer.w.trainable {
-                b.gemm(grad_w, x, dz, &mut layer.w.grad)?;
-            }
-            if let Some(bias) = layer.b.as_mut().filter(|p| p.trainable) {
-                b.bias_grad(dz, rows, n, &mut bias.grad)?;
-            }
-            if let Some(lora) = &mut layer.lora {
-                let r = lora.rank;
-                b.gemm(grad_w, x, dz, &mut lora.merged_grad)?;
+            let (weight, dw) = match lora {
+                Some(l) => (&l.merged, Some(&mut l.merged_grad)),
+                None => (&w.value, Some(&mut w.grad).filter(|_| w.trainable)),
+            };
+            let grads = DenseGrads {
+                dw,
+                db: bias.as_mut().filter(|p| p.trainable).map(|p| &mut p.grad),
+                // The first layer's input is data: no gradient.
+                dx: (i > 0).then_some(dx),
+            };
+            let (z, y) = (&outs[0], outs.get(1).unwrap_or(&outs[0]));
+            b.dense_backward(activations.first().copied(), (x, weight), (z, y, dy), scratch, grads, (rows, k, n))?;
+            if let Some(lora) = lora {
                 // dA = s · dW · Bᵀ, dB = s · Aᵀ · dW
-                let s = lora.scale;
+                let (r, s) = (lora.rank, lora.scale);
                 let ga = Gemm { m: k, n: r, k: n, trans_a: false, trans_b: true, alpha: s, beta: 0.0 };
                 b.gemm(ga, &lora.merged_grad, &lora.b.value, &mut lora.a.grad)?;
                 let gb = Gemm { m: r, n, k, trans_a: true, trans_b: false, alpha: s, beta: 0.0 };
                 b.gemm(gb, &lora.a.value, &lora.merged_grad, &mut lora.b.grad)?;
-            }
-            if i > 0 {
-                let weight = layer.lora.as_ref().map_or(&layer.w.value, |l| &l.merged);
-                let g = Gemm { m: rows, n: k, k: n, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 };
-                b.gemm(g, dz, weight, &mut layer.dx)?;
             }
         }
         Ok(())

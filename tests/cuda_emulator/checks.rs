@@ -2,7 +2,7 @@
 //! by `tests/cuda.rs` (ignored without one) and on the CPU emulator of the driver by
 //! `tests/cuda_emulated.rs`; included by both with `#[path]`.
 
-use lathe::train::backend::{Activation, Backend, Gemm, Loss, ParamSlot, Update};
+use lathe::train::backend::{Activation, Backend, DenseGrads, Gemm, Loss, ParamSlot, Update};
 use lathe::train::cpu::Cpu;
 use lathe::train::cuda;
 use lathe::train::graph;
@@ -109,21 +109,8 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
             |b, i, o| b.activation(f, &i[0].clone(), o, r, c).unwrap(),
             |b, i, o| b.activation(f, &i[0], o, r, c).unwrap(),
         );
-        // The layer's fused forward (GEMM, bias, activation), with and without a bias: the
-        // pre-activation z and the output y.
-        let (k, x, w, bias) = (21, values(r * 21, 16), values(21 * c, 17), values(c, 18));
-        for with_bias in [true, false] {
-            let (mut cz, mut cy) = (vec![0.0; r * c], vec![0.0; r * c]);
-            Cpu.dense_forward(f, &x, &w, with_bias.then_some(&bias), &mut cz, &mut cy, (r, k, c)).unwrap();
-            let (gx, gw, gb) = (g.upload(&x).unwrap(), g.upload(&w).unwrap(), g.upload(&bias).unwrap());
-            let (mut gz, mut gy) = (g.zeros(r * c).unwrap(), g.zeros(r * c).unwrap());
-            g.dense_forward(f, &gx, &gw, with_bias.then_some(&gb), &mut gz, &mut gy, (r, k, c)).unwrap();
-            for (what, cpu, gpu) in [("z", &cz, &gz), ("y", &cy, &gy)] {
-                let mut back = vec![0.0; r * c];
-                g.read(gpu, &mut back).unwrap();
-                close(&format!("{f:?} dense_forward bias {with_bias} {what}"), cpu, &back, 1e-4);
-            }
-        }
+        dense_forward_matches(g, Some(f), (r, 21, c));
+        dense_backward_matches(g, Some(f), (r, 21, c));
         let x = values(r * c, 6);
         let mut y = vec![0.0; r * c];
         Cpu.activation(f, &x, &mut y, r, c).unwrap();
@@ -136,6 +123,10 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
             |b, i, o| b.activation_grad(f, &i[0], &i[1], &i[2], o, r, c).unwrap(),
         );
     }
+    dense_forward_matches(g, None, (r, 21, c));
+    dense_backward_matches(g, None, (r, 21, c));
+    // A layer wider than one tile in every direction.
+    dense_backward_matches(g, Some(Activation::Tanh), (40, 35, 18));
     let classes: Vec<f32> = (0..r).map(|i| (i % c) as f32).collect();
     let binary: Vec<f32> = (0..r).map(|i| (i % 2) as f32).collect();
     for (loss, cols, target, weights) in [
@@ -227,6 +218,58 @@ pub fn each_op_matches_the_cpu(g: &cuda::Cuda) {
     let x = values(5000, 15);
     let (a, b) = (Cpu.sum_squares(&x, 5000).unwrap(), g.sum_squares(&g.upload(&x).unwrap(), 5000).unwrap());
     assert!((a - b).abs() <= 1e-3 * a, "sum_squares: {a} vs {b}");
+}
+
+/// A dense layer's forward (one kernel on the GPU: the GEMM with the bias and activation),
+/// with and without a bias: the pre-activation z and the output y.
+fn dense_forward_matches(g: &cuda::Cuda, f: Option<Activation>, (r, k, c): (usize, usize, usize)) {
+    let (x, w, bias) = (values(r * k, 16), values(k * c, 17), values(c, 18));
+    let up = |v: &[f32]| g.upload(v).unwrap();
+    for with_bias in [true, false] {
+        let (mut cz, mut cy) = (values(r * c, 19), values(r * c, 20));
+        let (mut gz, mut gy) = (up(&cz), up(&cy));
+        let cpu_act = f.map(|f| (f, &mut cy));
+        Cpu.dense_forward((&x, &w), with_bias.then_some(&bias), &mut cz, cpu_act, (r, k, c)).unwrap();
+        let gb = up(&bias);
+        let gpu_act = f.map(|f| (f, &mut gy));
+        g.dense_forward((&up(&x), &up(&w)), with_bias.then_some(&gb), &mut gz, gpu_act, (r, k, c)).unwrap();
+        // Without an activation, y is not the layer's and stays as it was.
+        for (what, cpu, gpu) in [("z", &cz, &gz), ("y", &cy, &gy)] {
+            let mut back = vec![0.0; r * c];
+            g.read(gpu, &mut back).unwrap();
+            close(&format!("{f:?} dense_forward bias {with_bias} {what}"), cpu, &back, 1e-4);
+        }
+    }
+}
+
+/// A dense layer's backward (one kernel on the GPU) against the CPU's separate ops, for each set
+/// of gradients a layer may ask for. What is not asked for must stay as it was.
+fn dense_backward_matches(g: &cuda::Cuda, f: Option<Activation>, (r, k, c): (usize, usize, usize)) {
+    let (x, w, z, dy) = (values(r * k, 30), values(k * c, 31), values(r * c, 32), values(r * c, 33));
+    let mut y = z.clone();
+    if let Some(f) = f {
+        Cpu.activation(f, &z, &mut y, r, c).unwrap();
+    }
+    let before = [values(k * c, 34), values(c, 35), values(r * k, 36)];
+    for want in
+        [[true, true, true], [true, false, true], [false, true, false], [false, false, true], [true, true, false]]
+    {
+        let mut cpu = before.clone();
+        let [dw, db, dx] = &mut cpu;
+        let grads = DenseGrads { dw: want[0].then_some(dw), db: want[1].then_some(db), dx: want[2].then_some(dx) };
+        Cpu.dense_backward(f, (&x, &w), (&z, &y, &dy), &mut vec![0.0; r * c], grads, (r, k, c)).unwrap();
+        let up = |v: &[f32]| g.upload(v).unwrap();
+        let mut gpu: Vec<_> = before.iter().map(|v| up(v)).collect();
+        let [dw, db, dx] = &mut gpu[..] else { unreachable!() };
+        let grads = DenseGrads { dw: want[0].then_some(dw), db: want[1].then_some(db), dx: want[2].then_some(dx) };
+        let mut scratch = g.zeros(r * c).unwrap();
+        g.dense_backward(f, (&up(&x), &up(&w)), (&up(&z), &up(&y), &up(&dy)), &mut scratch, grads, (r, k, c)).unwrap();
+        for ((what, cpu), gpu) in ["dw", "db", "dx"].iter().zip(&cpu).zip(&gpu) {
+            let mut back = vec![0.0; cpu.len()];
+            g.read(gpu, &mut back).unwrap();
+            close(&format!("{f:?} dense_backward {r}x{k}x{c} wanting {want:?}: {what}"), cpu, &back, 1e-4);
+        }
+    }
 }
 
 /// A net trained for 20 steps on the CPU and on `g` from the same weights and batches, in each

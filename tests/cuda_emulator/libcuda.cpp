@@ -57,7 +57,8 @@ constexpr std::size_t arity(void (*)(A...)) {
     Kernel { #f, arity(f), [](void** p) { invoke(f, p, std::make_index_sequence<arity(f)>{}); } }
 
 const Kernel KERNELS[] = {
-    KERNEL(gemm_f32),         KERNEL(dense_f32),          KERNEL(add_bias_f32),     KERNEL(activation_f32),
+    KERNEL(gemm_f32),         KERNEL(dense_f32),          KERNEL(dense_backward_f32), KERNEL(add_bias_f32),
+    KERNEL(activation_f32),
     KERNEL(activation_grad_f32), KERNEL(softmax_rows_f32), KERNEL(softmax_grad_f32), KERNEL(bias_grad_f32),
     KERNEL(lora_merge_f32),   KERNEL(mse_f32),            KERNEL(bce_logits_f32),   KERNEL(softmax_xent_f32),
     KERNEL(reduce_pairs_f32), KERNEL(sgd_all_f32),        KERNEL(adam_all_f32),     KERNEL(sum_squares_all_f32),
