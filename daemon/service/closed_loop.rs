@@ -496,6 +496,7 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
         let result = std::panic::catch_unwind(run)
             .unwrap_or_else(|p| Err(format!("the training run panicked: {}", crate::panic_message(p))));
         TRAINING.store(false, Relaxed);
+        crate::service::release_code_pages("training run ended");
         let _ = tx.send(result);
     });
     if let Err(e) = spawned {

@@ -6,6 +6,7 @@
 //! disconnects cleanly. Nothing accepted is lost: what was not answered was not acked either.
 
 pub(crate) mod closed_loop;
+mod code_pages;
 pub mod events;
 pub mod metrics;
 mod swap;
@@ -329,6 +330,12 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
 }
 
 /// One line for `systemctl status`: what each pipeline serves.
+/// Unmaps the code pages that loading models (or training) ran once; see `code_pages`.
+pub(crate) fn release_code_pages(after: &str) {
+    let released = code_pages::release();
+    tracing::debug!(after, released_kib = released / 1024, "Released resident code pages");
+}
+
 fn status_line(serving: &[Serving]) -> String {
     let parts: Vec<String> = serving
         .iter()
@@ -622,6 +629,7 @@ pub async fn run_keeping(
                 if is_ready != was_ready {
                     if is_ready {
                         systemd::ready(&status_line(&serving));
+                        release_code_pages("serving started");
                     } else {
                         systemd::status("Broker connection lost; reconnecting");
                     }
