@@ -202,3 +202,43 @@ fn a_fine_tune_on_the_emulator_matches_the_cpu() {
     let path = std::env::join_paths(std::iter::once(dir.to_path_buf()).chain(nvrtc_dir)).unwrap();
     checks::a_fine_tune_matches_the_cpu(&[("LD_LIBRARY_PATH", path)]);
 }
+
+/// A machine with the driver but without NVRTC (no CUDA toolkit): `auto` trains on the CPU and
+/// says why, and `cuda` fails with the reason, both without cudarc's panic text in the log.
+#[test]
+fn with_a_driver_but_no_nvrtc_auto_trains_on_the_cpu_and_says_why() {
+    let Some(dir) = emulator() else {
+        return;
+    };
+    let work = common::temp_dir("no-nvrtc");
+    let data = common::unseen_csv(&work, 0.0);
+    let run = |backend: &str| {
+        std::process::Command::new(common::LATHE)
+            .args(["train", "--bundle"])
+            .arg(common::root().join("models/shuttle-mlp-1.lathe"))
+            .arg("--data")
+            .arg(&data)
+            .arg("-o")
+            .arg(work.join(format!("{backend}.lathe")))
+            .arg("--state-dir")
+            .arg(work.join("state"))
+            .args(["--backend", backend, "--json"])
+            .env("LD_LIBRARY_PATH", dir)
+            .output()
+            .unwrap()
+    };
+    let auto = run("auto");
+    let log = String::from_utf8_lossy(&auto.stderr);
+    let record: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap_or_else(|_| panic!("{log}"));
+    if record["backend"] != "cpu" {
+        eprintln!("skipped: this machine has NVRTC on its default library path ({})", record["backend"]);
+        return;
+    }
+    assert!(log.contains("NVRTC is not loadable"), "{log}");
+    let cuda = run("cuda");
+    let err = String::from_utf8_lossy(&cuda.stderr);
+    assert!(!cuda.status.success() && err.contains("NVRTC is not loadable"), "{err}");
+    for log in [&log, &err] {
+        assert!(!log.contains("panicked"), "cudarc's panic reached the log:\n{log}");
+    }
+}

@@ -142,7 +142,12 @@ pub fn main() -> ExitCode {
         }
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Models(cmd) => models::run(cmd),
-        Command::Train(args) => train::run(*args),
+        Command::Train(args) => {
+            // On stderr, beside the summary: which backend runs and, when `auto` fell back to
+            // the CPU, why.
+            init_logging("info");
+            train::run(*args)
+        }
         Command::Store { config, pipeline } => store_stats(&config, &pipeline),
         Command::Keygen { out } => fleet::keygen(&out),
         Command::Push(args) => {

@@ -38,7 +38,8 @@ pub fn program(source: &str) -> String {
     source.replace("#include \"common.cuh\"", &COMMON.replace("#pragma once", ""))
 }
 
-/// Whether `libnvrtc.so.12` can be loaded (cudarc panics on first use otherwise).
+/// Whether NVRTC can be loaded (cudarc panics on first use otherwise): `libnvrtc.so.12`, or
+/// `libnvrtc.so` (CUDA 13's NVRTC works too, but names only that link for other majors).
 pub fn nvrtc_present() -> bool {
     catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
@@ -50,22 +51,39 @@ pub fn nvrtc_present() -> bool {
 pub fn compile(name: &str, source: &str, arch: &'static str) -> std::result::Result<String, String> {
     if !nvrtc_present() {
         return Err(
-            "libnvrtc.so.12 is not loadable (install the CUDA toolkit or the nvidia-cuda-nvrtc-cu12 wheel)".into()
+            "NVRTC is not loadable: no libnvrtc.so.12 (CUDA 12) or libnvrtc.so (any CUDA) on the library path \
+             (install the CUDA toolkit, or the nvidia-cuda-nvrtc-cu12 wheel)"
+                .into(),
         );
     }
     let opts = CompileOptions { arch: Some(arch), name: Some(name.to_string()), ..Default::default() };
     match catch_unwind(AssertUnwindSafe(|| cudarc::nvrtc::compile_ptx_with_opts(program(source), opts))) {
         Ok(Ok(ptx)) => Ok(ptx.to_src()),
         Ok(Err(CompileError::CompileError { log, .. })) => {
-            Err(format!("{name} does not compile for {arch}:\n{}", log.to_string_lossy()))
+            let log = log.to_string_lossy();
+            // CUDA 13 dropped Volta and older, Jetson Xavier's sm_72 among them.
+            let hint = if log.contains("invalid value for --gpu-architecture") {
+                format!(
+                    " (NVRTC {} cannot compile for {arch}; Xavier's sm_72 needs NVRTC 12 or older)",
+                    nvrtc_version()
+                )
+            } else {
+                String::new()
+            };
+            Err(format!("{name} does not compile for {arch}{hint}:\n{log}"))
         }
         Ok(Err(e)) => Err(format!("{name} for {arch}: {e:?}")),
         Err(p) => Err(format!("NVRTC panicked on {name}: {}", crate::panic_message(p))),
     }
 }
 
-/// The NVRTC version, for the cache key.
-fn nvrtc_version() -> String {
+/// The NVRTC version ("12.9"), for the cache key and errors; empty when NVRTC is not loaded.
+pub fn nvrtc_version() -> String {
+    // Checked first: cudarc's panic on a missing library would reach stderr (the log) even
+    // though it is caught.
+    if !nvrtc_present() {
+        return String::new();
+    }
     catch_unwind(|| {
         let (mut major, mut minor) = (0, 0);
         // SAFETY: two out-parameters; only called once NVRTC is known to load.
