@@ -329,13 +329,13 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
     })
 }
 
-/// One line for `systemctl status`: what each pipeline serves.
 /// Unmaps the code pages that loading models (or training) ran once; see `code_pages`.
 pub(crate) fn release_code_pages(after: &str) {
     let released = code_pages::release();
     tracing::debug!(after, released_kib = released / 1024, "Released resident code pages");
 }
 
+/// One line for `systemctl status`: what each pipeline serves.
 fn status_line(serving: &[Serving]) -> String {
     let parts: Vec<String> = serving
         .iter()

@@ -39,7 +39,8 @@ pub fn program(source: &str) -> String {
 }
 
 /// Whether NVRTC can be loaded (cudarc panics on first use otherwise): `libnvrtc.so.12`, or
-/// `libnvrtc.so` (CUDA 13's NVRTC works too, but names only that link for other majors).
+/// `libnvrtc.so`. cudarc does not look for `libnvrtc.so.13`: CUDA 13's NVRTC (which works) is
+/// found through the toolkit's unversioned link.
 pub fn nvrtc_present() -> bool {
     catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
 }
@@ -61,14 +62,13 @@ pub fn compile(name: &str, source: &str, arch: &'static str) -> std::result::Res
         Ok(Ok(ptx)) => Ok(ptx.to_src()),
         Ok(Err(CompileError::CompileError { log, .. })) => {
             let log = log.to_string_lossy();
-            // CUDA 13 dropped Volta and older, Jetson Xavier's sm_72 among them.
-            let hint = if log.contains("invalid value for --gpu-architecture") {
-                format!(
-                    " (NVRTC {} cannot compile for {arch}; Xavier's sm_72 needs NVRTC 12 or older)",
+            let hint = match (log.contains("invalid value for --gpu-architecture"), arch) {
+                (true, "sm_72") => format!(
+                    " (NVRTC {} has no sm_72: CUDA 13 dropped Volta, so Xavier's sm_72 needs NVRTC 12 or older)",
                     nvrtc_version()
-                )
-            } else {
-                String::new()
+                ),
+                (true, _) => format!(" (NVRTC {} has no {arch})", nvrtc_version()),
+                _ => String::new(),
             };
             Err(format!("{name} does not compile for {arch}{hint}:\n{log}"))
         }
