@@ -93,20 +93,7 @@ fn without_a_gpu_auto_trains_on_the_cpu_and_cuda_is_a_clean_error() {
     // The same through `lathe train`: auto trains (on the CPU), cuda exits with the reason.
     let dir = common::temp_dir("cuda-fallback");
     let data = common::unseen_csv(&dir, 0.0);
-    let run = |backend: &str| {
-        std::process::Command::new(common::LATHE)
-            .args(["train", "--bundle"])
-            .arg(common::root().join("models/shuttle-mlp-1.lathe"))
-            .arg("--data")
-            .arg(&data)
-            .args(["-o"])
-            .arg(dir.join(format!("{backend}.lathe")))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--backend", backend, "--json"])
-            .output()
-            .unwrap()
-    };
+    let run = |backend: &str| common::train_command(&dir, &data, backend).output().unwrap();
     let auto = run("auto");
     let record: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap();
     assert_eq!(record["backend"], "cpu", "{record}");

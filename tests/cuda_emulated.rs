@@ -212,21 +212,8 @@ fn with_a_driver_but_no_nvrtc_auto_trains_on_the_cpu_and_says_why() {
     };
     let work = common::temp_dir("no-nvrtc");
     let data = common::unseen_csv(&work, 0.0);
-    let run = |backend: &str| {
-        std::process::Command::new(common::LATHE)
-            .args(["train", "--bundle"])
-            .arg(common::root().join("models/shuttle-mlp-1.lathe"))
-            .arg("--data")
-            .arg(&data)
-            .arg("-o")
-            .arg(work.join(format!("{backend}.lathe")))
-            .arg("--state-dir")
-            .arg(work.join("state"))
-            .args(["--backend", backend, "--json"])
-            .env("LD_LIBRARY_PATH", dir)
-            .output()
-            .unwrap()
-    };
+    let run =
+        |backend: &str| common::train_command(&work, &data, backend).env("LD_LIBRARY_PATH", dir).output().unwrap();
     let auto = run("auto");
     let log = String::from_utf8_lossy(&auto.stderr);
     let record: serde_json::Value = serde_json::from_slice(&auto.stdout).unwrap_or_else(|_| panic!("{log}"));

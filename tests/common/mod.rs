@@ -464,6 +464,22 @@ pub fn unseen_csv(dir: &Path, flip: f64) -> PathBuf {
     path
 }
 
+/// `lathe train` of the sample bundle on `data` with `--backend backend --json` (the run record
+/// on stdout), writing `BACKEND.lathe` and its state under `dir`: add environment, then run.
+pub fn train_command(dir: &Path, data: &Path, backend: &str) -> Command {
+    let mut c = Command::new(LATHE);
+    c.args(["train", "--bundle"])
+        .arg(root().join("models/shuttle-mlp-1.lathe"))
+        .arg("--data")
+        .arg(data)
+        .arg("-o")
+        .arg(dir.join(format!("{backend}.lathe")))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(["--backend", backend, "--json"]);
+    c
+}
+
 /// Shuttle rows the sample model never saw (tests/fixtures/shuttle-unseen.csv.gz), with labels.
 pub fn unseen() -> Vec<(Vec<f64>, u8)> {
     use std::io::Read;

@@ -314,16 +314,7 @@ pub fn a_fine_tune_matches_the_cpu(env: &[(&str, std::ffi::OsString)]) {
     let dir = common::temp_dir("cuda-finetune");
     let data = common::unseen_csv(&dir, 0.0);
     let run = |backend: &str| -> serde_json::Value {
-        let out = std::process::Command::new(common::LATHE)
-            .args(["train", "--bundle"])
-            .arg(common::root().join("models/shuttle-mlp-1.lathe"))
-            .arg("--data")
-            .arg(&data)
-            .arg("-o")
-            .arg(dir.join(format!("{backend}.lathe")))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--backend", backend, "--json"])
+        let out = common::train_command(&dir, &data, backend)
             .envs(env.iter().map(|(k, v)| (k, v)).filter(|_| backend == "cuda"))
             .output()
             .unwrap();
