@@ -494,3 +494,36 @@ fn a_labels_trigger_and_a_shadow_period_promote_a_challenger_that_did_better_liv
     l.wait_serving(2);
     assert!(l.daemon.stop());
 }
+
+/// A panic inside a training run (a dependency's assert, say) fails that run with the reason,
+/// and the next run starts: the loop does not stay "training" forever. Debug builds panic on
+/// purpose for a command that asks (`__lathe_debug_panic`).
+#[test]
+fn a_training_run_that_panics_fails_alone_and_the_next_run_starts() {
+    let rows = common::unseen();
+    let mut l = Loop::start("looppanic", "trigger = []\nmin_rows = 800\nrows = 1500\n");
+    l.stream(&rows[..900], 0, false);
+    std::thread::sleep(Duration::from_millis(500)); // the last labels reach the store
+    l.publisher.publish(
+        &format!("lathe/{}/cmd/train", l.node),
+        json!({"pipeline": "shuttle", "__lathe_debug_panic": true}).to_string(),
+    );
+    l.publisher.flush();
+    let failed = l.wait_event("train.failed", Duration::from_secs(30));
+    assert!(failed["message"].as_str().unwrap().contains("the training run panicked"), "{failed}");
+    l.command("train");
+    let started = || l.events("train.started").len();
+    assert!(
+        common::wait_until(Duration::from_secs(30), || started() == 2),
+        "the run after the panic did not start; log:\n{}",
+        l.daemon.log()
+    );
+    let done = |step: &str| !l.events(step).is_empty();
+    assert!(
+        common::wait_until(Duration::from_secs(120), || done("train.accepted") || done("train.refused")),
+        "the run after the panic did not finish; log:\n{}",
+        l.daemon.log()
+    );
+    assert_eq!(l.events("train.failed").len(), 1);
+    assert!(l.daemon.stop());
+}

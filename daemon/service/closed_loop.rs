@@ -37,6 +37,9 @@ use crate::train::{self, data::Dataset, Outcome, Replay};
 /// One training at a time in the whole process (a reload starts a new loop; a run from the
 /// old one may still be finishing).
 static TRAINING: AtomicBool = AtomicBool::new(false);
+
+/// The reason a debug build's test-only command gives a run that is to panic (see `command`).
+const DEBUG_PANIC: &str = "__lathe_debug_panic";
 /// Counts the loops that have ended (a stop or a reload). A run started under an earlier
 /// count was started by a loop that is gone, so it stops at its next epoch instead of
 /// spending minutes of CPU on a result nobody will read.
@@ -270,7 +273,12 @@ fn command(
             "train" if s.p.config.train.is_none() => {
                 emit(events, &s.p, "command.refused", "this pipeline has no [pipeline.train]".into(), json!({}))
             }
-            "train" if matches!(s.stage, Stage::Idle) => start(s, "command", config, store, events),
+            "train" if matches!(s.stage, Stage::Idle) => {
+                // Debug builds only (the tests): `"__lathe_debug_panic": true` makes the run
+                // panic, to show a panic fails that run and not every later one.
+                let panic = cfg!(debug_assertions) && text.contains("\"__lathe_debug_panic\":true");
+                start(s, if panic { DEBUG_PANIC } else { "command" }, config, store, events)
+            }
             "train" => emit(events, &s.p, "train.skipped", "a run or trial is already in progress".into(), json!({})),
             "rollback" => {
                 let name = s.p.model.load().name.clone();
@@ -488,6 +496,11 @@ fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, event
         // A panic inside a dependency (cudarc asserts, tract) fails this run, not every later
         // one: TRAINING is cleared and the loop gets the reason.
         let run = std::panic::AssertUnwindSafe(|| {
+            #[cfg(debug_assertions)]
+            #[allow(clippy::panic)]
+            if data_name.ends_with(&format!("({DEBUG_PANIC})")) {
+                panic!("{DEBUG_PANIC} asked for by the command");
+            }
             read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows).and_then(|rows| {
                 let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
                 train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
