@@ -1,0 +1,70 @@
+//! What the loop's unit tests share: a loop state over the sample model, its store, rows and
+//! labels to put in it, and an events handle.
+
+use std::sync::Arc;
+
+use super::now_s;
+use super::{LoopPipeline, Stage, State};
+use crate::config::Config;
+use crate::infer::ActiveModel;
+use crate::model::Bundle;
+use crate::service::events::Events;
+use crate::store::{Record, Store};
+
+/// A loop state for the sample model with `train` as its `[pipeline.train]`, and its store.
+pub(super) fn state(name: &str, train: &str) -> (State, Arc<Store>) {
+    state_with_drift(name, "enabled = false", train)
+}
+
+/// The same with `drift` as its `[pipeline.drift]`.
+pub(super) fn state_with_drift(name: &str, drift: &str, train: &str) -> (State, Arc<Store>) {
+    let dir = std::env::temp_dir().join(format!("lathe-loop-unit-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
+    let text = format!(
+        "node = \"n\"\nstate_dir = \"{}\"\n[mqtt]\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\n\
+         source = {{ topic = \"t/+/x\", key = \"/seq\" }}\nsink = {{ topic = \"t/{{device}}/y\" }}\n\
+         labels = {{ topic = \"t/+/l\", key = \"/seq\", value = \"/v\" }}\n\
+         [pipeline.drift]\n{drift}\n[pipeline.train]\n{train}",
+        dir.display(),
+        model.display()
+    );
+    let config = Config::parse(&text, &dir.join("lathe.toml")).unwrap();
+    let p = config.pipelines[0].clone();
+    let bundle = Bundle::read(&model).unwrap();
+    let active = ActiveModel::load(&bundle, &p, &config).unwrap();
+    let store = Arc::new(Store::open(config.store.clone()).unwrap());
+    let lp = LoopPipeline {
+        train: p.train.clone().unwrap(),
+        config: p,
+        model: Arc::new(arc_swap::ArcSwap::from_pointee(active)),
+        shadow: Arc::default(),
+        counters: Arc::default(),
+        performance: None,
+        device_key: None,
+    };
+    (State { p: lp, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None, rebase: None }, store)
+}
+
+/// A served row of device "d" with key `i`, and its label.
+pub(super) fn sample(i: u64) -> crate::store::Write {
+    crate::store::Write::Sample(Record {
+        ts_ms: now_s() * 1000,
+        version: 1,
+        label: None,
+        score: 0.0,
+        device: "d".into(),
+        key: i.to_string(),
+        features: vec![50.0; 9],
+        output: vec![1.0, 0.0],
+    })
+}
+pub(super) fn label(i: u64) -> crate::store::Write {
+    crate::store::Write::Label { device: "d".into(), key: i.to_string(), value: 0.0, ts_ms: 0 }
+}
+
+/// An events handle (and the task that would publish them, held so the channel stays open).
+pub(super) fn events() -> (Events, impl std::future::Future<Output = ()>) {
+    let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
+    crate::service::events::reporter(client, "e".into())
+}

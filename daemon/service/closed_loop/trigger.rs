@@ -1,0 +1,188 @@
+//! When a run should start: the triggers (drift, schedule, labels), the cooldown and the
+//! hours window.
+
+use serde_json::json;
+
+use super::{emit, now_s, Stage, State};
+use crate::config::Trigger;
+use crate::model::Task;
+use crate::service::events::Events;
+use crate::store::Store;
+use std::time::Instant;
+
+/// A drift alarm raised or ended: a run is wanted once `min_rows` new rows have arrived, as
+/// long as some alarm is still raised then.
+pub(super) fn drift(
+    s: &mut State,
+    series: (u64, String),
+    reason: String,
+    raised: bool,
+    store: &Store,
+    events: &Events,
+) {
+    if !s.p.train.triggers.contains(&Trigger::Drift) {
+        return;
+    }
+    // A version's monitor goes with it: alarms of a version no longer serving never end.
+    s.alarms.retain(|(version, _)| *version == series.0);
+    if raised {
+        s.alarms.insert(series);
+        if s.wanted.is_none() && matches!(s.stage, Stage::Idle) {
+            s.wanted = Some((reason, usable_rows(s, store)));
+        }
+        return;
+    }
+    s.alarms.remove(&series);
+    let Some((why, at)) = s.wanted.as_ref().filter(|(why, _)| why.starts_with("drift") && s.alarms.is_empty()) else {
+        return;
+    };
+    let new = usable_rows(s, store).saturating_sub(*at);
+    if new >= s.p.train.min_rows as u64 {
+        return; // due already; waits only for a free slot or the hours window
+    }
+    let message =
+        format!("{why} ended after {new} new rows, before min_rows = {}: not fine-tuning", s.p.train.min_rows);
+    emit(events, &s.p, "train.skipped", message, json!({"reason": why, "rows": new, "min_rows": s.p.train.min_rows}));
+    s.wanted = None;
+}
+
+/// Rows the pipeline could train on, ever: labels joined (supervised) or samples stored
+/// (reconstruction).
+pub(super) fn usable_rows(s: &State, store: &Store) -> u64 {
+    let stats = store.stats(&s.p.config.name).unwrap_or_default();
+    match s.p.model.load().reading.task {
+        Task::Reconstruction => stats.stored_total,
+        _ => stats.labeled_total,
+    }
+}
+
+/// Why a run should start now, if it should.
+pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
+    let t = &s.p.train;
+    let now = Instant::now();
+    if s.retry_at.is_some_and(|at| now < at) {
+        return None;
+    }
+    let last = store.meta(&s.p.config.name, "last_train_s").unwrap_or(0);
+    let in_cooldown = last > 0 && now_s().saturating_sub(last) < t.cooldown.as_secs();
+    if in_cooldown || !in_hours(t.hours) {
+        return None;
+    }
+    // After a drift alarm the loop waits for `min_rows` new rows, so it trains on the new
+    // regime rather than on what came before the change.
+    if let Some((reason, at)) = &s.wanted {
+        let new = usable_rows(s, store).saturating_sub(*at);
+        if new >= t.min_rows as u64 {
+            let reason = format!("{reason}; {new} new rows since");
+            s.wanted = None;
+            return Some(reason);
+        }
+        return None;
+    }
+    for trigger in &t.triggers {
+        match trigger {
+            Trigger::Every(d) if now_s().saturating_sub(last) >= d.as_secs() => {
+                return Some(format!("schedule (every {} s)", d.as_secs()))
+            }
+            Trigger::Labels(n) => {
+                let labeled = store.stats(&s.p.config.name).map_or(0, |st| st.labeled_total);
+                let at_last = store.meta(&s.p.config.name, "labeled_at_train").unwrap_or(0);
+                if labeled.saturating_sub(at_last) >= *n {
+                    return Some(format!("{} new labeled samples", labeled - at_last));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn in_hours(hours: Option<(u32, u32)>) -> bool {
+    in_hours_at(hours, ((now_s() / 60) % 1440) as u32)
+}
+
+/// Whether `minute` (of the UTC day) is inside the `hours` window.
+fn in_hours_at(hours: Option<(u32, u32)>, minute: u32) -> bool {
+    let Some((from, to)) = hours else { return true };
+    if from <= to {
+        (from..to).contains(&minute)
+    } else {
+        minute >= from || minute < to // wraps midnight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::closed_loop::test_support::{events, label, sample, state};
+
+    #[test]
+    fn the_hours_window_may_wrap_midnight() {
+        assert!(in_hours_at(None, 0));
+        assert!(in_hours_at(Some((120, 240)), 120) && !in_hours_at(Some((120, 240)), 240));
+        assert!(!in_hours_at(Some((120, 240)), 60));
+        let night = Some((22 * 60, 4 * 60));
+        assert!(in_hours_at(night, 23 * 60) && in_hours_at(night, 60) && !in_hours_at(night, 12 * 60));
+    }
+
+    #[test]
+    fn the_schedule_waits_for_its_period_and_the_cooldown() {
+        let (mut s, store) = state("every", "trigger = [\"every 2h\"]\ncooldown = \"1h\"\n");
+        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("schedule")), "never trained: due now");
+        store.set_meta("p", "last_train_s", now_s() - 1_800).unwrap();
+        assert_eq!(due(&mut s, &store), None, "30 min ago: in the cooldown");
+        store.set_meta("p", "last_train_s", now_s() - 5_400).unwrap();
+        assert_eq!(due(&mut s, &store), None, "90 min ago: past the cooldown, not the period");
+        store.set_meta("p", "last_train_s", now_s() - 7_300).unwrap();
+        assert!(due(&mut s, &store).is_some());
+        // Outside its hours window nothing starts, however due.
+        let minute = ((now_s() / 60) % 1440) as u32;
+        s.p.train.hours = Some(((minute + 60) % 1440, (minute + 120) % 1440));
+        assert_eq!(due(&mut s, &store), None);
+    }
+
+    #[test]
+    fn the_labels_trigger_counts_labels_joined_since_the_last_run() {
+        let (mut s, store) = state("labels", "trigger = [\"labels 3\"]\ncooldown = \"0s\"\n");
+        store.apply(&[("p", &[sample(1), sample(2), sample(3), label(1), label(2)])], now_s() * 1000).unwrap();
+        assert_eq!(due(&mut s, &store), None, "2 labels");
+        store.apply(&[("p", &[label(3)])], now_s() * 1000).unwrap();
+        assert_eq!(due(&mut s, &store).as_deref(), Some("3 new labeled samples"));
+        store.set_meta("p", "labeled_at_train", 3).unwrap();
+        assert_eq!(due(&mut s, &store), None, "none new since the last run");
+    }
+
+    /// A drift alarm that ends before `min_rows` new rows arrived wants no run (it would train
+    /// on the regime before the alarm); one still raised when they are in starts it, and an
+    /// alarm left by a version no longer serving does not keep the wait alive.
+    #[test]
+    fn a_drift_alarm_that_ends_before_enough_new_rows_starts_no_run() {
+        let (mut s, store) = state("drift-ends", "trigger = [\"drift\"]\nmin_rows = 50\ncooldown = \"0s\"\n");
+        let (events, _reporter) = events();
+        let labeled = |from: u64| {
+            let writes: Vec<_> = (from..from + 50).flat_map(|i| [sample(i), label(i)]).collect();
+            store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
+        };
+        let alarm = |s: &mut State, version: u64, series: &str, raised: bool| {
+            drift(s, (version, series.into()), format!("drift on {series} (ks)"), raised, &store, &events)
+        };
+        // Raised and ended at once (a flicker at the threshold): nothing is wanted any more.
+        alarm(&mut s, 1, "multivariate", true);
+        assert!(s.wanted.is_some());
+        alarm(&mut s, 1, "multivariate", false);
+        assert!(s.wanted.is_none(), "the alarm ended before any new row");
+        labeled(0);
+        assert_eq!(due(&mut s, &store), None);
+        // Two alarms; one ends, the other holds: the run starts once the rows are in.
+        alarm(&mut s, 1, "f1", true);
+        alarm(&mut s, 1, "prediction", true);
+        alarm(&mut s, 1, "prediction", false);
+        assert_eq!(due(&mut s, &store), None, "no new rows yet");
+        labeled(100);
+        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("drift on f1")));
+        // v1's f1 alarm never ends (v2 serves now); v2's own alarm ending drops the wait.
+        alarm(&mut s, 2, "f3", true);
+        alarm(&mut s, 2, "f3", false);
+        assert!(s.wanted.is_none());
+    }
+}
