@@ -100,9 +100,21 @@ impl Broker {
                 std::env::var("LATHE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
                 "LATHE_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install -y mosquitto)"
             );
-            eprintln!("mosquitto not installed: falling back to the embedded broker");
-            let addr = lathe::ingest::embedded_broker::start("127.0.0.1:0").unwrap();
-            return Broker { port: addr.port(), dir, child: None, mosquitto: false, persistent: false, window: 100 };
+            #[cfg(not(feature = "embedded-broker"))]
+            panic!("mosquitto is not installed and this build has no embedded broker (apt-get install -y mosquitto)");
+            #[cfg(feature = "embedded-broker")]
+            {
+                eprintln!("mosquitto not installed: falling back to the embedded broker");
+                let addr = lathe::ingest::embedded_broker::start("127.0.0.1:0").unwrap();
+                return Broker {
+                    port: addr.port(),
+                    dir,
+                    child: None,
+                    mosquitto: false,
+                    persistent: false,
+                    window: 100,
+                };
+            }
         }
         let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: false, window: 100 };
         b.restart();
