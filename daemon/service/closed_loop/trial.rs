@@ -157,7 +157,10 @@ pub(super) fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
     let previous = store.meta(name, "trial_previous").unwrap_or(0);
     let until_s = store.meta(name, "trial_until_s").unwrap_or(0);
     let serving = s.p.model.load();
-    if version == 0 || serving.version != version || until_s <= now_s() {
+    // Never longer than a whole trial: a clock set back since the promotion would stretch it,
+    // and the loop trains nothing while a trial runs.
+    let left = until_s.saturating_sub(now_s()).min(s.p.train.trial.as_secs());
+    if version == 0 || serving.version != version || left == 0 {
         return;
     }
     let gate_loss = registry
@@ -165,11 +168,11 @@ pub(super) fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
         .ok()
         .map_or(f64::NAN, |b| crate::model::baseline::implied_loss(b.manifest.task, &b.manifest.baseline.metrics));
     let now = Snapshot::take(&s.p.counters);
-    tracing::info!(pipeline = name, "Resuming the trial of v{version} ({} s left)", until_s - now_s());
+    tracing::info!(pipeline = name, "Resuming the trial of v{version} ({left} s left)");
     s.stage = Stage::Trial {
         version,
         previous,
-        until: Instant::now() + Duration::from_secs(until_s - now_s()),
+        until: Instant::now() + Duration::from_secs(left),
         record: match store.meta(name, "trial_pushed").unwrap_or(0) {
             1 => json!({"resumed": true, "origin": "pushed"}),
             _ => json!({"resumed": true}),
@@ -348,5 +351,28 @@ mod tests {
         assert!(!trial_rolls_back("healthy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 50))));
         // Slower but under 1 ms per row (a busy machine): kept.
         assert!(!trial_rolls_back("busy", |c| (0..100).for_each(|_| c.compute.observe(&COMPUTE_BUCKETS_US, 400))));
+    }
+
+    /// A trial resumed after a restart goes on for the time it had left, and never for longer
+    /// than a whole trial, even when the clock went back since the promotion.
+    #[test]
+    fn a_resumed_trial_keeps_its_time_left_and_never_outlasts_its_length() {
+        let resumed_for = |name: &str, until_s: u64| {
+            let (mut s, store) = state(name, "trigger = []\ntrial = \"10m\"\n");
+            let registry = Registry::new(store.settings().path.parent().unwrap());
+            let version = s.p.model.load().version;
+            store.set_meta("p", "trial_version", version).unwrap();
+            store.set_meta("p", "trial_until_s", until_s).unwrap();
+            resume_trial(&mut s, &store, &registry);
+            match s.stage {
+                Stage::Trial { until, .. } => Some(until.saturating_duration_since(Instant::now()).as_secs()),
+                _ => None,
+            }
+        };
+        let left = resumed_for("resume-left", now_s() + 100).unwrap();
+        assert!((95..=100).contains(&left), "{left} s");
+        let left = resumed_for("resume-clock", now_s() + 365 * 86_400).unwrap();
+        assert!((595..=600).contains(&left), "a year ahead: the trial's 600 s, not {left} s");
+        assert_eq!(resumed_for("resume-over", now_s().saturating_sub(1)), None, "over: not resumed");
     }
 }

@@ -56,6 +56,9 @@ pub(super) fn usable_rows(s: &State, store: &Store) -> u64 {
     }
 }
 
+/// How far in the future a stored date may lie before the clock is taken to have gone back.
+const CLOCK_SLACK_S: u64 = 60;
+
 /// Why a run should start now, if it should.
 pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
     let t = &s.p.train;
@@ -63,8 +66,21 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
     if s.retry_at.is_some_and(|at| now < at) {
         return None;
     }
-    let last = store.meta(&s.p.config.name, "last_train_s").unwrap_or(0);
-    let in_cooldown = last > 0 && now_s().saturating_sub(last) < t.cooldown.as_secs();
+    let wall = now_s();
+    let mut last = store.meta(&s.p.config.name, "last_train_s").unwrap_or(0);
+    if last > wall + CLOCK_SLACK_S {
+        // The wall clock went back since the last run (an RTC that ran fast, put right by
+        // NTP). Counted from a date in the future, the cooldown and the schedule would wait
+        // for the clock to catch up, months perhaps; counted from now they restart.
+        tracing::warn!(
+            pipeline = s.p.config.name,
+            "the last run is dated {} s in the future: the clock went back; the cooldown and schedule count from now",
+            last - wall
+        );
+        let _ = store.set_meta(&s.p.config.name, "last_train_s", wall);
+        last = wall;
+    }
+    let in_cooldown = last > 0 && wall.saturating_sub(last) < t.cooldown.as_secs();
     if in_cooldown || !in_hours(t.hours) {
         return None;
     }
@@ -81,7 +97,7 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
     }
     for trigger in &t.triggers {
         match trigger {
-            Trigger::Every(d) if now_s().saturating_sub(last) >= d.as_secs() => {
+            Trigger::Every(d) if wall.saturating_sub(last) >= d.as_secs() => {
                 return Some(format!("schedule (every {} s)", d.as_secs()))
             }
             Trigger::Labels(n) => {
@@ -139,6 +155,19 @@ mod tests {
         let minute = ((now_s() / 60) % 1440) as u32;
         s.p.train.hours = Some(((minute + 60) % 1440, (minute + 120) % 1440));
         assert_eq!(due(&mut s, &store), None);
+    }
+
+    /// The clock went back after a run (an RTC that ran fast, put right by NTP): the schedule
+    /// counts from now instead of waiting a year for the clock to reach the run's date.
+    #[test]
+    fn a_clock_set_back_after_a_run_does_not_hold_the_schedule_until_it_catches_up() {
+        let (mut s, store) = state("clock", "trigger = [\"every 2h\"]\ncooldown = \"1h\"\n");
+        store.set_meta("p", "last_train_s", now_s() + 365 * 86_400).unwrap();
+        assert_eq!(due(&mut s, &store), None, "as far as anyone can tell, the last run was just now");
+        let last = store.meta("p", "last_train_s").unwrap();
+        assert!(last <= now_s(), "the last run is dated now, not {} s ahead", last.saturating_sub(now_s()));
+        store.set_meta("p", "last_train_s", last - 7_300).unwrap();
+        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("schedule")), "two hours on it is due");
     }
 
     #[test]
