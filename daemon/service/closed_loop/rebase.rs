@@ -118,9 +118,8 @@ fn end_rebase(s: &mut State, store: &Store) {
 mod tests {
     use super::*;
     use crate::model::Bundle;
-    use crate::service::closed_loop::test_support::{events, state_with_drift};
+    use crate::service::closed_loop::test_support::{events, served, state_with_drift};
     use crate::service::closed_loop::{now_s, Rebase};
-    use crate::store::Record;
     use std::time::Duration;
 
     /// A version whose monitor is in alarm against the reference it carries has that
@@ -145,22 +144,7 @@ mod tests {
         let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
         let validation = Bundle::read(&model).unwrap().validation_rows().unwrap();
         let store_rows = |from: usize, rows: &[Vec<f32>]| {
-            let writes: Vec<crate::store::Write> = rows
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    crate::store::Write::Sample(Record {
-                        ts_ms: now_s() * 1000,
-                        version: 1,
-                        label: None,
-                        score: 0.5,
-                        device: "d".into(),
-                        key: (from + i).to_string(),
-                        features: r.clone(),
-                        output: vec![0.5, 0.5],
-                    })
-                })
-                .collect();
+            let writes: Vec<_> = rows.iter().enumerate().map(|(i, r)| served((from + i) as u64, r.clone())).collect();
             store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
         };
         let clean: Vec<Vec<f32>> = validation.chunks_exact(9).take(800).map(<[f32]>::to_vec).collect();

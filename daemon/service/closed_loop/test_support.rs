@@ -46,19 +46,25 @@ pub(super) fn state_with_drift(name: &str, drift: &str, train: &str) -> (State, 
     (State { p: lp, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None, rebase: None }, store)
 }
 
-/// A served row of device "d" with key `i`, and its label.
+/// A row v1 served to device "d" under key `i` (features all 50), and its label.
 pub(super) fn sample(i: u64) -> crate::store::Write {
+    served(i, vec![50.0; 9])
+}
+
+/// A row v1 served to device "d" under key `i`, with these features.
+pub(super) fn served(i: u64, features: Vec<f32>) -> crate::store::Write {
     crate::store::Write::Sample(Record {
         ts_ms: now_s() * 1000,
         version: 1,
         label: None,
-        score: 0.0,
+        score: 0.5,
         device: "d".into(),
         key: i.to_string(),
-        features: vec![50.0; 9],
-        output: vec![1.0, 0.0],
+        features,
+        output: vec![0.5, 0.5],
     })
 }
+
 pub(super) fn label(i: u64) -> crate::store::Write {
     crate::store::Write::Label { device: "d".into(), key: i.to_string(), value: 0.0, ts_ms: 0 }
 }
