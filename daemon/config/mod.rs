@@ -861,6 +861,12 @@ batch = { max = 32 }
         let errs = parse(&bad).unwrap_err();
         let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["pipeline[0].train.trigger[0]", "pipeline[0].train.hours"], "{errs}");
+        // A duration past ten years is a typo, refused here rather than overflowing a timer.
+        let long = format!("{GOOD}[pipeline.train]\ntrial = \"200000000000000d\"\ntrigger = [\"every 99999d\"]\n");
+        let errs = parse(&long).unwrap_err();
+        let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["pipeline[0].train.trigger[0]", "pipeline[0].train.trial"], "{errs}");
+        assert!(errs.errors[1].message.contains("at most 3650d"), "{errs}");
     }
 
     #[test]

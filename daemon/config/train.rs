@@ -81,6 +81,10 @@ impl Overrides {
 }
 
 /// `30s`, `15m`, `6h`, `2d` (a bare number is seconds).
+/// The longest duration any setting takes: ten years. Past it a typo ("1000000000000d") would
+/// overflow the clock arithmetic of trials and timeouts.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let t = text.trim();
     let (n, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
@@ -92,7 +96,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "d" => n.checked_mul(86_400)?,
         _ => return None,
     };
-    Some(Duration::from_secs(secs))
+    Some(Duration::from_secs(secs)).filter(|d| *d <= MAX_DURATION)
 }
 
 fn parse_clock(text: &str) -> Option<u32> {
@@ -105,7 +109,10 @@ pub(super) fn duration(s: &mut Section, key: &str, default: &str) -> Option<Dura
     let text = s.string(key, Some(default))?;
     let d = parse_duration(&text);
     if d.is_none() {
-        s.error(key, &format!("expected a duration like \"30s\", \"15m\", \"6h\" or \"2d\", found {text:?}"));
+        s.error(
+            key,
+            &format!("expected a duration like \"30s\", \"15m\", \"6h\" or \"2d\" (at most 3650d), found {text:?}"),
+        );
     }
     d
 }
@@ -225,6 +232,9 @@ mod tests {
         assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
         assert_eq!(parse_duration("6 weeks"), None);
+        assert_eq!(parse_duration("3650d"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("3651d"), None, "past ten years: refused, not an overflow later");
+        assert_eq!(parse_duration("200000000000000d"), None);
         assert_eq!(parse_clock("02:30"), Some(150));
         assert_eq!(parse_clock("24:00"), None);
     }
