@@ -180,17 +180,67 @@ fn a_killed_daemon_is_reported_offline_by_its_last_will() {
     );
 }
 
+/// `GET path` on the metrics endpoint at `port`: the whole response, or why there is none.
+fn scrape(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// A config serving the sample model with `[metrics] listen` on `port`.
+fn config_with_metrics(node: &str, broker: &Broker, dir: &Path, port: u16) -> String {
+    config(node, broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("[[pipeline]]", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[pipeline]]"))
+}
+
+/// Clients that connect to the metrics port and say nothing (a port scan, a slow-loris) hold
+/// at most `MAX_CONNECTIONS` of the daemon's descriptors, which the store and the broker
+/// connection need; predictions go on, and once they are gone a scrape works again.
+#[test]
+fn idle_clients_on_the_metrics_port_hold_few_descriptors_and_serving_goes_on() {
+    let broker = Broker::start();
+    let dir = temp_dir("metrics-idle");
+    let port = free_port();
+    let daemon = Daemon::start(&dir, &config_with_metrics("metricsidle", &broker, &dir, port));
+    wait_online(broker.port, "metricsidle", &daemon);
+    assert!(scrape(port, "/metrics").unwrap().starts_with("HTTP/1.1 200 OK"));
+    let pid = daemon.pid().unwrap();
+    let descriptors = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = descriptors();
+    let idle: Vec<std::net::TcpStream> =
+        (0..300).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    assert!(idle.len() >= 200, "only {} connections were made", idle.len());
+    std::thread::sleep(Duration::from_secs(1)); // the daemon has accepted them all
+    let held = descriptors().saturating_sub(before);
+    let limit = lathe::service::metrics::MAX_CONNECTIONS + 4;
+    assert!(held <= limit, "{} idle clients hold {held} of the daemon's descriptors (at most {limit})", idle.len());
+
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    for (seq, row) in rows.iter().take(40).enumerate() {
+        p.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", 40, Duration::from_secs(20)), "serving goes on meanwhile");
+    drop(idle);
+    let scraped = wait_until(Duration::from_secs(15), || {
+        scrape(port, "/metrics").is_ok_and(|m| m.contains("lathe_predictions_total{pipeline=\"shuttle\"} 40"))
+    });
+    assert!(scraped, "once the idle clients are gone a scrape works: {:?}", scrape(port, "/metrics"));
+}
+
 /// `[metrics] listen`: the Prometheus endpoint, scraped during an end-to-end run, counts what
 /// was sent — predictions, rejections by reason, the latency histogram — and names the model.
 #[test]
 fn the_metrics_endpoint_counts_what_was_sent() {
-    use std::io::{Read, Write};
     let broker = Broker::start();
     let dir = temp_dir("metrics");
     let port = free_port();
-    let config = config("metricsd", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
-        .replace("[[pipeline]]", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[pipeline]]"));
-    let daemon = Daemon::start(&dir, &config);
+    let daemon = Daemon::start(&dir, &config_with_metrics("metricsd", &broker, &dir, port));
     wait_online(broker.port, "metricsd", &daemon);
     let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
     let expected = expected();
@@ -203,13 +253,7 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     p.publish("plant/line1/dev0/telemetry", r#"{"f1": 50}"#);
     p.flush();
     assert!(out.wait_for("prediction", 120, Duration::from_secs(20)));
-    let scrape = |path: &str| {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
-    };
+    let scrape = |path: &str| scrape(port, path).unwrap();
     let value = |text: &str, series: &str| -> f64 {
         text.lines()
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))

@@ -161,6 +161,12 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
     out
 }
 
+/// Connections served at once. A scraper opens one at a time. Past this a new connection is
+/// closed as soon as it is accepted, so idle or slow clients cannot take the descriptors the
+/// store and the broker connection need, or the daemon's memory: while they hold every slot a
+/// scrape fails, and serving goes on.
+pub const MAX_CONNECTIONS: usize = 8;
+
 /// Serves `GET /metrics` until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -168,14 +174,28 @@ pub async fn serve(
     ready: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.changed() => return,
         };
-        let Ok((mut socket, _)) = accepted else { continue };
+        let mut socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(_) => {
+                // Out of descriptors, most likely: accepting again at once would fail again
+                // and spin a core.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(socket);
+            continue;
+        };
         let (serving, ready) = (serving.clone(), ready.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             // One request per connection; a slow or silent client is dropped after 5 s.
             let mut request = Vec::with_capacity(1024);
             let mut buf = [0u8; 1024];
