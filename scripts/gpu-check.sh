@@ -4,7 +4,9 @@
 #      both backends, and a whole fine-tune (tests/cuda.rs, ignored elsewhere);
 #   2. `lathe train` on the same data on each backend: wall time, samples/s, the gate;
 #   3. samples/s of lathe CPU, lathe CUDA, PyTorch CPU and PyTorch CUDA on the same shapes
-#      (benches/train_compare.py; the PyTorch columns need torch).
+#      (benches/train_compare.py; the PyTorch columns need torch);
+#   4. where the toolkit has compute-sanitizer, the kernel checks under memcheck, racecheck
+#      and synccheck (at most a minute each).
 #
 # With .gpu/ present (scripts/gpu-pack.sh, run where Rust is) it runs those prebuilt binaries
 # and needs no toolchain or network; else it builds with cargo. .gpu/ is git-ignored: the
@@ -80,6 +82,20 @@ PY
 }
 step "lathe train, CPU then CUDA, same data" fine_tune
 step "samples/s: lathe and PyTorch, CPU and CUDA" python3 benches/train_compare.py --device cuda "${bench[@]}"
+
+# Last, as it is the slowest and the numbers above matter more: what the emulator cannot see,
+# since its threads never run at once. compute-sanitizer (in the CUDA toolkit) runs the kernel
+# checks for out-of-bounds accesses, shared-memory races and barrier misuse; a minute each.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$sanitizer" ]; then
+  for tool in memcheck racecheck synccheck; do
+    step "compute-sanitizer --tool $tool: each kernel against the CPU op" \
+      timeout 60 "$sanitizer" --tool "$tool" --error-exitcode 9 \
+      "${tests[@]}" each_kernel_matches_the_cpu_op --include-ignored --test-threads=1
+  done
+else
+  echo; echo "=== compute-sanitizer: not found (no CUDA toolkit); memcheck, racecheck and synccheck skipped"
+fi
 
 echo
 if [ ${#failed[@]} -eq 0 ]; then echo "gpu-check: all passed"; else printf 'gpu-check: FAILED: %s\n' "${failed[@]}"; exit 1; fi
