@@ -6,7 +6,7 @@
 
 mod reader;
 mod train;
-pub use train::{parse_duration, Overrides, TrainConfig, Trigger};
+pub use train::{parse_duration, Hours, Overrides, TrainConfig, Trigger};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -853,7 +853,10 @@ batch = { max = 32 }
             t.triggers,
             vec![Trigger::Drift, Trigger::Every(std::time::Duration::from_secs(21_600)), Trigger::Labels(500)]
         );
-        assert_eq!(t.hours, Some((22 * 60, 4 * 60)));
+        assert_eq!(t.hours, Some(Hours { from: 22 * 60, to: 4 * 60, local: false }));
+        let local = parse(&text.replace("22:00-04:00", "01:30-05:00 local")).unwrap();
+        let hours = local.pipelines[0].train.as_ref().unwrap().hours;
+        assert_eq!(hours, Some(Hours { from: 90, to: 300, local: true }));
         assert_eq!(t.overrides.epochs, Some(5));
         assert_eq!(t.trial, std::time::Duration::from_secs(600));
         assert_eq!(c.store.path, Path::new("/var/lib/lathe/samples.redb"));

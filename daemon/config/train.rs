@@ -16,13 +16,23 @@ pub enum Trigger {
     Labels(u64),
 }
 
+/// A daily window, in minutes of the day: `from` inclusive, `to` exclusive, wrapping midnight
+/// when `from > to`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hours {
+    pub from: u32,
+    pub to: u32,
+    /// The device's local time (its time zone, daylight saving included), not UTC.
+    pub local: bool,
+}
+
 /// `[pipeline.train]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     pub triggers: Vec<Trigger>,
-    /// `hours = "02:00-04:00"` (UTC): runs the triggers start only inside it (a command
-    /// runs at once). May wrap midnight. `None`: any time.
-    pub hours: Option<(u32, u32)>,
+    /// `hours = "02:00-04:00"` (UTC) or `"02:00-04:00 local"`: runs the triggers start only
+    /// inside it (a command runs at once). May wrap midnight. `None`: any time.
+    pub hours: Option<Hours>,
     /// After a run (accepted or not), triggers wait this long (a command does not).
     pub cooldown: Duration,
     /// No run with fewer usable rows than this.
@@ -140,9 +150,15 @@ pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
         }
     }
     let hours = t.opt_string("hours").and_then(|h| {
-        let parsed = h.split_once('-').and_then(|(a, b)| Some((parse_clock(a)?, parse_clock(b)?)));
+        let (window, local) = match h.trim().rsplit_once(' ') {
+            Some((w, "local")) => (w, true),
+            Some((w, "UTC" | "utc")) => (w, false),
+            _ => (h.as_str(), false),
+        };
+        let parsed =
+            window.split_once('-').and_then(|(a, b)| Some(Hours { from: parse_clock(a)?, to: parse_clock(b)?, local }));
         if parsed.is_none() {
-            t.error("hours", &format!("expected \"HH:MM-HH:MM\" (UTC), found {h:?}"));
+            t.error("hours", &format!("expected \"HH:MM-HH:MM\" (UTC) or \"HH:MM-HH:MM local\", found {h:?}"));
         }
         parsed
     });
