@@ -34,33 +34,64 @@ pub fn generate() -> Result<SigningKey, String> {
 /// Files that cannot be written (an existing key is never overwritten).
 pub fn write_keypair(prefix: &Path, key: &SigningKey) -> Result<(), String> {
     let secret = prefix.with_extension("key");
-    let public = prefix.with_extension("pub");
     if secret.exists() {
         return Err(format!("{} exists; not overwriting a key", secret.display()));
     }
+    // Whole or not at all: a power cut during the first start must not leave a torn key that
+    // fails every later start. The key is written to a temporary file (0600, synced), then
+    // linked into place; the link fails if a key appeared meanwhile, so none is overwritten.
+    let dir = secret.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", secret.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
+    let _ = std::fs::remove_file(&tmp); // left by an interrupted start
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&secret)
-        .map_err(|e| format!("{}: {e}", secret.display()))?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(at(&tmp))?;
     std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(key.to_bytes())).as_bytes())
         .and_then(|()| f.sync_all())
-        .map_err(|e| format!("{}: {e}", secret.display()))?;
-    std::fs::write(&public, format!("{}\n", hex::encode(key.verifying_key().to_bytes())))
-        .map_err(|e| format!("{}: {e}", public.display()))
+        .map_err(at(&tmp))?;
+    drop(f);
+    let linked = std::fs::hard_link(&tmp, &secret);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(format!("{} exists; not overwriting a key", secret.display()))
+        }
+        Err(e) => return Err(at(&secret)(e)),
+    }
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))?;
+    write_public(prefix, key)
+}
+
+/// An io error as "PATH: error".
+fn at(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("{}: {e}", path.display())
+}
+
+/// `PREFIX.pub`, written whole.
+fn write_public(prefix: &Path, key: &SigningKey) -> Result<(), String> {
+    let public = prefix.with_extension("pub");
+    crate::model::registry::write_atomic(
+        &public,
+        format!("{}\n", hex::encode(key.verifying_key().to_bytes())).as_bytes(),
+    )
+    .map_err(|e| format!("{}: {e}", public.display()))
 }
 
 /// The device's own key at `path` (`….key`, with its `.pub` beside it), made on first use.
+/// A `.pub` that is missing (a start cut short after the key was made) is written again.
 ///
 /// # Errors
 /// A key file that cannot be read or written.
 pub fn device_key(path: &Path) -> Result<SigningKey, String> {
+    let prefix = path.with_extension("");
     if !path.exists() {
-        write_keypair(&path.with_extension(""), &generate()?)?;
+        write_keypair(&prefix, &generate()?)?;
     }
-    read_signing_key(path)
+    let key = read_signing_key(path)?;
+    if !prefix.with_extension("pub").exists() {
+        write_public(&prefix, &key)?;
+    }
+    Ok(key)
 }
 
 fn read_32(path: &Path) -> Result<[u8; 32], String> {
@@ -208,6 +239,31 @@ mod tests {
         let tampered = String::from_utf8(msg).unwrap().replace("\\\"version\\\":2", "\\\"version\\\":3");
         assert!(open_offer(tampered.as_bytes(), &trusted).unwrap_err().contains("does not verify"));
         assert!(open_offer(b"{\"name\":\"m\"}", &trusted).unwrap_err().contains("not a signed offer"));
+    }
+
+    /// The device key is made whole or not at all: what an interrupted first start left (a
+    /// temporary file, no `.pub`) does not stop the next, and an existing key is never replaced.
+    #[test]
+    fn the_device_key_survives_an_interrupted_first_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("lathe-device-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("device.key");
+        std::fs::write(dir.join(".device.key.tmp"), "3f").unwrap(); // cut short while writing
+        let key = device_key(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!dir.join(".device.key.tmp").exists());
+        let public = read_public_key(&dir.join("device.pub")).unwrap();
+        assert_eq!(public, key.verifying_key());
+        // Cut short after the key, before its .pub: the same key, and the .pub comes back.
+        std::fs::remove_file(dir.join("device.pub")).unwrap();
+        assert_eq!(device_key(&path).unwrap().to_bytes(), key.to_bytes());
+        assert_eq!(read_public_key(&dir.join("device.pub")).unwrap(), key.verifying_key());
+        let err = write_keypair(&dir.join("device"), &generate().unwrap()).unwrap_err();
+        assert!(err.contains("not overwriting"), "{err}");
+        assert_eq!(read_signing_key(&path).unwrap().to_bytes(), key.to_bytes());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
