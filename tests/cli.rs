@@ -77,6 +77,38 @@ fn check_accepts_a_good_config_and_names_the_model_it_would_serve() {
     assert!(!dir.join("state").exists(), "check changes nothing on disk");
 }
 
+/// A training window written in UTC on a device whose clock is not: `check` names the
+/// offset and the fix, and says nothing for a "local" window or on a UTC device.
+#[test]
+fn check_warns_when_training_hours_are_utc_on_a_device_that_is_not() {
+    let train = |hours: &str| {
+        format!("labels = {{ topic = \"plant/+/label\", key = \"/seq\", value = \"/v\" }}\n[pipeline.train]\nhours = \"{hours}\"\n")
+    };
+    let check_in = |dir: &std::path::Path, zone: &str| {
+        let config = dir.join("lathe.toml");
+        text(
+            &Command::new(LATHE)
+                .args(["check", "--config", config.to_str().unwrap()])
+                .env("TZ", zone)
+                .output()
+                .unwrap(),
+        )
+    };
+    let (utc, out) = check_sample_config("config-hours-utc", "{ f1 = \"/a/b\" }", &train("02:00-04:00"));
+    assert!(out.status.success(), "{}", text(&out));
+    let warned = check_in(&utc, "IST-5:30");
+    assert!(
+        warned.contains(
+            "warning: train.hours in pipeline p is UTC, and this device's time is UTC+5:30: end it with \" local\""
+        ),
+        "{warned}"
+    );
+    assert!(!check_in(&utc, "UTC0").contains("warning"), "a UTC device: nothing to say");
+    let (local, _) = check_sample_config("config-hours-local", "{ f1 = \"/a/b\" }", &train("02:00-04:00 local"));
+    let quiet = check_in(&local, "IST-5:30");
+    assert!(quiet.contains("ok (1 pipeline(s))") && !quiet.contains("warning"), "{quiet}");
+}
+
 /// The sample bundle's 3,000 validation rows are enough for the default drift window (500)
 /// but not for one of 1,000: `check` says so, and still passes.
 #[test]

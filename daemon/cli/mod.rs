@@ -233,11 +233,23 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
     }
 }
 
-/// What loads but may not behave as hoped: so far, drift references (the bundle's, or one
-/// re-based later) too small for their window.
+/// What loads but may not behave as hoped: drift references (the bundle's, or one re-based
+/// later) too small for their window, and a training window in UTC on a device whose clock
+/// is not (a night shift's 02:00 is not UTC's).
 fn warnings(config: &Config, models: &[crate::infer::ActiveModel]) -> Vec<String> {
     let mut out = Vec::new();
+    let offset = crate::config::utc_offset_s(crate::service::unix_ms() / 1000);
     for (p, m) in config.pipelines.iter().zip(models) {
+        if offset != 0 && p.train.as_ref().and_then(|t| t.hours).is_some_and(|h| !h.local) {
+            let (sign, minutes) = (if offset < 0 { '-' } else { '+' }, offset.abs() / 60);
+            out.push(format!(
+                "train.hours in pipeline {} is UTC, and this device's time is UTC{sign}{}:{:02}: end it with \" local\" \
+                 for the device's time",
+                p.name,
+                minutes / 60,
+                minutes % 60
+            ));
+        }
         let Some(drift) = &p.drift else { continue };
         let model = format!("{} v{} (pipeline {})", m.name, m.version, p.name);
         out.extend(crate::infer::small_reference(&model, m.reference_rows, drift.window));

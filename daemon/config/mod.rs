@@ -6,7 +6,7 @@
 
 mod reader;
 mod train;
-pub use train::{parse_duration, Hours, Overrides, TrainConfig, Trigger};
+pub use train::{parse_duration, utc_offset_s, Hours, Overrides, TrainConfig, Trigger};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -26,6 +26,39 @@ pub struct Hours {
     pub local: bool,
 }
 
+impl Hours {
+    /// Whether the window holds the moment `unix_s`.
+    pub fn contains(&self, unix_s: u64) -> bool {
+        let minute = minute_of_day(unix_s, if self.local { utc_offset_s(unix_s) } else { 0 });
+        if self.from <= self.to {
+            (self.from..self.to).contains(&minute)
+        } else {
+            minute >= self.from || minute < self.to // wraps midnight
+        }
+    }
+}
+
+/// The minute of the day at `unix_s`, in a zone `offset_s` east of UTC.
+fn minute_of_day(unix_s: u64, offset_s: i64) -> u32 {
+    ((unix_s as i64 + offset_s).div_euclid(60).rem_euclid(1440)) as u32
+}
+
+/// How far the device's local time is east of UTC at `unix_s`, daylight saving included:
+/// the zone of `TZ`, else of /etc/localtime, read once by the C library. 0 if unknown.
+pub fn utc_offset_s(unix_s: u64) -> i64 {
+    let t = unix_s as libc::time_t;
+    // SAFETY: `tm` is plain integers and one pointer, for which all zeros is a valid value;
+    // localtime_r reads `t` and writes only into `tm`, both of which outlive the call.
+    unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return 0;
+        }
+        #[allow(clippy::useless_conversion)] // c_long: i64 here, i32 on 32-bit ARM
+        i64::from(tm.tm_gmtoff)
+    }
+}
+
 /// `[pipeline.train]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
@@ -241,6 +274,54 @@ pub(super) fn parse_store(root: &mut Section, state_dir: Option<&std::path::Path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hours_window_may_wrap_midnight() {
+        const DAY2: u64 = 86_400;
+        let window = |from, to| Hours { from, to, local: false };
+        let at = |minute: u64| DAY2 + minute * 60;
+        assert!(window(120, 240).contains(at(120)) && !window(120, 240).contains(at(240)));
+        assert!(!window(120, 240).contains(at(60)));
+        let night = window(22 * 60, 4 * 60);
+        assert!(night.contains(at(23 * 60)) && night.contains(at(60)) && !night.contains(at(12 * 60)));
+        assert_eq!(minute_of_day(at(90), 0), 90);
+        assert_eq!(minute_of_day(at(90), -2 * 3600), 23 * 60 + 30, "west of UTC: the day before");
+    }
+
+    /// `"… local"` windows follow the device's zone, daylight saving included. The zone is the
+    /// process's (`TZ`), so the checks run in a child process of this test binary, with POSIX
+    /// zone strings that need no tzdata: India (+5:30) and central Europe (+1, +2 in summer).
+    #[test]
+    fn local_hours_follow_the_zone_and_its_daylight_saving() {
+        const JAN_15: u64 = 1_768_435_200; // 2026-01-15 00:00 UTC
+        const JUL_15: u64 = 1_784_073_600; // 2026-07-15 00:00 UTC
+        let (local, utc) = (Hours { from: 90, to: 300, local: true }, Hours { from: 90, to: 300, local: false });
+        if let Ok(zone) = std::env::var("LATHE_TEST_ZONE") {
+            let offsets = (utc_offset_s(JAN_15), utc_offset_s(JUL_15));
+            let expected = if zone.starts_with("IST") { (19_800, 19_800) } else { (3_600, 7_200) };
+            assert_eq!(offsets, expected, "TZ={zone}");
+            // 00:00 UTC is 05:30 in India, 01:00 in a Berlin winter and 02:00 in its summer.
+            let inside = (local.contains(JAN_15), local.contains(JUL_15));
+            let expected = if zone.starts_with("IST") { (false, false) } else { (false, true) };
+            assert_eq!(inside, expected, "01:30-05:00 local, TZ={zone}");
+            assert!(!utc.contains(JAN_15) && !utc.contains(JUL_15), "in UTC both are 00:00");
+            return;
+        }
+        for zone in ["IST-5:30", "CET-1CEST,M3.5.0,M10.5.0/3"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "config::train::tests::local_hours_follow_the_zone_and_its_daylight_saving"])
+                .env("TZ", zone)
+                .env("LATHE_TEST_ZONE", zone)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("1 passed"),
+                "TZ={zone}:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 
     #[test]
     fn durations() {

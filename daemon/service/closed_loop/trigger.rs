@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::{emit, now_s, Stage, State};
-use crate::config::{Hours, Trigger};
+use crate::config::Trigger;
 use crate::model::Task;
 use crate::service::events::Events;
 use crate::store::Store;
@@ -81,7 +81,7 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
         last = wall;
     }
     let in_cooldown = last > 0 && wall.saturating_sub(last) < t.cooldown.as_secs();
-    if in_cooldown || !in_hours(t.hours) {
+    if in_cooldown || t.hours.is_some_and(|h| !h.contains(wall)) {
         return None;
     }
     // After a drift alarm the loop waits for `min_rows` new rows, so it trains on the new
@@ -113,93 +113,11 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
     None
 }
 
-fn in_hours(hours: Option<Hours>) -> bool {
-    let Some(h) = hours else { return true };
-    let wall = now_s();
-    let offset = if h.local { utc_offset_s(wall) } else { 0 };
-    in_hours_at(h, minute_of_day(wall, offset))
-}
-
-/// The minute of the day at `unix_s`, in a zone `offset_s` east of UTC.
-fn minute_of_day(unix_s: u64, offset_s: i64) -> u32 {
-    ((unix_s as i64 + offset_s).div_euclid(60).rem_euclid(1440)) as u32
-}
-
-/// How far the device's local time is east of UTC at `unix_s`, daylight saving included:
-/// the zone of `TZ`, else of /etc/localtime, read once by the C library. 0 if unknown.
-fn utc_offset_s(unix_s: u64) -> i64 {
-    let t = unix_s as libc::time_t;
-    // SAFETY: `tm` is plain integers and one pointer, for which all zeros is a valid value;
-    // localtime_r reads `t` and writes only into `tm`, both of which outlive the call.
-    unsafe {
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() {
-            return 0;
-        }
-        #[allow(clippy::useless_conversion)] // c_long: i64 here, i32 on 32-bit ARM
-        i64::from(tm.tm_gmtoff)
-    }
-}
-
-/// Whether `minute` of the day is inside the `hours` window.
-fn in_hours_at(Hours { from, to, .. }: Hours, minute: u32) -> bool {
-    if from <= to {
-        (from..to).contains(&minute)
-    } else {
-        minute >= from || minute < to // wraps midnight
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Hours;
     use crate::service::closed_loop::test_support::{events, label, sample, state};
-
-    #[test]
-    fn the_hours_window_may_wrap_midnight() {
-        let window = |from, to| Hours { from, to, local: false };
-        assert!(in_hours_at(window(120, 240), 120) && !in_hours_at(window(120, 240), 240));
-        assert!(!in_hours_at(window(120, 240), 60));
-        let night = window(22 * 60, 4 * 60);
-        assert!(in_hours_at(night, 23 * 60) && in_hours_at(night, 60) && !in_hours_at(night, 12 * 60));
-        assert_eq!(minute_of_day(86_400 + 90 * 60, 0), 90);
-        assert_eq!(minute_of_day(86_400 + 90 * 60, -2 * 3600), 23 * 60 + 30, "west of UTC: the day before");
-    }
-
-    /// `"… local"` windows follow the device's zone, daylight saving included. The zone is the
-    /// process's (`TZ`), so the checks run in a child process of this test binary, with POSIX
-    /// zone strings that need no tzdata: India (+5:30) and central Europe (+1, +2 in summer).
-    #[test]
-    fn local_hours_follow_the_zone_and_its_daylight_saving() {
-        const JAN_15: u64 = 1_768_435_200; // 2026-01-15 00:00 UTC
-        const JUL_15: u64 = 1_784_073_600; // 2026-07-15 00:00 UTC
-        if let Ok(zone) = std::env::var("LATHE_TEST_ZONE") {
-            let offsets = (utc_offset_s(JAN_15), utc_offset_s(JUL_15));
-            let expected = if zone.starts_with("IST") { (19_800, 19_800) } else { (3_600, 7_200) };
-            assert_eq!(offsets, expected, "TZ={zone}");
-            return;
-        }
-        for zone in ["IST-5:30", "CET-1CEST,M3.5.0,M10.5.0/3"] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "service::closed_loop::trigger::tests::local_hours_follow_the_zone_and_its_daylight_saving",
-                ])
-                .env("TZ", zone)
-                .env("LATHE_TEST_ZONE", zone)
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && text.contains("1 passed"),
-                "TZ={zone}:\n{text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        // 00:00 UTC in July is 02:00 in Berlin: inside "01:30-05:00 local", outside in UTC.
-        let (local, utc) = (Hours { from: 90, to: 300, local: true }, Hours { from: 90, to: 300, local: false });
-        assert!(in_hours_at(local, minute_of_day(JUL_15, 7_200)) && !in_hours_at(utc, minute_of_day(JUL_15, 0)));
-    }
 
     #[test]
     fn the_schedule_waits_for_its_period_and_the_cooldown() {
