@@ -61,7 +61,12 @@ fn compiled_kernels_are_cached_by_source_arch_and_nvrtc_version() {
         return;
     }
     let dir = common::temp_dir("nvrtc-cache");
+    // What an older lathe left: the same architecture's goes, another architecture's stays.
+    std::fs::write(dir.join("kernels-sm_87-0123456789abcdef.json"), "[]").unwrap();
+    std::fs::write(dir.join("kernels-sm_72-0123456789abcdef.json"), "[]").unwrap();
     let first = cuda::compile_all("sm_87", Some(&dir)).unwrap();
+    assert!(!dir.join("kernels-sm_87-0123456789abcdef.json").exists(), "a stale sm_87 cache is removed");
+    std::fs::remove_file(dir.join("kernels-sm_72-0123456789abcdef.json")).unwrap();
     let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(files.len(), 1, "{files:?}");
     // A cached copy is what the next start uses: alter it and see it come back.

@@ -120,6 +120,19 @@ pub fn compile_all(arch: &'static str, cache_dir: Option<&Path>) -> std::result:
     if let (Some(path), Ok(text)) = (cached, serde_json::to_string(&ptx)) {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
+            // The same architecture's kernels from an older lathe or NVRTC are never read
+            // again: without this the cache grows by a file per upgrade.
+            let stale = |p: &Path| {
+                p != path
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("kernels-{arch}-")) && n.ends_with(".json"))
+            };
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if stale(&entry.path()) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
         }
         let _ = crate::model::registry::write_atomic(&path, text.as_bytes());
     }
