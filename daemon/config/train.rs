@@ -123,11 +123,11 @@ impl Overrides {
     }
 }
 
-/// `30s`, `15m`, `6h`, `2d` (a bare number is seconds).
 /// The longest duration any setting takes: ten years. Past it a typo ("1000000000000d") would
 /// overflow the clock arithmetic of trials and timeouts.
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
 
+/// `30s`, `15m`, `6h`, `2d` (a bare number is seconds), at most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let t = text.trim();
     let (n, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));

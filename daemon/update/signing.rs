@@ -74,7 +74,7 @@ fn write_public(prefix: &Path, key: &SigningKey) -> Result<(), String> {
         &public,
         format!("{}\n", hex::encode(key.verifying_key().to_bytes())).as_bytes(),
     )
-    .map_err(|e| format!("{}: {e}", public.display()))
+    .map_err(at(&public))
 }
 
 /// The device's own key at `path` (`….key`, with its `.pub` beside it), made on first use.
