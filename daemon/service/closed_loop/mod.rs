@@ -293,7 +293,7 @@ fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry,
             let paired = s.p.performance.as_ref().and_then(|p| p.lock().ok().and_then(|p| p.paired));
             let labels = paired.map_or(0, |p| p.labels);
             if Instant::now() >= *until && labels >= s.p.train.min_live_labels as u64 {
-                trial::end_shadow(s, config, store, registry, events);
+                trial::end_shadow(s, store, registry, events);
             }
         }
         Stage::Trial { .. } => trial::watch_trial(s, store, registry, events),

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{emit, now_s, Rebase, Stage, State};
-use crate::config::Config;
 use crate::model::{Bundle, Registry};
 use crate::service::events::{Counters, Events, COMPUTE_BUCKETS_US};
 use crate::store::Store;
@@ -65,7 +64,7 @@ impl Snapshot {
 
 /// The shadow period is over: promote if the challenger did at least as well as the champion
 /// on the same labeled rows.
-pub(super) fn end_shadow(s: &mut State, _config: &Config, store: &Store, registry: &Registry, events: &Events) {
+pub(super) fn end_shadow(s: &mut State, store: &Store, registry: &Registry, events: &Events) {
     let Stage::Shadow { challenger, record, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle) else {
         return;
     };
@@ -99,6 +98,8 @@ pub(super) fn end_shadow(s: &mut State, _config: &Config, store: &Store, registr
     promote(s, &challenger, record, before, store, registry, events);
 }
 
+/// Makes `challenger` the champion (the swapper serves it) and starts its trial; `before` is
+/// the counters when its run began, the champion's reference window.
 pub(super) fn promote(
     s: &mut State,
     challenger: &Bundle,
@@ -146,6 +147,7 @@ pub(super) fn promote(
     };
 }
 
+/// Ends the kept trial, so a restart does not resume it.
 pub(super) fn clear_trial(store: &Store, pipeline: &str) {
     let _ = store.set_meta(pipeline, "trial_version", 0);
 }
