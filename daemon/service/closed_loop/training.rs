@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::trial::{promote, Snapshot};
 use super::trigger::usable_rows;
-use super::{emit, now_s, Stage, State, DEBUG_PANIC, LOOPS_ENDED, TRAINING};
+use super::{emit, now_s, Stage, State, LOOPS_ENDED, TRAINING};
 use crate::config::Config;
 use crate::infer::ActiveModel;
 use crate::model::{Bundle, Registry, Task};
@@ -78,8 +78,8 @@ pub(super) fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<St
         let run = std::panic::AssertUnwindSafe(|| {
             #[cfg(debug_assertions)]
             #[allow(clippy::panic)]
-            if data_name.ends_with(&format!("({DEBUG_PANIC})")) {
-                panic!("{DEBUG_PANIC} asked for by the command");
+            if data_name.ends_with(&format!("({})", super::DEBUG_PANIC)) {
+                panic!("{} asked for by the command", super::DEBUG_PANIC);
             }
             read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows).and_then(|rows| {
                 let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
