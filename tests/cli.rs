@@ -226,6 +226,41 @@ fn a_csv_with_an_id_column_works_once_the_features_are_named() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// A European spreadsheet's export (semicolons, decimal commas, CRLF) makes the same bundle
+/// as the plain CSV, and the bundle keeps its validation set as plain CSV.
+#[test]
+fn bundle_create_reads_a_semicolon_export_and_keeps_plain_csv() {
+    let dir = temp_dir("semicolon");
+    let (model, plain) = sample_model();
+    let european: String = std::fs::read_to_string(&plain)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let cells: Vec<String> =
+                line.split(',').map(|c| if i == 0 { c.to_string() } else { format!("{c},0") }).collect();
+            cells.join(";") + "\r\n"
+        })
+        .collect();
+    std::fs::write(dir.join("european.csv"), european).unwrap();
+    let manifest = |data: &std::path::Path, name: &str| {
+        let out = bundle_create(&model, data, "s")
+            .args(["--json", "--target", "anomaly", "-o"])
+            .arg(dir.join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["manifest"].clone()
+    };
+    let (a, b) = (manifest(&plain, "plain.lathe"), manifest(&dir.join("european.csv"), "european.lathe"));
+    assert_eq!(a["inputs"], b["inputs"]);
+    assert_eq!(a["baseline"], b["baseline"]);
+    let kept = lathe::model::bundle::Bundle::read(&dir.join("european.lathe")).unwrap().validation;
+    let kept = String::from_utf8(kept).unwrap();
+    assert!(kept.starts_with("f1,f2,f3,f4,f5,f6,f7,f8,f9,anomaly\n37.0,0.0,"), "{}", &kept[..60]);
+}
+
 #[test]
 fn bundle_create_writes_to_a_bare_file_name_in_the_current_directory() {
     let dir = temp_dir("bare-output");

@@ -206,6 +206,75 @@ fn fine_tuning_on_unseen_shuttle_rows_improves_the_holdout_and_writes_a_child_bu
     assert_ne!(engine.run(&rows[..90]).unwrap().values, old.run(&rows[..90]).unwrap().values);
 }
 
+/// The same rows as a spreadsheet exports them train exactly as the plain CSV: same rows
+/// used, same epoch losses, same gate.
+#[test]
+fn spreadsheet_exports_of_the_data_train_exactly_as_the_plain_csv() {
+    let dir = common::temp_dir("train-exports");
+    let champion = common::root().join("models/shuttle-mlp-1.lathe");
+    let plain = common::unseen_csv(&dir, 0.0);
+    let text = std::fs::read_to_string(&plain).unwrap();
+    // Excel in a European locale, "CSV (semicolon)": quoted header, decimal commas, CRLF.
+    let european: String = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let cells: Vec<String> =
+                line.split(',').map(|c| if i == 0 { format!("\"{c}\"") } else { format!("{c},0") }).collect();
+            cells.join(";") + "\r\n"
+        })
+        .collect();
+    // Excel's "Unicode text": UTF-16LE with its byte-order mark, tab-separated.
+    let unicode_text: Vec<u8> =
+        [0xff, 0xfe].into_iter().chain(text.replace(',', "\t").encode_utf16().flat_map(u16::to_le_bytes)).collect();
+    std::fs::write(dir.join("european.csv"), european).unwrap();
+    std::fs::write(dir.join("unicode.txt"), unicode_text).unwrap();
+
+    let (_, expected) = train(&dir, &champion, &plain, &[]);
+    assert_eq!(expected["rows_used"], 11730, "{expected:#}");
+    for export in ["european.csv", "unicode.txt"] {
+        let (out, record) = train(&dir, &champion, &dir.join(export), &[]);
+        assert!(out.status.success(), "{export}: {}", String::from_utf8_lossy(&out.stderr));
+        for field in ["rows_used", "rows_dropped", "epochs", "gate"] {
+            assert_eq!(record[field], expected[field], "{export}: {field}");
+        }
+    }
+}
+
+/// When too few rows are usable, the error says which were dropped and why.
+#[test]
+fn data_outside_the_valid_ranges_is_refused_saying_why() {
+    let dir = common::temp_dir("train-out-of-range");
+    let champion = common::root().join("models/shuttle-mlp-1.lathe");
+    let text = std::fs::read_to_string(common::unseen_csv(&dir, 0.0)).unwrap();
+    // A unit mix-up on the first sensor: every row reads 1000× too high.
+    let scaled: String = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| match (i, line.split_once(',')) {
+            (0, _) | (_, None) => format!("{line}\n"),
+            (_, Some((f1, rest))) => format!("{},{rest}\n", f1.parse::<f64>().unwrap() * 1000.0 + 1e6),
+        })
+        .collect();
+    let data = dir.join("scaled.csv");
+    std::fs::write(&data, scaled).unwrap();
+    let out = lathe()
+        .args(["train", "--bundle"])
+        .arg(&champion)
+        .arg("--data")
+        .arg(&data)
+        .arg("-o")
+        .arg(dir.join("challenger.lathe"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("0 usable rows is too few"), "{stderr}");
+    assert!(stderr.contains("11730 rows dropped (out_of_range 11730)"), "{stderr}");
+}
+
 #[test]
 fn labels_with_40_percent_flipped_are_refused_by_the_gate() {
     let dir = common::temp_dir("train-poisoned");

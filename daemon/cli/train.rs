@@ -29,26 +29,33 @@ pub struct TrainArgs {
     /// Print the run record as JSON.
     #[arg(long)]
     json: bool,
-    // Overrides of the bundle's `[training]` (each written into the run record).
-    /// none | full | last:N | lora:RANK
+    // Overrides of the bundle's `[training]` (each written into the run record). Without one,
+    // the bundle's own value holds: `lathe bundle inspect` shows them.
+    /// none | full | last:N | lora:RANK (default: the bundle's)
     #[arg(long)]
     trainable: Option<String>,
-    /// sgd | adam | adamw
+    /// sgd | adam | adamw (default: the bundle's)
     #[arg(long)]
     optimizer: Option<String>,
+    /// The optimizer's step size (default: the bundle's)
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// The most passes over the training rows; early stopping may end sooner (default: the bundle's)
     #[arg(long)]
     epochs: Option<u32>,
+    /// Rows per optimizer step (default: the bundle's)
     #[arg(long)]
     batch: Option<u32>,
+    /// Seeds the shuffle and any initialisation: the same seed and data give the same run (default: the bundle's)
     #[arg(long)]
     seed: Option<u64>,
     /// auto | cross_entropy | bce_with_logits | mse
     #[arg(long)]
     loss: Option<String>,
+    /// L2 for sgd and adam, decoupled for adamw (default: the bundle's)
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// sgd's momentum (default: the bundle's)
     #[arg(long)]
     momentum: Option<f64>,
     /// Clip the global gradient norm (0: off).
@@ -60,13 +67,14 @@ pub struct TrainArgs {
     /// The newest fraction of rows held out for the gate.
     #[arg(long)]
     holdout: Option<f64>,
+    /// Stop after this many epochs without improvement on the early-stopping rows (default: the bundle's)
     #[arg(long)]
     patience: Option<u32>,
 }
 
 pub fn run(a: TrainArgs) -> Result<(), String> {
     let champion = Bundle::read(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
-    let csv = std::fs::read_to_string(&a.data).map_err(|e| format!("{}: {e}", a.data.display()))?;
+    let csv = crate::model::csv::read_file(&a.data)?;
     let mut t = champion.manifest.training.clone();
     macro_rules! set {
         ($($field:ident = $value:expr),*) => { $( if let Some(v) = $value { t.$field = v; } )* };

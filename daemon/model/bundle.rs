@@ -9,6 +9,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::baseline::{self, Baseline, Reading};
+use super::csv::{comma_separated, parse_csv};
 use super::manifest::{Gate, Input, Lineage, Manifest, Task, Training, FORMAT};
 use crate::infer::engine::{sliding_windows, Engine, EngineError, Outputs};
 
@@ -160,9 +161,13 @@ impl Bundle {
     pub fn validation_rows(&self) -> Result<Vec<f32>, BundleError> {
         let text = std::str::from_utf8(&self.validation)
             .map_err(|_| BundleError::Data("validation.csv is not UTF-8".into()))?;
-        let table = parse_csv(text)?;
-        let cols: Vec<usize> =
-            self.manifest.inputs.iter().map(|i| table.numeric_column(&i.name)).collect::<Result<_, _>>()?;
+        let table = parse_csv(text).map_err(BundleError::Data)?;
+        let cols: Vec<usize> = self
+            .manifest
+            .inputs
+            .iter()
+            .map(|i| table.numeric_column(&i.name).map_err(BundleError::Data))
+            .collect::<Result<_, _>>()?;
         Ok(table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect())
     }
 
@@ -190,8 +195,8 @@ impl Bundle {
         }
         let text = std::str::from_utf8(&self.validation)
             .map_err(|_| BundleError::Data("validation.csv is not UTF-8".into()))?;
-        let table = parse_csv(text)?;
-        let c = table.numeric_column(&self.manifest.target)?;
+        let table = parse_csv(text).map_err(BundleError::Data)?;
+        let c = table.numeric_column(&self.manifest.target).map_err(BundleError::Data)?;
         Ok(table.rows.iter().skip(self.manifest.window.saturating_sub(1)).map(|r| r[c]).collect())
     }
 
@@ -240,66 +245,6 @@ pub struct CreateOptions {
     pub data_name: String,
     /// `training.trainable`: "none", "full", "last:N" or "lora:RANK".
     pub trainable: String,
-}
-
-/// A CSV of numbers, with a header. Cells that are not numbers (an id or a timestamp column)
-/// are kept as NaN and remembered, so they only matter if a used column holds them.
-pub struct Table {
-    pub header: Vec<String>,
-    pub rows: Vec<Vec<f64>>,
-    /// Per column, the first cell that is not a number: (line, text).
-    pub not_numeric: Vec<Option<(usize, String)>>,
-}
-
-impl Table {
-    /// # Errors
-    /// A column that does not exist or holds a cell that is not a number.
-    pub fn numeric_column(&self, name: &str) -> Result<usize, BundleError> {
-        let c = self.header.iter().position(|h| h == name).ok_or_else(|| {
-            BundleError::Data(format!("no column {name:?} in the CSV (columns: {})", self.header.join(",")))
-        })?;
-        match &self.not_numeric[c] {
-            Some((line, text)) => Err(BundleError::Data(format!(
-                "line {line}: column {name:?} holds {text:?}, not a number (name the feature columns with --features)"
-            ))),
-            None => Ok(c),
-        }
-    }
-}
-
-/// Parses a CSV with a header line (a UTF-8 byte-order mark is ignored).
-///
-/// # Errors
-/// An empty file or a row with the wrong number of cells, naming the line.
-pub fn parse_csv(text: &str) -> Result<Table, BundleError> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let (_, head) = lines.next().ok_or_else(|| BundleError::Data("the CSV is empty".into()))?;
-    let header: Vec<String> = head.split(',').map(|h| h.trim().trim_matches('"').to_string()).collect();
-    let mut not_numeric = vec![None; header.len()];
-    let mut rows = Vec::new();
-    for (i, line) in lines {
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
-        if cells.len() != header.len() {
-            let (n, h) = (cells.len(), header.len());
-            return Err(BundleError::Data(format!("line {}: {n} cells, the header has {h}", i + 1)));
-        }
-        let row = cells
-            .iter()
-            .enumerate()
-            .map(|(c, cell)| {
-                cell.parse::<f64>().unwrap_or_else(|_| {
-                    not_numeric[c].get_or_insert_with(|| (i + 1, cell.to_string()));
-                    f64::NAN
-                })
-            })
-            .collect();
-        rows.push(row);
-    }
-    if rows.is_empty() {
-        return Err(BundleError::Data("the CSV has a header but no rows".into()));
-    }
-    Ok(Table { header, rows, not_numeric })
 }
 
 /// Valid range of a feature from data: the observed span widened by the span again on each side,
@@ -399,8 +344,9 @@ pub fn measure(
 /// A model lathe cannot serve, data that does not fit it, or a task the outputs do not fit.
 pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle, BundleError> {
     let engine = Engine::load(&model)?;
-    let table = parse_csv(data)?;
-    let col = |name: &str| table.numeric_column(name);
+    let data = comma_separated(data).map_err(BundleError::Data)?;
+    let table = parse_csv(&data).map_err(BundleError::Data)?;
+    let col = |name: &str| table.numeric_column(name).map_err(BundleError::Data);
     let target = match (&opts.target, opts.task) {
         (Some(t), _) => Some(col(t)?),
         (None, Task::Reconstruction) => None,

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::bundle::parse_csv;
+use crate::model::csv::parse_csv;
 use crate::model::manifest::{Manifest, Task};
 
 pub struct Dataset {
@@ -62,6 +62,18 @@ impl Dataset {
         }
         self.rows += 1;
     }
+
+    /// The rows dropped, by reason, as a user reads it: `None` if none were.
+    pub fn dropped_note(&self) -> Option<String> {
+        let total: usize = self.dropped.values().sum();
+        let reasons: Vec<String> = self.dropped.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+        (total > 0).then(|| {
+            format!(
+                "{total} rows dropped ({}): a row the daemon would reject, or one without a valid target, is not trained on (`lathe bundle inspect` shows the valid ranges)",
+                reasons.join(", ")
+            )
+        })
+    }
 }
 
 /// Reads `csv` for a model with `classes` output classes (0 for regression/reconstruction).
@@ -69,14 +81,11 @@ impl Dataset {
 /// # Errors
 /// A CSV that cannot be parsed or lacks a feature or target column.
 pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, String> {
-    let table = parse_csv(csv).map_err(|e| e.to_string())?;
-    let column = |name: &str| {
-        table.header.iter().position(|h| h == name).ok_or_else(|| format!("the data has no column {name:?}"))
-    };
-    let cols: Vec<usize> = manifest.inputs.iter().map(|i| column(&i.name)).collect::<Result<_, _>>()?;
+    let table = parse_csv(csv)?;
+    let cols: Vec<usize> = manifest.inputs.iter().map(|i| table.column(&i.name)).collect::<Result<_, _>>()?;
     let target = match manifest.task {
         Task::Reconstruction => None,
-        _ => Some(column(&manifest.target)?),
+        _ => Some(table.column(&manifest.target)?),
     };
     let mut data = Dataset::new(cols.len());
     let mut x = Vec::with_capacity(cols.len());

@@ -504,7 +504,10 @@ pub fn fine_tune_on<B: Backend>(
         Loss::SoftmaxCrossEntropy => plan.tail.out_dim(),
         Loss::Mse => 0,
     };
-    let split = data::split(data.rows, training.holdout)?;
+    let split = data::split(data.rows, training.holdout).map_err(|e| match data.dropped_note() {
+        Some(note) => format!("{e}; {note}"),
+        None => e,
+    })?;
     let f = data.features;
 
     // Everything that does not train is computed once, up front.
