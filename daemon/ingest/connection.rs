@@ -96,13 +96,11 @@ impl LabelRoute {
         }
         let doc: Value = serde_json::from_slice(payload).map_err(|e| format!("label is not JSON: {e}"))?;
         let key = doc.pointer(&self.key).ok_or_else(|| format!("label has no {}", self.key))?.to_string();
-        let value = match doc.pointer(&self.value) {
-            Some(Value::Number(n)) => n.as_f64(),
-            Some(Value::Bool(b)) => Some(f64::from(u8::from(*b))),
-            _ => None,
-        }
-        .filter(|v| v.is_finite())
-        .ok_or_else(|| format!("label has no number or boolean at {}", self.value))?;
+        let value = doc
+            .pointer(&self.value)
+            .and_then(super::extract::number)
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("label has no number, boolean or number as text at {}", self.value))?;
         if let Some(store) = &self.store {
             let ts_ms = crate::service::unix_ms();
             let label = crate::store::Write::Label { device: device.to_string(), key: key.clone(), value, ts_ms };

@@ -156,7 +156,7 @@ impl Extractor {
             let v = doc
                 .pointer(ptr)
                 .ok_or_else(|| Reject::MissingFeature { feature: name.to_string(), pointer: ptr.to_string() })?;
-            v.as_f64()
+            number(v)
                 .ok_or_else(|| Reject::NonNumeric { feature: name.to_string(), found: truncate(&v.to_string(), 40) })
         })?;
         let echo = |p: &Option<String>| p.as_deref().and_then(|p| doc.pointer(p)).cloned().unwrap_or(Value::Null);
@@ -195,6 +195,23 @@ impl Extractor {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.fields.iter().map(|f| f.0.as_str())
+    }
+}
+
+/// A JSON value as a number: a number; a boolean as 1 or 0 (a PLC's digital input); or a
+/// string that holds a decimal number (`"23.5"`, as gateways that forward text write it).
+/// A string holding anything else (`"hot"`, `"23,5"`, `"NaN"`, `"inf"`) is not a number.
+pub fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::Bool(b) => Some(f64::from(u8::from(*b))),
+        Value::String(s) => {
+            let s = s.trim();
+            let decimal = s.bytes().any(|b| b.is_ascii_digit())
+                && s.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
+            decimal.then(|| s.parse().ok()).flatten()
+        }
+        _ => None,
     }
 }
 
@@ -243,6 +260,20 @@ mod tests {
         assert_eq!(reason(br#"{"temp":1e300,"vibration":{"rms":1}}"#), "non_finite");
         assert_eq!(reason(br#"{"temp":999,"vibration":{"rms":1}}"#), "out_of_range");
         assert_eq!(reason(&[b' '; 300]), "payload_too_large");
+    }
+
+    #[test]
+    fn booleans_and_numbers_sent_as_text_are_numbers() {
+        let e = extractor();
+        let row = |p: &[u8]| e.extract(p).map(|x| x.features);
+        assert_eq!(row(br#"{"temp":" 21.5 ","vibration":{"rms":true}}"#), Ok(vec![21.5, 1.0]));
+        assert_eq!(row(br#"{"temp":"-4e1","vibration":{"rms":false}}"#), Ok(vec![-40.0, 0.0]));
+        for text in [r#""21,5""#, r#""NaN""#, r#""inf""#, r#""""#, r#""-""#, r#""0x10""#, "null", "[1]"] {
+            let payload = format!(r#"{{"temp":{text},"vibration":{{"rms":1}}}}"#);
+            assert_eq!(e.extract(payload.as_bytes()).unwrap_err().reason(), "non_numeric", "{text}");
+        }
+        assert_eq!(row(br#"{"temp":"1e400","vibration":{"rms":1}}"#).unwrap_err().reason(), "non_finite");
+        assert_eq!(row(br#"{"temp":"999","vibration":{"rms":1}}"#).unwrap_err().reason(), "out_of_range");
     }
 
     #[test]
