@@ -189,6 +189,46 @@ fn a_killed_daemon_is_reported_offline_by_its_last_will() {
     );
 }
 
+/// `cmd/status` publishes a fresh status at once (not at the next 10 s refresh), and on a
+/// node whose pipelines do not train, `cmd/train` is refused on the events topic rather than
+/// going unanswered.
+#[test]
+fn cmd_status_refreshes_the_status_and_a_node_without_training_refuses_cmd_train() {
+    let broker = Broker::start();
+    let dir = temp_dir("cmd-status");
+    let mut daemon =
+        Daemon::start(&dir, &config("cmds", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")));
+    let out = Collector::new(broker.port, &["lathe/cmds/status", "lathe/cmds/events"]);
+    wait_online(broker.port, "cmds", &daemon);
+    let statuses = || out.on("lathe/cmds/status").len();
+    let mut publisher = Publisher::new(broker.port);
+    for round in 0..3 {
+        let before = statuses();
+        let asked = std::time::Instant::now();
+        publisher.publish("lathe/cmds/cmd/status", "");
+        publisher.flush();
+        assert!(wait_until(Duration::from_secs(10), || statuses() > before), "round {round}: no status");
+        let took = asked.elapsed();
+        assert!(took < Duration::from_secs(3), "round {round}: the status came {took:?} after the command");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let latest = out.on("lathe/cmds/status").last().unwrap().clone();
+    assert_eq!(latest["state"], "online");
+    assert_eq!(latest["pipelines"][0]["model"], "shuttle-mlp");
+
+    publisher.publish("lathe/cmds/cmd/train", "");
+    publisher.flush();
+    let refused = || out.on("lathe/cmds/events").into_iter().find(|e| e["event"] == "command.refused");
+    assert!(wait_until(Duration::from_secs(10), || refused().is_some()), "log:\n{}", daemon.log());
+    let refused = refused().unwrap();
+    assert_eq!(refused["command"], "train");
+    assert!(
+        refused["message"].as_str().unwrap().contains("no pipeline on this node has [pipeline.train]"),
+        "{refused}"
+    );
+    assert!(daemon.running());
+}
+
 /// `GET path` on the metrics endpoint at `port`: the whole response, or why there is none.
 fn scrape(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};

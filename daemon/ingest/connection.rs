@@ -67,8 +67,15 @@ pub struct Route {
     pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
 }
 
-/// `lathe/{node}/cmd/+` and where its messages go (action, payload).
-pub type CommandRoute = (TopicFilter, std::sync::mpsc::Sender<crate::service::closed_loop::LoopMessage>);
+/// `lathe/{node}/cmd/+` and where its messages go.
+pub struct CommandRoute {
+    pub filter: TopicFilter,
+    /// The training loop, where one runs: `train`, `rollback` and anything else go there
+    /// (it answers each on the events topic).
+    pub to_loop: Option<std::sync::mpsc::Sender<crate::service::closed_loop::LoopMessage>>,
+    /// `status`: wakes the status task, which publishes a fresh status at once.
+    pub status_now: Arc<tokio::sync::Notify>,
+}
 
 /// A pipeline's label topic and what to read from a label message.
 pub struct LabelRoute {
@@ -252,8 +259,8 @@ pub struct Ingest {
     pub disconnect: watch::Receiver<bool>,
     /// True while connected and subscribed: messages published now will reach us.
     pub ready: watch::Sender<bool>,
-    /// `lathe/{node}/cmd/+`: commands for the training loop (action, payload).
-    pub commands: Option<CommandRoute>,
+    /// `lathe/{node}/cmd/+`: commands for the status task and the training loop.
+    pub commands: CommandRoute,
     /// Filters an earlier run subscribed to that no route uses now (after a reload): the
     /// broker kept them in our session, so they are removed once connected.
     pub unsubscribe: Vec<String>,
@@ -285,7 +292,7 @@ impl Ingest {
             .iter()
             .map(|r| r.filter.as_str().to_string())
             .chain(routes.iter().filter_map(|r| r.labels.as_ref().map(|l| l.filter.as_str().to_string())))
-            .chain(self.commands.iter().map(|(f, _)| f.as_str().to_string()))
+            .chain(std::iter::once(self.commands.filter.as_str().to_string()))
             .collect()
     }
 
@@ -470,12 +477,41 @@ struct Router {
     events: Events,
     acks: AckSender,
     next_seq: u64,
-    commands: Option<CommandRoute>,
+    commands: CommandRoute,
     /// Sends Sparkplug rebirth requests (never waits: `try_publish`).
     client: AsyncClient,
 }
 
 impl Router {
+    /// A `lathe/{node}/cmd/{action}` message. Without a training loop, `train` and `rollback`
+    /// are refused on the events topic, once per pipeline, rather than going unanswered.
+    fn command(&self, action: &str, payload: &[u8]) {
+        // A command is a pipeline's name at most; the loop's queue is not for megabytes.
+        if payload.len() > MAX_COMMAND_BYTES {
+            tracing::warn!(action, bytes = payload.len(), "Command ignored: over {MAX_COMMAND_BYTES} bytes");
+            return;
+        }
+        match (action, &self.commands.to_loop) {
+            ("status", _) => self.commands.status_now.notify_one(),
+            (_, Some(tx)) => {
+                let (action, payload) = (action.to_string(), payload.to_vec());
+                let _ = tx.send(crate::service::closed_loop::LoopMessage::Command { action, payload });
+            }
+            (_, None) => {
+                for route in &self.routes {
+                    self.events.emit(crate::service::events::Event::Step {
+                        pipeline: route.pipeline.clone(),
+                        step: "command.refused",
+                        message: format!(
+                            "{action:?}: no pipeline on this node has [pipeline.train], and [update] is off"
+                        ),
+                        detail: serde_json::json!({"command": action}),
+                    });
+                }
+            }
+        }
+    }
+
     fn flush(&mut self) {
         for (queue, route) in self.pending.iter_mut().zip(&self.routes) {
             flush(queue, route.tx.as_ref());
@@ -508,18 +544,8 @@ impl Router {
         });
         // MQTT topics are UTF-8 by the spec; anything else matches no pipeline.
         let topic = std::str::from_utf8(&p.topic).unwrap_or("");
-        if let Some((filter, tx)) = &self.commands {
-            match filter.matches(topic) {
-                // A command is a pipeline's name at most; the loop's queue is not for megabytes.
-                Some(_) if p.payload.len() > MAX_COMMAND_BYTES => {
-                    tracing::warn!(topic, bytes = p.payload.len(), "Command ignored: over {MAX_COMMAND_BYTES} bytes");
-                }
-                Some(action) => {
-                    let (action, payload) = (action.to_string(), p.payload.to_vec());
-                    let _ = tx.send(crate::service::closed_loop::LoopMessage::Command { action, payload });
-                }
-                None => {}
-            }
+        if let Some(action) = self.commands.filter.matches(topic) {
+            self.command(action, &p.payload);
         }
         for route in &self.routes {
             let Some(labels) = &route.labels else { continue };

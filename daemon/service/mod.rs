@@ -582,6 +582,7 @@ pub async fn run_keeping(
         tracing::info!("Metrics on http://{listen}/metrics");
         tokio::spawn(metrics::serve(listener, serving.clone(), ready_rx.clone(), stop_rx.clone()));
     }
+    let status_now = Arc::new(tokio::sync::Notify::new());
     let ingest = Ingest {
         eventloop,
         client: client.clone(),
@@ -594,12 +595,10 @@ pub async fn run_keeping(
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
         ready: ready_tx,
-        commands: match training {
-            true => Some((
-                TopicFilter::parse(&format!("lathe/{}/cmd/+", config.node)).map_err(ServiceError::Broker)?,
-                loop_tx.clone(),
-            )),
-            false => None,
+        commands: connection::CommandRoute {
+            filter: TopicFilter::parse(&format!("lathe/{}/cmd/+", config.node)).map_err(ServiceError::Broker)?,
+            to_loop: training.then(|| loop_tx.clone()),
+            status_now: status_now.clone(),
         },
         unsubscribe: Vec::new(),
     };
@@ -615,13 +614,14 @@ pub async fn run_keeping(
         let (client, config, serving, mut stop, mut ready) =
             (client.clone(), config.clone(), serving.clone(), stop_rx, ready_rx);
         // "online" goes out once subscribed (so it means "messages sent now are served"),
-        // again after every reconnect (a restarted broker may have lost it), and every
-        // STATUS_EVERY with fresh counters.
+        // again after every reconnect (a restarted broker may have lost it), every
+        // STATUS_EVERY with fresh counters, and at once on `cmd/status`.
         tokio::spawn(async move {
             let mut was_ready = false;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(STATUS_EVERY) => {}
+                    _ = status_now.notified() => {}
                     _ = ready.changed() => {}
                     _ = stop.changed() => break,
                 }

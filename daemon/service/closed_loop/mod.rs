@@ -226,9 +226,13 @@ fn command(
         .or_else(|| (!text.trim().is_empty() && !text.trim_start().starts_with('{')).then(|| text.trim().to_string()));
     for s in states.iter_mut().filter(|s| named.as_deref().is_none_or(|n| n == s.p.config.name)) {
         match action {
-            "train" if s.p.config.train.is_none() => {
-                emit(events, &s.p, "command.refused", "this pipeline has no [pipeline.train]".into(), json!({}))
-            }
+            "train" if s.p.config.train.is_none() => emit(
+                events,
+                &s.p,
+                "command.refused",
+                "this pipeline has no [pipeline.train]".into(),
+                json!({"command": "train"}),
+            ),
             "train" if matches!(s.stage, Stage::Idle) => {
                 // Debug builds only (the tests): `"__lathe_debug_panic": true` makes the run
                 // panic, to show a panic fails that run and not every later one.
@@ -257,8 +261,8 @@ fn command(
                 events,
                 &s.p,
                 "command.refused",
-                format!("unknown command {other:?}; expected train or rollback"),
-                json!({}),
+                format!("unknown command {other:?}; expected train, rollback or status"),
+                json!({"command": other}),
             ),
         }
     }
