@@ -229,6 +229,66 @@ fn cmd_status_refreshes_the_status_and_a_node_without_training_refuses_cmd_train
     assert!(daemon.running());
 }
 
+/// The README's mosquitto ACL ("Who may publish what"), read from the README itself: lathe
+/// without its password is refused with a hint; with it, lathe serves the PLC gateway's
+/// telemetry but not the operator's, and takes the operator's commands but not the gateway's.
+#[test]
+fn the_readmes_broker_acl_lets_each_account_do_only_its_part() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let start = readme.find("# /etc/mosquitto/acl").expect("the ACL example in the README");
+    let acl = &readme[start..start + readme[start..].find("```").unwrap()];
+    // A test account that reads everything, to watch.
+    let acl = format!("{acl}user observer\ntopic read #\n");
+    let accounts = [("lathe-edge-7", "l"), ("plc-gateway", "g"), ("operator", "o"), ("observer", "w")];
+    let Some(broker) = Broker::start_with_accounts(&accounts, &acl) else {
+        eprintln!("mosquitto not installed: skipped");
+        return;
+    };
+    let dir = temp_dir("acl");
+    let base = config("edge-7", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
+
+    let mut refused = Daemon::start(&dir, &base);
+    assert!(
+        wait_until(Duration::from_secs(10), || refused.log().contains("the broker refused our credentials")),
+        "log:\n{}",
+        refused.log()
+    );
+    refused.stop();
+
+    std::fs::write(dir.join("password"), "l\n").unwrap();
+    let with_login =
+        format!("[mqtt]\nusername = \"lathe-edge-7\"\npassword_file = \"{}\"\n", dir.join("password").display());
+    let daemon = Daemon::start(&dir, &base.replace("[mqtt]\n", &with_login));
+    let out = Collector::new_as(broker.port, &["plant/#", "lathe/edge-7/#"], Some(("observer", "w")));
+    assert!(
+        wait_until(Duration::from_secs(10), || out.on("lathe/edge-7/status").iter().any(|s| s["state"] == "online")),
+        "log:\n{}",
+        daemon.log()
+    );
+    let rows = rows(&expected());
+    let mut gateway = Publisher::new_as(broker.port, Some(("plc-gateway", "g")));
+    let mut operator = Publisher::new_as(broker.port, Some(("operator", "o")));
+    gateway.publish("plant/line1/dev0/telemetry", shuttle_message(&rows[0], 1));
+    gateway.flush();
+    operator.publish("plant/line1/dev0/telemetry", shuttle_message(&rows[1], 2));
+    operator.flush();
+    gateway.publish("plant/line1/dev0/telemetry", shuttle_message(&rows[2], 3));
+    gateway.flush();
+    assert!(out.wait_for("prediction", 2, Duration::from_secs(10)), "log:\n{}", daemon.log());
+    // A command lathe takes is answered on its events topic (here: nothing trains, so refused).
+    gateway.publish("lathe/edge-7/cmd/train", "");
+    gateway.flush();
+    operator.publish("lathe/edge-7/cmd/train", "{\"from\": \"operator\"}");
+    operator.flush();
+    let answered = || out.on("lathe/edge-7/events").into_iter().filter(|e| e["event"] == "command.refused").count();
+    assert!(wait_until(Duration::from_secs(10), || answered() >= 1), "log:\n{}", daemon.log());
+    std::thread::sleep(Duration::from_millis(500));
+    let keys: Vec<u64> = out.on("prediction").iter().map(|p| p["key"].as_u64().unwrap()).collect();
+    assert_eq!(keys, vec![1, 3], "the gateway's telemetry is served, the operator's is not");
+    assert_eq!(answered(), 1, "the operator's command is taken, the gateway's is not");
+    assert_eq!(out.on("plant/line1/dev0/telemetry").len(), 2, "the broker dropped the operator's telemetry");
+}
+
 /// `GET path` on the metrics endpoint at `port`: the whole response, or why there is none.
 fn scrape(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};

@@ -242,6 +242,40 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((base as f64 * (1.0 + jitter)) as u64)
 }
 
+/// How often a broker outage is logged again as a warning while it lasts (the attempts in
+/// between are debug lines): a plant engineer reading the journal hours later sees it is
+/// still down, and the journal is not flooded.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(600);
+
+/// A connection error as an operator reads it: rumqttc's words, then what to check.
+fn explain(e: &rumqttc::v5::ConnectionError) -> String {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
+    use rumqttc::v5::ConnectionError as E;
+    let hint = match e {
+        E::ConnectionRefused(Code::NotAuthorized | Code::BadUserNamePassword | Code::BadAuthenticationMethod) => {
+            "the broker refused our credentials: check mqtt.username and mqtt.password_file against the broker's users and ACL"
+        }
+        E::ConnectionRefused(Code::ClientIdentifierNotValid | Code::BadClientId) => {
+            "the broker refused the client id: check mqtt.client_id"
+        }
+        E::ConnectionRefused(Code::RefusedProtocolVersion | Code::UnsupportedProtocolVersion) => {
+            "the broker does not speak MQTT v5, which lathe needs (mosquitto 1.6 and later do)"
+        }
+        E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "nothing accepts connections there: is the broker running, and is the port in mqtt.url right?"
+        }
+        E::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            "the connection was not allowed: under systemd, IPAddressAllow= may not include the broker's address"
+        }
+        E::Timeout(_) => "no answer in time: is the host reachable (network, firewall)?",
+        _ => "",
+    };
+    match hint {
+        "" => e.to_string(),
+        hint => format!("{e} ({hint})"),
+    }
+}
+
 pub struct Ingest {
     pub eventloop: EventLoop,
     pub client: AsyncClient,
@@ -330,6 +364,11 @@ impl Ingest {
             client: client.clone(),
         };
         let (mut stopping, mut disconnecting, mut failures) = (false, false, 0u32);
+        let (broker_host, broker_port) = eventloop.options.broker_address();
+        let broker = format!("{broker_host}:{broker_port}");
+        // Since when the broker is out of reach, when that was last a warning, and whether
+        // this run was ever connected (a failure is then "lost", else "cannot connect").
+        let (mut outage_since, mut warned_at, mut ever_connected) = (None::<Instant>, Instant::now(), false);
         // Set once our DISCONNECT is written: we then read until the broker closes the
         // connection. Closing it ourselves with telemetry still unread would make the kernel
         // send a reset, and the broker could drop the acks it had not processed yet.
@@ -361,7 +400,7 @@ impl Ingest {
                     }
                     let silent_until = last_heard.map(|t| t + dead_after);
                     tokio::select! {
-                        event = &mut poll, if !paused => break event.map_err(|e| (e.to_string(), false)),
+                        event = &mut poll, if !paused => break event.map_err(|e| (explain(&e), false)),
                         _ = tokio::time::sleep_until(silent_until.unwrap_or_else(tokio::time::Instant::now)),
                             if silent_until.is_some() && !paused && closing.is_none() => {
                             let silent = last_heard.map(|t| t.elapsed()).unwrap_or_default();
@@ -405,6 +444,7 @@ impl Ingest {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     router.events.emit(Event::Connected { attempts: failures + 1 });
                     failures = 0;
+                    (outage_since, ever_connected) = (None, true);
                     router.acks.send(AckMsg::Reset { next_seq: router.next_seq });
                     // Subscribe at every connect, from another task so this one never waits
                     // on the request channel: a new session has no subscriptions, and a kept
@@ -439,11 +479,23 @@ impl Ingest {
                 Err((e, _)) => {
                     last_heard = None;
                     let _ = ready.send(false);
+                    let now = Instant::now();
+                    let since = *outage_since.get_or_insert(now);
+                    let what = if ever_connected { "Broker connection lost" } else { "Cannot connect to the broker" };
                     if failures == 0 {
-                        tracing::warn!("Broker connection lost: {e}; reconnecting with backoff");
+                        tracing::warn!("{what} at {broker}: {e}; trying again with backoff");
+                        warned_at = now;
+                    } else if now.duration_since(warned_at) >= OUTAGE_REMINDER {
+                        let minutes = now.duration_since(since).as_secs() / 60;
+                        tracing::warn!(
+                            "Still no broker at {broker} after {} attempts over {minutes} min: {e}",
+                            failures + 1
+                        );
+                        warned_at = now;
                     } else {
-                        tracing::debug!(attempt = failures, "Reconnect failed: {e}");
+                        tracing::debug!(attempt = failures + 1, "Connecting to the broker failed: {e}");
                     }
+                    crate::service::systemd::status(&format!("{what} at {broker} (attempt {}): {e}", failures + 1));
                     if disconnecting {
                         break; // stopping and the broker is gone: nothing more to send
                     }
@@ -704,6 +756,20 @@ mod tests {
         assert_eq!(route.performance.lock().unwrap().waiting(), (0, 0), "nothing of it is kept");
         route.take("d", br#"{"seq": 1, "v": 1}"#, 65_536, None).unwrap();
         assert_eq!(route.performance.lock().unwrap().waiting(), (0, 1), "a small one waits for its prediction");
+    }
+
+    #[test]
+    fn connection_errors_say_what_to_check() {
+        use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+        use rumqttc::v5::ConnectionError;
+        let refused = ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(explain(&refused).ends_with(
+            "(nothing accepts connections there: is the broker running, and is the port in mqtt.url right?)"
+        ));
+        let login = ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword);
+        assert!(explain(&login).contains("check mqtt.username and mqtt.password_file"), "{}", explain(&login));
+        // Nothing to add: rumqttc's words alone.
+        assert_eq!(explain(&ConnectionError::RequestsDone), "Requests done");
     }
 
     #[test]

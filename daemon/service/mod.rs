@@ -627,11 +627,10 @@ pub async fn run_keeping(
                 }
                 let is_ready = *ready.borrow_and_update();
                 if is_ready != was_ready {
+                    // Not ready: the ingest loop says why in the systemd status.
                     if is_ready {
                         systemd::ready(&status_line(&serving));
                         release_code_pages("serving started");
-                    } else {
-                        systemd::status("Broker connection lost; reconnecting");
                     }
                     was_ready = is_ready;
                 }

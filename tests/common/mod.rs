@@ -72,6 +72,8 @@ pub struct Broker {
     /// `max_inflight_messages`: the window each way, and (MQTT 5) the Receive Maximum it
     /// grants clients.
     window: u16,
+    /// With accounts: no anonymous clients, this `password_file` and this `acl_file`.
+    accounts: Option<(PathBuf, PathBuf)>,
 }
 
 impl Broker {
@@ -88,7 +90,8 @@ impl Broker {
             return None;
         }
         let dir = temp_dir("broker");
-        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: true, window };
+        let mut b =
+            Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: true, window, accounts: None };
         b.restart();
         Some(b)
     }
@@ -113,12 +116,54 @@ impl Broker {
                     mosquitto: false,
                     persistent: false,
                     window: 100,
+                    accounts: None,
                 };
             }
         }
-        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: false, window: 100 };
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            child: None,
+            mosquitto: true,
+            persistent: false,
+            window: 100,
+            accounts: None,
+        };
         b.restart();
         b
+    }
+
+    /// A mosquitto that takes only these (user, password) accounts, each limited by `acl`
+    /// (mosquitto's `acl_file` format). None without mosquitto (the embedded broker has no
+    /// ACL), which fails under LATHE_REQUIRE_MOSQUITTO=1.
+    pub fn start_with_accounts(accounts: &[(&str, &str)], acl: &str) -> Option<Broker> {
+        if !mosquitto_installed() {
+            assert!(
+                std::env::var("LATHE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
+                "LATHE_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install -y mosquitto)"
+            );
+            return None;
+        }
+        let dir = temp_dir("broker");
+        let (passwords, acl_file) = (dir.join("passwords"), dir.join("acl"));
+        std::fs::write(&passwords, "").unwrap();
+        for (user, password) in accounts {
+            let made =
+                Command::new("mosquitto_passwd").arg("-b").arg(&passwords).args([user, password]).status().unwrap();
+            assert!(made.success(), "mosquitto_passwd failed for {user}");
+        }
+        std::fs::write(&acl_file, acl).unwrap();
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            child: None,
+            mosquitto: true,
+            persistent: false,
+            window: 100,
+            accounts: Some((passwords, acl_file)),
+        };
+        b.restart();
+        Some(b)
     }
 
     /// (Re)starts mosquitto on the same port: with no memory of earlier sessions, or (a
@@ -129,6 +174,10 @@ impl Broker {
             "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages {}\n",
             self.port, self.window
         );
+        if let Some((passwords, acl)) = &self.accounts {
+            text = text.replace("allow_anonymous true", "allow_anonymous false");
+            text += &format!("password_file {}\nacl_file {}\n", passwords.display(), acl.display());
+        }
         if self.persistent {
             // mosquitto started as root drops to its own user, which must be able to save here.
             use std::os::unix::fs::PermissionsExt;
@@ -296,9 +345,18 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(port: u16, filters: &[&str]) -> Collector {
+        Collector::new_as(port, filters, None)
+    }
+
+    /// A collector that logs in as (user, password).
+    pub fn new_as(port: u16, filters: &[&str], account: Option<(&str, &str)>) -> Collector {
         static N: AtomicU32 = AtomicU32::new(0);
         let id = format!("test-collector-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        let (client, mut connection) = Client::new(MqttOptions::new(id, "127.0.0.1", port), 1000);
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((user, password)) = account {
+            o.set_credentials(user, password);
+        }
+        let (client, mut connection) = Client::new(o, 1000);
         for f in filters {
             client.subscribe(*f, QoS::AtLeastOnce).unwrap();
         }
@@ -363,9 +421,17 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(port: u16) -> Publisher {
+        Publisher::new_as(port, None)
+    }
+
+    /// A publisher that logs in as (user, password).
+    pub fn new_as(port: u16, account: Option<(&str, &str)>) -> Publisher {
         static N: AtomicU32 = AtomicU32::new(0);
         let id = format!("test-publisher-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((user, password)) = account {
+            o.set_credentials(user, password);
+        }
         o.set_outgoing_inflight_upper_limit(100);
         let (client, mut connection) = Client::new(o, 100_000);
         let (tx, done) = std::sync::mpsc::channel();
