@@ -111,6 +111,48 @@ fn check_warns_when_training_hours_are_utc_on_a_device_that_is_not() {
 
 /// The sample bundle's 3,000 validation rows are enough for the default drift window (500)
 /// but not for one of 1,000: `check` says so, and still passes.
+/// `check --connect` logs in to the broker as the daemon would, and says what to fix.
+#[test]
+fn check_connect_tries_the_brokers_login() {
+    let acl = "user lathe\ntopic read #\n";
+    let Some(broker) = Broker::start_with_accounts(&[("lathe", "right")], acl) else {
+        eprintln!("mosquitto not installed: skipped");
+        return;
+    };
+    let dir = temp_dir("check-connect");
+    let base = config("c1", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
+    let check = |password: Option<&str>| {
+        let text = match password {
+            Some(p) => {
+                std::fs::write(dir.join("password"), format!("{p}\n")).unwrap();
+                let login =
+                    format!("[mqtt]\nusername = \"lathe\"\npassword_file = \"{}\"\n", dir.join("password").display());
+                base.replace("[mqtt]\n", &login)
+            }
+            None => base.clone(),
+        };
+        std::fs::write(dir.join("lathe.toml"), text).unwrap();
+        lathe(&["check", "--connect", "--config", dir.join("lathe.toml").to_str().unwrap()])
+    };
+    let out = check(Some("right"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("broker: connected to 127.0.0.1:{} as lathe", broker.port)), "{}", text(&out));
+    for wrong in [Some("wrong"), None] {
+        let out = check(wrong);
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("check mqtt.username and mqtt.password_file"), "{wrong:?}: {}", text(&out));
+    }
+    // Nothing listening: says so, after the config itself checked out.
+    drop(broker);
+    let out = check(Some("right"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("ok (1 pipeline(s))") && text(&out).contains("is the broker running"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn check_warns_when_the_drift_reference_is_small_for_the_window() {
     let (_, out) = check_sample_config("config-small-ref", "{ f1 = \"/a/b\" }", "");

@@ -35,6 +35,10 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also connect to the broker with the config's address, credentials and TLS (not in
+        /// the unit's ExecStartPre: a broker that is down must not stop lathe from starting).
+        #[arg(long)]
+        connect: bool,
     },
 
     /// The whole thing on one machine: embedded broker, the sample Shuttle model, real sensor
@@ -133,7 +137,7 @@ pub fn main() -> ExitCode {
             init_logging("info,rumqttd=warn");
             run(&config)
         }
-        Command::Check { config, json } => check(&config, json),
+        Command::Check { config, json, connect } => check(&config, json, connect),
         #[cfg(feature = "embedded-broker")]
         Command::Demo(args) => {
             // Rejections are on the screen; log only errors so they do not scribble over it.
@@ -205,7 +209,7 @@ fn run(path: &std::path::Path) -> Result<(), String> {
     }
 }
 
-fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
+fn check(path: &std::path::Path, json: bool, connect: bool) -> Result<(), String> {
     let result = Config::load(path).and_then(|c| crate::service::check_models(&c).map(|models| (c, models)));
     match (result, json) {
         (Ok((c, models)), false) => {
@@ -216,12 +220,22 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
             for warning in warnings(&c, &models) {
                 println!("  warning: {warning}");
             }
+            if let Some(connected) = connect.then(|| check_broker(&c)).transpose()? {
+                println!("  broker: {connected}");
+            }
             Ok(())
         }
         (Ok((c, models)), true) => {
             let warnings = warnings(&c, &models);
-            println!("{}", serde_json::json!({"file": path, "ok": true, "errors": [], "warnings": warnings}));
-            Ok(())
+            let broker = connect.then(|| check_broker(&c));
+            let mut report = serde_json::json!({"file": path, "ok": true, "errors": [], "warnings": warnings});
+            match &broker {
+                Some(Ok(connected)) => report["broker"] = serde_json::json!({"ok": true, "message": connected}),
+                Some(Err(e)) => report["broker"] = serde_json::json!({"ok": false, "message": e}),
+                None => {}
+            }
+            println!("{report}");
+            broker.transpose().map(|_| ())
         }
         (Err(e), true) => {
             let errors: Vec<_> =
@@ -231,6 +245,15 @@ fn check(path: &std::path::Path, json: bool) -> Result<(), String> {
         }
         (Err(e), false) => Err(e.to_string()),
     }
+}
+
+/// `check --connect`: one connection to the broker, with the config's credentials.
+fn check_broker(config: &Config) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    rt.block_on(crate::ingest::connection::try_connect(config, std::time::Duration::from_secs(10)))
 }
 
 /// What loads but may not behave as hoped: drift references (the bundle's, or one re-based

@@ -61,10 +61,10 @@ pub struct ActiveModel {
     pub version: u64,
     pub sha256: String,
     /// Drift against this model's own baseline; a new model starts a new monitor. It is
-    /// calibrated on a thread of its own (the bootstrap takes a moment) and set here when done;
-    /// rows served before that are not monitored. Only the pipeline's task observes (the
-    /// status task reads the state), so the lock is uncontended.
-    pub monitor: Option<Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>>,
+    /// calibrated on a thread of its own (the bootstrap takes a moment); rows served meanwhile
+    /// wait in the slot. Only the pipeline's task observes (the status task reads the
+    /// state), so the lock is uncontended.
+    pub monitor: Option<Arc<DriftSlot>>,
     /// The per-sample loss the baseline implies (1 − accuracy, or MAE), for late labels.
     pub baseline_loss: f64,
     /// Classifiers: each class's share of the validation targets (label shift reference).
@@ -171,7 +171,49 @@ fn label_shares(bundle: &Bundle) -> Vec<f64> {
     counts.iter().map(|&c| c as f64 / truth.len().max(1) as f64).collect()
 }
 
-type DriftSlot = Arc<std::sync::OnceLock<std::sync::Mutex<Monitor>>>;
+/// A model's drift monitor, set once calibrated on its own thread. The newest `window` rows
+/// served while it calibrates wait here and are observed first once it is ready: a fault that
+/// begins with a new version's first rows (a promotion under the drift that caused it) is
+/// seen from its first row, not from whenever calibration ended (a second or more on a busy
+/// device: rows it would otherwise never see).
+pub struct DriftSlot {
+    monitor: std::sync::OnceLock<std::sync::Mutex<Monitor>>,
+    /// (row, score) served before the monitor was ready; emptied when it is.
+    waiting: std::sync::Mutex<std::collections::VecDeque<(Vec<f32>, f64)>>,
+    window: usize,
+}
+
+impl DriftSlot {
+    fn new(window: usize) -> DriftSlot {
+        DriftSlot { monitor: std::sync::OnceLock::new(), waiting: Default::default(), window }
+    }
+
+    /// The monitor, once calibrated.
+    pub fn get(&self) -> Option<&std::sync::Mutex<Monitor>> {
+        self.monitor.get()
+    }
+
+    /// Feeds served rows with their scores: to the monitor if it is ready (after the rows
+    /// that waited for it), else into the wait, which keeps the newest `window`.
+    pub fn observe<'a>(&self, rows: impl Iterator<Item = (&'a [f32], f64)>, alarms: &mut Vec<crate::monitor::Alarm>) {
+        let Ok(mut waiting) = self.waiting.lock() else { return };
+        match self.monitor.get().and_then(|m| m.lock().ok()) {
+            Some(mut monitor) => {
+                for (row, score) in waiting.drain(..) {
+                    monitor.observe(&row, score, alarms);
+                }
+                for (row, score) in rows {
+                    monitor.observe(row, score, alarms);
+                }
+            }
+            None => {
+                waiting.extend(rows.map(|(row, score)| (row.to_vec(), score)));
+                let extra = waiting.len().saturating_sub(self.window);
+                waiting.drain(..extra);
+            }
+        }
+    }
+}
 
 /// A reference smaller than this many windows is warned about: on Shuttle, 1,500 rows for a
 /// window of 500 ran clean and 1,000 did not (`tests/drift.rs`), so four leaves a margin.
@@ -216,7 +258,7 @@ fn drift_monitor(
     out: &Outputs,
     settings: crate::monitor::Settings,
     rebased: Option<Rebased>,
-) -> Result<DriftSlot, String> {
+) -> Result<Arc<DriftSlot>, String> {
     let (f, p, reading) = (bundle.manifest.inputs.len(), bundle.manifest.primary_output, bundle.reading());
     let (rows, scores, source) = match rebased {
         Some(r) => {
@@ -229,7 +271,7 @@ fn drift_monitor(
         }
     };
     let names: Vec<String> = bundle.manifest.inputs.iter().map(|i| i.name.clone()).collect();
-    let slot: DriftSlot = Arc::default();
+    let slot = Arc::new(DriftSlot::new(settings.window));
     let fill = slot.clone();
     let model = format!("{} v{}", bundle.manifest.name, bundle.manifest.version);
     std::thread::Builder::new()
@@ -248,7 +290,7 @@ fn drift_monitor(
                 started.elapsed().as_millis()
             );
             monitor.source = source;
-            let _ = fill.set(std::sync::Mutex::new(monitor));
+            let _ = fill.monitor.set(std::sync::Mutex::new(monitor));
         })
         .map_err(|e| format!("cannot start the drift calibration thread: {e}"))?;
     Ok(slot)
@@ -463,15 +505,14 @@ impl Pipeline {
 
     /// Feeds the served rows to the drift monitor; alarms become `drift` events.
     fn watch(&self, model: &ActiveModel, rows: &[f32], out: &Outputs) {
-        let Some(monitor) = model.monitor.as_ref().and_then(|m| m.get()) else { return };
-        let Ok(mut monitor) = monitor.lock() else { return };
+        let Some(slot) = model.monitor.as_ref() else { return };
         let f = model.engine.signature.features;
+        let scored = rows
+            .chunks_exact(f)
+            .enumerate()
+            .map(|(r, row)| (row, model.reading.score(out.row(model.primary_output, r), row)));
         let mut alarms = Vec::new();
-        for (r, row) in rows.chunks_exact(f).enumerate() {
-            let score = model.reading.score(out.row(model.primary_output, r), row);
-            monitor.observe(row, score, &mut alarms);
-        }
-        drop(monitor);
+        slot.observe(scored, &mut alarms);
         self.events.drift(&self.name, model, alarms);
     }
 
@@ -508,5 +549,32 @@ impl Pipeline {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A promotion under drift: the new version's first rows are the fault. They reach its
+    /// monitor even though it was still calibrating when they were served.
+    #[test]
+    fn rows_served_while_the_monitor_calibrates_are_observed_once_it_is_ready() {
+        let settings = crate::monitor::Settings { window: 10, every: 5, bootstrap: 20, ..Default::default() };
+        let reference: Vec<f32> = (0..400).map(|i| (i % 17) as f32).collect();
+        let scores: Vec<f64> = (0..200).map(|i| f64::from(i % 5) / 5.0).collect();
+        let names = vec!["a".to_string(), "b".to_string()];
+        let slot = DriftSlot::new(settings.window);
+        let row = [3.0f32, 4.0];
+        let mut alarms = Vec::new();
+        slot.observe(std::iter::repeat_n((&row[..], 0.5), 25), &mut alarms);
+        assert!(slot.get().is_none());
+        let _ = slot.monitor.set(std::sync::Mutex::new(Monitor::new(&reference, &scores, &names, settings)));
+        slot.observe(std::iter::once((&row[..], 0.5)), &mut alarms);
+        let seen = slot.get().map(|m| m.lock().map(|m| m.rows_seen()).unwrap_or(0));
+        assert_eq!(seen, Some(11), "the newest window of waiting rows, then the new one");
+        slot.observe(std::iter::once((&row[..], 0.5)), &mut alarms);
+        let seen = slot.get().map(|m| m.lock().map(|m| m.rows_seen()).unwrap_or(0));
+        assert_eq!(seen, Some(12), "each waiting row once");
     }
 }

@@ -30,9 +30,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::ack::{AckMsg, AckSender, AckTicket};
 use super::TopicFilter;
-#[cfg(feature = "tls")]
-use crate::config::BrokerUrl;
-use crate::config::Config;
+use crate::config::{BrokerUrl, Config};
 use crate::infer::SharedModel;
 use crate::service::events::{Counters, Event, Events};
 
@@ -176,6 +174,40 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
     o.set_request_channel_capacity(4096);
     o.set_last_will(LastWill::new(config.status_topic(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true, None));
     Ok(o)
+}
+
+/// Connects once with the config's broker address, credentials and TLS, then disconnects:
+/// what `lathe check --connect` reports. A clean session under its own client id, so the
+/// daemon's session (and what the broker holds for it) is not touched.
+///
+/// # Errors
+/// What stopped the connection, with what to check ([`explain`]).
+pub async fn try_connect(config: &Config, timeout: Duration) -> Result<String, String> {
+    let BrokerUrl::Tcp { host, port, .. } = &config.mqtt.url else {
+        return Ok("embedded: lathe starts its own broker".to_string());
+    };
+    let id = format!("{}-check-{}", config.client_id(), std::process::id());
+    let options = session_options(config, host, *port, id).map_err(|e| e.to_string())?;
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let attempt = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(explain(&e)),
+            }
+        }
+    };
+    let user = config.mqtt.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+            Ok(format!("connected to {host}:{port}{user}"))
+        }
+        Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}{user}: {e}")),
+        Err(_) => Err(format!("cannot connect to {host}:{port}{user}: no answer in {} s", timeout.as_secs())),
+    }
 }
 
 /// TCP options with Nagle's algorithm off (the embedded broker's connections).

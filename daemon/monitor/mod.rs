@@ -431,6 +431,11 @@ impl Monitor {
     }
 
     /// Rows in the reference (after thinning to [`MAX_REFERENCE_ROWS`]).
+    /// Rows observed since the monitor started.
+    pub fn rows_seen(&self) -> u64 {
+        self.seen
+    }
+
     pub fn reference_rows(&self) -> usize {
         self.multi.reference.len()
     }
