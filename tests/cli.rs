@@ -140,7 +140,12 @@ fn check_connect_tries_the_brokers_login() {
     for wrong in [Some("wrong"), None] {
         let out = check(wrong);
         assert!(!out.status.success(), "{}", text(&out));
-        assert!(text(&out).contains("check mqtt.username and mqtt.password_file"), "{wrong:?}: {}", text(&out));
+        assert!(
+            text(&out)
+                .contains("refused our credentials: check the user and password (mqtt.username and mqtt.password_file"),
+            "{wrong:?}: {}",
+            text(&out)
+        );
     }
     // Nothing listening: says so, after the config itself checked out.
     drop(broker);
@@ -151,6 +156,48 @@ fn check_connect_tries_the_brokers_login() {
         "{}",
         text(&out)
     );
+}
+
+/// The central server's commands log in like the daemon; a refused login is an error at
+/// once, not an empty fleet.
+#[test]
+fn fleet_logs_in_and_a_refused_login_is_an_error() {
+    let acl = "user central\ntopic readwrite lathe/#\nuser plant\ntopic write lathe/+/status\n";
+    let Some(broker) = Broker::start_with_accounts(&[("central", "c"), ("plant", "p")], acl) else {
+        eprintln!("mosquitto not installed: skipped");
+        return;
+    };
+    let mut node = Publisher::new_as(broker.port, Some(("plant", "p")));
+    node.publish_retained("lathe/edge-9/status", r#"{"state":"online","pipelines":[]}"#);
+    node.flush();
+    let dir = temp_dir("fleet-login");
+    std::fs::write(dir.join("password"), "c\n").unwrap();
+    let url = broker.url();
+    let password = dir.join("password");
+    let out = lathe(&[
+        "fleet",
+        "--json",
+        "--broker",
+        &url,
+        "--username",
+        "central",
+        "--password-file",
+        password.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let fleet: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fleet["edge-9"]["state"], "online", "{fleet}");
+
+    let started = std::time::Instant::now();
+    let out = lathe(&["fleet", "--broker", &url]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out)
+            .contains("refused our credentials: check the user and password (mqtt.username and mqtt.password_file"),
+        "{}",
+        text(&out)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused at once");
 }
 
 #[test]

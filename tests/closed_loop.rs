@@ -195,7 +195,12 @@ fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_tri
 /// the same fault raises none, also after a restart, which rebuilds the monitor from the file.
 fn rebased_reference_holds_across_a_restart(l: &mut Loop, rows: &[(Vec<f64>, u8)]) {
     let on_f1 = |l: &Loop| l.events("drift").into_iter().filter(|d| d["series"] == "f1" && d["version"] == 2).count();
-    assert!(on_f1(l) > 0, "v2's monitor alarms against the carried reference: {:?}", l.events("drift"));
+    assert!(
+        common::wait_until(Duration::from_secs(5), || on_f1(l) > 0),
+        "v2's monitor alarms against the carried reference: {:?}\nlog:\n{}",
+        l.events("drift"),
+        l.daemon.log()
+    );
     let faulty = common::faulty(&rows[4600..]);
     let mut sent = 0;
     for chunk in faulty[..2400].chunks(300) {

@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::config::{BrokerUrl, MqttConfig};
+use crate::ingest::connection;
 use crate::model::Bundle;
 use crate::update::push::{prepare, PushOptions};
 use crate::update::signing;
@@ -22,9 +24,8 @@ pub struct PushArgs {
     /// The central server's signing key (`lathe keygen`).
     #[arg(long)]
     key: PathBuf,
-    /// The broker the fleet listens to: mqtt://HOST:PORT.
-    #[arg(long)]
-    broker: String,
+    #[command(flatten)]
+    broker: BrokerArgs,
     /// Offer to these nodes (`lathe/{node}/update`; repeatable).
     #[arg(long = "node")]
     nodes: Vec<String>,
@@ -53,16 +54,72 @@ pub struct PushArgs {
     canary_wait: String,
 }
 
-/// One MQTT session for a command: the event loop polled on its own task (never cancelled),
-/// its events forwarded.
-async fn connect(broker: &str, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Event>), String> {
-    let (host, port) = match crate::config::parse_url(broker)? {
-        crate::config::BrokerUrl::Tcp { host, port, .. } => (host, port),
-        crate::config::BrokerUrl::Embedded => return Err("--broker must be mqtt://HOST:PORT".into()),
-    };
-    let mut options = MqttOptions::new(format!("{id}-{}", std::process::id()), host, port);
-    options.set_max_packet_size(Some(16 << 20));
+/// The broker the central server's commands talk to, and how they log in: the same
+/// settings as the daemon's `[mqtt]` (an ACL'd production broker needs them).
+#[derive(Args, Clone)]
+pub struct BrokerArgs {
+    /// The broker the fleet listens to: mqtt://HOST:PORT, or mqtts://HOST:PORT (a build with
+    /// `--features tls`).
+    #[arg(long)]
+    pub broker: String,
+    /// Log in as this user.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// The password for --username, read from this file (not the command line, where `ps`
+    /// shows it).
+    #[arg(long, requires = "username")]
+    pub password_file: Option<PathBuf>,
+    /// mqtts://: the CA certificate that signed the broker's (default: the system's store).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// mqtts://: a client certificate, with --key-file.
+    #[arg(long, requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// As the daemon's `[mqtt]` would say it, for `connection::session_options`.
+    fn mqtt(&self) -> Result<(MqttConfig, String, u16), String> {
+        let url = crate::config::parse_url(&self.broker)?;
+        let (host, port) = match &url {
+            BrokerUrl::Tcp { tls: true, .. } if !cfg!(feature = "tls") => {
+                return Err("--broker mqtts://… needs a build with `--features tls`".into())
+            }
+            BrokerUrl::Tcp { host, port, .. } => (host.clone(), *port),
+            BrokerUrl::Embedded => return Err("--broker must be mqtt://HOST:PORT".into()),
+        };
+        let mqtt = MqttConfig {
+            url,
+            embedded_listen: String::new(),
+            client_id: None,
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            keep_alive_s: 30,
+            max_payload_bytes: 0,
+            max_inflight: 100,
+            receive_maximum: 1000,
+            tcp_nodelay: false,
+        };
+        Ok((mqtt, host, port))
+    }
+}
+
+/// One MQTT session for a command, once the broker has accepted it: the event loop polled
+/// on its own task (never cancelled), its events forwarded.
+async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Event>), String> {
+    let (mqtt, host, port) = broker.mqtt()?;
+    let options = connection::session_options(&mqtt, &host, port, format!("{id}-{}", std::process::id()))
+        .map_err(|e| e.to_string())?;
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let user = broker.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
+    connection::first_connack(&mut eventloop, Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("cannot connect to {}{user}: {e}", broker.broker))?;
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         loop {
@@ -74,7 +131,7 @@ async fn connect(broker: &str, id: &str) -> Result<(AsyncClient, mpsc::Receiver<
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("{e}");
+                    tracing::warn!("{}", connection::explain(&e));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -196,7 +253,7 @@ async fn publish_all(
 }
 
 /// Every retained status (`lathe/+/status`) the broker holds, by node.
-async fn statuses(broker: &str) -> Result<BTreeMap<String, Value>, String> {
+async fn statuses(broker: &BrokerArgs) -> Result<BTreeMap<String, Value>, String> {
     let (client, mut events) = connect(broker, "lathe-fleet").await?;
     client.subscribe("lathe/+/status", QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
@@ -215,7 +272,7 @@ async fn statuses(broker: &str) -> Result<BTreeMap<String, Value>, String> {
     Ok(out)
 }
 
-async fn group_nodes(broker: &str, group: &str) -> Result<Vec<String>, String> {
+async fn group_nodes(broker: &BrokerArgs, group: &str) -> Result<Vec<String>, String> {
     Ok(statuses(broker)
         .await?
         .into_iter()
@@ -271,7 +328,7 @@ async fn watch_canaries(
 }
 
 /// `lathe fleet`: every node's retained status as a table (or JSON).
-pub fn fleet(broker: &str, json: bool) -> Result<(), String> {
+pub fn fleet(broker: &BrokerArgs, json: bool) -> Result<(), String> {
     let all = super::runtime()?.block_on(statuses(broker))?;
     if json {
         println!("{}", serde_json::to_string(&all).map_err(|e| e.to_string())?);

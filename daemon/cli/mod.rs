@@ -64,8 +64,9 @@ enum Command {
     Push(Box<fleet::PushArgs>),
     /// Every node's retained status: model, version, origin, drift, backend.
     Fleet {
-        #[arg(long)]
-        broker: String,
+        #[command(flatten)]
+        broker: fleet::BrokerArgs,
+        /// Print every status as JSON, by node.
         #[arg(long)]
         json: bool,
     },

@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::ack::{AckMsg, AckSender, AckTicket};
 use super::TopicFilter;
-use crate::config::{BrokerUrl, Config};
+use crate::config::{BrokerUrl, Config, MqttConfig};
 use crate::infer::SharedModel;
 use crate::service::events::{Counters, Event, Events};
 
@@ -164,7 +164,7 @@ pub enum ConnectError {
 /// Unreadable password or TLS files.
 pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOptions, ConnectError> {
     let m = &config.mqtt;
-    let mut o = session_options(config, host, port, config.client_id())?;
+    let mut o = session_options(&config.mqtt, host, port, config.client_id())?;
     // A session that never expires: what arrives while we are down waits for us.
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(u32::MAX));
@@ -187,8 +187,22 @@ pub async fn try_connect(config: &Config, timeout: Duration) -> Result<String, S
         return Ok("embedded: lathe starts its own broker".to_string());
     };
     let id = format!("{}-check-{}", config.client_id(), std::process::id());
-    let options = session_options(config, host, *port, id).map_err(|e| e.to_string())?;
+    let options = session_options(&config.mqtt, host, *port, id).map_err(|e| e.to_string())?;
     let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let user = config.mqtt.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
+    first_connack(&mut eventloop, timeout).await.map_err(|e| format!("cannot connect to {host}:{port}{user}: {e}"))?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    Ok(format!("connected to {host}:{port}{user}"))
+}
+
+/// Polls a new session until the broker accepts it. For the one-shot commands (`check
+/// --connect`, `push`, `fleet`): a refused login or no broker is an error at once, not a
+/// silent wait. (The daemon itself retries for as long as it runs.)
+///
+/// # Errors
+/// The first connection error ([`explain`]), or none within `timeout`.
+pub async fn first_connack(eventloop: &mut EventLoop, timeout: Duration) -> Result<(), String> {
     let attempt = async {
         loop {
             match eventloop.poll().await {
@@ -198,16 +212,9 @@ pub async fn try_connect(config: &Config, timeout: Duration) -> Result<String, S
             }
         }
     };
-    let user = config.mqtt.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(())) => {
-            let _ = client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-            Ok(format!("connected to {host}:{port}{user}"))
-        }
-        Ok(Err(e)) => Err(format!("cannot connect to {host}:{port}{user}: {e}")),
-        Err(_) => Err(format!("cannot connect to {host}:{port}{user}: no answer in {} s", timeout.as_secs())),
-    }
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer in {} s", timeout.as_secs())))
 }
 
 /// TCP options with Nagle's algorithm off (the embedded broker's connections).
@@ -229,8 +236,7 @@ pub fn no_delay() -> rumqttc::NetworkOptions {
 ///
 /// # Errors
 /// Unreadable password or TLS files.
-pub fn session_options(config: &Config, host: &str, port: u16, client_id: String) -> Result<MqttOptions, ConnectError> {
-    let m = &config.mqtt;
+pub fn session_options(m: &MqttConfig, host: &str, port: u16, client_id: String) -> Result<MqttOptions, ConnectError> {
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     if m.tcp_nodelay {
@@ -280,12 +286,12 @@ pub fn backoff(attempt: u32) -> Duration {
 const OUTAGE_REMINDER: Duration = Duration::from_secs(600);
 
 /// A connection error as an operator reads it: rumqttc's words, then what to check.
-fn explain(e: &rumqttc::v5::ConnectionError) -> String {
+pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
     use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
     use rumqttc::v5::ConnectionError as E;
     let hint = match e {
         E::ConnectionRefused(Code::NotAuthorized | Code::BadUserNamePassword | Code::BadAuthenticationMethod) => {
-            "the broker refused our credentials: check mqtt.username and mqtt.password_file against the broker's users and ACL"
+            "the broker refused our credentials: check the user and password (mqtt.username and mqtt.password_file; for push and fleet, --username and --password-file) against the broker's users"
         }
         E::ConnectionRefused(Code::ClientIdentifierNotValid | Code::BadClientId) => {
             "the broker refused the client id: check mqtt.client_id"
@@ -799,7 +805,7 @@ mod tests {
             "(nothing accepts connections there: is the broker running, and is the port in mqtt.url right?)"
         ));
         let login = ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword);
-        assert!(explain(&login).contains("check mqtt.username and mqtt.password_file"), "{}", explain(&login));
+        assert!(explain(&login).contains("(mqtt.username and mqtt.password_file;"), "{}", explain(&login));
         // Nothing to add: rumqttc's words alone.
         assert_eq!(explain(&ConnectionError::RequestsDone), "Requests done");
     }

@@ -81,7 +81,8 @@ pub fn start(
         .map_or(0, |b| (b + 1) % 256);
     let _ = crate::model::registry::write_atomic(&bd_seq_file, bd_seq.to_string().as_bytes());
     let id = format!("{}-sparkplug", config.client_id());
-    let mut options = crate::ingest::connection::session_options(config, host, port, id).map_err(|e| e.to_string())?;
+    let mut options =
+        crate::ingest::connection::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let node = Node { group: settings.group.clone(), edge_node: settings.edge_node.clone(), bd_seq, seq: 0 };
     let death = node.death();
     options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));

@@ -76,7 +76,8 @@ pub fn start(
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let trusted = settings.trusted_keys.iter().map(|k| signing::read_public_key(k)).collect::<Result<Vec<_>, _>>()?;
     let id = format!("{}-update", config.client_id());
-    let options = crate::ingest::connection::session_options(config, host, port, id).map_err(|e| e.to_string())?;
+    let options =
+        crate::ingest::connection::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let (client, eventloop) = AsyncClient::new(options, 256);
     let updater = Updater { config: config.clone(), settings: settings.clone(), trusted, events, loop_tx, models };
     Ok(tokio::spawn(updater.run(client, eventloop, stop)))
