@@ -172,16 +172,28 @@ fn label_shares(bundle: &Bundle) -> Vec<f64> {
 }
 
 /// A model's drift monitor, set once calibrated on its own thread. The newest `window` rows
-/// served while it calibrates wait here and are observed first once it is ready: a fault that
-/// begins with a new version's first rows (a promotion under the drift that caused it) is
-/// seen from its first row, not from whenever calibration ended (a second or more on a busy
-/// device: rows it would otherwise never see).
+/// served while it calibrates wait here, and the calibration thread observes them before it
+/// hands the monitor over (reporting their alarms itself: no later row may come to carry
+/// them). A fault that begins with a new version's first rows (a promotion under the drift
+/// that caused it) is seen from its first row, not from whenever calibration ended: a
+/// second or more on a busy device, and the rows served meanwhile may be all there is.
 pub struct DriftSlot {
     monitor: std::sync::OnceLock<std::sync::Mutex<Monitor>>,
-    /// (row, score) served before the monitor was ready; emptied when it is.
-    waiting: std::sync::Mutex<std::collections::VecDeque<(Vec<f32>, f64)>>,
+    waiting: std::sync::Mutex<Waiting>,
     window: usize,
 }
+
+/// What a [`DriftSlot`] holds until its monitor is ready.
+#[derive(Default)]
+struct Waiting {
+    /// (row, score) served before the monitor was ready, the newest `window`.
+    rows: std::collections::VecDeque<(Vec<f32>, f64)>,
+    /// Where the alarms those rows raise go (the serving pipeline's events).
+    report: Option<AlarmReport>,
+}
+
+/// Reports drift alarms as events of the pipeline and model version that served the rows.
+pub type AlarmReport = Box<dyn FnOnce(Vec<crate::monitor::Alarm>) + Send>;
 
 impl DriftSlot {
     fn new(window: usize) -> DriftSlot {
@@ -193,24 +205,47 @@ impl DriftSlot {
         self.monitor.get()
     }
 
-    /// Feeds served rows with their scores: to the monitor if it is ready (after the rows
-    /// that waited for it), else into the wait, which keeps the newest `window`.
-    pub fn observe<'a>(&self, rows: impl Iterator<Item = (&'a [f32], f64)>, alarms: &mut Vec<crate::monitor::Alarm>) {
+    /// Feeds served rows with their scores to the monitor, appending its alarms to `alarms`;
+    /// until it is ready they wait (the newest `window`), with `report` for their alarms.
+    pub fn observe<'a>(
+        &self,
+        rows: impl Iterator<Item = (&'a [f32], f64)>,
+        alarms: &mut Vec<crate::monitor::Alarm>,
+        report: impl FnOnce() -> AlarmReport,
+    ) {
+        // The wait's lock is held while the monitor is looked at: `ready` sets the monitor
+        // under it, so each row is observed exactly once.
         let Ok(mut waiting) = self.waiting.lock() else { return };
         match self.monitor.get().and_then(|m| m.lock().ok()) {
             Some(mut monitor) => {
-                for (row, score) in waiting.drain(..) {
-                    monitor.observe(&row, score, alarms);
-                }
                 for (row, score) in rows {
                     monitor.observe(row, score, alarms);
                 }
             }
             None => {
-                waiting.extend(rows.map(|(row, score)| (row.to_vec(), score)));
-                let extra = waiting.len().saturating_sub(self.window);
-                waiting.drain(..extra);
+                waiting.rows.extend(rows.map(|(row, score)| (row.to_vec(), score)));
+                let extra = waiting.rows.len().saturating_sub(self.window);
+                waiting.rows.drain(..extra);
+                if waiting.report.is_none() {
+                    waiting.report = Some(report());
+                }
             }
+        }
+    }
+
+    /// Called by the calibration thread: observes the rows that waited, hands the monitor
+    /// over and reports their alarms.
+    fn ready(&self, mut monitor: Monitor) {
+        let Ok(mut waiting) = self.waiting.lock() else { return };
+        let mut alarms = Vec::new();
+        for (row, score) in waiting.rows.drain(..) {
+            monitor.observe(&row, score, &mut alarms);
+        }
+        let report = waiting.report.take();
+        let _ = self.monitor.set(std::sync::Mutex::new(monitor));
+        drop(waiting);
+        if let Some(report) = report.filter(|_| !alarms.is_empty()) {
+            report(alarms);
         }
     }
 }
@@ -290,7 +325,7 @@ fn drift_monitor(
                 started.elapsed().as_millis()
             );
             monitor.source = source;
-            let _ = fill.monitor.set(std::sync::Mutex::new(monitor));
+            fill.ready(monitor);
         })
         .map_err(|e| format!("cannot start the drift calibration thread: {e}"))?;
     Ok(slot)
@@ -500,7 +535,7 @@ impl Pipeline {
             perf.predicted(s.device.clone(), s.key.to_string(), served, now, &mut alarms);
         }
         drop(perf);
-        self.events.drift(&self.name, model, alarms);
+        self.events.drift(&self.name, &model.name, model.version, alarms);
     }
 
     /// Feeds the served rows to the drift monitor; alarms become `drift` events.
@@ -512,8 +547,13 @@ impl Pipeline {
             .enumerate()
             .map(|(r, row)| (row, model.reading.score(out.row(model.primary_output, r), row)));
         let mut alarms = Vec::new();
-        slot.observe(scored, &mut alarms);
-        self.events.drift(&self.name, model, alarms);
+        let report = || -> AlarmReport {
+            let (events, pipeline, name, version) =
+                (self.events.clone(), self.name.clone(), model.name.clone(), model.version);
+            Box::new(move |alarms| events.drift(&pipeline, &name, version, alarms))
+        };
+        slot.observe(scored, &mut alarms, report);
+        self.events.drift(&self.name, &model.name, model.version, alarms);
     }
 
     async fn publish(&self, model: &ActiveModel, batch: &[Sample], out: &Outputs) {
@@ -556,8 +596,9 @@ impl Pipeline {
 mod tests {
     use super::*;
 
-    /// A promotion under drift: the new version's first rows are the fault. They reach its
-    /// monitor even though it was still calibrating when they were served.
+    /// A promotion under drift: the new version's first rows are the fault, and may be all
+    /// it serves for a while. They reach its monitor even though it was still calibrating,
+    /// and their alarms are reported when it is ready, with no further row to carry them.
     #[test]
     fn rows_served_while_the_monitor_calibrates_are_observed_once_it_is_ready() {
         let settings = crate::monitor::Settings { window: 10, every: 5, bootstrap: 20, ..Default::default() };
@@ -565,16 +606,20 @@ mod tests {
         let scores: Vec<f64> = (0..200).map(|i| f64::from(i % 5) / 5.0).collect();
         let names = vec!["a".to_string(), "b".to_string()];
         let slot = DriftSlot::new(settings.window);
-        let row = [3.0f32, 4.0];
+        let (tx, reported) = std::sync::mpsc::channel();
+        let report = || -> AlarmReport { Box::new(move |alarms| tx.send(alarms).unwrap_or(())) };
+        // Far outside the reference on both features: an alarm once a window is full.
+        let row = [300.0f32, -50.0];
         let mut alarms = Vec::new();
-        slot.observe(std::iter::repeat_n((&row[..], 0.5), 25), &mut alarms);
-        assert!(slot.get().is_none());
-        let _ = slot.monitor.set(std::sync::Mutex::new(Monitor::new(&reference, &scores, &names, settings)));
-        slot.observe(std::iter::once((&row[..], 0.5)), &mut alarms);
+        slot.observe(std::iter::repeat_n((&row[..], 0.5), 25), &mut alarms, report);
+        assert!(slot.get().is_none() && alarms.is_empty());
+        slot.ready(Monitor::new(&reference, &scores, &names, settings));
         let seen = slot.get().map(|m| m.lock().map(|m| m.rows_seen()).unwrap_or(0));
-        assert_eq!(seen, Some(11), "the newest window of waiting rows, then the new one");
-        slot.observe(std::iter::once((&row[..], 0.5)), &mut alarms);
+        assert_eq!(seen, Some(10), "the newest window of the rows that waited");
+        let raised = reported.try_recv().unwrap_or_default();
+        assert!(raised.iter().any(|a| a.series == "a" && a.raised), "{raised:?}");
+        slot.observe(std::iter::once((&row[..], 0.5)), &mut alarms, || Box::new(|_| ()));
         let seen = slot.get().map(|m| m.lock().map(|m| m.rows_seen()).unwrap_or(0));
-        assert_eq!(seen, Some(12), "each waiting row once");
+        assert_eq!(seen, Some(11), "then each new row once");
     }
 }

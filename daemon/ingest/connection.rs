@@ -642,7 +642,10 @@ impl Router {
             let Some(device) = labels.filter.matches(topic) else { continue };
             let max_payload_bytes = route.model.load().extractor.max_payload_bytes();
             match labels.take(device, &p.payload, max_payload_bytes, ack.as_ref()) {
-                Ok(alarms) => self.events.drift(&route.pipeline, &route.model.load(), alarms),
+                Ok(alarms) => {
+                    let model = route.model.load();
+                    self.events.drift(&route.pipeline, &model.name, model.version, alarms)
+                }
                 Err(detail) => {
                     if let Ok(mut perf) = labels.performance.lock() {
                         perf.unmatched += 1;

@@ -323,22 +323,17 @@ impl Events {
         self
     }
 
-    pub fn drift(&self, pipeline: &str, model: &crate::infer::ActiveModel, alarms: Vec<crate::monitor::Alarm>) {
+    pub fn drift(&self, pipeline: &str, model: &str, version: u64, alarms: Vec<crate::monitor::Alarm>) {
         for alarm in alarms {
             if let Some(tx) = &self.triggers {
                 let _ = tx.send(super::closed_loop::LoopMessage::Drift {
                     pipeline: pipeline.to_string(),
-                    series: (model.version, alarm.series.clone()),
+                    series: (version, alarm.series.clone()),
                     reason: format!("drift on {} ({})", alarm.series, alarm.statistic),
                     raised: alarm.raised,
                 });
             }
-            self.emit(Event::Drift {
-                pipeline: pipeline.to_string(),
-                model: model.name.clone(),
-                version: model.version,
-                alarm,
-            });
+            self.emit(Event::Drift { pipeline: pipeline.to_string(), model: model.to_string(), version, alarm });
         }
     }
 }
