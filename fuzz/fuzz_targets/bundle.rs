@@ -1,7 +1,7 @@
 //! A bundle file (tar: bundle.toml, model.onnx, validation.csv, bundle.sig) as `lathe`
 //! reads it before anything is trusted: the tar, the manifest, the hashes, the CSV.
 #![no_main]
-use lathe::model::{bundle, Bundle};
+use lathe::model::{csv, Bundle};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -11,8 +11,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = b.reading();
         let _ = b.sha256();
     }
-    // The CSV reader on its own too: the hashes stop most mutations above before it.
+    // The CSV reader on its own too (the hashes stop most mutations above before it), and
+    // the rewrite of a semicolon or tab export into the plain CSV a bundle keeps.
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = bundle::parse_csv(text);
+        let _ = csv::parse_csv(text);
+        let _ = csv::comma_separated(text);
     }
 });

@@ -58,6 +58,17 @@ fn mosquitto_installed() -> bool {
     Command::new("mosquitto").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
 
+/// Whether mosquitto is here; without it, a test that needs it skips, unless
+/// LATHE_REQUIRE_MOSQUITTO=1 (CI) makes that a failure.
+fn mosquitto_or_skip() -> bool {
+    let installed = mosquitto_installed();
+    assert!(
+        installed || std::env::var("LATHE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
+        "LATHE_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install -y mosquitto)"
+    );
+    installed
+}
+
 /// The broker under test: a real mosquitto; without one (and without
 /// LATHE_REQUIRE_MOSQUITTO=1) lathe's embedded broker in this process.
 pub struct Broker {
@@ -86,23 +97,11 @@ impl Broker {
     /// [`Broker::start_persistent`] with `max_inflight_messages` at `window` (mosquitto's own
     /// default is 20).
     pub fn start_persistent_with_window(window: u16) -> Option<Broker> {
-        if !mosquitto_installed() {
-            return None;
-        }
-        let dir = temp_dir("broker");
-        let mut b =
-            Broker { port: free_port(), dir, child: None, mosquitto: true, persistent: true, window, accounts: None };
-        b.restart();
-        Some(b)
+        mosquitto_or_skip().then(|| Broker::mosquitto(true, window, None))
     }
 
     pub fn start() -> Broker {
-        let dir = temp_dir("broker");
-        if !mosquitto_installed() {
-            assert!(
-                std::env::var("LATHE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
-                "LATHE_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install -y mosquitto)"
-            );
+        if !mosquitto_or_skip() {
             #[cfg(not(feature = "embedded-broker"))]
             panic!("mosquitto is not installed and this build has no embedded broker (apt-get install -y mosquitto)");
             #[cfg(feature = "embedded-broker")]
@@ -111,7 +110,7 @@ impl Broker {
                 let addr = lathe::ingest::embedded_broker::start("127.0.0.1:0").unwrap();
                 return Broker {
                     port: addr.port(),
-                    dir,
+                    dir: temp_dir("broker"),
                     child: None,
                     mosquitto: false,
                     persistent: false,
@@ -120,31 +119,17 @@ impl Broker {
                 };
             }
         }
-        let mut b = Broker {
-            port: free_port(),
-            dir,
-            child: None,
-            mosquitto: true,
-            persistent: false,
-            window: 100,
-            accounts: None,
-        };
-        b.restart();
-        b
+        Broker::mosquitto(false, 100, None)
     }
 
     /// A mosquitto that takes only these (user, password) accounts, each limited by `acl`
     /// (mosquitto's `acl_file` format). None without mosquitto (the embedded broker has no
     /// ACL), which fails under LATHE_REQUIRE_MOSQUITTO=1.
     pub fn start_with_accounts(accounts: &[(&str, &str)], acl: &str) -> Option<Broker> {
-        if !mosquitto_installed() {
-            assert!(
-                std::env::var("LATHE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
-                "LATHE_REQUIRE_MOSQUITTO=1 but mosquitto is not installed (apt-get install -y mosquitto)"
-            );
+        if !mosquitto_or_skip() {
             return None;
         }
-        let dir = temp_dir("broker");
+        let dir = temp_dir("accounts");
         let (passwords, acl_file) = (dir.join("passwords"), dir.join("acl"));
         std::fs::write(&passwords, "").unwrap();
         for (user, password) in accounts {
@@ -153,17 +138,15 @@ impl Broker {
             assert!(made.success(), "mosquitto_passwd failed for {user}");
         }
         std::fs::write(&acl_file, acl).unwrap();
-        let mut b = Broker {
-            port: free_port(),
-            dir,
-            child: None,
-            mosquitto: true,
-            persistent: false,
-            window: 100,
-            accounts: Some((passwords, acl_file)),
-        };
+        Some(Broker::mosquitto(false, 100, Some((passwords, acl_file))))
+    }
+
+    /// A mosquitto of its own on a free port, started.
+    fn mosquitto(persistent: bool, window: u16, accounts: Option<(PathBuf, PathBuf)>) -> Broker {
+        let dir = temp_dir("broker");
+        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent, window, accounts };
         b.restart();
-        Some(b)
+        b
     }
 
     /// (Re)starts mosquitto on the same port: with no memory of earlier sessions, or (a
