@@ -293,12 +293,15 @@ fn labelled_daemon(node: &str) -> (common::Broker, common::Daemon, common::Colle
     (broker, daemon, out)
 }
 
-/// Publishes `rows` as telemetry, waits for every prediction, then publishes their labels.
+/// Publishes `rows` as telemetry, waits for every prediction, then publishes their labels:
+/// one label a message, or (`batched`) each device's labels as JSON arrays of up to 25, as a
+/// gateway or a MES export sends them.
 fn stream_then_label(
     broker: &common::Broker,
     out: &common::Collector,
     rows: &[(Vec<f64>, u8)],
     daemon: &common::Daemon,
+    batched: bool,
 ) {
     use std::time::Duration;
     let mut p = common::Publisher::new(broker.port);
@@ -307,11 +310,20 @@ fn stream_then_label(
     }
     p.flush();
     assert!(out.wait_for("prediction", rows.len(), Duration::from_secs(30)), "log:\n{}", daemon.log());
-    for (seq, (_, label)) in rows.iter().enumerate() {
-        p.publish(
-            &format!("plant/line1/dev{}/label", seq % 4),
-            serde_json::json!({"seq": seq, "anomaly": label}).to_string(),
-        );
+    let label = |seq: usize| serde_json::json!({"seq": seq, "anomaly": rows[seq].1});
+    if batched {
+        // In order of arrival: a batch holds the next 25 rows of one device, so the devices
+        // take turns as their batches fill.
+        for first in (0..rows.len()).step_by(100) {
+            for device in 0..4 {
+                let batch: Vec<Value> = (first + device..rows.len().min(first + 100)).step_by(4).map(label).collect();
+                p.publish(&format!("plant/line1/dev{device}/label"), Value::Array(batch).to_string());
+            }
+        }
+    } else {
+        for seq in 0..rows.len() {
+            p.publish(&format!("plant/line1/dev{}/label", seq % 4), label(seq).to_string());
+        }
     }
     p.flush();
 }
@@ -333,7 +345,7 @@ fn late_labels_that_start_to_disagree_raise_a_performance_alarm() {
     let s = Shuttle::load();
     let rows: Vec<(Vec<f64>, u8)> =
         (0..2000).map(|i| (s.row(i), if i >= 1000 && i % 3 == 0 { 1 - s.labels[i] } else { s.labels[i] })).collect();
-    stream_then_label(&broker, &out, &rows, &daemon);
+    stream_then_label(&broker, &out, &rows, &daemon, false);
     assert!(
         common::wait_until(Duration::from_secs(20), || !drift_events(&out, "labeld", "performance").is_empty()),
         "no performance alarm; events {:?}\nlog:\n{}",
@@ -421,7 +433,7 @@ fn a_change_in_class_balance_raises_a_label_shift_alarm_once_labels_arrive() {
         let r = if i % 2 == 0 { anomalous[i / 2] } else { normal[5000 + i] };
         rows.push((s.row(r), s.labels[r]));
     }
-    stream_then_label(&broker, &out, &rows, &daemon);
+    stream_then_label(&broker, &out, &rows, &daemon, true);
     assert!(
         common::wait_until(Duration::from_secs(20), || !drift_events(&out, "shiftd", "labels").is_empty()),
         "no label-shift alarm; events {:?}",

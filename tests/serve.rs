@@ -11,9 +11,10 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// Publishes every fixture row from 4 devices and checks each prediction against the
+/// Publishes every fixture row from 4 devices, `batch` rows to a message (1: each row its own
+/// JSON object; more: JSON arrays, as gateways batch), and checks each prediction against the
 /// onnxruntime output for that row.
-fn serve_and_compare(model_bundle: &Path, expected_key: &str) {
+fn serve_and_compare(model_bundle: &Path, expected_key: &str, batch: usize) {
     let broker = Broker::start();
     let dir = temp_dir(expected_key);
     let expected = expected();
@@ -25,8 +26,13 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str) {
     wait_online(broker.port, "serve", &daemon);
 
     let mut publisher = Publisher::new(broker.port);
-    for (seq, row) in rows.iter().enumerate() {
-        publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(row, seq));
+    for device in 0..4 {
+        let messages: Vec<String> =
+            (device..rows.len()).step_by(4).map(|seq| shuttle_message(&rows[seq], seq)).collect();
+        for chunk in messages.chunks(batch) {
+            let payload = if batch == 1 { chunk[0].clone() } else { format!("[{}]", chunk.join(",")) };
+            publisher.publish(&format!("plant/line1/dev{device}/telemetry"), payload);
+        }
     }
     publisher.flush();
     assert!(
@@ -38,7 +44,7 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str) {
     );
     std::thread::sleep(Duration::from_millis(500)); // anything extra would be a duplicate
     let got = predictions.on("plant/line1/");
-    assert_eq!(got.len(), rows.len(), "exactly one prediction per message");
+    assert_eq!(got.len(), rows.len(), "exactly one prediction per row");
 
     let mut by_key: BTreeMap<u64, &Value> = BTreeMap::new();
     for p in &got {
@@ -67,7 +73,12 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str) {
 
 #[test]
 fn every_message_gets_one_prediction_equal_to_onnxruntimes() {
-    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp");
+    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", 1);
+}
+
+#[test]
+fn a_gateways_batch_of_rows_in_one_message_gets_one_prediction_per_row() {
+    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", 16);
 }
 
 #[test]
@@ -86,7 +97,7 @@ fn a_scikit_learn_export_is_bundled_and_served_with_onnxruntimes_numbers() {
     assert_eq!(m["outputs"][m["primary_output"].as_u64().unwrap() as usize], "output_probability");
     assert!(m["baseline"]["metrics"]["roc_auc"].as_f64().unwrap() > 0.9);
     assert_eq!(m["baseline"]["rows"], 3000);
-    serve_and_compare(&bundle, "sklearn-mlp");
+    serve_and_compare(&bundle, "sklearn-mlp", 1);
 }
 
 #[test]
@@ -130,23 +141,45 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
     as_text.insert("seq".into(), 201.into());
     publisher.publish("plant/line1/dev0/telemetry", Value::Object(as_text).to_string());
     good += 2;
+    // A gateway's batch: each row is checked alone; an empty batch is refused.
+    let bad_row = shuttle_message(&rows[301], 301).replace("\"f4\":", "\"f4\":-99999,\"x\":");
+    let batch = format!("[{},{bad_row},{}]", shuttle_message(&rows[300], 300), shuttle_message(&rows[302], 302));
+    publisher.publish("plant/line1/dev0/telemetry", batch);
+    publisher.publish("plant/line1/dev0/telemetry", "[]");
+    good += 2;
+    let bad_reasons: Vec<&str> = bad.iter().map(|b| b.1).chain(["out_of_range", "empty_batch"]).collect();
     publisher.flush();
     assert!(out.wait_for("prediction", good, Duration::from_secs(20)), "log:\n{}", daemon.log());
-    assert!(out.wait_for("events", bad.len(), Duration::from_secs(10)), "log:\n{}", daemon.log());
+    assert!(out.wait_for("events", bad_reasons.len(), Duration::from_secs(10)), "log:\n{}", daemon.log());
     std::thread::sleep(Duration::from_millis(300));
     let keys: Vec<u64> = out.on("prediction").iter().map(|p| p["key"].as_u64().unwrap()).collect();
-    assert_eq!(keys, vec![100, 101, 102, 103, 104, 105, 200, 201], "the valid messages, in order, once each");
-    let output = |key: u64| out.on("prediction").iter().find(|p| p["key"] == key).unwrap()["output"].clone();
-    assert_eq!(output(201), output(200), "numbers sent as text are the same numbers");
+    assert_eq!(keys, vec![100, 101, 102, 103, 104, 105, 200, 201, 300, 302], "the valid rows, in order, once each");
+    let output = |key: u64| -> Vec<f64> {
+        let p = out.on("prediction").into_iter().find(|p| p["key"] == key).unwrap();
+        p["output"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    };
+    // Equal up to float rounding: the two rows may be scored in micro-batches of different
+    // sizes, which sum in a different order.
+    let (text, number) = (output(201), output(200));
+    assert!(
+        text.iter().zip(&number).all(|(a, b)| (a - b).abs() <= 1e-6),
+        "numbers sent as text: {text:?} vs {number:?}"
+    );
     let reasons: Vec<String> = out
         .on("lathe/rej/events")
         .iter()
         .filter(|e| e["event"] == "input.rejected")
         .map(|e| e["reason"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(reasons, bad.iter().map(|b| b.1.to_string()).collect::<Vec<_>>());
-    let detail = out.on("lathe/rej/events").iter().find(|e| e["reason"] == "out_of_range").unwrap()["detail"].clone();
-    assert!(detail.as_str().unwrap().contains("\"f4\" = -99999"), "{detail}");
+    assert_eq!(reasons, bad_reasons);
+    let details: Vec<String> = out
+        .on("lathe/rej/events")
+        .iter()
+        .filter(|e| e["reason"] == "out_of_range")
+        .map(|e| e["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert!(details[0].starts_with("feature \"f4\" = -99999"), "{details:?}");
+    assert!(details[1].starts_with("row 2 of the 3 in the message: feature \"f4\" = -99999"), "{details:?}");
     assert!(daemon.running(), "bad input must not stop the daemon");
 
     // A flood of garbage is counted in full but reported at a bounded rate.
@@ -161,9 +194,11 @@ fn bad_messages_are_rejected_with_a_reason_and_their_neighbours_still_served() {
         .last()
         .is_some_and(|s| s["state"] == "offline")));
     let counters = status.on("lathe/rej/status").last().unwrap()["pipelines"][0]["counters"].clone();
-    assert_eq!(counters["rejected"], 56, "{counters}");
+    assert_eq!(counters["rejected"], 58, "{counters}");
     assert_eq!(counters["rejected_by_reason"]["not_json"], 51, "{counters}");
-    assert_eq!(counters["predicted"], 8, "{counters}");
+    assert_eq!(counters["rejected_by_reason"]["empty_batch"], 1, "{counters}");
+    assert_eq!(counters["predicted"], 10, "{counters}");
+    assert_eq!(counters["received"], 68, "a batch's rows are counted one by one: {counters}");
     let events = out.on("lathe/rej/events").iter().filter(|e| e["event"] == "input.rejected").count();
     assert!(events < 6 + 20, "the flood was rate-limited: {events} events");
 }

@@ -86,35 +86,65 @@ pub struct LabelRoute {
 }
 
 impl LabelRoute {
-    /// Joins one label message; returns the alarms raised or cleared, or why it was unusable.
-    /// With a store, the label is stored too and `ack` released once it is durable.
-    /// Labels obey the telemetry's `max_payload_bytes`, checked before the JSON is parsed.
+    /// Joins one label message (a JSON object, or an array of them: a batch); returns the
+    /// alarms raised or cleared, and why each unusable label was unusable. With a store, the
+    /// labels are stored too and `ack` released once they are durable. Labels obey the
+    /// telemetry's `max_payload_bytes`, checked before the JSON is parsed.
     fn take(
         &self,
         device: &str,
         payload: &[u8],
         max_payload_bytes: usize,
         ack: Option<&Arc<AckTicket>>,
-    ) -> Result<Vec<crate::monitor::Alarm>, String> {
+    ) -> (Vec<crate::monitor::Alarm>, Vec<String>) {
+        let mut alarms = Vec::new();
         if payload.len() > max_payload_bytes {
-            return Err(format!("label is {} bytes, over max_payload_bytes ({max_payload_bytes})", payload.len()));
+            let why = format!("label is {} bytes, over max_payload_bytes ({max_payload_bytes})", payload.len());
+            return (alarms, vec![why]);
         }
-        let doc: Value = serde_json::from_slice(payload).map_err(|e| format!("label is not JSON: {e}"))?;
+        let doc: Value = match serde_json::from_slice(payload) {
+            Ok(doc) => doc,
+            Err(e) => return (alarms, vec![format!("label is not JSON: {e}")]),
+        };
+        let (labels, unusable): (Vec<_>, Vec<_>) = match &doc {
+            Value::Array(batch) => batch.iter().map(|d| self.read(d)).partition(Result::is_ok),
+            doc => [self.read(doc)].into_iter().partition(Result::is_ok),
+        };
+        let labels: Vec<(String, f64)> = labels.into_iter().flatten().collect();
+        let unusable = unusable.into_iter().filter_map(Result::err).collect();
+        if let Some(store) = self.store.as_ref().filter(|_| !labels.is_empty()) {
+            let ts_ms = crate::service::unix_ms();
+            let writes = labels
+                .iter()
+                .map(|(key, value)| crate::store::Write::Label {
+                    device: device.to_string(),
+                    key: key.clone(),
+                    value: *value,
+                    ts_ms,
+                })
+                .collect();
+            store.submit(writes, ack.cloned().into_iter().collect());
+        }
+        match self.performance.lock() {
+            Ok(mut perf) => {
+                for (key, value) in labels {
+                    perf.label(device, key, value, Instant::now(), &mut alarms);
+                }
+                (alarms, unusable)
+            }
+            Err(_) => (alarms, vec!["performance state poisoned".to_string()]),
+        }
+    }
+
+    /// One label: its key (as JSON text, as predictions are keyed) and its finite value.
+    fn read(&self, doc: &Value) -> Result<(String, f64), String> {
         let key = doc.pointer(&self.key).ok_or_else(|| format!("label has no {}", self.key))?.to_string();
         let value = doc
             .pointer(&self.value)
             .and_then(super::extract::number)
             .filter(|v| v.is_finite())
             .ok_or_else(|| format!("label has no number, boolean or number as text at {}", self.value))?;
-        if let Some(store) = &self.store {
-            let ts_ms = crate::service::unix_ms();
-            let label = crate::store::Write::Label { device: device.to_string(), key: key.clone(), value, ts_ms };
-            store.submit(vec![label], ack.cloned().into_iter().collect());
-        }
-        let mut perf = self.performance.lock().map_err(|_| "performance state poisoned".to_string())?;
-        let mut alarms = Vec::new();
-        perf.label(device, key, value, Instant::now(), &mut alarms);
-        Ok(alarms)
+        Ok((key, value))
     }
 }
 
@@ -641,25 +671,24 @@ impl Router {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
             let max_payload_bytes = route.model.load().extractor.max_payload_bytes();
-            match labels.take(device, &p.payload, max_payload_bytes, ack.as_ref()) {
-                Ok(alarms) => {
-                    let model = route.model.load();
-                    self.events.drift(&route.pipeline, &model.name, model.version, alarms)
+            let (alarms, unusable) = labels.take(device, &p.payload, max_payload_bytes, ack.as_ref());
+            if !alarms.is_empty() {
+                let model = route.model.load();
+                self.events.drift(&route.pipeline, &model.name, model.version, alarms)
+            }
+            if !unusable.is_empty() {
+                if let Ok(mut perf) = labels.performance.lock() {
+                    perf.unmatched += unusable.len() as u64;
                 }
-                Err(detail) => {
-                    if let Ok(mut perf) = labels.performance.lock() {
-                        perf.unmatched += 1;
-                    }
-                    tracing::debug!(pipeline = route.pipeline, "Unusable label: {detail}");
-                }
+                tracing::debug!(pipeline = route.pipeline, "{} unusable label(s): {}", unusable.len(), unusable[0]);
             }
         }
         for (i, route) in self.routes.iter_mut().enumerate() {
             let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
-            let (device, row) = match &route.sparkplug {
-                None => (device.to_string(), route.model.load().extractor.extract(&p.payload)),
+            let (device, rows) = match &route.sparkplug {
+                None => (device.to_string(), route.model.load().extractor.rows(&p.payload)),
                 Some(source) => {
                     let max = route.model.load().extractor.max_payload_bytes();
                     let Some(step) = sparkplug_row(source, &route.model.load(), topic, &p.payload, max) else {
@@ -668,33 +697,40 @@ impl Router {
                     if let Some((group, edge_node, why)) = step.rebirth {
                         ask_rebirth(&self.client, &self.events, &route.pipeline, &group, &edge_node, &why);
                     }
-                    (step.device, step.row)
+                    (step.device, vec![step.row])
                 }
             };
-            route.counters.received.fetch_add(1, Relaxed);
-            match row {
-                Ok(x) => {
-                    let sample = Sample {
-                        device: route.device(&device),
-                        key: x.key,
-                        ts: x.ts,
-                        features: x.features.into_boxed_slice(),
-                        received,
-                        ack: ack.clone(),
-                    };
-                    self.pending[i].push_back(sample);
-                    flow.waiting_rows.fetch_add(1, Relaxed);
-                    flush(&mut self.pending[i], route.tx.as_ref());
-                }
-                Err(reject) => {
-                    route.counters.rejected[reject.index()].fetch_add(1, Relaxed);
-                    self.events.emit(Event::InputRejected {
-                        pipeline: route.pipeline.clone(),
-                        device,
-                        topic: topic.to_string(),
-                        reason: reject.reason(),
-                        detail: reject.to_string(),
-                    });
+            let batch = rows.len();
+            route.counters.received.fetch_add(batch as u64, Relaxed);
+            for (n, row) in rows.into_iter().enumerate() {
+                match row {
+                    Ok(x) => {
+                        let sample = Sample {
+                            device: route.device(&device),
+                            key: x.key,
+                            ts: x.ts,
+                            features: x.features.into_boxed_slice(),
+                            received,
+                            ack: ack.clone(),
+                        };
+                        self.pending[i].push_back(sample);
+                        flow.waiting_rows.fetch_add(1, Relaxed);
+                        flush(&mut self.pending[i], route.tx.as_ref());
+                    }
+                    Err(reject) => {
+                        route.counters.rejected[reject.index()].fetch_add(1, Relaxed);
+                        let detail = match batch {
+                            1 => reject.to_string(),
+                            _ => format!("row {} of the {batch} in the message: {reject}", n + 1),
+                        };
+                        self.events.emit(Event::InputRejected {
+                            pipeline: route.pipeline.clone(),
+                            device: device.clone(),
+                            topic: topic.to_string(),
+                            reason: reject.reason(),
+                            detail,
+                        });
+                    }
                 }
             }
         }
@@ -782,7 +818,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_label_over_the_payload_cap_is_refused_before_it_is_parsed() {
+    fn labels_over_the_payload_cap_are_refused_before_parsing_and_a_batch_is_read_label_by_label() {
         use crate::monitor::performance::Performance;
         let route = LabelRoute {
             filter: TopicFilter::parse("t/+/label").unwrap(),
@@ -792,11 +828,17 @@ mod tests {
             store: None,
         };
         let big = format!(r#"{{"seq": 1, "v": 1, "pad": "{}"}}"#, "x".repeat(70_000));
-        let err = route.take("d", big.as_bytes(), 65_536, None).unwrap_err();
-        assert!(err.contains("over max_payload_bytes (65536)"), "{err}");
+        let (_, unusable) = route.take("d", big.as_bytes(), 65_536, None);
+        assert!(unusable[0].contains("over max_payload_bytes (65536)"), "{unusable:?}");
         assert_eq!(route.performance.lock().unwrap().waiting(), (0, 0), "nothing of it is kept");
-        route.take("d", br#"{"seq": 1, "v": 1}"#, 65_536, None).unwrap();
+        let (_, unusable) = route.take("d", br#"{"seq": 1, "v": 1}"#, 65_536, None);
+        assert!(unusable.is_empty(), "{unusable:?}");
         assert_eq!(route.performance.lock().unwrap().waiting(), (0, 1), "a small one waits for its prediction");
+        // A batch: each label on its own; the unusable ones say why.
+        let (_, unusable) =
+            route.take("d", br#"[{"seq": 2, "v": 1}, {"seq": 3}, {"seq": 4, "v": "0"}, 7]"#, 65_536, None);
+        assert_eq!(unusable, ["label has no number, boolean or number as text at /v", "label has no /seq"]);
+        assert_eq!(route.performance.lock().unwrap().waiting(), (0, 3), "two more wait for their predictions");
     }
 
     #[test]

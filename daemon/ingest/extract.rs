@@ -1,4 +1,4 @@
-//! Turning one telemetry payload into a feature row, or a reason it cannot be one.
+//! Turning one telemetry payload into feature rows, or reasons they cannot be rows.
 
 use serde_json::Value;
 
@@ -33,11 +33,13 @@ pub enum Reject {
     BadSparkplug(String),
     /// Sparkplug B: the edge node's state is in doubt until its rebirth.
     SparkplugStale(String),
+    /// A JSON array with no rows in it.
+    EmptyBatch,
 }
 
 impl Reject {
     /// All reasons, in the order counters are kept.
-    pub const REASONS: [&'static str; 8] = [
+    pub const REASONS: [&'static str; 9] = [
         "payload_too_large",
         "not_json",
         "missing_feature",
@@ -46,6 +48,7 @@ impl Reject {
         "out_of_range",
         "bad_sparkplug",
         "sparkplug_stale",
+        "empty_batch",
     ];
 
     pub fn index(&self) -> usize {
@@ -58,6 +61,7 @@ impl Reject {
             Reject::OutOfRange { .. } => 5,
             Reject::BadSparkplug(_) => 6,
             Reject::SparkplugStale(_) => 7,
+            Reject::EmptyBatch => 8,
         }
     }
 
@@ -87,6 +91,7 @@ impl std::fmt::Display for Reject {
             }
             Reject::BadSparkplug(e) => write!(f, "{e}"),
             Reject::SparkplugStale(why) => write!(f, "not scored until the edge node's rebirth: {why}"),
+            Reject::EmptyBatch => write!(f, "payload is an empty JSON array: no rows in it"),
         }
     }
 }
@@ -145,13 +150,23 @@ impl Extractor {
         self.max_payload_bytes
     }
 
-    /// # Errors
-    /// The first reason the payload cannot be a row.
-    pub fn extract(&self, payload: &[u8]) -> Result<Extracted, Reject> {
+    /// The rows of one telemetry payload, each a row or the first reason it cannot be one.
+    /// A JSON object is one row; a JSON array is a gateway's batch, one row per element, each
+    /// read with the same pointers (its own key and timestamp). A payload too large, not JSON
+    /// or an empty array is one rejection.
+    pub fn rows(&self, payload: &[u8]) -> Vec<Result<Extracted, Reject>> {
         if payload.len() > self.max_payload_bytes {
-            return Err(Reject::TooLarge { bytes: payload.len(), max: self.max_payload_bytes });
+            return vec![Err(Reject::TooLarge { bytes: payload.len(), max: self.max_payload_bytes })];
         }
-        let doc: Value = serde_json::from_slice(payload).map_err(|e| Reject::NotJson(e.to_string()))?;
+        match serde_json::from_slice::<Value>(payload) {
+            Err(e) => vec![Err(Reject::NotJson(e.to_string()))],
+            Ok(Value::Array(batch)) if batch.is_empty() => vec![Err(Reject::EmptyBatch)],
+            Ok(Value::Array(batch)) => batch.iter().map(|doc| self.row(doc)).collect(),
+            Ok(doc) => vec![self.row(&doc)],
+        }
+    }
+
+    fn row(&self, doc: &Value) -> Result<Extracted, Reject> {
         let features = self.features(|name, ptr| {
             let v = doc
                 .pointer(ptr)
@@ -233,6 +248,13 @@ fn truncate(s: &str, n: usize) -> String {
 mod tests {
     use super::*;
 
+    /// The payload's only row.
+    fn one(e: &Extractor, payload: &[u8]) -> Result<Extracted, Reject> {
+        let mut rows = e.rows(payload);
+        assert_eq!(rows.len(), 1, "{}", String::from_utf8_lossy(payload));
+        rows.remove(0)
+    }
+
     fn extractor() -> Extractor {
         let inputs = vec![
             Input { name: "temp".into(), unit: "C".into(), min: -40.0, max: 150.0 },
@@ -244,7 +266,7 @@ mod tests {
 
     #[test]
     fn features_are_read_in_model_order_by_pointer() {
-        let got = extractor().extract(br#"{"vibration":{"rms":2.5},"temp":20,"seq":7}"#).unwrap();
+        let got = one(&extractor(), br#"{"vibration":{"rms":2.5},"temp":20,"seq":7}"#).unwrap();
         assert_eq!(got.features, vec![20.0, 2.5]);
         assert_eq!(got.key, serde_json::json!(7));
         assert_eq!(got.ts, Value::Null);
@@ -253,24 +275,40 @@ mod tests {
     #[test]
     fn each_bad_payload_gets_its_own_reason() {
         let e = extractor();
-        let reason = |p: &[u8]| e.extract(p).unwrap_err().reason();
+        let reason = |p: &[u8]| one(&e, p).unwrap_err().reason();
         assert_eq!(reason(b"{not json"), "not_json");
         assert_eq!(reason(br#"{"temp":20}"#), "missing_feature");
         assert_eq!(reason(br#"{"temp":"hot","vibration":{"rms":1}}"#), "non_numeric");
         assert_eq!(reason(br#"{"temp":1e300,"vibration":{"rms":1}}"#), "non_finite");
         assert_eq!(reason(br#"{"temp":999,"vibration":{"rms":1}}"#), "out_of_range");
         assert_eq!(reason(&[b' '; 300]), "payload_too_large");
+        assert_eq!(reason(b" [ ] "), "empty_batch");
+    }
+
+    #[test]
+    fn an_array_is_a_batch_of_rows_each_with_its_own_key() {
+        let e = extractor();
+        let rows = e.rows(
+            br#"[{"temp":1,"vibration":{"rms":1},"seq":1}, {"temp":999,"seq":2}, 5,
+                              {"temp":3,"vibration":{"rms":2},"seq":3}]"#,
+        );
+        let got: Vec<_> = rows.iter().map(|r| r.as_ref().map(|x| (x.features.clone(), x.key.clone()))).collect();
+        assert_eq!(got[0], Ok((vec![1.0, 1.0], serde_json::json!(1))));
+        assert_eq!(got[1].as_ref().unwrap_err().reason(), "out_of_range", "each element is checked alone");
+        assert_eq!(got[2].as_ref().unwrap_err().reason(), "missing_feature");
+        assert_eq!(got[3], Ok((vec![3.0, 2.0], serde_json::json!(3))));
+        assert_eq!(got.len(), 4);
     }
 
     #[test]
     fn booleans_and_numbers_sent_as_text_are_numbers() {
         let e = extractor();
-        let row = |p: &[u8]| e.extract(p).map(|x| x.features);
+        let row = |p: &[u8]| one(&e, p).map(|x| x.features);
         assert_eq!(row(br#"{"temp":" 21.5 ","vibration":{"rms":true}}"#), Ok(vec![21.5, 1.0]));
         assert_eq!(row(br#"{"temp":"-4e1","vibration":{"rms":false}}"#), Ok(vec![-40.0, 0.0]));
         for text in [r#""21,5""#, r#""NaN""#, r#""inf""#, r#""""#, r#""-""#, r#""0x10""#, "null", "[1]"] {
             let payload = format!(r#"{{"temp":{text},"vibration":{{"rms":1}}}}"#);
-            assert_eq!(e.extract(payload.as_bytes()).unwrap_err().reason(), "non_numeric", "{text}");
+            assert_eq!(one(&e, payload.as_bytes()).unwrap_err().reason(), "non_numeric", "{text}");
         }
         assert_eq!(row(br#"{"temp":"1e400","vibration":{"rms":1}}"#).unwrap_err().reason(), "non_finite");
         assert_eq!(row(br#"{"temp":"999","vibration":{"rms":1}}"#).unwrap_err().reason(), "out_of_range");
@@ -278,7 +316,7 @@ mod tests {
 
     #[test]
     fn a_rejection_says_what_was_wrong() {
-        let r = extractor().extract(br#"{"temp":999,"vibration":{"rms":1}}"#).unwrap_err();
+        let r = one(&extractor(), br#"{"temp":999,"vibration":{"rms":1}}"#).unwrap_err();
         assert_eq!(r.to_string(), "feature \"temp\" = 999 is outside the bundle's range [-40, 150]");
     }
 }
