@@ -11,27 +11,63 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// Publishes every fixture row from 4 devices, `batch` rows to a message (1: each row its own
-/// JSON object; more: JSON arrays, as gateways batch), and checks each prediction against the
-/// onnxruntime output for that row.
-fn serve_and_compare(model_bundle: &Path, expected_key: &str, batch: usize) {
+/// How a test gateway sends the fixture rows.
+#[derive(Clone, Copy, PartialEq)]
+enum Gateway {
+    /// JSON objects, this many rows to a message (1: an object; more: an array of them).
+    Rows(usize),
+    /// Report by exception: each message holds only the features whose value changed since
+    /// the device's previous row (the source has `rows = "last_value"`).
+    OnChange,
+}
+
+/// Publishes every fixture row from 4 devices as `gateway` sends them, and checks each
+/// prediction against the onnxruntime output for that row.
+fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) {
     let broker = Broker::start();
     let dir = temp_dir(expected_key);
     let expected = expected();
     let rows = rows(&expected);
     let want = expected[expected_key].as_array().unwrap();
-    let mut daemon = Daemon::start(&dir, &config("serve", &broker, &dir.join("state"), model_bundle));
+    let mut config = config("serve", &broker, &dir.join("state"), model_bundle);
+    if gateway == Gateway::OnChange {
+        config = config.replace("key = \"/seq\" }", "key = \"/seq\", rows = \"last_value\" }");
+    }
+    let mut daemon = Daemon::start(&dir, &config);
     let predictions = Collector::new(broker.port, &["plant/line1/+/prediction"]);
     let status = Collector::new(broker.port, &["lathe/serve/status"]);
     wait_online(broker.port, "serve", &daemon);
 
     let mut publisher = Publisher::new(broker.port);
     for device in 0..4 {
-        let messages: Vec<String> =
-            (device..rows.len()).step_by(4).map(|seq| shuttle_message(&rows[seq], seq)).collect();
-        for chunk in messages.chunks(batch) {
-            let payload = if batch == 1 { chunk[0].clone() } else { format!("[{}]", chunk.join(",")) };
-            publisher.publish(&format!("plant/line1/dev{device}/telemetry"), payload);
+        let topic = format!("plant/line1/dev{device}/telemetry");
+        let seqs: Vec<usize> = (device..rows.len()).step_by(4).collect();
+        match gateway {
+            Gateway::Rows(1) => {
+                seqs.iter().for_each(|&seq| publisher.publish(&topic, shuttle_message(&rows[seq], seq)))
+            }
+            Gateway::Rows(batch) => {
+                for chunk in seqs.chunks(batch) {
+                    let messages: Vec<String> = chunk.iter().map(|&seq| shuttle_message(&rows[seq], seq)).collect();
+                    publisher.publish(&topic, format!("[{}]", messages.join(",")));
+                }
+            }
+            Gateway::OnChange => {
+                let mut previous: Option<&Vec<f64>> = None;
+                for &seq in &seqs {
+                    let mut message = serde_json::json!({"seq": seq});
+                    for (i, x) in rows[seq].iter().enumerate() {
+                        if previous.is_none_or(|p| p[i] != *x) {
+                            message[format!("f{}", i + 1)] = (*x).into();
+                        }
+                    }
+                    if message.as_object().unwrap().len() == 1 {
+                        message["f1"] = rows[seq][0].into(); // nothing changed: a heartbeat
+                    }
+                    publisher.publish(&topic, message.to_string());
+                    previous = Some(&rows[seq]);
+                }
+            }
         }
     }
     publisher.flush();
@@ -73,12 +109,17 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, batch: usize) {
 
 #[test]
 fn every_message_gets_one_prediction_equal_to_onnxruntimes() {
-    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", 1);
+    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", Gateway::Rows(1));
 }
 
 #[test]
 fn a_gateways_batch_of_rows_in_one_message_gets_one_prediction_per_row() {
-    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", 16);
+    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", Gateway::Rows(16));
+}
+
+#[test]
+fn a_gateway_that_sends_only_what_changed_is_scored_on_each_devices_last_values() {
+    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", Gateway::OnChange);
 }
 
 #[test]
@@ -97,7 +138,7 @@ fn a_scikit_learn_export_is_bundled_and_served_with_onnxruntimes_numbers() {
     assert_eq!(m["outputs"][m["primary_output"].as_u64().unwrap() as usize], "output_probability");
     assert!(m["baseline"]["metrics"]["roc_auc"].as_f64().unwrap() > 0.9);
     assert_eq!(m["baseline"]["rows"], 3000);
-    serve_and_compare(&bundle, "sklearn-mlp", 1);
+    serve_and_compare(&bundle, "sklearn-mlp", Gateway::Rows(1));
 }
 
 #[test]

@@ -184,6 +184,16 @@ pub struct SourceConfig {
     pub key: Option<String>,
     /// JSON pointer to the message timestamp echoed in predictions.
     pub timestamp: Option<String>,
+    /// `rows = "last_value"`: the source reports by exception (a message holds the features
+    /// that changed; a row is the device's last value of each). `None`: `rows = "whole"`,
+    /// every message holds every feature.
+    pub last_value: Option<LastValueConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastValueConfig {
+    /// `max_age_s`: a value older than this is missing; `None`, it stands until replaced.
+    pub max_age: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -570,8 +580,27 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         }
         let key = src.opt_pointer("key");
         let timestamp = src.opt_pointer("timestamp");
+        let rows_given = src.has("rows");
+        let last_value = match src.string("rows", Some("whole")).as_deref() {
+            _ if sparkplug.is_some() && rows_given => {
+                src.error("rows", "not used with format = \"sparkplug-b\" (a DATA message always updates the device's last values)");
+                None
+            }
+            Some("last_value") => {
+                let max_age_s = src.has("max_age_s").then(|| src.integer("max_age_s", 0, 1, 30 * 86_400)).flatten();
+                Some(LastValueConfig { max_age: max_age_s.map(std::time::Duration::from_secs) })
+            }
+            Some("whole") | None => None,
+            Some(other) => {
+                src.error("rows", &format!("expected \"whole\" or \"last_value\", found {other:?}"));
+                None
+            }
+        };
+        if last_value.is_none() && src.take("max_age_s").is_some() {
+            src.error("max_age_s", "only used with rows = \"last_value\"");
+        }
         let ok = src.finish();
-        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug })
+        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug, last_value })
     });
     // JSON: input name = JSON pointer; Sparkplug B: input name = metric name.
     let features = match source.as_ref().is_some_and(|src| src.sparkplug.is_some()) {
@@ -762,11 +791,33 @@ batch = { max = 32 }
         assert_eq!((out.group.as_str(), out.edge_node.as_str()), ("line3", "line3-edge01"));
         // A topic, a key pointer, an id with '/', a [sparkplug] without group: each named.
         let bad = text
-            .replace(r#"group = "line3" }"#, r#"group = "line3", edge_node = "a/b", topic = "x", key = "/seq" }"#)
+            .replace(
+                r#"group = "line3" }"#,
+                r#"group = "line3", edge_node = "a/b", topic = "x", key = "/seq", rows = "whole" }"#,
+            )
             .replace("[sparkplug]\ngroup = \"line3\"\n", "[sparkplug]\nedge_node = \"n\"\n");
         let errs = parse(&bad).unwrap_err().to_string();
-        for key in ["source.edge_node", "source.topic", "source.key", "sparkplug.group"] {
+        for key in ["source.edge_node", "source.topic", "source.key", "source.rows", "sparkplug.group"] {
             assert!(errs.contains(key), "{key}: {errs}");
+        }
+    }
+
+    #[test]
+    fn a_source_that_reports_by_exception_keeps_last_values_and_says_how_long() {
+        let source = r#"topic = "plant/line3/+/telemetry", key = "/seq""#;
+        let with = |extra: &str| GOOD.replace(source, &format!("{source}, {extra}"));
+        assert_eq!(parse(GOOD).unwrap().pipelines[0].source.last_value, None, "whole rows by default");
+        let c = parse(&with(r#"rows = "last_value""#)).unwrap();
+        assert_eq!(c.pipelines[0].source.last_value, Some(LastValueConfig { max_age: None }));
+        let c = parse(&with(r#"rows = "last_value", max_age_s = 300"#)).unwrap();
+        assert_eq!(c.pipelines[0].source.last_value.unwrap().max_age, Some(std::time::Duration::from_secs(300)));
+        for (extra, error) in [
+            (r#"rows = "changes""#, r#"source.rows: expected "whole" or "last_value", found "changes""#),
+            ("max_age_s = 300", r#"source.max_age_s: only used with rows = "last_value""#),
+            (r#"rows = "last_value", max_age_s = 0"#, "source.max_age_s: expected an integer in 1..=2592000, found 0"),
+        ] {
+            let errs = parse(&with(extra)).unwrap_err().to_string();
+            assert!(errs.contains(error), "{extra}: {errs}");
         }
     }
 

@@ -63,6 +63,8 @@ pub struct Route {
     /// `format = "sparkplug-b"`: the namespace's state (aliases, values, sequence), shared
     /// with the status.
     pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
+    /// `rows = "last_value"`: each device's last value of each feature (kept over a reload).
+    pub last_values: Option<Arc<std::sync::Mutex<super::last_value::LastValues>>>,
 }
 
 /// `lathe/{node}/cmd/+` and where its messages go.
@@ -687,9 +689,14 @@ impl Router {
             let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
-            let (device, rows) = match &route.sparkplug {
-                None => (device.to_string(), route.model.load().extractor.rows(&p.payload)),
-                Some(source) => {
+            let (device, rows) = match (&route.sparkplug, &route.last_values) {
+                (None, None) => (device.to_string(), route.model.load().extractor.rows(&p.payload)),
+                (None, Some(last)) => {
+                    let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let rows = route.model.load().extractor.rows_by_exception(&p.payload, device, &mut last, received);
+                    (device.to_string(), rows)
+                }
+                (Some(source), _) => {
                     let max = route.model.load().extractor.max_payload_bytes();
                     let Some(step) = sparkplug_row(source, &route.model.load(), topic, &p.payload, max) else {
                         continue; // a birth, a death, a command: state only

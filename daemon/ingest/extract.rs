@@ -1,7 +1,10 @@
 //! Turning one telemetry payload into feature rows, or reasons they cannot be rows.
 
+use std::time::Instant;
+
 use serde_json::Value;
 
+use super::last_value::LastValues;
 use crate::model::manifest::Input;
 
 /// Why a message was not accepted. Each is counted, logged and reported on the events topic.
@@ -155,27 +158,73 @@ impl Extractor {
     /// read with the same pointers (its own key and timestamp). A payload too large, not JSON
     /// or an empty array is one rejection.
     pub fn rows(&self, payload: &[u8]) -> Vec<Result<Extracted, Reject>> {
+        self.each_row(payload, |doc| self.row(doc))
+    }
+
+    /// As [`Extractor::rows`], for a source that reports by exception (`rows = "last_value"`):
+    /// each message holds the features that changed, and each row is `device`'s last value
+    /// of every feature (see `last_value.rs`).
+    pub fn rows_by_exception(
+        &self,
+        payload: &[u8],
+        device: &str,
+        last: &mut LastValues,
+        now: Instant,
+    ) -> Vec<Result<Extracted, Reject>> {
+        self.each_row(payload, |doc| self.merged_row(doc, device, last, now))
+    }
+
+    fn each_row(
+        &self,
+        payload: &[u8],
+        mut row: impl FnMut(&Value) -> Result<Extracted, Reject>,
+    ) -> Vec<Result<Extracted, Reject>> {
         if payload.len() > self.max_payload_bytes {
             return vec![Err(Reject::TooLarge { bytes: payload.len(), max: self.max_payload_bytes })];
         }
         match serde_json::from_slice::<Value>(payload) {
             Err(e) => vec![Err(Reject::NotJson(e.to_string()))],
             Ok(Value::Array(batch)) if batch.is_empty() => vec![Err(Reject::EmptyBatch)],
-            Ok(Value::Array(batch)) => batch.iter().map(|doc| self.row(doc)).collect(),
-            Ok(doc) => vec![self.row(&doc)],
+            Ok(Value::Array(batch)) => batch.iter().map(row).collect(),
+            Ok(doc) => vec![row(&doc)],
         }
     }
 
     fn row(&self, doc: &Value) -> Result<Extracted, Reject> {
+        let features = self.features(|name, ptr| read_number(doc, name, ptr))?;
+        Ok(self.echo(doc, features))
+    }
+
+    fn merged_row(&self, doc: &Value, device: &str, last: &mut LastValues, now: Instant) -> Result<Extracted, Reject> {
+        // The values this message holds, each checked: one bad value rejects it whole.
+        let mut fresh = Vec::new();
+        for (name, ptr, min, max) in &self.fields {
+            if doc.pointer(ptr).is_some() {
+                fresh.push((name.as_str(), check(name, read_number(doc, name, ptr)?, *min, *max)?));
+            }
+        }
+        if fresh.is_empty() {
+            let (feature, pointer) = self.fields.first().map(|f| (f.0.clone(), f.1.clone())).unwrap_or_default();
+            return Err(Reject::MissingFeature { feature, pointer });
+        }
+        let earlier = match last.max_age() {
+            Some(age) => format!(" in this message or one of the device's in the last {} s", age.as_secs()),
+            None => " in this or an earlier message of the device".to_string(),
+        };
+        let mut values = last.update(device, fresh, self.names(), now).into_iter();
         let features = self.features(|name, ptr| {
-            let v = doc
-                .pointer(ptr)
-                .ok_or_else(|| Reject::MissingFeature { feature: name.to_string(), pointer: ptr.to_string() })?;
-            number(v)
-                .ok_or_else(|| Reject::NonNumeric { feature: name.to_string(), found: truncate(&v.to_string(), 40) })
+            values
+                .next()
+                .flatten()
+                .ok_or_else(|| Reject::MissingFeature { feature: name.to_string(), pointer: format!("{ptr}{earlier}") })
         })?;
+        Ok(self.echo(doc, features))
+    }
+
+    /// The row, with the message's key and timestamp (null where it has none).
+    fn echo(&self, doc: &Value, features: Vec<f32>) -> Extracted {
         let echo = |p: &Option<String>| p.as_deref().and_then(|p| doc.pointer(p)).cloned().unwrap_or(Value::Null);
-        Ok(Extracted { features, key: echo(&self.key), ts: echo(&self.timestamp) })
+        Extracted { features, key: echo(&self.key), ts: echo(&self.timestamp) }
     }
 
     /// A Sparkplug B row: each input's metric (its `features` name, by default the input's
@@ -193,17 +242,10 @@ impl Extractor {
     }
 
     /// Reads every input with `read(name, source)` and checks it against the bundle's range.
-    fn features(&self, read: impl Fn(&str, &str) -> Result<f64, Reject>) -> Result<Vec<f32>, Reject> {
+    fn features(&self, mut read: impl FnMut(&str, &str) -> Result<f64, Reject>) -> Result<Vec<f32>, Reject> {
         let mut features = Vec::with_capacity(self.fields.len());
         for (name, source, min, max) in &self.fields {
-            let x = read(name, source)?;
-            if !(x as f32).is_finite() {
-                return Err(Reject::NonFinite { feature: name.clone() });
-            }
-            if x < *min || x > *max {
-                return Err(Reject::OutOfRange { feature: name.clone(), value: x, min: *min, max: *max });
-            }
-            features.push(x as f32);
+            features.push(check(name, read(name, source)?, *min, *max)? as f32);
         }
         Ok(features)
     }
@@ -211,6 +253,25 @@ impl Extractor {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.fields.iter().map(|f| f.0.as_str())
     }
+}
+
+/// The number at `ptr` in `doc`, or why there is none.
+fn read_number(doc: &Value, name: &str, ptr: &str) -> Result<f64, Reject> {
+    let v = doc
+        .pointer(ptr)
+        .ok_or_else(|| Reject::MissingFeature { feature: name.to_string(), pointer: ptr.to_string() })?;
+    number(v).ok_or_else(|| Reject::NonNumeric { feature: name.to_string(), found: truncate(&v.to_string(), 40) })
+}
+
+/// `x` if it is finite as an f32 and within the bundle's range for input `name`.
+fn check(name: &str, x: f64, min: f64, max: f64) -> Result<f64, Reject> {
+    if !(x as f32).is_finite() {
+        return Err(Reject::NonFinite { feature: name.to_string() });
+    }
+    if x < min || x > max {
+        return Err(Reject::OutOfRange { feature: name.to_string(), value: x, min, max });
+    }
+    Ok(x)
 }
 
 /// A JSON value as a number: a number; a boolean as 1 or 0 (a PLC's digital input); or a
@@ -312,6 +373,36 @@ mod tests {
         }
         assert_eq!(row(br#"{"temp":"1e400","vibration":{"rms":1}}"#).unwrap_err().reason(), "non_finite");
         assert_eq!(row(br#"{"temp":"999","vibration":{"rms":1}}"#).unwrap_err().reason(), "out_of_range");
+    }
+
+    #[test]
+    fn reported_by_exception_a_row_is_the_devices_last_value_of_each_feature() {
+        let e = extractor();
+        let mut last = LastValues::new(None);
+        let now = Instant::now();
+        let mut row = |device: &str, p: &[u8]| e.rows_by_exception(p, device, &mut last, now).remove(0);
+        let missing = row("a", br#"{"temp":20,"seq":1}"#).unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "feature \"vib\" is missing (no value at /vibration/rms in this or an earlier message of the device)"
+        );
+        let got = row("a", br#"{"vibration":{"rms":2},"seq":2}"#).unwrap();
+        assert_eq!((got.features, got.key), (vec![20.0, 2.0], serde_json::json!(2)), "temp from message 1");
+        assert_eq!(row("a", br#"{"temp":21}"#).unwrap().features, vec![21.0, 2.0]);
+        assert_eq!(row("b", br#"{"temp":5}"#).unwrap_err().reason(), "missing_feature", "devices apart");
+        // A bad value rejects the message and changes nothing; one with no feature is no row.
+        assert_eq!(row("a", br#"{"temp":22,"vibration":{"rms":99}}"#).unwrap_err().reason(), "out_of_range");
+        assert_eq!(row("a", br#"{"vibration":{"rms":3}}"#).unwrap().features, vec![21.0, 3.0]);
+        assert_eq!(row("a", br#"{"seq":9}"#).unwrap_err().reason(), "missing_feature");
+
+        let mut aged = LastValues::new(Some(std::time::Duration::from_secs(60)));
+        e.rows_by_exception(br#"{"temp":20}"#, "a", &mut aged, now);
+        let later = now + std::time::Duration::from_secs(61);
+        let stale = e.rows_by_exception(br#"{"vibration":{"rms":2}}"#, "a", &mut aged, later).remove(0);
+        assert_eq!(
+            stale.unwrap_err().to_string(),
+            "feature \"temp\" is missing (no value at /temp in this message or one of the device's in the last 60 s)"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod connection;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded_broker;
 pub mod extract;
+pub mod last_value;
 pub mod topic;
 
 pub use connection::{Ingest, Route, Sample};

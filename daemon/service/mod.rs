@@ -185,11 +185,14 @@ pub struct Serving {
     pub store: Option<Arc<crate::store::Store>>,
     /// A Sparkplug B source: its edge nodes and devices (online, offline, stale).
     pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
+    /// A source that reports by exception: each device's last values.
+    pub last_values: Option<Arc<std::sync::Mutex<crate::ingest::last_value::LastValues>>>,
 }
 
 /// What the pipelines whose settings did not change keep across a SIGHUP reload: the model
 /// (so the drift monitor keeps its calibration and windows, and a fine-tuned champion stays
-/// loaded), the counters, the late-label state and the Sparkplug namespace. Only the
+/// loaded), the counters, the late-label state, the Sparkplug namespace and the devices' last
+/// values. Only the
 /// connection and the tasks are made again. By pipeline name: (fingerprint, what it keeps).
 #[derive(Default)]
 pub struct Kept {
@@ -211,6 +214,7 @@ impl Kept {
                 performance: s.performance.clone(),
                 store: None,
                 sparkplug: s.sparkplug.clone(),
+                last_values: s.last_values.clone(),
             };
             kept.insert(p.name.clone(), (print, s));
         }
@@ -458,7 +462,7 @@ pub async fn run_keeping(
         // Rows wait here rather than in ingest's overflow queue: the channel stores them in
         // small blocks, without a VecDeque's doubling. See ingest::connection on what bounds it.
         let (tx, rx) = mpsc::channel(1 << 16);
-        let (model, counters, performance, sparkplug) = match reused {
+        let (model, counters, performance, sparkplug, last_values) = match reused {
             Some(kept) => {
                 let m = kept.model.load();
                 tracing::info!(
@@ -467,7 +471,7 @@ pub async fn run_keeping(
                     version = m.version,
                     "Serving (unchanged: kept its model and state)"
                 );
-                (kept.model, kept.counters, kept.performance, kept.sparkplug)
+                (kept.model, kept.counters, kept.performance, kept.sparkplug, kept.last_values)
             }
             None => {
                 let ready = ready_models.iter().position(|(name, _)| name == &p.name);
@@ -482,7 +486,11 @@ pub async fn run_keeping(
                 let sparkplug = p.source.sparkplug.as_ref().map(|(group, edge_node)| {
                     Arc::new(std::sync::Mutex::new(crate::sparkplug::Source::new(group, edge_node)))
                 });
-                (model, Arc::new(Counters::default()), performance, sparkplug)
+                let last_values = p
+                    .source
+                    .last_value
+                    .map(|l| Arc::new(std::sync::Mutex::new(crate::ingest::last_value::LastValues::new(l.max_age))));
+                (model, Arc::new(Counters::default()), performance, sparkplug, last_values)
             }
         };
         let writer =
@@ -506,6 +514,7 @@ pub async fn run_keeping(
             counters: counters.clone(),
             labels,
             sparkplug: sparkplug.clone(),
+            last_values: last_values.clone(),
         });
         let pipeline = Pipeline {
             name: p.name.clone(),
@@ -537,7 +546,7 @@ pub async fn run_keeping(
         }
         tasks.push(tokio::spawn(pipeline.run(rx)));
         let store = store.as_ref().filter(|_| p.train.is_some()).map(|(s, _)| s.clone());
-        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, sparkplug });
+        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, sparkplug, last_values });
     }
     let writer = store.as_ref().map(|(_, w)| w.clone());
     let sparkplug_task = match (&config.sparkplug, sparkplug_out) {
