@@ -6,7 +6,9 @@
 Each round runs every service once through e2e_bench.py (its own mosquitto on a free loopback
 port, QoS 1, 4 publishing devices, real Shuttle rows, the sample MLP), alternating so machine
 noise hits all of them alike. Prints one JSON line per run, then medians and the ratios
-lathe/relay, lathe/python and lathe/lathe-nodrift (the cost of drift monitoring). The Python service needs `pip install "paho-mqtt>=2"
+lathe/relay, lathe/python and lathe/lathe-nodrift (the cost of drift monitoring). With
+--batch K, lathe also serves the same rows sent K to a message (JSON arrays), and
+lathe-batchK/lathe is the ratio of rows per second. The Python service needs `pip install "paho-mqtt>=2"
 onnxruntime numpy`; without them it is left out.
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile
@@ -17,6 +19,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("-n", type=int, default=20000)
 ap.add_argument("--lathe", default=os.path.join(root, "target", "release", "lathe"))
+ap.add_argument("--batch", type=int, default=0, help="also run lathe on K rows a message")
 args = ap.parse_args()
 
 config = """node = "bench"
@@ -46,6 +49,11 @@ services = {
     "lathe-nodrift": f"sed -e s/PORT/{{port}}/ -e 's|DIR|{{dir}}|' {template_nodrift} > {{dir}}/lathe.toml && "
                      f"exec {args.lathe} run --config {{dir}}/lathe.toml",
 }
+# e2e_bench.py options per service beyond -n and --cmd.
+bench_args = {}
+if args.batch > 1:
+    services[f"lathe-batch{args.batch}"] = services["lathe"]
+    bench_args[f"lathe-batch{args.batch}"] = ["--batch", str(args.batch)]
 try:
     import paho.mqtt.client, onnxruntime, numpy  # noqa: F401
     if not hasattr(paho.mqtt.client, "CallbackAPIVersion"):  # py_daemon.py uses paho's 2.x API
@@ -58,8 +66,8 @@ except ImportError:
 results = {name: [] for name in services}
 for r in range(args.rounds):
     for name, cmd in services.items():
-        out = subprocess.run([sys.executable, os.path.join(here, "e2e_bench.py"), "-n", str(args.n), "--cmd", cmd],
-                             capture_output=True, text=True, timeout=300)
+        bench = [sys.executable, os.path.join(here, "e2e_bench.py"), "-n", str(args.n), "--cmd", cmd]
+        out = subprocess.run(bench + bench_args.get(name, []), capture_output=True, text=True, timeout=300)
         line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
         res = json.loads(line)
         res["service"], res["round"] = name, r
@@ -77,4 +85,7 @@ lathe = summary["lathe"]["msgs_per_s"]
 for ref in ("relay", "python", "lathe-nodrift"):
     if ref in summary and lathe and summary[ref]["msgs_per_s"]:
         summary[f"lathe/{ref}"] = round(lathe / summary[ref]["msgs_per_s"], 2)
+batched = summary.get(f"lathe-batch{args.batch}", {}).get("msgs_per_s")
+if batched and lathe:
+    summary[f"lathe-batch{args.batch}/lathe"] = round(batched / lathe, 2)
 print(json.dumps(summary, indent=1))

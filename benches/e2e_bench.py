@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Black-box end-to-end MQTT throughput: N telemetry messages in, N predictions out.
+"""Black-box end-to-end MQTT throughput: N telemetry rows in, N predictions out.
 
 Starts its own mosquitto on a free loopback port, starts the daemon command under test
 (with {port} substituted), publishes N real Shuttle rows from D device topics with
-mosquitto_pub -l, and waits for N predictions. Prints one JSON line.
+mosquitto_pub -l (one row a message, or --batch K rows a message as a JSON array, as
+buffering gateways send), and waits for N predictions. Prints one JSON line; msgs_per_s
+counts predictions (rows).
 """
 import argparse, gzip, json, os, socket, subprocess, sys, tempfile, time
 
@@ -12,6 +14,7 @@ ap.add_argument("--cmd", required=True, help="daemon command; {port} and {dir} a
 ap.add_argument("-n", type=int, default=20000)
 ap.add_argument("--devices", type=int, default=4)
 ap.add_argument("--qos", type=int, default=1)
+ap.add_argument("--batch", type=int, default=1, help="rows per message (>1: a JSON array)")
 ap.add_argument("--timeout", type=float, default=60)
 ap.add_argument("--in-topic", default="plant/line1/{dev}/telemetry")
 ap.add_argument("--out-filter", default="plant/line1/+/prediction")
@@ -50,8 +53,11 @@ try:
     for d in range(args.devices):
         fn = os.path.join(tmp, f"dev{d}.jsonl")
         with open(fn, "w") as f:
-            for i in range(d, args.n, args.devices):
-                f.write(json.dumps(dict(rows[i], seq=i)) + "\n")
+            mine = [dict(rows[i], seq=i) for i in range(d, args.n, args.devices)]
+            if args.batch == 1:
+                f.writelines(json.dumps(r) + "\n" for r in mine)
+            else:
+                f.writelines(json.dumps(mine[i:i + args.batch]) + "\n" for i in range(0, len(mine), args.batch))
         files.append((d, fn))
     t0 = time.time()
     pubs = [spawn(["mosquitto_pub", "-p", str(port), "-q", str(args.qos), "-l",
@@ -75,7 +81,7 @@ try:
                     if l.startswith("VmHWM"): hwm = max(hwm or 0, int(l.split()[1]))
         except (OSError, ProcessLookupError): pass
     print(json.dumps({"sent": args.n, "received": got, "seconds": round(t1 - t0, 3),
-                      "msgs_per_s": round(got / (t1 - t0), 1), "peak_rss_kib": hwm, "qos": args.qos}))
+                      "msgs_per_s": round(got / (t1 - t0), 1), "peak_rss_kib": hwm, "qos": args.qos, "rows_per_message": args.batch}))
 finally:
     import signal
     for p in reversed(procs):
