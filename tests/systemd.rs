@@ -90,6 +90,24 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
         pings.iter().filter(|t| **t > pings[gaps.iter().position(|g| *g == longest).unwrap()] + longest).count();
     assert!(resumed >= 2, "pings resume after the stall: {gaps:?}");
 
+    // The status line says how serving goes (refreshed every 10 s, and at once on cmd/status):
+    // the stall message above had no features, and two more are not JSON.
+    let rows = rows(&expected());
+    for payload in [shuttle_message(&rows[0], 0), "x".into(), shuttle_message(&rows[1], 1), "y".into()] {
+        p.publish("plant/line1/dev0/telemetry", payload);
+    }
+    let want = "STATUS=Serving shuttle: shuttle-mlp v1 (5 rows in, 2 predicted, 3 rejected, most not_json)";
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        p.publish("lathe/notify/cmd/status", "");
+        p.flush();
+        seen = receive_for(&socket, Duration::from_millis(250));
+        if seen.iter().any(|m| m.contains(want)) {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|m| m.contains(want)), "{seen:?}");
+
     // An unchanged config on SIGHUP changes nothing and must not kill it.
     let _ = Command::new("kill").args(["-HUP", &child.id().to_string()]).status();
     std::thread::sleep(Duration::from_millis(300));

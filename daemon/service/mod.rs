@@ -339,13 +339,42 @@ pub(crate) fn release_code_pages(after: &str) {
     tracing::debug!(after, released_kib = released / 1024, "Released resident code pages");
 }
 
-/// One line for `systemctl status`: what each pipeline serves.
+/// One line for `systemctl status`: what each pipeline serves and how that goes, e.g.
+/// `Serving pump: pump-anomaly v3 (5120 rows in, 5001 predicted, 119 rejected, most
+/// missing_feature; drift alarm on temp)`.
 fn status_line(serving: &[Serving]) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
     let parts: Vec<String> = serving
         .iter()
         .map(|s| {
             let m = s.model.load();
-            format!("{}: {} v{}", s.pipeline, m.name, m.version)
+            let c = &s.counters;
+            let mut line = format!(
+                "{}: {} v{} ({} rows in, {} predicted",
+                s.pipeline,
+                m.name,
+                m.version,
+                c.received.load(Relaxed),
+                c.predicted.load(Relaxed)
+            );
+            let rejected: Vec<u64> = c.rejected.iter().map(|n| n.load(Relaxed)).collect();
+            let most = rejected.iter().zip(crate::ingest::Reject::REASONS).max_by_key(|(n, _)| **n);
+            if let Some((_, reason)) = most.filter(|(n, _)| **n > 0) {
+                line += &format!(", {} rejected, most {reason}", rejected.iter().sum::<u64>());
+            }
+            line.push(')');
+            let monitor = m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok());
+            let alarms: Vec<String> = monitor
+                .map(|d| d.state())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.alarm)
+                .map(|s| s.series)
+                .collect();
+            if !alarms.is_empty() {
+                line += &format!("; drift alarm on {}", alarms.join(", "));
+            }
+            line
         })
         .collect();
     format!("Serving {}", parts.join("; "))
@@ -644,6 +673,7 @@ pub async fn run_keeping(
                     was_ready = is_ready;
                 }
                 if is_ready {
+                    systemd::status(&status_line(&serving));
                     let body = status(&config, "online", &serving).to_string();
                     let _ = client.publish(config.status_topic(), QoS::AtLeastOnce, true, body).await;
                 }
