@@ -3,6 +3,7 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
 
@@ -109,8 +110,6 @@ fn check_warns_when_training_hours_are_utc_on_a_device_that_is_not() {
     assert!(quiet.contains("ok (1 pipeline(s))") && !quiet.contains("warning"), "{quiet}");
 }
 
-/// The sample bundle's 3,000 validation rows are enough for the default drift window (500)
-/// but not for one of 1,000: `check` says so, and still passes.
 /// `check --connect` logs in to the broker as the daemon would, and says what to fix.
 #[test]
 fn check_connect_tries_the_brokers_login() {
@@ -200,6 +199,60 @@ fn fleet_logs_in_and_a_refused_login_is_an_error() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused at once");
 }
 
+/// `check --listen` reads what the gateway sends as the daemon would: with the right
+/// pointers every message is a row; with a wrong one it fails, naming the pointer and the
+/// keys the messages hold.
+#[test]
+fn check_listen_reads_the_gateways_messages_as_the_daemon_would() {
+    let broker = Broker::start();
+    if !broker.mosquitto {
+        eprintln!("skipped: --listen needs an external broker");
+        return;
+    }
+    let dir = temp_dir("check-listen");
+    let config = config("cl", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
+    let wrong = config.replace("sink =", "features = { f5 = \"/F5\" }\nsink =");
+    let rows = rows(&expected());
+    let listen = |text: &str, name: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        // The gateway: 3 devices, a message every 20 ms while lathe listens (and a bit longer).
+        let port = broker.port;
+        let rows = rows.clone();
+        let gateway = std::thread::spawn(move || {
+            let mut p = Publisher::new(port);
+            for (seq, row) in rows.iter().take(150).enumerate() {
+                p.publish(&format!("plant/line1/dev{}/telemetry", seq % 3), shuttle_message(row, seq));
+                p.flush();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let out = lathe(&["check", "--listen", "2", "--config", path.to_str().unwrap()]);
+        gateway.join().unwrap();
+        out
+    };
+    let out = listen(&config, "good.toml");
+    assert!(out.status.success(), "{}", text(&out));
+    let line = text(&out).lines().find(|l| l.contains("listen shuttle:")).unwrap_or_default().to_string();
+    let n: u64 =
+        line.split("shuttle: ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(n >= 20, "{}", text(&out));
+    assert!(line.ends_with(&format!("from 3 device(s) on plant/line1/+/telemetry in 2 s: {n} row(s) ok")), "{line}");
+
+    let out = listen(&wrong, "wrong.toml");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(" row(s) ok; "), "{}", text(&out));
+    assert!(text(&out).contains("0 row(s) ok"), "{}", text(&out));
+    assert!(
+        text(&out).contains("missing_feature (first: feature \"f5\" is missing (no value at /F5)); the messages hold f1, f2, f3, f4, f5, f6, f7, f8, f9, seq"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("no message made a row for pipeline(s) shuttle"), "{}", text(&out));
+}
+
+/// The sample bundle's 3,000 validation rows are enough for the default drift window (500)
+/// but not for one of 1,000: `check` says so, and still passes.
 #[test]
 fn check_warns_when_the_drift_reference_is_small_for_the_window() {
     let (_, out) = check_sample_config("config-small-ref", "{ f1 = \"/a/b\" }", "");

@@ -5,6 +5,7 @@ mod bundle;
 #[cfg(feature = "embedded-broker")]
 mod demo;
 mod fleet;
+mod listen;
 mod models;
 mod train;
 
@@ -39,6 +40,12 @@ enum Command {
         /// the unit's ExecStartPre: a broker that is down must not stop lathe from starting).
         #[arg(long)]
         connect: bool,
+        /// Also listen SECONDS to each pipeline's source topic (under a client id of its own)
+        /// and read what arrives as the daemon would: messages, devices, rows, rejections
+        /// with the first reason, and the keys the messages hold. Fails if messages came and
+        /// none made a row.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=600))]
+        listen: Option<u64>,
     },
 
     /// The whole thing on one machine: embedded broker, the sample Shuttle model, real sensor
@@ -138,7 +145,7 @@ pub fn main() -> ExitCode {
             init_logging("info,rumqttd=warn");
             run(&config)
         }
-        Command::Check { config, json, connect } => check(&config, json, connect),
+        Command::Check { config, json, connect, listen } => check(&config, json, connect, listen),
         #[cfg(feature = "embedded-broker")]
         Command::Demo(args) => {
             // Rejections are on the screen; log only errors so they do not scribble over it.
@@ -210,8 +217,9 @@ fn run(path: &std::path::Path) -> Result<(), String> {
     }
 }
 
-fn check(path: &std::path::Path, json: bool, connect: bool) -> Result<(), String> {
+fn check(path: &std::path::Path, json: bool, connect: bool, listen: Option<u64>) -> Result<(), String> {
     let result = Config::load(path).and_then(|c| crate::service::check_models(&c).map(|models| (c, models)));
+    let connect = connect || listen.is_some();
     match (result, json) {
         (Ok((c, models)), false) => {
             println!("{}: ok ({} pipeline(s))", path.display(), c.pipelines.len());
@@ -224,7 +232,12 @@ fn check(path: &std::path::Path, json: bool, connect: bool) -> Result<(), String
             if let Some(connected) = connect.then(|| check_broker(&c)).transpose()? {
                 println!("  broker: {connected}");
             }
-            Ok(())
+            let Some(seconds) = listen else { return Ok(()) };
+            let heard = listen::listen(&c, &models, seconds)?;
+            for h in &heard {
+                println!("  listen {}", h.line(seconds));
+            }
+            listened(&heard)
         }
         (Ok((c, models)), true) => {
             let warnings = warnings(&c, &models);
@@ -235,8 +248,18 @@ fn check(path: &std::path::Path, json: bool, connect: bool) -> Result<(), String
                 Some(Err(e)) => report["broker"] = serde_json::json!({"ok": false, "message": e}),
                 None => {}
             }
+            let heard = match (&broker, listen) {
+                (Some(Ok(_)), Some(seconds)) => Some(listen::listen(&c, &models, seconds)),
+                _ => None,
+            };
+            match &heard {
+                Some(Ok(heard)) => report["listen"] = heard.iter().map(listen::Heard::json).collect(),
+                Some(Err(e)) => report["listen"] = serde_json::json!({"error": e}),
+                None => {}
+            }
             println!("{report}");
-            broker.transpose().map(|_| ())
+            broker.transpose()?;
+            heard.transpose()?.map_or(Ok(()), |heard| listened(&heard))
         }
         (Err(e), true) => {
             let errors: Vec<_> =
@@ -245,6 +268,15 @@ fn check(path: &std::path::Path, json: bool, connect: bool) -> Result<(), String
             Err(format!("{} error(s) in {}", e.errors.len(), path.display()))
         }
         (Err(e), false) => Err(e.to_string()),
+    }
+}
+
+/// `check --listen` fails when a pipeline heard messages and made no row of any.
+fn listened(heard: &[listen::Heard]) -> Result<(), String> {
+    let failed: Vec<&str> = heard.iter().filter(|h| h.failed()).map(|h| h.pipeline.as_str()).collect();
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(format!("no message made a row for pipeline(s) {}", failed.join(", "))),
     }
 }
 

@@ -1,0 +1,190 @@
+//! `lathe check --listen SECONDS`: before the daemon runs, listen to each pipeline's source
+//! topic for a while and read what arrives exactly as the daemon would, so a feature pointer
+//! that does not match the gateway's JSON shows up at install, with the keys the messages do
+//! hold, instead of as a daemon that rejects every row.
+//!
+//! It connects under its own client id with a clean session (the daemon's persistent session
+//! and the messages queued in it are left alone) and subscribes at QoS 0: it only looks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
+use serde_json::{json, Value};
+
+use crate::config::{BrokerUrl, Config};
+use crate::infer::ActiveModel;
+use crate::ingest::last_value::LastValues;
+use crate::ingest::TopicFilter;
+
+/// What one pipeline heard.
+#[derive(Default)]
+pub struct Heard {
+    pub pipeline: String,
+    pub topic: String,
+    /// Why nothing could be heard (a Sparkplug source, a refused subscription).
+    pub skipped: Option<String>,
+    pub messages: u64,
+    pub devices: BTreeSet<String>,
+    pub rows: u64,
+    /// Rejections by reason, with the first one's detail.
+    pub rejected: BTreeMap<&'static str, (u64, String)>,
+    /// The top-level keys of the first message (of its first element, for a batch).
+    pub keys: Vec<String>,
+}
+
+impl Heard {
+    /// Messages came, and not one of them made a row: the pipeline is misconfigured.
+    pub fn failed(&self) -> bool {
+        self.messages > 0 && self.rows == 0
+    }
+
+    pub fn line(&self, seconds: u64) -> String {
+        if let Some(why) = &self.skipped {
+            return format!("{}: not listened: {why}", self.pipeline);
+        }
+        if self.messages == 0 {
+            return format!(
+                "{}: no message on {} in {seconds} s (is the gateway publishing there, and may this user read it?)",
+                self.pipeline, self.topic
+            );
+        }
+        let mut line = format!(
+            "{}: {} message(s) from {} device(s) on {} in {seconds} s: {} row(s) ok",
+            self.pipeline,
+            self.messages,
+            self.devices.len(),
+            self.topic,
+            self.rows
+        );
+        for (reason, (n, first)) in &self.rejected {
+            line += &format!("; {n} {reason} (first: {first})");
+        }
+        if self.rejected.contains_key("missing_feature") && !self.keys.is_empty() {
+            line += &format!("; the messages hold {}", self.keys.join(", "));
+        }
+        line
+    }
+
+    pub fn json(&self) -> Value {
+        let rejected: BTreeMap<_, _> =
+            self.rejected.iter().map(|(r, (n, first))| (*r, json!({"count": n, "first": first}))).collect();
+        json!({"pipeline": self.pipeline, "topic": self.topic, "skipped": self.skipped, "messages": self.messages,
+               "devices": self.devices.len(), "rows": self.rows, "rejected": rejected, "keys": self.keys,
+               "ok": !self.failed()})
+    }
+}
+
+/// Listens for `seconds` and reads every message on each pipeline's source topic with its
+/// model's extractor (`models` in config order).
+///
+/// # Errors
+/// No connection to the broker.
+pub fn listen(config: &Config, models: &[ActiveModel], seconds: u64) -> Result<Vec<Heard>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    rt.block_on(listen_async(config, models, Duration::from_secs(seconds)))
+}
+
+async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration) -> Result<Vec<Heard>, String> {
+    let BrokerUrl::Tcp { host, port, .. } = &config.mqtt.url else {
+        return Err("mqtt.url is \"embedded\": there is no broker to listen to before lathe runs".into());
+    };
+    let id = format!("{}-listen-{}", config.client_id(), std::process::id());
+    let mut options =
+        crate::ingest::connection::session_options(&config.mqtt, host, *port, id).map_err(|e| e.to_string())?;
+    options.set_clean_start(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    crate::ingest::connection::first_connack(&mut eventloop, Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+
+    let mut heard: Vec<Heard> = Vec::new();
+    let mut filters = Vec::new();
+    for p in &config.pipelines {
+        let mut h = Heard { pipeline: p.name.clone(), topic: p.source.topic.clone(), ..Heard::default() };
+        if p.source.sparkplug.is_some() {
+            h.skipped = Some(
+                "a Sparkplug B source (not sampled: its rows need each edge node's birth, sent when it connects)"
+                    .into(),
+            );
+        }
+        if h.skipped.is_none() && client.subscribe(&p.source.topic, QoS::AtMostOnce).await.is_err() {
+            h.skipped = Some("could not subscribe".into());
+        }
+        // A skipped pipeline reads nothing, even what another pipeline's filter brings in.
+        filters.push(h.skipped.is_none().then(|| TopicFilter::parse(&p.source.topic).ok()).flatten());
+        heard.push(h);
+    }
+    // One LastValues per pipeline that reports by exception, as the daemon keeps.
+    let mut last: Vec<Option<LastValues>> =
+        config.pipelines.iter().map(|p| p.source.last_value.map(|l| LastValues::new(l.max_age))).collect();
+    // SubAcks come in subscription order, one per pipeline that subscribed.
+    let mut subscribed =
+        heard.iter().enumerate().filter(|(_, h)| h.skipped.is_none()).map(|(i, _)| i).collect::<Vec<_>>();
+    subscribed.reverse();
+
+    let until = Instant::now() + window;
+    while let Ok(event) = tokio::time::timeout_at(until.into(), eventloop.poll()).await {
+        let packet = match event {
+            Ok(Event::Incoming(p)) => p,
+            Ok(_) => continue,
+            Err(e) => {
+                return Err(format!(
+                    "the connection to {host}:{port} failed: {}",
+                    crate::ingest::connection::explain(&e)
+                ))
+            }
+        };
+        match packet {
+            Packet::SubAck(ack) => {
+                let Some(i) = subscribed.pop() else { continue };
+                if let Some(code) = ack.return_codes.iter().find(|c| !matches!(c, SubscribeReasonCode::Success(_))) {
+                    heard[i].skipped = Some(format!("the broker refused the subscription ({code:?}): check the ACL"));
+                }
+            }
+            Packet::Publish(p) => {
+                let topic = String::from_utf8_lossy(&p.topic);
+                for (i, filter) in filters.iter().enumerate() {
+                    let Some(device) = filter.as_ref().and_then(|f| f.matches(&topic)) else { continue };
+                    let extractor = &models[i].extractor;
+                    let rows = match &mut last[i] {
+                        Some(last) => extractor.rows_by_exception(&p.payload, device, last, Instant::now()),
+                        None => extractor.rows(&p.payload),
+                    };
+                    let h = &mut heard[i];
+                    h.messages += 1;
+                    h.devices.insert(device.to_string());
+                    if h.keys.is_empty() {
+                        h.keys = top_level_keys(&p.payload);
+                    }
+                    for row in rows {
+                        match row {
+                            Ok(_) => h.rows += 1,
+                            Err(r) => h.rejected.entry(r.reason()).or_insert((0, r.to_string())).0 += 1,
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    Ok(heard)
+}
+
+/// The keys of a JSON object payload (of its first element, for an array), as a hint next
+/// to a `missing_feature`.
+fn top_level_keys(payload: &[u8]) -> Vec<String> {
+    let doc: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+    let object = match &doc {
+        Value::Array(batch) => batch.first(),
+        other => Some(other),
+    };
+    object.and_then(Value::as_object).map(|o| o.keys().take(30).cloned().collect()).unwrap_or_default()
+}
