@@ -213,7 +213,7 @@ fn check_listen_reads_the_gateways_messages_as_the_daemon_would() {
     let config = config("cl", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
     let wrong = config.replace("sink =", "features = { f5 = \"/F5\" }\nsink =");
     let rows = rows(&expected());
-    let listen = |text: &str, name: &str| {
+    let listen = |text: &str, name: &str, json: bool| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         // The gateway: 3 devices, a message every 20 ms while lathe listens (and a bit longer).
@@ -227,11 +227,13 @@ fn check_listen_reads_the_gateways_messages_as_the_daemon_would() {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        let out = lathe(&["check", "--listen", "2", "--config", path.to_str().unwrap()]);
+        let mut args = vec!["check", "--listen", "2", "--config", path.to_str().unwrap()];
+        args.extend(json.then_some("--json"));
+        let out = lathe(&args);
         gateway.join().unwrap();
         out
     };
-    let out = listen(&config, "good.toml");
+    let out = listen(&config, "good.toml", false);
     assert!(out.status.success(), "{}", text(&out));
     let line = text(&out).lines().find(|l| l.contains("listen shuttle:")).unwrap_or_default().to_string();
     let n: u64 =
@@ -239,7 +241,7 @@ fn check_listen_reads_the_gateways_messages_as_the_daemon_would() {
     assert!(n >= 20, "{}", text(&out));
     assert!(line.ends_with(&format!("from 3 device(s) on plant/line1/+/telemetry in 2 s: {n} row(s) ok")), "{line}");
 
-    let out = listen(&wrong, "wrong.toml");
+    let out = listen(&wrong, "wrong.toml", false);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(" row(s) ok; "), "{}", text(&out));
     assert!(text(&out).contains("0 row(s) ok"), "{}", text(&out));
@@ -249,6 +251,16 @@ fn check_listen_reads_the_gateways_messages_as_the_daemon_would() {
         text(&out)
     );
     assert!(text(&out).contains("no message made a row for pipeline(s) shuttle"), "{}", text(&out));
+    let out = listen(&wrong, "wrong.toml", true);
+    assert!(!out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let heard = &report["listen"][0];
+    assert_eq!(
+        (heard["ok"].as_bool(), heard["rows"].as_u64(), heard["devices"].as_u64()),
+        (Some(false), Some(0), Some(3))
+    );
+    assert_eq!(heard["rejected"]["missing_feature"]["count"], heard["messages"], "{heard}");
+    assert_eq!(heard["keys"][4], "f5", "{heard}");
 }
 
 /// The sample bundle's 3,000 validation rows are enough for the default drift window (500)
