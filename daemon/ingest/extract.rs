@@ -207,16 +207,16 @@ impl Extractor {
             let (feature, pointer) = self.fields.first().map(|f| (f.0.clone(), f.1.clone())).unwrap_or_default();
             return Err(Reject::MissingFeature { feature, pointer });
         }
-        let earlier = match last.max_age() {
-            Some(age) => format!(" in this message or one of the device's in the last {} s", age.as_secs()),
-            None => " in this or an earlier message of the device".to_string(),
-        };
+        let max_age = last.max_age();
         let mut values = last.update(device, fresh, self.names(), now).into_iter();
         let features = self.features(|name, ptr| {
-            values
-                .next()
-                .flatten()
-                .ok_or_else(|| Reject::MissingFeature { feature: name.to_string(), pointer: format!("{ptr}{earlier}") })
+            values.next().flatten().ok_or_else(|| {
+                let earlier = match max_age {
+                    Some(age) => format!(" in this message or one of the device's in the last {} s", age.as_secs()),
+                    None => " in this or an earlier message of the device".to_string(),
+                };
+                Reject::MissingFeature { feature: name.to_string(), pointer: format!("{ptr}{earlier}") }
+            })
         })?;
         Ok(self.echo(doc, features))
     }

@@ -46,7 +46,11 @@ impl LastValues {
                 self.devices.remove(&oldest);
             }
         }
-        let d = self.devices.entry(device.to_string()).or_default();
+        // Looked up before inserting: the device's id is copied once, not per message.
+        if !self.devices.contains_key(device) {
+            self.devices.insert(device.to_string(), Device::default());
+        }
+        let Some(d) = self.devices.get_mut(device) else { return Vec::new() };
         d.seen = Some(now);
         for (name, x) in fresh {
             d.values.insert(name.to_string(), (x, now));
