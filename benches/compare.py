@@ -8,7 +8,9 @@ port, QoS 1, 4 publishing devices, real Shuttle rows, the sample MLP), alternati
 noise hits all of them alike. Prints one JSON line per run, then medians and the ratios
 lathe/relay, lathe/python and lathe/lathe-nodrift (the cost of drift monitoring). With
 --batch K, lathe also serves the same rows sent K to a message (JSON arrays), and
-lathe-batchK/lathe is the ratio of rows per second. The Python service needs `pip install "paho-mqtt>=2"
+lathe-batchK/lathe is the ratio of rows per second. With --kepware, lathe also reads the
+same rows from Kepware's IoT Gateway standard template (a message per scan holding the 4
+devices' tags, `format = "kepware"`), and lathe-kepware/lathe is that ratio. The Python service needs `pip install "paho-mqtt>=2"
 onnxruntime numpy`; without them it is left out.
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile
@@ -20,6 +22,7 @@ ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("-n", type=int, default=20000)
 ap.add_argument("--lathe", default=os.path.join(root, "target", "release", "lathe"))
 ap.add_argument("--batch", type=int, default=0, help="also run lathe on K rows a message")
+ap.add_argument("--kepware", action="store_true", help="also run lathe on Kepware's standard template")
 args = ap.parse_args()
 
 config = """node = "bench"
@@ -39,6 +42,10 @@ with open(template, "w") as f:
 template_nodrift = template.replace(".toml.in", "-nodrift.toml.in")
 with open(template_nodrift, "w") as f:
     f.write(config + "[pipeline.drift]\nenabled = false\n")
+# The same model fed by a Kepware agent on one topic; the device comes from each tag's id.
+template_kepware = template.replace(".toml.in", "-kepware.toml.in")
+with open(template_kepware, "w") as f:
+    f.write(config.replace('topic = "plant/line1/+/telemetry", key = "/seq"', 'topic = "iotgateway", format = "kepware"'))
 
 services = {
     "relay": "mosquitto_sub -p {port} -q 1 -t 'plant/line1/+/telemetry' | "
@@ -51,6 +58,9 @@ services = {
 }
 # e2e_bench.py options per service beyond -n and --cmd.
 bench_args = {}
+if args.kepware:
+    services["lathe-kepware"] = services["lathe"].replace(template, template_kepware)
+    bench_args["lathe-kepware"] = ["--kepware", "--in-topic", "iotgateway"]
 if args.batch > 1:
     services[f"lathe-batch{args.batch}"] = services["lathe"]
     bench_args[f"lathe-batch{args.batch}"] = ["--batch", str(args.batch)]
@@ -88,4 +98,7 @@ for ref in ("relay", "python", "lathe-nodrift"):
 batched = summary.get(f"lathe-batch{args.batch}", {}).get("msgs_per_s")
 if batched and lathe:
     summary[f"lathe-batch{args.batch}/lathe"] = round(batched / lathe, 2)
+kepware = summary.get("lathe-kepware", {}).get("msgs_per_s")
+if kepware and lathe:
+    summary["lathe-kepware/lathe"] = round(kepware / lathe, 2)
 print(json.dumps(summary, indent=1))

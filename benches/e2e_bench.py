@@ -4,8 +4,9 @@
 Starts its own mosquitto on a free loopback port, starts the daemon command under test
 (with {port} substituted), publishes N real Shuttle rows from D device topics with
 mosquitto_pub -l (one row a message, or --batch K rows a message as a JSON array, as
-buffering gateways send), and waits for N predictions. Prints one JSON line; msgs_per_s
-counts predictions (rows).
+buffering gateways send; or --kepware, a message per scan holding every device's tags in
+Kepware's IoT Gateway standard template, on one topic), and waits for N predictions.
+Prints one JSON line; msgs_per_s counts predictions (rows).
 """
 import argparse, gzip, json, os, socket, subprocess, sys, tempfile, time
 
@@ -15,6 +16,7 @@ ap.add_argument("-n", type=int, default=20000)
 ap.add_argument("--devices", type=int, default=4)
 ap.add_argument("--qos", type=int, default=1)
 ap.add_argument("--batch", type=int, default=1, help="rows per message (>1: a JSON array)")
+ap.add_argument("--kepware", action="store_true", help="Kepware standard template, a message per scan")
 ap.add_argument("--timeout", type=float, default=60)
 ap.add_argument("--in-topic", default="plant/line1/{dev}/telemetry")
 ap.add_argument("--out-filter", default="plant/line1/+/prediction")
@@ -50,7 +52,16 @@ try:
                    stderr=open(os.path.join(tmp, "daemon.log"), "w"))
     time.sleep(float(os.environ.get("E2E_WARM_S", "2")))
     files = []
-    for d in range(args.devices):
+    if args.kepware:
+        # Row i is device i % D's scan i // D; its tags line1.dev{d}.f1..f9 carry t = i.
+        fn = os.path.join(tmp, "kepware.jsonl")
+        with open(fn, "w") as f:
+            for start in range(0, args.n, args.devices):
+                values = [{"id": f"line1.dev{i % args.devices}.{k}", "v": x, "q": True, "t": i}
+                          for i in range(start, min(start + args.devices, args.n)) for k, x in rows[i].items()]
+                f.write(json.dumps({"timestamp": start, "values": values}) + "\n")
+        files.append(("kepware", fn))
+    for d in range(args.devices if not args.kepware else 0):
         fn = os.path.join(tmp, f"dev{d}.jsonl")
         with open(fn, "w") as f:
             mine = [dict(rows[i], seq=i) for i in range(d, args.n, args.devices)]
@@ -58,10 +69,10 @@ try:
                 f.writelines(json.dumps(r) + "\n" for r in mine)
             else:
                 f.writelines(json.dumps(mine[i:i + args.batch]) + "\n" for i in range(0, len(mine), args.batch))
-        files.append((d, fn))
+        files.append((f"dev{d}", fn))
     t0 = time.time()
     pubs = [spawn(["mosquitto_pub", "-p", str(port), "-q", str(args.qos), "-l",
-                   "-t", args.in_topic.format(dev=f"dev{d}")], stdin=open(fn)) for d, fn in files]
+                   "-t", args.in_topic.format(dev=d)], stdin=open(fn)) for d, fn in files]
     got = 0
     deadline = t0 + args.timeout
     import selectors
@@ -81,7 +92,8 @@ try:
                     if l.startswith("VmHWM"): hwm = max(hwm or 0, int(l.split()[1]))
         except (OSError, ProcessLookupError): pass
     print(json.dumps({"sent": args.n, "received": got, "seconds": round(t1 - t0, 3),
-                      "msgs_per_s": round(got / (t1 - t0), 1), "peak_rss_kib": hwm, "qos": args.qos, "rows_per_message": args.batch}))
+                      "msgs_per_s": round(got / (t1 - t0), 1), "peak_rss_kib": hwm, "qos": args.qos,
+                      "rows_per_message": args.devices if args.kepware else args.batch}))
 finally:
     import signal
     for p in reversed(procs):

@@ -17,6 +17,10 @@ put("payload", "good.json", json.dumps({"seq": 1, "ts": "2026-01-01T00:00:00Z", 
 put("payload", "bignum.json", '{"temperature": 1e308, "readings": [{"co2": -0.0}], "a~1b~0c": 1E-400}')
 put("payload", "strings.json", '{"temperature": "21", "readings": [], "a~1b~0c": null}')
 put("payload", "deep.json", "[" * 200 + "]" * 200)
+put("payload", "kepware.json", json.dumps({"timestamp": 1764745200000, "values": [
+    {"id": "L1.P7.temperature", "v": 21.5, "q": True, "t": 1764745199000},
+    {"id": "L1.P7.Air.CO2", "v": "455", "q": 192, "t": 1764745199001},
+    {"id": "L1.P8.a/b~c", "v": True, "q": False}, {"id": "_System._Time", "v": "12:00"}]}))
 
 # Configs: the shipped example and the test-style one.
 put("config", "lathe.toml", (root / "systemd" / "lathe.toml").read_text())

@@ -263,6 +263,54 @@ fn check_listen_reads_the_gateways_messages_as_the_daemon_would() {
     assert_eq!(heard["keys"][4], "f5", "{heard}");
 }
 
+#[test]
+fn check_listen_shows_the_tag_ids_a_kepware_gateway_sends_when_no_row_is_read() {
+    let broker = Broker::start();
+    if !broker.mosquitto {
+        eprintln!("skipped: --listen needs an external broker");
+        return;
+    }
+    let dir = temp_dir("check-listen-kepware");
+    let config = config("ck", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("topic = \"plant/line1/+/telemetry\", key = \"/seq\"", "topic = \"iotgateway\", format = \"kepware\"");
+    let tags: Vec<String> = (1..=9).map(|i| format!("f{i} = \"Sensors.F{i}\"")).collect();
+    let good = config.replace("sink =", &format!("features = {{ {} }}\nsink =", tags.join(", ")));
+    let rows = rows(&expected());
+    let listen = |text: &str, name: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        // The agent: every 20 ms, a message with all tags of 2 devices (each sends every scan).
+        let (port, rows) = (broker.port, rows.clone());
+        let gateway = std::thread::spawn(move || {
+            let mut p = Publisher::new(port);
+            for (scan, pair) in rows.chunks(2).take(100).enumerate() {
+                let values: Vec<serde_json::Value> = (0..2)
+                    .flat_map(|d| pair[d].iter().enumerate().map(move |(i, x)| (d, i, *x)))
+                    .map(|(d, i, x)| serde_json::json!({"id": format!("L1.Pump{d}.Sensors.F{}", i + 1), "v": x, "q": true, "t": scan}))
+                    .collect();
+                p.publish("iotgateway", serde_json::json!({"timestamp": scan, "values": values}).to_string());
+                p.flush();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let out = lathe(&["check", "--listen", "2", "--config", path.to_str().unwrap()]);
+        gateway.join().unwrap();
+        out
+    };
+    let out = listen(&good, "good.toml");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("from 2 device(s) on iotgateway in 2 s: "), "{}", text(&out));
+
+    // Features named without the tag group: no device holds them, so no row and no rejection.
+    let out = listen(&config, "wrong.toml");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(" 0 row(s) ok; the messages hold L1.Pump0.Sensors.F1, L1.Pump0.Sensors.F2,"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// The sample bundle's 3,000 validation rows are enough for the default drift window (500)
 /// but not for one of 1,000: `check` says so, and still passes.
 #[test]

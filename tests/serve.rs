@@ -19,6 +19,24 @@ enum Gateway {
     /// Report by exception: each message holds only the features whose value changed since
     /// the device's previous row (the source has `rows = "last_value"`).
     OnChange,
+    /// Kepware's IoT Gateway, standard template, as it publishes by default: one message per
+    /// scan holding the changed tags of every device (`line1.dev0.Sensors.F1`, …) with a
+    /// conveyor's and a system tag beside them (`format = "kepware"`, `rows = "last_value"`).
+    Kepware,
+}
+
+/// Kepware's `t` of row `seq` (milliseconds since 1970); the row's key.
+const KEPWARE_T0: u64 = 1_764_745_200_000;
+
+/// The tags whose values changed since each device's previous row (a heartbeat of the first
+/// when none did), as `(feature index, value)`.
+fn changed(row: &[f64], previous: Option<&[f64]>) -> Vec<(usize, f64)> {
+    let mut changed: Vec<(usize, f64)> =
+        row.iter().enumerate().filter(|(i, x)| previous.is_none_or(|p| p[*i] != **x)).map(|(i, x)| (i, *x)).collect();
+    if changed.is_empty() {
+        changed.push((0, row[0]));
+    }
+    changed
 }
 
 /// Publishes every fixture row from 4 devices as `gateway` sends them, and checks each
@@ -33,13 +51,39 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
     if gateway == Gateway::OnChange {
         config = config.replace("key = \"/seq\" }", "key = \"/seq\", rows = \"last_value\" }");
     }
+    if gateway == Gateway::Kepware {
+        let tags: Vec<String> = (1..=9).map(|i| format!("f{i} = \"Sensors.F{i}\"")).collect();
+        config = config.replace(
+            "source = { topic = \"plant/line1/+/telemetry\", key = \"/seq\" }",
+            &format!(
+                "source = {{ topic = \"kepware/iotgateway\", format = \"kepware\", rows = \"last_value\" }}\nfeatures = {{ {} }}",
+                tags.join(", ")
+            ),
+        );
+    }
     let mut daemon = Daemon::start(&dir, &config);
     let predictions = Collector::new(broker.port, &["plant/line1/+/prediction"]);
     let status = Collector::new(broker.port, &["lathe/serve/status"]);
     wait_online(broker.port, "serve", &daemon);
 
     let mut publisher = Publisher::new(broker.port);
-    for device in 0..4 {
+    if gateway == Gateway::Kepware {
+        for start in (0..rows.len()).step_by(4) {
+            let scan = start..rows.len().min(start + 4);
+            let mut values = vec![serde_json::json!({"id": "_System._Time", "v": "12:00:00", "q": true})];
+            for seq in scan.clone() {
+                let previous = seq.checked_sub(4).map(|p| rows[p].as_slice());
+                for (i, x) in changed(&rows[seq], previous) {
+                    let (id, t) = (format!("line1.dev{}.Sensors.F{}", seq % 4, i + 1), KEPWARE_T0 + seq as u64);
+                    values.push(serde_json::json!({"id": id, "v": x, "q": true, "t": t}));
+                }
+            }
+            values.push(serde_json::json!({"id": "line1.conveyor.Speed", "v": 1.5, "q": true, "t": KEPWARE_T0}));
+            let message = serde_json::json!({"timestamp": KEPWARE_T0 + scan.end as u64, "values": values});
+            publisher.publish("kepware/iotgateway", message.to_string());
+        }
+    }
+    for device in (0..4).filter(|_| gateway != Gateway::Kepware) {
         let topic = format!("plant/line1/dev{device}/telemetry");
         let seqs: Vec<usize> = (device..rows.len()).step_by(4).collect();
         match gateway {
@@ -53,21 +97,17 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
                 }
             }
             Gateway::OnChange => {
-                let mut previous: Option<&Vec<f64>> = None;
+                let mut previous: Option<&[f64]> = None;
                 for &seq in &seqs {
                     let mut message = serde_json::json!({"seq": seq});
-                    for (i, x) in rows[seq].iter().enumerate() {
-                        if previous.is_none_or(|p| p[i] != *x) {
-                            message[format!("f{}", i + 1)] = (*x).into();
-                        }
-                    }
-                    if message.as_object().unwrap().len() == 1 {
-                        message["f1"] = rows[seq][0].into(); // nothing changed: a heartbeat
+                    for (i, x) in changed(&rows[seq], previous) {
+                        message[format!("f{}", i + 1)] = x.into();
                     }
                     publisher.publish(&topic, message.to_string());
                     previous = Some(&rows[seq]);
                 }
             }
+            Gateway::Kepware => unreachable!("published above, a message per scan"),
         }
     }
     publisher.flush();
@@ -82,14 +122,19 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
     let got = predictions.on("plant/line1/");
     assert_eq!(got.len(), rows.len(), "exactly one prediction per row");
 
+    // Kepware's rows are keyed by their values' time; the others by the message's seq.
+    let (key_offset, device_prefix) = match gateway {
+        Gateway::Kepware => (KEPWARE_T0, "line1."),
+        _ => (0, ""),
+    };
     let mut by_key: BTreeMap<u64, &Value> = BTreeMap::new();
     for p in &got {
-        by_key.insert(p["key"].as_u64().unwrap(), p);
+        by_key.insert(p["key"].as_u64().unwrap() - key_offset, p);
     }
     assert_eq!(by_key.len(), rows.len(), "every key answered once");
     for (seq, want_row) in want.iter().enumerate() {
         let p = by_key[&(seq as u64)];
-        assert_eq!(p["device"], format!("dev{}", seq % 4));
+        assert_eq!(p["device"], format!("{device_prefix}dev{}", seq % 4));
         assert_eq!(p["version"], 1);
         assert!(p["latency_us"].as_u64().is_some());
         let out: Vec<f64> = p["output"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
@@ -104,7 +149,10 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
     assert!(daemon.stop(), "clean exit on SIGTERM; log:\n{}", daemon.log());
     let last = status.on("lathe/serve/status").last().cloned().unwrap();
     assert_eq!(last["state"], "offline");
-    assert_eq!(last["pipelines"][0]["counters"]["predicted"], rows.len());
+    let counters = &last["pipelines"][0]["counters"];
+    assert_eq!(counters["predicted"], rows.len());
+    // Nothing else read as a row: not the conveyor's or the system's tags, nor a duplicate.
+    assert_eq!(counters["received"], rows.len(), "{counters}");
 }
 
 #[test]
@@ -120,6 +168,11 @@ fn a_gateways_batch_of_rows_in_one_message_gets_one_prediction_per_row() {
 #[test]
 fn a_gateway_that_sends_only_what_changed_is_scored_on_each_devices_last_values() {
     serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", Gateway::OnChange);
+}
+
+#[test]
+fn kepwares_iot_gateway_is_read_a_row_per_device_from_its_standard_template() {
+    serve_and_compare(&root().join("models/shuttle-mlp-1.lathe"), "shuttle-mlp", Gateway::Kepware);
 }
 
 #[test]

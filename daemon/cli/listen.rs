@@ -31,7 +31,8 @@ pub struct Heard {
     pub rows: u64,
     /// Rejections by reason, with the first one's detail.
     pub rejected: BTreeMap<&'static str, (u64, String)>,
-    /// The top-level keys of the first message (of its first element, for a batch).
+    /// The top-level keys of the first message (of its first element, for a batch; the tag
+    /// ids it holds, for Kepware).
     pub keys: Vec<String>,
 }
 
@@ -62,7 +63,7 @@ impl Heard {
         for (reason, (n, first)) in &self.rejected {
             line += &format!("; {n} {reason} (first: {first})");
         }
-        if self.rejected.contains_key("missing_feature") && !self.keys.is_empty() {
+        if (self.rows == 0 || self.rejected.contains_key("missing_feature")) && !self.keys.is_empty() {
             line += &format!("; the messages hold {}", self.keys.join(", "));
         }
         line
@@ -151,18 +152,18 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
                 let topic = String::from_utf8_lossy(&p.topic);
                 for (i, filter) in filters.iter().enumerate() {
                     let Some(device) = filter.as_ref().and_then(|f| f.matches(&topic)) else { continue };
-                    let extractor = &models[i].extractor;
-                    let rows = match &mut last[i] {
-                        Some(last) => extractor.rows_by_exception(&p.payload, device, last, Instant::now()),
-                        None => extractor.rows(&p.payload),
-                    };
+                    let kepware = config.pipelines[i].source.kepware;
+                    let rows = models[i].extractor.read(&p.payload, device, last[i].as_mut(), Instant::now());
                     let h = &mut heard[i];
                     h.messages += 1;
-                    h.devices.insert(device.to_string());
-                    if h.keys.is_empty() {
-                        h.keys = top_level_keys(&p.payload);
+                    if !kepware {
+                        h.devices.insert(device.to_string());
                     }
-                    for row in rows {
+                    if h.keys.is_empty() {
+                        h.keys = keys_held(&p.payload, kepware);
+                    }
+                    for (named, row) in rows {
+                        h.devices.extend(named);
                         match row {
                             Ok(_) => h.rows += 1,
                             Err(r) => h.rejected.entry(r.reason()).or_insert((0, r.to_string())).0 += 1,
@@ -178,10 +179,14 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
     Ok(heard)
 }
 
-/// The keys of a JSON object payload (of its first element, for an array), as a hint next
-/// to a `missing_feature`.
-fn top_level_keys(payload: &[u8]) -> Vec<String> {
+/// The keys of a JSON object payload (of its first element, for an array), or for Kepware
+/// the ids of the tags it holds, as a hint next to a `missing_feature` or no row at all.
+fn keys_held(payload: &[u8], kepware: bool) -> Vec<String> {
     let doc: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+    if kepware {
+        let values = doc.get("values").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        return values.iter().filter_map(|v| v.get("id")?.as_str().map(str::to_string)).take(30).collect();
+    }
     let object = match &doc {
         Value::Array(batch) => batch.first(),
         other => Some(other),

@@ -180,6 +180,9 @@ pub struct SourceConfig {
     /// `format = "sparkplug-b"`: (group, edge_node), either may be `+`. Features then name
     /// metrics, and the device comes from the Sparkplug topic.
     pub sparkplug: Option<(String, String)>,
+    /// `format = "kepware"`: Kepware's IoT Gateway standard template. Features then name
+    /// tags, and the device comes from each tag's id (see `ingest/kepware.rs`).
+    pub kepware: bool,
     /// JSON pointer to the message key echoed in predictions (e.g. `/seq`).
     pub key: Option<String>,
     /// JSON pointer to the message timestamp echoed in predictions.
@@ -540,9 +543,19 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             s.error("model", &format!("bundle file {} not found", f.display()));
         }
     }
+    // What features name, by the source's format (known even when the source has an error):
+    // `None`, JSON pointers; else names, each one of these.
+    let mut feature_names = None;
     let source = s.section("source", false).and_then(|mut src| {
-        let sparkplug = match src.string("format", Some("json")).as_deref() {
-            Some("json") | None => None,
+        let format = src.string("format", Some("json"));
+        feature_names = match format.as_deref() {
+            Some("sparkplug-b") => Some("a metric name"),
+            Some("kepware") => Some("a tag name (the tag's id less Channel.Device.)"),
+            _ => None,
+        };
+        let kepware = format.as_deref() == Some("kepware");
+        let sparkplug = match format.as_deref() {
+            Some("json" | "kepware") | None => None,
             Some("sparkplug-b") => {
                 let mut level = |key: &str| {
                     let v = src.string(key, Some("+"));
@@ -555,10 +568,15 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
                 Some((group, edge_node))
             }
             Some(other) => {
-                src.error("format", &format!("expected \"json\" or \"sparkplug-b\", found {other:?}"));
+                src.error("format", &format!("expected \"json\", \"sparkplug-b\" or \"kepware\", found {other:?}"));
                 None
             }
         };
+        for key in ["key", "timestamp"] {
+            if kepware && src.has(key) {
+                src.error(key, "not used with format = \"kepware\": a row's key and timestamp are the newest \"t\" of its values");
+            }
+        }
         let topic = match &sparkplug {
             Some((group, edge_node)) => {
                 if src.has("topic") {
@@ -600,12 +618,12 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             src.error("max_age_s", "only used with rows = \"last_value\"");
         }
         let ok = src.finish();
-        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug, last_value })
+        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug, kepware, last_value })
     });
-    // JSON: input name = JSON pointer; Sparkplug B: input name = metric name.
-    let features = match source.as_ref().is_some_and(|src| src.sparkplug.is_some()) {
-        true => s.table_of_strings("features"),
-        false => s.table_of_pointers("features"),
+    // JSON: input name = JSON pointer; Sparkplug B: a metric name; Kepware: a tag in the device.
+    let features = match feature_names {
+        None => s.table_of_pointers("features"),
+        Some(names) => s.table_of_strings("features", names),
     };
     let sink = s.section("sink", false).and_then(|mut snk| {
         let topic = snk.string("topic", None);
@@ -642,7 +660,8 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         None => 1,
     };
     if let (Some(src), Some(snk)) = (&source, &sink) {
-        if snk.topic.contains("{device}") && !src.topic.contains('+') && src.sparkplug.is_none() {
+        // Sparkplug B and Kepware name the device in the payload.
+        if snk.topic.contains("{device}") && !src.topic.contains('+') && src.sparkplug.is_none() && !src.kepware {
             s.error("sink.topic", "uses {device} but source.topic has no '+' to capture it");
         }
     }
@@ -800,6 +819,31 @@ batch = { max = 32 }
         for key in ["source.edge_node", "source.topic", "source.key", "source.rows", "sparkplug.group"] {
             assert!(errs.contains(key), "{key}: {errs}");
         }
+    }
+
+    #[test]
+    fn a_kepware_source_names_tags_and_takes_the_device_from_them() {
+        let text = GOOD
+            .replace(
+                r#"topic = "plant/line3/+/telemetry", key = "/seq""#,
+                r#"topic = "iotgateway", format = "kepware", rows = "last_value""#,
+            )
+            .replace(r#""/temp_c""#, r#""Motor.Temp""#);
+        let c = parse(&text).unwrap();
+        let p = &c.pipelines[0];
+        assert!(p.source.kepware && p.source.sparkplug.is_none());
+        assert_eq!(p.features["temp"], "Motor.Temp");
+        assert!(p.source.last_value.is_some());
+        // The sink's {device} needs no '+' (the device is in the tag id); a key pointer is refused.
+        let bad = text
+            .replace(r#"format = "kepware""#, r#"format = "kepware", key = "/seq""#)
+            .replace(r#""Motor.Temp""#, "7");
+        let errs = parse(&bad).unwrap_err().to_string();
+        assert!(errs.contains("source.key: not used with format = \"kepware\""), "{errs}");
+        assert!(errs.contains("features.temp: expected a tag name"), "{errs}");
+        assert!(!errs.contains("sink.topic"), "{errs}");
+        let errs = parse(&text.replace("kepware", "opc")).unwrap_err().to_string();
+        assert!(errs.contains(r#"expected "json", "sparkplug-b" or "kepware", found "opc""#), "{errs}");
     }
 
     #[test]

@@ -252,7 +252,8 @@ impl<'e> Section<'e> {
     }
 
     /// A table of input name = non-empty string (Sparkplug metric names).
-    pub fn table_of_strings(&mut self, key: &str) -> Option<BTreeMap<String, String>> {
+    /// A table of non-empty strings, each `what` (e.g. "a metric name").
+    pub fn table_of_strings(&mut self, key: &str, what: &str) -> Option<BTreeMap<String, String>> {
         let mut out = BTreeMap::new();
         match self.take(key) {
             Some(toml::Value::Table(t)) => {
@@ -261,7 +262,7 @@ impl<'e> Section<'e> {
                         toml::Value::String(m) if !m.is_empty() => {
                             out.insert(name, m);
                         }
-                        other => self.wrong(&format!("{key}.{name}"), "a metric name", &other),
+                        other => self.wrong(&format!("{key}.{name}"), what, &other),
                     }
                 }
             }

@@ -121,6 +121,7 @@ impl ActiveModel {
         let src = &pipeline.source;
         let extractor = match src.sparkplug {
             Some(_) => Extractor::for_metrics(&m.inputs, &pipeline.features, max_payload_bytes),
+            None if src.kepware => Extractor::for_kepware_tags(&m.inputs, &pipeline.features, max_payload_bytes),
             None => {
                 Extractor::new(&m.inputs, &pipeline.features, src.key.clone(), src.timestamp.clone(), max_payload_bytes)
             }

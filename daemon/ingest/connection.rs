@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, Publish, RetainForwardRule};
@@ -689,14 +689,12 @@ impl Router {
             let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
-            let (device, rows) = match (&route.sparkplug, &route.last_values) {
-                (None, None) => (device.to_string(), route.model.load().extractor.rows(&p.payload)),
-                (None, Some(last)) => {
-                    let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    let rows = route.model.load().extractor.rows_by_exception(&p.payload, device, &mut last, received);
-                    (device.to_string(), rows)
+            let rows: Vec<super::Row> = match &route.sparkplug {
+                None => {
+                    let mut last = route.last_values.as_ref().map(|l| l.lock().unwrap_or_else(PoisonError::into_inner));
+                    route.model.load().extractor.read(&p.payload, device, last.as_deref_mut(), received)
                 }
-                (Some(source), _) => {
+                Some(source) => {
                     let max = route.model.load().extractor.max_payload_bytes();
                     let Some(step) = sparkplug_row(source, &route.model.load(), topic, &p.payload, max) else {
                         continue; // a birth, a death, a command: state only
@@ -704,16 +702,18 @@ impl Router {
                     if let Some((group, edge_node, why)) = step.rebirth {
                         ask_rebirth(&self.client, &self.events, &route.pipeline, &group, &edge_node, &why);
                     }
-                    (step.device, vec![step.row])
+                    vec![(Some(step.device), step.row)]
                 }
             };
             let batch = rows.len();
             route.counters.received.fetch_add(batch as u64, Relaxed);
-            for (n, row) in rows.into_iter().enumerate() {
+            for (n, (named, row)) in rows.into_iter().enumerate() {
+                // The payload's device (Kepware, Sparkplug B), else the topic's.
+                let device = named.as_deref().unwrap_or(device);
                 match row {
                     Ok(x) => {
                         let sample = Sample {
-                            device: route.device(&device),
+                            device: route.device(device),
                             key: x.key,
                             ts: x.ts,
                             features: x.features.into_boxed_slice(),
@@ -732,7 +732,7 @@ impl Router {
                         };
                         self.events.emit(Event::InputRejected {
                             pipeline: route.pipeline.clone(),
-                            device: device.clone(),
+                            device: device.to_string(),
                             topic: topic.to_string(),
                             reason: reject.reason(),
                             detail,

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use super::kepware;
 use super::last_value::LastValues;
 use crate::model::manifest::Input;
 
@@ -38,11 +39,18 @@ pub enum Reject {
     SparkplugStale(String),
     /// A JSON array with no rows in it.
     EmptyBatch,
+    /// `format = "kepware"`: not the IoT Gateway's standard template.
+    BadKepware(String),
+    /// `format = "kepware"`: the gateway marked a feature's value bad (`"q": false`).
+    BadQuality {
+        feature: String,
+        tag: String,
+    },
 }
 
 impl Reject {
     /// All reasons, in the order counters are kept.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 11] = [
         "payload_too_large",
         "not_json",
         "missing_feature",
@@ -52,6 +60,8 @@ impl Reject {
         "bad_sparkplug",
         "sparkplug_stale",
         "empty_batch",
+        "bad_kepware",
+        "bad_quality",
     ];
 
     pub fn index(&self) -> usize {
@@ -65,6 +75,8 @@ impl Reject {
             Reject::BadSparkplug(_) => 6,
             Reject::SparkplugStale(_) => 7,
             Reject::EmptyBatch => 8,
+            Reject::BadKepware(_) => 9,
+            Reject::BadQuality { .. } => 10,
         }
     }
 
@@ -95,6 +107,10 @@ impl std::fmt::Display for Reject {
             Reject::BadSparkplug(e) => write!(f, "{e}"),
             Reject::SparkplugStale(why) => write!(f, "not scored until the edge node's rebirth: {why}"),
             Reject::EmptyBatch => write!(f, "payload is an empty JSON array: no rows in it"),
+            Reject::BadKepware(e) => write!(f, "{e}"),
+            Reject::BadQuality { feature, tag } => {
+                write!(f, "feature {feature:?} (tag {tag}) has bad quality: the gateway marked its value \"q\": false")
+            }
         }
     }
 }
@@ -107,14 +123,24 @@ pub struct Extracted {
     pub ts: Value,
 }
 
+/// One row of a message: its device where the payload names it (`None`: the device in the
+/// topic), and its features or why it has none.
+pub type Row = (Option<String>, Result<Extracted, Reject>);
+
+/// An input as read: (its name; the JSON pointer, Sparkplug metric or Kepware tag it is read
+/// from; the bundle's min and max).
+type Field = (String, String, f64, f64);
+
 /// Reads a pipeline's features out of JSON payloads: pointers and ranges fixed at start.
 #[derive(Debug, Clone)]
 pub struct Extractor {
-    /// (input name, JSON pointer or Sparkplug metric name, min, max) in model order.
-    fields: Vec<(String, String, f64, f64)>,
+    /// In model order.
+    fields: Vec<Field>,
     key: Option<String>,
     timestamp: Option<String>,
     max_payload_bytes: usize,
+    /// `format = "kepware"`: payloads are the IoT Gateway's standard template.
+    kepware: bool,
 }
 
 impl Extractor {
@@ -132,7 +158,7 @@ impl Extractor {
                 (i.name.clone(), ptr, i.min, i.max)
             })
             .collect();
-        Extractor { fields, key, timestamp, max_payload_bytes }
+        Extractor { fields, key, timestamp, max_payload_bytes, kepware: false }
     }
 
     /// For a Sparkplug B source: input name → metric name (an input not listed reads the
@@ -146,11 +172,35 @@ impl Extractor {
             .iter()
             .map(|i| (i.name.clone(), metrics.get(&i.name).unwrap_or(&i.name).clone(), i.min, i.max))
             .collect();
-        Extractor { fields, key: None, timestamp: None, max_payload_bytes }
+        Extractor { fields, key: None, timestamp: None, max_payload_bytes, kepware: false }
+    }
+
+    /// For a Kepware IoT Gateway source: input name → tag within the device (an input not
+    /// listed reads the tag of its own name).
+    pub fn for_kepware_tags(
+        inputs: &[Input],
+        tags: &std::collections::BTreeMap<String, String>,
+        max_payload_bytes: usize,
+    ) -> Extractor {
+        Extractor { kepware: true, ..Self::for_metrics(inputs, tags, max_payload_bytes) }
     }
 
     pub fn max_payload_bytes(&self) -> usize {
         self.max_payload_bytes
+    }
+
+    /// The rows of one JSON telemetry payload that came on a topic of `device`, read as the
+    /// source says: whole rows, or (with `last`) each device's last values. Sparkplug B is
+    /// read apart, by `from_metrics`.
+    pub fn read(&self, payload: &[u8], device: &str, last: Option<&mut LastValues>, now: Instant) -> Vec<Row> {
+        if self.kepware {
+            return self.kepware_rows(payload, last, now);
+        }
+        let rows = match last {
+            Some(last) => self.rows_by_exception(payload, device, last, now),
+            None => self.rows(payload),
+        };
+        rows.into_iter().map(|row| (None, row)).collect()
     }
 
     /// The rows of one telemetry payload, each a row or the first reason it cannot be one.
@@ -207,18 +257,88 @@ impl Extractor {
             let (feature, pointer) = self.fields.first().map(|f| (f.0.clone(), f.1.clone())).unwrap_or_default();
             return Err(Reject::MissingFeature { feature, pointer });
         }
+        let features = self.merge(device, fresh, last, now, str::to_string)?;
+        Ok(self.echo(doc, features))
+    }
+
+    /// Records `fresh` (input, checked value) as `device`'s last values and returns its last
+    /// value of every input; an input it has none of (or, with `max_age_s`, none recent) is
+    /// missing, where `describe(source)` says where it was looked for.
+    fn merge(
+        &self,
+        device: &str,
+        fresh: Vec<(&str, f64)>,
+        last: &mut LastValues,
+        now: Instant,
+        describe: impl Fn(&str) -> String,
+    ) -> Result<Vec<f32>, Reject> {
         let max_age = last.max_age();
         let mut values = last.update(device, fresh, self.names(), now).into_iter();
-        let features = self.features(|name, ptr| {
+        self.features(|name, source| {
             values.next().flatten().ok_or_else(|| {
                 let earlier = match max_age {
                     Some(age) => format!(" in this message or one of the device's in the last {} s", age.as_secs()),
                     None => " in this or an earlier message of the device".to_string(),
                 };
-                Reject::MissingFeature { feature: name.to_string(), pointer: format!("{ptr}{earlier}") }
+                Reject::MissingFeature { feature: name.to_string(), pointer: format!("{}{earlier}", describe(source)) }
             })
-        })?;
-        Ok(self.echo(doc, features))
+        })
+    }
+
+    /// A Kepware message: a row for each device it holds a feature of (see `kepware.rs`).
+    fn kepware_rows(&self, payload: &[u8], mut last: Option<&mut LastValues>, now: Instant) -> Vec<Row> {
+        if payload.len() > self.max_payload_bytes {
+            return vec![(None, Err(Reject::TooLarge { bytes: payload.len(), max: self.max_payload_bytes }))];
+        }
+        let doc = match serde_json::from_slice::<Value>(payload) {
+            Ok(doc) => doc,
+            Err(e) => return vec![(None, Err(Reject::NotJson(e.to_string())))],
+        };
+        let (devices, stamp) = match kepware::devices(&doc) {
+            Ok(found) => found,
+            Err(e) => return vec![(None, Err(Reject::BadKepware(e)))],
+        };
+        let mut rows = Vec::new();
+        for d in &devices {
+            // The device's values of this pipeline's features; none: another pipeline's device.
+            let ours: Vec<_> = self.fields.iter().filter_map(|f| d.get(&f.1).map(|v| (f, v))).collect();
+            if ours.is_empty() {
+                continue;
+            }
+            let ts = kepware::newest(ours.iter().map(|(_, v)| v.t), stamp);
+            let features = self.kepware_row(d, &ours, last.as_deref_mut(), now);
+            let row = features.map(|features| Extracted { features, key: ts.clone(), ts });
+            rows.push((Some(d.device.to_string()), row));
+        }
+        rows
+    }
+
+    fn kepware_row(
+        &self,
+        d: &kepware::DeviceValues,
+        ours: &[(&Field, &kepware::TagValue)],
+        last: Option<&mut LastValues>,
+        now: Instant,
+    ) -> Result<Vec<f32>, Reject> {
+        let tag = |tag: &str| format!("tag {}.{tag}", d.device);
+        if let Some(((feature, bad, ..), _)) = ours.iter().find(|(_, v)| !v.good) {
+            // Forgotten, so no later row is scored on a value from before the fault.
+            if let Some(last) = last {
+                ours.iter().filter(|(_, v)| !v.good).for_each(|((name, ..), _)| last.forget(d.device, name));
+            }
+            return Err(Reject::BadQuality { feature: feature.clone(), tag: format!("{}.{bad}", d.device) });
+        }
+        let Some(last) = last else {
+            return self.features(|name, source| match d.get(source) {
+                Some(value) => to_number(name, value.v),
+                None => Err(Reject::MissingFeature { feature: name.to_string(), pointer: tag(source) }),
+            });
+        };
+        let mut fresh = Vec::with_capacity(ours.len());
+        for ((name, _, min, max), value) in ours {
+            fresh.push((name.as_str(), check(name, to_number(name, value.v)?, *min, *max)?));
+        }
+        self.merge(d.device, fresh, last, now, tag)
     }
 
     /// The row, with the message's key and timestamp (null where it has none).
@@ -260,6 +380,11 @@ fn read_number(doc: &Value, name: &str, ptr: &str) -> Result<f64, Reject> {
     let v = doc
         .pointer(ptr)
         .ok_or_else(|| Reject::MissingFeature { feature: name.to_string(), pointer: ptr.to_string() })?;
+    to_number(name, v)
+}
+
+/// Input `name`'s value `v` as a number, or why it is not one.
+fn to_number(name: &str, v: &Value) -> Result<f64, Reject> {
     number(v).ok_or_else(|| Reject::NonNumeric { feature: name.to_string(), found: truncate(&v.to_string(), 40) })
 }
 
@@ -402,6 +527,77 @@ mod tests {
         assert_eq!(
             stale.unwrap_err().to_string(),
             "feature \"temp\" is missing (no value at /temp in this message or one of the device's in the last 60 s)"
+        );
+    }
+
+    #[test]
+    fn a_kepware_message_is_a_row_per_device_keyed_by_its_newest_value_time() {
+        let inputs = &extractor().fields;
+        let inputs: Vec<Input> =
+            inputs.iter().map(|f| Input { name: f.0.clone(), unit: String::new(), min: f.2, max: f.3 }).collect();
+        let tags = [("vib".to_string(), "Motor.Vib".to_string())].into();
+        let e = Extractor::for_kepware_tags(&inputs, &tags, 4096);
+        let now = Instant::now();
+        let payload = br#"{"timestamp": 900, "values": [
+            {"id": "L1.P7.temp", "v": 20, "q": true, "t": 100},
+            {"id": "L1.P8.temp", "v": "21.5", "q": true, "t": 101},
+            {"id": "L1.Conveyor.Speed", "v": 3, "q": true, "t": 102},
+            {"id": "_System._Time", "v": "12:00:00"},
+            {"id": "L1.P7.Motor.Vib", "v": 2, "q": true, "t": 105},
+            {"id": "L1.P8.Motor.Vib", "v": 4, "q": false, "t": 106}]}"#;
+        let rows = e.read(payload, "ignored", None, now);
+        let devices: Vec<_> = rows.iter().map(|r| r.0.as_deref().unwrap()).collect();
+        assert_eq!(devices, ["L1.P7", "L1.P8"], "the conveyor has no feature of this pipeline: no row");
+        let p7 = rows[0].1.as_ref().unwrap();
+        assert_eq!((p7.features.clone(), p7.key.clone(), p7.ts.clone()), (vec![20.0, 2.0], 105.into(), 105.into()));
+        let p8 = rows[1].1.as_ref().unwrap_err();
+        assert_eq!(p8.reason(), "bad_quality");
+        assert_eq!(
+            p8.to_string(),
+            "feature \"vib\" (tag L1.P8.Motor.Vib) has bad quality: the gateway marked its value \"q\": false"
+        );
+
+        // Whole rows: a device's message must hold every feature.
+        let partial = e.read(br#"{"values": [{"id": "L1.P7.temp", "v": 20}]}"#, "x", None, now);
+        assert_eq!(
+            partial[0].1.as_ref().unwrap_err().to_string(),
+            "feature \"vib\" is missing (no value at tag L1.P7.Motor.Vib)"
+        );
+        let reason = |payload: &[u8]| e.read(payload, "x", None, now)[0].1.as_ref().unwrap_err().reason();
+        assert_eq!(reason(br#"{"temp": 20}"#), "bad_kepware");
+        assert_eq!(reason(br#"{"values": [{"v": 20}]}"#), "bad_kepware");
+        assert_eq!(
+            reason(br#"{"values": [{"id": "L1.P7.temp", "v": "hot"}, {"id": "L1.P7.Motor.Vib", "v": 1}]}"#),
+            "non_numeric"
+        );
+        assert_eq!(
+            reason(br#"{"values": [{"id": "L1.P7.temp", "v": 999}, {"id": "L1.P7.Motor.Vib", "v": 1}]}"#),
+            "out_of_range"
+        );
+        assert!(e.read(br#"{"values": []}"#, "x", None, now).is_empty(), "an empty publish: no row");
+
+        // Only what changed (Kepware's default): each device's last values; a bad value is forgotten.
+        let mut last = LastValues::new(None);
+        let mut read = |payload: &[u8]| e.read(payload, "x", Some(&mut last), now).remove(0).1;
+        assert_eq!(
+            read(br#"{"values": [{"id": "L1.P7.temp", "v": 20, "t": 1}]}"#).unwrap_err().reason(),
+            "missing_feature"
+        );
+        let row = read(br#"{"values": [{"id": "L1.P7.Motor.Vib", "v": 2, "t": 2}]}"#).unwrap();
+        assert_eq!((row.features, row.key), (vec![20.0, 2.0], 2.into()));
+        assert_eq!(
+            read(br#"{"values": [{"id": "L1.P7.temp", "v": 25, "q": false}]}"#).unwrap_err().reason(),
+            "bad_quality"
+        );
+        let after = read(br#"{"values": [{"id": "L1.P7.Motor.Vib", "v": 3}]}"#).unwrap_err();
+        assert_eq!(
+            after.to_string(),
+            "feature \"temp\" is missing (no value at tag L1.P7.temp in this or an earlier message of the device)",
+            "the value from before the fault is not used"
+        );
+        assert_eq!(
+            read(br#"{"values": [{"id": "L1.P7.temp", "v": 26, "q": true}]}"#).unwrap().features,
+            vec![26.0, 3.0]
         );
     }
 

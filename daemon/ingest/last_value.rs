@@ -64,6 +64,13 @@ impl LastValues {
             .collect()
     }
 
+    /// Drops `device`'s last value of `feature` (the gateway said it is bad).
+    pub fn forget(&mut self, device: &str, feature: &str) {
+        if let Some(d) = self.devices.get_mut(device) {
+            d.values.remove(feature);
+        }
+    }
+
     pub fn max_age(&self) -> Option<Duration> {
         self.max_age
     }

@@ -6,9 +6,10 @@ pub mod connection;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded_broker;
 pub mod extract;
+pub mod kepware;
 pub mod last_value;
 pub mod topic;
 
 pub use connection::{Ingest, Route, Sample};
-pub use extract::{Extracted, Extractor, Reject};
+pub use extract::{Extracted, Extractor, Reject, Row};
 pub use topic::TopicFilter;
