@@ -152,7 +152,7 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
                 let topic = String::from_utf8_lossy(&p.topic);
                 for (i, filter) in filters.iter().enumerate() {
                     let Some(device) = filter.as_ref().and_then(|f| f.matches(&topic)) else { continue };
-                    let kepware = config.pipelines[i].source.kepware;
+                    let kepware = config.pipelines[i].source.kepware_device_levels.is_some();
                     let rows = models[i].extractor.read(&p.payload, device, last[i].as_mut(), Instant::now());
                     let h = &mut heard[i];
                     h.messages += 1;

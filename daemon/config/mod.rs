@@ -180,9 +180,10 @@ pub struct SourceConfig {
     /// `format = "sparkplug-b"`: (group, edge_node), either may be `+`. Features then name
     /// metrics, and the device comes from the Sparkplug topic.
     pub sparkplug: Option<(String, String)>,
-    /// `format = "kepware"`: Kepware's IoT Gateway standard template. Features then name
-    /// tags, and the device comes from each tag's id (see `ingest/kepware.rs`).
-    pub kepware: bool,
+    /// `format = "kepware"`: Kepware's IoT Gateway standard template, and how many leading
+    /// levels of a tag id are the device (`device_levels`, 2 unless set: `Channel.Device`).
+    /// Features then name tags within the device (see `ingest/kepware.rs`).
+    pub kepware_device_levels: Option<usize>,
     /// JSON pointer to the message key echoed in predictions (e.g. `/seq`).
     pub key: Option<String>,
     /// JSON pointer to the message timestamp echoed in predictions.
@@ -554,6 +555,14 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             _ => None,
         };
         let kepware = format.as_deref() == Some("kepware");
+        let kepware_device_levels = match (kepware, src.has("device_levels")) {
+            (true, _) => src.integer("device_levels", 2, 1, 16).map(|n| n as usize),
+            (false, true) => {
+                src.error("device_levels", "only used with format = \"kepware\"");
+                None
+            }
+            (false, false) => None,
+        };
         let sparkplug = match format.as_deref() {
             Some("json" | "kepware") | None => None,
             Some("sparkplug-b") => {
@@ -618,7 +627,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             src.error("max_age_s", "only used with rows = \"last_value\"");
         }
         let ok = src.finish();
-        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug, kepware, last_value })
+        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug, kepware_device_levels, last_value })
     });
     // JSON: input name = JSON pointer; Sparkplug B: a metric name; Kepware: a tag in the device.
     let features = match feature_names {
@@ -661,7 +670,11 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
     };
     if let (Some(src), Some(snk)) = (&source, &sink) {
         // Sparkplug B and Kepware name the device in the payload.
-        if snk.topic.contains("{device}") && !src.topic.contains('+') && src.sparkplug.is_none() && !src.kepware {
+        if snk.topic.contains("{device}")
+            && !src.topic.contains('+')
+            && src.sparkplug.is_none()
+            && src.kepware_device_levels.is_none()
+        {
             s.error("sink.topic", "uses {device} but source.topic has no '+' to capture it");
         }
     }
@@ -831,7 +844,9 @@ batch = { max = 32 }
             .replace(r#""/temp_c""#, r#""Motor.Temp""#);
         let c = parse(&text).unwrap();
         let p = &c.pipelines[0];
-        assert!(p.source.kepware && p.source.sparkplug.is_none());
+        assert_eq!((p.source.kepware_device_levels, &p.source.sparkplug), (Some(2), &None));
+        let plc = parse(&text.replace(r#"rows = "last_value""#, "device_levels = 3")).unwrap();
+        assert_eq!(plc.pipelines[0].source.kepware_device_levels, Some(3), "a PLC's tag groups as the machines");
         assert_eq!(p.features["temp"], "Motor.Temp");
         assert!(p.source.last_value.is_some());
         // The sink's {device} needs no '+' (the device is in the tag id); a key pointer is refused.
@@ -842,6 +857,10 @@ batch = { max = 32 }
         assert!(errs.contains("source.key: not used with format = \"kepware\""), "{errs}");
         assert!(errs.contains("features.temp: expected a tag name"), "{errs}");
         assert!(!errs.contains("sink.topic"), "{errs}");
+        let errs = parse(&text.replace(r#"rows = "last_value""#, "device_levels = 0")).unwrap_err().to_string();
+        assert!(errs.contains("source.device_levels: expected an integer in 1..=16, found 0"), "{errs}");
+        let errs = parse(&GOOD.replace(r#"key = "/seq""#, r#"key = "/seq", device_levels = 3"#)).unwrap_err();
+        assert!(errs.to_string().contains("source.device_levels: only used with format = \"kepware\""), "{errs}");
         let errs = parse(&text.replace("kepware", "opc")).unwrap_err().to_string();
         assert!(errs.contains(r#"expected "json", "sparkplug-b" or "kepware", found "opc""#), "{errs}");
     }

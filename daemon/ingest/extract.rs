@@ -139,8 +139,9 @@ pub struct Extractor {
     key: Option<String>,
     timestamp: Option<String>,
     max_payload_bytes: usize,
-    /// `format = "kepware"`: payloads are the IoT Gateway's standard template.
-    kepware: bool,
+    /// `format = "kepware"`: payloads are the IoT Gateway's standard template, and this many
+    /// leading levels of a tag id are its device.
+    kepware_device_levels: Option<usize>,
 }
 
 impl Extractor {
@@ -158,7 +159,7 @@ impl Extractor {
                 (i.name.clone(), ptr, i.min, i.max)
             })
             .collect();
-        Extractor { fields, key, timestamp, max_payload_bytes, kepware: false }
+        Extractor { fields, key, timestamp, max_payload_bytes, kepware_device_levels: None }
     }
 
     /// For a Sparkplug B source: input name → metric name (an input not listed reads the
@@ -172,17 +173,18 @@ impl Extractor {
             .iter()
             .map(|i| (i.name.clone(), metrics.get(&i.name).unwrap_or(&i.name).clone(), i.min, i.max))
             .collect();
-        Extractor { fields, key: None, timestamp: None, max_payload_bytes, kepware: false }
+        Extractor { fields, key: None, timestamp: None, max_payload_bytes, kepware_device_levels: None }
     }
 
     /// For a Kepware IoT Gateway source: input name → tag within the device (an input not
-    /// listed reads the tag of its own name).
+    /// listed reads the tag of its own name); the device is a tag id's first `device_levels`.
     pub fn for_kepware_tags(
         inputs: &[Input],
         tags: &std::collections::BTreeMap<String, String>,
+        device_levels: usize,
         max_payload_bytes: usize,
     ) -> Extractor {
-        Extractor { kepware: true, ..Self::for_metrics(inputs, tags, max_payload_bytes) }
+        Extractor { kepware_device_levels: Some(device_levels), ..Self::for_metrics(inputs, tags, max_payload_bytes) }
     }
 
     pub fn max_payload_bytes(&self) -> usize {
@@ -193,8 +195,8 @@ impl Extractor {
     /// source says: whole rows, or (with `last`) each device's last values. Sparkplug B is
     /// read apart, by `from_metrics`.
     pub fn read(&self, payload: &[u8], device: &str, last: Option<&mut LastValues>, now: Instant) -> Vec<Row> {
-        if self.kepware {
-            return self.kepware_rows(payload, last, now);
+        if let Some(levels) = self.kepware_device_levels {
+            return self.kepware_rows(payload, levels, last, now);
         }
         let rows = match last {
             Some(last) => self.rows_by_exception(payload, device, last, now),
@@ -286,18 +288,15 @@ impl Extractor {
     }
 
     /// A Kepware message: a row for each device it holds a feature of (see `kepware.rs`).
-    fn kepware_rows(&self, payload: &[u8], mut last: Option<&mut LastValues>, now: Instant) -> Vec<Row> {
+    fn kepware_rows(&self, payload: &[u8], levels: usize, mut last: Option<&mut LastValues>, now: Instant) -> Vec<Row> {
         if payload.len() > self.max_payload_bytes {
             return vec![(None, Err(Reject::TooLarge { bytes: payload.len(), max: self.max_payload_bytes }))];
         }
-        let doc = match serde_json::from_slice::<Value>(payload) {
-            Ok(doc) => doc,
-            Err(e) => return vec![(None, Err(Reject::NotJson(e.to_string())))],
+        let message = match kepware::parse(payload) {
+            Ok(message) => message,
+            Err(reject) => return vec![(None, Err(reject))],
         };
-        let (devices, stamp) = match kepware::devices(&doc) {
-            Ok(found) => found,
-            Err(e) => return vec![(None, Err(Reject::BadKepware(e)))],
-        };
+        let (devices, stamp) = (kepware::devices(&message, levels), message.timestamp());
         let mut rows = Vec::new();
         for d in &devices {
             // The device's values of this pipeline's features; none: another pipeline's device.
@@ -536,7 +535,7 @@ mod tests {
         let inputs: Vec<Input> =
             inputs.iter().map(|f| Input { name: f.0.clone(), unit: String::new(), min: f.2, max: f.3 }).collect();
         let tags = [("vib".to_string(), "Motor.Vib".to_string())].into();
-        let e = Extractor::for_kepware_tags(&inputs, &tags, 4096);
+        let e = Extractor::for_kepware_tags(&inputs, &tags, 2, 4096);
         let now = Instant::now();
         let payload = br#"{"timestamp": 900, "values": [
             {"id": "L1.P7.temp", "v": 20, "q": true, "t": 100},
