@@ -192,8 +192,8 @@ impl Extractor {
     }
 
     /// The rows of one JSON telemetry payload that came on a topic of `device`, read as the
-    /// source says: whole rows, or (with `last`) each device's last values. Sparkplug B is
-    /// read apart, by `from_metrics`.
+    /// source says: whole rows, or (with `last`) each device's last values; for Kepware, a row
+    /// per device the payload names. Sparkplug B is read apart, by `from_metrics`.
     pub fn read(&self, payload: &[u8], device: &str, last: Option<&mut LastValues>, now: Instant) -> Vec<Row> {
         if let Some(levels) = self.kepware_device_levels {
             return self.kepware_rows(payload, levels, last, now);
