@@ -297,7 +297,9 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         }
     }
     let store = train::parse_store(&mut root, state_dir.as_deref());
-    let mqtt = parse_mqtt(root.section("mqtt", true), base);
+    let mqtt_section = root.section("mqtt", true);
+    let payload_cap_set = mqtt_section.as_ref().is_some_and(|m| m.has("max_payload_bytes"));
+    let mqtt = parse_mqtt(mqtt_section, base);
     let infer = parse_infer(root.section("infer", true), base);
     let metrics_listen = match root.section("metrics", true) {
         Some(mut m) => {
@@ -389,19 +391,28 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         out
     });
     root.finish();
+    let (mut mqtt, pipelines) = (mqtt?, pipelines?);
+    // A Kepware agent's publish holds the tags of many devices (~70 bytes each, up to its
+    // "max events per publish"): the default cap would refuse a whole scan of a large agent.
+    if !payload_cap_set && pipelines.iter().any(|p| p.source.kepware_device_levels.is_some()) {
+        mqtt.max_payload_bytes = KEPWARE_MAX_PAYLOAD_BYTES;
+    }
     Some(Config {
         file: path.to_path_buf(),
         node: node?,
         state_dir: state_dir?,
-        mqtt: mqtt?,
+        mqtt,
         infer: infer?,
         metrics_listen,
         store: store?,
         sparkplug,
         update,
-        pipelines: pipelines?,
+        pipelines,
     })
 }
+
+/// `mqtt.max_payload_bytes` unless set, where a pipeline reads Kepware's IoT Gateway.
+pub const KEPWARE_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
 fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
     let mut s = section?;
@@ -849,6 +860,9 @@ batch = { max = 32 }
         assert_eq!(plc.pipelines[0].source.kepware_device_levels, Some(3), "a PLC's tag groups as the machines");
         assert_eq!(p.features["temp"], "Motor.Temp");
         assert!(p.source.last_value.is_some());
+        assert_eq!(c.mqtt.max_payload_bytes, KEPWARE_MAX_PAYLOAD_BYTES, "an agent's publish is large");
+        let capped = text.replace("[mqtt]\n", "[mqtt]\nmax_payload_bytes = 100000\n");
+        assert_eq!(parse(&capped).unwrap().mqtt.max_payload_bytes, 100_000, "a cap set is kept");
         // The sink's {device} needs no '+' (the device is in the tag id); a key pointer is refused.
         let bad = text
             .replace(r#"format = "kepware""#, r#"format = "kepware", key = "/seq""#)
