@@ -304,6 +304,13 @@ impl Extractor {
             if ours.is_empty() {
                 continue;
             }
+            // The device names the sink topic's `{device}` level, where a wildcard is refused
+            // by the broker and a '/' would move the prediction to another topic.
+            if d.device.is_empty() || d.device.contains(['/', '+', '#']) {
+                let why = format!("device {:?} cannot be a topic level (empty, or holds '/', '+' or '#')", d.device);
+                rows.push((Some(d.device.to_string()), Err(Reject::BadKepware(why))));
+                continue;
+            }
             let ts = kepware::newest(ours.iter().map(|(_, v)| v.t), stamp);
             let features = self.kepware_row(d, &ours, last.as_deref_mut(), now);
             let row = features.map(|features| Extracted { features, key: ts.clone(), ts });
@@ -574,6 +581,13 @@ mod tests {
             "out_of_range"
         );
         assert!(e.read(br#"{"values": []}"#, "x", None, now).is_empty(), "an empty publish: no row");
+        let wildcard = br#"{"values": [{"id": "L1.P+.temp", "v": 1}, {"id": "L1.P7.temp", "v": 1}]}"#;
+        let rows = e.read(wildcard, "x", None, now);
+        assert_eq!(
+            rows[0].1.as_ref().unwrap_err().to_string(),
+            "device \"L1.P+\" cannot be a topic level (empty, or holds '/', '+' or '#')"
+        );
+        assert_eq!(rows[1].1.as_ref().unwrap_err().reason(), "missing_feature", "its neighbour is read on its own");
 
         // Only what changed (Kepware's default): each device's last values; a bad value is forgotten.
         let mut last = LastValues::new(None);
