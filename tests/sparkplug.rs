@@ -159,3 +159,78 @@ sink = {{ topic = "plant/{{device}}/prediction" }}
     assert_eq!(death["type"], "NDEATH");
     assert_eq!(death["metrics"]["bdSeq"], nbirth["metrics"]["bdSeq"], "the death pairs with the birth");
 }
+
+/// `lathe check --listen` on a Sparkplug source decodes what it hears through the births it
+/// hears, names the metrics when a feature is not among them, and, having heard no birth
+/// (it never asks for one), says so instead of failing the config.
+#[test]
+fn check_listen_reads_sparkplug_through_the_births_it_hears_and_says_when_it_heard_none() {
+    if !peer_available() {
+        return;
+    }
+    let broker = Broker::start();
+    if !broker.mosquitto {
+        eprintln!("skipped: --listen needs an external broker");
+        return;
+    }
+    let dir = temp_dir("sparkplug-listen");
+    let features: Vec<String> = (1..=9).map(|i| format!("f{i} = \"Shuttle/F{i}\"")).collect();
+    let good = format!(
+        "node = \"spl\"\nstate_dir = \"{state}\"\n[mqtt]\nurl = \"{url}\"\n[[pipeline]]\nname = \"shuttle\"\nmodel = \"{model}\"\n\
+         source = {{ format = \"sparkplug-b\", group = \"plant\", edge_node = \"edge1\" }}\nfeatures = {{ {features} }}\n\
+         sink = {{ topic = \"plant/{{device}}/prediction\" }}\n",
+        state = dir.join("state").display(),
+        url = broker.url(),
+        model = root().join("models/shuttle-mlp-1.lathe").display(),
+        features = features.join(", "),
+    );
+    // lathe listens for 3 s; the edge node connects after 1 s and sends 30 rows.
+    let listen = |config: &str, name: &str, json: bool, edge: &[&str]| {
+        let path = dir.join(name);
+        std::fs::write(&path, config).unwrap();
+        let mut args = vec!["check", "--listen", "3", "--config", path.to_str().unwrap()];
+        args.extend(json.then_some("--json"));
+        let check = Command::new(LATHE).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        let rows = root().join("tests/fixtures/expected.json");
+        let sent = peer()
+            .args(["edge", "--port", &broker.port.to_string(), "--only-rows", "30", "--rows"])
+            .arg(rows)
+            .args(edge)
+            .output()
+            .unwrap();
+        assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+        check.wait_with_output().unwrap()
+    };
+    let heard = |out: &std::process::Output| -> Value {
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        report["listen"][0].clone()
+    };
+
+    let out = listen(&good, "good.toml", true, &[]);
+    let h = heard(&out);
+    assert!(out.status.success(), "{h}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((h["births"].as_u64(), h["rows"].as_u64(), h["devices"].as_u64()), (Some(2), Some(30), Some(1)), "{h}");
+
+    let wrong = good.replace("f1 = \"Shuttle/F1\"", "f1 = \"Shuttle/X1\"");
+    let out = listen(&wrong, "wrong.toml", true, &[]);
+    let h = heard(&out);
+    assert!(!out.status.success(), "{h}");
+    assert_eq!(h["rejected"]["missing_feature"]["count"], 30, "{h}");
+    assert_eq!(
+        h["rejected"]["missing_feature"]["first"],
+        "feature \"f1\" is missing (no value at metric \"Shuttle/X1\")"
+    );
+    assert!(h["keys"].as_array().unwrap().iter().any(|k| k == "Shuttle/F1"), "the births' metrics: {h}");
+
+    let out = listen(&good, "unborn.toml", false, &["--no-births"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "data without births says nothing of the config: {text}");
+    assert!(
+        text.contains(
+            "30 sparkplug_stale (first: not scored until the edge node's rebirth: data before the edge node's NBIRTH)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("no birth heard, so no metric could be named"), "{text}");
+}

@@ -4,9 +4,12 @@
 //! hold, instead of as a daemon that rejects every row.
 //!
 //! It connects under its own client id with a clean session (the daemon's persistent session
-//! and the messages queued in it are left alone) and subscribes at QoS 0: it only looks.
+//! and the messages queued in it are left alone) and subscribes at QoS 0: it only looks. So
+//! for Sparkplug B it never asks for a rebirth: data whose births came before it listened is
+//! not decodable, and it says so rather than failing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
@@ -18,28 +21,39 @@ use crate::config::{BrokerUrl, Config};
 use crate::infer::ActiveModel;
 use crate::ingest::last_value::LastValues;
 use crate::ingest::TopicFilter;
+use crate::sparkplug::{parse_topic, Kind, Source};
 
 /// What one pipeline heard.
 #[derive(Default)]
 pub struct Heard {
     pub pipeline: String,
     pub topic: String,
-    /// Why nothing could be heard (a Sparkplug source, a refused subscription).
+    /// Why nothing could be heard (a refused subscription).
     pub skipped: Option<String>,
+    /// Sparkplug B: the births (NBIRTH, DBIRTH) heard; `None` for other sources.
+    pub births: Option<u64>,
     pub messages: u64,
     pub devices: BTreeSet<String>,
     pub rows: u64,
     /// Rejections by reason, with the first one's detail.
     pub rejected: BTreeMap<&'static str, (u64, String)>,
     /// The top-level keys of the first message (of its first element, for a batch; the tag
-    /// ids it holds, for Kepware).
+    /// ids it holds, for Kepware; the metrics the births declared, for Sparkplug B).
     pub keys: Vec<String>,
 }
 
 impl Heard {
-    /// Messages came, and not one of them made a row: the pipeline is misconfigured.
+    fn tally(&mut self, row: &Result<crate::ingest::Extracted, crate::ingest::Reject>) {
+        match row {
+            Ok(_) => self.rows += 1,
+            Err(r) => self.rejected.entry(r.reason()).or_insert((0, r.to_string())).0 += 1,
+        }
+    }
+
+    /// Messages came, and not one of them made a row: the pipeline is misconfigured. (Not
+    /// when Sparkplug data came without a birth: that says nothing of the config.)
     pub fn failed(&self) -> bool {
-        self.messages > 0 && self.rows == 0
+        self.messages > 0 && self.rows == 0 && self.births != Some(0)
     }
 
     pub fn line(&self, seconds: u64) -> String {
@@ -66,6 +80,10 @@ impl Heard {
         if (self.rows == 0 || self.rejected.contains_key("missing_feature")) && !self.keys.is_empty() {
             line += &format!("; the messages hold {}", self.keys.join(", "));
         }
+        if self.births == Some(0) {
+            line += "; no birth heard, so no metric could be named: an edge node sends its births when it \
+                     connects, and the daemon asks for them; --listen only looks (listen while one reconnects)";
+        }
         line
     }
 
@@ -74,7 +92,7 @@ impl Heard {
             self.rejected.iter().map(|(r, (n, first))| (*r, json!({"count": n, "first": first}))).collect();
         json!({"pipeline": self.pipeline, "topic": self.topic, "skipped": self.skipped, "messages": self.messages,
                "devices": self.devices.len(), "rows": self.rows, "rejected": rejected, "keys": self.keys,
-               "ok": !self.failed()})
+               "births": self.births, "ok": !self.failed()})
     }
 }
 
@@ -108,22 +126,23 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
     let mut filters = Vec::new();
     for p in &config.pipelines {
         let mut h = Heard { pipeline: p.name.clone(), topic: p.source.topic.clone(), ..Heard::default() };
-        if p.source.sparkplug.is_some() {
-            h.skipped = Some(
-                "a Sparkplug B source (not sampled: its rows need each edge node's birth, sent when it connects)"
-                    .into(),
-            );
-        }
-        if h.skipped.is_none() && client.subscribe(&p.source.topic, QoS::AtMostOnce).await.is_err() {
+        h.births = p.source.sparkplug.as_ref().map(|_| 0);
+        if client.subscribe(&p.source.topic, QoS::AtMostOnce).await.is_err() {
             h.skipped = Some("could not subscribe".into());
         }
         // A skipped pipeline reads nothing, even what another pipeline's filter brings in.
         filters.push(h.skipped.is_none().then(|| TopicFilter::parse(&p.source.topic).ok()).flatten());
         heard.push(h);
     }
-    // One LastValues per pipeline that reports by exception, as the daemon keeps.
+    // One LastValues per pipeline that reports by exception, and one Sparkplug state (births,
+    // aliases, sequence) per Sparkplug pipeline, as the daemon keeps.
     let mut last: Vec<Option<LastValues>> =
         config.pipelines.iter().map(|p| p.source.last_value.map(|l| LastValues::new(l.max_age))).collect();
+    let sparkplug: Vec<Option<Mutex<Source>>> = config
+        .pipelines
+        .iter()
+        .map(|p| p.source.sparkplug.as_ref().map(|(group, edge_node)| Mutex::new(Source::new(group, edge_node))))
+        .collect();
     // SubAcks come in subscription order, one per pipeline that subscribed.
     let mut subscribed =
         heard.iter().enumerate().filter(|(_, h)| h.skipped.is_none()).map(|(i, _)| i).collect::<Vec<_>>();
@@ -152,6 +171,10 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
                 let topic = String::from_utf8_lossy(&p.topic);
                 for (i, filter) in filters.iter().enumerate() {
                     let Some(device) = filter.as_ref().and_then(|f| f.matches(&topic)) else { continue };
+                    if let Some(source) = &sparkplug[i] {
+                        heard_sparkplug(&mut heard[i], source, &models[i], &topic, &p.payload);
+                        continue;
+                    }
                     let kepware = config.pipelines[i].source.kepware_device_levels.is_some();
                     let rows = models[i].extractor.read(&p.payload, device, last[i].as_mut(), Instant::now());
                     let h = &mut heard[i];
@@ -164,10 +187,7 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
                     }
                     for (named, row) in rows {
                         h.devices.extend(named);
-                        match row {
-                            Ok(_) => h.rows += 1,
-                            Err(r) => h.rejected.entry(r.reason()).or_insert((0, r.to_string())).0 += 1,
-                        }
+                        h.tally(&row);
                     }
                 }
             }
@@ -176,7 +196,28 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
     }
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    for (h, source) in heard.iter_mut().zip(&sparkplug) {
+        if let Some(source) = source.as_ref().and_then(|s| s.lock().ok()) {
+            h.keys = source.metric_names(30);
+        }
+    }
     Ok(heard)
+}
+
+/// One Sparkplug B message, read as the daemon reads it (but no rebirth is asked for).
+fn heard_sparkplug(h: &mut Heard, source: &Mutex<Source>, model: &ActiveModel, topic: &str, payload: &[u8]) {
+    h.messages += 1;
+    let max = model.extractor.max_payload_bytes();
+    match crate::ingest::connection::sparkplug_row(source, model, topic, payload, max) {
+        Some(step) => {
+            h.devices.insert(step.device);
+            h.tally(&step.row);
+        }
+        None => {
+            let birth = parse_topic(topic).is_some_and(|t| matches!(t.kind, Kind::NBirth | Kind::DBirth));
+            *h.births.get_or_insert(0) += u64::from(birth);
+        }
+    }
 }
 
 /// The keys of a JSON object payload (of its first element, for an array), or for Kepware

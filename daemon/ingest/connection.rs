@@ -762,15 +762,15 @@ fn ask_rebirth(client: &AsyncClient, events: &Events, pipeline: &str, group: &st
 
 /// What a Sparkplug message is for a pipeline: a row (or why not), for which device, and a
 /// rebirth to ask for (group, edge node, why).
-struct SparkplugStep {
-    device: String,
-    row: Result<super::extract::Extracted, super::Reject>,
-    rebirth: Option<(String, String, String)>,
+pub(crate) struct SparkplugStep {
+    pub device: String,
+    pub row: Result<super::extract::Extracted, super::Reject>,
+    pub rebirth: Option<(String, String, String)>,
 }
 
 /// `None` for messages that only change state (births, deaths, commands) or are not
 /// Sparkplug topics at all.
-fn sparkplug_row(
+pub(crate) fn sparkplug_row(
     source: &std::sync::Mutex<crate::sparkplug::Source>,
     model: &crate::infer::ActiveModel,
     topic: &str,

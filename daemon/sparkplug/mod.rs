@@ -200,6 +200,18 @@ impl Source {
         }
     }
 
+    /// The names of the metrics the births seen so far declared (at most `n`), as a hint next
+    /// to a metric a pipeline did not find.
+    pub fn metric_names(&self, n: usize) -> Vec<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for node in self.nodes.values() {
+            for m in std::iter::once(&node.metrics).chain(node.devices.values().map(|d| &d.metrics)) {
+                names.extend(m.aliases.values().chain(m.types.keys()).chain(m.values.keys()).cloned());
+            }
+        }
+        names.into_iter().take(n).collect()
+    }
+
     /// A metric's current value for the device a `Row` named.
     pub fn value(&self, topic: &Topic, metric: &str) -> Option<f64> {
         let node = self.nodes.get(topic.edge_node)?;
