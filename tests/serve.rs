@@ -20,12 +20,13 @@ enum Gateway {
     /// the device's previous row (the source has `rows = "last_value"`).
     OnChange,
     /// Kepware's IoT Gateway, standard template, as it publishes by default: one message per
-    /// scan holding the changed tags of every device (`line1.dev0.Sensors.F1`, …) with a
-    /// conveyor's and a system tag beside them (`format = "kepware"`, `rows = "last_value"`).
+    /// scan holding the changed tags of every device (`line1.dev0.Sensors.F1`, …, and its part
+    /// counter `Counters.Part`, the rows' key) with a conveyor's and a system tag beside them
+    /// (`format = "kepware"`, `rows = "last_value"`, `key = "Counters.Part"`).
     Kepware,
 }
 
-/// Kepware's `t` of row `seq` (milliseconds since 1970); the row's key.
+/// Kepware's `t` of row `seq` is this + `seq` (milliseconds since 1970): the row's `ts`.
 const KEPWARE_T0: u64 = 1_764_745_200_000;
 
 /// The tags whose values changed since each device's previous row (a heartbeat of the first
@@ -56,7 +57,7 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
         config = config.replace(
             "source = { topic = \"plant/line1/+/telemetry\", key = \"/seq\" }",
             &format!(
-                "source = {{ topic = \"kepware/iotgateway\", format = \"kepware\", rows = \"last_value\" }}\nfeatures = {{ {} }}",
+                "source = {{ topic = \"kepware/iotgateway\", format = \"kepware\", rows = \"last_value\", key = \"Counters.Part\" }}\nfeatures = {{ {} }}",
                 tags.join(", ")
             ),
         );
@@ -73,10 +74,13 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
             let mut values = vec![serde_json::json!({"id": "_System._Time", "v": "12:00:00", "q": true})];
             for seq in scan.clone() {
                 let previous = seq.checked_sub(4).map(|p| rows[p].as_slice());
+                let t = KEPWARE_T0 + seq as u64;
                 for (i, x) in changed(&rows[seq], previous) {
-                    let (id, t) = (format!("line1.dev{}.Sensors.F{}", seq % 4, i + 1), KEPWARE_T0 + seq as u64);
+                    let id = format!("line1.dev{}.Sensors.F{}", seq % 4, i + 1);
                     values.push(serde_json::json!({"id": id, "v": x, "q": true, "t": t}));
                 }
+                let part = format!("line1.dev{}.Counters.Part", seq % 4);
+                values.push(serde_json::json!({"id": part, "v": seq, "q": true, "t": t}));
             }
             values.push(serde_json::json!({"id": "line1.conveyor.Speed", "v": 1.5, "q": true, "t": KEPWARE_T0}));
             let message = serde_json::json!({"timestamp": KEPWARE_T0 + scan.end as u64, "values": values});
@@ -122,19 +126,19 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
     let got = predictions.on("plant/line1/");
     assert_eq!(got.len(), rows.len(), "exactly one prediction per row");
 
-    // Kepware's rows are keyed by their values' time; the others by the message's seq.
-    let (key_offset, device_prefix) = match gateway {
-        Gateway::Kepware => (KEPWARE_T0, "line1."),
-        _ => (0, ""),
-    };
+    // Kepware names the device in its tag ids, and stamps each row with its values' time.
+    let device_prefix = if gateway == Gateway::Kepware { "line1." } else { "" };
     let mut by_key: BTreeMap<u64, &Value> = BTreeMap::new();
     for p in &got {
-        by_key.insert(p["key"].as_u64().unwrap() - key_offset, p);
+        by_key.insert(p["key"].as_u64().unwrap(), p);
     }
     assert_eq!(by_key.len(), rows.len(), "every key answered once");
     for (seq, want_row) in want.iter().enumerate() {
         let p = by_key[&(seq as u64)];
         assert_eq!(p["device"], format!("{device_prefix}dev{}", seq % 4));
+        if gateway == Gateway::Kepware {
+            assert_eq!(p["ts"], KEPWARE_T0 + seq as u64);
+        }
         assert_eq!(p["version"], 1);
         assert!(p["latency_us"].as_u64().is_some());
         let out: Vec<f64> = p["output"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();

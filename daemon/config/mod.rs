@@ -184,7 +184,8 @@ pub struct SourceConfig {
     /// levels of a tag id are the device (`device_levels`, 2 unless set: `Channel.Device`).
     /// Features then name tags within the device (see `ingest/kepware.rs`).
     pub kepware_device_levels: Option<usize>,
-    /// JSON pointer to the message key echoed in predictions (e.g. `/seq`).
+    /// JSON pointer to the message key echoed in predictions (e.g. `/seq`); for Kepware, a
+    /// tag of the device (a part or cycle counter).
     pub key: Option<String>,
     /// JSON pointer to the message timestamp echoed in predictions.
     pub timestamp: Option<String>,
@@ -592,10 +593,8 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
                 None
             }
         };
-        for key in ["key", "timestamp"] {
-            if kepware && src.has(key) {
-                src.error(key, "not used with format = \"kepware\": a row's key and timestamp are the newest \"t\" of its values");
-            }
+        if kepware && src.has("timestamp") {
+            src.error("timestamp", "not used with format = \"kepware\": a row's timestamp is the newest \"t\" of its values");
         }
         let topic = match &sparkplug {
             Some((group, edge_node)) => {
@@ -616,7 +615,8 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
                 src.error("topic", &e);
             }
         }
-        let key = src.opt_pointer("key");
+        // Kepware: the key is a tag of the device (a part or cycle counter), not a pointer.
+        let key = if kepware { src.opt_string("key") } else { src.opt_pointer("key") };
         let timestamp = src.opt_pointer("timestamp");
         let rows_given = src.has("rows");
         let last_value = match src.string("rows", Some("whole")).as_deref() {
@@ -863,12 +863,14 @@ batch = { max = 32 }
         assert_eq!(c.mqtt.max_payload_bytes, KEPWARE_MAX_PAYLOAD_BYTES, "an agent's publish is large");
         let capped = text.replace("[mqtt]\n", "[mqtt]\nmax_payload_bytes = 100000\n");
         assert_eq!(parse(&capped).unwrap().mqtt.max_payload_bytes, 100_000, "a cap set is kept");
-        // The sink's {device} needs no '+' (the device is in the tag id); a key pointer is refused.
+        // The sink's {device} needs no '+' (the device is in the tag id); the key is a tag.
+        let keyed = parse(&text.replace(r#"format = "kepware""#, r#"format = "kepware", key = "Counters.Part""#));
+        assert_eq!(keyed.unwrap().pipelines[0].source.key.as_deref(), Some("Counters.Part"));
         let bad = text
-            .replace(r#"format = "kepware""#, r#"format = "kepware", key = "/seq""#)
+            .replace(r#"format = "kepware""#, r#"format = "kepware", timestamp = "/t""#)
             .replace(r#""Motor.Temp""#, "7");
         let errs = parse(&bad).unwrap_err().to_string();
-        assert!(errs.contains("source.key: not used with format = \"kepware\""), "{errs}");
+        assert!(errs.contains("source.timestamp: not used with format = \"kepware\""), "{errs}");
         assert!(errs.contains("features.temp: expected a tag name"), "{errs}");
         assert!(!errs.contains("sink.topic"), "{errs}");
         let errs = parse(&text.replace(r#"rows = "last_value""#, "device_levels = 0")).unwrap_err().to_string();

@@ -122,7 +122,7 @@ impl ActiveModel {
         let extractor = match (&src.sparkplug, src.kepware_device_levels) {
             (Some(_), _) => Extractor::for_metrics(&m.inputs, &pipeline.features, max_payload_bytes),
             (None, Some(levels)) => {
-                Extractor::for_kepware_tags(&m.inputs, &pipeline.features, levels, max_payload_bytes)
+                Extractor::for_kepware_tags(&m.inputs, &pipeline.features, levels, src.key.clone(), max_payload_bytes)
             }
             (None, None) => {
                 Extractor::new(&m.inputs, &pipeline.features, src.key.clone(), src.timestamp.clone(), max_payload_bytes)

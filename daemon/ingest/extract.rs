@@ -177,14 +177,20 @@ impl Extractor {
     }
 
     /// For a Kepware IoT Gateway source: input name → tag within the device (an input not
-    /// listed reads the tag of its own name); the device is a tag id's first `device_levels`.
+    /// listed reads the tag of its own name); the device is a tag id's first `device_levels`;
+    /// `key_tag`, the device's tag whose value keys a row (else its newest `t`).
     pub fn for_kepware_tags(
         inputs: &[Input],
         tags: &std::collections::BTreeMap<String, String>,
         device_levels: usize,
+        key_tag: Option<String>,
         max_payload_bytes: usize,
     ) -> Extractor {
-        Extractor { kepware_device_levels: Some(device_levels), ..Self::for_metrics(inputs, tags, max_payload_bytes) }
+        Extractor {
+            kepware_device_levels: Some(device_levels),
+            key: key_tag,
+            ..Self::for_metrics(inputs, tags, max_payload_bytes)
+        }
     }
 
     pub fn max_payload_bytes(&self) -> usize {
@@ -312,8 +318,13 @@ impl Extractor {
                 continue;
             }
             let ts = kepware::newest(ours.iter().map(|(_, v)| v.t), stamp);
+            // A key tag's value in this message (null when it holds none), else the time.
+            let key = match &self.key {
+                Some(tag) => d.get(tag).map_or(Value::Null, |k| k.v.clone()),
+                None => ts.clone(),
+            };
             let features = self.kepware_row(d, &ours, last.as_deref_mut(), now);
-            let row = features.map(|features| Extracted { features, key: ts.clone(), ts });
+            let row = features.map(|features| Extracted { features, key, ts });
             rows.push((Some(d.device.to_string()), row));
         }
         rows
@@ -542,7 +553,7 @@ mod tests {
         let inputs: Vec<Input> =
             inputs.iter().map(|f| Input { name: f.0.clone(), unit: String::new(), min: f.2, max: f.3 }).collect();
         let tags = [("vib".to_string(), "Motor.Vib".to_string())].into();
-        let e = Extractor::for_kepware_tags(&inputs, &tags, 2, 4096);
+        let e = Extractor::for_kepware_tags(&inputs, &tags, 2, None, 4096);
         let now = Instant::now();
         let payload = br#"{"timestamp": 900, "values": [
             {"id": "L1.P7.temp", "v": 20, "q": true, "t": 100},
@@ -581,6 +592,12 @@ mod tests {
             "out_of_range"
         );
         assert!(e.read(br#"{"values": []}"#, "x", None, now).is_empty(), "an empty publish: no row");
+        // Keyed by a part counter, as an MES names the part its label is for.
+        let by_part = Extractor::for_kepware_tags(&inputs, &tags, 2, Some("Part".into()), 4096);
+        let part = br#"{"values": [{"id": "L1.P7.temp", "v": 20, "t": 5}, {"id": "L1.P7.Motor.Vib", "v": 2, "t": 5},
+                                  {"id": "L1.P7.Part", "v": "SN-0042", "t": 4}]}"#;
+        let row = by_part.read(part, "x", None, now).remove(0).1.unwrap();
+        assert_eq!((row.key, row.ts), ("SN-0042".into(), 5.into()));
         let wildcard = br#"{"values": [{"id": "L1.P+.temp", "v": 1}, {"id": "L1.P7.temp", "v": 1}]}"#;
         let rows = e.read(wildcard, "x", None, now);
         assert_eq!(

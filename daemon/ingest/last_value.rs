@@ -53,7 +53,13 @@ impl LastValues {
         let Some(d) = self.devices.get_mut(device) else { return Vec::new() };
         d.seen = Some(now);
         for (name, x) in fresh {
-            d.values.insert(name.to_string(), (x, now));
+            // Replaced in place: a feature's name is copied once, when the device first sends it.
+            match d.values.get_mut(name) {
+                Some(value) => *value = (x, now),
+                None => {
+                    d.values.insert(name.to_string(), (x, now));
+                }
+            }
         }
         let max_age = self.max_age;
         features

@@ -28,7 +28,7 @@ fn kepware() -> &'static Extractor {
     static E: OnceLock<Extractor> = OnceLock::new();
     E.get_or_init(|| {
         let tags = BTreeMap::from([("co2".to_string(), "Air.CO2".to_string())]);
-        Extractor::for_kepware_tags(&inputs(), &tags, 2, 64 * 1024)
+        Extractor::for_kepware_tags(&inputs(), &tags, 2, Some("Part".into()), 64 * 1024)
     })
 }
 
