@@ -362,6 +362,61 @@ fn cmd_status_refreshes_the_status_and_a_node_without_training_refuses_cmd_train
     assert!(daemon.running());
 }
 
+/// A device that stops sending is reported once as `device.silent` and listed in the status;
+/// when it speaks again, `device.back`. Its neighbour, still sending, is not.
+#[test]
+fn a_device_that_goes_quiet_is_reported_and_so_is_its_return() {
+    let broker = Broker::start();
+    let dir = temp_dir("silent");
+    let config = config("quiet", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("key = \"/seq\" }", "key = \"/seq\", silent_after_s = 2 }");
+    let mut daemon = Daemon::start(&dir, &config);
+    let out = Collector::new(broker.port, &["lathe/quiet/status", "lathe/quiet/events"]);
+    wait_online(broker.port, "quiet", &daemon);
+    let rows = rows(&expected());
+    let send = |p: &mut Publisher, device: usize, seq: usize| {
+        p.publish(&format!("plant/line1/dev{device}/telemetry"), shuttle_message(&rows[seq], seq));
+        p.flush();
+    };
+    let mut publisher = Publisher::new(broker.port);
+    send(&mut publisher, 0, 0);
+    // dev1 keeps sending every 300 ms to the end; dev0 says nothing more for 3 s.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dev1 = {
+        let (stop, rows, port) = (stop.clone(), rows.clone(), broker.port);
+        std::thread::spawn(move || {
+            let mut p = Publisher::new(port);
+            for seq in (1..).take_while(|_| !stop.load(std::sync::atomic::Ordering::Relaxed)) {
+                p.publish("plant/line1/dev1/telemetry", shuttle_message(&rows[seq % rows.len()], seq));
+                p.flush();
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    publisher.publish("lathe/quiet/cmd/status", "");
+    publisher.flush();
+    let events =
+        |name: &str| out.on("lathe/quiet/events").into_iter().filter(|e| e["event"] == name).collect::<Vec<_>>();
+    assert!(wait_until(Duration::from_secs(15), || !events("device.silent").is_empty()), "log:\n{}", daemon.log());
+    let silent = events("device.silent");
+    assert_eq!(silent.len(), 1, "{silent:?}");
+    assert_eq!((&silent[0]["device"], &silent[0]["pipeline"]), (&"dev0".into(), &"shuttle".into()));
+    assert!(silent[0]["silent_s"].as_u64().unwrap() >= 2);
+    let status = || out.on("lathe/quiet/status").last().cloned().unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(10), || status()["pipelines"][0]["devices"]["silent"]
+        == serde_json::json!(["dev0"])));
+    assert_eq!(status()["pipelines"][0]["devices"]["heard"], 2);
+
+    send(&mut publisher, 0, 9);
+    assert!(wait_until(Duration::from_secs(10), || !events("device.back").is_empty()), "log:\n{}", daemon.log());
+    assert_eq!(events("device.back")[0]["device"], "dev0");
+    assert_eq!(events("device.silent").len(), 1, "reported once, not at every status");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    dev1.join().unwrap();
+    assert!(daemon.running());
+}
+
 /// The README's mosquitto ACL ("Who may publish what"), read from the README itself: lathe
 /// without its password is refused with a hint; with it, lathe serves the PLC gateway's
 /// telemetry but not the operator's, and takes the operator's commands but not the gateway's.

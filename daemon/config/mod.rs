@@ -193,6 +193,8 @@ pub struct SourceConfig {
     /// that changed; a row is the device's last value of each). `None`: `rows = "whole"`,
     /// every message holds every feature.
     pub last_value: Option<LastValueConfig>,
+    /// `silent_after_s`: a device not heard for this long is reported (`device.silent`).
+    pub silent_after: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -637,8 +639,13 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         if last_value.is_none() && src.take("max_age_s").is_some() {
             src.error("max_age_s", "only used with rows = \"last_value\"");
         }
+        let silent_after = src
+            .has("silent_after_s")
+            .then(|| src.integer("silent_after_s", 0, 1, 30 * 86_400))
+            .flatten()
+            .map(std::time::Duration::from_secs);
         let ok = src.finish();
-        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug, kepware_device_levels, last_value })
+        ok.then_some(SourceConfig { topic: topic?, key, timestamp, sparkplug, kepware_device_levels, last_value, silent_after })
     });
     // JSON: input name = JSON pointer; Sparkplug B: a metric name; Kepware: a tag in the device.
     let features = match feature_names {
@@ -879,6 +886,16 @@ batch = { max = 32 }
         assert!(errs.to_string().contains("source.device_levels: only used with format = \"kepware\""), "{errs}");
         let errs = parse(&text.replace("kepware", "opc")).unwrap_err().to_string();
         assert!(errs.contains(r#"expected "json", "sparkplug-b" or "kepware", found "opc""#), "{errs}");
+    }
+
+    #[test]
+    fn silent_after_s_watches_for_devices_that_go_quiet() {
+        let source = r#"topic = "plant/line3/+/telemetry", key = "/seq""#;
+        assert_eq!(parse(GOOD).unwrap().pipelines[0].source.silent_after, None, "off unless set");
+        let c = parse(&GOOD.replace(source, &format!("{source}, silent_after_s = 300"))).unwrap();
+        assert_eq!(c.pipelines[0].source.silent_after, Some(std::time::Duration::from_secs(300)));
+        let errs = parse(&GOOD.replace(source, &format!("{source}, silent_after_s = 0"))).unwrap_err().to_string();
+        assert!(errs.contains("source.silent_after_s: expected an integer in 1..=2592000, found 0"), "{errs}");
     }
 
     #[test]

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, Publish, RetainForwardRule};
@@ -60,11 +60,31 @@ pub struct Route {
     pub counters: Arc<Counters>,
     /// Where this pipeline's late labels arrive, when it has `labels`.
     pub labels: Option<LabelRoute>,
-    /// `format = "sparkplug-b"`: the namespace's state (aliases, values, sequence), shared
-    /// with the status.
-    pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
-    /// `rows = "last_value"`: each device's last value of each feature (kept over a reload).
-    pub last_values: Option<Arc<std::sync::Mutex<super::last_value::LastValues>>>,
+    /// What the source remembers between messages.
+    pub source: SourceState,
+}
+
+/// What a pipeline's source remembers between messages: shared with the status, kept over a
+/// reload.
+#[derive(Clone, Default)]
+pub struct SourceState {
+    /// `format = "sparkplug-b"`: the namespace's state (aliases, values, sequence).
+    pub sparkplug: Option<Arc<Mutex<crate::sparkplug::Source>>>,
+    /// `rows = "last_value"`: each device's last value of each feature.
+    pub last_values: Option<Arc<Mutex<super::last_value::LastValues>>>,
+    /// `silent_after_s`: when each device was last heard.
+    pub activity: Option<Arc<Mutex<super::activity::Activity>>>,
+}
+
+impl SourceState {
+    pub fn new(source: &crate::config::SourceConfig) -> SourceState {
+        let (sparkplug, last_value) = (source.sparkplug.as_ref(), source.last_value);
+        SourceState {
+            sparkplug: sparkplug.map(|(group, node)| Arc::new(Mutex::new(crate::sparkplug::Source::new(group, node)))),
+            last_values: last_value.map(|l| Arc::new(Mutex::new(super::last_value::LastValues::new(l.max_age)))),
+            activity: source.silent_after.map(|after| Arc::new(Mutex::new(super::activity::Activity::new(after)))),
+        }
+    }
 }
 
 /// `lathe/{node}/cmd/+` and where its messages go.
@@ -689,9 +709,10 @@ impl Router {
             let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
-            let rows: Vec<super::Row> = match &route.sparkplug {
+            let rows: Vec<super::Row> = match &route.source.sparkplug {
                 None => {
-                    let mut last = route.last_values.as_ref().map(|l| l.lock().unwrap_or_else(PoisonError::into_inner));
+                    let mut last =
+                        route.source.last_values.as_ref().map(|l| l.lock().unwrap_or_else(PoisonError::into_inner));
                     route.model.load().extractor.read(&p.payload, device, last.as_deref_mut(), received)
                 }
                 Some(source) => {
@@ -710,6 +731,17 @@ impl Router {
             for (n, (named, row)) in rows.into_iter().enumerate() {
                 // The payload's device (Kepware, Sparkplug B), else the topic's.
                 let device = named.as_deref().unwrap_or(device);
+                if let Some(activity) = &route.source.activity {
+                    let back = activity.lock().unwrap_or_else(PoisonError::into_inner).heard(device, received);
+                    if let Some(quiet) = back {
+                        self.events.emit(Event::Step {
+                            pipeline: route.pipeline.clone(),
+                            step: "device.back",
+                            message: format!("Device {device} is heard again after {} s", quiet.as_secs()),
+                            detail: serde_json::json!({"device": device, "silent_s": quiet.as_secs()}),
+                        });
+                    }
+                }
                 match row {
                     Ok(x) => {
                         let sample = Sample {

@@ -183,10 +183,9 @@ pub struct Serving {
     pub performance: Option<Arc<std::sync::Mutex<crate::monitor::performance::Performance>>>,
     /// The sample store, for pipelines that train.
     pub store: Option<Arc<crate::store::Store>>,
-    /// A Sparkplug B source: its edge nodes and devices (online, offline, stale).
-    pub sparkplug: Option<Arc<std::sync::Mutex<crate::sparkplug::Source>>>,
-    /// A source that reports by exception: each device's last values.
-    pub last_values: Option<Arc<std::sync::Mutex<crate::ingest::last_value::LastValues>>>,
+    /// What the source remembers: a Sparkplug namespace, devices' last values, when each
+    /// device was last heard.
+    pub source: crate::ingest::connection::SourceState,
 }
 
 /// What the pipelines whose settings did not change keep across a SIGHUP reload: the model
@@ -213,8 +212,7 @@ impl Kept {
                 counters: s.counters.clone(),
                 performance: s.performance.clone(),
                 store: None,
-                sparkplug: s.sparkplug.clone(),
-                last_values: s.last_values.clone(),
+                source: s.source.clone(),
             };
             kept.insert(p.name.clone(), (print, s));
         }
@@ -311,7 +309,8 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
                 None => json!({"performance": performance}),
             };
             let store = s.store.as_ref().and_then(|st| st.stats(&s.pipeline).ok());
-            let sparkplug = s.sparkplug.as_ref().and_then(|sp| sp.lock().ok().map(|sp| sp.status()));
+            let sparkplug = s.source.sparkplug.as_ref().and_then(|sp| sp.lock().ok().map(|sp| sp.status()));
+            let devices = s.source.activity.as_ref().and_then(|a| a.lock().ok().map(|a| a.status(50)));
             // The training backend this pipeline's runs use (none: it does not train).
             let backend = config
                 .pipelines
@@ -322,7 +321,7 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
             json!({
                 "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
                 "origin": m.origin, "engine": config.infer.engine.name(), "backend": backend, "drift": drift, "counters": s.counters.snapshot(),
-                "store": store, "sparkplug": sparkplug,
+                "store": store, "sparkplug": sparkplug, "devices": devices,
             })
         })
         .collect();
@@ -331,6 +330,24 @@ fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
         "ts": unix_ms(), "pipelines": pipelines,
         "groups": config.update.as_ref().map(|u| u.groups.clone()).unwrap_or_default(),
     })
+}
+
+/// `device.silent` for each device that has now gone quiet for its source's `silent_after_s`
+/// (once; `device.back` comes from ingest when it speaks again).
+fn report_silent_devices(serving: &[Serving], events: &events::Events) {
+    let now = std::time::Instant::now();
+    for s in serving {
+        let Some(activity) = &s.source.activity else { continue };
+        let silent = activity.lock().map(|mut a| a.newly_silent(now)).unwrap_or_default();
+        for (device, quiet) in silent {
+            events.emit(events::Event::Step {
+                pipeline: s.pipeline.clone(),
+                step: "device.silent",
+                message: format!("Device {device} has not been heard for {} s", quiet.as_secs()),
+                detail: json!({"device": device, "silent_s": quiet.as_secs()}),
+            });
+        }
+    }
 }
 
 /// Unmaps the code pages that loading models (or training) ran once; see `code_pages`.
@@ -491,7 +508,7 @@ pub async fn run_keeping(
         // Rows wait here rather than in ingest's overflow queue: the channel stores them in
         // small blocks, without a VecDeque's doubling. See ingest::connection on what bounds it.
         let (tx, rx) = mpsc::channel(1 << 16);
-        let (model, counters, performance, sparkplug, last_values) = match reused {
+        let (model, counters, performance, source) = match reused {
             Some(kept) => {
                 let m = kept.model.load();
                 tracing::info!(
@@ -500,7 +517,7 @@ pub async fn run_keeping(
                     version = m.version,
                     "Serving (unchanged: kept its model and state)"
                 );
-                (kept.model, kept.counters, kept.performance, kept.sparkplug, kept.last_values)
+                (kept.model, kept.counters, kept.performance, kept.source)
             }
             None => {
                 let ready = ready_models.iter().position(|(name, _)| name == &p.name);
@@ -512,14 +529,8 @@ pub async fn run_keeping(
                 let performance = p.labels.as_ref().map(|l| {
                     Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
                 });
-                let sparkplug = p.source.sparkplug.as_ref().map(|(group, edge_node)| {
-                    Arc::new(std::sync::Mutex::new(crate::sparkplug::Source::new(group, edge_node)))
-                });
-                let last_values = p
-                    .source
-                    .last_value
-                    .map(|l| Arc::new(std::sync::Mutex::new(crate::ingest::last_value::LastValues::new(l.max_age))));
-                (model, Arc::new(Counters::default()), performance, sparkplug, last_values)
+                let source = crate::ingest::connection::SourceState::new(&p.source);
+                (model, Arc::new(Counters::default()), performance, source)
             }
         };
         let writer =
@@ -542,8 +553,7 @@ pub async fn run_keeping(
             tx: Some(tx),
             counters: counters.clone(),
             labels,
-            sparkplug: sparkplug.clone(),
-            last_values: last_values.clone(),
+            source: source.clone(),
         });
         let pipeline = Pipeline {
             name: p.name.clone(),
@@ -575,7 +585,7 @@ pub async fn run_keeping(
         }
         tasks.push(tokio::spawn(pipeline.run(rx)));
         let store = store.as_ref().filter(|_| p.train.is_some()).map(|(s, _)| s.clone());
-        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, sparkplug, last_values });
+        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, source });
     }
     let writer = store.as_ref().map(|(_, w)| w.clone());
     let sparkplug_task = match (&config.sparkplug, sparkplug_out) {
@@ -649,8 +659,8 @@ pub async fn run_keeping(
     });
 
     let status_task = {
-        let (client, config, serving, mut stop, mut ready) =
-            (client.clone(), config.clone(), serving.clone(), stop_rx, ready_rx);
+        let (client, config, serving, events, mut stop, mut ready) =
+            (client.clone(), config.clone(), serving.clone(), events.clone(), stop_rx, ready_rx);
         // "online" goes out once subscribed (so it means "messages sent now are served"),
         // again after every reconnect (a restarted broker may have lost it), every
         // STATUS_EVERY with fresh counters, and at once on `cmd/status`.
@@ -673,6 +683,8 @@ pub async fn run_keeping(
                     was_ready = is_ready;
                 }
                 if is_ready {
+                    // Only while connected: a lost broker silences every device at once.
+                    report_silent_devices(&serving, &events);
                     systemd::status(&status_line(&serving));
                     let body = status(&config, "online", &serving).to_string();
                     let _ = client.publish(config.status_topic(), QoS::AtLeastOnce, true, body).await;
