@@ -537,7 +537,9 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     let broker = Broker::start();
     let dir = temp_dir("metrics");
     let port = free_port();
-    let daemon = Daemon::start(&dir, &config_with_metrics("metricsd", &broker, &dir, port));
+    let config = config_with_metrics("metricsd", &broker, &dir, port)
+        .replace("key = \"/seq\" }", "key = \"/seq\", silent_after_s = 3600 }");
+    let daemon = Daemon::start(&dir, &config);
     wait_online(broker.port, "metricsd", &daemon);
     let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
     let expected = expected();
@@ -575,5 +577,7 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     assert_eq!(value(&m, "lathe_latency_seconds_bucket{pipeline=\"shuttle\",le=\"+Inf\"}"), 120.0);
     assert_eq!(value(&m, "lathe_broker_connected"), 1.0);
     assert!(m.contains("lathe_model_info{pipeline=\"shuttle\",model=\"shuttle-mlp\",version=\"1\""), "{m}");
+    assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"heard\"}"), 4.0);
+    assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"silent\"}"), 0.0);
     assert!(scrape("/other").starts_with("HTTP/1.1 404"));
 }

@@ -68,6 +68,11 @@ impl Activity {
         serde_json::json!({"heard": self.devices.len(), "silent_count": count, "silent": silent,
                            "silent_after_s": self.silent_after.as_secs()})
     }
+
+    /// (devices heard, devices silent now), for the metrics.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.devices.len(), self.devices.values().filter(|h| h.silent).count())
+    }
 }
 
 #[cfg(test)]
@@ -90,5 +95,6 @@ mod tests {
         assert_eq!(a.heard("pump7", at(101)), None);
         assert_eq!(a.newly_silent(at(111)), [("pump8".to_string(), Duration::from_secs(61))]);
         assert_eq!(a.status(10)["heard"], 2);
+        assert_eq!(a.counts(), (2, 1));
     }
 }

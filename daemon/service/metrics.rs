@@ -74,6 +74,23 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
             let _ = writeln!(out, "{name}{{pipeline=\"{}\"}} {}", label(&s.pipeline), get(&s.counters));
         }
     }
+    // Sources with `silent_after_s`: how many devices were heard, and how many went quiet.
+    let activity: Vec<(String, (usize, usize))> = serving
+        .iter()
+        .filter_map(|s| Some((label(&s.pipeline), s.source.activity.as_ref()?.lock().ok()?.counts())))
+        .collect();
+    if !activity.is_empty() {
+        help(
+            &mut out,
+            "lathe_devices",
+            "gauge",
+            "Devices heard since the start, and those silent now (silent_after_s).",
+        );
+        for (pipeline, (heard, silent)) in &activity {
+            let _ = writeln!(out, "lathe_devices{{pipeline=\"{pipeline}\",state=\"heard\"}} {heard}");
+            let _ = writeln!(out, "lathe_devices{{pipeline=\"{pipeline}\",state=\"silent\"}} {silent}");
+        }
+    }
     help(&mut out, "lathe_messages_rejected_total", "counter", "Telemetry messages rejected, by reason.");
     for s in serving {
         for (reason, c) in Reject::REASONS.iter().zip(&s.counters.rejected) {
