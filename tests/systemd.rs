@@ -33,7 +33,8 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
     let dir = temp_dir("notify");
     let socket_path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    let config = config("notify", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
+    let config = config("notify", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("key = \"/seq\" }", "key = \"/seq\", silent_after_s = 2 }");
     std::fs::write(dir.join("lathe.toml"), &config).unwrap();
     let mut child = Command::new(LATHE)
         .args(["run", "--config"])
@@ -107,6 +108,12 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
         }
     }
     assert!(seen.iter().any(|m| m.contains(want)), "{seen:?}");
+    // dev0, the only device, then says nothing for over silent_after_s: the line says so.
+    std::thread::sleep(Duration::from_millis(2500));
+    p.publish("lathe/notify/cmd/status", "");
+    p.flush();
+    let seen = receive_for(&socket, Duration::from_millis(1500));
+    assert!(seen.iter().any(|m| m.contains("most not_json); 1 of 1 devices silent")), "{seen:?}");
 
     // An unchanged config on SIGHUP changes nothing and must not kill it.
     let _ = Command::new("kill").args(["-HUP", &child.id().to_string()]).status();

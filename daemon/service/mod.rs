@@ -391,6 +391,10 @@ fn status_line(serving: &[Serving]) -> String {
             if !alarms.is_empty() {
                 line += &format!("; drift alarm on {}", alarms.join(", "));
             }
+            let activity = s.source.activity.as_ref().and_then(|a| a.lock().ok().map(|a| a.counts()));
+            if let Some((heard, silent)) = activity.filter(|(_, silent)| *silent > 0) {
+                line += &format!("; {silent} of {heard} devices silent");
+            }
             line
         })
         .collect();
