@@ -377,13 +377,35 @@ impl Drop for Durable {
     }
 }
 
+/// What lathe and the broker hold when a fault test's answers stop coming: lathe's counters
+/// (a fresh status) and the broker's stored messages ($SYS, every 10 s). Read on failure.
+fn where_it_stands(port: u16, node: &str) -> String {
+    let watch = Collector::new(port, &[&format!("lathe/{node}/status"), "$SYS/broker/store/messages/count"]);
+    Publisher::new(port).publish(&format!("lathe/{node}/cmd/status"), "");
+    std::thread::sleep(Duration::from_secs(11));
+    let status = watch.on(&format!("lathe/{node}/status")).pop().unwrap_or_default();
+    let counters: Vec<String> = status["pipelines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!("{}: received {}, predicted {}", p["name"], p["counters"]["received"], p["counters"]["predicted"])
+        })
+        .collect();
+    let stored =
+        watch.messages.lock().unwrap().iter().rev().find(|(t, _)| t.starts_with("$SYS")).map(|(_, v)| v.clone());
+    format!("lathe: {counters:?}; broker stored messages: {stored:?}")
+}
+
 /// Paho's restart test, harder: 10k QoS 1 messages stream in while mosquitto is killed with
 /// SIGKILL 20 times at random 1–4 s intervals and restarted. mosquitto saves after every
 /// change, but acknowledges a message before the save that holds it (README, "What the
 /// broker must keep"), so a kill can take the message in flight at that instant with it
 /// (seen in CI: one message, at the moment of a kill, the witness having it). Every other
-/// message must be answered at the subscriber: a missing one is allowed only within 200 ms
-/// of a kill, at most one per kill (duplicates are allowed and counted).
+/// message must be answered at the subscriber: a missing one is allowed only within 40
+/// messages (200 ms of stream) of what the broker was handling at a kill, the newest
+/// telemetry or the newest answer then, at most one per kill (duplicates are allowed and
+/// counted). How fast the backlog drains is not asserted (see `wait_while_progressing`).
 #[test]
 fn ten_thousand_messages_through_twenty_broker_kills_lose_nothing() {
     let Some(mut broker) = Broker::start_persistent() else {
@@ -402,19 +424,22 @@ fn ten_thousand_messages_through_twenty_broker_kills_lose_nothing() {
     let mut random = rng();
     // 10k over about the 50 s the kills take.
     const PER_S: f64 = 200.0;
-    let started = std::time::Instant::now();
     let streaming = publisher.stream(0..N, PER_S as u64);
-    // The key being published at each kill (the stream is paced by the clock).
-    let mut killed_at = Vec::new();
+    // At each kill, the newest key the witness and the subscriber had: the telemetry and
+    // the predictions the broker was handling at that instant (lathe's answers lag the
+    // stream while it drains what each restart redelivered, so the clock says less).
+    let mut at_kills = Vec::new();
     for kill in 0..20 {
         std::thread::sleep(Duration::from_millis(random(1000, 4000)));
-        killed_at.push(started.elapsed().as_secs_f64() * PER_S);
+        let newest = |d: &Durable| d.keys.lock().unwrap().iter().copied().max().unwrap_or(0);
+        at_kills.push((newest(&witness), newest(&subscriber)));
         broker.kill();
         broker.restart();
         eprintln!("kill {kill}: {} answered so far", subscriber.distinct().len());
     }
     streaming.join().unwrap();
-    let all = wait_until(Duration::from_secs(60), || subscriber.distinct().len() == N);
+    let all =
+        wait_while_progressing(Duration::from_secs(30), Duration::from_secs(300), N, || subscriber.distinct().len());
     let got = subscriber.distinct();
     let missing: Vec<u64> = (0..N as u64).filter(|k| !got.contains(k)).collect();
     let received = subscriber.keys.lock().unwrap().len();
@@ -427,15 +452,20 @@ fn ten_thousand_messages_through_twenty_broker_kills_lose_nothing() {
         witness.sessions_lost.load(std::sync::atomic::Ordering::SeqCst)
     );
     eprintln!(
-        "broker kills: 20; messages: {N}; answered: {}; missing: {}; duplicates: {}",
+        "broker kills: 20; messages: {N}; answered: {}; missing: {}; duplicates: {}; packet-id collisions: {}",
         got.len(),
         missing.len(),
-        received - got.len()
+        received - got.len(),
+        daemon.log().matches("Collision on packet id").count()
     );
-    let in_crash_window = |k: &u64| killed_at.iter().any(|&at| (*k as f64 - at).abs() <= 0.2 * PER_S);
+    // Within 200 ms of stream (40 messages) of what the broker was handling at a kill.
+    let near = |k: u64, at: u64| k.abs_diff(at) <= (0.2 * PER_S) as u64;
+    let in_crash_window = |k: &u64| at_kills.iter().any(|&(telemetry, answer)| near(*k, telemetry) || near(*k, answer));
+    let lost_at_kills = missing.len() <= at_kills.len() && missing.iter().all(in_crash_window);
     assert!(
-        all || (missing.len() <= killed_at.len() && missing.iter().all(in_crash_window)),
-        "missing {missing:?} (keys at the kills {killed_at:.0?}); log:\n{}",
+        all || lost_at_kills,
+        "missing {missing:?} (newest telemetry and answer at the kills {at_kills:?}); {}; log:\n{}",
+        where_it_stands(broker.port, "kills"),
         daemon.log()
     );
     assert!(daemon.log().matches("Broker connection lost").count() >= 15, "the kills were felt");
@@ -465,7 +495,7 @@ fn kill_9_mid_stream_answers_every_message_after_restart() {
     }
     streaming.join().unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || keys(&out).len() == N),
+        wait_while_progressing(Duration::from_secs(30), Duration::from_secs(300), N, || keys(&out).len()),
         "{} of {N} answered; log:\n{}",
         keys(&out).len(),
         daemon.log()
@@ -559,7 +589,7 @@ fn a_half_open_link_is_detected_within_one_and_a_half_keep_alives_and_nothing_is
     proxy.set_black_hole(false);
     streaming.join().unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || keys(&out).len() == N),
+        wait_while_progressing(Duration::from_secs(30), Duration::from_secs(300), N, || keys(&out).len()),
         "{} of {N} answered; log:\n{}",
         keys(&out).len(),
         daemon.log()
@@ -622,7 +652,9 @@ fn a_refused_connection_backs_off_quietly_and_connects_when_the_broker_appears()
 /// flight, lathe can hold more predictions than the window lets it send. rumqttc 0.25.1 replayed such a backlog past its flow control and
 /// dropped a publish at every second packet-id collision (third_party/rumqttc/PATCHES.md).
 /// The broker is stopped with SIGTERM, so it saves everything and any loss is the clients':
-/// the test's own publisher lost hundreds of messages to the same bug.
+/// the test's own publisher lost hundreds of messages to the same bug. rumqttc also gave
+/// new publishes packet ids still held by replayed ones; each such collision held every
+/// request until that id's PUBACK (PATCHES.md, third change), so none may happen.
 #[test]
 fn predictions_queued_beyond_the_window_survive_broker_restarts() {
     let Some(mut broker) = Broker::start_persistent_with_window(20) else {
@@ -652,7 +684,18 @@ fn predictions_queued_beyond_the_window_survive_broker_restarts() {
         eprintln!("restart {restart}: {} and {} answered so far", first.distinct().len(), second.distinct().len());
     }
     streaming.join().unwrap();
-    let all = wait_until(Duration::from_secs(60), || first.distinct().len() == N && second.distinct().len() == N);
+    let streamed = std::time::Instant::now();
+    let all = wait_while_progressing(Duration::from_secs(30), Duration::from_secs(300), 2 * N, || {
+        first.distinct().len() + second.distinct().len()
+    });
+    let collisions = daemon.log().matches("Collision on packet id").count();
+    eprintln!(
+        "window of 20, 6 restarts: all answered {:.1} s after the stream ended; packet-id collisions: {collisions}",
+        streamed.elapsed().as_secs_f64()
+    );
     let missing = |d: &Durable| (0..N as u64).filter(|k| !d.distinct().contains(k)).collect::<Vec<_>>();
     assert!(all, "missing {:?} and {:?}; log:\n{}", missing(&first), missing(&second), daemon.log());
+    // A new publish takes a free packet id, so the replayed ones (which keep theirs) never
+    // stall the backlog one round trip at a time (37 to 74 collisions per run before).
+    assert_eq!(collisions, 0, "log:\n{}", daemon.log());
 }

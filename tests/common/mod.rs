@@ -54,6 +54,32 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Waits until `count()` reaches `target`, as long as it keeps growing: false once it has
+/// not grown for `stall`, or after `limit` in all. For the fault tests, which assert that
+/// nothing is lost, not how fast a backlog drains: a persistent mosquitto saves its whole
+/// store after every change, so on a busy 2-core machine a backlog behind broker kills
+/// drains in minutes, not seconds (a stuck daemon still fails within `stall`).
+pub fn wait_while_progressing(
+    stall: Duration,
+    limit: Duration,
+    target: usize,
+    mut count: impl FnMut() -> usize,
+) -> bool {
+    let started = Instant::now();
+    let (mut last, mut last_change) = (count(), Instant::now());
+    while last < target {
+        if last_change.elapsed() >= stall || started.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let now = count();
+        if now != last {
+            (last, last_change) = (now, Instant::now());
+        }
+    }
+    true
+}
+
 fn mosquitto_installed() -> bool {
     Command::new("mosquitto").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }

@@ -123,7 +123,13 @@ impl EventLoop {
     pub fn clean(&mut self) {
         self.network = None;
         self.keepalive_timeout = None;
-        self.pending.extend(self.state.clean());
+        // lathe patch: the publishes that were sent and not acknowledged go out again first,
+        // ahead of any request still waiting from an earlier replay: they were taken before
+        // those, and their packet ids are then free when they are replayed (see next_pkid).
+        let unacked = self.state.clean();
+        for request in unacked.into_iter().rev() {
+            self.pending.push_front(request);
+        }
 
         // drain requests from channel which weren't yet received
         let mut requests_in_channel: Vec<_> = self.requests_rx.drain().collect();

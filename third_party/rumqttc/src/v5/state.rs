@@ -144,8 +144,12 @@ impl MqttState {
     pub fn clean(&mut self) -> Vec<Request> {
         let mut pending = Vec::with_capacity(100);
         // remove and collect pending publishes
-        for publish in self.outgoing_pub.iter_mut() {
-            if let Some(publish) = publish.take() {
+        // lathe patch: oldest first. Ids are given round-robin, so the oldest unacknowledged
+        // publish holds the first id after the last one given.
+        let slots = self.outgoing_pub.len();
+        for i in 0..slots {
+            let slot = (self.last_pkid as usize + 1 + i) % slots;
+            if let Some(publish) = self.outgoing_pub[slot].take() {
                 let request = Request::Publish(publish);
                 pending.push(request);
             }
@@ -673,19 +677,30 @@ impl MqttState {
     /// Packet ids are incremented till maximum set inflight messages and reset to 1 after that.
     ///
     fn next_pkid(&mut self) -> u16 {
-        let next_pkid = self.last_pkid + 1;
-
-        // When next packet id is at the edge of inflight queue,
-        // set await flag. This instructs eventloop to stop
-        // processing requests until all the inflight publishes
-        // are acked
-        if next_pkid == self.max_outgoing_inflight {
-            self.last_pkid = 0;
-            return next_pkid;
-        }
-
-        self.last_pkid = next_pkid;
-        next_pkid
+        // lathe patch: the next packet id that is free, round-robin from the last one given.
+        // 0.25.1 took the next id whether or not it was free, so after a reconnect (whose
+        // replayed publishes keep their ids, scattered) nearly every new publish collided, and
+        // each collision held every request, acks included, until the PUBACK of the publish
+        // holding that id: one publish per round trip while the backlog drained. The event
+        // loop takes a publish only while `inflight < max_outgoing_inflight`, so a free id
+        // exists; if none does, the old id is returned and the collision path handles it.
+        let max = self.max_outgoing_inflight.max(1);
+        let first = self.last_pkid % max + 1;
+        let pkid = (0..max)
+            .map(|k| (first - 1 + k) % max + 1)
+            .find(|&id| {
+                matches!(self.outgoing_pub.get(id as usize), Some(None))
+                    && !self.outgoing_rel.contains(id as usize)
+            })
+            ;
+        let Some(pkid) = pkid else {
+            // None free (only when called past flow control): the next id, left to the
+            // collision path; `last_pkid` stays, so a replay still starts at the oldest.
+            return first;
+        };
+        // As before: `last_pkid` is 0 after the edge of the window.
+        self.last_pkid = if pkid == max { 0 } else { pkid };
+        pkid
     }
 }
 
@@ -793,7 +808,7 @@ mod test {
 
         // This should cause a collition
         mqtt.outgoing_publish(publish.clone()).unwrap();
-        assert_eq!(mqtt.last_pkid, 1);
+        assert_eq!(mqtt.last_pkid, 0); // lathe patch: a colliding id is not taken as given
         assert_eq!(mqtt.inflight, 2);
         assert!(mqtt.collision.is_some());
 
@@ -1034,5 +1049,31 @@ mod test {
         assert!(mqtt.collision.is_none());
         let pkids: Vec<u16> = pending.iter().map(|r| match r { Request::Publish(p) => p.pkid, _ => 0 }).collect();
         assert_eq!(pkids, vec![1, 2, 1]);
+    }
+
+    // lathe patch: a new publish takes a free packet id rather than colliding with a
+    // publish that still holds the next one (replayed publishes keep their ids); a replay
+    // goes oldest first.
+    #[test]
+    fn a_new_publish_takes_a_free_packet_id_and_clean_replays_oldest_first() {
+        let mut mqtt = MqttState::new(4, false);
+        let publish = build_outgoing_publish(QoS::AtLeastOnce);
+        mqtt.outgoing_publish(publish.clone()).unwrap();
+        mqtt.outgoing_publish(publish.clone()).unwrap();
+        mqtt.handle_incoming_puback(&PubAck::new(1, None)).unwrap();
+        mqtt.handle_incoming_puback(&PubAck::new(2, None)).unwrap();
+        // Replayed after a reconnect, with the ids they had: 3 and 4.
+        for pkid in [3, 4] {
+            let mut replayed = publish.clone();
+            replayed.pkid = pkid;
+            mqtt.outgoing_publish(replayed).unwrap();
+        }
+        // The next id in turn is 3, held: the new publish takes 1, not a collision.
+        mqtt.outgoing_publish(publish.clone()).unwrap();
+        assert!(mqtt.collision.is_none());
+        assert_eq!(mqtt.inflight, 3);
+        let pending = mqtt.clean();
+        let pkids: Vec<u16> = pending.iter().map(|r| match r { Request::Publish(p) => p.pkid, _ => 0 }).collect();
+        assert_eq!(pkids, vec![3, 4, 1], "in the order they were sent");
     }
 }
