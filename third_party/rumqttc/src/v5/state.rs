@@ -684,16 +684,15 @@ impl MqttState {
         // holding that id: one publish per round trip while the backlog drained. The event
         // loop takes a publish only while `inflight < max_outgoing_inflight`, so a free id
         // exists; if none does, the old id is returned and the collision path handles it.
-        let max = self.max_outgoing_inflight.max(1);
-        let first = self.last_pkid % max + 1;
-        let pkid = (0..max)
-            .map(|k| (first - 1 + k) % max + 1)
-            .find(|&id| {
-                matches!(self.outgoing_pub.get(id as usize), Some(None))
-                    && !self.outgoing_rel.contains(id as usize)
-            })
-            ;
-        let Some(pkid) = pkid else {
+        let max = u32::from(self.max_outgoing_inflight.max(1));
+        let first = u32::from(self.last_pkid) % max + 1;
+        let free = (0..max).map(|k| (first - 1 + k) % max + 1).find(|&id| {
+            matches!(self.outgoing_pub.get(id as usize), Some(None))
+                && !self.outgoing_rel.contains(id as usize)
+        });
+        // Ids are at most `max`, a u16.
+        let (first, max) = (first as u16, max as u16);
+        let Some(pkid) = free.map(|id| id as u16) else {
             // None free (only when called past flow control): the next id, left to the
             // collision path; `last_pkid` stays, so a replay still starts at the oldest.
             return first;
