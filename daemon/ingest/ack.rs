@@ -19,8 +19,8 @@ pub enum AckMsg {
     Received { seq: u64, pkid: u16, qos: QoS },
     /// Every pipeline is done with `seq`.
     Done { seq: u64 },
-    /// A new connection: the broker will redeliver whatever was not acked, so the old
-    /// packet ids mean nothing any more.
+    /// A connection lost, and again when the next one is made: the broker will redeliver
+    /// whatever was not acked, so the old packet ids mean nothing any more.
     Reset { next_seq: u64 },
     /// Answered once every message before it has been handled (acks handed to the client):
     /// lets a stop send the last acks before it disconnects.

@@ -569,6 +569,12 @@ impl Ingest {
                 Err((e, _)) => {
                     last_heard = None;
                     let _ = ready.send(false);
+                    // Acks due from now on are for the lost connection: rumqttc dropped the
+                    // queued ones, and the broker redelivers every unacked message. One sent on
+                    // the next connection could free a packet id the broker then gives a new
+                    // message, and the redelivered copy's ack would acknowledge that message
+                    // before lathe has answered it.
+                    router.acks.send(AckMsg::Reset { next_seq: router.next_seq });
                     let now = Instant::now();
                     let since = *outage_since.get_or_insert(now);
                     let what = if ever_connected { "Broker connection lost" } else { "Cannot connect to the broker" };
