@@ -509,6 +509,9 @@ fn kill_9_mid_stream_answers_every_message_after_restart() {
 struct Proxy {
     port: u16,
     black_hole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Swallows only what the client sends: it still hears the broker, and nothing it sends
+    /// (publishes, acks, pings) arrives.
+    mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -519,26 +522,31 @@ impl Proxy {
         use std::sync::Arc;
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let black_hole = Arc::new(AtomicBool::new(false));
-        let global = black_hole.clone();
+        let (black_hole, mute) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (global, muted) = (black_hole.clone(), mute.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(upstream) = TcpStream::connect(("127.0.0.1", to)) else { continue };
                 let dead = Arc::new(AtomicBool::new(false));
-                for (mut from, mut to) in
-                    [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
-                {
+                let never = Arc::new(AtomicBool::new(false));
+                for (mut from, mut to, mute) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap(), muted.clone()),
+                    (upstream, client, never),
+                ] {
                     let (global, dead) = (global.clone(), dead.clone());
                     std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
+                        let (mut buf, mut muted) = ([0u8; 16384], false);
                         while let Ok(n) = from.read(&mut buf) {
                             if n == 0 {
                                 break;
                             }
+                            // Once swallowed, never forwarded again: both ways for the black
+                            // hole, this way only when muted.
                             if global.load(SeqCst) {
-                                dead.store(true, SeqCst); // once swallowed, never forwarded again
+                                dead.store(true, SeqCst);
                             }
-                            if !dead.load(SeqCst) && to.write_all(&buf[..n]).is_err() {
+                            muted |= mute.load(SeqCst);
+                            if !dead.load(SeqCst) && !muted && to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
                         }
@@ -547,12 +555,62 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, black_hole }
+        Proxy { port, black_hole, mute }
     }
 
     fn set_black_hole(&self, on: bool) {
         self.black_hole.store(on, std::sync::atomic::Ordering::SeqCst);
     }
+
+    fn set_mute(&self, on: bool) {
+        self.mute.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A broker that forgets lathe's session: mosquitto's default (no persistence) restarted.
+/// lathe has taken telemetry and owes predictions for it, some sent and not yet
+/// acknowledged, the rest queued behind its in-flight window. The broker lost the telemetry
+/// with the session, so those predictions are the only record of it: lathe must send them
+/// on the new session (rumqttc 0.25.1 dropped them with the old one's packet ids).
+#[test]
+fn predictions_owed_to_a_broker_that_lost_the_session_are_sent_on_the_new_one() {
+    let Some(mut broker) = mosquitto("a mosquitto process to restart") else { return };
+    const N: usize = 60;
+    let proxy = Proxy::start(broker.port);
+    let dir = temp_dir("session-lost");
+    let metrics = free_port();
+    // An in-flight window of 10: of the 60 predictions, 10 are on the wire, 50 queued.
+    let config = config_with_metrics("sessionlost", &broker, &dir, metrics)
+        .replace(&broker.url(), &format!("mqtt://127.0.0.1:{}", proxy.port))
+        .replace("[mqtt]", "[mqtt]\nmax_inflight = 10");
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "sessionlost", &daemon);
+    // lathe hears the broker, but its predictions and acks go nowhere.
+    proxy.set_mute(true);
+    send(&mut Publisher::new(broker.port), "line1", &rows(&expected()), 0..N);
+    let predicted = || {
+        let page = scrape(metrics, "/metrics").unwrap_or_default();
+        let line = page.lines().find(|l| l.starts_with("lathe_predictions_total"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<usize>().ok()).unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || predicted() >= N),
+        "lathe predicted {} of the {N} messages the broker sent it; metrics:\n{}\nlog:\n{}",
+        predicted(),
+        scrape(metrics, "/metrics").unwrap_or_default(),
+        daemon.log()
+    );
+    broker.kill();
+    broker.restart(); // no memory of any session
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
+    proxy.set_mute(false);
+    assert!(
+        out.wait_for("prediction", N, Duration::from_secs(60)),
+        "{} of {N} predictions arrived after the session was lost; log:\n{}",
+        keys(&out).len(),
+        daemon.log()
+    );
+    assert_eq!(keys(&out), (0..N as u64).collect(), "every prediction lathe owed");
 }
 
 /// A half-open link: the daemon's connection goes silent (no error, no FIN) mid-stream. It

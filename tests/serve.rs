@@ -477,22 +477,6 @@ fn the_readmes_broker_acl_lets_each_account_do_only_its_part() {
     assert_eq!(out.on("plant/line1/dev0/telemetry").len(), 2, "the broker dropped the operator's telemetry");
 }
 
-/// `GET path` on the metrics endpoint at `port`: the whole response, or why there is none.
-fn scrape(port: u16, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
-}
-
-/// A config serving the sample model with `[metrics] listen` on `port`.
-fn config_with_metrics(node: &str, broker: &Broker, dir: &Path, port: u16) -> String {
-    config(node, broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
-        .replace("[[pipeline]]", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[pipeline]]"))
-}
-
 /// Clients that connect to the metrics port and say nothing (a port scan, a slow-loris) hold
 /// at most `MAX_CONNECTIONS` of the daemon's descriptors, which the store and the broker
 /// connection need; predictions go on, and once they are gone a scrape works again.

@@ -346,6 +346,22 @@ sink = {{ topic = "plant/line1/{{device}}/prediction" }}
     )
 }
 
+/// `GET path` on the metrics endpoint at `port`: the whole response, or why there is none.
+pub fn scrape(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// A config serving the sample model with `[metrics] listen` on `port`.
+pub fn config_with_metrics(node: &str, broker: &Broker, dir: &Path, port: u16) -> String {
+    config(node, broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("[[pipeline]]", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[pipeline]]"))
+}
+
 /// An MQTT client that records every message on its subscriptions.
 pub struct Collector {
     pub messages: Arc<Mutex<Vec<(String, Value)>>>,

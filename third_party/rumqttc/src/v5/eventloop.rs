@@ -1,5 +1,6 @@
 use super::framed::Network;
 use super::mqttbytes::v5::*;
+use super::mqttbytes::QoS;
 use super::{Incoming, MqttOptions, MqttState, Outgoing, Request, StateError, Transport};
 use crate::eventloop::socket_connect;
 use crate::framed::AsyncReadWrite;
@@ -157,7 +158,18 @@ impl EventLoop {
             .await??;
             // Last session might contain packets which aren't acked. If it's a new session, clear the pending packets.
             if !connack.session_present {
-                self.pending.clear();
+                // lathe patch: a client that asked to keep its session (clean start 0) and
+                // got none (the broker restarted without persistence, or expired it) still
+                // owes the broker its unacknowledged and unsent publishes: it discards the
+                // session state (packet ids, acks, releases, MQTT 5 §3.2.2.1.1) and sends the
+                // messages again as new ones. Only a client that asked for a clean start
+                // drops them (its choice: Sparkplug's edge node, whose stale data would
+                // follow its new birth).
+                if self.options.clean_start() {
+                    self.pending.clear();
+                } else {
+                    self.pending = self.pending.drain(..).filter_map(outlives_the_session).collect();
+                }
             }
             self.network = Some(network);
 
@@ -442,5 +454,55 @@ async fn mqtt_connect(
         }
         Incoming::ConnAck(connack) => Err(ConnectionError::ConnectionRefused(connack.code)),
         packet => Err(ConnectionError::NotConnAck(Box::new(packet))),
+    }
+}
+
+/// lathe patch: what of a lost session is sent again on a new one. A publish becomes a new
+/// message (its packet id is given afresh, and it is not a duplicate to the new session);
+/// acks, releases and pings belong to the old session and are dropped; subscriptions and
+/// a disconnect still stand.
+fn outlives_the_session(request: Request) -> Option<Request> {
+    match request {
+        Request::Publish(mut publish) => {
+            if publish.qos != QoS::AtMostOnce {
+                publish.pkid = 0;
+            }
+            publish.dup = false;
+            Some(Request::Publish(publish))
+        }
+        Request::PubAck(_)
+        | Request::PubRec(_)
+        | Request::PubComp(_)
+        | Request::PubRel(_)
+        | Request::PingReq
+        | Request::PingResp
+        | Request::SubAck(_)
+        | Request::UnsubAck(_) => None,
+        Request::Subscribe(_) | Request::Unsubscribe(_) | Request::Disconnect => Some(request),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_session_keeps_its_messages_as_new_ones_and_drops_its_acks() {
+        let mut publish = Publish::new("plant/line1/dev0/prediction", QoS::AtLeastOnce, "{}", None);
+        (publish.pkid, publish.dup) = (7, true);
+        let subscribe = Subscribe::new(Filter::new("plant/+/+/telemetry", QoS::AtLeastOnce), None);
+        let requests = [
+            Request::Publish(publish),
+            Request::PubAck(PubAck::new(3, None)),
+            Request::PubRel(PubRel::new(4, None)),
+            Request::PingReq,
+            Request::Subscribe(subscribe),
+            Request::Disconnect,
+        ];
+        let kept: Vec<_> = requests.into_iter().filter_map(outlives_the_session).collect();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        let Request::Publish(p) = &kept[0] else { panic!("{kept:?}") };
+        assert_eq!((p.pkid, p.dup, &p.topic[..]), (0, false, &b"plant/line1/dev0/prediction"[..]));
+        assert!(matches!(&kept[1..], [Request::Subscribe(_), Request::Disconnect]));
     }
 }
