@@ -452,11 +452,13 @@ fn ten_thousand_messages_through_twenty_broker_kills_lose_nothing() {
         witness.sessions_lost.load(std::sync::atomic::Ordering::SeqCst)
     );
     eprintln!(
-        "broker kills: 20; messages: {N}; answered: {}; missing: {}; duplicates: {}; packet-id collisions: {}",
+        "broker kills: 20; messages: {N}; answered: {}; missing: {}; duplicates: {}; packet-id collisions: {}; \
+         taken for a contested session: {}",
         got.len(),
         missing.len(),
         received - got.len(),
-        daemon.log().matches("Collision on packet id").count()
+        daemon.log().matches("Collision on packet id").count(),
+        daemon.log().matches("another client is probably using").count()
     );
     // Within 200 ms of stream (40 messages) of what the broker was handling at a kill.
     let near = |k: u64, at: u64| k.abs_diff(at) <= (0.2 * PER_S) as u64;
@@ -611,6 +613,37 @@ fn predictions_owed_to_a_broker_that_lost_the_session_are_sent_on_the_new_one() 
         daemon.log()
     );
     assert_eq!(keys(&out), (0..N as u64).collect(), "every prediction lathe owed");
+}
+
+/// Two daemons with the same node (a cloned device image) on one broker: each connection takes
+/// the session from the other. They must not trade it several times a second for ever: after
+/// three connections closed within a second of being made, the one losing them waits longer
+/// each time and says why; the telemetry is still answered (by whichever holds the session).
+#[test]
+fn two_daemons_with_one_client_id_back_off_and_say_why() {
+    let Some(broker) = mosquitto("mosquitto's session takeover") else { return };
+    let model = root().join("models/shuttle-mlp-1.lathe");
+    let (dir_a, dir_b) = (temp_dir("twin-a"), temp_dir("twin-b"));
+    let first = Daemon::start(&dir_a, &config("twin", &broker, &dir_a.join("state"), &model));
+    wait_online(broker.port, "twin", &first);
+    let second = Daemon::start(&dir_b, &config("twin", &broker, &dir_b.join("state"), &model));
+    std::thread::sleep(Duration::from_secs(15));
+    let connects = |d: &Daemon| d.log().matches("Connected to the broker").count();
+    let (a, b) = (connects(&first), connects(&second));
+    eprintln!("two daemons as `lathe-twin` for 15 s: {a} and {b} connections");
+    // Reconnecting at once, they made about 70 each in 15 s.
+    assert!(a + b <= 30, "{a} + {b} connections; logs:\n{}\n{}", first.log(), second.log());
+    let said = |d: &Daemon| d.log().contains("another client is probably using client id `lathe-twin`");
+    assert!(said(&first) || said(&second), "neither says why; logs:\n{}\n{}", first.log(), second.log());
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction"]);
+    send(&mut Publisher::new(broker.port), "line1", &rows(&expected()), 0..20);
+    assert!(
+        wait_until(Duration::from_secs(90), || keys(&out).len() == 20),
+        "{} of 20 answered; logs:\n{}\n{}",
+        keys(&out).len(),
+        first.log(),
+        second.log()
+    );
 }
 
 /// A half-open link: the daemon's connection goes silent (no error, no FIN) mid-stream. It

@@ -337,6 +337,41 @@ pub fn backoff(attempt: u32) -> Duration {
 /// still down, and the journal is not flooded.
 const OUTAGE_REMINDER: Duration = Duration::from_secs(600);
 
+/// Connections the broker closes within a second of accepting them, in a row: what another
+/// client with the same client id looks like (two daemons with one `node`, often a cloned
+/// device image). Each takes the session from the other; reconnecting at once, they traded
+/// it about five times a second each, with a warning per trade. A growing wait (the streak
+/// as the backoff's attempt count) lets one hold the session for longer and longer spells.
+#[derive(Debug, Default)]
+struct QuickDrops {
+    connected_at: Option<Instant>,
+    streak: u32,
+}
+
+impl QuickDrops {
+    /// Up for less than this and closed: quick.
+    const QUICK: Duration = Duration::from_secs(1);
+    /// Quick drops in a row before they are taken for a contested session (one or two
+    /// happen when a broker is killed just after a restart).
+    const SUSPECT: u32 = 3;
+
+    fn connected(&mut self, now: Instant) {
+        self.connected_at = Some(now);
+    }
+
+    /// A connection ended, or an attempt failed (nothing dropped: `None`): the streak of
+    /// quick drops when this one makes the session look contested.
+    fn ended(&mut self, now: Instant) -> Option<u32> {
+        let at = self.connected_at.take()?;
+        if now.duration_since(at) >= Self::QUICK {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        (self.streak >= Self::SUSPECT).then_some(self.streak)
+    }
+}
+
 /// A connection error as an operator reads it: rumqttc's words, then what to check.
 pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
     use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
@@ -358,6 +393,10 @@ pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
             "the connection was not allowed: under systemd, IPAddressAllow= may not include the broker's address"
         }
         E::Timeout(_) => "no answer in time: is the host reachable (network, firewall)?",
+        E::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+            reason_code: rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::SessionTakenOver,
+            ..
+        }) => "another client connected with this client id: two daemons with the same node or mqtt.client_id?",
         _ => "",
     };
     match hint {
@@ -459,6 +498,8 @@ impl Ingest {
         // Since when the broker is out of reach, when that was last a warning, and whether
         // this run was ever connected (a failure is then "lost", else "cannot connect").
         let (mut outage_since, mut warned_at, mut ever_connected) = (None::<Instant>, Instant::now(), false);
+        let (mut quick_drops, mut contested_warned_at) = (QuickDrops::default(), None::<Instant>);
+        let client_id = eventloop.options.client_id();
         // Set once our DISCONNECT is written: we then read until the broker closes the
         // connection. Closing it ourselves with telemetry still unread would make the kernel
         // send a reset, and the broker could drop the acks it had not processed yet.
@@ -533,6 +574,7 @@ impl Ingest {
                 }
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     router.events.emit(Event::Connected { attempts: failures + 1 });
+                    quick_drops.connected(Instant::now());
                     failures = 0;
                     (outage_since, ever_connected) = (None, true);
                     router.acks.send(AckMsg::Reset { next_seq: router.next_seq });
@@ -578,7 +620,20 @@ impl Ingest {
                     let now = Instant::now();
                     let since = *outage_since.get_or_insert(now);
                     let what = if ever_connected { "Broker connection lost" } else { "Cannot connect to the broker" };
-                    if failures == 0 {
+                    let contested = quick_drops.ended(now);
+                    if let Some(streak) = contested {
+                        if contested_warned_at.is_none_or(|t| now.duration_since(t) >= OUTAGE_REMINDER) {
+                            tracing::warn!(
+                                "The broker at {broker} closed {streak} connections in a row within a second of accepting them: \
+                                 another client is probably using client id `{client_id}` (two daemons with the same `node` \
+                                 or `mqtt.client_id`, e.g. a cloned device image), and each takes the session from the other. \
+                                 Waiting longer before each reconnect; last error: {e}"
+                            );
+                            contested_warned_at = Some(now);
+                        } else {
+                            tracing::debug!(streak, "Connection closed again just after it was made: {e}");
+                        }
+                    } else if failures == 0 {
                         tracing::warn!("{what} at {broker}: {e}; trying again with backoff");
                         warned_at = now;
                     } else if now.duration_since(warned_at) >= OUTAGE_REMINDER {
@@ -595,7 +650,7 @@ impl Ingest {
                     if disconnecting {
                         break; // stopping and the broker is gone: nothing more to send
                     }
-                    let wait = backoff(failures);
+                    let wait = backoff(failures.max(contested.unwrap_or(0)));
                     failures = failures.saturating_add(1);
                     let wait = tokio::time::sleep(wait);
                     tokio::pin!(wait);
@@ -898,6 +953,24 @@ mod tests {
         assert!(explain(&login).contains("(mqtt.username and mqtt.password_file;"), "{}", explain(&login));
         // Nothing to add: rumqttc's words alone.
         assert_eq!(explain(&ConnectionError::RequestsDone), "Requests done");
+    }
+
+    #[test]
+    fn three_quick_drops_in_a_row_look_contested_and_a_lasting_connection_clears_them() {
+        let mut drops = QuickDrops::default();
+        let t = Instant::now();
+        let quick = |drops: &mut QuickDrops, at: Duration| {
+            drops.connected(t + at);
+            drops.ended(t + at + Duration::from_millis(150))
+        };
+        assert_eq!(quick(&mut drops, Duration::ZERO), None);
+        assert_eq!(drops.ended(t + Duration::from_secs(1)), None, "a failed attempt drops nothing");
+        assert_eq!(quick(&mut drops, Duration::from_secs(2)), None);
+        assert_eq!(quick(&mut drops, Duration::from_secs(3)), Some(3));
+        assert_eq!(quick(&mut drops, Duration::from_secs(4)), Some(4));
+        drops.connected(t + Duration::from_secs(5));
+        assert_eq!(drops.ended(t + Duration::from_secs(65)), None, "up a minute: not contested");
+        assert_eq!(quick(&mut drops, Duration::from_secs(70)), None, "the streak starts again");
     }
 
     #[test]
