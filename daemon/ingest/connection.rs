@@ -342,8 +342,10 @@ const OUTAGE_REMINDER: Duration = Duration::from_secs(600);
 /// device image). Each takes the session from the other; reconnecting at once, they traded
 /// it about five times a second each, with a warning per trade. A growing wait (the streak
 /// as the backoff's attempt count) lets one hold the session for longer and longer spells.
+/// Used by every session of the daemon (the Sparkplug and updater sessions share the client
+/// id's prefix, so twins contest those too).
 #[derive(Debug, Default)]
-struct QuickDrops {
+pub struct QuickDrops {
     connected_at: Option<Instant>,
     streak: u32,
 }
@@ -355,13 +357,13 @@ impl QuickDrops {
     /// happen when a broker is killed just after a restart).
     const SUSPECT: u32 = 3;
 
-    fn connected(&mut self, now: Instant) {
+    pub fn connected(&mut self, now: Instant) {
         self.connected_at = Some(now);
     }
 
     /// A connection ended, or an attempt failed (nothing dropped: `None`): the streak of
     /// quick drops when this one makes the session look contested.
-    fn ended(&mut self, now: Instant) -> Option<u32> {
+    pub fn ended(&mut self, now: Instant) -> Option<u32> {
         let at = self.connected_at.take()?;
         if now.duration_since(at) >= Self::QUICK {
             self.streak = 0;

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
@@ -27,6 +27,7 @@ use super::proto::{datatype, Metric, Payload, Value};
 use super::{BD_SEQ, REBIRTH};
 use crate::config::{Config, SparkplugOutputConfig};
 use crate::infer::SharedModel;
+use crate::ingest::connection::{backoff, QuickDrops};
 
 /// Predictions waiting for the Sparkplug session; past this they are dropped (and counted):
 /// the JSON predictions are the contract, this is a view of them.
@@ -162,11 +163,12 @@ enum Session {
 /// Polls the session on a task of its own (rumqttc's `poll` must not be cancelled, and a
 /// `select!` would), forwarding what matters.
 async fn poll(mut eventloop: rumqttc::v5::EventLoop, ncmd: String, tx: mpsc::Sender<Session>) {
-    let mut failures = 0u32;
+    let (mut failures, mut quick_drops) = (0u32, QuickDrops::default());
     loop {
         match eventloop.poll().await {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 failures = 0;
+                quick_drops.connected(Instant::now());
                 let _ = tx.send(Session::Connected).await;
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) if p.topic.as_ref() == ncmd.as_bytes() => {
@@ -182,8 +184,13 @@ async fn poll(mut eventloop: rumqttc::v5::EventLoop, ncmd: String, tx: mpsc::Sen
             Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!("Sparkplug session: {e}");
-                tokio::time::sleep(crate::ingest::connection::backoff(failures)).await;
+                // A contested client id: the main session says so once; here, only wait longer.
+                let contested = quick_drops.ended(Instant::now());
+                match contested {
+                    None => tracing::warn!("Sparkplug session: {e}"),
+                    Some(streak) => tracing::debug!(streak, "Sparkplug session closed just after it was made: {e}"),
+                }
+                tokio::time::sleep(backoff(failures.max(contested.unwrap_or(0)))).await;
                 failures = failures.saturating_add(1);
             }
         }

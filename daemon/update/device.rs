@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -18,6 +18,7 @@ use super::floor::Floor;
 use super::signing::{self, Offer};
 use crate::config::{Config, UpdateConfig};
 use crate::infer::{Engine, EngineKind, SharedModel};
+use crate::ingest::connection::{backoff, QuickDrops};
 use crate::model::{bundle, Bundle, Registry};
 use crate::service::closed_loop::LoopMessage;
 use crate::service::events::{Event, Events};
@@ -84,12 +85,13 @@ pub fn start(
 }
 
 async fn poll(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Session>) {
-    let mut failures = 0u32;
+    let (mut failures, mut quick_drops) = (0u32, QuickDrops::default());
     loop {
         let event = eventloop.poll().await;
         let message = match event {
             Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                 failures = 0;
+                quick_drops.connected(Instant::now());
                 Some(Session::Connected)
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => Some(Session::Message {
@@ -100,7 +102,8 @@ async fn poll(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Session>) 
             Ok(_) => None,
             Err(e) => {
                 tracing::debug!("Update session: {e}");
-                tokio::time::sleep(crate::ingest::connection::backoff(failures)).await;
+                let contested = quick_drops.ended(Instant::now()).unwrap_or(0); // see QuickDrops
+                tokio::time::sleep(backoff(failures.max(contested))).await;
                 failures = failures.saturating_add(1);
                 None
             }
