@@ -592,8 +592,7 @@ fn predictions_owed_to_a_broker_that_lost_the_session_are_sent_on_the_new_one() 
     send(&mut Publisher::new(broker.port), "line1", &rows(&expected()), 0..N);
     let predicted = || {
         let page = scrape(metrics, "/metrics").unwrap_or_default();
-        let line = page.lines().find(|l| l.starts_with("lathe_predictions_total"));
-        line.and_then(|l| l.rsplit(' ').next()?.parse::<usize>().ok()).unwrap_or(0)
+        metric(&page, "lathe_predictions_total{pipeline=\"shuttle\"}").unwrap_or(0.0) as usize
     };
     assert!(
         wait_until(Duration::from_secs(10), || predicted() >= N),

@@ -537,16 +537,8 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     p.flush();
     assert!(out.wait_for("prediction", 120, Duration::from_secs(20)));
     let scrape = |path: &str| scrape(port, path).unwrap();
-    let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let value =
+        |text: &str, series: &str| -> f64 { metric(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}")) };
     let ok = wait_until(Duration::from_secs(10), || {
         let m = scrape("/metrics");
         m.contains("lathe_messages_received_total{pipeline=\"shuttle\"} 122")

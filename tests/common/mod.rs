@@ -368,6 +368,12 @@ pub fn scrape(port: u16, path: &str) -> std::io::Result<String> {
     Ok(body)
 }
 
+/// The value of `series` (name and labels, as written) in a metrics page, if it is there.
+pub fn metric(page: &str, series: &str) -> Option<f64> {
+    let line = page.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
 /// A config serving the sample model with `[metrics] listen` on `port`.
 pub fn config_with_metrics(node: &str, broker: &Broker, dir: &Path, port: u16) -> String {
     config(node, broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
