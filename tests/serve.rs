@@ -557,3 +557,159 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"silent\"}"), 0.0);
     assert!(scrape("/other").starts_with("HTTP/1.1 404"));
 }
+
+/// A broker that speaks only MQTT 3.1.1, made of mosquitto and a front that refuses a v5
+/// CONNECT as such a broker does (CONNACK return code 1 and close, MQTT 3.1.1 §3.1.2.2) and
+/// relays the rest. It records the protocol level of each CONNECT; `cut` closes every
+/// connection open, as a network drop would.
+struct Mqtt311Only {
+    port: u16,
+    levels: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Mqtt311Only {
+    fn start(to: u16) -> Mqtt311Only {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (levels, open) = (
+            std::sync::Arc::<std::sync::Mutex<Vec<u8>>>::default(),
+            std::sync::Arc::<std::sync::Mutex<Vec<TcpStream>>>::default(),
+        );
+        let (seen, conns) = (levels.clone(), open.clone());
+        std::thread::spawn(move || {
+            for mut client in listener.incoming().flatten() {
+                // The CONNECT: type byte, remaining length (7 bits a byte), then the body,
+                // whose 7th byte is the protocol level (after the length-prefixed "MQTT").
+                let mut connect = vec![0u8; 1];
+                if client.read_exact(&mut connect).is_err() {
+                    continue;
+                }
+                let (mut remaining, mut shift) = (0usize, 0);
+                loop {
+                    let mut b = [0u8; 1];
+                    if client.read_exact(&mut b).is_err() {
+                        break;
+                    }
+                    connect.push(b[0]);
+                    remaining |= usize::from(b[0] & 0x7f) << shift;
+                    shift += 7;
+                    if b[0] & 0x80 == 0 {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; remaining];
+                if remaining < 7 || client.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                seen.lock().unwrap().push(body[6]);
+                if body[6] != 4 {
+                    let _ = client.write_all(&[0x20, 2, 0, 1]);
+                    continue;
+                }
+                connect.extend_from_slice(&body);
+                let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", to)) else { continue };
+                if upstream.write_all(&connect).is_err() {
+                    continue;
+                }
+                conns.lock().unwrap().extend([client.try_clone().unwrap(), upstream.try_clone().unwrap()]);
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Mqtt311Only { port, levels, open }
+    }
+
+    fn cut(&self) {
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Brokers that speak only MQTT 3.1.1 are still found in plants (Ignition's MQTT
+/// Distributor, Azure IoT Hub, old mosquitto). With the default `mqtt.protocol = "auto"`
+/// lathe asks for MQTT 5, is refused, and serves over 3.1.1: the same predictions, and a
+/// reconnect does not score a retained reading again (3.1.1 re-sends retained messages at
+/// every subscribe, so a kept session is not subscribed again).
+#[test]
+fn a_broker_that_speaks_only_mqtt_3_1_1_is_served_over_3_1_1() {
+    let broker = Broker::start();
+    let front = Mqtt311Only::start(broker.port);
+    let dir = temp_dir("mqtt311");
+    let expected = expected();
+    let rows = rows(&expected);
+    let want = expected["shuttle-mlp"].as_array().unwrap();
+    let config = config("v311", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace(&broker.url(), &format!("mqtt://127.0.0.1:{}", front.port));
+    // A gateway that publishes retained: the device's last reading waits on the broker.
+    let mut publisher = Publisher::new(broker.port);
+    publisher.publish_retained("plant/line1/dev9/telemetry", shuttle_message(&rows[0], 1000));
+    publisher.flush();
+    let predictions = Collector::new(broker.port, &["plant/line1/+/prediction"]);
+    let events = Collector::new(broker.port, &["lathe/v311/events"]);
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "v311", &daemon);
+
+    let half = rows.len() / 2;
+    let send = |publisher: &mut Publisher, seqs: std::ops::Range<usize>| {
+        for seq in seqs {
+            publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), shuttle_message(&rows[seq], seq));
+        }
+        publisher.flush();
+    };
+    send(&mut publisher, 0..half);
+    // At least once: a message whose ack the cut lost is redelivered and answered again.
+    let keys = || {
+        predictions
+            .on("plant/line1/")
+            .iter()
+            .filter_map(|p| p["key"].as_u64())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let answered = |n: usize| wait_until(Duration::from_secs(30), || keys().len() >= n);
+    assert!(answered(half + 1), "{} of {}; log:\n{}", keys().len(), half + 1, daemon.log());
+
+    // The link drops; lathe reconnects to the session the broker kept.
+    front.cut();
+    let connected = || events.on("lathe/v311/events").into_iter().filter(|e| e["event"] == "broker.connected").count();
+    assert!(wait_until(Duration::from_secs(15), || connected() >= 2), "no reconnect; log:\n{}", daemon.log());
+    send(&mut publisher, half..rows.len());
+    assert!(answered(rows.len() + 1), "{} of {}; log:\n{}", keys().len(), rows.len() + 1, daemon.log());
+    std::thread::sleep(Duration::from_millis(500)); // a second answer to the retained reading would be here
+
+    let got = predictions.on("plant/line1/");
+    let retained = got.iter().filter(|p| p["key"] == 1000).count();
+    assert_eq!(retained, 1, "the retained reading is scored once, not again at the reconnect");
+    let duplicates = got.len() - keys().len();
+    assert!(duplicates <= 50, "{duplicates} duplicates: only what was in flight at the cut comes twice");
+    for p in got.iter().filter(|p| p["key"] != 1000) {
+        let seq = p["key"].as_u64().unwrap() as usize;
+        let out: Vec<f64> = p["output"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        for (a, b) in out.iter().zip(want[seq].as_array().unwrap()) {
+            assert!((a - b.as_f64().unwrap()).abs() <= 1e-5, "row {seq}: lathe {out:?} vs onnxruntime {:?}", want[seq]);
+        }
+    }
+    // Asked for 5 first, then spoke 3.1.1, and said so.
+    let levels = front.levels.lock().unwrap().clone();
+    assert_eq!(levels.first(), Some(&5), "{levels:?}");
+    assert!(levels.iter().filter(|&&l| l == 4).count() >= 2, "{levels:?}");
+    assert!(
+        events
+            .on("lathe/v311/events")
+            .iter()
+            .filter(|e| e["event"] == "broker.connected")
+            .all(|e| e["protocol"] == "3.1.1"),
+        "{:?}",
+        events.on("lathe/v311/events")
+    );
+    assert!(daemon.log().contains("Speaking MQTT 3.1.1 to the broker"), "{}", daemon.log());
+}

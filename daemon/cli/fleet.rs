@@ -104,6 +104,7 @@ impl BrokerArgs {
             max_inflight: 100,
             receive_maximum: 1000,
             tcp_nodelay: false,
+            protocol: rumqttc::v5::WireProtocol::Auto,
         };
         Ok((mqtt, host, port))
     }

@@ -117,11 +117,14 @@ pub struct MqttConfig {
     pub max_payload_bytes: usize,
     /// QoS 1 predictions in flight (sent, not yet acknowledged by the broker).
     pub max_inflight: u16,
-    /// MQTT v5 Receive Maximum: telemetry messages the broker may have in flight to us.
+    /// MQTT 5 Receive Maximum: telemetry messages the broker may have in flight to us (a
+    /// 3.1.1 broker has its own limit); also the waiting rows that pause reading.
     /// Bounds the memory a burst or a redelivered backlog can take.
     pub receive_maximum: u16,
     /// Nagle's algorithm off on the connection to the broker (`connection::no_delay`).
     pub tcp_nodelay: bool,
+    /// `"auto"` (MQTT 5, or 3.1.1 once a broker refuses 5), `"5"` or `"3.1.1"`.
+    pub protocol: rumqttc::v5::WireProtocol,
 }
 
 #[derive(Debug, Clone)]
@@ -442,6 +445,15 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
         receive_maximum: s.integer("receive_maximum", 1000, 1, 65_535).unwrap_or(1) as u16,
         // On for the embedded broker only by default: ARCHITECTURE.md ("TCP_NODELAY").
         tcp_nodelay: s.boolean("tcp_nodelay", matches!(url, Some(BrokerUrl::Embedded))).unwrap_or(false),
+        protocol: match s.string("protocol", Some("auto")).as_deref() {
+            Some("5") => rumqttc::v5::WireProtocol::V5,
+            Some("3.1.1") => rumqttc::v5::WireProtocol::V311,
+            Some("auto") | None => rumqttc::v5::WireProtocol::Auto,
+            Some(other) => {
+                s.error("protocol", &format!("expected \"auto\", \"5\" or \"3.1.1\", found {other:?}"));
+                rumqttc::v5::WireProtocol::Auto
+            }
+        },
     };
     if c.cert_file.is_some() != c.key_file.is_some() {
         s.error("cert_file", "expected `cert_file` and `key_file` together (a client certificate and its key)");
@@ -458,6 +470,9 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
     }
     if matches!(c.url, BrokerUrl::Tcp { tls: true, .. }) && !cfg!(feature = "tls") {
         s.error("url", "mqtts:// needs a build with `--features tls`");
+    }
+    if c.url == BrokerUrl::Embedded && c.protocol == rumqttc::v5::WireProtocol::V311 {
+        s.error("protocol", "the embedded broker speaks MQTT 5: expected \"auto\" or \"5\" with url = \"embedded\"");
     }
     if c.url == BrokerUrl::Embedded && !cfg!(feature = "embedded-broker") {
         s.error("url", "\"embedded\" needs a build with the `embedded-broker` feature");
@@ -1030,6 +1045,28 @@ batch = { max = 32 }
         assert!(keys.contains(&"infer.providers[1]"), "{errs}");
         assert!(keys.contains(&"infer.providers_policy"), "{errs}");
         assert!(keys.contains(&"infer.providers"), "providers without engine = \"ort\": {errs}");
+    }
+
+    /// MQTT 5 first, 3.1.1 when a broker refuses it, unless one is named; the embedded broker
+    /// speaks only 5.
+    #[test]
+    fn the_mqtt_protocol_is_auto_unless_named() {
+        use rumqttc::v5::WireProtocol;
+        assert_eq!(parse(GOOD).unwrap().mqtt.protocol, WireProtocol::Auto);
+        let with = |p: &str| {
+            GOOD.replace("url = \"mqtt://127.0.0.1:1884\"", &format!("url = \"mqtt://127.0.0.1:1884\"\nprotocol = {p}"))
+        };
+        assert_eq!(parse(&with("\"3.1.1\"")).unwrap().mqtt.protocol, WireProtocol::V311);
+        assert_eq!(parse(&with("\"5\"")).unwrap().mqtt.protocol, WireProtocol::V5);
+        let errs = parse(&with("\"3.1\"")).unwrap_err();
+        assert!(
+            errs.to_string().contains("mqtt.protocol: expected \"auto\", \"5\" or \"3.1.1\", found \"3.1\""),
+            "{errs}"
+        );
+        let errs = parse(&with("5")).unwrap_err();
+        assert!(errs.to_string().contains("mqtt.protocol"), "{errs}");
+        let embedded = with("\"3.1.1\"").replace("url = \"mqtt://127.0.0.1:1884\"", "url = \"embedded\"");
+        assert!(parse(&embedded).unwrap_err().to_string().contains("the embedded broker speaks MQTT 5"));
     }
 
     /// Nagle's algorithm stays on towards an external broker unless asked (a broker crash

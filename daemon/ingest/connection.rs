@@ -9,7 +9,8 @@
 //! broker redelivers the message to the next session.
 //!
 //! Memory: rows wait in a per-pipeline queue when inference is behind. Two things bound it.
-//! The broker may send at most `mqtt.receive_maximum` unacknowledged messages (MQTT v5);
+//! The broker may send at most `mqtt.receive_maximum` unacknowledged messages (MQTT 5; a
+//! 3.1.1 broker keeps to its own in-flight limit);
 //! and because not every broker keeps to that (mosquitto 2.0.11 was seen to over-grant it
 //! once acks flow), this task also stops reading from the socket while more than that many
 //! rows wait, so TCP pushes back on the broker. It keeps polling whenever a pipeline is
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, Publish, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, WireProtocol};
 use rumqttc::Outgoing;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch, Notify};
@@ -205,12 +206,14 @@ pub enum ConnectError {
     Read { path: String, source: std::io::Error },
 }
 
-/// rumqttc options from the config: MQTT v5, persistent session, manual acks, a receive
-/// window, last will.
+/// rumqttc options from the config: persistent session, manual acks, a receive window, last
+/// will.
 ///
-/// MQTT v5 because of Receive Maximum: the broker sends at most `mqtt.receive_maximum`
-/// unacknowledged messages, so a burst (or a backlog redelivered after an outage) waits at the
-/// broker instead of in our memory. With 3.1.1 only the broker's own setting bounds it.
+/// MQTT 5 by default because of Receive Maximum: the broker sends at most
+/// `mqtt.receive_maximum` unacknowledged messages, so a burst (or a backlog redelivered after
+/// an outage) waits at the broker instead of in our memory. With 3.1.1 (`mqtt.protocol`, or a
+/// broker that refuses 5) only the broker's own setting bounds it, and the pause on waiting
+/// rows (module docs) bounds our memory.
 ///
 /// # Errors
 /// Unreadable password or TLS files.
@@ -245,7 +248,17 @@ pub async fn try_connect(config: &Config, timeout: Duration) -> Result<String, S
     first_connack(&mut eventloop, timeout).await.map_err(|e| format!("cannot connect to {host}:{port}{user}: {e}"))?;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-    Ok(format!("connected to {host}:{port}{user}"))
+    let protocol = protocol_name(eventloop.options.wire_protocol() == WireProtocol::V311);
+    Ok(format!("connected to {host}:{port}{user} (MQTT {protocol})"))
+}
+
+/// `"5"` or `"3.1.1"`, as events and `lathe check --connect` name the MQTT spoken.
+pub fn protocol_name(v311: bool) -> &'static str {
+    if v311 {
+        "3.1.1"
+    } else {
+        "5"
+    }
 }
 
 /// Polls a new session until the broker accepts it. For the one-shot commands (`check
@@ -290,6 +303,7 @@ pub fn no_delay() -> rumqttc::NetworkOptions {
 /// Unreadable password or TLS files.
 pub fn session_options(m: &MqttConfig, host: &str, port: u16, client_id: String) -> Result<MqttOptions, ConnectError> {
     let mut o = MqttOptions::new(client_id, host, port);
+    o.set_wire_protocol(m.protocol);
     o.set_keep_alive(Duration::from_secs(m.keep_alive_s));
     if m.tcp_nodelay {
         o.set_network_options(no_delay());
@@ -386,7 +400,7 @@ pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
             "the broker refused the client id: check mqtt.client_id"
         }
         E::ConnectionRefused(Code::RefusedProtocolVersion | Code::UnsupportedProtocolVersion) => {
-            "the broker does not speak MQTT v5, which lathe needs (mosquitto 1.6 and later do)"
+            "the broker refused this MQTT version: mqtt.protocol = \"auto\" speaks 5, or 3.1.1 to a broker that refuses 5"
         }
         E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "nothing accepts connections there: is the broker running, and is the port in mqtt.url right?"
@@ -502,6 +516,10 @@ impl Ingest {
         let (mut outage_since, mut warned_at, mut ever_connected) = (None::<Instant>, Instant::now(), false);
         let (mut quick_drops, mut contested_warned_at) = (QuickDrops::default(), None::<Instant>);
         let client_id = eventloop.options.client_id();
+        let configured = eventloop.options.wire_protocol();
+        // Whether the broker still holds this run's subscriptions (see the CONNACK below),
+        // and whether the 3.1.1 fallback has been logged.
+        let (mut subscribed, mut said_311) = (false, false);
         // Set once our DISCONNECT is written: we then read until the broker closes the
         // connection. Closing it ourselves with telemetry still unread would make the kernel
         // send a reset, and the broker could drop the acks it had not processed yet.
@@ -574,12 +592,34 @@ impl Ingest {
                         router.route(p, &flow); // once stopping: unacked, redelivered to our next session
                     }
                 }
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    router.events.emit(Event::Connected { attempts: failures + 1 });
+                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                    let v311 = eventloop.options.wire_protocol() == WireProtocol::V311;
+                    router.events.emit(Event::Connected { attempts: failures + 1, protocol: protocol_name(v311) });
+                    if v311 && !std::mem::replace(&mut said_311, true) {
+                        tracing::info!(
+                            "Speaking MQTT 3.1.1 to the broker at {broker} ({}). The broker's own in-flight limit \
+                             bounds the telemetry it sends before lathe acknowledges it (MQTT 5's Receive Maximum, \
+                             mqtt.receive_maximum, is not there to ask for less)",
+                            if configured == WireProtocol::Auto {
+                                "it refused MQTT 5; set mqtt.protocol = \"3.1.1\" to skip asking at each start"
+                            } else {
+                                "mqtt.protocol"
+                            }
+                        );
+                    }
                     quick_drops.connected(Instant::now());
                     failures = 0;
                     (outage_since, ever_connected) = (None, true);
                     router.acks.send(AckMsg::Reset { next_seq: router.next_seq });
+                    // MQTT 3.1.1 sends the retained messages again at every subscribe, even
+                    // for a subscription the session kept (5 sends them only for new ones,
+                    // below), so a retained reading would be scored again at each reconnect.
+                    // A 3.1.1 session that kept this run's subscriptions keeps them.
+                    subscribed &= ack.session_present;
+                    if v311 && subscribed {
+                        let _ = ready.send(true);
+                        continue;
+                    }
                     // Subscribe at every connect, from another task so this one never waits
                     // on the request channel: a new session has no subscriptions, and a kept
                     // one lacks those a reload added. Retained messages come again only for
@@ -603,6 +643,7 @@ impl Ingest {
                     // is every topic of this run's pipelines subscribed.
                 }
                 Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    subscribed = true;
                     let _ = ready.send(true);
                 }
                 Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {

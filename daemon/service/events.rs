@@ -118,6 +118,8 @@ pub enum Event {
     },
     Connected {
         attempts: u32,
+        /// The MQTT version spoken: `"5"` or `"3.1.1"`.
+        protocol: &'static str,
     },
     /// A pipeline now serves another version (`promoted` when newer, `rolled_back` when older).
     Swapped {
@@ -194,7 +196,7 @@ impl Event {
             Event::InferenceFailed { pipeline, rows, error } => {
                 json!({"pipeline": pipeline, "rows": rows, "error": error})
             }
-            Event::Connected { attempts } => json!({"attempts": attempts}),
+            Event::Connected { attempts, protocol } => json!({"attempts": attempts, "protocol": protocol}),
             Event::Swapped { pipeline, model, from, to } => {
                 json!({"pipeline": pipeline, "model": model, "from": from, "to": to})
             }
@@ -244,7 +246,9 @@ impl Event {
             Event::InferenceFailed { pipeline, rows, error } => {
                 tracing::error!(event, pipeline, rows, "Inference failed: {error}")
             }
-            Event::Connected { attempts } => tracing::info!(event, attempts, "Connected to the broker"),
+            Event::Connected { attempts, protocol } => {
+                tracing::info!(event, attempts, protocol, "Connected to the broker")
+            }
             Event::Swapped { pipeline, model, from, to } => tracing::info!(
                 event,
                 pipeline,

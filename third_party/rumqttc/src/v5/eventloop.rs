@@ -1,7 +1,7 @@
 use super::framed::Network;
 use super::mqttbytes::v5::*;
 use super::mqttbytes::QoS;
-use super::{Incoming, MqttOptions, MqttState, Outgoing, Request, StateError, Transport};
+use super::{Incoming, MqttOptions, MqttState, Outgoing, Request, StateError, Transport, WireProtocol};
 use crate::eventloop::socket_connect;
 use crate::framed::AsyncReadWrite;
 
@@ -304,11 +304,23 @@ impl EventLoop {
 async fn connect(options: &mut MqttOptions) -> Result<(Network, ConnAck), ConnectionError> {
     // connect to the broker
     let mut network = network_connect(options).await?;
+    network.set_v311(options.wire_protocol() == WireProtocol::V311);
 
     // make MQTT connection request (which internally awaits for ack)
-    let connack = mqtt_connect(options, &mut network).await?;
-
-    Ok((network, connack))
+    match mqtt_connect(options, &mut network).await {
+        // lathe patch: a 3.1.1 broker refused MQTT 5; connect again in 3.1.1 and keep to it.
+        Err(ConnectionError::ConnectionRefused(
+            ConnectReturnCode::RefusedProtocolVersion
+            | ConnectReturnCode::UnsupportedProtocolVersion,
+        )) if options.wire_protocol() == WireProtocol::Auto => {
+            options.set_wire_protocol(WireProtocol::V311);
+            let mut network = network_connect(options).await?;
+            network.set_v311(true);
+            let connack = mqtt_connect(options, &mut network).await?;
+            Ok((network, connack))
+        }
+        connack => Ok((network, connack?)),
+    }
 }
 
 async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionError> {

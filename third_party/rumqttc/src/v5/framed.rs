@@ -22,12 +22,27 @@ impl Network {
         let codec = Codec {
             max_incoming_size,
             max_outgoing_size: None,
+            v311: false,
         };
         let framed = Framed::new(socket, codec);
 
         Network {
             framed,
             max_readb_count: 10,
+        }
+    }
+
+    /// lathe patch: speak MQTT 3.1.1 on this connection.
+    ///
+    /// A 3.1.1 broker is not told the largest packet the client takes (that is a v5
+    /// property), and a client that refuses one can only drop the connection, after which
+    /// the broker sends the same message again, for ever. So in 3.1.1 every packet is read
+    /// and the client decides what to do with it; the broker's own limit bounds them.
+    pub fn set_v311(&mut self, v311: bool) {
+        let codec = self.framed.codec_mut();
+        codec.v311 = v311;
+        if v311 {
+            codec.max_incoming_size = None;
         }
     }
 

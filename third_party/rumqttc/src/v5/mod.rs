@@ -112,6 +112,19 @@ pub struct MqttOptions {
     outgoing_inflight_upper_limit: Option<u16>,
     #[cfg(feature = "websocket")]
     request_modifier: Option<RequestModifierFn>,
+    /// lathe patch: which MQTT the client speaks on the wire.
+    wire_protocol: WireProtocol,
+}
+
+/// lathe patch: which MQTT a client speaks on the wire. Its packets, state and events are
+/// the v5 ones whichever it is (see `mqttbytes::v311`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireProtocol {
+    V5,
+    V311,
+    /// MQTT 5 until a broker refuses that protocol level, then 3.1.1 for as long as the
+    /// options last (the event loop's, through every reconnect).
+    Auto,
 }
 
 impl MqttOptions {
@@ -147,6 +160,7 @@ impl MqttOptions {
             outgoing_inflight_upper_limit: None,
             #[cfg(feature = "websocket")]
             request_modifier: None,
+            wire_protocol: WireProtocol::V5,
         }
     }
 
@@ -264,6 +278,17 @@ impl MqttOptions {
     /// Clean session
     pub fn clean_start(&self) -> bool {
         self.clean_start
+    }
+
+    /// lathe patch: speak MQTT 5, 3.1.1, or 5 falling back to 3.1.1.
+    pub fn set_wire_protocol(&mut self, protocol: WireProtocol) -> &mut Self {
+        self.wire_protocol = protocol;
+        self
+    }
+
+    /// lathe patch: what the client speaks; `Auto` until a broker refused MQTT 5.
+    pub fn wire_protocol(&self) -> WireProtocol {
+        self.wire_protocol
     }
 
     /// Username and password
@@ -744,6 +769,7 @@ impl Debug for MqttOptions {
             .field("conn_timeout", &self.conn_timeout)
             .field("manual_acks", &self.manual_acks)
             .field("connect properties", &self.connect_properties)
+            .field("wire_protocol", &self.wire_protocol)
             .finish()
     }
 }

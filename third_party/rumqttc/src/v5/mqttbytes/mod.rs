@@ -5,6 +5,8 @@ use std::{str::Utf8Error, vec};
 /// MQTT is the core protocol that this broker supports, a lot of structs closely
 /// map to what MQTT specifies in its protocol
 pub mod v5;
+/// lathe patch: the same packets in MQTT 3.1.1 form.
+pub mod v311;
 
 /// Quality of service
 #[repr(u8)]

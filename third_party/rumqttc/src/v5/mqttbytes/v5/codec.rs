@@ -10,6 +10,8 @@ pub struct Codec {
     pub max_incoming_size: Option<u32>,
     /// Maximum packet size allowed by broker
     pub max_outgoing_size: Option<u32>,
+    /// lathe patch: read and write the packets in their MQTT 3.1.1 form.
+    pub v311: bool,
 }
 
 impl Decoder for Codec {
@@ -17,7 +19,12 @@ impl Decoder for Codec {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
-        match Packet::read(src, self.max_incoming_size) {
+        let read = if self.v311 {
+            super::super::v311::read(src, self.max_incoming_size)
+        } else {
+            Packet::read(src, self.max_incoming_size)
+        };
+        match read {
             Ok(packet) => Ok(Some(packet)),
             Err(Error::InsufficientBytes(b)) => {
                 // Get more packets to construct the incomplete packet
@@ -33,6 +40,9 @@ impl Encoder<Packet> for Codec {
     type Error = Error;
 
     fn encode(&mut self, item: Packet, dst: &mut BytesMut) -> Result<(), Self::Error> {
+        if self.v311 {
+            return super::super::v311::write(item, dst, self.max_outgoing_size);
+        }
         item.write(dst, self.max_outgoing_size)?;
 
         Ok(())
@@ -56,6 +66,7 @@ mod tests {
         let mut codec = Codec {
             max_incoming_size: Some(100),
             max_outgoing_size: Some(200),
+            v311: false,
         };
 
         let mut small_publish = Publish::new("hello/world", QoS::AtLeastOnce, vec![1; 100], None);

@@ -69,6 +69,25 @@ impl ConnAck {
 
         let flags = read_u8(&mut bytes)?;
         let return_code = read_u8(&mut bytes)?;
+        // lathe patch: a 3.1.1 broker answers a v5 CONNECT with a 3.1.1 CONNACK, no
+        // properties, refusing the protocol level (MQTT 3.1.1 §3.1.2.2). Read it as that
+        // refusal, not as a malformed packet.
+        if bytes.is_empty() {
+            let code = match return_code {
+                0 => ConnectReturnCode::Success,
+                1 => ConnectReturnCode::RefusedProtocolVersion,
+                2 => ConnectReturnCode::BadClientId,
+                3 => ConnectReturnCode::ServiceUnavailable,
+                4 => ConnectReturnCode::BadUserNamePassword,
+                5 => ConnectReturnCode::NotAuthorized,
+                n => return Err(Error::InvalidConnectReturnCode(n)),
+            };
+            return Ok(ConnAck {
+                session_present: (flags & 0x01) == 1,
+                code,
+                properties: None,
+            });
+        }
         let properties = ConnAckProperties::read(&mut bytes)?;
 
         let session_present = (flags & 0x01) == 1;
@@ -479,6 +498,21 @@ fn connect_code(return_code: ConnectReturnCode) -> u8 {
         ConnectReturnCode::ServerMoved => 157,
         ConnectReturnCode::ConnectionRateExceeded => 159,
         _ => unreachable!(),
+    }
+}
+
+#[cfg(test)]
+mod test_v311_refusal {
+    use super::*;
+
+    #[test]
+    fn a_311_brokers_refusal_of_the_protocol_level_reads_as_that() {
+        let mut stream = BytesMut::from(&[0x20, 2, 0, 1][..]);
+        let packet = Packet::read(&mut stream, None).unwrap();
+        match packet {
+            Packet::ConnAck(a) => assert_eq!(a.code, ConnectReturnCode::RefusedProtocolVersion),
+            p => panic!("{p:?}"),
+        }
     }
 }
 
