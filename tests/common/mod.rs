@@ -270,8 +270,16 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// `LATHE_TEST_MQTT_PROTOCOL=3.1.1` (or `5`) sets `mqtt.protocol` where the config does
+    /// not: CI runs the fault, serving and Sparkplug tests again on MQTT 3.1.1 so.
     pub fn start(dir: &Path, config: &str) -> Daemon {
         let path = dir.join("lathe.toml");
+        let config = match std::env::var("LATHE_TEST_MQTT_PROTOCOL") {
+            Ok(p) if !config.contains("url = \"embedded\"") && !config.contains("\nprotocol =") => {
+                config.replacen("[mqtt]\n", &format!("[mqtt]\nprotocol = \"{p}\"\n"), 1)
+            }
+            _ => config.to_string(),
+        };
         std::fs::write(&path, config).unwrap();
         // One log per start, so a restarted daemon does not overwrite the first one's.
         let n = (0..).find(|i| !dir.join(format!("daemon-{i}.log")).exists()).unwrap();
