@@ -118,9 +118,16 @@ async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClient, mpsc::Re
         .map_err(|e| e.to_string())?;
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let user = broker.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
-    connection::first_connack(&mut eventloop, Duration::from_secs(10))
+    let ack = connection::first_connack(&mut eventloop, Duration::from_secs(10))
         .await
         .map_err(|e| format!("cannot connect to {}{user}: {e}", broker.broker))?;
+    if !connection::keeps_retained(&ack) {
+        return Err(format!(
+            "the broker at {} keeps no retained messages, which push and fleet need: an offer and its chunks \
+             wait there for each device, and each node's status waits there to be read",
+            broker.broker
+        ));
+    }
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
         loop {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, Publish, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, Filter, LastWill, Packet, Publish, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, WireProtocol};
 use rumqttc::Outgoing;
@@ -245,11 +245,21 @@ pub async fn try_connect(config: &Config, timeout: Duration) -> Result<String, S
     let options = session_options(&config.mqtt, host, *port, id).map_err(|e| e.to_string())?;
     let (client, mut eventloop) = AsyncClient::new(options, 10);
     let user = config.mqtt.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
-    first_connack(&mut eventloop, timeout).await.map_err(|e| format!("cannot connect to {host}:{port}{user}: {e}"))?;
+    let ack = first_connack(&mut eventloop, timeout)
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}{user}: {e}"))?;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     let protocol = protocol_name(eventloop.options.wire_protocol() == WireProtocol::V311);
-    Ok(format!("connected to {host}:{port}{user} (MQTT {protocol})"))
+    let retained = if keeps_retained(&ack) { "" } else { "; it keeps no retained messages" };
+    Ok(format!("connected to {host}:{port}{user} (MQTT {protocol}{retained})"))
+}
+
+/// Whether the broker keeps retained messages: MQTT 5's CONNACK says so when it does not
+/// (Retain Available 0; mosquitto's `retain_available false`). rumqttc then sends the will
+/// and every publish unretained (its sixth patch); a 3.1.1 broker says nothing.
+pub fn keeps_retained(ack: &ConnAck) -> bool {
+    ack.properties.as_ref().and_then(|p| p.retain_available) != Some(0)
 }
 
 /// `"5"` or `"3.1.1"`, as events and `lathe check --connect` name the MQTT spoken.
@@ -267,11 +277,11 @@ pub fn protocol_name(v311: bool) -> &'static str {
 ///
 /// # Errors
 /// The first connection error ([`explain`]), or none within `timeout`.
-pub async fn first_connack(eventloop: &mut EventLoop, timeout: Duration) -> Result<(), String> {
+pub async fn first_connack(eventloop: &mut EventLoop, timeout: Duration) -> Result<ConnAck, String> {
     let attempt = async {
         loop {
             match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => return Ok(ack),
                 Ok(_) => {}
                 Err(e) => return Err(explain(&e)),
             }
@@ -519,7 +529,7 @@ impl Ingest {
         let configured = eventloop.options.wire_protocol();
         // Whether the broker still holds this run's subscriptions (see the CONNACK below),
         // and whether the 3.1.1 fallback has been logged.
-        let (mut subscribed, mut said_311) = (false, false);
+        let (mut subscribed, mut said_311, mut said_no_retain) = (false, false, false);
         // Set once our DISCONNECT is written: we then read until the broker closes the
         // connection. Closing it ourselves with telemetry still unread would make the kernel
         // send a reset, and the broker could drop the acks it had not processed yet.
@@ -605,6 +615,15 @@ impl Ingest {
                             } else {
                                 "mqtt.protocol"
                             }
+                        );
+                    }
+                    if !keeps_retained(&ack) && !std::mem::replace(&mut said_no_retain, true) {
+                        tracing::warn!(
+                            "The broker at {broker} keeps no retained messages: lathe's status and its last will \
+                             go unretained, so a dashboard sees the status at its next refresh (every {} s) \
+                             rather than when it subscribes, and remote updates (whose chunks wait on the broker \
+                             as retained messages) cannot reach this device through it",
+                            crate::service::STATUS_EVERY.as_secs()
                         );
                     }
                     quick_drops.connected(Instant::now());

@@ -36,7 +36,7 @@ pub fn unix_ms() -> u64 {
 }
 
 /// How often the retained status is refreshed.
-const STATUS_EVERY: Duration = Duration::from_secs(10);
+pub const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How long a stop may take to drain and disconnect before giving up.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 

@@ -111,6 +111,8 @@ pub struct Broker {
     window: u16,
     /// With accounts: no anonymous clients, this `password_file` and this `acl_file`.
     accounts: Option<(PathBuf, PathBuf)>,
+    /// `retain_available false`: the broker keeps no retained messages and refuses them.
+    pub no_retain: bool,
 }
 
 impl Broker {
@@ -142,6 +144,7 @@ impl Broker {
                     persistent: false,
                     window: 100,
                     accounts: None,
+                    no_retain: false,
                 };
             }
         }
@@ -167,6 +170,20 @@ impl Broker {
         Some(Broker::mosquitto(false, 100, Some((passwords, acl_file))))
     }
 
+    /// A mosquitto that keeps no retained messages (`retain_available false`, as some shared
+    /// plant brokers are set up): it refuses a retained will or publish. None without
+    /// mosquitto.
+    pub fn start_without_retained() -> Option<Broker> {
+        if !mosquitto_or_skip() {
+            return None;
+        }
+        let mut b = Broker::mosquitto(false, 100, None);
+        b.stop();
+        b.no_retain = true;
+        b.restart();
+        Some(b)
+    }
+
     /// A mosquitto of its own on a free port, started.
     fn mosquitto(persistent: bool, window: u16, accounts: Option<(PathBuf, PathBuf)>) -> Broker {
         let mut dir = temp_dir("broker");
@@ -179,7 +196,16 @@ impl Broker {
             dir = Path::new("/dev/shm").join(dir.file_name().unwrap_or_default());
             std::fs::create_dir_all(&dir).unwrap();
         }
-        let mut b = Broker { port: free_port(), dir, child: None, mosquitto: true, persistent, window, accounts };
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            child: None,
+            mosquitto: true,
+            persistent,
+            window,
+            accounts,
+            no_retain: false,
+        };
         b.restart();
         b
     }
@@ -192,6 +218,9 @@ impl Broker {
             "listener {} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages {}\n",
             self.port, self.window
         );
+        if self.no_retain {
+            text += "retain_available false\n";
+        }
         if let Some((passwords, acl)) = &self.accounts {
             text = text.replace("allow_anonymous true", "allow_anonymous false");
             text += &format!("password_file {}\nacl_file {}\n", passwords.display(), acl.display());

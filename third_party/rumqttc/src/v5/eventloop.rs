@@ -307,19 +307,40 @@ async fn connect(options: &mut MqttOptions) -> Result<(Network, ConnAck), Connec
     network.set_v311(options.wire_protocol() == WireProtocol::V311);
 
     // make MQTT connection request (which internally awaits for ack)
-    match mqtt_connect(options, &mut network).await {
-        // lathe patch: a 3.1.1 broker refused MQTT 5; connect again in 3.1.1 and keep to it.
-        Err(ConnectionError::ConnectionRefused(
-            ConnectReturnCode::RefusedProtocolVersion
-            | ConnectReturnCode::UnsupportedProtocolVersion,
-        )) if options.wire_protocol() == WireProtocol::Auto => {
-            options.set_wire_protocol(WireProtocol::V311);
-            let mut network = network_connect(options).await?;
-            network.set_v311(true);
-            let connack = mqtt_connect(options, &mut network).await?;
-            Ok((network, connack))
+    let mut connack = mqtt_connect(options, &mut network).await;
+    // lathe patch: a refusal that a change of options answers is tried again at once with
+    // that change, which then holds for every later connection: each kind at most once.
+    while let Err(ConnectionError::ConnectionRefused(code)) = connack {
+        if !adapt_to_refusal(options, code) {
+            break;
         }
-        connack => Ok((network, connack?)),
+        network = network_connect(options).await?;
+        network.set_v311(options.wire_protocol() == WireProtocol::V311);
+        connack = mqtt_connect(options, &mut network).await;
+    }
+    Ok((network, connack?))
+}
+
+/// lathe patch: changes the options so the broker accepts what it refused with `code`, if
+/// that is something the client may change on its own. A 3.1.1 broker refuses MQTT 5 (with
+/// `WireProtocol::Auto`, the client then speaks 3.1.1); a broker that keeps no retained
+/// messages refuses a retained will (MQTT 5 §3.2.2.3.5; the will then goes unretained).
+fn adapt_to_refusal(options: &mut MqttOptions, code: ConnectReturnCode) -> bool {
+    match code {
+        ConnectReturnCode::RefusedProtocolVersion | ConnectReturnCode::UnsupportedProtocolVersion
+            if options.wire_protocol() == WireProtocol::Auto =>
+        {
+            options.set_wire_protocol(WireProtocol::V311);
+            true
+        }
+        ConnectReturnCode::RetainNotSupported => match &mut options.last_will {
+            Some(will) if will.retain => {
+                will.retain = false;
+                true
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -497,6 +518,25 @@ fn outlives_the_session(request: Request) -> Option<Request> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// lathe patch: each refusal the client can answer by itself is answered once.
+    #[test]
+    fn a_refusal_the_options_can_answer_changes_them_once() {
+        let mut o = MqttOptions::new("a", "h", 1);
+        o.set_last_will(LastWill::new("s", "off", QoS::AtLeastOnce, true, None));
+        assert!(adapt_to_refusal(&mut o, ConnectReturnCode::RetainNotSupported));
+        assert!(!o.last_will().unwrap().retain, "the will goes unretained");
+        assert!(!adapt_to_refusal(&mut o, ConnectReturnCode::RetainNotSupported), "once");
+        assert!(
+            !adapt_to_refusal(&mut o, ConnectReturnCode::UnsupportedProtocolVersion),
+            "MQTT 5 was asked for, not auto"
+        );
+        o.set_wire_protocol(WireProtocol::Auto);
+        assert!(adapt_to_refusal(&mut o, ConnectReturnCode::RefusedProtocolVersion));
+        assert_eq!(o.wire_protocol(), WireProtocol::V311);
+        assert!(!adapt_to_refusal(&mut o, ConnectReturnCode::RefusedProtocolVersion), "once");
+        assert!(!adapt_to_refusal(&mut o, ConnectReturnCode::NotAuthorized));
+    }
 
     #[test]
     fn a_lost_session_keeps_its_messages_as_new_ones_and_drops_its_acks() {

@@ -106,6 +106,10 @@ pub struct MqttState {
     topic_alises: HashMap<u16, Bytes>,
     /// `topic_alias_maximum` RECEIVED via connack packet
     pub broker_topic_alias_max: u16,
+    /// lathe patch: false when the broker said it keeps no retained messages (CONNACK
+    /// Retain Available 0); publishes then go without the retain flag, as MQTT 5
+    /// §3.2.2.3.5 asks, instead of making the broker close the connection.
+    pub retain_available: bool,
     /// Maximum number of allowed inflight QoS1 & QoS2 requests
     pub(crate) max_outgoing_inflight: u16,
     /// Upper limit on the maximum number of allowed inflight QoS1 & QoS2 requests
@@ -135,6 +139,7 @@ impl MqttState {
             topic_alises: HashMap::new(),
             // Set via CONNACK
             broker_topic_alias_max: 0,
+            retain_available: true,
             max_outgoing_inflight: max_inflight,
             max_outgoing_inflight_upper_limit: max_inflight,
         }
@@ -281,6 +286,12 @@ impl MqttState {
             });
         }
 
+        // lathe patch: Retain Available is absent (so 1) from a broker that keeps them.
+        self.retain_available = connack
+            .properties
+            .as_ref()
+            .and_then(|p| p.retain_available)
+            != Some(0);
         if let Some(props) = &connack.properties {
             if let Some(topic_alias_max) = props.topic_alias_max {
                 self.broker_topic_alias_max = topic_alias_max
@@ -483,6 +494,8 @@ impl MqttState {
     /// Adds next packet identifier to QoS 1 and 2 publish packets and returns
     /// it buy wrapping publish in packet
     fn outgoing_publish(&mut self, mut publish: Publish) -> Result<Option<Packet>, StateError> {
+        // lathe patch: see `retain_available`.
+        publish.retain &= self.retain_available;
         if publish.qos != QoS::AtMostOnce {
             if publish.pkid == 0 {
                 publish.pkid = self.next_pkid();
@@ -731,6 +744,27 @@ mod test {
 
     fn build_mqttstate() -> MqttState {
         MqttState::new(u16::MAX, false)
+    }
+
+    /// lathe patch: Retain Available 0 in the CONNACK takes the retain flag off publishes;
+    /// a later CONNACK without it (a broker that keeps them) puts it back.
+    #[test]
+    fn a_broker_without_retained_messages_gets_publishes_without_the_retain_flag() {
+        let mut mqtt = build_mqttstate();
+        let retained = || {
+            let mut p = build_outgoing_publish(QoS::AtLeastOnce);
+            p.retain = true;
+            p
+        };
+        for (connack, kept) in [(&[0x20, 5, 0, 0, 2, 0x25, 0][..], false), (&[0x20, 3, 0, 0, 0][..], true)] {
+            let mut stream = bytes::BytesMut::from(connack);
+            let packet = Packet::read(&mut stream, None).unwrap();
+            mqtt.handle_incoming_packet(packet).unwrap();
+            match mqtt.outgoing_publish(retained()).unwrap() {
+                Some(Packet::Publish(p)) => assert_eq!(p.retain, kept),
+                p => panic!("{p:?}"),
+            }
+        }
     }
 
     #[test]
