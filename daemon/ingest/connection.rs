@@ -250,6 +250,9 @@ pub async fn try_connect(config: &Config, timeout: Duration) -> Result<String, S
         .map_err(|e| format!("cannot connect to {host}:{port}{user}: {e}"))?;
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    if ack.properties.as_ref().and_then(|p| p.max_qos) == Some(0) {
+        return Err(format!("{host}:{port} accepted the connection but takes no QoS 1 messages: {NO_QOS_1}"));
+    }
     let protocol = protocol_name(eventloop.options.wire_protocol() == WireProtocol::V311);
     let retained = if keeps_retained(&ack) { "" } else { "; it keeps no retained messages" };
     Ok(format!("connected to {host}:{port}{user} (MQTT {protocol}{retained})"))
@@ -399,6 +402,9 @@ impl QuickDrops {
 }
 
 /// A connection error as an operator reads it: rumqttc's words, then what to check.
+/// Why a broker limited to QoS 0 (mosquitto's `max_qos 0`) cannot serve lathe.
+const NO_QOS_1: &str = "lathe needs QoS 1 (its last will, telemetry and predictions are QoS 1, so nothing accepted is lost): allow it on the broker (mosquitto: max_qos)";
+
 pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
     use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
     use rumqttc::v5::ConnectionError as E;
@@ -412,6 +418,7 @@ pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
         E::ConnectionRefused(Code::RefusedProtocolVersion | Code::UnsupportedProtocolVersion) => {
             "the broker refused this MQTT version: mqtt.protocol = \"auto\" speaks 5, or 3.1.1 to a broker that refuses 5"
         }
+        E::ConnectionRefused(Code::QoSNotSupported) => NO_QOS_1,
         E::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "nothing accepts connections there: is the broker running, and is the port in mqtt.url right?"
         }
@@ -1013,6 +1020,10 @@ mod tests {
         ));
         let login = ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword);
         assert!(explain(&login).contains("(mqtt.username and mqtt.password_file;"), "{}", explain(&login));
+        let qos0 = ConnectionError::ConnectionRefused(ConnectReturnCode::QoSNotSupported);
+        assert!(explain(&qos0).contains("lathe needs QoS 1"), "{}", explain(&qos0));
+        let v311 = ConnectionError::ConnectionRefused(ConnectReturnCode::RefusedProtocolVersion);
+        assert!(explain(&v311).contains("mqtt.protocol"), "{}", explain(&v311));
         // Nothing to add: rumqttc's words alone.
         assert_eq!(explain(&ConnectionError::RequestsDone), "Requests done");
     }
