@@ -789,3 +789,60 @@ fn predictions_queued_beyond_the_window_survive_broker_restarts() {
     // stall the backlog one round trip at a time (37 to 74 collisions per run before).
     assert_eq!(collisions, 0, "log:\n{}", daemon.log());
 }
+
+/// The plant rotates the broker password: the broker's account changes and the broker
+/// restarts, so lathe is refused; then lathe's `password_file` gets the new one. lathe reads
+/// its login files again after each failed connection and logs in with the new password,
+/// with no restart of its own (before, it was refused until someone restarted it).
+#[test]
+fn a_rotated_broker_password_is_taken_at_the_next_connection_without_a_restart() {
+    let accounts = [("lathe-rot", "old-secret"), ("plant", "p")];
+    let Some(mut broker) =
+        Broker::start_with_accounts(&accounts, "user lathe-rot\ntopic readwrite #\nuser plant\ntopic readwrite #\n")
+    else {
+        return;
+    };
+    let dir = temp_dir("rotate");
+    let password = dir.join("password");
+    std::fs::write(&password, "old-secret\n").unwrap();
+    let login = format!("[mqtt]\nusername = \"lathe-rot\"\npassword_file = \"{}\"\n", password.display());
+    let config = config("rotate", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("[mqtt]\n", &login);
+    let daemon = Daemon::start(&dir, &config);
+    let out = Collector::new_as(broker.port, &["plant/+/+/prediction", "lathe/rotate/status"], Some(("plant", "p")));
+    let online_count = || out.on("lathe/rotate/status").iter().filter(|s| s["state"] == "online").count();
+    assert!(wait_until(Duration::from_secs(15), || online_count() > 0), "log:\n{}", daemon.log());
+    let rows = rows(&expected());
+    let port = broker.port;
+    let send = |seqs: std::ops::Range<usize>| {
+        let mut gateway = Publisher::new_as(port, Some(("plant", "p")));
+        for seq in seqs {
+            gateway.publish("plant/line1/dev0/telemetry", shuttle_message(&rows[seq], seq));
+        }
+        gateway.flush();
+    };
+    send(0..10);
+    assert!(out.wait_for("prediction", 10, Duration::from_secs(10)), "log:\n{}", daemon.log());
+
+    // The broker first: lathe, still on the old password, is refused.
+    broker.set_password("lathe-rot", "new-secret");
+    broker.stop();
+    broker.restart();
+    assert!(
+        wait_until(Duration::from_secs(15), || daemon.log().contains("the broker refused our credentials")),
+        "log:\n{}",
+        daemon.log()
+    );
+    // Then the device's file: the next attempt logs in with it. (A new collector: the
+    // broker forgot the first one's subscriptions.)
+    std::fs::write(&password, "new-secret\n").unwrap();
+    let out = Collector::new_as(broker.port, &["plant/+/+/prediction", "lathe/rotate/status"], Some(("plant", "p")));
+    assert!(
+        wait_until(Duration::from_secs(40), || out.on("lathe/rotate/status").iter().any(|s| s["state"] == "online")),
+        "not back online; log:\n{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("the broker login files changed"), "{}", daemon.log());
+    send(10..20);
+    assert!(out.wait_for("prediction", 10, Duration::from_secs(10)), "log:\n{}", daemon.log());
+}

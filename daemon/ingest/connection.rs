@@ -324,29 +324,89 @@ pub fn session_options(m: &MqttConfig, host: &str, port: u16, client_id: String)
     // Oversized telemetry must reach us to be rejected and reported: a v5 broker silently
     // drops messages over the client's maximum packet size.
     o.set_max_packet_size(Some(16 << 20));
+    apply_login(m, &mut o)?;
+    Ok(o)
+}
+
+/// Sets the credentials and the TLS trust and client certificate from the files `m` names.
+/// Everything is read before anything is set, so a file that cannot be read changes nothing.
+fn apply_login(m: &MqttConfig, o: &mut MqttOptions) -> Result<(), ConnectError> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|source| ConnectError::Read { path: p.display().to_string(), source })
     };
-    if let Some(user) = &m.username {
-        let password = match &m.password_file {
-            Some(p) => String::from_utf8_lossy(&read(p)?).trim_end().to_string(),
-            None => String::new(),
-        };
-        o.set_credentials(user, password);
-    }
+    let credentials = match &m.username {
+        Some(user) => {
+            let password = match &m.password_file {
+                Some(p) => String::from_utf8_lossy(&read(p)?).trim_end().to_string(),
+                None => String::new(),
+            };
+            Some((user.clone(), password))
+        }
+        None => None,
+    };
     #[cfg(feature = "tls")]
-    if matches!(m.url, BrokerUrl::Tcp { tls: true, .. }) {
+    let transport = if matches!(m.url, BrokerUrl::Tcp { tls: true, .. }) {
         let client_auth = match (&m.cert_file, &m.key_file) {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
             _ => None,
         };
-        o.set_transport(match &m.ca_file {
+        Some(match &m.ca_file {
             Some(p) => rumqttc::Transport::tls(read(p)?, client_auth, None),
             // No CA file: the system's trust store.
             None => rumqttc::Transport::tls_with_default_config(),
-        });
+        })
+    } else {
+        None
+    };
+    if let Some((user, password)) = credentials {
+        o.set_credentials(user, password);
     }
-    Ok(o)
+    #[cfg(feature = "tls")]
+    if let Some(t) = transport {
+        o.set_transport(t);
+    }
+    Ok(())
+}
+
+/// The files `[mqtt]` logs in with (password, CA, client certificate and key), read again
+/// after each failed or lost connection. A plant that rotates a password or a certificate
+/// replaces the file; the daemon logs in with the new one at its next attempt instead of
+/// being refused until someone restarts it.
+pub struct LoginFiles {
+    mqtt: MqttConfig,
+    /// A hash of the files' contents when last applied.
+    loaded: u64,
+}
+
+impl LoginFiles {
+    pub fn new(mqtt: &MqttConfig) -> LoginFiles {
+        LoginFiles { mqtt: mqtt.clone(), loaded: Self::contents(mqtt) }
+    }
+
+    fn contents(m: &MqttConfig) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for p in [&m.password_file, &m.ca_file, &m.cert_file, &m.key_file].into_iter().flatten() {
+            std::fs::read(p).ok().hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// If a file changed since it was applied, `options` logs in with what the files hold
+    /// now. Returns what to log when a file changed.
+    pub fn refresh(&mut self, options: &mut MqttOptions) -> Option<String> {
+        let now = Self::contents(&self.mqtt);
+        if now == self.loaded {
+            return None;
+        }
+        self.loaded = now;
+        Some(match apply_login(&self.mqtt, options) {
+            Ok(()) => "the broker login files changed (mqtt.password_file, ca_file, cert_file or key_file): \
+                       the next connection uses what they hold now"
+                .to_string(),
+            Err(e) => format!("the broker login files changed but cannot be read ({e}): keeping the ones read before"),
+        })
+    }
 }
 
 /// Reconnect delay: exponential from 100 ms, capped at 30 s, with ±25 % jitter so a fleet
@@ -460,6 +520,8 @@ pub struct Ingest {
     /// Filters an earlier run subscribed to that no route uses now (after a reload): the
     /// broker kept them in our session, so they are removed once connected.
     pub unsubscribe: Vec<String>,
+    /// Read again after each failed or lost connection (a rotated password or certificate).
+    pub login: LoginFiles,
 }
 
 /// How many distinct device ids a route remembers.
@@ -515,6 +577,7 @@ impl Ingest {
             ready,
             commands,
             unsubscribe,
+            mut login,
         } = self;
         let mut router = Router {
             pending: routes.iter().map(|_| VecDeque::new()).collect(),
@@ -532,6 +595,9 @@ impl Ingest {
         // this run was ever connected (a failure is then "lost", else "cannot connect").
         let (mut outage_since, mut warned_at, mut ever_connected) = (None::<Instant>, Instant::now(), false);
         let (mut quick_drops, mut contested_warned_at) = (QuickDrops::default(), None::<Instant>);
+        // The reason last warned of: a new one (the broker is back but refuses our login) is
+        // worth a warning at once, not at the next reminder.
+        let mut warned_reason = String::new();
         let client_id = eventloop.options.client_id();
         let configured = eventloop.options.wire_protocol();
         // Whether the broker still holds this run's subscriptions (see the CONNACK below),
@@ -704,7 +770,10 @@ impl Ingest {
                         }
                     } else if failures == 0 {
                         tracing::warn!("{what} at {broker}: {e}; trying again with backoff");
-                        warned_at = now;
+                        (warned_at, warned_reason) = (now, e.clone());
+                    } else if e != warned_reason {
+                        tracing::warn!("Still no connection to the broker at {broker}, now because: {e}");
+                        (warned_at, warned_reason) = (now, e.clone());
                     } else if now.duration_since(warned_at) >= OUTAGE_REMINDER {
                         let minutes = now.duration_since(since).as_secs() / 60;
                         tracing::warn!(
@@ -716,6 +785,9 @@ impl Ingest {
                         tracing::debug!(attempt = failures + 1, "Connecting to the broker failed: {e}");
                     }
                     crate::service::systemd::status(&format!("{what} at {broker} (attempt {}): {e}", failures + 1));
+                    if let Some(line) = login.refresh(&mut eventloop.options) {
+                        tracing::info!("{line}");
+                    }
                     if disconnecting {
                         break; // stopping and the broker is gone: nothing more to send
                     }

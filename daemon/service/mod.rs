@@ -653,6 +653,7 @@ pub async fn run_keeping(
             status_now: status_now.clone(),
         },
         unsubscribe: Vec::new(),
+        login: connection::LoginFiles::new(&config.mqtt),
     };
     let filters = ingest.filters();
     let ingest = Ingest { unsubscribe: kept.filters.into_iter().filter(|f| !filters.contains(f)).collect(), ..ingest };

@@ -20,14 +20,14 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop};
 use tokio::sync::mpsc;
 
 use super::proto::{datatype, Metric, Payload, Value};
 use super::{BD_SEQ, REBIRTH};
 use crate::config::{Config, SparkplugOutputConfig};
 use crate::infer::SharedModel;
-use crate::ingest::connection::{backoff, QuickDrops};
+use crate::ingest::connection::{backoff, LoginFiles, QuickDrops};
 
 /// Predictions waiting for the Sparkplug session; past this they are dropped (and counted):
 /// the JSON predictions are the contract, this is a view of them.
@@ -88,7 +88,8 @@ pub fn start(
     let death = node.death();
     options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));
     let (client, eventloop) = AsyncClient::new(options, 1024);
-    Ok(tokio::spawn(run(node, client, eventloop, models, rx)))
+    let login = LoginFiles::new(&config.mqtt);
+    Ok(tokio::spawn(run(node, client, (eventloop, login), models, rx)))
 }
 
 struct Node {
@@ -162,7 +163,7 @@ enum Session {
 
 /// Polls the session on a task of its own (rumqttc's `poll` must not be cancelled, and a
 /// `select!` would), forwarding what matters.
-async fn poll(mut eventloop: rumqttc::v5::EventLoop, ncmd: String, tx: mpsc::Sender<Session>) {
+async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), ncmd: String, tx: mpsc::Sender<Session>) {
     let (mut failures, mut quick_drops) = (0u32, QuickDrops::default());
     loop {
         match eventloop.poll().await {
@@ -190,6 +191,9 @@ async fn poll(mut eventloop: rumqttc::v5::EventLoop, ncmd: String, tx: mpsc::Sen
                     None => tracing::warn!("Sparkplug session: {e}"),
                     Some(streak) => tracing::debug!(streak, "Sparkplug session closed just after it was made: {e}"),
                 }
+                if let Some(line) = login.refresh(&mut eventloop.options) {
+                    tracing::info!("Sparkplug session: {line}");
+                }
                 tokio::time::sleep(backoff(failures.max(contested.unwrap_or(0)))).await;
                 failures = failures.saturating_add(1);
             }
@@ -200,7 +204,7 @@ async fn poll(mut eventloop: rumqttc::v5::EventLoop, ncmd: String, tx: mpsc::Sen
 async fn run(
     mut node: Node,
     client: AsyncClient,
-    eventloop: rumqttc::v5::EventLoop,
+    eventloop: (EventLoop, LoginFiles),
     models: Vec<(String, SharedModel)>,
     mut rx: mpsc::Receiver<Report>,
 ) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::VerifyingKey;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -18,7 +18,7 @@ use super::floor::Floor;
 use super::signing::{self, Offer};
 use crate::config::{Config, UpdateConfig};
 use crate::infer::{Engine, EngineKind, SharedModel};
-use crate::ingest::connection::{backoff, QuickDrops};
+use crate::ingest::connection::{backoff, LoginFiles, QuickDrops};
 use crate::model::{bundle, Bundle, Registry};
 use crate::service::closed_loop::LoopMessage;
 use crate::service::events::{Event, Events};
@@ -80,11 +80,12 @@ pub fn start(
     let options =
         crate::ingest::connection::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let (client, eventloop) = AsyncClient::new(options, 256);
+    let eventloop = (eventloop, LoginFiles::new(&config.mqtt));
     let updater = Updater { config: config.clone(), settings: settings.clone(), trusted, events, loop_tx, models };
     Ok(tokio::spawn(updater.run(client, eventloop, stop)))
 }
 
-async fn poll(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Session>) {
+async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), tx: mpsc::Sender<Session>) {
     let (mut failures, mut quick_drops) = (0u32, QuickDrops::default());
     loop {
         let event = eventloop.poll().await;
@@ -102,6 +103,9 @@ async fn poll(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Session>) 
             Ok(_) => None,
             Err(e) => {
                 tracing::debug!("Update session: {e}");
+                if let Some(line) = login.refresh(&mut eventloop.options) {
+                    tracing::info!("Update session: {line}");
+                }
                 let contested = quick_drops.ended(Instant::now()).unwrap_or(0); // see QuickDrops
                 tokio::time::sleep(backoff(failures.max(contested))).await;
                 failures = failures.saturating_add(1);
@@ -135,7 +139,7 @@ impl Updater {
         self.events.emit(Event::Step { pipeline, step, message, detail });
     }
 
-    async fn run(self, client: AsyncClient, eventloop: rumqttc::v5::EventLoop, mut stop: watch::Receiver<bool>) {
+    async fn run(self, client: AsyncClient, eventloop: (EventLoop, LoginFiles), mut stop: watch::Receiver<bool>) {
         let (tx, mut session) = mpsc::channel(64);
         let mut poller = tokio::spawn(poll(eventloop, tx));
         let (done_tx, mut done) = mpsc::channel::<Verified>(4);

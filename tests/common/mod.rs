@@ -170,6 +170,14 @@ impl Broker {
         Some(Broker::mosquitto(false, 100, Some((passwords, acl_file))))
     }
 
+    /// Changes an account's password in the broker's password file (read at its next start
+    /// or SIGHUP).
+    pub fn set_password(&self, user: &str, password: &str) {
+        let Some((passwords, _)) = &self.accounts else { panic!("a broker without accounts") };
+        let made = Command::new("mosquitto_passwd").arg("-b").arg(passwords).args([user, password]).status().unwrap();
+        assert!(made.success(), "mosquitto_passwd failed for {user}");
+    }
+
     /// A mosquitto that keeps no retained messages (`retain_available false`, as some shared
     /// plant brokers are set up): it refuses a retained will or publish. None without
     /// mosquitto.
