@@ -490,6 +490,9 @@ pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
             reason_code: rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::SessionTakenOver,
             ..
         }) => "another client connected with this client id: two daemons with the same node or mqtt.client_id?",
+        _ if e.to_string().contains("invalid peer certificate") => {
+            "the broker's certificate was not accepted: mqtt.ca_file must hold the CA that signed it, and it must name the host in mqtt.url"
+        }
         _ => "",
     };
     match hint {

@@ -86,7 +86,7 @@ fn mosquitto_installed() -> bool {
 
 /// Whether mosquitto is here; without it, a test that needs it skips, unless
 /// LATHE_REQUIRE_MOSQUITTO=1 (CI) makes that a failure.
-fn mosquitto_or_skip() -> bool {
+pub fn mosquitto_or_skip() -> bool {
     let installed = mosquitto_installed();
     assert!(
         installed || std::env::var("LATHE_REQUIRE_MOSQUITTO").as_deref() != Ok("1"),
