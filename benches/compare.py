@@ -8,7 +8,8 @@ port, QoS 1, 4 publishing devices, real Shuttle rows, the sample MLP), alternati
 noise hits all of them alike. Prints one JSON line per run, then medians and the ratios
 lathe/relay, lathe/python and lathe/lathe-nodrift (the cost of drift monitoring). With
 --batch K, lathe also serves the same rows sent K to a message (JSON arrays), and
-lathe-batchK/lathe is the ratio of rows per second. With --kepware, lathe also reads the
+lathe-batchK/lathe is the ratio of rows per second. With --mqtt311, lathe also speaks MQTT
+3.1.1 to the broker (`protocol = "3.1.1"`), and lathe-mqtt311/lathe is that ratio. With --kepware, lathe also reads the
 same rows from Kepware's IoT Gateway standard template (a message per scan holding the 4
 devices' tags, `format = "kepware"`), and lathe-kepware/lathe is that ratio. The Python service needs `pip install "paho-mqtt>=2"
 onnxruntime numpy`; without them it is left out.
@@ -23,6 +24,7 @@ ap.add_argument("-n", type=int, default=20000)
 ap.add_argument("--lathe", default=os.path.join(root, "target", "release", "lathe"))
 ap.add_argument("--batch", type=int, default=0, help="also run lathe on K rows a message")
 ap.add_argument("--kepware", action="store_true", help="also run lathe on Kepware's standard template")
+ap.add_argument("--mqtt311", action="store_true", help="also run lathe speaking MQTT 3.1.1 to the broker")
 args = ap.parse_args()
 
 config = """node = "bench"
@@ -61,6 +63,11 @@ bench_args = {}
 if args.kepware:
     services["lathe-kepware"] = services["lathe"].replace(template, template_kepware)
     bench_args["lathe-kepware"] = ["--kepware", "--in-topic", "iotgateway"]
+if args.mqtt311:
+    template_311 = template.replace(".toml.in", "-311.toml.in")
+    with open(template_311, "w") as f:
+        f.write(config.replace("[mqtt]\n", '[mqtt]\nprotocol = "3.1.1"\n'))
+    services["lathe-mqtt311"] = services["lathe"].replace(template, template_311)
 if args.batch > 1:
     services[f"lathe-batch{args.batch}"] = services["lathe"]
     bench_args[f"lathe-batch{args.batch}"] = ["--batch", str(args.batch)]
@@ -98,6 +105,9 @@ for ref in ("relay", "python", "lathe-nodrift"):
 batched = summary.get(f"lathe-batch{args.batch}", {}).get("msgs_per_s")
 if batched and lathe:
     summary[f"lathe-batch{args.batch}/lathe"] = round(batched / lathe, 2)
+mqtt311 = summary.get("lathe-mqtt311", {}).get("msgs_per_s")
+if mqtt311 and lathe:
+    summary["lathe-mqtt311/lathe"] = round(mqtt311 / lathe, 2)
 kepware = summary.get("lathe-kepware", {}).get("msgs_per_s")
 if kepware and lathe:
     summary["lathe-kepware/lathe"] = round(kepware / lathe, 2)
