@@ -35,6 +35,10 @@ fn main() {
         ("PyTorch Conv1d over 16 frames × 4", "tests/fixtures/zoo/torch-conv1d-w16.onnx"),
         ("PyTorch GRU(8) over 16 frames × 4", "tests/fixtures/zoo/torch-gru-w16.onnx"),
         ("PyTorch LSTM(8) over 16 frames × 4", "tests/fixtures/zoo/torch-lstm-w16.onnx"),
+        ("scikit-learn RandomForestClassifier, 20 trees of depth 6", "tests/fixtures/zoo/sklearn-forest.onnx"),
+        ("XGBClassifier, 20 trees of depth 4", "tests/fixtures/zoo/xgboost-classifier.onnx"),
+        ("LGBMRegressor, 30 trees of 31 leaves", "tests/fixtures/zoo/lightgbm-regressor.onnx"),
+        ("scikit-learn RandomForestRegressor, 20 trees of depth 6", "tests/fixtures/zoo/sklearn-forest-regressor.onnx"),
     ];
     println!("| model | batch | tract µs | ort µs | tract / ort |");
     println!("| --- | --- | --- | --- | --- |");

@@ -42,12 +42,12 @@ fn tract_and_onnx_runtime_agree_on_every_batch_size() {
 }
 
 /// The conformance zoo (tests/fixtures/zoo): PyTorch (MLP, Conv1d, GRU, LSTM over windows),
-/// scikit-learn and onnx.helper models, on both runtimes in this process, at every batch size.
+/// scikit-learn, XGBoost, LightGBM and onnx.helper models, on both runtimes in this process,
+/// at every batch size. Tree ensembles reach tract rewritten (`infer::ml_ops::trees_for_tract`)
+/// and onnxruntime as exported.
 #[test]
 fn tract_and_onnx_runtime_agree_on_every_zoo_model() {
-    let zoo: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/zoo/zoo.json")).unwrap()).unwrap();
-    for (name, z) in zoo {
+    for (name, z) in zoo() {
         let bytes = std::fs::read(root().join(format!("tests/fixtures/zoo/{name}.onnx"))).unwrap();
         let tract = Engine::load(&bytes).unwrap();
         let ort =

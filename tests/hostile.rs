@@ -34,6 +34,13 @@ fn each_hostile_model_is_refused_with_its_reason() {
         ("fuzz-transpose-bad-perm.onnx", "(Transpose) has perm [1, 2, 2], which is not a permutation"),
         // Also the ONNX fuzzer's: a shape built from the batch size; 2 GB at the first run.
         ("fuzz-computed-shape-gigabytes.onnx", "(ConstantOfShape) asks for 536870920 values (shape [67108865, ?, 8])"),
+        // Tree ensembles, which tract walks with unchecked indexing. Before the check: a panic
+        // on a slice (undefined behaviour in a release build), a walk that never ended, an
+        // abort of the whole process, and a plan that never finished.
+        ("tree-child-outside.onnx", "tree 0: node 0 has a child outside the tree"),
+        ("tree-cycle.onnx", "tree 0: node 0 leads back to itself"),
+        ("tree-vote-past-classes.onnx", "has a leaf voting for class or target 5000 of 2"),
+        ("tree-billion-targets.onnx", "has 1000000000 classes or targets; 1 to 65536 are served"),
     ];
     for (file, reason) in cases {
         let out = dir.join(format!("{file}.lathe"));

@@ -1,18 +1,14 @@
 //! The conformance zoo (tests/fixtures/zoo, made by `make_zoo.py` with PyTorch, scikit-learn
-//! and onnx.helper): tract computes what onnxruntime computed on every model, at every batch
-//! size, windows included; each model becomes a bundle.
+//! and onnx.helper, and by `make_trees.py` with scikit-learn, XGBoost and LightGBM): tract
+//! computes what onnxruntime computed on every model, at every batch size, windows included;
+//! each model becomes a bundle.
 
 mod common;
 
+use common::zoo;
 use lathe::infer::engine::sliding_windows;
 use lathe::infer::Engine;
 use serde_json::Value;
-
-fn zoo() -> Vec<(String, Value)> {
-    let text = std::fs::read_to_string(common::root().join("tests/fixtures/zoo/zoo.json")).unwrap();
-    let zoo: serde_json::Map<String, Value> = serde_json::from_str(&text).unwrap();
-    zoo.into_iter().collect()
-}
 
 fn floats(v: &Value) -> Vec<f32> {
     v.as_array()
@@ -25,7 +21,7 @@ fn floats(v: &Value) -> Vec<f32> {
 #[test]
 fn tract_matches_onnx_runtime_on_every_zoo_model_and_batch_size() {
     let models = zoo();
-    assert!(models.len() >= 9, "the zoo has {} models", models.len());
+    assert!(models.len() >= 19, "the zoo has {} models", models.len());
     for (name, z) in models {
         let bytes = std::fs::read(common::root().join(format!("tests/fixtures/zoo/{name}.onnx"))).unwrap();
         let engine = Engine::load(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -238,4 +234,91 @@ fn a_model_with_an_operator_only_onnx_runtime_knows_is_refused_when_bundled() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("com.microsoft.FusedMatMul"), "{err}");
     assert!(!dir.join("c.lathe").exists());
+}
+
+/// Tree ensembles served by the daemon: an XGBoost classifier reads Shuttle's sensors and a
+/// LightGBM regressor forecasts a room's CO2, each device's message answered with what
+/// onnxruntime computes on the exporter's own graph (tract runs it rewritten).
+#[test]
+fn tree_ensembles_are_served_as_onnx_runtime_computes_them() {
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("zoo-trees-serve");
+    let models: Vec<(String, Value)> =
+        zoo().into_iter().filter(|(n, _)| n == "xgboost-classifier" || n == "lightgbm-regressor").collect();
+    assert_eq!(models.len(), 2);
+    let mut config = format!(
+        "node = \"trees\"\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\n",
+        dir.join("state").display(),
+        broker.url()
+    );
+    for (name, z) in &models {
+        config += &format!(
+            "[[pipeline]]\nname = \"{name}\"\nmodel = \"{}\"\n\
+             source = {{ topic = \"plant/+/{name}/in\", key = \"/seq\" }}\nsink = {{ topic = \"plant/{{device}}/{name}/out\" }}\n",
+            bundle(&dir, name, z).display()
+        );
+    }
+    let mut daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, "trees", &daemon);
+    let out = common::Collector::new(broker.port, &["plant/+/+/out"]);
+    let mut p = common::Publisher::new(broker.port);
+    for (name, z) in &models {
+        let names: Vec<&str> = z["features"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+        for (i, frame) in z["frames"].as_array().unwrap().iter().enumerate() {
+            let mut doc = serde_json::Map::new();
+            for (n, v) in names.iter().zip(frame.as_array().unwrap()) {
+                doc.insert(n.to_string(), v.clone());
+            }
+            doc.insert("seq".into(), i.into());
+            p.publish(&format!("plant/dev{}/{name}/in", i % 3), Value::Object(doc).to_string());
+        }
+    }
+    p.flush();
+    for (name, z) in &models {
+        let frames = z["frames"].as_array().unwrap().len();
+        assert!(
+            out.wait_for(&format!("/{name}/out"), frames, std::time::Duration::from_secs(60)),
+            "{name}: {} of {frames} predictions; log:\n{}",
+            out.count(&format!("/{name}/out")),
+            daemon.log()
+        );
+        // The served output: the class probabilities of a classifier, the forecast of a regressor.
+        let served = if z["task"] == "binary" { &z["outputs"][1] } else { &z["outputs"][0] };
+        for prediction in out.on(&format!("/{name}/out")) {
+            let key = prediction["key"].as_u64().unwrap() as usize;
+            let want = served[key].as_array().unwrap();
+            let got = prediction["output"].as_array().unwrap();
+            assert_eq!(got.len(), want.len(), "{name} {prediction}");
+            for (g, w) in got.iter().zip(want) {
+                let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{name} message {key}: {g} vs ort {w}");
+            }
+        }
+    }
+    assert!(daemon.stop());
+}
+
+/// A tree regressor lathe cannot hand to tract is refused with the reason, not tract's
+/// "Unimplemented": here the zoo's forest with a `MAX` aggregate, and with a post transform.
+#[test]
+fn a_tree_regressor_of_a_shape_lathe_cannot_read_is_refused_with_the_reason() {
+    use prost::Message;
+    let bytes = std::fs::read(common::root().join("tests/fixtures/zoo/sklearn-forest-regressor.onnx")).unwrap();
+    for (name, value, reason) in [
+        ("aggregate_function", "MAX", "aggregate_function MAX is not read"),
+        ("post_transform", "PROBIT", "post_transform PROBIT is not read"),
+    ] {
+        let mut model = tract_onnx::pb::ModelProto::decode(bytes.as_slice()).unwrap();
+        let node = &mut model.graph.as_mut().unwrap().node[0];
+        assert_eq!(node.op_type, "TreeEnsembleRegressor");
+        node.attribute.retain(|a| a.name != name);
+        node.attribute.push(tract_onnx::pb::AttributeProto {
+            name: name.into(),
+            r#type: 3,
+            s: value.as_bytes().to_vec(),
+            ..Default::default()
+        });
+        let err = Engine::load(&model.encode_to_vec()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("TreeEnsembleRegressor") && err.contains(reason), "{value}: {err:?}");
+    }
 }

@@ -163,6 +163,9 @@ impl Engine {
             let graph = proto.graph.as_mut().ok_or_else(|| EngineError::Decode("no graph".into()))?;
             super::untrusted::check(graph).map_err(EngineError::Unsupported)?;
             super::ml_ops::rewrite(graph);
+            if matches!(kind, EngineKind::Tract) {
+                super::ml_ops::trees_for_tract(graph).map_err(EngineError::Unsupported)?;
+            }
             let signature = signature(&proto)?;
             let backend = match kind {
                 EngineKind::Tract => Backend::Tract {

@@ -156,5 +156,114 @@ pub fn check(graph: &GraphProto) -> Result<(), String> {
         }
     }
     check_shaped(graph)?;
-    check_transposes(graph)
+    check_transposes(graph)?;
+    check_trees(graph)
+}
+
+/// Most classes (or regression targets) a tree ensemble may have: each is a column of every
+/// row's scores.
+const MAX_TREE_CLASSES: usize = 1 << 16;
+
+/// Refuses a tree ensemble that tract would walk out of bounds or for ever. tract evaluates
+/// trees with unchecked indexing (`tract-onnx-opl`, `ml/tree.rs`): a child id past its tree,
+/// or a leaf's vote for a class past the last, reads or writes outside its arrays, which no
+/// `catch_unwind` stops; a cycle never ends. Exporters write trees whose node ids run 0..n,
+/// whose children lie in the same tree, and that end in leaves: that is what is accepted.
+fn check_trees(graph: &GraphProto) -> Result<(), String> {
+    for node in &graph.node {
+        let (votes, classes) = match node.op_type.as_str() {
+            "TreeEnsembleClassifier" => ("class_ids", None),
+            "TreeEnsembleRegressor" => ("target_ids", Some("n_targets")),
+            _ => continue,
+        };
+        let ints = |name: &str| node.attribute.iter().find(|a| a.name == name).map_or(&[][..], |a| a.ints.as_slice());
+        let attribute = |name: &str| node.attribute.iter().find(|a| a.name == name);
+        let name = if node.name.is_empty() { node.output.first().map_or("", String::as_str) } else { &node.name };
+        let refuse = |why: String| Err(format!("node {name:?} ({}) {why}", node.op_type));
+        let classes = match classes {
+            Some(targets) => attribute(targets).map_or(1, |a| a.i),
+            None => {
+                (ints("classlabels_int64s").len() + attribute("classlabels_strings").map_or(0, |a| a.strings.len()))
+                    as i64
+            }
+        };
+        if !(1..=MAX_TREE_CLASSES as i64).contains(&classes) {
+            return refuse(format!("has {classes} classes or targets; 1 to {MAX_TREE_CLASSES} are served"));
+        }
+        if let Some(&vote) = ints(votes).iter().find(|&&c| !(0..classes).contains(&c)) {
+            return refuse(format!("has a leaf voting for class or target {vote} of {classes}"));
+        }
+        let (trees, ids, yes, no) =
+            (ints("nodes_treeids"), ints("nodes_nodeids"), ints("nodes_truenodeids"), ints("nodes_falsenodeids"));
+        let modes = attribute("nodes_modes").map_or(&[][..], |a| a.strings.as_slice());
+        let n = trees.len();
+        if [ids.len(), yes.len(), no.len(), modes.len()].iter().any(|&len| len != n) {
+            return refuse("has node attributes of different lengths".into());
+        }
+        // Each tree's nodes: (node id, its (true child, false child), None for a leaf).
+        let mut by_tree: std::collections::BTreeMap<i64, Vec<TreeNode>> = Default::default();
+        for i in 0..n {
+            let children = (modes[i].as_slice() != b"LEAF").then_some((yes[i], no[i]));
+            by_tree.entry(trees[i]).or_default().push((ids[i], children));
+        }
+        for (tree, mut nodes) in by_tree {
+            nodes.sort_by_key(|&(id, _)| id);
+            if nodes.iter().enumerate().any(|(i, &(id, _))| id != i as i64) {
+                return refuse(format!("tree {tree}: node ids are not 0, 1, 2, … each once"));
+            }
+            let inside = |c: i64| usize::try_from(c).ok().filter(|&c| c < nodes.len());
+            let mut children = Vec::with_capacity(nodes.len());
+            for &(id, branch) in &nodes {
+                children.push(match branch {
+                    None => None,
+                    Some((t, f)) => match (inside(t), inside(f)) {
+                        (Some(t), Some(f)) => Some((t, f)),
+                        _ => return refuse(format!("tree {tree}: node {id} has a child outside the tree")),
+                    },
+                });
+            }
+            if let Some(id) = cycle(&children) {
+                return refuse(format!("tree {tree}: node {id} leads back to itself"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A tree node as exported: its id, and its (true, false) children unless it is a leaf.
+type TreeNode = (i64, Option<(i64, i64)>);
+
+/// A node from which the walk can come back to it, if any (depth-first, without recursion).
+fn cycle(children: &[Option<(usize, usize)>]) -> Option<usize> {
+    // 0: not seen, 1: on the current path, 2: every path below it ends in a leaf.
+    let mut state = vec![0u8; children.len()];
+    for root in 0..children.len() {
+        if state[root] != 0 {
+            continue;
+        }
+        let mut stack = vec![(root, 0u8)];
+        state[root] = 1;
+        while let Some(top) = stack.last_mut() {
+            let (node, next) = *top;
+            top.1 += 1;
+            let child = match (children[node], next) {
+                (Some((t, _)), 0) => Some(t),
+                (Some((_, f)), 1) => Some(f),
+                _ => None,
+            };
+            match child {
+                Some(c) if state[c] == 1 => return Some(c),
+                Some(c) if state[c] == 0 => {
+                    state[c] = 1;
+                    stack.push((c, 0));
+                }
+                Some(_) => {}
+                None => {
+                    state[node] = 2;
+                    stack.pop();
+                }
+            }
+        }
+    }
+    None
 }

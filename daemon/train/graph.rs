@@ -252,6 +252,11 @@ impl<'a> Walk<'a> {
                 Ok((l, input)) => Step::Dense(l, input),
                 Err(e) => Step::Stop(e),
             },
+            "TreeEnsembleClassifier" | "TreeEnsembleRegressor" | "TreeEnsemble" => Step::Stop(format!(
+                "{} is a tree ensemble: lathe serves and monitors it but fine-tunes only dense layers \
+                 (retrain the trees where they were made and send a new bundle)",
+                node_label(node)
+            )),
             _ => Step::Stop(format!("{} is not an op lathe trains", node_label(node))),
         }
     }

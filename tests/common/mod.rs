@@ -21,6 +21,19 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Every model of the conformance zoo (tests/fixtures/zoo) with what onnxruntime computed on
+/// it: the neural networks (`zoo.json`, `make_zoo.py`), then the tree ensembles
+/// (`trees.json`, `make_trees.py`).
+pub fn zoo() -> Vec<(String, Value)> {
+    ["zoo.json", "trees.json"]
+        .iter()
+        .flat_map(|file| {
+            let text = std::fs::read_to_string(root().join("tests/fixtures/zoo").join(file)).unwrap();
+            serde_json::from_str::<serde_json::Map<String, Value>>(&text).unwrap()
+        })
+        .collect()
+}
+
 /// A file under tests/fixtures.
 pub fn fixture(path: &str) -> PathBuf {
     root().join("tests/fixtures").join(path)
