@@ -82,6 +82,10 @@ fn every_zoo_model_becomes_a_bundle_judged_on_its_own_windows() {
         let window = z["window"].as_u64().unwrap() as usize;
         let frames = z["frames"].as_array().unwrap().len();
         assert_eq!(b.manifest.window, window, "{name}");
+        // A classifier trained on class names keeps them, in the order of its indices.
+        let classes: Vec<&str> =
+            z["classes"].as_array().map(|c| c.iter().map(|v| v.as_str().unwrap()).collect()).unwrap_or_default();
+        assert_eq!(b.manifest.classes, classes, "{name}");
         // One baseline row per sample: a window of 16 needs 15 rows before its first.
         assert_eq!(b.manifest.baseline.rows, frames - (window - 1), "{name}");
         let metric = match z["task"].as_str().unwrap() {
@@ -321,4 +325,72 @@ fn a_tree_regressor_of_a_shape_lathe_cannot_read_is_refused_with_the_reason() {
         let err = Engine::load(&model.encode_to_vec()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("TreeEnsembleRegressor") && err.contains(reason), "{value}: {err:?}");
     }
+}
+
+/// A classifier trained on class names, end to end: the daemon serves it (predictions carry
+/// the class index, in the order of the bundle's `classes`), and late labels that name the
+/// class are joined to those predictions; a name the model does not have is counted as
+/// unusable.
+#[test]
+fn a_classifier_trained_on_class_names_is_served_and_labelled_by_name() {
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("zoo-names");
+    let name = "sklearn-logistic-names";
+    let z = zoo().into_iter().find(|(n, _)| n == name).unwrap().1;
+    let bundle = bundle(&dir, name, &z);
+    let classes: Vec<String> = lathe::model::Bundle::read(&bundle).unwrap().manifest.classes;
+    assert_eq!(classes, ["fault", "ok"]);
+    let config = format!(
+        "node = \"names\"\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\n\
+         source = {{ topic = \"plant/+/in\", key = \"/seq\" }}\nsink = {{ topic = \"plant/{{device}}/out\" }}\n\
+         labels = {{ topic = \"plant/+/label\", key = \"/seq\", value = \"/state\" }}\n",
+        dir.join("state").display(),
+        broker.url(),
+        bundle.display()
+    );
+    let mut daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, "names", &daemon);
+    let out = common::Collector::new(broker.port, &["plant/+/out", "lathe/names/status"]);
+    // The validation CSV holds each row's class by name.
+    let csv = std::fs::read_to_string(common::root().join(format!("tests/fixtures/zoo/{name}.csv"))).unwrap();
+    let truth: Vec<String> = csv.lines().skip(1).map(|l| l.rsplit(',').next().unwrap().to_string()).collect();
+    let names: Vec<&str> = z["features"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    let frames = z["frames"].as_array().unwrap();
+    let mut p = common::Publisher::new(broker.port);
+    for (i, frame) in frames.iter().enumerate() {
+        let mut doc = serde_json::Map::new();
+        for (n, v) in names.iter().zip(frame.as_array().unwrap()) {
+            doc.insert(n.to_string(), v.clone());
+        }
+        doc.insert("seq".into(), i.into());
+        p.publish(&format!("plant/dev{}/in", i % 2), Value::Object(doc).to_string());
+    }
+    p.flush();
+    assert!(out.wait_for("/out", frames.len(), std::time::Duration::from_secs(60)), "log:\n{}", daemon.log());
+    // onnxruntime's probabilities, columns in the order of `classes`.
+    for prediction in out.on("/out") {
+        let key = prediction["key"].as_u64().unwrap() as usize;
+        let (got, want) = (&prediction["output"], &z["outputs"][1][key]);
+        for c in 0..2 {
+            let (g, w) = (got[c].as_f64().unwrap(), want[c].as_f64().unwrap());
+            assert!((g - w).abs() <= 1e-4, "message {key}: {got} vs ort {want}");
+        }
+    }
+    for (i, state) in truth.iter().enumerate() {
+        p.publish(&format!("plant/dev{}/label", i % 2), serde_json::json!({"seq": i, "state": state}).to_string());
+    }
+    p.publish("plant/dev0/label", serde_json::json!({"seq": 0, "state": "broken"}).to_string());
+    p.flush();
+    let joined = |s: &Value| s["pipelines"][0]["drift"]["performance"].clone();
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(30), || {
+            out.on("lathe/names/status")
+                .last()
+                .is_some_and(|s| joined(s)["labels_joined"] == truth.len() && joined(s)["labels_unmatched"] == 1)
+        }),
+        "{:?}\nlog:\n{}",
+        out.on("lathe/names/status").last().map(joined),
+        daemon.log()
+    );
+    assert!(daemon.stop());
 }

@@ -43,6 +43,9 @@ pub struct Signature {
     pub fixed_batch: Option<usize>,
     pub input_is_f64: bool,
     pub outputs: Vec<String>,
+    /// A classifier trained on class names: the names, in the order of the class indices it
+    /// now gives (`ml_ops::rewrite`). Empty for numeric classes and every other model.
+    pub classes: Vec<String>,
 }
 
 /// One inference's results: for each model output, its values row-major, and how many
@@ -162,11 +165,11 @@ impl Engine {
                 .map_err(|e| EngineError::Decode(format!("{e:#}")))?;
             let graph = proto.graph.as_mut().ok_or_else(|| EngineError::Decode("no graph".into()))?;
             super::untrusted::check(graph).map_err(EngineError::Unsupported)?;
-            super::ml_ops::rewrite(graph);
+            let classes = super::ml_ops::rewrite(graph);
             if matches!(kind, EngineKind::Tract) {
                 super::ml_ops::trees_for_tract(graph).map_err(EngineError::Unsupported)?;
             }
-            let signature = signature(&proto)?;
+            let signature = Signature { classes, ..signature(&proto)? };
             let backend = match kind {
                 EngineKind::Tract => Backend::Tract {
                     model: {
@@ -373,5 +376,6 @@ fn signature(proto: &ModelProto) -> Result<Signature, EngineError> {
         fixed_batch,
         input_is_f64,
         outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
+        classes: Vec::new(),
     })
 }

@@ -15,11 +15,34 @@ use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
 
 const FLOAT: i32 = 1;
 const INT64: i32 = 7;
+const STRING: i32 = 8;
 const ATTR_INT: i32 = 2;
 const ATTR_FLOATS: i32 = 6;
 const ATTR_INTS: i32 = 7;
 
-pub fn rewrite(graph: &mut GraphProto) {
+///
+/// A classifier trained on class names (`"normal"`, `"fault"`) declares them as
+/// `classlabels_strings` and gives its label as a string, which no f32 output can carry.
+/// Its labels become the class indices 0..n in the same order, and the names are returned
+/// (empty for a model with numeric classes), so the bundle can say which index is which.
+pub fn rewrite(graph: &mut GraphProto) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for node in graph.node.iter_mut().filter(|n| n.op_type.ends_with("Classifier")) {
+        let Some(at) = node.attribute.iter().position(|a| a.name == "classlabels_strings") else { continue };
+        let labels: Vec<String> =
+            node.attribute[at].strings.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+        // The ONNX spec names the integer labels `classlabels_int64s` for tree ensembles and
+        // `classlabels_ints` for the linear and SVM classifiers.
+        let ints = if node.op_type == "TreeEnsembleClassifier" { "classlabels_int64s" } else { "classlabels_ints" };
+        node.attribute[at] = ints_attribute(ints, (0..labels.len() as i64).collect());
+        names = labels;
+    }
+    if !names.is_empty() {
+        // The label output's declared type was a string; tract infers the new one.
+        for out in graph.output.iter_mut().filter(|o| declared_type(o) == Some(STRING)) {
+            out.r#type = None;
+        }
+    }
     let mut nodes = Vec::with_capacity(graph.node.len());
     let mut zipmaps = Vec::new();
     for node in std::mem::take(&mut graph.node) {
@@ -51,6 +74,14 @@ pub fn rewrite(graph: &mut GraphProto) {
         for out in graph.output.iter_mut().filter(|o| o.name == map_output) {
             out.r#type = None;
         }
+    }
+    names
+}
+
+/// The element type a graph output declares, if it declares a tensor.
+fn declared_type(value: &tract_onnx::pb::ValueInfoProto) -> Option<i32> {
+    match value.r#type.as_ref()?.value.as_ref()? {
+        tract_onnx::pb::type_proto::Value::TensorType(t) => Some(t.elem_type),
     }
 }
 

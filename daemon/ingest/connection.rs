@@ -106,6 +106,8 @@ pub struct LabelRoute {
     pub performance: Arc<std::sync::Mutex<crate::monitor::performance::Performance>>,
     /// Pipelines that train also join labels to their stored samples.
     pub store: Option<crate::store::writer::PipelineWriter>,
+    /// A classifier trained on class names: a label may name its class (read as its index).
+    pub classes: Vec<String>,
 }
 
 impl LabelRoute {
@@ -162,11 +164,20 @@ impl LabelRoute {
     /// One label: its key (as JSON text, as predictions are keyed) and its finite value.
     fn read(&self, doc: &Value) -> Result<(String, f64), String> {
         let key = doc.pointer(&self.key).ok_or_else(|| format!("label has no {}", self.key))?.to_string();
-        let value = doc
-            .pointer(&self.value)
-            .and_then(super::extract::number)
+        let found = doc.pointer(&self.value);
+        let named = found.and_then(Value::as_str).and_then(|s| self.classes.iter().position(|c| c == s));
+        let value = named
+            .map(|index| index as f64)
+            .or_else(|| found.and_then(super::extract::number))
             .filter(|v| v.is_finite())
-            .ok_or_else(|| format!("label has no number, boolean or number as text at {}", self.value))?;
+            .ok_or_else(|| match self.classes.as_slice() {
+                [] => format!("label has no number, boolean or number as text at {}", self.value),
+                classes => format!(
+                    "label has no class name ({}), class index or number as text at {}",
+                    classes.join(", "),
+                    self.value
+                ),
+            })?;
         Ok((key, value))
     }
 }
@@ -1070,6 +1081,7 @@ mod tests {
             value: "/v".into(),
             performance: Arc::new(std::sync::Mutex::new(Performance::new(Duration::from_secs(60), 100))),
             store: None,
+            classes: Vec::new(),
         };
         let big = format!(r#"{{"seq": 1, "v": 1, "pad": "{}"}}"#, "x".repeat(70_000));
         let (_, unusable) = route.take("d", big.as_bytes(), 65_536, None);
@@ -1083,6 +1095,24 @@ mod tests {
             route.take("d", br#"[{"seq": 2, "v": 1}, {"seq": 3}, {"seq": 4, "v": "0"}, 7]"#, 65_536, None);
         assert_eq!(unusable, ["label has no number, boolean or number as text at /v", "label has no /seq"]);
         assert_eq!(route.performance.lock().unwrap().waiting(), (0, 3), "two more wait for their predictions");
+    }
+
+    #[test]
+    fn a_label_may_name_its_class_when_the_model_was_trained_on_names() {
+        use crate::monitor::performance::Performance;
+        let route = LabelRoute {
+            filter: TopicFilter::parse("t/+/label").unwrap(),
+            key: "/seq".into(),
+            value: "/state".into(),
+            performance: Arc::new(std::sync::Mutex::new(Performance::new(Duration::from_secs(60), 100))),
+            store: None,
+            classes: vec!["fault".into(), "ok".into()],
+        };
+        assert_eq!(route.read(&serde_json::json!({"seq": 1, "state": "ok"})), Ok(("1".into(), 1.0)));
+        assert_eq!(route.read(&serde_json::json!({"seq": 2, "state": "fault"})), Ok(("2".into(), 0.0)));
+        assert_eq!(route.read(&serde_json::json!({"seq": 3, "state": 1})), Ok(("3".into(), 1.0)));
+        let err = route.read(&serde_json::json!({"seq": 4, "state": "broken"})).unwrap_err();
+        assert!(err.contains("class name (fault, ok)") && err.contains("/state"), "{err}");
     }
 
     #[test]

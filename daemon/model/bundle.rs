@@ -345,6 +345,17 @@ pub fn measure(
 pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle, BundleError> {
     let engine = Engine::load(&model)?;
     let data = comma_separated(data).map_err(BundleError::Data)?;
+    // A classifier trained on class names is judged, and kept, with their indices.
+    let classes = match opts.task {
+        Task::Binary | Task::Multiclass => engine.signature.classes.clone(),
+        Task::Regression | Task::Reconstruction => Vec::new(),
+    };
+    let data = match &opts.target {
+        Some(t) if !classes.is_empty() => {
+            std::borrow::Cow::Owned(crate::model::csv::class_indices(&data, t, &classes).map_err(BundleError::Data)?)
+        }
+        _ => data,
+    };
     let table = parse_csv(&data).map_err(BundleError::Data)?;
     let col = |name: &str| table.numeric_column(name).map_err(BundleError::Data);
     let target = match (&opts.target, opts.task) {
@@ -432,6 +443,7 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
         parent: String::new(),
         task: opts.task,
         target: opts.target.clone().unwrap_or_default(),
+        classes,
         primary_output: p,
         model_input: engine.signature.input.clone(),
         window,

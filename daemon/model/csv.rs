@@ -130,19 +130,66 @@ pub fn comma_separated(text: &str) -> Result<Cow<'_, str>, String> {
             if i > 0 {
                 out.push(',');
             }
-            match number(cell, delimiter) {
-                Some(_) => out.push_str(&cell.replace(',', ".")),
-                None if cell.contains([',', '"']) || cell.trim() != cell.as_ref() => {
-                    out.push('"');
-                    out.push_str(&cell.replace('"', "\"\""));
-                    out.push('"');
-                }
-                None => out.push_str(cell),
-            }
+            push_cell(&mut out, cell, delimiter);
         }
         out.push('\n');
     }
     Ok(Cow::Owned(out))
+}
+
+/// One cell as comma-separated CSV writes it: a number with a decimal point, text quoted
+/// where it holds a comma, a quote or outer spaces.
+fn push_cell(out: &mut String, cell: &str, delimiter: char) {
+    match number(cell, delimiter) {
+        Some(_) => out.push_str(&cell.replace(',', ".")),
+        None if cell.contains([',', '"']) || cell.trim() != cell => {
+            out.push('"');
+            out.push_str(&cell.replace('"', "\"\""));
+            out.push('"');
+        }
+        None => out.push_str(cell),
+    }
+}
+
+/// A comma-separated CSV (as [`comma_separated`] gives it) with each cell of column `name`
+/// that names one of `classes` replaced by that class's index, for a classifier trained on
+/// class names (`normal`, `fault`): the model's outputs are in the order of `classes`. A cell
+/// that is already a number stays as it is.
+///
+/// # Errors
+/// No such column, or a cell that is neither a number nor one of the classes.
+pub fn class_indices(text: &str, name: &str, classes: &[String]) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut column = None;
+    for (line, row) in lines(text) {
+        let cells = split(row, ',', line)?;
+        let target = match column {
+            Some(c) => c,
+            None => {
+                let c = cells.iter().position(|h| h == name).ok_or_else(|| format!("no column {name:?} in the CSV"))?;
+                column = Some(c);
+                usize::MAX // the header: every cell as it is
+            }
+        };
+        for (i, cell) in cells.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            if i == target && number(cell, ',').is_none() {
+                let index = classes.iter().position(|k| k == cell).ok_or_else(|| {
+                    format!(
+                        "line {line}: {name:?} holds {cell:?}, which is not one of the model's classes ({})",
+                        classes.join(", ")
+                    )
+                })?;
+                out.push_str(&index.to_string());
+            } else {
+                push_cell(&mut out, cell, ',');
+            }
+        }
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// The non-blank lines after any byte-order mark, with their 1-based line numbers.
@@ -336,5 +383,16 @@ mod tests {
         assert_eq!(a.header, b.header);
         assert_eq!(format!("{:?}", a.rows), format!("{:?}", b.rows));
         assert_eq!(a.not_numeric, b.not_numeric);
+    }
+
+    #[test]
+    fn class_names_become_their_indices_and_an_unknown_name_is_named() {
+        let classes = ["fault".to_string(), "ok".to_string()];
+        let text = "f1,\"where, exactly\",state\n1.5,\"line 3, north\",ok\n2,south,fault\n3,west,1\n";
+        let converted = class_indices(text, "state", &classes).unwrap();
+        assert_eq!(converted, "f1,\"where, exactly\",state\n1.5,\"line 3, north\",1\n2,south,0\n3,west,1\n");
+        let err = class_indices("f1,state\n1,ok\n2,broken\n", "state", &classes).unwrap_err();
+        assert!(err.contains("line 3") && err.contains("\"broken\"") && err.contains("fault, ok"), "{err}");
+        assert!(class_indices("f1,state\n1,ok\n", "label", &classes).unwrap_err().contains("no column \"label\""));
     }
 }

@@ -44,6 +44,10 @@ pub struct Manifest {
     /// The validation CSV's target column (empty for `reconstruction`).
     #[serde(default)]
     pub target: String,
+    /// A classifier trained on class names: the names, in the order of its class indices
+    /// (the `label` it gives, the columns of its probabilities, the targets lathe stores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
     /// Which output is "the prediction" (index into `outputs`).
     pub primary_output: usize,
     pub model_input: String,

@@ -546,6 +546,7 @@ pub async fn run_keeping(
                 value: l.value.clone(),
                 performance: perf.clone(),
                 store: writer.clone(),
+                classes: model.load().engine.signature.classes.clone(),
             }),
             _ => None,
         };

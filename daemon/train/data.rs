@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::csv::parse_csv;
+use crate::model::csv::{class_indices, comma_separated, parse_csv};
 use crate::model::manifest::{Manifest, Task};
 
 pub struct Dataset {
@@ -81,6 +81,14 @@ impl Dataset {
 /// # Errors
 /// A CSV that cannot be parsed or lacks a feature or target column.
 pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, String> {
+    // A classifier trained on class names reads them as their indices, as `bundle create` did.
+    let named;
+    let csv = if manifest.classes.is_empty() {
+        csv
+    } else {
+        named = class_indices(&comma_separated(csv)?, &manifest.target, &manifest.classes)?;
+        named.as_str()
+    };
     let table = parse_csv(csv)?;
     let cols: Vec<usize> = manifest.inputs.iter().map(|i| table.column(&i.name)).collect::<Result<_, _>>()?;
     let target = match manifest.task {
