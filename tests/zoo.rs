@@ -55,6 +55,20 @@ fn tract_matches_onnx_runtime_on_every_zoo_model_and_batch_size() {
     }
 }
 
+/// A zoo model's validation frame `i` as a gateway would send it: each feature by name, and
+/// `seq` (the source's key) = `i`.
+fn message(z: &Value, i: usize) -> String {
+    let mut doc: serde_json::Map<String, Value> = z["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(z["frames"][i].as_array().unwrap())
+        .map(|(name, v)| (name.as_str().unwrap().to_string(), v.clone()))
+        .collect();
+    doc.insert("seq".into(), i.into());
+    Value::Object(doc).to_string()
+}
+
 /// `lathe bundle create` for a zoo model with its own validation CSV, written to `dir`.
 fn bundle(dir: &std::path::Path, name: &str, z: &Value) -> std::path::PathBuf {
     let out = dir.join(format!("{name}.lathe"));
@@ -171,23 +185,11 @@ fn sequence_models_serve_each_devices_last_frames_as_onnx_runtime_computes_them(
     );
     // Device a streams the validation frames; device b the same frames, interleaved with a.
     let z = &models[0].1;
-    let frames: Vec<Vec<f64>> = z["frames"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
-        .collect();
-    let names: Vec<String> =
-        z["features"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_string()).collect();
+    let frames = z["frames"].as_array().unwrap();
     let mut p = common::Publisher::new(broker.port);
-    for (i, frame) in frames.iter().enumerate() {
+    for i in 0..frames.len() {
         for device in ["a", "b"] {
-            let mut doc = serde_json::Map::new();
-            for (n, v) in names.iter().zip(frame) {
-                doc.insert(n.clone(), (*v).into());
-            }
-            doc.insert("seq".into(), i.into());
-            p.publish(&format!("plant/{device}/occupancy"), Value::Object(doc).to_string());
+            p.publish(&format!("plant/{device}/occupancy"), message(z, i));
         }
     }
     p.flush();
@@ -267,14 +269,8 @@ fn tree_ensembles_are_served_as_onnx_runtime_computes_them() {
     let out = common::Collector::new(broker.port, &["plant/+/+/out"]);
     let mut p = common::Publisher::new(broker.port);
     for (name, z) in &models {
-        let names: Vec<&str> = z["features"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
-        for (i, frame) in z["frames"].as_array().unwrap().iter().enumerate() {
-            let mut doc = serde_json::Map::new();
-            for (n, v) in names.iter().zip(frame.as_array().unwrap()) {
-                doc.insert(n.to_string(), v.clone());
-            }
-            doc.insert("seq".into(), i.into());
-            p.publish(&format!("plant/dev{}/{name}/in", i % 3), Value::Object(doc).to_string());
+        for i in 0..z["frames"].as_array().unwrap().len() {
+            p.publish(&format!("plant/dev{}/{name}/in", i % 3), message(z, i));
         }
     }
     p.flush();
@@ -354,16 +350,10 @@ fn a_classifier_trained_on_class_names_is_served_and_labelled_by_name() {
     // The validation CSV holds each row's class by name.
     let csv = std::fs::read_to_string(common::root().join(format!("tests/fixtures/zoo/{name}.csv"))).unwrap();
     let truth: Vec<String> = csv.lines().skip(1).map(|l| l.rsplit(',').next().unwrap().to_string()).collect();
-    let names: Vec<&str> = z["features"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
     let frames = z["frames"].as_array().unwrap();
     let mut p = common::Publisher::new(broker.port);
-    for (i, frame) in frames.iter().enumerate() {
-        let mut doc = serde_json::Map::new();
-        for (n, v) in names.iter().zip(frame.as_array().unwrap()) {
-            doc.insert(n.to_string(), v.clone());
-        }
-        doc.insert("seq".into(), i.into());
-        p.publish(&format!("plant/dev{}/in", i % 2), Value::Object(doc).to_string());
+    for i in 0..frames.len() {
+        p.publish(&format!("plant/dev{}/in", i % 2), message(&z, i));
     }
     p.flush();
     assert!(out.wait_for("/out", frames.len(), std::time::Duration::from_secs(60)), "log:\n{}", daemon.log());
