@@ -10,7 +10,7 @@
 # uses DynamicUser, StateDirectory and friends, so there is no account to create.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+version=$(sed -n 's/^version = "\(.*\)"/\1/p;T;q' Cargo.toml)  # the first match, no pipe to break
 arch=${ARCH:-$(dpkg --print-architecture)}
 bin=${LATHE_BIN:-target/release/lathe}
 [ -x "$bin" ] || { echo "build_deb: $bin not found; run cargo build --release first" >&2; exit 1; }
