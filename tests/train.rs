@@ -568,3 +568,82 @@ fn kill_9_at_random_points_of_a_fine_tune_leaves_no_partial_file() {
     assert!(run().status().unwrap().success(), "a run after the kills works");
     lathe::model::Bundle::read(&out).unwrap();
 }
+
+/// A sequence model fine-tunes as the daemon serves it: each sample is the window of the 16
+/// frames that end on a CSV line, with that line's target. On the room's later, more humid
+/// weeks the GRU forecaster's dense head learns the new regime; the GRU stays frozen.
+#[test]
+fn a_sequence_models_dense_head_fine_tunes_on_windows_of_the_fresh_frames() {
+    let dir = common::temp_dir("train-sequence");
+    let champion = common::sequence_bundle(&dir);
+    let late = common::fixture("zoo/gru-head-w16-late.csv");
+    let flags: Vec<String> = common::SEQUENCE_RUN.iter().flat_map(|(k, v)| [format!("--{k}"), v.to_string()]).collect();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (out, record) = train(&dir, &champion, &late, &flags);
+    assert!(out.status.success(), "{}\n{record:#}", String::from_utf8_lossy(&out.stderr));
+    // 208 frames: the first 15 only fill the first window.
+    assert_eq!(record["rows_used"], 193, "{record:#}");
+    assert_eq!(record["tail_input"], "h");
+    assert!(record["tail_stopped_by"].as_str().unwrap().contains("(Concat)"), "{record:#}");
+    let layers = record["layers"].as_array().unwrap();
+    assert!(layers.len() == 2 && layers.iter().all(|l| l["trains"] == true), "{record:#}");
+    let (before, after) = (gate_value(&record, "champion_holdout"), gate_value(&record, "challenger_holdout"));
+    eprintln!(
+        "holdout rmse {before:.2} -> {after:.2} ppm; validation {:.2} -> {:.2}",
+        gate_value(&record, "champion_validation"),
+        gate_value(&record, "challenger_validation")
+    );
+    assert!(after < before - 3.0, "holdout rmse {before} -> {after}");
+
+    // The challenger: the same window, the GRU's weights byte for byte, a new head.
+    let parent = lathe::model::bundle::Bundle::read(&champion).unwrap();
+    let child = lathe::model::bundle::Bundle::read(&dir.join("challenger.lathe")).unwrap();
+    assert_eq!(child.manifest.window, 16);
+    let initializers = |model: &[u8]| -> std::collections::BTreeMap<String, Vec<u8>> {
+        use prost::Message;
+        let m = tract_onnx::pb::ModelProto::decode(model).unwrap();
+        m.graph.unwrap().initializer.into_iter().map(|t| (t.name.clone(), t.encode_to_vec())).collect()
+    };
+    let (old, new) = (initializers(&parent.model), initializers(&child.model));
+    let changed: Vec<&str> = old.keys().filter(|name| old[*name] != new[*name]).map(String::as_str).collect();
+    assert_eq!(changed, ["head1_b", "head1_w", "head2_b", "head2_w"]);
+
+    // Served on the CSV's own windows, the challenger scores what the run record says: the
+    // trainer's windows are the server's.
+    let text = std::fs::read_to_string(&late).unwrap();
+    let lines: Vec<Vec<f32>> =
+        text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    let frames: Vec<f32> = lines.iter().flat_map(|l| l[..4].to_vec()).collect();
+    let windows = lathe::infer::engine::sliding_windows(&frames, 4, 16);
+    let holdout = record["holdout_rows"].as_u64().unwrap() as usize;
+    let engine = lathe::infer::Engine::load(&child.model).unwrap();
+    let served = engine.run(&windows[windows.len() - holdout * 64..]).unwrap();
+    let targets = &lines[lines.len() - holdout..];
+    let mse: f64 =
+        (0..holdout).map(|i| (f64::from(served.row(0, i)[0]) - f64::from(targets[i][4])).powi(2)).sum::<f64>()
+            / holdout as f64;
+    assert!((mse.sqrt() - after).abs() < 1e-3, "served rmse {} vs the record's {after}", mse.sqrt());
+}
+
+/// A frame live input would reject never enters a window (as in the daemon): the windows
+/// around it are made of the frames before and after it, and its own target ends no sample.
+#[test]
+fn a_rejected_frame_is_left_out_of_every_window() {
+    let dir = common::temp_dir("train-sequence-bad-frame");
+    let bundle = lathe::model::bundle::Bundle::read(&common::sequence_bundle(&dir)).unwrap();
+    let text = std::fs::read_to_string(common::fixture("zoo/gru-head-w16-late.csv")).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    // Frame 40 (line 41 after the header): its humidity is a PLC error string.
+    let mut bad: Vec<String> = lines[41].split(',').map(String::from).collect();
+    bad[1] = "#ERR".into();
+    lines[41] = bad.join(",");
+    let data = lathe::train::data::load(&bundle.manifest, &(lines.join("\n") + "\n"), 0).unwrap();
+    assert_eq!(data.rows, 192, "207 usable frames make 192 windows");
+    assert_eq!(data.dropped.get("non_numeric"), Some(&1));
+    assert_eq!(data.features, 64);
+    let frame = |i: usize| -> Vec<f32> { lines[i + 1].split(',').take(4).map(|v| v.parse().unwrap()).collect() };
+    // Sample 25 ends on frame 41: frames 25..=39, then 41.
+    let expected: Vec<f32> = (25..40).chain([41]).flat_map(frame).collect();
+    assert_eq!(&data.x[25 * 64..26 * 64], expected.as_slice());
+    assert_eq!(data.y[25], f64::from(frame(42)[3]), "its target is the next frame's CO2");
+}

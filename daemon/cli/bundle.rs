@@ -112,13 +112,6 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
             };
             let b = bundle::create(model_bytes, &text, &opts).map_err(|e| e.to_string())?;
             let m = &b.manifest;
-            if m.training.trainable != "none" && m.window > 1 {
-                return Err(format!(
-                    "this is a sequence model (windows of {} frames), which this build serves but cannot fine-tune: \
-                     bundle it with --trainable none",
-                    m.window
-                ));
-            }
             if m.training.trainable != "none" {
                 crate::train::plan(&b.model, &m.outputs[m.primary_output], m.task, &m.training).map_err(|e| {
                     format!(

@@ -749,12 +749,6 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         s.error("labels", "needs source.key: labels are joined to predictions by key");
     }
     let train = train::parse_train(s)?;
-    if train.is_some() && window > 1 {
-        s.error(
-            "train",
-            "fine-tuning sequence models (window) is not in this build; serve them without [pipeline.train]",
-        );
-    }
     if train.is_some() && source.as_ref().is_some_and(|s| s.key.is_none()) {
         s.error("train", "needs source.key: stored samples are joined to their labels by key");
     }

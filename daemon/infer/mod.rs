@@ -112,6 +112,19 @@ impl ActiveModel {
                 ),
             });
         }
+        // A pipeline that trains stores each sample whole: a window of every frame.
+        if pipeline.train.is_some() && frames * m.inputs.len() > crate::store::MAX_VALUES {
+            return Err(format!(
+                "{} v{} takes windows of {frames} frames of {} features, {} values: the sample store keeps at most {} \
+                 per sample, so pipeline {:?} cannot fine-tune it (a shorter window, or no [pipeline.train])",
+                m.name,
+                m.version,
+                m.inputs.len(),
+                frames * m.inputs.len(),
+                crate::store::MAX_VALUES,
+                pipeline.name
+            ));
+        }
         let (rows, outputs) = bundle.validated_outputs(&engine).map_err(|e| e.to_string())?;
         let reference_rows = rows.len() / m.inputs.len().max(1);
         let monitor = match &pipeline.drift {
@@ -405,7 +418,7 @@ impl Pipeline {
                     self.watch(&model, &rows, &out);
                     let shadow = self.shadow(input);
                     self.remember(&model, &batch, &out, &shadow);
-                    self.keep(&model, &mut batch, &rows, &out);
+                    self.keep(&model, &mut batch, &rows, input, &out);
                 }
                 Err(e) => {
                     self.counters.failed.fetch_add(batch.len() as u64, Relaxed);
@@ -480,24 +493,25 @@ impl Pipeline {
     }
 
     /// Hands the served rows to the store (pipelines that train); their acks go with them and
-    /// are sent once the rows are durable.
-    fn keep(&self, model: &ActiveModel, batch: &mut [Sample], rows: &[f32], out: &Outputs) {
+    /// are sent once the rows are durable. Each record keeps what the model took, so it can be
+    /// trained on: the row, or a sequence model's whole window (`input`).
+    fn keep(&self, model: &ActiveModel, batch: &mut [Sample], rows: &[f32], input: &[f32], out: &Outputs) {
         let Some(store) = &self.store else { return };
         let f = model.engine.signature.features;
+        let width = f * model.engine.signature.frames;
         let ts_ms = crate::service::unix_ms();
         let mut writes = Vec::with_capacity(batch.len());
         let mut tickets = Vec::with_capacity(batch.len());
         for (r, s) in batch.iter_mut().enumerate() {
             let output = out.row(model.primary_output, r);
-            let features = &rows[r * f..(r + 1) * f];
             writes.push(crate::store::Write::Sample(crate::store::Record {
                 ts_ms,
                 version: model.version,
                 label: None,
-                score: model.reading.score(output, features) as f32,
+                score: model.reading.score(output, &rows[r * f..(r + 1) * f]) as f32,
                 device: s.device.to_string(),
                 key: s.key.to_string(),
-                features: features.to_vec(),
+                features: input[r * width..(r + 1) * width].to_vec(),
                 output: output.to_vec(),
             }));
             tickets.extend(s.ack.take());

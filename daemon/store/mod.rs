@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-pub use record::{join_key, Record};
+pub use record::{join_key, Record, MAX_VALUES};
 
 /// Bounds and places, from `[store]` (DESIGN "Config").
 #[derive(Debug, Clone, PartialEq)]

@@ -26,6 +26,9 @@ pub struct Record {
     pub output: Vec<f32>,
 }
 
+/// Most feature values one record holds (a sequence model's window counts every frame).
+pub const MAX_VALUES: usize = u16::MAX as usize;
+
 const LAYOUT: u8 = 1;
 const HEAD: usize = 1 + 8 + 8 + 8 + 4 + 2 * 4;
 
@@ -35,7 +38,7 @@ impl Record {
             let k = self.key.as_bytes();
             &k[..k.len().min(u16::MAX as usize)]
         });
-        let nf = self.features.len().min(u16::MAX as usize);
+        let nf = self.features.len().min(MAX_VALUES);
         let no = self.output.len().min(u16::MAX as usize);
         let mut b = Vec::with_capacity(HEAD + device.len() + key.len() + 4 * (nf + no));
         b.push(LAYOUT);

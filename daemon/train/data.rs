@@ -1,46 +1,59 @@
 //! Training data from a CSV: rows checked against the manifest exactly as live messages are
 //! (a row the daemon would reject is not trained on), counted by reason, kept in file order —
 //! which is time order — so the newest rows can be held out.
+//!
+//! A sequence model's sample is a window of its last N accepted frames, oldest first, as the
+//! daemon serves it: the CSV lists consecutive frames, each line's target belongs to the window
+//! that ends on it, and the first N − 1 accepted lines only fill the first window.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::model::csv::{class_indices, comma_separated, parse_csv};
 use crate::model::manifest::{Manifest, Task};
 
 pub struct Dataset {
-    /// Feature rows in model order, row-major.
+    /// Samples in model order, row-major: a row of features, or a sequence model's window of
+    /// frames (oldest first).
     pub x: Vec<f32>,
-    /// Target per row (class index or value); empty for reconstruction.
+    /// Target per sample (class index or value); empty for reconstruction.
     pub y: Vec<f64>,
     pub rows: usize,
+    /// Values per sample: the features, times the window for a sequence model.
     pub features: usize,
     /// Rows dropped, by reason (`non_numeric`, `non_finite`, `out_of_range`, `bad_target`).
     pub dropped: BTreeMap<String, usize>,
 }
 
+/// Why live input would reject `x` (a frame, or a window of frames), if it would.
+fn input_fault(manifest: &Manifest, x: &[f64]) -> Option<&'static str> {
+    let f = manifest.inputs.len();
+    if f == 0 || x.len() % f != 0 {
+        return Some("width");
+    }
+    x.iter().zip(manifest.inputs.iter().cycle()).find_map(|(&v, input)| {
+        if v.is_nan() {
+            Some("non_numeric")
+        } else if !v.is_finite() {
+            Some("non_finite")
+        } else if v < input.min || v > input.max {
+            Some("out_of_range")
+        } else {
+            None
+        }
+    })
+}
+
 impl Dataset {
-    pub fn new(features: usize) -> Dataset {
+    /// An empty dataset of `manifest`'s samples.
+    pub fn for_model(manifest: &Manifest) -> Dataset {
+        let features = manifest.inputs.len() * manifest.window.max(1);
         Dataset { x: Vec::new(), y: Vec::new(), rows: 0, features, dropped: BTreeMap::new() }
     }
 
-    /// Adds one row checked as live input is (and its target, `None` for reconstruction), or
-    /// counts why it was dropped.
+    /// Adds one sample checked as live input is (and its target, `None` for reconstruction),
+    /// or counts why it was dropped.
     pub fn push(&mut self, manifest: &Manifest, classes: usize, x: &[f64], target: Option<f64>) {
-        let reason = if x.len() != manifest.inputs.len() {
-            Some("width")
-        } else {
-            x.iter().zip(&manifest.inputs).find_map(|(&v, input)| {
-                if v.is_nan() {
-                    Some("non_numeric")
-                } else if !v.is_finite() {
-                    Some("non_finite")
-                } else if v < input.min || v > input.max {
-                    Some("out_of_range")
-                } else {
-                    None
-                }
-            })
-        };
+        let reason = if x.len() != self.features { Some("width") } else { input_fault(manifest, x) };
         let reason = reason.or_else(|| {
             let bad = match (manifest.task, target) {
                 (Task::Reconstruction, _) => false,
@@ -95,12 +108,34 @@ pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, S
         Task::Reconstruction => None,
         _ => Some(table.column(&manifest.target)?),
     };
-    let mut data = Dataset::new(cols.len());
+    let mut data = Dataset::for_model(manifest);
     let mut x = Vec::with_capacity(cols.len());
+    // A sequence model's last accepted frames, as the daemon keeps a device's window.
+    let mut window: VecDeque<f64> = VecDeque::with_capacity(data.features);
+    let mut sample = Vec::with_capacity(data.features);
     for row in &table.rows {
         x.clear();
         x.extend(cols.iter().map(|&c| row[c]));
-        data.push(manifest, classes, &x, target.map(|t| row[t]));
+        let target = target.map(|t| row[t]);
+        if manifest.window <= 1 {
+            data.push(manifest, classes, &x, target);
+            continue;
+        }
+        // A frame live input would reject never enters a window; one with a bad target does
+        // (the daemon serves it), it only ends no sample.
+        if let Some(reason) = input_fault(manifest, &x) {
+            *data.dropped.entry(reason.to_string()).or_default() += 1;
+            continue;
+        }
+        window.extend(&x);
+        while window.len() > data.features {
+            window.pop_front();
+        }
+        if window.len() == data.features {
+            sample.clear();
+            sample.extend(&window);
+            data.push(manifest, classes, &sample, target);
+        }
     }
     Ok(data)
 }

@@ -287,9 +287,10 @@ fn judge(
 ) -> Result<GateReport, String> {
     let m = &champion.manifest;
     let gate = &m.gate;
-    let f = m.inputs.len();
+    // Values per sample: a sequence model's are windows (the validation rows are too).
+    let f = m.inputs.len() * m.window.max(1);
     let (vx, vy) = (
-        champion.validation_rows().map_err(|e| e.to_string())?,
+        champion.validation_samples().map_err(|e| e.to_string())?,
         champion.validation_targets().map_err(|e| e.to_string())?,
     );
     let score = |model: &[u8], x: &[f32], y: &[f64]| -> Result<BTreeMap<String, f64>, String> {
@@ -491,12 +492,6 @@ pub fn fine_tune_on<B: Backend>(
     let started = Instant::now();
     let started_unix = now_unix();
     let m = &champion.manifest;
-    if m.window > 1 {
-        return Err(format!(
-            "{} is a sequence model (windows of {} frames); fine-tuning sequence models is not in this build",
-            m.name, m.window
-        ));
-    }
     let output = m.outputs.get(m.primary_output).ok_or("primary_output out of range")?;
     let plan = plan(&champion.model, output, m.task, training)?;
     let classes = match plan.loss {

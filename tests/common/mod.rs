@@ -22,10 +22,11 @@ pub fn root() -> PathBuf {
 }
 
 /// Every model of the conformance zoo (tests/fixtures/zoo) with what onnxruntime computed on
-/// it: the neural networks (`zoo.json`, `make_zoo.py`), then the tree ensembles
-/// (`trees.json`, `make_trees.py`).
+/// it: the neural networks (`zoo.json`, `make_zoo.py`), the tree ensembles (`trees.json`,
+/// `make_trees.py`), and the sequence model with a dense head (`sequence.json`,
+/// `make_sequence.py`).
 pub fn zoo() -> Vec<(String, Value)> {
-    ["zoo.json", "trees.json"]
+    ["zoo.json", "trees.json", "sequence.json"]
         .iter()
         .flat_map(|file| {
             let text = std::fs::read_to_string(root().join("tests/fixtures/zoo").join(file)).unwrap();
@@ -612,6 +613,32 @@ pub fn bundle_create(model: &Path, data: &Path, name: &str) -> Command {
     c.args(["bundle", "create", "--task", "binary", "--name", name, "--model"]).arg(model).arg("--data").arg(data);
     c
 }
+
+/// `gru-head-w16` (`tests/fixtures/zoo/make_sequence.py`) as a fine-tunable bundle in `dir`:
+/// a GRU forecaster of the occupancy room's next CO2 over its last 16 frames. The valid
+/// ranges are the sensors' own, not the quiet validation weeks' (whose CO2 never passed 500).
+pub fn sequence_bundle(dir: &Path) -> PathBuf {
+    let out = dir.join("co2.lathe");
+    let made = Command::new(LATHE)
+        .args(["bundle", "create", "--task", "regression", "--target", "next_co2", "--name", "co2"])
+        .args(["--trainable", "full", "--range", "temp=-10:50", "--range", "humidity=0:100"])
+        .args(["--range", "light=0:2000", "--range", "co2=0:5000", "--model"])
+        .arg(fixture("zoo/gru-head-w16.onnx"))
+        .arg("--data")
+        .arg(fixture("zoo/gru-head-w16.csv"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    out
+}
+
+/// The hyperparameters the sequence model's fine-tunes use (`lathe train` flags; the daemon's
+/// `[pipeline.train]` sets the same): on 193 windows a step of 0.003 over batches of 16, and
+/// the newest 30 % held out, so the early-stopping rows are not the few busiest hours.
+pub const SEQUENCE_RUN: [(&str, &str); 4] =
+    [("learning-rate", "0.003"), ("batch", "16"), ("holdout", "0.3"), ("trainable", "full")];
 
 /// The sample model and its validation set.
 pub fn sample_model() -> (PathBuf, PathBuf) {

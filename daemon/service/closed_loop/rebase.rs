@@ -44,7 +44,11 @@ pub(super) fn rebase(s: &mut State, store: &Store, registry: &Registry, events: 
             "{model} v{v} served {n} rows with no drift alarm against {source}: that reference is kept"
         ));
     }
-    let rows = match store.newest(&pipeline, n, |rec| rec.version == v && rec.features.len() == features.len()) {
+    // A record holds what the model took; the monitor watches each message's own frame, the
+    // last of a sequence model's window.
+    let f = features.len();
+    let width = f * serving.engine.signature.frames;
+    let rows = match store.newest(&pipeline, n, |rec| rec.version == v && rec.features.len() == width) {
         Ok(rows) if rows.len() == n => rows,
         Ok(rows) => {
             return kept(format!(
@@ -69,7 +73,7 @@ pub(super) fn rebase(s: &mut State, store: &Store, registry: &Registry, events: 
             last_ts_ms: last.ts_ms,
         },
         features,
-        rows: rows.iter().map(|r| r.features.clone()).collect(),
+        rows: rows.iter().map(|r| r.features[width - f..].to_vec()).collect(),
         scores: rows.iter().map(|r| r.score).collect(),
     };
     // The file first: a restart rebuilds the monitor from it.

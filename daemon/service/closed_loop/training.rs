@@ -183,7 +183,7 @@ fn train_on_rows(
     let m = &champion.manifest;
     let classes = train::classes(champion, training)?;
     let supervised = m.task != Task::Reconstruction;
-    let mut data = Dataset::new(m.inputs.len());
+    let mut data = Dataset::for_model(m);
     let mut x = Vec::with_capacity(m.inputs.len());
     for r in &rows.recent {
         x.clear();
@@ -192,7 +192,7 @@ fn train_on_rows(
     }
     // The replay sample goes through the same checks (its dropped rows are not reported).
     let replay = supervised.then(|| {
-        let mut older = Dataset::new(m.inputs.len());
+        let mut older = Dataset::for_model(m);
         for r in &rows.older {
             x.clear();
             x.extend(r.features.iter().map(|&v| f64::from(v)));
