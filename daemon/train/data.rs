@@ -27,7 +27,7 @@ pub struct Dataset {
 /// Why live input would reject `x` (a frame, or a window of frames), if it would.
 fn input_fault(manifest: &Manifest, x: &[f64]) -> Option<&'static str> {
     let f = manifest.inputs.len();
-    if f == 0 || x.len() % f != 0 {
+    if f == 0 || !x.len().is_multiple_of(f) {
         return Some("width");
     }
     x.iter().zip(manifest.inputs.iter().cycle()).find_map(|(&v, input)| {
