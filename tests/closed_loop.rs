@@ -535,3 +535,109 @@ fn a_training_run_that_panics_fails_alone_and_the_next_run_starts() {
     assert_eq!(l.events("train.failed").len(), 1);
     assert!(l.daemon.stop());
 }
+
+/// The loop on a sequence model: the daemon stores each prediction with the whole window it
+/// was made on, late labels join by key, and the fine-tune it starts is the one `lathe train`
+/// runs on the same frames as a CSV: the same 193 windows, so the same gate numbers. The
+/// promoted version then serves windows of 16 frames.
+#[test]
+fn a_sequence_model_fine_tunes_in_the_daemon_on_the_windows_it_served() {
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("loopseq");
+    let model = common::sequence_bundle(&dir);
+    let run: String = common::SEQUENCE_RUN
+        .iter()
+        .map(|(k, v)| {
+            let v = if v.parse::<f64>().is_ok() { v.to_string() } else { format!("{v:?}") };
+            format!("{} = {v}\n", k.replace('-', "_"))
+        })
+        .collect();
+    let config = format!(
+        "node = \"loopseq\"\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\n[[pipeline]]\nname = \"co2\"\nmodel = \"{}\"\n\
+         window = {{ size = 16 }}\nsource = {{ topic = \"plant/+/occupancy\", key = \"/seq\" }}\n\
+         sink = {{ topic = \"plant/{{device}}/co2\" }}\n\
+         labels = {{ topic = \"plant/+/co2-label\", key = \"/seq\", value = \"/next_co2\" }}\n\
+         [pipeline.train]\ntrigger = [\"labels 193\"]\nmin_rows = 50\n{run}",
+        dir.join("state").display(),
+        broker.url(),
+        model.display()
+    );
+    let mut daemon = common::Daemon::start(&dir, &config);
+    common::wait_online(broker.port, "loopseq", &daemon);
+    let out = common::Collector::new(broker.port, &["plant/+/co2", "lathe/loopseq/events"]);
+    let csv = common::fixture("zoo/gru-head-w16-late.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<Vec<f64>> =
+        text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    let frame = |l: &[f64], seq: usize| {
+        json!({"seq": seq, "temp": l[0], "humidity": l[1], "light": l[2], "co2": l[3]}).to_string()
+    };
+    let mut p = common::Publisher::new(broker.port);
+    for (i, l) in lines.iter().enumerate() {
+        p.publish("plant/room/occupancy", frame(l, i));
+    }
+    p.flush();
+    assert!(
+        out.wait_for("co2", 193, Duration::from_secs(60)),
+        "{} predictions; log:\n{}",
+        out.count("co2"),
+        daemon.log()
+    );
+    // Each line's label (the next CO2) arrives late, for the window that ended on it.
+    for (i, l) in lines.iter().enumerate().skip(15) {
+        p.publish("plant/room/co2-label", json!({"seq": i, "next_co2": l[4]}).to_string());
+    }
+    p.flush();
+    let events = |step: &str| -> Vec<Value> {
+        out.on("lathe/loopseq/events").into_iter().filter(|e| e["event"] == step).collect()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(90), || !events("train.accepted").is_empty()),
+        "events: {:?}\nlog:\n{}",
+        out.on("lathe/loopseq/events").iter().map(|e| (e["event"].clone(), e["message"].clone())).collect::<Vec<_>>(),
+        daemon.log()
+    );
+    let run = &events("train.accepted")[0]["run"];
+    assert_eq!(run["rows_used"], 193, "{run:#}");
+    assert_eq!(run["rows_dropped"], json!({}), "{run:#}");
+
+    // `lathe train` on the same frames as a CSV, with the same hyperparameters.
+    let mut cli = std::process::Command::new(common::LATHE);
+    cli.args(["train", "--json", "--backend", "cpu", "--bundle"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&csv)
+        .arg("-o")
+        .arg(dir.join("cli.lathe"))
+        .arg("--state-dir")
+        .arg(dir.join("cli-state"));
+    for (k, v) in common::SEQUENCE_RUN {
+        cli.arg(format!("--{k}")).arg(v);
+    }
+    let cli = cli.output().unwrap();
+    let record: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    for which in ["champion_holdout", "challenger_holdout", "challenger_validation"] {
+        let (daemon_rmse, cli_rmse) =
+            (run["gate"][which]["rmse"].as_f64().unwrap(), record["gate"][which]["rmse"].as_f64().unwrap());
+        assert!((daemon_rmse - cli_rmse).abs() < 1e-6, "{which}: daemon {daemon_rmse} vs lathe train {cli_rmse}");
+    }
+    assert_eq!(run["epochs"], record["epochs"], "the same losses, epoch by epoch");
+
+    // v2 is promoted onto its trial and answers every later frame: it takes the same window,
+    // so the device's frames kept across the swap still make it.
+    assert!(
+        common::wait_until(Duration::from_secs(30), || !events("trial.started").is_empty()),
+        "log:\n{}",
+        daemon.log()
+    );
+    for (i, l) in lines.iter().enumerate().take(40) {
+        p.publish("plant/room/occupancy", frame(l, 1000 + i));
+    }
+    p.flush();
+    assert!(out.wait_for("co2", 193 + 40, Duration::from_secs(30)), "log:\n{}", daemon.log());
+    let later: Vec<Value> =
+        out.on("plant/room/co2").into_iter().filter(|p| p["key"].as_u64().is_some_and(|k| k >= 1000)).collect();
+    assert_eq!(later.len(), 40);
+    assert!(later.iter().all(|p| p["version"] == 2), "{later:?}");
+    assert!(daemon.stop());
+}
