@@ -13,7 +13,8 @@ pub struct TrainArgs {
     /// The champion bundle to start from.
     #[arg(long)]
     bundle: PathBuf,
-    /// Fresh labelled data: a CSV with the bundle's feature columns and target, oldest row first.
+    /// Fresh labelled data: a CSV with the bundle's feature columns and target, oldest row first
+    /// (for a sequence model, consecutive frames of one device; each line's target is the window ending there).
     #[arg(long)]
     data: PathBuf,
     /// Where the challenger bundle goes if the gate accepts it.

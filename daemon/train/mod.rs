@@ -7,7 +7,8 @@
 //!          ─ gate (champion vs challenger, both run by the inference engine)
 //!          ─ bundle::derive (version + 1, lineage) + run record
 //! ```
-//! The daemon's store (a later stage) feeds the same `fine_tune`.
+//! The daemon's store feeds the same `fine_tune_on`. A sequence model's samples are its windows
+//! of frames (`data`), so only the frozen part sees time; the dense tail trains as for any model.
 
 pub mod backend;
 pub mod cpu;

@@ -122,7 +122,7 @@ fn end_rebase(s: &mut State, store: &Store) {
 mod tests {
     use super::*;
     use crate::model::Bundle;
-    use crate::service::closed_loop::test_support::{events, served, state_with_drift};
+    use crate::service::closed_loop::test_support::{events, served, state_for, state_with_drift};
     use crate::service::closed_loop::{now_s, Rebase};
     use std::time::Duration;
 
@@ -191,5 +191,75 @@ mod tests {
             monitor.lock().unwrap().observe(r, 0.5, &mut alarms);
         }
         assert!(alarms.iter().all(|a| a.series != "f1"), "{alarms:?}");
+    }
+
+    /// A sequence pipeline stores each prediction's whole window; its re-based reference is
+    /// the frame that ended each window (the message's own, what the monitor watches).
+    #[test]
+    fn a_sequence_model_is_re_based_on_the_frames_that_ended_its_windows() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::temp_dir().join(format!("lathe-rebase-seq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let validation = std::fs::read_to_string(root.join("tests/fixtures/zoo/gru-head-w16.csv")).unwrap();
+        let opts = crate::model::bundle::CreateOptions {
+            name: "co2".into(),
+            version: 1,
+            task: crate::model::Task::Regression,
+            target: Some("next_co2".into()),
+            features: None,
+            ranges: [("co2".to_string(), (0.0, 5000.0))].into(),
+            units: Default::default(),
+            source_model: "gru-head-w16.onnx".into(),
+            data_name: "gru-head-w16.csv".into(),
+            trainable: "full".into(),
+        };
+        let onnx = std::fs::read(root.join("tests/fixtures/zoo/gru-head-w16.onnx")).unwrap();
+        let bundle = crate::model::bundle::create(onnx, &validation, &opts).unwrap();
+        let model = dir.join("co2.lathe");
+        std::fs::write(&model, bundle.to_bytes().unwrap()).unwrap();
+        let (mut s, store) = state_for(
+            "rebase-seq",
+            &model,
+            "window = { size = 16 }\n",
+            "window = 20\nevery = 10\nbootstrap = 100\nrebase_rows = 40",
+            "trigger = []\n",
+        );
+        let registry = Registry::new(store.settings().path.parent().unwrap());
+        let (events, _reporter) = events();
+        let slot = s.p.model.load_full().monitor.clone().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while slot.get().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let monitor = slot.get().unwrap();
+        // The room's CO2 sensor now reads 2,000 ppm high.
+        let frames: Vec<f32> = bundle
+            .validation_rows()
+            .unwrap()
+            .chunks_exact(4)
+            .map(|f| [&f[..3], &[f[3] + 2000.0]].concat())
+            .collect::<Vec<_>>()
+            .concat();
+        let windows = crate::infer::engine::sliding_windows(&frames, 4, 16);
+        let mut alarms = Vec::new();
+        for frame in frames.chunks_exact(4).skip(15) {
+            monitor.lock().unwrap().observe(frame, 0.5, &mut alarms);
+        }
+        assert!(alarms.iter().any(|a| a.series == "co2" && a.raised), "{alarms:?}");
+        s.alarms.insert((1, "co2".into()));
+        s.rebase = Some(Rebase { version: 1, from: 0 });
+        let writes: Vec<_> = windows.chunks_exact(64).enumerate().map(|(i, w)| served(i as u64, w.to_vec())).collect();
+        store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
+        rebase(&mut s, &store, &registry, &events);
+        let m = monitor.lock().unwrap();
+        assert_eq!(m.reference_rows(), 40, "{}", m.source);
+        drop(m);
+        let path = registry.reference_path("co2", 1);
+        let kept =
+            Rebased::read_for(&path, &s.p.model.load().sha256, &monitor.lock().unwrap().features()).unwrap().unwrap();
+        // The newest 40 windows, each by its own (last) frame.
+        let newest: Vec<Vec<f32>> = windows.chunks_exact(64).rev().take(40).rev().map(|w| w[60..].to_vec()).collect();
+        assert_eq!(kept.rows, newest);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -18,11 +18,23 @@ pub(super) fn state(name: &str, train: &str) -> (State, Arc<Store>) {
 
 /// The same with `drift` as its `[pipeline.drift]`.
 pub(super) fn state_with_drift(name: &str, drift: &str, train: &str) -> (State, Arc<Store>) {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
+    state_for(name, &model, "", drift, train)
+}
+
+/// The same for the bundle at `model`, with `pipeline` added to its `[[pipeline]]` (a
+/// sequence model's `window`).
+pub(super) fn state_for(
+    name: &str,
+    model: &std::path::Path,
+    pipeline: &str,
+    drift: &str,
+    train: &str,
+) -> (State, Arc<Store>) {
     let dir = std::env::temp_dir().join(format!("lathe-loop-unit-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/shuttle-mlp-1.lathe");
     let text = format!(
-        "node = \"n\"\nstate_dir = \"{}\"\n[mqtt]\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\n\
+        "node = \"n\"\nstate_dir = \"{}\"\n[mqtt]\n[[pipeline]]\nname = \"p\"\nmodel = \"{}\"\n{pipeline}\
          source = {{ topic = \"t/+/x\", key = \"/seq\" }}\nsink = {{ topic = \"t/{{device}}/y\" }}\n\
          labels = {{ topic = \"t/+/l\", key = \"/seq\", value = \"/v\" }}\n\
          [pipeline.drift]\n{drift}\n[pipeline.train]\n{train}",
@@ -31,7 +43,7 @@ pub(super) fn state_with_drift(name: &str, drift: &str, train: &str) -> (State, 
     );
     let config = Config::parse(&text, &dir.join("lathe.toml")).unwrap();
     let p = config.pipelines[0].clone();
-    let bundle = Bundle::read(&model).unwrap();
+    let bundle = Bundle::read(model).unwrap();
     let active = ActiveModel::load(&bundle, &p, &config).unwrap();
     let store = Arc::new(Store::open(config.store.clone()).unwrap());
     let lp = LoopPipeline {
