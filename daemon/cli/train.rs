@@ -14,7 +14,8 @@ pub struct TrainArgs {
     #[arg(long)]
     bundle: PathBuf,
     /// Fresh labelled data: a CSV with the bundle's feature columns and target, oldest row first
-    /// (for a sequence model, consecutive frames of one device; each line's target is the window ending there).
+    /// (a sequence model's: consecutive frames of one device, each line's target that of the
+    /// window ending on it).
     #[arg(long)]
     data: PathBuf,
     /// Where the challenger bundle goes if the gate accepts it.
