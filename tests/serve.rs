@@ -149,6 +149,7 @@ fn serve_and_compare(model_bundle: &Path, expected_key: &str, gateway: Gateway) 
         }
         let class = if want_row.len() == 2 { usize::from(want_row[1] > want_row[0]) } else { 0 };
         assert_eq!(p["class"], class, "row {seq}");
+        assert!(p.get("class_name").is_none(), "the sample model's classes are numbers: {p}");
     }
     assert!(daemon.stop(), "clean exit on SIGTERM; log:\n{}", daemon.log());
     let last = status.on("lathe/serve/status").last().cloned().unwrap();

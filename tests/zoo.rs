@@ -360,7 +360,8 @@ fn a_classifier_trained_on_class_names_is_served_and_labelled_by_name() {
     }
     p.flush();
     assert!(out.wait_for("/out", frames.len(), std::time::Duration::from_secs(60)), "log:\n{}", daemon.log());
-    // onnxruntime's probabilities, columns in the order of `classes`.
+    // onnxruntime's probabilities, columns in the order of `classes`, and its label by index
+    // and by name.
     for prediction in out.on("/out") {
         let key = prediction["key"].as_u64().unwrap() as usize;
         let (got, want) = (&prediction["output"], &z["outputs"][1][key]);
@@ -368,6 +369,8 @@ fn a_classifier_trained_on_class_names_is_served_and_labelled_by_name() {
             let (g, w) = (got[c].as_f64().unwrap(), want[c].as_f64().unwrap());
             assert!((g - w).abs() <= 1e-4, "message {key}: {got} vs ort {want}");
         }
+        let label = z["outputs"][0][key][0].as_f64().unwrap() as usize;
+        assert_eq!((&prediction["class"], &prediction["class_name"]), (&label.into(), &classes[label].as_str().into()));
     }
     for (i, state) in truth.iter().enumerate() {
         p.publish(&format!("plant/dev{}/label", i % 2), serde_json::json!({"seq": i, "state": state}).to_string());

@@ -45,6 +45,9 @@ struct Prediction<'a> {
     /// Classifiers: the predicted class.
     #[serde(skip_serializing_if = "Option::is_none")]
     class: Option<usize>,
+    /// Classifiers trained on class names: the predicted class's name (`classes` in bundle.toml).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    class_name: Option<&'a str>,
     latency_us: u64,
 }
 
@@ -74,6 +77,8 @@ pub struct ActiveModel {
     /// Where this version came from: "fine-tuned" (grown on this device), "pushed" (a
     /// signed update accepted here) or "bundle" (installed from a file).
     pub origin: &'static str,
+    /// A classifier's class names, by index (empty: its classes are numbers).
+    pub classes: Vec<String>,
 }
 
 impl ActiveModel {
@@ -153,6 +158,7 @@ impl ActiveModel {
             label_shares: label_shares(bundle),
             reference_rows,
             origin: origin(bundle, config),
+            classes: m.classes.clone(),
             baseline_loss: crate::model::baseline::implied_loss(m.task, &m.baseline.metrics),
         })
     }
@@ -579,6 +585,7 @@ impl Pipeline {
             let output = out.row(model.primary_output, r);
             let latency_us = now.duration_since(s.received).as_micros() as u64;
             self.counters.latency.observe(&crate::service::events::LATENCY_BUCKETS_US, latency_us);
+            let class = model.reading.class(output);
             let prediction = Prediction {
                 device: &s.device,
                 key: &s.key,
@@ -586,7 +593,8 @@ impl Pipeline {
                 model: &model.name,
                 version: model.version,
                 output,
-                class: model.reading.class(output),
+                class,
+                class_name: class.and_then(|c| model.classes.get(c)).map(String::as_str),
                 latency_us,
             };
             let Ok(body) = serde_json::to_vec(&prediction) else {
@@ -603,6 +611,7 @@ impl Pipeline {
                     version: model.version,
                     output: output.to_vec(),
                     class: prediction.class,
+                    class_name: prediction.class_name.map(str::to_string),
                 });
             }
         }

@@ -8,6 +8,7 @@
 //! - Each device lathe predicts for is born (`DBIRTH`) with its metrics the first time, and
 //!   again when a new metric appears (another pipeline); each prediction is `DDATA`:
 //!   `{pipeline}/Output/{i}` (Float), `{pipeline}/Class` (Int64, classifiers),
+//!   `{pipeline}/ClassName` (String, classifiers trained on class names),
 //!   `{pipeline}/Version` (UInt64). Sparkplug ids cannot hold `/`: it becomes `.`.
 //! - `bdSeq` counts sessions across restarts (`state_dir/sparkplug-bdseq`); an `NCMD`
 //!   `Node Control/Rebirth` makes lathe publish its births again.
@@ -40,6 +41,7 @@ pub struct Report {
     pub version: u64,
     pub output: Vec<f32>,
     pub class: Option<usize>,
+    pub class_name: Option<String>,
 }
 
 /// Cheap handle for the pipelines: never waits.
@@ -150,6 +152,10 @@ fn device_metrics(r: &Report, now: u64) -> Vec<Metric> {
         .collect();
     if let Some(c) = r.class {
         metrics.push(Metric::new(&format!("{}/Class", r.pipeline), datatype::INT64, Value::Long(c as u64), now));
+    }
+    if let Some(name) = &r.class_name {
+        let metric = format!("{}/ClassName", r.pipeline);
+        metrics.push(Metric::new(&metric, datatype::STRING, Value::String(name.clone()), now));
     }
     metrics.push(Metric::new(&format!("{}/Version", r.pipeline), datatype::UINT64, Value::Long(r.version), now));
     metrics
@@ -284,4 +290,32 @@ fn birth(node: &mut Node, models: &[(String, SharedModel)], publish: &impl Fn(St
     let payload = node.payload(metrics);
     publish(node.topic("NBIRTH", None), payload, QoS::AtMostOnce);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A classifier trained on class names reports the name beside the index; one whose
+    /// classes are numbers reports the index alone.
+    #[test]
+    fn a_named_class_is_a_string_metric_beside_the_index() {
+        let report = |class_name: Option<&str>| Report {
+            pipeline: "p".into(),
+            device: "d".into(),
+            version: 3,
+            output: vec![0.2, 0.8],
+            class: Some(1),
+            class_name: class_name.map(str::to_string),
+        };
+        let names = |metrics: &[Metric]| -> Vec<String> { metrics.iter().filter_map(|m| m.name.clone()).collect() };
+        let named = device_metrics(&report(Some("ok")), 7);
+        assert_eq!(names(&named), ["p/Output/0", "p/Output/1", "p/Class", "p/ClassName", "p/Version"]);
+        let class_name = named.iter().find(|m| m.name.as_deref() == Some("p/ClassName")).unwrap();
+        assert_eq!(
+            (class_name.datatype, &class_name.value),
+            (Some(datatype::STRING), &Some(Value::String("ok".into())))
+        );
+        assert_eq!(names(&device_metrics(&report(None), 7)), ["p/Output/0", "p/Output/1", "p/Class", "p/Version"]);
+    }
 }
