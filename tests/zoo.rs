@@ -390,3 +390,84 @@ fn a_classifier_trained_on_class_names_is_served_and_labelled_by_name() {
     );
     assert!(daemon.stop());
 }
+
+/// A device's window outlives the daemon: a reload hands it to the next run, and a clean stop
+/// saves it for a start within `window.resume_within`, so the first frames after either are
+/// answered at once, with the history before them. Saved windows older than that are dropped,
+/// and each device fills its window again.
+#[test]
+fn a_restart_or_a_reload_resumes_each_devices_window() {
+    let broker = common::Broker::start();
+    let dir = common::temp_dir("zoo-window-resume");
+    let name = "gru-head-w16";
+    let z = zoo().into_iter().find(|(n, _)| n == name).unwrap().1;
+    let model = bundle(&dir, name, &z);
+    let config = |resume: &str| {
+        format!(
+            "node = \"resume\"\nstate_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\n[[pipeline]]\nname = \"co2\"\nmodel = \"{}\"\n\
+             window = {{ size = 16, resume_within = \"{resume}\" }}\n\
+             source = {{ topic = \"plant/+/occupancy\", key = \"/seq\" }}\nsink = {{ topic = \"plant/{{device}}/co2\" }}\n",
+            dir.join("state").display(),
+            broker.url(),
+            model.display()
+        )
+    };
+    let out = common::Collector::new(broker.port, &["plant/+/co2"]);
+    let mut p = common::Publisher::new(broker.port);
+    let mut send = |frames: std::ops::Range<usize>| {
+        for i in frames {
+            p.publish("plant/a/occupancy", message(&z, i));
+        }
+        p.flush();
+    };
+    // Each prediction is onnxruntime's for the window of the 16 frames ending on its key.
+    let check = |n: usize, daemon: &common::Daemon| {
+        assert!(out.wait_for("co2", n, std::time::Duration::from_secs(30)), "{}\n{}", out.count("co2"), daemon.log());
+        for prediction in out.on("co2") {
+            let key = prediction["key"].as_u64().unwrap() as usize;
+            let (got, want) =
+                (prediction["output"][0].as_f64().unwrap(), z["outputs"][0][key - 15][0].as_f64().unwrap());
+            assert!((got - want).abs() <= 1e-4 * want.abs(), "frame {key}: {got} vs ort {want}");
+        }
+    };
+    let saved = dir.join("state/windows/co2.bin");
+
+    let mut daemon = common::Daemon::start(&dir, &config("10m"));
+    common::wait_online(broker.port, "resume", &daemon);
+    send(0..20);
+    check(5, &daemon);
+    assert!(daemon.stop());
+    assert!(saved.exists(), "a clean stop saves the windows");
+
+    let mut daemon = common::Daemon::start(&dir, &config("10m"));
+    common::wait_online(broker.port, "resume", &daemon);
+    assert!(!saved.exists(), "read once, then removed");
+    send(20..25);
+    check(10, &daemon);
+    assert!(daemon.log().contains("Resumed the windows saved"), "{}", daemon.log());
+
+    // A reload that changes the pipeline's settings rebuilds it; its windows go with it.
+    let path = dir.join("lathe.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace("resume_within = \"10m\"", "resume_within = \"11m\"");
+    std::fs::write(&path, text).unwrap();
+    daemon.hangup();
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(15), || daemon.log().contains("Reloaded")),
+        "{}",
+        daemon.log()
+    );
+    send(25..30);
+    check(15, &daemon);
+    assert!(daemon.stop());
+
+    // Saved longer ago than resume_within: the next 15 frames only fill the window again.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut daemon = common::Daemon::start(&dir, &config("1s"));
+    common::wait_online(broker.port, "resume", &daemon);
+    send(30..46);
+    check(16, &daemon);
+    let keys: Vec<u64> = out.on("co2").iter().map(|p| p["key"].as_u64().unwrap()).collect();
+    assert_eq!(keys.iter().filter(|&&k| k >= 30).collect::<Vec<_>>(), [&45], "only frame 45 ends a full window");
+    assert!(daemon.log().contains("older than window.resume_within"), "{}", daemon.log());
+    assert!(daemon.stop());
+}

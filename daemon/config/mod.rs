@@ -153,6 +153,9 @@ pub struct PipelineConfig {
     /// `window = { size = N }`: a sequence model is fed each device's last N frames
     /// (`[batch, N, features]`); 1 when absent.
     pub window: usize,
+    /// `window.resume_within`: windows saved at a clean stop are resumed by a start this soon
+    /// after it (older ones are dropped and every device fills its window again).
+    pub resume_within: std::time::Duration,
     /// `[pipeline.drift]`; `None` when `enabled = false`.
     pub drift: Option<crate::monitor::Settings>,
     /// `labels = { topic, key, value, horizon_s, window }`: late ground truth.
@@ -229,6 +232,11 @@ impl Default for BatchConfig {
 
 /// Largest config file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// How long after a clean stop a start resumes the sequence windows it saved: a restart or
+/// an upgrade takes seconds; after longer, the saved frames and the next ones would make a
+/// window with a gap no model was trained on.
+const DEFAULT_RESUME_WITHIN: &str = "10m";
 
 impl Config {
     /// Reads and validates a config file.
@@ -690,16 +698,17 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         }
         None => BatchConfig::default(),
     };
-    let window = match s.has("window").then(|| s.section("window", false)).flatten() {
+    let (window, resume_within) = match s.has("window").then(|| s.section("window", false)).flatten() {
         Some(mut w) => {
             if !w.has("size") {
                 w.error("size", "missing (expected the number of frames the sequence model takes)");
             }
             let size = w.integer("size", 1, 2, crate::infer::engine::MAX_FRAMES as u64);
+            let resume_within = train::duration(&mut w, "resume_within", DEFAULT_RESUME_WITHIN);
             w.finish();
-            size.unwrap_or(1) as usize
+            (size.unwrap_or(1) as usize, resume_within.unwrap_or_default())
         }
-        None => 1,
+        None => (1, std::time::Duration::ZERO),
     };
     if let (Some(src), Some(snk)) = (&source, &sink) {
         // Sparkplug B and Kepware name the device in the payload.
@@ -761,6 +770,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         sink: sink?,
         batch,
         window,
+        resume_within,
         drift,
         labels,
     })

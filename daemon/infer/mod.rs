@@ -6,7 +6,7 @@ pub(crate) mod ml_ops;
 #[cfg(feature = "ort")]
 mod ort_engine;
 mod untrusted;
-mod window;
+pub mod window;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -386,6 +386,8 @@ pub struct Pipeline {
     pub shadow: Arc<arc_swap::ArcSwapOption<ActiveModel>>,
     /// `[sparkplug]`: predictions also go out as Sparkplug B DDATA.
     pub sparkplug: Option<crate::sparkplug::output::Output>,
+    /// Sequence models: each device's last frames, kept across reloads and clean restarts.
+    pub windows: window::SharedWindows,
 }
 
 impl Pipeline {
@@ -395,7 +397,6 @@ impl Pipeline {
         // The served rows (one frame each), and what the model takes: the same rows, or for a
         // sequence model each row's window.
         let mut rows: Vec<f32> = Vec::new();
-        let mut windows = window::Windows::default();
         let mut samples: Vec<f32> = Vec::new();
         while let Some(first) = rx.recv().await {
             batch.push(first);
@@ -405,7 +406,7 @@ impl Pipeline {
             let frames = model.engine.signature.frames;
             if frames > 1 {
                 samples.clear();
-                self.fill_windows(&mut windows, frames, &mut batch, &mut samples);
+                self.fill_windows(frames, &mut batch, &mut samples);
                 if batch.is_empty() {
                     continue;
                 }
@@ -446,7 +447,9 @@ impl Pipeline {
     /// Sequence models: adds each row to its device's window; rows whose window is full stay
     /// in `batch` with their window appended to `samples`, the others (still filling) are
     /// counted and acknowledged here.
-    fn fill_windows(&self, windows: &mut window::Windows, n: usize, batch: &mut Vec<Sample>, samples: &mut Vec<f32>) {
+    fn fill_windows(&self, n: usize, batch: &mut Vec<Sample>, samples: &mut Vec<f32>) {
+        // Only this task takes the lock while it runs (the service reads it once it has ended).
+        let mut windows = self.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut filling = 0u64;
         batch.retain_mut(|s| {
             if windows.push(&s.device, &s.features, n, samples) {

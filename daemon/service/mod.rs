@@ -186,6 +186,8 @@ pub struct Serving {
     /// What the source remembers: a Sparkplug namespace, devices' last values, when each
     /// device was last heard.
     pub source: crate::ingest::connection::SourceState,
+    /// A sequence model's windows, each device's last frames.
+    pub windows: crate::infer::window::SharedWindows,
 }
 
 /// What the pipelines whose settings did not change keep across a SIGHUP reload: the model
@@ -198,6 +200,9 @@ pub struct Kept {
     pipelines: std::collections::HashMap<String, (String, Serving)>,
     /// The topic filters the last run subscribed to (the broker keeps them in our session).
     filters: Vec<String>,
+    /// Every pipeline's windows by name, changed settings or not: a device's frames are its
+    /// frames whatever model comes next (one of another width starts its window afresh).
+    windows: std::collections::HashMap<String, crate::infer::window::SharedWindows>,
 }
 
 impl Kept {
@@ -205,7 +210,9 @@ impl Kept {
     /// changed since).
     fn from_serving(config: &Config, prints: Vec<String>, serving: &[Serving], filters: Vec<String>) -> Kept {
         let mut kept = std::collections::HashMap::new();
+        let mut windows = std::collections::HashMap::new();
         for ((p, print), s) in config.pipelines.iter().zip(prints).zip(serving) {
+            windows.insert(p.name.clone(), s.windows.clone());
             let s = Serving {
                 pipeline: s.pipeline.clone(),
                 model: s.model.clone(),
@@ -213,16 +220,68 @@ impl Kept {
                 performance: s.performance.clone(),
                 store: None,
                 source: s.source.clone(),
+                windows: s.windows.clone(),
             };
             kept.insert(p.name.clone(), (print, s));
         }
-        Kept { pipelines: kept, filters }
+        Kept { pipelines: kept, filters, windows }
     }
 
     /// What pipeline `p` of `config` keeps: only if nothing it is built from changed.
     fn take(&mut self, config: &Config, p: &crate::config::PipelineConfig) -> Option<Serving> {
         let (print, serving) = self.pipelines.remove(&p.name)?;
         (print == fingerprint(config, p)).then_some(serving)
+    }
+}
+
+/// A clean stop saves each sequence pipeline's windows (the pipelines have drained: their
+/// windows hold every frame they served).
+fn save_windows(config: &Config, serving: &[Serving]) {
+    for (p, s) in config.pipelines.iter().zip(serving) {
+        if p.window == 1 || p.resume_within.is_zero() {
+            continue;
+        }
+        let windows = s.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let path = windows_path(config, &p.name);
+        match windows.save(&path, unix_ms()) {
+            Ok(()) => tracing::info!(pipeline = p.name, devices = windows.devices(), "Saved the windows"),
+            Err(e) => tracing::warn!(pipeline = p.name, "The windows were not saved in {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Where a clean stop saves a sequence pipeline's windows.
+fn windows_path(config: &Config, pipeline: &str) -> PathBuf {
+    config.state_dir.join("windows").join(format!("{pipeline}.bin"))
+}
+
+/// A sequence pipeline's windows at a start: those a clean stop saved, if within
+/// `window.resume_within`. The file is read once and removed, so a later crash cannot bring
+/// back frames older than the ones served since.
+fn resume_windows(config: &Config, p: &crate::config::PipelineConfig) -> crate::infer::window::Windows {
+    use crate::infer::window::Windows;
+    let path = windows_path(config, &p.name);
+    let Ok(bytes) = std::fs::read(&path) else { return Windows::default() };
+    let _ = std::fs::remove_file(&path);
+    let max_age_ms = u64::try_from(p.resume_within.as_millis()).unwrap_or(u64::MAX);
+    match Windows::read(&bytes, unix_ms(), max_age_ms) {
+        Ok(Some((windows, age_ms))) => {
+            let (devices, age_s) = (windows.devices(), age_ms as f64 / 1000.0);
+            tracing::info!(pipeline = p.name, devices, "Resumed the windows saved {age_s:.0} s ago");
+            windows
+        }
+        Ok(None) => {
+            let within = p.resume_within.as_secs();
+            tracing::info!(
+                pipeline = p.name,
+                "The saved windows are older than window.resume_within ({within} s): every device fills its window again"
+            );
+            Windows::default()
+        }
+        Err(e) => {
+            tracing::warn!(pipeline = p.name, "The saved windows in {} are not used: {e}", path.display());
+            Windows::default()
+        }
     }
 }
 
@@ -502,6 +561,7 @@ pub async fn run_keeping(
         None => None,
     };
 
+    let mut windows_of = std::mem::take(&mut kept.windows);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (disconnect_tx, disconnect_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -574,6 +634,10 @@ pub async fn run_keeping(
             store: writer,
             shadow: Arc::default(),
             sparkplug: sparkplug_out.as_ref().map(|(o, _)| o.clone()),
+            windows: windows_of.remove(&p.name).unwrap_or_else(|| match p.window {
+                1 => Arc::default(),
+                _ => Arc::new(std::sync::Mutex::new(resume_windows(&config, p))),
+            }),
         };
         models.push((p.name.clone(), model.clone()));
         if let Some(train) = p.train.clone().or_else(|| config.update.as_ref().and_then(|_| TrainConfig::serve_only()))
@@ -588,9 +652,10 @@ pub async fn run_keeping(
                 device_key: device_key.clone(),
             });
         }
+        let windows = pipeline.windows.clone();
         tasks.push(tokio::spawn(pipeline.run(rx)));
         let store = store.as_ref().filter(|_| p.train.is_some()).map(|(s, _)| s.clone());
-        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, source });
+        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, source, windows });
     }
     let writer = store.as_ref().map(|(_, w)| w.clone());
     let sparkplug_task = match (&config.sparkplug, sparkplug_out) {
@@ -738,6 +803,7 @@ pub async fn run_keeping(
     // The drained messages' acks must reach the client before the disconnect does.
     let _ = tokio::time::timeout(Duration::from_secs(2), acks.flush()).await;
     if !reloading {
+        save_windows(&config, &serving);
         let body = status(&config, "offline", &serving).to_string();
         let _ = tokio::time::timeout(
             Duration::from_secs(2),
