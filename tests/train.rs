@@ -647,3 +647,54 @@ fn a_rejected_frame_is_left_out_of_every_window() {
     assert_eq!(&data.x[25 * 64..26 * 64], expected.as_slice());
     assert_eq!(data.y[25], f64::from(frame(42)[3]), "its target is the next frame's CO2");
 }
+
+/// Frames of several devices, interleaved as a historian exports them: with a device column
+/// each device has its own window, as in the daemon, and every sample is one device's 16
+/// consecutive frames. A device column on a model that takes single frames is refused.
+#[test]
+fn interleaved_devices_each_get_their_own_window() {
+    let dir = common::temp_dir("train-sequence-devices");
+    let path = common::sequence_bundle(&dir);
+    let bundle = lathe::model::bundle::Bundle::read(&path).unwrap();
+    let lines = |file: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(common::fixture(file)).unwrap();
+        text.lines().skip(1).map(String::from).collect()
+    };
+    let (a, b) = (lines("zoo/gru-head-w16-late.csv"), lines("zoo/gru-head-w16.csv"));
+    // a and b take turns while both have frames; a goes on alone.
+    let mut csv = String::from("temp,humidity,light,co2,next_co2,device\n");
+    let mut order = Vec::new();
+    for i in 0..a.len() {
+        csv += &format!("{},room-a\n", a[i]);
+        order.push(('a', i));
+        if let Some(line) = b.get(i) {
+            csv += &format!("{line},room-b\n");
+            order.push(('b', i));
+        }
+    }
+    let data = lathe::train::data::load_by_device(&bundle.manifest, &csv, 0, Some("device")).unwrap();
+    assert_eq!(data.rows, (a.len() - 15) + (b.len() - 15));
+    // Sample k is the window that ends on the k-th line ending a full window of its device.
+    let frames = |lines: &[String], end: usize| -> Vec<f32> {
+        lines[end - 15..=end].iter().flat_map(|l| l.split(',').take(4).map(|v| v.parse::<f32>().unwrap())).collect()
+    };
+    let ends: Vec<(char, usize)> = order.into_iter().filter(|&(_, i)| i >= 15).collect();
+    for (k, &(device, end)) in ends.iter().enumerate() {
+        let want = frames(if device == 'a' { &a } else { &b }, end);
+        assert_eq!(&data.x[k * 64..(k + 1) * 64], want.as_slice(), "sample {k}: device {device}, frame {end}");
+    }
+    // `lathe train --device-column` trains on those windows.
+    std::fs::write(dir.join("rooms.csv"), &csv).unwrap();
+    let (_, record) = train(&dir, &path, &dir.join("rooms.csv"), &["--device-column", "device", "--epochs", "2"]);
+    assert_eq!(record["rows_used"].as_u64(), Some(data.rows as u64), "{record:#}");
+    // Without the column, the two rooms' frames would be mixed in every window.
+    let mixed = lathe::train::data::load(&bundle.manifest, &csv, 0).unwrap();
+    assert_ne!(mixed.x[..64], data.x[..64]);
+
+    let shuttle = lathe::model::bundle::Bundle::read(&common::root().join("models/shuttle-mlp-1.lathe")).unwrap();
+    let err =
+        lathe::train::data::load_by_device(&shuttle.manifest, "f1,device\n1,a\n", 2, Some("device")).err().unwrap();
+    assert!(err.contains("for sequence models"), "{err}");
+    let err = lathe::train::data::load_by_device(&bundle.manifest, &csv, 0, Some("machine")).err().unwrap();
+    assert!(err.contains("no column \"machine\""), "{err}");
+}

@@ -14,10 +14,14 @@ pub struct TrainArgs {
     #[arg(long)]
     bundle: PathBuf,
     /// Fresh labelled data: a CSV with the bundle's feature columns and target, oldest row first
-    /// (a sequence model's: consecutive frames of one device, each line's target that of the
-    /// window ending on it).
+    /// (a sequence model's: consecutive frames, each line's target that of the window ending on
+    /// it).
     #[arg(long)]
     data: PathBuf,
+    /// Sequence models: the CSV column naming each frame's device; each device gets its own
+    /// window, as in the daemon (without it, every line is one device's).
+    #[arg(long)]
+    device_column: Option<String>,
     /// Where the challenger bundle goes if the gate accepts it.
     #[arg(short = 'o', long)]
     output: PathBuf,
@@ -100,7 +104,8 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         return Err(format!("--backend {:?}: expected auto, cpu or cuda", a.backend));
     }
     let name = a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let data = train::data::load(&champion.manifest, &csv, train::classes(&champion, &t)?)?;
+    let classes = train::classes(&champion, &t)?;
+    let data = train::data::load_by_device(&champion.manifest, &csv, classes, a.device_column.as_deref())?;
     let gpu = train::GpuSettings { cache_dir: Some(a.state_dir.join("cache")), max_gpu_mem_mb: 1024 };
     let outcome = train::fine_tune_with(&a.backend, &gpu, &champion, data, &name, &t, None, &|| Ok(()))?;
     let record = &outcome.record;

@@ -192,6 +192,23 @@ pub fn class_indices(text: &str, name: &str, classes: &[String]) -> Result<Strin
     Ok(out)
 }
 
+/// Column `name`'s cells as text, one per row (the rows [`parse_csv`] reads), of a
+/// comma-separated CSV (as [`comma_separated`] gives it): an id column such as the device.
+///
+/// # Errors
+/// No such column, or a row [`parse_csv`] would refuse.
+pub fn text_column(text: &str, name: &str) -> Result<Vec<String>, String> {
+    let mut rows = lines(text);
+    let (_, head) = rows.next().ok_or_else(|| "the CSV is empty".to_string())?;
+    let c =
+        split(head, ',', 1)?.iter().position(|h| h == name).ok_or_else(|| format!("no column {name:?} in the CSV"))?;
+    rows.map(|(line, row)| {
+        let cells = split(row, ',', line)?;
+        cells.get(c).map(|cell| cell.to_string()).ok_or_else(|| format!("line {line}: no cell for column {name:?}"))
+    })
+    .collect()
+}
+
 /// The non-blank lines after any byte-order mark, with their 1-based line numbers.
 fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);

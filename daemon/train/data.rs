@@ -4,11 +4,12 @@
 //!
 //! A sequence model's sample is a window of its last N accepted frames, oldest first, as the
 //! daemon serves it: the CSV lists consecutive frames, each line's target belongs to the window
-//! that ends on it, and the first N − 1 accepted lines only fill the first window.
+//! that ends on it, and the first N − 1 accepted lines only fill the first window. With a
+//! device column, each device has its own window, as in the daemon.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::model::csv::{class_indices, comma_separated, parse_csv};
+use crate::model::csv::{class_indices, comma_separated, parse_csv, text_column};
 use crate::model::manifest::{Manifest, Task};
 
 pub struct Dataset {
@@ -94,6 +95,30 @@ impl Dataset {
 /// # Errors
 /// A CSV that cannot be parsed or lacks a feature or target column.
 pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, String> {
+    load_by_device(manifest, csv, classes, None)
+}
+
+/// [`load`], with a sequence model's windows kept per value of `device_column` (frames of
+/// several devices, interleaved in time order).
+///
+/// # Errors
+/// As [`load`], a missing device column, or one given for a model that takes single frames.
+pub fn load_by_device(
+    manifest: &Manifest,
+    csv: &str,
+    classes: usize,
+    device_column: Option<&str>,
+) -> Result<Dataset, String> {
+    let devices = match device_column {
+        Some(name) if manifest.window > 1 => Some(text_column(&comma_separated(csv)?, name)?),
+        Some(name) => {
+            return Err(format!(
+                "a device column ({name:?}) is for sequence models; {} takes one frame per sample",
+                manifest.name
+            ))
+        }
+        None => None,
+    };
     // A classifier trained on class names reads them as their indices, as `bundle create` did.
     let named;
     let csv = if manifest.classes.is_empty() {
@@ -110,10 +135,10 @@ pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, S
     };
     let mut data = Dataset::for_model(manifest);
     let mut x = Vec::with_capacity(cols.len());
-    // A sequence model's last accepted frames, as the daemon keeps a device's window.
-    let mut window: VecDeque<f64> = VecDeque::with_capacity(data.features);
+    // A sequence model's last accepted frames, per device, as the daemon keeps them.
+    let mut windows: HashMap<&str, VecDeque<f64>> = HashMap::new();
     let mut sample = Vec::with_capacity(data.features);
-    for row in &table.rows {
+    for (i, row) in table.rows.iter().enumerate() {
         x.clear();
         x.extend(cols.iter().map(|&c| row[c]));
         let target = target.map(|t| row[t]);
@@ -127,13 +152,15 @@ pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, S
             *data.dropped.entry(reason.to_string()).or_default() += 1;
             continue;
         }
+        let device = devices.as_ref().and_then(|d| d.get(i)).map_or("", String::as_str);
+        let window = windows.entry(device).or_default();
         window.extend(&x);
         while window.len() > data.features {
             window.pop_front();
         }
         if window.len() == data.features {
             sample.clear();
-            sample.extend(&window);
+            sample.extend(&*window);
             data.push(manifest, classes, &sample, target);
         }
     }
