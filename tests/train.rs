@@ -664,8 +664,8 @@ fn interleaved_devices_each_get_their_own_window() {
     // a and b take turns while both have frames; a goes on alone.
     let mut csv = String::from("temp,humidity,light,co2,next_co2,device\n");
     let mut order = Vec::new();
-    for i in 0..a.len() {
-        csv += &format!("{},room-a\n", a[i]);
+    for (i, line) in a.iter().enumerate() {
+        csv += &format!("{line},room-a\n");
         order.push(('a', i));
         if let Some(line) = b.get(i) {
             csv += &format!("{line},room-b\n");
