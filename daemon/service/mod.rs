@@ -250,9 +250,14 @@ fn save_windows(config: &Config, serving: &[Serving]) {
     }
 }
 
-/// Where a clean stop saves a sequence pipeline's windows.
+/// Where a clean stop saves a sequence pipeline's windows. A pipeline name is free text; one
+/// that could not be a file name (`line/1`, `..`) is written as hex.
 fn windows_path(config: &Config, pipeline: &str) -> PathBuf {
-    config.state_dir.join("windows").join(format!("{pipeline}.bin"))
+    let file = match crate::model::bundle::valid_name(pipeline) {
+        true => pipeline.to_string(),
+        false => pipeline.bytes().map(|b| format!("{b:02x}")).collect(),
+    };
+    config.state_dir.join("windows").join(format!("{file}.bin"))
 }
 
 /// A sequence pipeline's windows at a start: those a clean stop saved, if within
