@@ -157,6 +157,87 @@ fn check_connect_tries_the_brokers_login() {
     );
 }
 
+/// Under the packaged unit the password stays root-only in /etc/lathe/credentials/ and systemd
+/// hands the service a copy (`LoadCredential=lathe:/etc/lathe/credentials`, named
+/// `lathe_FILE` in `$CREDENTIALS_DIRECTORY`); the config names it `credential:FILE`.
+#[test]
+fn a_password_passed_as_a_systemd_credential_logs_in() {
+    let acl = "user lathe\ntopic read #\n";
+    let Some(broker) = Broker::start_with_accounts(&[("lathe", "right")], acl) else {
+        eprintln!("skipped: needs mosquitto (a broker with accounts)");
+        return;
+    };
+    let dir = temp_dir("credential");
+    let credentials = dir.join("credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    std::fs::write(credentials.join("lathe_mqtt.password"), "right\n").unwrap();
+    let login = "[mqtt]\nusername = \"lathe\"\npassword_file = \"credential:mqtt.password\"\n";
+    let text_config = config("c2", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("[mqtt]\n", login);
+    std::fs::write(dir.join("lathe.toml"), text_config).unwrap();
+    let check = |credentials: Option<&std::path::Path>| {
+        let mut c = Command::new(LATHE);
+        c.args(["check", "--connect", "--config", dir.join("lathe.toml").to_str().unwrap()]);
+        match credentials {
+            Some(d) => c.env("CREDENTIALS_DIRECTORY", d),
+            None => c.env_remove("CREDENTIALS_DIRECTORY"),
+        };
+        c.output().unwrap()
+    };
+    let out = check(Some(&credentials));
+    assert!(text(&out).contains(&format!("connected to 127.0.0.1:{} as lathe", broker.port)), "{}", text(&out));
+    // Outside systemd (an operator's `lathe check`) the name is the file in /etc/lathe/credentials.
+    if !std::path::Path::new("/etc/lathe/credentials/mqtt.password").exists() {
+        let out = check(None);
+        assert!(!out.status.success());
+        assert!(text(&out).contains("/etc/lathe/credentials/mqtt.password"), "{}", text(&out));
+    }
+    std::fs::write(
+        dir.join("bad.toml"),
+        "node = \"x\"\n[mqtt]\nusername = \"u\"\npassword_file = \"credential:../shadow\"\n",
+    )
+    .unwrap();
+    let out = lathe(&["check", "--config", dir.join("bad.toml").to_str().unwrap()]);
+    assert!(text(&out).contains("expected credential:NAME"), "{}", text(&out));
+}
+
+/// `sudo lathe models import …` on a device: what root writes into the service's state folder
+/// goes to the folder's owner (the service user), so the daemon can replace it later.
+#[test]
+fn models_run_as_root_leave_the_state_folder_to_its_owner() {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (to run as an operator's sudo does)");
+        return;
+    }
+    let state = temp_dir("models-owner").join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(4242), Some(4243)).unwrap();
+    let out = lathe(&[
+        "models",
+        "import",
+        root().join("models/shuttle-mlp-1.lathe").to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut entries = 0;
+    let mut folders = vec![state.clone()];
+    while let Some(f) = folders.pop() {
+        for e in std::fs::read_dir(f).unwrap() {
+            let path = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4242, 4243), "{} is not the state folder owner's", path.display());
+            entries += 1;
+            if m.is_dir() {
+                folders.push(path);
+            }
+        }
+    }
+    assert!(entries >= 2, "the import wrote into the folder");
+}
+
 /// The central server's commands log in like the daemon; a refused login is an error at
 /// once, not an empty fleet.
 #[test]

@@ -121,6 +121,23 @@ fn the_probe_finds_the_emulated_orin_and_every_kernel_loads() {
     assert_eq!(lathe::train::resolved_backend("cpu"), "cpu");
 }
 
+/// Training gets the lowest stream priority the driver reports, so inference (and whatever
+/// else the GPU runs) goes first. The emulator's range is 2 (lowest) to -3.
+#[test]
+fn the_training_stream_has_the_lowest_priority_the_driver_reports() {
+    if emulated_gpu().is_none() {
+        return;
+    }
+    // SAFETY: the emulator's `int(void)`, loaded RTLD_GLOBAL by `emulator()`.
+    let priority = unsafe {
+        let f = libc::dlsym(libc::RTLD_DEFAULT, c"lathe_emulator_stream_priority".as_ptr());
+        assert!(!f.is_null(), "the emulator is not loaded");
+        let f: extern "C" fn() -> i32 = std::mem::transmute(f);
+        f()
+    };
+    assert_eq!(priority, 2);
+}
+
 #[test]
 fn each_op_matches_the_cpu_on_the_emulator() {
     let Some(g) = emulated_gpu() else { return };

@@ -643,7 +643,8 @@ impl Mqtt311Only {
 /// every subscribe, so a kept session is not subscribed again).
 #[test]
 fn a_broker_that_speaks_only_mqtt_3_1_1_is_served_over_3_1_1() {
-    let broker = Broker::start();
+    // The embedded broker answers the front's 3.1.1 retained-message replay differently.
+    let Some(broker) = Broker::start_mosquitto("a retained reading replayed over MQTT 3.1.1") else { return };
     let front = Mqtt311Only::start(broker.port);
     let dir = temp_dir("mqtt311");
     let expected = expected();

@@ -32,7 +32,9 @@ fn sample_version(out: &std::path::Path, version: u64, data: &std::path::Path) -
 
 #[test]
 fn promotions_and_rollbacks_under_load_drop_no_message() {
-    let broker = Broker::start();
+    // The embedded broker drops a slow subscriber's messages (the collector's), so it could
+    // not tell a message lathe lost from one the broker did.
+    let Some(broker) = Broker::start_mosquitto("50,000 messages to a slow subscriber, none dropped") else { return };
     let dir = temp_dir("swap");
     let state = dir.join("state");
     let v2 = sample_version(&dir.join("shuttle-mlp-2.lathe"), 2, &sample_model().1);

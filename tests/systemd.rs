@@ -137,6 +137,70 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
     assert!(child.wait().unwrap().success());
 }
 
+/// The instants of the WATCHDOG=1 pings that reach `socket` within `window`.
+fn pings_for(socket: &UnixDatagram, window: Duration) -> Vec<Instant> {
+    let mut pings = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + window;
+    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                pings.push(Instant::now());
+            }
+        }
+    }
+    pings
+}
+
+/// The ingest loop sends the pings, but the work happens elsewhere too: a pipeline's
+/// inference, the store's writing thread, the closed loop's thread. Each one stuck on a piece
+/// of work for longer than WatchdogSec stops the pings (systemd then restarts the daemon),
+/// says which stage in the log, and the pings come back once it moves again. Debug builds
+/// stall a stage's next piece of work on request.
+#[test]
+fn a_stalled_inference_store_writer_or_loop_stops_the_watchdog() {
+    let Some(broker) = Broker::start_mosquitto("a stage stalled under a running daemon") else { return };
+    let dir = temp_dir("liveness");
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let config = config("liveness", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        + "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\" }\n"
+        + "[pipeline.train]\ntrigger = []\n";
+    let daemon = Daemon::start_with(&dir, &config, |c| {
+        c.env("NOTIFY_SOCKET", &socket_path).env("WATCHDOG_USEC", "400000");
+    });
+    wait_online(broker.port, "liveness", &daemon);
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    for (i, stage) in ["inference", "store", "closed loop"].into_iter().enumerate() {
+        let steady = pings_for(&socket, Duration::from_millis(600));
+        assert!(steady.len() >= 2, "pings before stalling the {stage}: {steady:?}\n{}", daemon.log());
+        p.publish("plant/line1/dev0/telemetry", format!(r#"{{"__lathe_debug_stall": "{stage}", "ms": 2000}}"#));
+        // The next row is the inference's and the store's next piece of work (the loop ticks
+        // twice a second by itself).
+        p.publish("plant/line1/dev0/telemetry", shuttle_message(&rows[i], i));
+        p.flush();
+        let pings = pings_for(&socket, Duration::from_millis(4000));
+        let gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+        let longest = gaps.iter().max().copied().unwrap_or_default();
+        assert!(longest >= Duration::from_millis(1300), "no pause in the pings while the {stage} stalled: {gaps:?}");
+        let resumed_at = pings[gaps.iter().position(|g| *g == longest).unwrap() + 1];
+        assert!(
+            pings.iter().filter(|t| **t > resumed_at).count() >= 2,
+            "pings resume after the {stage} stall: {gaps:?}"
+        );
+        assert!(
+            daemon
+                .log()
+                .lines()
+                .any(|l| l.contains(&format!("The {stage}")) && l.contains("the watchdog is no longer fed")),
+            "the log names the stuck {stage}:\n{}",
+            daemon.log()
+        );
+    }
+}
+
 /// The fields of one journal native-protocol datagram: `NAME=value` lines, or `NAME`, a
 /// little-endian u64 length and the value (for values with newlines).
 fn journal_fields(mut d: &[u8]) -> std::collections::BTreeMap<String, String> {

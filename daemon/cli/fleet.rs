@@ -58,8 +58,7 @@ pub struct PushArgs {
 /// settings as the daemon's `[mqtt]` (an ACL'd production broker needs them).
 #[derive(Args, Clone)]
 pub struct BrokerArgs {
-    /// The broker the fleet listens to: mqtt://HOST:PORT, or mqtts://HOST:PORT (a build with
-    /// `--features tls`).
+    /// The broker the fleet listens to: mqtt://HOST:PORT, or mqtts://HOST:PORT.
     #[arg(long)]
     pub broker: String,
     /// Log in as this user.

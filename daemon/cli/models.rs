@@ -1,7 +1,7 @@
 //! `lathe models list | import | promote | rollback`: the registry, offline. A running
 //! daemon reads the champion pointers every second and swaps to what they name.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 
@@ -42,6 +42,53 @@ pub enum ModelsCommand {
 }
 
 pub fn run(cmd: ModelsCommand) -> Result<(), String> {
+    let state_dir = match &cmd {
+        ModelsCommand::Promote { config: Some(path), .. } => {
+            crate::config::Config::load(path).map_err(|e| e.to_string())?.state_dir
+        }
+        ModelsCommand::List { state_dir, .. }
+        | ModelsCommand::Import { state_dir, .. }
+        | ModelsCommand::Promote { state_dir, .. }
+        | ModelsCommand::Rollback { state_dir, .. } => state_dir.clone(),
+    };
+    let result = change(cmd);
+    hand_to_owner(&state_dir)
+        .map_err(|e| format!("{}: cannot hand what was written to its owner: {e}", state_dir.display()))?;
+    result
+}
+
+/// An operator's `sudo lathe models …` writes as root; the service (user `lathe`) could then
+/// not replace those files. So, run as root, every root-owned entry under the state folder is
+/// given to the folder's own owner (nothing to do where the folder is root's, or not there).
+fn hand_to_owner(state_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let owner = match std::fs::metadata(state_dir) {
+        Ok(m) if m.uid() != 0 => m,
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut folders = vec![state_dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.uid() == 0 {
+                std::os::unix::fs::lchown(&path, Some(owner.uid()), Some(owner.gid()))?;
+            }
+            if meta.is_dir() {
+                folders.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn change(cmd: ModelsCommand) -> Result<(), String> {
     let show = |from: Option<u64>, to: u64, name: &str| match from {
         Some(f) => println!("{name}: champion v{f} -> v{to}"),
         None => println!("{name}: champion v{to}"),

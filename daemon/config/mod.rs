@@ -367,7 +367,9 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
                 }
             }
             let compatible = u.string("compatible", Some("")).unwrap_or_default();
-            let device_key = u.opt_string("device_key").map(|k| base.join(k));
+            let device_key = u
+                .opt_string("device_key")
+                .and_then(|k| login_file(base, &k).map_err(|e| u.error("device_key", &e)).ok());
             let download_timeout = train::duration(&mut u, "download_timeout", "2m");
             let max_mb = u.integer("max_bundle_mb", 256, 1, 1 << 20);
             let ok = u.finish();
@@ -425,6 +427,27 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
     })
 }
 
+/// Where the packaged units keep secrets, root-only: systemd copies each file into the
+/// service's `$CREDENTIALS_DIRECTORY` (`LoadCredential=lathe:/etc/lathe/credentials`).
+pub const CREDENTIALS_FOLDER: &str = "/etc/lathe/credentials";
+
+/// A secret file's path from the config: relative to the config's folder, or
+/// `credential:NAME`, a file systemd passed the service with `LoadCredential=` (it names the
+/// copy `lathe_NAME` in `$CREDENTIALS_DIRECTORY`). Outside systemd (an operator's `lathe
+/// check` as root) `credential:NAME` is `/etc/lathe/credentials/NAME` itself.
+pub fn login_file(base: &Path, value: &str) -> Result<PathBuf, String> {
+    let Some(name) = value.strip_prefix("credential:") else {
+        return Ok(base.join(value));
+    };
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(format!("{value:?}: expected credential:NAME, a file name in {CREDENTIALS_FOLDER}"));
+    }
+    Ok(match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => PathBuf::from(dir).join(format!("lathe_{name}")),
+        None => Path::new(CREDENTIALS_FOLDER).join(name),
+    })
+}
+
 /// `mqtt.max_payload_bytes` unless set, where a pipeline reads Kepware's IoT Gateway.
 pub const KEPWARE_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 
@@ -437,16 +460,21 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
             None
         }
     });
-    let path = |v: Option<String>| v.map(|p| base.join(p));
+    let mut path = |key: &str| {
+        let value = s.opt_string(key)?;
+        login_file(base, &value).map_err(|e| s.error(key, &e)).ok()
+    };
+    let (password_file, ca_file, cert_file, key_file) =
+        (path("password_file"), path("ca_file"), path("cert_file"), path("key_file"));
     let c = MqttConfig {
         url: url.clone().unwrap_or(BrokerUrl::Embedded),
         embedded_listen: s.string("embedded_listen", Some("127.0.0.1:1883")).unwrap_or_default(),
         client_id: s.opt_string("client_id"),
         username: s.opt_string("username"),
-        password_file: path(s.opt_string("password_file")),
-        ca_file: path(s.opt_string("ca_file")),
-        cert_file: path(s.opt_string("cert_file")),
-        key_file: path(s.opt_string("key_file")),
+        password_file,
+        ca_file,
+        cert_file,
+        key_file,
         keep_alive_s: s.integer("keep_alive_s", 30, 5, 3600).unwrap_or(30),
         max_payload_bytes: s.integer("max_payload_bytes", 65_536, 64, 16 << 20).unwrap_or(0) as usize,
         max_inflight: s.integer("max_inflight", 1000, 1, 65_535).unwrap_or(1) as u16,

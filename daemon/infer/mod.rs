@@ -398,6 +398,7 @@ impl Pipeline {
         // sequence model each row's window.
         let mut rows: Vec<f32> = Vec::new();
         let mut samples: Vec<f32> = Vec::new();
+        let heartbeat = crate::service::liveness::register(&format!("inference of pipeline {}", self.name));
         while let Some(first) = rx.recv().await {
             batch.push(first);
             self.fill(&mut rx, &mut batch).await;
@@ -416,7 +417,11 @@ impl Pipeline {
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
             let input = if frames > 1 { &samples } else { &rows };
             let started = Instant::now();
-            match model.engine.run(input) {
+            let result = {
+                let _busy = heartbeat.busy();
+                model.engine.run(input)
+            };
+            match result {
                 Ok(out) => {
                     let per_row = started.elapsed().as_micros() as u64 / batch.len().max(1) as u64;
                     self.counters.compute.observe(&crate::service::events::COMPUTE_BUCKETS_US, per_row);

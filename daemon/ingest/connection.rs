@@ -357,6 +357,10 @@ fn apply_login(m: &MqttConfig, o: &mut MqttOptions) -> Result<(), ConnectError> 
     };
     #[cfg(feature = "tls")]
     let transport = if matches!(m.url, BrokerUrl::Tcp { tls: true, .. }) {
+        // rumqttc builds its rustls config with the process-wide crypto provider; name ring
+        // once, so no other crate's features can leave rustls to choose (it panics if two are
+        // built in and none was installed). An `Err` means one is installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client_auth = match (&m.cert_file, &m.key_file) {
             (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
             _ => None,
@@ -893,6 +897,15 @@ impl Router {
         if let Some(ms) = p.payload.strip_prefix(b"{\"__lathe_debug_stall_ms\":".as_slice()) {
             let ms = std::str::from_utf8(ms).ok().and_then(|t| t.trim_end_matches('}').trim().parse::<u64>().ok());
             std::thread::sleep(Duration::from_millis(ms.unwrap_or(0).min(10_000)));
+        }
+        // … and `{"__lathe_debug_stall": "store", "ms": N}` the next piece of work of another
+        // stage (service::liveness), so a test can see the pings stop while that one is stuck.
+        #[cfg(debug_assertions)]
+        if p.payload.starts_with(b"{\"__lathe_debug_stall\":") {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                let stage = v["__lathe_debug_stall"].as_str().unwrap_or_default();
+                crate::service::liveness::debug::ask(stage, v["ms"].as_u64().unwrap_or(0));
+            }
         }
         let ack = (p.qos != QoS::AtMostOnce).then(|| {
             let seq = self.next_seq;

@@ -8,6 +8,7 @@
 pub(crate) mod closed_loop;
 mod code_pages;
 pub mod events;
+pub mod liveness;
 pub mod metrics;
 mod swap;
 pub mod systemd;

@@ -1,8 +1,10 @@
 //! systemd integration (`Type=notify`): READY=1 once every pipeline's model is loaded and the
 //! broker connection is up and subscribed, STATUS= lines a person reads in `systemctl status`,
-//! WATCHDOG=1 from the ingest loop itself, RELOADING=1 on SIGHUP, and STOPPING=1. Without `NOTIFY_SOCKET` (not under
+//! WATCHDOG=1 from the ingest loop itself while
+//! every other stage makes progress (`liveness`), RELOADING=1 on SIGHUP, and STOPPING=1. Without `NOTIFY_SOCKET` (not under
 //! systemd) every call is a no-op.
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -27,8 +29,26 @@ pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("Stopping: draining in-flight messages")]);
 }
 
+/// Pings the watchdog, unless a stage has been stuck on one piece of work for longer than
+/// `WatchdogSec` (see `liveness`): then systemd restarts the daemon. Says once which stage.
 pub fn watchdog() {
-    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+    static STUCK: AtomicBool = AtomicBool::new(false);
+    let limit = sd_notify::watchdog_enabled().unwrap_or(Duration::from_secs(30));
+    match super::liveness::stalled(limit) {
+        Some((stage, busy)) => {
+            if !STUCK.swap(true, Relaxed) {
+                tracing::error!(
+                    "The {stage} has been stuck on one piece of work for {:.1} s: the watchdog is no \
+                     longer fed, and systemd will restart lathe",
+                    busy.as_secs_f64()
+                );
+            }
+        }
+        None => {
+            STUCK.store(false, Relaxed);
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+        }
+    }
 }
 
 /// How often to ping: half of `WatchdogSec`, as systemd recommends. `None` without a watchdog.

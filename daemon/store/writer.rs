@@ -109,6 +109,7 @@ pub fn start(store: Arc<Store>, acks: AckSender, events: Events) -> Result<Write
 
 fn run(store: &Store, rx: &Receiver<Msg>, acks: &AckSender, events: &Events) {
     let mut failing = false;
+    let heartbeat = crate::service::liveness::register("store writer");
     while let Ok(first) = rx.recv() {
         let mut jobs = Vec::new();
         let mut flushes = Vec::new();
@@ -122,7 +123,9 @@ fn run(store: &Store, rx: &Receiver<Msg>, acks: &AckSender, events: &Events) {
                 next = rx.try_recv().ok();
             }
         }
+        let busy = heartbeat.busy();
         commit(store, &mut jobs, acks, events, &mut failing);
+        drop(busy);
         for done in flushes {
             let _ = done.send(());
         }

@@ -298,8 +298,13 @@ impl Cuda {
         type Loaded = (Arc<CudaStream>, Kernels, CudaSlice<f32>);
         let loaded = catch_unwind(AssertUnwindSafe(|| -> std::result::Result<Loaded, String> {
             let ctx = &device.ctx;
-            // The lowest priority the device offers (numerically greatest): inference first.
-            let stream = ctx.new_stream_with_priority(0).map_err(|e| format!("{e:?}"))?;
+            // The lowest priority the device offers (the numerically greatest, "least"; 0 on
+            // today's GPUs, but the driver is the one to ask): inference and the rest of the
+            // GPU's work go first.
+            ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+            let (least, _greatest) = cudarc::driver::result::stream::get_priority_range()
+                .map_err(|e| format!("stream priorities: {e:?}"))?;
+            let stream = ctx.new_stream_with_priority(least).map_err(|e| format!("{e:?}"))?;
             let modules = ptx
                 .into_iter()
                 .map(|p| ctx.load_module(Ptx::from_src(p)).map_err(|e| format!("{e:?}")))

@@ -142,6 +142,16 @@ impl Broker {
         mosquitto_or_skip().then(|| Broker::mosquitto(true, window, None))
     }
 
+    /// A real mosquitto, for a test the embedded broker cannot stand in for. Without one the
+    /// test skips and says why (a failure under LATHE_REQUIRE_MOSQUITTO=1).
+    pub fn start_mosquitto(why: &str) -> Option<Broker> {
+        let broker = mosquitto_or_skip().then(|| Broker::mosquitto(false, 100, None));
+        if broker.is_none() {
+            eprintln!("skipped: needs mosquitto ({why}); apt-get install -y mosquitto");
+        }
+        broker
+    }
+
     pub fn start() -> Broker {
         if !mosquitto_or_skip() {
             #[cfg(not(feature = "embedded-broker"))]
@@ -324,6 +334,12 @@ impl Daemon {
     /// `LATHE_TEST_MQTT_PROTOCOL=3.1.1` (or `5`) sets `mqtt.protocol` where the config does
     /// not: CI runs the fault, serving and Sparkplug tests again on MQTT 3.1.1 so.
     pub fn start(dir: &Path, config: &str) -> Daemon {
+        Daemon::start_with(dir, config, |_| {})
+    }
+
+    /// [`Daemon::start`], with `prepare` changing the command before it is spawned (a
+    /// sandbox, an environment).
+    pub fn start_with(dir: &Path, config: &str, prepare: impl FnOnce(&mut Command)) -> Daemon {
         let path = dir.join("lathe.toml");
         let config = match std::env::var("LATHE_TEST_MQTT_PROTOCOL") {
             Ok(p) if !config.contains("url = \"embedded\"") && !config.contains("\nprotocol =") => {
@@ -336,7 +352,8 @@ impl Daemon {
         let n = (0..).find(|i| !dir.join(format!("daemon-{i}.log")).exists()).unwrap();
         let log_path = dir.join(format!("daemon-{n}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(LATHE)
+        let mut command = Command::new(LATHE);
+        command
             .args(["run", "--config"])
             .arg(&path)
             // LATHE_TEST_LOG=debug to see more of a failing test's daemon.
@@ -344,9 +361,9 @@ impl Daemon {
             // Tests read the log from stderr, even when they run under systemd.
             .env_remove("JOURNAL_STREAM")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        prepare(&mut command);
+        let child = command.spawn().unwrap();
         Daemon { child: Some(child), log_path }
     }
 
@@ -381,6 +398,11 @@ impl Daemon {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// How it ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn running(&mut self) -> bool {

@@ -167,8 +167,11 @@ pub fn run(
     }
     // A steady tick, apart from the messages: frequent commands or alarms must not starve it.
     let mut next_tick = Instant::now();
+    let heartbeat = crate::service::liveness::register("closed loop");
     while !*stop.borrow() {
-        match messages.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+        let message = messages.recv_timeout(next_tick.saturating_duration_since(Instant::now()));
+        let busy = heartbeat.busy();
+        match message {
             Ok(LoopMessage::Drift { pipeline, series, reason, raised }) => {
                 if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
                     trigger::drift(s, series, reason, raised, &store, &events);
@@ -191,7 +194,8 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             // No ingest any more (stopping): wait out the tick instead.
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(next_tick.saturating_duration_since(Instant::now()))
+                drop(busy); // waiting is not work
+                std::thread::sleep(next_tick.saturating_duration_since(Instant::now()));
             }
         }
         if Instant::now() >= next_tick {
