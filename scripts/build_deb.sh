@@ -1,53 +1,60 @@
 #!/usr/bin/env bash
-# Builds dist/lathe_VERSION_ARCH.deb from a release binary, with dpkg-deb (no extra tools).
+# Builds the Debian package with cargo-deb (installed if missing), checks it, and prints its path.
 #
-#   scripts/build_deb.sh                      # this machine's architecture, target/release/lathe
-#   LATHE_BIN=target/aarch64-unknown-linux-gnu/release/lathe ARCH=arm64 scripts/build_deb.sh
+#   scripts/build_deb.sh                     # amd64: cargo deb builds the release binary
+#   scripts/build_deb.sh --target aarch64-unknown-linux-gnu --no-build --no-strip
+#                                            # arm64, from target/aarch64-unknown-linux-gnu/release/lathe
+#                                            # (scripts/cross_arm64.sh does this)
 #
-# Contents: /usr/bin/lathe; /lib/systemd/system/lathe.service (CPU-only, exposure 1.0) and
-# lathe-gpu.service (reaches the NVIDIA/Jetson device nodes, 1.2); /etc/lathe/lathe.toml (a
-# conffile: upgrades keep your edits); the sample bundle in /usr/share/lathe/models/. The unit
-# uses DynamicUser, StateDirectory and friends, so there is no account to create.
+# What goes in is `[package.metadata.deb]` in Cargo.toml: /usr/bin/lathe; lathe.service
+# (CPU-only, exposure 1.0; enabled and started at install, restarted on upgrade) and
+# lathe-gpu.service (reaches the NVIDIA/Jetson device nodes, 1.2; they conflict); the account
+# (sysusers.d/lathe.conf); /etc/lathe/lathe.toml (a conffile: upgrades keep your edits); the
+# sample bundle in /usr/share/lathe/models/; the copyright file.
+#
+# The checks below fail the script when the package lacks a file, a conffile, the systemd
+# steps in its maintainer scripts, or a glibc floor in Depends: what a release must have.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version=$(sed -n 's/^version = "\(.*\)"/\1/p;T;q' Cargo.toml)  # the first match, no pipe to break
-arch=${ARCH:-$(dpkg --print-architecture)}
-bin=${LATHE_BIN:-target/release/lathe}
-[ -x "$bin" ] || { echo "build_deb: $bin not found; run cargo build --release first" >&2; exit 1; }
-root=$(mktemp -d)
-chmod 755 "$root"
-trap 'rm -rf "$root"' EXIT
-install -D -m 755 "$bin" "$root/usr/bin/lathe"
-install -D -m 644 systemd/lathe-cpu.service "$root/lib/systemd/system/lathe.service"
-install -D -m 644 systemd/lathe.service "$root/lib/systemd/system/lathe-gpu.service"
-install -D -m 644 systemd/lathe.toml "$root/etc/lathe/lathe.toml"
-install -D -m 644 models/shuttle-mlp-1.lathe "$root/usr/share/lathe/models/shuttle-mlp-1.lathe"
-install -D -m 644 README.md "$root/usr/share/doc/lathe/README.md"
-install -D -m 644 models/README.md "$root/usr/share/doc/lathe/models-README.md"
-mkdir -p "$root/DEBIAN"
-for s in postinst prerm postrm; do install -m 755 "packaging/deb/$s" "$root/DEBIAN/$s"; done
-echo /etc/lathe/lathe.toml > "$root/DEBIAN/conffiles"
-size=$(du -sk "$root" | cut -f1)
-# The oldest glibc the binary can start on: the newest GLIBC_x.y symbol version it asks for
-# (readelf reads any architecture's ELF). dpkg then refuses a too-old system up front.
-glibc=$(readelf -V -W "$bin" | grep -o 'Name: GLIBC_[0-9.]*' | sed 's/.*GLIBC_//' | sort -V | tail -n 1)
-cat > "$root/DEBIAN/control" <<CONTROL
-Package: lathe
-Version: $version
-Architecture: $arch
-Maintainer: lathe developers <lathe@localhost>
-Installed-Size: $size
-Depends: libc6${glibc:+ (>= $glibc)}
-Recommends: systemd
-Section: misc
-Priority: optional
-Homepage: https://localhost/lathe
-Description: closes the ML model loop on factory edge devices
- MQTT telemetry in, ONNX inference, predictions out; drift monitoring against each
- model's own baseline; on-device fine-tuning with a holdout gate. One static-ish binary,
- a hardened systemd unit, an example config and a sample model.
-CONTROL
-mkdir -p dist
-out="dist/lathe_${version}_${arch}.deb"
-dpkg-deb --root-owner-group --build "$root" "$out" >/dev/null
-echo "$out"
+command -v cargo-deb >/dev/null 2>&1 || cargo install -q --locked cargo-deb@3.8.0 >&2
+# cargo deb prints the package's path last.
+out=$(cargo deb "$@")
+deb=${out##*$'\n'}
+[ -f "$deb" ] || { echo "build_deb: cargo deb made no package: $out" >&2; exit 1; }
+
+fail() { echo "build_deb: $deb: $*" >&2; exit 1; }
+control=$(mktemp -d)
+trap 'rm -rf "$control"' EXIT
+
+# A cross-built package (arm64 from an amd64 machine): dpkg-shlibdeps finds no libc6 of that
+# architecture installed and cargo-deb leaves Depends without it. Then the floor is read from
+# the binary as dpkg-shlibdeps reads it for glibc, its newest GLIBC_x.y symbol version (readelf
+# reads any architecture's ELF), so dpkg refuses a too-old system up front.
+depends=$(dpkg-deb -f "$deb" Depends)
+if ! grep -q "libc6 (>=" <<< "$depends"; then
+  dpkg-deb -R "$deb" "$control/root"
+  versions=$(readelf -V -W "$control/root/usr/bin/lathe")
+  glibc=$(grep -o 'Name: GLIBC_[0-9.]*' <<< "$versions" | sed 's/.*GLIBC_//' | sort -V | tail -n 1)
+  [ -n "$glibc" ] || fail "the binary names no GLIBC_ symbol version"
+  depends="libc6 (>= $glibc)${depends:+, $depends}"
+  sed -i "/^Depends:/d" "$control/root/DEBIAN/control"
+  sed -i "/^Architecture:/a Depends: $depends" "$control/root/DEBIAN/control"
+  dpkg-deb --root-owner-group --build "$control/root" "$deb" >/dev/null
+  rm -rf "$control/root"
+fi
+# Read whole before matching: `grep -q` at the end of a pipe under pipefail can fail with
+# SIGPIPE (exit 141).
+contents=$(dpkg-deb --contents "$deb")
+for f in ./usr/bin/lathe ./usr/lib/systemd/system/lathe.service ./usr/lib/systemd/system/lathe-gpu.service \
+         ./usr/lib/sysusers.d/lathe.conf ./etc/lathe/lathe.toml ./usr/share/lathe/models/shuttle-mlp-1.lathe \
+         ./usr/share/doc/lathe/copyright; do
+  grep -q " $f\$" <<< "$contents" || fail "lacks $f"
+done
+dpkg-deb --control "$deb" "$control"
+grep -qx /etc/lathe/lathe.toml "$control/conffiles" || fail "/etc/lathe/lathe.toml is not a conffile"
+grep -q "systemd-sysusers" "$control/postinst" || fail "postinst does not create the account"
+grep -q "deb-systemd-helper enable lathe.service" "$control/postinst" || fail "postinst does not enable lathe.service"
+grep -q "_dh_action=restart" "$control/postinst" || fail "postinst does not restart the service on upgrade"
+depends=$(dpkg-deb -f "$deb" Depends)
+grep -q "libc6 (>= 2\." <<< "$depends" || fail "no glibc floor in Depends: $depends"
+echo "$deb"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds dist/lathe_VERSION_arm64.deb (Jetson, other aarch64 boards) on an amd64 Debian or
-# Ubuntu machine, as root, without rustup:
+# Builds target/aarch64-unknown-linux-gnu/debian/lathe_VERSION-1_arm64.deb (Jetson, other
+# aarch64 boards) on an amd64 Debian or Ubuntu machine, as root, without rustup, and checks it.
+# Run once per release (too long for every CI run):
 #
 #   sudo scripts/cross_arm64.sh      # 15 min on 2 cores; the chroot and build take 3 GB
 #
@@ -11,12 +12,14 @@
 # - The binary is linked against Debian bullseye's glibc 2.31, not the chroot's own: a binary
 #   linked against a new glibc asks for its newest symbols (sid's libm gives log10f@GLIBC_2.43)
 #   and will not start on a Jetson. 2.31 is Ubuntu 20.04, which is JetPack 5 (the newest that
-#   Xavier gets); JetPack 6 is Ubuntu 22.04. build_deb.sh writes the floor into Depends.
+#   Xavier gets); JetPack 6 is Ubuntu 22.04. build_deb.sh writes the floor into Depends, and
+#   this script fails if the floor is above 2.31 or the binary is not aarch64 code.
 #
 # Steps: debootstrap the chroot (once; kept in $CHROOT for the next build); install rustc, cargo,
 # gcc-aarch64-linux-gnu and libstd-rust-dev:arm64 in it; unpack bullseye's arm64 libc6,
 # libc6-dev, linux-libc-dev and libgcc-s1 as the link sysroot; bind-mount this checkout and the
-# cargo registry; cargo build --release --locked for aarch64; then build_deb.sh with ARCH=arm64.
+# cargo registry; cargo build --release --locked for aarch64; then build_deb.sh (cargo deb
+# --no-build) on that binary, and the checks at the end.
 #
 # Settings (environment): CHROOT (/var/tmp/lathe-arm64), MIRROR (http://deb.debian.org/debian),
 # SYSROOT_SUITE (bullseye; use http://archive.debian.org/debian as MIRROR once it is archived).
@@ -76,5 +79,14 @@ chroot "$chroot_dir" env \
   CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-sysroot-gcc \
   CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
   bash -euc 'cd /src && cargo build --release --locked --target aarch64-unknown-linux-gnu'
-bin="$chroot_dir/build-target/aarch64-unknown-linux-gnu/release/lathe"
-LATHE_BIN="$bin" ARCH=arm64 scripts/build_deb.sh
+# Where cargo deb --target looks for the binary.
+mkdir -p target/aarch64-unknown-linux-gnu/release
+cp "$chroot_dir/build-target/aarch64-unknown-linux-gnu/release/lathe" target/aarch64-unknown-linux-gnu/release/lathe
+header=$(readelf -h target/aarch64-unknown-linux-gnu/release/lathe)
+grep -q "Machine:.*AArch64" <<< "$header" || { echo "cross_arm64: the binary is not aarch64 code" >&2; exit 1; }
+deb=$(scripts/build_deb.sh --target aarch64-unknown-linux-gnu --no-build --no-strip)
+[ "$(dpkg-deb -f "$deb" Architecture)" = arm64 ] || { echo "cross_arm64: $deb is not an arm64 package" >&2; exit 1; }
+floor=$(dpkg-deb -f "$deb" Depends | sed -n 's/.*libc6 (>= \([0-9.]*\)).*/\1/p')
+[ "$(printf '%s\n2.31\n' "$floor" | sort -V | tail -n 1)" = 2.31 ] \
+  || { echo "cross_arm64: $deb needs glibc $floor, above JetPack 5's 2.31" >&2; exit 1; }
+echo "$deb"
