@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds target/aarch64-unknown-linux-gnu/debian/lathe_VERSION-1_arm64.deb (Jetson, other
-# aarch64 boards) on an amd64 Debian or Ubuntu machine, as root, without rustup, and checks it.
+# Builds target/debian/lathe_VERSION-1_arm64.deb (Jetson, other aarch64 boards) on an amd64
+# Debian or Ubuntu machine, as root, without rustup, and checks it.
 # Run once per release (too long for every CI run):
 #
 #   sudo scripts/cross_arm64.sh      # 15 min on 2 cores; the chroot and build take 3 GB

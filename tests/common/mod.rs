@@ -109,6 +109,16 @@ pub fn mosquitto_or_skip() -> bool {
     installed
 }
 
+/// [`mosquitto_or_skip`] for a test that cannot run without it: says once that the test is
+/// skipped and why.
+pub fn mosquitto_or_say(why: &str) -> bool {
+    let installed = mosquitto_or_skip();
+    if !installed {
+        eprintln!("skipped: needs mosquitto ({why}); apt-get install -y mosquitto");
+    }
+    installed
+}
+
 /// The broker under test: a real mosquitto; without one (and without
 /// LATHE_REQUIRE_MOSQUITTO=1) lathe's embedded broker in this process.
 pub struct Broker {
@@ -139,17 +149,13 @@ impl Broker {
     /// [`Broker::start_persistent`] with `max_inflight_messages` at `window` (mosquitto's own
     /// default is 20).
     pub fn start_persistent_with_window(window: u16) -> Option<Broker> {
-        mosquitto_or_skip().then(|| Broker::mosquitto(true, window, None))
+        mosquitto_or_say("a broker that keeps its state across a kill").then(|| Broker::mosquitto(true, window, None))
     }
 
     /// A real mosquitto, for a test the embedded broker cannot stand in for. Without one the
     /// test skips and says why (a failure under LATHE_REQUIRE_MOSQUITTO=1).
     pub fn start_mosquitto(why: &str) -> Option<Broker> {
-        let broker = mosquitto_or_skip().then(|| Broker::mosquitto(false, 100, None));
-        if broker.is_none() {
-            eprintln!("skipped: needs mosquitto ({why}); apt-get install -y mosquitto");
-        }
-        broker
+        mosquitto_or_say(why).then(|| Broker::mosquitto(false, 100, None))
     }
 
     pub fn start() -> Broker {
@@ -179,7 +185,7 @@ impl Broker {
     /// (mosquitto's `acl_file` format). None without mosquitto (the embedded broker has no
     /// ACL), which fails under LATHE_REQUIRE_MOSQUITTO=1.
     pub fn start_with_accounts(accounts: &[(&str, &str)], acl: &str) -> Option<Broker> {
-        if !mosquitto_or_skip() {
+        if !mosquitto_or_say("a broker with accounts and an ACL") {
             return None;
         }
         let dir = temp_dir("accounts");
@@ -206,7 +212,7 @@ impl Broker {
     /// plant brokers are set up): it refuses a retained will or publish. None without
     /// mosquitto.
     pub fn start_without_retained() -> Option<Broker> {
-        if !mosquitto_or_skip() {
+        if !mosquitto_or_say("a broker that keeps no retained messages") {
             return None;
         }
         let mut b = Broker::mosquitto(false, 100, None);
