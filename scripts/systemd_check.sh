@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The package under a real systemd: a Debian bookworm container (systemd-nspawn) boots systemd,
 # the .deb is installed as a user would (dpkg -i: account, conffile, unit enabled), and
-# lathe.service runs the loop with the unit's whole sandbox: 1,200 labelled rows of a faulty
-# sensor, a `cmd/train`, the fine-tune accepted and v2 promoted, with NRestarts=0. Then an
+# lathe.service runs the loop with the unit's whole sandbox, over mutual TLS (mqtts://, the CA,
+# client certificate and key root-only in /etc/lathe/credentials, reaching the service only
+# through LoadCredential=): 1,200 labelled rows of a faulty sensor, a `cmd/train`, the
+# fine-tune accepted and v2 promoted, with NRestarts=0. Then an
 # upgrade (the same package again) restarts the running service, and `lathe models list` run
 # as root leaves the state folder to the service's account.
 #
@@ -15,8 +17,9 @@
 #
 # Needs root, debootstrap and systemd-container (installed if missing), and a Debian mirror
 # (once: the container's root is kept in $ROOTFS, default /var/tmp/lathe-systemd-root). The
-# container shares this machine's network: its mosquitto listens on 127.0.0.1:$PORT, and the
-# rows are published from here with mosquitto_pub. Takes about a minute once the root exists.
+# container shares this machine's network: its mosquitto listens on 127.0.0.1:$PORT (plain: the
+# rows are published from here with mosquitto_pub) and $PORT+1 (TLS, a client certificate
+# required: lathe's). Takes about a minute once the root exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deb=$(realpath "${1:?usage: scripts/systemd_check.sh PACKAGE.deb}")
@@ -44,15 +47,43 @@ fi
 in_root() { systemd-nspawn -q -D "$rootfs" --register=no --keep-unit --pipe "$@"; }
 # A fresh state each run: no account, package or state left from the last one.
 in_root sh -c 'dpkg -P lathe >/dev/null 2>&1 || true; rm -rf /var/lib/lathe /var/lib/private/lathe /etc/systemd/system/lathe.service.d; userdel lathe 2>/dev/null || true'
-printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" > "$rootfs/etc/mosquitto/conf.d/check.conf"
+# A CA, the broker's certificate (for 127.0.0.1) and lathe's client certificate.
+certs=$(mktemp -d)
+(
+  cd "$certs"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=lathe check CA" -keyout ca.key -out ca.pem \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+  for who in server client; do
+    usage=$([ $who = server ] && echo serverAuth || echo clientAuth)
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=lathe-check-$who" -keyout $who.key -out $who.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=%s\nbasicConstraints=CA:FALSE\n' $usage > $who.ext
+    openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $who.ext -out $who.pem 2>/dev/null
+  done
+)
+install -d "$rootfs/etc/mosquitto/certs"
+install -m 644 "$certs/ca.pem" "$certs/server.pem" "$certs/server.key" "$rootfs/etc/mosquitto/certs/"
+cat > "$rootfs/etc/mosquitto/conf.d/check.conf" <<MOSQUITTO
+allow_anonymous true
+listener $port 127.0.0.1
+listener $((port + 1)) 127.0.0.1
+cafile /etc/mosquitto/certs/ca.pem
+certfile /etc/mosquitto/certs/server.pem
+keyfile /etc/mosquitto/certs/server.key
+require_certificate true
+MOSQUITTO
 cp "$deb" "$rootfs/var/tmp/lathe.deb"
 in_root dpkg -i /var/tmp/lathe.deb >/dev/null
 in_root id lathe >/dev/null || fail "the package made no account lathe"
 [ -L "$rootfs/etc/systemd/system/multi-user.target.wants/lathe.service" ] || fail "lathe.service is not enabled"
+[ "$(stat -c %a "$rootfs/etc/lathe/credentials")" = 700 ] || fail "/etc/lathe/credentials is not root-only"
+install -m 600 "$certs/ca.pem" "$certs/client.pem" "$certs/client.key" "$rootfs/etc/lathe/credentials/"
 cat > "$rootfs/etc/lathe/lathe.toml" <<CONFIG
 node = "$node"
 [mqtt]
-url = "mqtt://127.0.0.1:$port"
+url = "mqtts://127.0.0.1:$((port + 1))"
+ca_file = "credential:ca.pem"
+cert_file = "credential:client.pem"
+key_file = "credential:client.key"
 [[pipeline]]
 name = "shuttle"
 model = "/usr/share/lathe/models/shuttle-mlp-1.lathe"
@@ -119,7 +150,7 @@ grep -q '"trial.started"' "$events" || fail "v2 was not promoted"
 [ "$(show NRestarts)" = 0 ] || fail "NRestarts=$(show NRestarts)"
 [ "$(show MainPID)" = "$pid" ] || fail "the service was restarted during the loop"
 [ "$(show ActiveState)" = active ] || fail "lathe.service is $(show ActiveState)"
-echo "systemd_check: cmd/train accepted, v2 promoted, NRestarts=0"
+echo "systemd_check: over mqtts:// with credentials from LoadCredential=: cmd/train accepted, v2 promoted, NRestarts=0"
 inside journalctl -u lathe --no-pager | grep -i "sigsys\|seccomp\|operation not permitted" && fail "the journal shows a refused call"
 
 # An operator's `lathe models list` as root, then the package upgraded in place.
