@@ -65,20 +65,7 @@ fn ready_comes_only_once_the_broker_is_up_and_the_watchdog_is_fed() {
     // A stalled working loop stops the pings (debug builds can stall it on request), and they
     // come back when it runs again: systemd would have restarted a loop stuck for WatchdogSec.
     let listener = socket.try_clone().unwrap();
-    let recorder = std::thread::spawn(move || {
-        let mut pings = Vec::new();
-        let mut buf = [0u8; 4096];
-        let deadline = Instant::now() + Duration::from_secs(4);
-        listener.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-        while Instant::now() < deadline {
-            if let Ok(n) = listener.recv(&mut buf) {
-                if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
-                    pings.push(Instant::now());
-                }
-            }
-        }
-        pings
-    });
+    let recorder = std::thread::spawn(move || pings_for(&listener, Duration::from_secs(4)));
     std::thread::sleep(Duration::from_millis(500));
     let mut p = Publisher::new(broker.port);
     p.publish("plant/line1/dev0/telemetry", r#"{"__lathe_debug_stall_ms": 1500}"#);
