@@ -246,13 +246,13 @@ fn sighup_after_a_bundle_is_replaced_in_place_serves_the_new_version() {
     let version = || out.on("lathe/bundled/status").last().and_then(|s| s["pipelines"][0]["version"].as_u64());
     assert!(wait_until(Duration::from_secs(10), || version() == Some(1)), "{:?}", version());
 
-    // v2: the sample model fine-tuned offline on fresh rows.
+    // v2: the sample model fine-tuned offline on a faulty sensor's rows.
     let v2 = dir.join("v2.lathe");
     let trained = std::process::Command::new(env!("CARGO_BIN_EXE_lathe"))
         .args(["train", "--bundle"])
         .arg(&model)
         .arg("--data")
-        .arg(unseen_csv(&dir, 0.0))
+        .arg(faulty_csv(&dir))
         .arg("-o")
         .arg(&v2)
         .arg("--state-dir")

@@ -167,21 +167,26 @@ fn gate_value(record: &Value, which: &str) -> f64 {
 }
 
 #[test]
-fn fine_tuning_on_unseen_shuttle_rows_improves_the_holdout_and_writes_a_child_bundle() {
+fn fine_tuning_on_a_faulty_sensors_rows_improves_the_holdout_and_writes_a_child_bundle() {
     let dir = common::temp_dir("train-unseen");
     let champion = common::root().join("models/shuttle-mlp-1.lathe");
-    let (out, record) = train(&dir, &champion, &common::unseen_csv(&dir, 0.0), &[]);
+    let (out, record) = train(&dir, &champion, &common::faulty_csv(&dir), &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(record["gate"]["accepted"], true, "{record:#}");
     let (before, after) = (gate_value(&record, "champion_holdout"), gate_value(&record, "challenger_holdout"));
-    assert!(after > before, "holdout f1 {before} -> {after}");
+    assert!(after > before + 0.5, "holdout f1 {before} -> {after}");
+    let significance = &record["gate"]["significance"];
+    assert!(
+        significance["significant"] == true && significance["p_value"].as_f64().unwrap() < 0.01,
+        "{significance:#}"
+    );
     assert!(gate_value(&record, "challenger_validation") >= gate_value(&record, "champion_validation") * 0.98);
     // Every hyperparameter, the split and the backend are in the record, and it is kept.
     assert_eq!(record["backend"], "cpu");
     assert_eq!(record["hyperparameters"]["trainable"], "full");
     assert_eq!(record["hyperparameters"]["optimizer"], "adam");
-    assert_eq!(record["rows_used"], 11730);
-    assert_eq!(record["holdout_rows"], 2346);
+    assert_eq!(record["rows_used"], 11695);
+    assert_eq!(record["holdout_rows"], 2339);
     assert_eq!(record["tail_input"], "h0", "the standardisation (Sub, Div) stays frozen");
     let kept = dir.join("state/runs").join(format!("{}.json", record["run_id"].as_str().unwrap()));
     let kept: Value = serde_json::from_slice(&std::fs::read(kept).unwrap()).unwrap();
@@ -212,7 +217,7 @@ fn fine_tuning_on_unseen_shuttle_rows_improves_the_holdout_and_writes_a_child_bu
 fn spreadsheet_exports_of_the_data_train_exactly_as_the_plain_csv() {
     let dir = common::temp_dir("train-exports");
     let champion = common::root().join("models/shuttle-mlp-1.lathe");
-    let plain = common::unseen_csv(&dir, 0.0);
+    let plain = common::faulty_csv(&dir);
     let text = std::fs::read_to_string(&plain).unwrap();
     // Excel in a European locale, "CSV (semicolon)": quoted header, decimal commas, CRLF.
     let european: String = text
@@ -231,7 +236,8 @@ fn spreadsheet_exports_of_the_data_train_exactly_as_the_plain_csv() {
     std::fs::write(dir.join("unicode.txt"), unicode_text).unwrap();
 
     let (_, expected) = train(&dir, &champion, &plain, &[]);
-    assert_eq!(expected["rows_used"], 11730, "{expected:#}");
+    assert_eq!(expected["rows_used"], 11695, "{expected:#}");
+    assert_eq!(expected["gate"]["accepted"], true, "{expected:#}");
     for export in ["european.csv", "unicode.txt"] {
         let (out, record) = train(&dir, &champion, &dir.join(export), &[]);
         assert!(out.status.success(), "{export}: {}", String::from_utf8_lossy(&out.stderr));
@@ -288,6 +294,35 @@ fn labels_with_40_percent_flipped_are_refused_by_the_gate() {
         assert!(!dir.join("challenger.lathe").exists(), "{trainable}: nothing written");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("no new bundle: refused"), "{stderr}");
+    }
+}
+
+/// Labels that are 20 % or 30 % noise can still leave a challenger a hair ahead on the holdout
+/// by chance: these two runs gained 0.012 and 0.0028 F1 (4 rows against 1, and 1 against 0, of
+/// 1,600) and were promoted when any gain was enough. The gate now asks whether the gain is
+/// beyond sampling noise, and the record says how it tested. The first shows why classifiers
+/// must pass McNemar's test too: the bootstrap of F1 alone gives p = 0.015 on those 5 rows.
+#[test]
+fn a_gain_within_sampling_noise_on_flipped_labels_is_refused() {
+    let dir = common::temp_dir("train-noise");
+    let champion = common::root().join("models/shuttle-mlp-1.lathe");
+    for (flip, seed, trainable) in [(0.2, 1, "last:1"), (0.3, 2, "full")] {
+        let data = common::flipped_csv(&dir.join(format!("flipped-{seed}.csv")), flip, seed, 8000);
+        let (out, record) = train(&dir, &champion, &data, &["--trainable", trainable]);
+        let gate = &record["gate"];
+        assert!(!out.status.success(), "{flip}: {gate:#}");
+        assert!(gate["improvement"].as_f64().unwrap() > 0.0, "a gain, however small: {gate:#}");
+        assert_eq!(gate["accepted"], false, "{gate:#}");
+        assert!(gate["reason"].as_str().unwrap().contains("within sampling noise on 1600 rows"), "{gate:#}");
+        let s = &gate["significance"];
+        assert_eq!(s["significant"], false);
+        assert_eq!(
+            (s["level"].as_f64(), s["resamples"].as_u64(), s["rows"].as_u64()),
+            (Some(0.05), Some(1000), Some(1600))
+        );
+        let m = &s["mcnemar"];
+        assert!(m["p_value"].as_f64().unwrap() >= 0.05, "{s:#}");
+        assert!(m["challenger_only"].as_u64().unwrap() + m["champion_only"].as_u64().unwrap() <= 5, "{s:#}");
     }
 }
 
@@ -480,7 +515,7 @@ fn bundle_create_refuses_a_model_whose_tail_cannot_train_and_names_the_node() {
 fn an_autoencoder_fine_tunes_on_its_own_inputs() {
     let dir = common::temp_dir("train-ae");
     let bundle = common::autoencoder_bundle(&dir);
-    let (out, record) = train(&dir, &bundle, &common::unseen_csv(&dir, 0.0), &["--epochs", "3"]);
+    let (out, record) = train(&dir, &bundle, &common::faulty_csv(&dir), &["--epochs", "3"]);
     assert_eq!(record["loss"], "mse");
     assert_eq!(record["gate"]["metric"], "error_p95");
     let (before, after) = (gate_value(&record, "champion_holdout"), gate_value(&record, "challenger_holdout"));
@@ -517,7 +552,7 @@ fn a_run_stops_when_its_epoch_check_says_so() {
 #[test]
 fn kill_9_at_random_points_of_a_fine_tune_leaves_no_partial_file() {
     let dir = common::temp_dir("kill-train");
-    let data = common::unseen_csv(&dir, 0.0);
+    let data = common::faulty_csv(&dir);
     let state = dir.join("state");
     let out = dir.join("child.lathe");
     let run = || {

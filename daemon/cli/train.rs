@@ -76,10 +76,21 @@ pub struct TrainArgs {
     /// Stop after this many epochs without improvement on the early-stopping rows (default: the bundle's)
     #[arg(long)]
     patience: Option<u32>,
+    /// The gate's significance level: the gain on the holdout must have p below it (default:
+    /// the bundle's, 0.05; 1 turns the test off)
+    #[arg(long)]
+    significance: Option<f64>,
 }
 
 pub fn run(a: TrainArgs) -> Result<(), String> {
-    let champion = Bundle::read(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
+    let mut champion = Bundle::read(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
+    match a.significance {
+        Some(level) if !(level > 0.0 && level <= 1.0) => {
+            return Err(format!("--significance {level}: expected a level above 0 and at most 1"))
+        }
+        Some(level) => champion.manifest.gate.significance = level,
+        None => {}
+    }
     let csv = crate::model::csv::read_file(&a.data)?;
     let mut t = champion.manifest.training.clone();
     macro_rules! set {
@@ -160,6 +171,11 @@ fn print_summary(r: &train::RunRecord, output: &std::path::Path) {
             m(&g.challenger_holdout),
             m(&g.champion_validation),
             m(&g.challenger_validation)
+        );
+        println!(
+            "  beyond sampling noise: {} ({})",
+            if g.significance.significant { "yes" } else { "no" },
+            g.significance.summary()
         );
     }
     println!("  {}", r.outcome);

@@ -112,6 +112,9 @@ pub struct Overrides {
     /// The gate's `max_forgetting` (e.g. after a sensor was replaced for good, the old
     /// regime's validation set matters less).
     pub max_forgetting: Option<f64>,
+    /// The gate's `significance` level (default 0.05): higher promotes on weaker evidence,
+    /// for pipelines whose holdout is small.
+    pub significance: Option<f64>,
 }
 
 impl Overrides {
@@ -211,6 +214,7 @@ pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
         holdout: t.has("holdout").then(|| t.number("holdout", 0.2, 0.05, 0.5)).flatten(),
         class_weights: t.opt_string("class_weights"),
         max_forgetting: t.has("max_forgetting").then(|| t.number("max_forgetting", 0.02, 0.0, 1.0)).flatten(),
+        significance: t.has("significance").then(|| t.number("significance", 0.05, 0.001, 1.0)).flatten(),
     };
     let c = TrainConfig {
         triggers,

@@ -293,6 +293,26 @@ pub struct Measured {
     pub class_shares: Vec<f64>,
     /// One score per row (see [`Reading::score`]).
     pub scores: Vec<f64>,
+    /// Classification: each row's predicted class, and how many classes there are.
+    pub predicted: Vec<usize>,
+    pub classes: usize,
+}
+
+impl Measured {
+    /// The task's metrics on some of the rows (`rows` may repeat one: a bootstrap draw), with
+    /// the true values `truth` of all of them.
+    pub fn metrics_on(&self, task: Task, truth: &[f64], rows: &[usize]) -> BTreeMap<String, f64> {
+        let pick = |v: &[f64]| rows.iter().map(|&r| v[r]).collect::<Vec<f64>>();
+        match task {
+            Task::Binary | Task::Multiclass => {
+                let predicted: Vec<usize> = rows.iter().map(|&r| self.predicted[r]).collect();
+                let labels: Vec<usize> = rows.iter().map(|&r| truth[r] as usize).collect();
+                baseline::classification_metrics(task, &predicted, &labels, &pick(&self.scores), self.classes)
+            }
+            Task::Regression => baseline::regression_metrics(&pick(&self.scores), &pick(truth)),
+            Task::Reconstruction => baseline::reconstruction_metrics(&pick(&self.scores)),
+        }
+    }
 }
 
 /// The task's metrics for `outputs` (primary output `p`) on rows `x` (`f` features each)
@@ -313,6 +333,7 @@ pub fn measure(
     let n = x.len() / f.max(1);
     let reading = Reading { task, threshold };
     let scores: Vec<f64> = (0..n).map(|r| reading.score(outputs.row(p, r), &x[r * f..(r + 1) * f])).collect();
+    let (mut predicted, mut classes) = (Vec::new(), 0);
     let (metrics, class_shares) = match task {
         Task::Binary | Task::Multiclass => {
             let labels: Vec<usize> = truth
@@ -325,8 +346,8 @@ pub fn measure(
                     }
                 })
                 .collect::<Result<_, _>>()?;
-            let predicted: Vec<usize> = (0..n).map(|r| reading.class(outputs.row(p, r)).unwrap_or(0)).collect();
-            let classes = outputs.per_row[p].max(2).max(labels.iter().max().map_or(0, |m| m + 1));
+            predicted = (0..n).map(|r| reading.class(outputs.row(p, r)).unwrap_or(0)).collect();
+            classes = outputs.per_row[p].max(2).max(labels.iter().max().map_or(0, |m| m + 1));
             let shares =
                 (0..classes).map(|c| predicted.iter().filter(|&&x| x == c).count() as f64 / n.max(1) as f64).collect();
             (baseline::classification_metrics(task, &predicted, &labels, &scores, classes), shares)
@@ -334,7 +355,7 @@ pub fn measure(
         Task::Regression => (baseline::regression_metrics(&scores, truth), Vec::new()),
         Task::Reconstruction => (baseline::reconstruction_metrics(&scores), Vec::new()),
     };
-    Ok(Measured { metrics, class_shares, scores })
+    Ok(Measured { metrics, class_shares, scores, predicted, classes })
 }
 
 /// Makes a bundle from any ONNX model and its held-out validation data: runs the model on

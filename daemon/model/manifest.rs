@@ -140,6 +140,9 @@ mod defaults {
     pub fn max_forgetting() -> f64 {
         0.02
     }
+    pub fn significance() -> f64 {
+        crate::train::significance::LEVEL
+    }
 }
 
 impl Default for Training {
@@ -179,6 +182,10 @@ pub struct Gate {
     /// this fraction of the champion's value (so it cannot forget what it knew).
     #[serde(default = "defaults::max_forgetting")]
     pub max_forgetting: f64,
+    /// ...and the gain on the holdout must be beyond sampling noise: the gate's tests must
+    /// give p below this (`train::significance`). 1 turns the tests off.
+    #[serde(default = "defaults::significance")]
+    pub significance: f64,
 }
 
 impl Gate {
@@ -194,6 +201,7 @@ impl Gate {
             higher_is_better,
             min_improvement: 0.0,
             max_forgetting: defaults::max_forgetting(),
+            significance: defaults::significance(),
         }
     }
 }

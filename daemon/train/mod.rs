@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod data;
 pub mod graph;
 pub mod net;
+pub mod significance;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -113,6 +114,8 @@ pub struct GateReport {
     /// How much worse on the validation set or the replay sample (the worse), as a fraction
     /// of the champion's value.
     pub forgetting: f64,
+    /// Whether the gain on the holdout is beyond sampling noise.
+    pub significance: significance::Significance,
     pub accepted: bool,
     pub reason: String,
 }
@@ -285,6 +288,7 @@ fn judge(
     holdout_x: &[f32],
     holdout_y: &[f64],
     replay: Option<&Replay>,
+    seed: u64,
 ) -> Result<GateReport, String> {
     let m = &champion.manifest;
     let gate = &m.gate;
@@ -294,16 +298,35 @@ fn judge(
         champion.validation_samples().map_err(|e| e.to_string())?,
         champion.validation_targets().map_err(|e| e.to_string())?,
     );
-    let score = |model: &[u8], x: &[f32], y: &[f64]| -> Result<BTreeMap<String, f64>, String> {
+    let measure = |model: &[u8], x: &[f32], y: &[f64]| -> Result<bundle::Measured, String> {
         let engine = Engine::load(model).map_err(|e| e.to_string())?;
         let out = engine.run(x).map_err(|e| e.to_string())?;
-        Ok(bundle::measure(m.task, m.baseline.threshold, &out, m.primary_output, x, f, y)
-            .map_err(|e| e.to_string())?
-            .metrics)
+        bundle::measure(m.task, m.baseline.threshold, &out, m.primary_output, x, f, y).map_err(|e| e.to_string())
     };
-    let (ch, cv) = (score(&champion.model, holdout_x, holdout_y)?, score(&champion.model, &vx, &vy)?);
-    let (nh, nv) = (score(challenger, holdout_x, holdout_y)?, score(challenger, &vx, &vy)?);
+    let score = |model: &[u8], x: &[f32], y: &[f64]| measure(model, x, y).map(|m| m.metrics);
+    let (champion_on_holdout, challenger_on_holdout) =
+        (measure(&champion.model, holdout_x, holdout_y)?, measure(challenger, holdout_x, holdout_y)?);
+    let (ch, nh) = (champion_on_holdout.metrics.clone(), challenger_on_holdout.metrics.clone());
+    let (cv, nv) = (score(&champion.model, &vx, &vy)?, score(challenger, &vx, &vy)?);
     let sign = if gate.higher_is_better { 1.0 } else { -1.0 };
+    // Rows, not targets: a reconstruction holdout has none.
+    let (rows, task) = (holdout_x.len() / f.max(1), m.task);
+    let mut significance = significance::paired_bootstrap(rows, seed, gate.significance, |draw| {
+        let on = |m: &bundle::Measured| m.metrics_on(task, holdout_y, draw).get(&gate.metric).copied();
+        match (on(&champion_on_holdout), on(&challenger_on_holdout)) {
+            (Some(a), Some(b)) => sign * (b - a),
+            _ => f64::NAN,
+        }
+    });
+    if matches!(m.task, Task::Binary | Task::Multiclass) {
+        let right = |m: &bundle::Measured, r: usize| m.predicted[r] as f64 == holdout_y[r];
+        let only =
+            |a: &bundle::Measured, b: &bundle::Measured| (0..rows).filter(|&r| right(a, r) && !right(b, r)).count();
+        significance = significance.and_mcnemar(significance::mcnemar(
+            only(&champion_on_holdout, &challenger_on_holdout),
+            only(&challenger_on_holdout, &champion_on_holdout),
+        ));
+    }
     let (before, after) = (gate_metric(&ch, &gate.metric)?, gate_metric(&nh, &gate.metric)?);
     let (mut kept, mut now) = (gate_metric(&cv, &gate.metric)?, gate_metric(&nv, &gate.metric)?);
     let improvement = sign * (after - before);
@@ -329,6 +352,16 @@ fn judge(
             format!(
                 "{} on the fresh holdout {after:.4} vs the champion's {before:.4}: not better by more than {}",
                 gate.metric, gate.min_improvement
+            ),
+        )
+    } else if !significance.significant {
+        (
+            false,
+            format!(
+                "{} on the fresh holdout {after:.4} vs the champion's {before:.4}: within sampling noise on \
+                 {rows} rows ({})",
+                gate.metric,
+                significance.summary()
             ),
         )
     } else if forgetting > gate.max_forgetting {
@@ -363,6 +396,7 @@ fn judge(
         challenger_replay: nr,
         improvement,
         forgetting,
+        significance,
         accepted,
         reason,
     })
@@ -588,7 +622,7 @@ pub fn fine_tune_on<B: Backend>(
 
     let hx = &data.x[split.holdout.start * f..split.holdout.end * f];
     let hy: &[f64] = data.y.get(split.holdout.clone()).unwrap_or_default();
-    let gate = if diverged { None } else { Some(judge(champion, &model, hx, hy, replay)?) };
+    let gate = if diverged { None } else { Some(judge(champion, &model, hx, hy, replay, training.seed)?) };
     let run_id = format!("{}-v{}-{}", m.name, m.version, started_unix);
     let mut record = RunRecord {
         run_id: run_id.clone(),

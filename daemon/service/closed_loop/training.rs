@@ -56,6 +56,9 @@ pub(super) fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<St
     if let Some(f) = p.train.overrides.max_forgetting {
         champion.manifest.gate.max_forgetting = f;
     }
+    if let Some(level) = p.train.overrides.significance {
+        champion.manifest.gate.significance = level;
+    }
     let limits = (Duration::from_secs(p.train.max_seconds), p.train.max_memory_mb);
     let backend = p.train.backend.clone();
     let gpu = train::GpuSettings {
