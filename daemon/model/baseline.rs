@@ -189,6 +189,10 @@ pub fn f1(predicted: &[usize], truth: &[usize], positive: usize) -> f64 {
 }
 
 /// Metrics of a classifier: `classes` counts output classes (2 for binary).
+pub fn accuracy(predicted: &[usize], truth: &[usize]) -> f64 {
+    predicted.iter().zip(truth).filter(|(p, t)| p == t).count() as f64 / truth.len().max(1) as f64
+}
+
 pub fn classification_metrics(
     task: Task,
     predicted: &[usize],
@@ -196,9 +200,7 @@ pub fn classification_metrics(
     scores: &[f64],
     classes: usize,
 ) -> BTreeMap<String, f64> {
-    let n = truth.len().max(1) as f64;
-    let accuracy = predicted.iter().zip(truth).filter(|(p, t)| p == t).count() as f64 / n;
-    let mut m = BTreeMap::from([("accuracy".to_string(), accuracy)]);
+    let mut m = BTreeMap::from([("accuracy".to_string(), accuracy(predicted, truth))]);
     if task == Task::Binary {
         m.insert("f1".into(), f1(predicted, truth, 1));
         m.insert("roc_auc".into(), roc_auc(scores, truth));

@@ -312,7 +312,7 @@ fn judge(
     // Rows, not targets: a reconstruction holdout has none.
     let (rows, task) = (holdout_x.len() / f.max(1), m.task);
     let mut significance = significance::paired_bootstrap(rows, seed, gate.significance, |draw| {
-        let on = |m: &bundle::Measured| m.metrics_on(task, holdout_y, draw).get(&gate.metric).copied();
+        let on = |m: &bundle::Measured| m.metric_on(task, holdout_y, draw, &gate.metric);
         match (on(&champion_on_holdout), on(&challenger_on_holdout)) {
             (Some(a), Some(b)) => sign * (b - a),
             _ => f64::NAN,
