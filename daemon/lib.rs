@@ -32,7 +32,8 @@ pub mod train;
 pub mod update;
 
 /// What a caught panic said (the text of `panic!`/`assert!`), for an error message. Used where
-/// a dependency panics instead of returning an error (NOTES.md: tract, cudarc).
+/// a dependency panics instead of returning an error (tract on some malformed models, cudarc
+/// where libcuda or a symbol is missing).
 pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())

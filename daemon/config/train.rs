@@ -124,6 +124,16 @@ impl Overrides {
         }
         set!(trainable, optimizer, learning_rate, epochs, batch, seed, holdout, class_weights);
     }
+
+    /// The gate's settings this pipeline overrides.
+    pub fn apply_gate(&self, g: &mut crate::model::manifest::Gate) {
+        if let Some(f) = self.max_forgetting {
+            g.max_forgetting = f;
+        }
+        if let Some(level) = self.significance {
+            g.significance = level;
+        }
+    }
 }
 
 /// The longest duration any setting takes: ten years. Past it a typo ("1000000000000d") would

@@ -1,6 +1,6 @@
 //! The tract engine: an ONNX model with one `[batch, features]` input (or `[batch, frames,
 //! features]` for a sequence model), planned once per batch size it is run at (a pinned shape
-//! is ~2x faster than a symbolic batch, see NOTES.md).
+//! is ~2x faster than a symbolic batch at batch 64, measured on the sample MLP).
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};

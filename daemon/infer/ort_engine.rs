@@ -21,7 +21,7 @@ fn environment(library: &Path) -> Result<&'static Environment, EngineError> {
     ENVIRONMENT
         .get_or_init(|| {
             // `init_from` returns an error for a missing library (the lazy ORT_DYLIB_PATH path
-            // would panic, see NOTES.md).
+            // panics when the library is missing).
             ort::init_from(library)
                 .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?
                 .with_name("lathe")

@@ -1,5 +1,6 @@
 //! The MQTT connection: one rumqttc event loop, polled by one task that never awaits a
-//! publish (rumqttc can freeze if it does, see NOTES.md). Incoming telemetry is routed to
+//! publish (awaiting a publish in the task that polls rumqttc's event loop can freeze it under
+//! load: the publish waits for room the poll would make). Incoming telemetry is routed to
 //! pipelines here; predictions are published by the pipelines through the cloned client.
 //!
 //! Delivery: the session is persistent (`clean_start = false`, never expiring) and acks are manual. A

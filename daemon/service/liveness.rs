@@ -31,10 +31,9 @@ fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64 + 1
 }
 
-/// A heartbeat for the stage `name` ("inference shuttle", "store writer"), watched while the
-/// returned handle lives.
+/// A heartbeat for the stage `name` ("inference of pipeline shuttle", "store writer"),
+/// watched while the returned handle lives.
 pub fn register(name: &str) -> Arc<Heartbeat> {
-    epoch();
     let beat = Arc::new(Heartbeat { name: name.to_string(), busy_since: AtomicU64::new(0) });
     let mut all = HEARTBEATS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     all.retain(|w| w.strong_count() > 0);

@@ -1,7 +1,7 @@
 //! systemd integration (`Type=notify`): READY=1 once every pipeline's model is loaded and the
 //! broker connection is up and subscribed, STATUS= lines a person reads in `systemctl status`,
-//! WATCHDOG=1 from the ingest loop itself while
-//! every other stage makes progress (`liveness`), RELOADING=1 on SIGHUP, and STOPPING=1. Without `NOTIFY_SOCKET` (not under
+//! WATCHDOG=1 from the ingest loop itself while every other stage makes progress
+//! (`liveness`), RELOADING=1 on SIGHUP, and STOPPING=1. Without `NOTIFY_SOCKET` (not under
 //! systemd) every call is a no-op.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

@@ -123,9 +123,10 @@ fn run(store: &Store, rx: &Receiver<Msg>, acks: &AckSender, events: &Events) {
                 next = rx.try_recv().ok();
             }
         }
-        let busy = heartbeat.busy();
-        commit(store, &mut jobs, acks, events, &mut failing);
-        drop(busy);
+        {
+            let _busy = heartbeat.busy();
+            commit(store, &mut jobs, acks, events, &mut failing);
+        }
         for done in flushes {
             let _ = done.send(());
         }

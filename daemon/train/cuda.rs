@@ -2,7 +2,8 @@
 //! present, behind the same `Backend` trait as the CPU.
 //!
 //! One binary runs with and without CUDA: cudarc loads `libcuda` and `libnvrtc` at run time,
-//! and panics where a library or symbol is missing (NOTES.md), so every call that may load one
+//! and panics where a library or symbol is missing (`CudaContext::new` without libcuda; a
+//! symbol an old driver lacks, at its first call), so every call that may load one
 //! is probed first (`is_culib_present`) and runs under `catch_unwind`. Compiled PTX is cached
 //! on disk, keyed by the sources' sha256, the architecture and the NVRTC version.
 

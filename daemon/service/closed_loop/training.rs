@@ -53,12 +53,7 @@ pub(super) fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<St
     let mut champion = champion;
     let mut training = champion.manifest.training.clone();
     p.train.overrides.apply(&mut training);
-    if let Some(f) = p.train.overrides.max_forgetting {
-        champion.manifest.gate.max_forgetting = f;
-    }
-    if let Some(level) = p.train.overrides.significance {
-        champion.manifest.gate.significance = level;
-    }
+    p.train.overrides.apply_gate(&mut champion.manifest.gate);
     let limits = (Duration::from_secs(p.train.max_seconds), p.train.max_memory_mb);
     let backend = p.train.backend.clone();
     let gpu = train::GpuSettings {
