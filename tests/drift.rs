@@ -192,12 +192,21 @@ fn injected_sensor_faults_raise_an_alarm_naming_the_feature() {
             alarms.iter().filter(|a| (a.row as usize) < start + 3000).any(|a| a.series == "f5"),
             "{name}: no f5 alarm within 3000 rows: {alarms:#?}"
         );
-        let delay = alarms.iter().find(|a| a.series == "f5").map(|a| a.row as usize - start).unwrap();
+        let f5 = alarms.iter().find(|a| a.series == "f5").unwrap();
+        let delay = f5.row as usize - start;
+        // Where a drift run's new regime will start: never before the change by more than
+        // the statistic's noise; for a step change, in the first half of the rows since it
+        // (KS is the share of shifted rows only where the shift separates them fully).
+        let estimate = f5.row as i64 - f5.since_change as i64 - start as i64;
         eprintln!(
-            "fault {name:<36} first f5 alarm after {delay:>5} rows ({} alarms: {:?})",
+            "fault {name:<36} first f5 alarm after {delay:>5} rows, change estimated at {estimate:+} rows ({} alarms: {:?})",
             alarms.len(),
             alarms.iter().map(|a| a.series.as_str()).collect::<Vec<_>>()
         );
+        assert!(estimate >= -25 && estimate <= delay as i64, "{name}: change estimated at {estimate:+}");
+        if name.starts_with("offset") || name.starts_with("stuck") {
+            assert!(estimate <= delay as i64 / 2, "{name}: a step change estimated at {estimate:+} rows");
+        }
     }
 }
 

@@ -116,6 +116,12 @@ pub struct Alarm {
     pub window: usize,
     /// Rows the monitor had seen when it fired.
     pub row: u64,
+    /// How many rows before this one the change is estimated to have begun: where a
+    /// drift-triggered run's new regime starts (`closed_loop::trigger`). KS: its value times
+    /// the window — a window holding a share p of rows from a new distribution is at most p
+    /// from the reference, so this does not reach back past the change by more than the
+    /// statistic's noise; ADWIN: its window after the cut; otherwise 0 (the alarm itself).
+    pub since_change: u64,
     /// false when the episode ended.
     pub raised: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,6 +176,12 @@ fn statistic_name(stat: Statistic, multi: bool) -> String {
     } else {
         format!("{stat:?}").to_lowercase()
     }
+}
+
+/// Whether a series' alarm value is a KS distance (the multivariate series always is: KS over
+/// the windows' PCA reconstruction errors).
+fn statistic_is_ks(stat: Statistic, multi: bool) -> bool {
+    multi || stat == Statistic::Ks
 }
 
 /// Per-series state for the retained status.
@@ -366,6 +378,11 @@ impl Monitor {
                     threshold: s.threshold,
                     window: w,
                     row: seen,
+                    since_change: if raise && statistic_is_ks(stat, multi) {
+                        ((value.clamp(0.0, 1.0)) * w as f64) as u64
+                    } else {
+                        0
+                    },
                     raised: raise,
                     measures: Some(m),
                 });
@@ -390,6 +407,7 @@ impl Monitor {
                 threshold: s.threshold,
                 window: self.settings.window,
                 row: self.seen,
+                since_change: 0,
                 raised: false,
                 measures: Some(s.last),
             })

@@ -256,6 +256,7 @@ impl Performance {
                 threshold,
                 window: self.classes.len(),
                 row: self.joined,
+                since_change: 0,
                 raised: raise,
                 measures: None,
             });
@@ -378,6 +379,9 @@ impl Performance {
             return None;
         };
         self.alarm = !self.alarm;
+        // ADWIN's window after its cut holds the rows since the change; a rolling mean
+        // over threshold or Page-Hinkley does not say where it began.
+        let since_change = if self.alarm && statistic == "loss (adwin)" { self.adwin.width() as u64 } else { 0 };
         Some(Alarm {
             series: "performance".into(),
             statistic,
@@ -385,6 +389,7 @@ impl Performance {
             threshold,
             window: self.losses.len(),
             row: self.joined,
+            since_change,
             raised: self.alarm,
             measures: None,
         })

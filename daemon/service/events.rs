@@ -334,6 +334,7 @@ impl Events {
                     pipeline: pipeline.to_string(),
                     series: (version, alarm.series.clone()),
                     reason: format!("drift on {} ({})", alarm.series, alarm.statistic),
+                    since_change: alarm.since_change,
                     raised: alarm.raised,
                 });
             }

@@ -380,8 +380,38 @@ impl Store {
         })
     }
 
-    /// The newest `recent` rows that `keep` accepts, and up to `replay_rows` older labeled
-    /// rows (the replay sample first, then the store's older labeled rows), oldest first.
+    /// How many samples from sequence number `from` on `keep` accepts, counted up to `limit`
+    /// (a drift regime's rows: `closed_loop::trigger`).
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn count_since(
+        &self,
+        pipeline: &str,
+        from: u64,
+        limit: u64,
+        keep: impl Fn(&Record) -> bool,
+    ) -> Result<u64, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let mut n = 0;
+            let sn = samples_table(pipeline);
+            if let Some(t) = read_table(&tx, TableDefinition::<u64, &[u8]>::new(&sn))? {
+                for item in t.range(from..)? {
+                    if n >= limit {
+                        break;
+                    }
+                    let (_, v) = item?;
+                    n += u64::from(Record::decode(v.value()).is_some_and(|r| keep(&r)));
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// The newest `recent` rows from sequence number `from` on that `keep` accepts, and up to
+    /// `replay_rows` older labeled rows (the replay sample first, then the store's older
+    /// labeled rows, those before `from` included), oldest first.
     ///
     /// # Errors
     /// A storage error.
@@ -389,6 +419,7 @@ impl Store {
         &self,
         pipeline: &str,
         recent: usize,
+        from: u64,
         keep: impl Fn(&Record) -> bool,
     ) -> Result<TrainingRows, StoreError> {
         let cap = self.settings.replay_rows as usize;
@@ -401,9 +432,9 @@ impl Store {
             let sn = samples_table(pipeline);
             if let Some(t) = read_table(&tx, TableDefinition::<u64, &[u8]>::new(&sn))? {
                 for item in t.iter()?.rev() {
-                    let (_, v) = item?;
+                    let (seq, v) = item?;
                     let Some(r) = Record::decode(v.value()) else { continue };
-                    if newest.len() < recent {
+                    if newest.len() < recent && seq.value() >= from {
                         if keep(&r) {
                             newest.push(r);
                         }
@@ -535,10 +566,17 @@ mod tests {
         assert_eq!(a[0].evicted, 20);
         let st = store.stats("p").unwrap();
         assert_eq!((st.rows, st.replay_rows), (50, 10));
-        let rows = store.training_rows("p", 5, |_| true).unwrap();
+        let rows = store.training_rows("p", 5, 0, |_| true).unwrap();
         assert_eq!(rows.recent.len(), 5);
         assert_eq!(rows.recent.last().unwrap().key, "69", "newest last");
         assert!(rows.older.iter().all(|r| r.label.is_some()) && rows.older.len() == 10);
+        // A drift regime from sample 60: only its rows are recent; those before it are older.
+        let regime = store.training_rows("p", 100, 60, |_| true).unwrap();
+        let keys: Vec<&str> = regime.recent.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["60", "61", "62", "63", "64", "65", "66", "67", "68", "69"]);
+        assert_eq!(store.count_since("p", 60, 100, |_| true).unwrap(), 10);
+        assert_eq!(store.count_since("p", 0, 7, |_| true).unwrap(), 7, "counted up to the limit");
+        assert_eq!(store.count_since("p", 60, 100, |r| r.label.is_some()).unwrap(), 0, "none of them labeled");
         let newest: Vec<String> = store.newest("p", 3, |r| r.key != "69").unwrap().into_iter().map(|r| r.key).collect();
         assert_eq!(newest, ["66", "67", "68"], "the newest that pass the filter, oldest first");
         // Reopening (as after a crash) keeps everything committed.

@@ -58,8 +58,9 @@ const TICK: Duration = Duration::from_millis(500);
 /// (CI streamed a whole test's rows in that tick and the run waited for rows never sent).
 pub enum LoopMessage {
     /// A drift alarm on `series` (of the model version serving) of `pipeline` was raised, or
-    /// (`raised` false) has ended.
-    Drift { pipeline: String, series: (u64, String), reason: String, raised: bool },
+    /// (`raised` false) has ended; the change is estimated to have begun `since_change` rows
+    /// before it.
+    Drift { pipeline: String, series: (u64, String), reason: String, since_change: u64, raised: bool },
     /// A `lathe/{node}/cmd/{action}` message.
     Command { action: String, payload: Vec<u8> },
     /// A pushed bundle that passed every check (`update::device`): promote it onto trial.
@@ -84,6 +85,8 @@ enum Stage {
     Training {
         done: oneshot::Receiver<Result<Outcome, String>>,
         reason: String,
+        /// A drift run on the regime's rows: a refusal makes the next one wait for more.
+        regime: bool,
         before: Snapshot,
     },
     Shadow {
@@ -110,14 +113,15 @@ enum Stage {
 struct State {
     p: LoopPipeline,
     stage: Stage,
-    /// A trigger fired and waits for the hours window, the cooldown, or (drift) enough new
-    /// rows: the reason, and the count of usable rows when it fired.
-    wanted: Option<(String, u64)>,
-    /// Drift alarms raised and not yet ended, by model version and series. A run wanted for
-    /// drift is dropped when the last one ends before enough new rows arrived: training then
-    /// would learn the old regime (measured in the demo: a multivariate alarm 0.5 % over its
-    /// threshold that ended 130 ms later started a run on pre-fault rows, whose cooldown then
-    /// hid the real fault).
+    /// A run that found the one training slot taken (another pipeline trains): its reason.
+    wanted: Option<String>,
+    /// The new regime after a drift alarm: drift runs train on its rows only (`trigger`).
+    regime: Option<trigger::Regime>,
+    /// Drift alarms raised and not yet ended, by model version and series. A regime is
+    /// dropped when the last one ends before its first run: training then would learn the
+    /// old regime (measured in the demo: a multivariate alarm 0.5 % over its threshold that
+    /// ended 130 ms later started a run on pre-fault rows, whose cooldown then hid the real
+    /// fault).
     alarms: std::collections::BTreeSet<(u64, String)>,
     /// Not before this (a skipped run waits a minute before trying again).
     retry_at: Option<Instant>,
@@ -152,6 +156,7 @@ pub fn run(
             p,
             stage: Stage::Idle,
             wanted: None,
+            regime: None,
             alarms: Default::default(),
             retry_at: None,
             rebase: None,
@@ -172,9 +177,10 @@ pub fn run(
         let message = messages.recv_timeout(next_tick.saturating_duration_since(Instant::now()));
         let busy = heartbeat.busy();
         match message {
-            Ok(LoopMessage::Drift { pipeline, series, reason, raised }) => {
+            Ok(LoopMessage::Drift { pipeline, series, reason, since_change, raised }) => {
                 if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
-                    trigger::drift(s, series, reason, raised, &store, &events);
+                    let alarm = trigger::Alarm { series, reason, since_change, raised };
+                    trigger::drift(s, alarm, &store, &events);
                 }
             }
             Ok(LoopMessage::Command { action, payload }) => {
@@ -241,7 +247,7 @@ fn command(
                 // Debug builds only (the tests): `"__lathe_debug_panic": true` makes the run
                 // panic, to show a panic fails that run and not every later one.
                 let panic = cfg!(debug_assertions) && text.contains("\"__lathe_debug_panic\":true");
-                training::start(s, if panic { DEBUG_PANIC } else { "command" }, config, store, events)
+                training::start(s, if panic { DEBUG_PANIC } else { "command" }, None, config, store, events)
             }
             "train" => emit(events, &s.p, "train.skipped", "a run or trial is already in progress".into(), json!({})),
             "rollback" => {
@@ -280,21 +286,26 @@ fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry,
     rebase::rebase(s, store, registry, events);
     match &mut s.stage {
         Stage::Idle => {
-            if let Some(reason) = trigger::due(s, store) {
-                training::start(s, &reason, config, store, events);
+            if let Some(due) = trigger::due(s, store) {
+                training::start(s, &due.reason, due.from, config, store, events);
             }
         }
         Stage::Training { done, .. } => match done.try_recv() {
             Err(oneshot::error::TryRecvError::Empty) => {}
             Err(oneshot::error::TryRecvError::Closed) => {
-                s.stage = Stage::Idle;
-                emit(events, &s.p, "train.failed", "the training thread ended without a result".into(), json!({}));
-            }
-            Ok(result) => {
-                let Stage::Training { reason, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle) else {
+                let result = Err("the training thread ended without a result".to_string());
+                let Stage::Training { reason, regime, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle)
+                else {
                     return;
                 };
-                training::finished(s, result, &reason, before, config, store, registry, events);
+                training::finished(s, result, (&reason, regime), before, config, store, registry, events);
+            }
+            Ok(result) => {
+                let Stage::Training { reason, regime, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle)
+                else {
+                    return;
+                };
+                training::finished(s, result, (&reason, regime), before, config, store, registry, events);
             }
         },
         Stage::Shadow { until, .. } => {

@@ -94,7 +94,8 @@ pub(super) fn rebase(s: &mut State, store: &Store, registry: &Registry, events: 
         events.emit(Event::Drift { pipeline: pipeline.clone(), model: model.clone(), version: v, alarm });
     }
     s.alarms.retain(|(version, _)| *version != v);
-    if let Some((why, _)) = s.wanted.take_if(|(why, _)| why.starts_with("drift")) {
+    if let Some(regime) = s.regime.take() {
+        let why = regime.reason;
         let message = format!("{why}: the drift reference of v{v} was re-based on the rows it served; not fine-tuning");
         emit(events, &s.p, "train.skipped", message, json!({"reason": why}));
     }
@@ -173,12 +174,17 @@ mod tests {
         }
         assert!(alarms.iter().any(|a| a.series == "f1" && a.raised), "{alarms:?}");
         s.alarms.insert((1, "f1".into()));
-        s.wanted = Some(("drift on f1 (ks)".into(), 0));
+        s.regime = Some(crate::service::closed_loop::trigger::Regime {
+            reason: "drift on f1 (ks)".into(),
+            from: 0,
+            need: 50,
+            runs: 0,
+        });
         let from = store.stats("p").unwrap().stored_total;
         s.rebase = Some(Rebase { version: 1, from });
         store_rows(1000, &faulty[..400]);
         rebase(&mut s, &store, &registry, &events);
-        assert!(s.rebase.is_none() && s.alarms.is_empty() && s.wanted.is_none(), "the episode and its run are over");
+        assert!(s.rebase.is_none() && s.alarms.is_empty() && s.regime.is_none(), "the episode and its run are over");
         let m = monitor.lock().unwrap();
         assert_eq!((m.reference_rows(), source(&m)), (400, "400 rows v1 served (keys 1000 to 1399)".to_string()));
         assert!(m.state().iter().all(|x| !x.alarm));

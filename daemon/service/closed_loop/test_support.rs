@@ -55,7 +55,18 @@ pub(super) fn state_for(
         performance: None,
         device_key: None,
     };
-    (State { p: lp, stage: Stage::Idle, wanted: None, alarms: Default::default(), retry_at: None, rebase: None }, store)
+    (
+        State {
+            p: lp,
+            stage: Stage::Idle,
+            wanted: None,
+            regime: None,
+            alarms: Default::default(),
+            retry_at: None,
+            rebase: None,
+        },
+        store,
+    )
 }
 
 /// A row v1 served to device "d" under key `i` (features all 50), and its label.

@@ -18,8 +18,16 @@ use crate::service::events::Events;
 use crate::store::{Record, Store};
 use crate::train::{self, data::Dataset, Outcome, Replay};
 
-/// Gathers the rows and starts the run on its own thread.
-pub(super) fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<Store>, events: &Events) {
+/// Gathers the rows and starts the run on its own thread: the newest `rows`, or (a drift run,
+/// `from`) the newest of those stored from sample `from` on, the new regime.
+pub(super) fn start(
+    s: &mut State,
+    reason: &str,
+    from: Option<u64>,
+    config: &Config,
+    store: &Arc<Store>,
+    events: &Events,
+) {
     let p = &s.p;
     let name = p.config.name.clone();
     let champion = match Registry::new(&config.state_dir)
@@ -46,7 +54,9 @@ pub(super) fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<St
         return;
     }
     if TRAINING.swap(true, Relaxed) {
-        s.wanted = Some((reason.to_string(), 0));
+        if from.is_none() {
+            s.wanted = Some(reason.to_string()); // a drift run is wanted by its regime still
+        }
         s.retry_at = Some(Instant::now() + Duration::from_secs(5));
         return;
     }
@@ -79,10 +89,12 @@ pub(super) fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<St
             if data_name.ends_with(&format!("({})", super::DEBUG_PANIC)) {
                 panic!("{} asked for by the command", super::DEBUG_PANIC);
             }
-            read_rows(&store_for_run, &name_for_run, &champion, rows_wanted, min_rows).and_then(|rows| {
-                let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
-                train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
-            })
+            read_rows(&store_for_run, &name_for_run, &champion, (rows_wanted, from.unwrap_or(0)), min_rows).and_then(
+                |rows| {
+                    let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
+                    train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
+                },
+            )
         });
         let result = std::panic::catch_unwind(run)
             .unwrap_or_else(|p| Err(format!("the training run panicked: {}", crate::panic_message(p))));
@@ -105,7 +117,8 @@ pub(super) fn start(s: &mut State, reason: &str, config: &Config, store: &Arc<St
         format!("Fine-tuning {} ({}): {reason}", p.model.load().name, train::resolved_backend(&p.train.backend)),
         json!({"reason": reason, "backend": train::resolved_backend(&p.train.backend)}),
     );
-    s.stage = Stage::Training { done: rx, reason: reason.to_string(), before: Snapshot::take(&p.counters) };
+    let (reason, regime) = (reason.to_string(), from.is_some());
+    s.stage = Stage::Training { done: rx, reason, regime, before: Snapshot::take(&p.counters) };
 }
 
 /// Scheduling is per thread on Linux: SCHED_IDLE runs this one only on CPU time inference
@@ -120,18 +133,19 @@ fn lower_priority() {
     }
 }
 
-/// The run's rows from the store: the newest labeled ones (reconstruction: those the serving
-/// model judged normal), and the older labeled ones for the gate's replay check.
+/// The run's rows from the store: the newest `rows` labeled ones from sample `from` on
+/// (reconstruction: those the serving model judged normal), and the older labeled ones for
+/// the gate's replay check.
 fn read_rows(
     store: &Store,
     pipeline: &str,
     champion: &Bundle,
-    rows: usize,
+    (rows, from): (usize, u64),
     min_rows: usize,
 ) -> Result<crate::store::TrainingRows, String> {
     let (task, threshold) = (champion.manifest.task, champion.manifest.baseline.threshold);
     let rows = store
-        .training_rows(pipeline, rows, |r: &Record| match task {
+        .training_rows(pipeline, rows, from, |r: &Record| match task {
             Task::Reconstruction => threshold.is_none_or(|t| f64::from(r.score) < t),
             _ => r.label.is_some(),
         })
@@ -221,21 +235,30 @@ fn train_on_rows(
 pub(super) fn finished(
     s: &mut State,
     result: Result<Outcome, String>,
-    reason: &str,
+    (reason, regime): (&str, bool),
     before: Snapshot,
     config: &Config,
     store: &Store,
     registry: &Registry,
     events: &Events,
 ) {
-    let p = &s.p;
+    // A drift run that made no better model: the next waits for more rows of the regime.
+    let not_accepted = |s: &mut State| {
+        let next = if regime { super::trigger::regime_refused(s) } else { None };
+        next.map(|n| format!("; {n}")).unwrap_or_default()
+    };
     let mut outcome = match result {
         Ok(o) => o,
         Err(e) => {
-            emit(events, p, "train.failed", format!("Fine-tune failed: {e}"), json!({"reason": reason}));
+            let next = not_accepted(s);
+            emit(events, &s.p, "train.failed", format!("Fine-tune failed: {e}{next}"), json!({"reason": reason}));
             return;
         }
     };
+    if regime && outcome.challenger.is_some() {
+        s.regime = None; // learned
+    }
+    let p = &s.p;
     // Number the challenger past every version the registry has (one may have been rolled back).
     if let Some(b) = outcome.challenger.take() {
         let next = registry.versions(&b.manifest.name).unwrap_or_default().into_iter().max().unwrap_or(0) + 1;
@@ -255,11 +278,12 @@ pub(super) fn finished(
     }
     let gate = outcome.record.gate.as_ref();
     let Some(mut challenger) = outcome.challenger else {
+        let next = not_accepted(s);
         emit(
             events,
-            p,
+            &s.p,
             "train.refused",
-            format!("Challenger refused, champion unchanged: {}", outcome.record.outcome),
+            format!("Challenger refused, champion unchanged: {}{next}", outcome.record.outcome),
             json!({"reason": reason, "run": record}),
         );
         return;

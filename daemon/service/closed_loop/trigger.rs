@@ -10,40 +10,106 @@ use crate::service::events::Events;
 use crate::store::Store;
 use std::time::Instant;
 
-/// A drift alarm raised or ended: a run is wanted once `min_rows` new rows have arrived, as
-/// long as some alarm is still raised then.
-pub(super) fn drift(
-    s: &mut State,
-    series: (u64, String),
-    reason: String,
-    raised: bool,
-    store: &Store,
-    events: &Events,
-) {
+/// A drift alarm raised or ended, as the loop hears of it.
+pub struct Alarm {
+    /// The model version whose monitor raised it, and the series.
+    pub series: (u64, String),
+    pub reason: String,
+    /// Rows before the alarm where the change is estimated to have begun.
+    pub since_change: u64,
+    pub raised: bool,
+}
+
+/// The data after a drift alarm. A drift run trains, stops early and is judged on rows from
+/// `from` on only, with older rows kept for the gate's forgetting check: trained on the newest
+/// `rows` instead, a run soon after a change learns mostly the old regime, and its early-stopping
+/// slice can lie wholly before the change while its holdout lies after it (measured: 700 new
+/// rows of 5,000, best epoch 0, refused, and the next run a cooldown later).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Regime {
+    pub reason: String,
+    /// The store's sequence number of the first row of the new regime.
+    pub from: u64,
+    /// Usable rows from `from` on that the next run waits for: `min_rows`, doubled after each
+    /// refused run up to `rows`. Paced by these rows, a drift run does not wait for the cooldown.
+    pub need: u64,
+    /// Runs on this regime so far (all refused: an accepted one ends the regime).
+    pub runs: u32,
+}
+
+/// A drift alarm raised or ended. Raised with no regime open (and the loop idle), it opens one
+/// starting where the change is estimated to have begun; a regime whose alarms have all ended
+/// before its first run is dropped (it would train on whatever came before).
+pub(super) fn drift(s: &mut State, alarm: Alarm, store: &Store, events: &Events) {
     if !s.p.train.triggers.contains(&Trigger::Drift) {
         return;
     }
     // A version's monitor goes with it: alarms of a version no longer serving never end.
-    s.alarms.retain(|(version, _)| *version == series.0);
-    if raised {
-        s.alarms.insert(series);
-        if s.wanted.is_none() && matches!(s.stage, Stage::Idle) {
-            s.wanted = Some((reason, usable_rows(s, store)));
+    s.alarms.retain(|(version, _)| *version == alarm.series.0);
+    if alarm.raised {
+        s.alarms.insert(alarm.series);
+        if s.regime.is_none() && matches!(s.stage, Stage::Idle) {
+            let stored = store.stats(&s.p.config.name).map_or(0, |st| st.stored_total);
+            s.regime = Some(Regime {
+                reason: alarm.reason,
+                from: stored.saturating_sub(alarm.since_change),
+                need: s.p.train.min_rows as u64,
+                runs: 0,
+            });
         }
         return;
     }
-    s.alarms.remove(&series);
-    let Some((why, at)) = s.wanted.as_ref().filter(|(why, _)| why.starts_with("drift") && s.alarms.is_empty()) else {
+    s.alarms.remove(&alarm.series);
+    if !s.alarms.is_empty() {
         return;
-    };
-    let new = usable_rows(s, store).saturating_sub(*at);
-    if new >= s.p.train.min_rows as u64 {
-        return; // due already; waits only for a free slot or the hours window
     }
-    let message =
-        format!("{why} ended after {new} new rows, before min_rows = {}: not fine-tuning", s.p.train.min_rows);
-    emit(events, &s.p, "train.skipped", message, json!({"reason": why, "rows": new, "min_rows": s.p.train.min_rows}));
-    s.wanted = None;
+    let Some(regime) = s.regime.take() else { return };
+    let new = regime_rows(s, store, &regime);
+    let message = if regime.runs == 0 {
+        format!(
+            "{} ended after {new} rows of the new regime, before min_rows = {}: not fine-tuning",
+            regime.reason, s.p.train.min_rows
+        )
+    } else {
+        format!(
+            "{} ended after {} refused runs: the champion serves the new regime well enough",
+            regime.reason, regime.runs
+        )
+    };
+    emit(
+        events,
+        &s.p,
+        "train.skipped",
+        message,
+        json!({"reason": regime.reason, "rows": new, "min_rows": s.p.train.min_rows}),
+    );
+}
+
+/// Usable rows of `regime` in the store (counted up to `regime.need`).
+pub(super) fn regime_rows(s: &State, store: &Store, regime: &Regime) -> u64 {
+    let pipeline = &s.p.config.name;
+    let stored = store.stats(pipeline).map_or(0, |st| st.stored_total);
+    // Cheap first: the rows stored since bound the usable ones.
+    let bound = stored.saturating_sub(regime.from);
+    if bound < regime.need || s.p.model.load().reading.task == Task::Reconstruction {
+        return bound;
+    }
+    store.count_since(pipeline, regime.from, regime.need, |r| r.label.is_some()).unwrap_or(0)
+}
+
+/// A regime run was refused or failed: the next waits for twice the rows, until a run has had
+/// `rows` of them; after that the regime is as learned as this pipeline's settings allow, and
+/// the other triggers (and the cooldown) take over.
+pub(super) fn regime_refused(s: &mut State) -> Option<String> {
+    let rows = s.p.train.rows as u64;
+    let regime = s.regime.as_mut()?;
+    regime.runs += 1;
+    if regime.need >= rows {
+        s.regime = None;
+        return Some(format!("{rows} rows of the new regime made no better model: the champion stays"));
+    }
+    regime.need = (regime.need * 2).min(rows);
+    Some(format!("the next run waits for {} rows of the new regime", regime.need))
 }
 
 /// Rows the pipeline could train on, ever: labels joined (supervised) or samples stored
@@ -59,14 +125,42 @@ pub(super) fn usable_rows(s: &State, store: &Store) -> u64 {
 /// How far in the future a stored date may lie before the clock is taken to have gone back.
 const CLOCK_SLACK_S: u64 = 60;
 
-/// Why a run should start now, if it should.
-pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
+/// A run to start now: why, and (a drift run) where its new regime begins.
+#[derive(Debug, PartialEq)]
+pub(super) struct Due {
+    pub reason: String,
+    pub from: Option<u64>,
+}
+
+impl Due {
+    fn because(reason: String) -> Option<Due> {
+        Some(Due { reason, from: None })
+    }
+}
+
+/// Whether a run should start now, and why.
+pub(super) fn due(s: &mut State, store: &Store) -> Option<Due> {
     let t = &s.p.train;
     let now = Instant::now();
     if s.retry_at.is_some_and(|at| now < at) {
         return None;
     }
     let wall = now_s();
+    if t.hours.is_some_and(|h| !h.contains(wall)) {
+        return None;
+    }
+    if let Some(reason) = s.wanted.take() {
+        return Due::because(reason); // it was due, and waited only for the training slot
+    }
+    // A drift regime decides alone while it is open: its rows pace it, not the cooldown.
+    if let Some(regime) = &s.regime {
+        let new = regime_rows(s, store, regime);
+        if new < regime.need {
+            return None;
+        }
+        let reason = format!("{}; {new} rows since the change (from sample {})", regime.reason, regime.from);
+        return Some(Due { reason, from: Some(regime.from) });
+    }
     let mut last = store.meta(&s.p.config.name, "last_train_s").unwrap_or(0);
     if last > wall + CLOCK_SLACK_S {
         // The wall clock went back since the last run (an RTC that ran fast, put right by
@@ -80,31 +174,19 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<String> {
         let _ = store.set_meta(&s.p.config.name, "last_train_s", wall);
         last = wall;
     }
-    let in_cooldown = last > 0 && wall.saturating_sub(last) < t.cooldown.as_secs();
-    if in_cooldown || t.hours.is_some_and(|h| !h.contains(wall)) {
-        return None;
-    }
-    // After a drift alarm the loop waits for `min_rows` new rows, so it trains on the new
-    // regime rather than on what came before the change.
-    if let Some((reason, at)) = &s.wanted {
-        let new = usable_rows(s, store).saturating_sub(*at);
-        if new >= t.min_rows as u64 {
-            let reason = format!("{reason}; {new} new rows since");
-            s.wanted = None;
-            return Some(reason);
-        }
+    if last > 0 && wall.saturating_sub(last) < t.cooldown.as_secs() {
         return None;
     }
     for trigger in &t.triggers {
         match trigger {
             Trigger::Every(d) if wall.saturating_sub(last) >= d.as_secs() => {
-                return Some(format!("schedule (every {} s)", d.as_secs()))
+                return Due::because(format!("schedule (every {} s)", d.as_secs()))
             }
             Trigger::Labels(n) => {
                 let labeled = store.stats(&s.p.config.name).map_or(0, |st| st.labeled_total);
                 let at_last = store.meta(&s.p.config.name, "labeled_at_train").unwrap_or(0);
                 if labeled.saturating_sub(at_last) >= *n {
-                    return Some(format!("{} new labeled samples", labeled - at_last));
+                    return Due::because(format!("{} new labeled samples", labeled - at_last));
                 }
             }
             _ => {}
@@ -122,7 +204,7 @@ mod tests {
     #[test]
     fn the_schedule_waits_for_its_period_and_the_cooldown() {
         let (mut s, store) = state("every", "trigger = [\"every 2h\"]\ncooldown = \"1h\"\n");
-        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("schedule")), "never trained: due now");
+        assert!(due(&mut s, &store).is_some_and(|d| d.reason.starts_with("schedule")), "never trained: due now");
         store.set_meta("p", "last_train_s", now_s() - 1_800).unwrap();
         assert_eq!(due(&mut s, &store), None, "30 min ago: in the cooldown");
         store.set_meta("p", "last_train_s", now_s() - 5_400).unwrap();
@@ -145,7 +227,7 @@ mod tests {
         let last = store.meta("p", "last_train_s").unwrap();
         assert!(last <= now_s(), "the last run is dated now, not {} s ahead", last.saturating_sub(now_s()));
         store.set_meta("p", "last_train_s", last - 7_300).unwrap();
-        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("schedule")), "two hours on it is due");
+        assert!(due(&mut s, &store).is_some_and(|d| d.reason.starts_with("schedule")), "two hours on it is due");
     }
 
     #[test]
@@ -154,42 +236,87 @@ mod tests {
         store.apply(&[("p", &[sample(1), sample(2), sample(3), label(1), label(2)])], now_s() * 1000).unwrap();
         assert_eq!(due(&mut s, &store), None, "2 labels");
         store.apply(&[("p", &[label(3)])], now_s() * 1000).unwrap();
-        assert_eq!(due(&mut s, &store).as_deref(), Some("3 new labeled samples"));
+        assert_eq!(due(&mut s, &store).map(|d| d.reason).as_deref(), Some("3 new labeled samples"));
         store.set_meta("p", "labeled_at_train", 3).unwrap();
         assert_eq!(due(&mut s, &store), None, "none new since the last run");
     }
 
-    /// A drift alarm that ends before `min_rows` new rows arrived wants no run (it would train
-    /// on the regime before the alarm); one still raised when they are in starts it, and an
-    /// alarm left by a version no longer serving does not keep the wait alive.
+    fn alarm(series: (u64, &str), since_change: u64, raised: bool) -> Alarm {
+        let reason = format!("drift on {} (ks)", series.1);
+        Alarm { series: (series.0, series.1.into()), reason, since_change, raised }
+    }
+
+    /// Rows `from..from + n` served and labeled.
+    fn labeled(store: &Store, from: u64, n: u64) {
+        let writes: Vec<_> = (from..from + n).flat_map(|i| [sample(i), label(i)]).collect();
+        store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
+    }
+
+    /// A drift alarm that ends before `min_rows` rows of the new regime arrived wants no run
+    /// (it would train on the regime before the alarm); one still raised when they are in
+    /// starts it, and an alarm left by a version no longer serving does not keep the wait alive.
     #[test]
     fn a_drift_alarm_that_ends_before_enough_new_rows_starts_no_run() {
         let (mut s, store) = state("drift-ends", "trigger = [\"drift\"]\nmin_rows = 50\ncooldown = \"0s\"\n");
         let (events, _reporter) = events();
-        let labeled = |from: u64| {
-            let writes: Vec<_> = (from..from + 50).flat_map(|i| [sample(i), label(i)]).collect();
-            store.apply(&[("p", &writes)], now_s() * 1000).unwrap();
-        };
-        let alarm = |s: &mut State, version: u64, series: &str, raised: bool| {
-            drift(s, (version, series.into()), format!("drift on {series} (ks)"), raised, &store, &events)
-        };
         // Raised and ended at once (a flicker at the threshold): nothing is wanted any more.
-        alarm(&mut s, 1, "multivariate", true);
-        assert!(s.wanted.is_some());
-        alarm(&mut s, 1, "multivariate", false);
-        assert!(s.wanted.is_none(), "the alarm ended before any new row");
-        labeled(0);
+        drift(&mut s, alarm((1, "multivariate"), 0, true), &store, &events);
+        assert!(s.regime.is_some());
+        drift(&mut s, alarm((1, "multivariate"), 0, false), &store, &events);
+        assert!(s.regime.is_none(), "the alarm ended before any new row");
+        labeled(&store, 0, 50);
         assert_eq!(due(&mut s, &store), None);
         // Two alarms; one ends, the other holds: the run starts once the rows are in.
-        alarm(&mut s, 1, "f1", true);
-        alarm(&mut s, 1, "prediction", true);
-        alarm(&mut s, 1, "prediction", false);
+        drift(&mut s, alarm((1, "f1"), 0, true), &store, &events);
+        drift(&mut s, alarm((1, "prediction"), 0, true), &store, &events);
+        drift(&mut s, alarm((1, "prediction"), 0, false), &store, &events);
         assert_eq!(due(&mut s, &store), None, "no new rows yet");
-        labeled(100);
-        assert!(due(&mut s, &store).is_some_and(|r| r.starts_with("drift on f1")));
+        labeled(&store, 100, 50);
+        let d = due(&mut s, &store).unwrap();
+        assert!(d.reason.starts_with("drift on f1") && d.from == Some(50), "{d:?}");
         // v1's f1 alarm never ends (v2 serves now); v2's own alarm ending drops the wait.
-        alarm(&mut s, 2, "f3", true);
-        alarm(&mut s, 2, "f3", false);
-        assert!(s.wanted.is_none());
+        s.regime = None;
+        drift(&mut s, alarm((2, "f3"), 0, true), &store, &events);
+        drift(&mut s, alarm((2, "f3"), 0, false), &store, &events);
+        assert!(s.regime.is_none());
+    }
+
+    /// A drift run trains on the rows from the estimated change on, and is paced by them:
+    /// not by the cooldown, and after a refusal the next run comes at twice the rows, up to
+    /// `rows`, after which the regime is closed and the other triggers take over.
+    #[test]
+    fn a_drift_regime_starts_at_the_change_and_a_refusal_waits_for_twice_the_rows() {
+        let train = "trigger = [\"drift\", \"labels 100000\"]\nmin_rows = 100\nrows = 300\ncooldown = \"1h\"\n";
+        let (mut s, store) = state("regime", train);
+        let (events, _reporter) = events();
+        labeled(&store, 0, 1000);
+        store.set_meta("p", "last_train_s", now_s() - 10).unwrap(); // in the cooldown
+                                                                    // The alarm estimates the change began 60 rows back: sample 940.
+        drift(&mut s, alarm((1, "f1"), 60, true), &store, &events);
+        assert_eq!(s.regime.as_ref().map(|r| (r.from, r.need)), Some((940, 100)));
+        assert_eq!(due(&mut s, &store), None, "60 rows of the new regime, 100 needed");
+        // Stored but not yet labeled rows do not count.
+        let unlabeled: Vec<_> = (1000..1040).map(sample).collect();
+        store.apply(&[("p", &unlabeled)], now_s() * 1000).unwrap();
+        assert_eq!(due(&mut s, &store), None, "40 of them have no label yet");
+        let labels: Vec<_> = (1000..1040).map(label).collect();
+        store.apply(&[("p", &labels)], now_s() * 1000).unwrap();
+        let d = due(&mut s, &store).expect("due at 100 rows, cooldown or not");
+        assert_eq!(d.from, Some(940));
+        assert!(d.reason.contains("100 rows since the change (from sample 940)"), "{}", d.reason);
+        // Refused: the next run waits for 200 rows, then 300 (= rows); refused at 300, closed.
+        assert_eq!(regime_refused(&mut s).as_deref(), Some("the next run waits for 200 rows of the new regime"));
+        assert_eq!(due(&mut s, &store), None);
+        labeled(&store, 1040, 100);
+        assert_eq!(due(&mut s, &store).and_then(|d| d.from), Some(940));
+        assert!(regime_refused(&mut s).is_some_and(|m| m.contains("300 rows")));
+        labeled(&store, 1140, 100);
+        assert!(due(&mut s, &store).is_some());
+        assert_eq!(
+            regime_refused(&mut s).as_deref(),
+            Some("300 rows of the new regime made no better model: the champion stays")
+        );
+        assert!(s.regime.is_none());
+        assert_eq!(due(&mut s, &store), None, "back to the triggers, and in the cooldown");
     }
 }
