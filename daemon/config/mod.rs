@@ -1048,6 +1048,9 @@ batch = { max = 32 }
             vec![Trigger::Drift, Trigger::Every(std::time::Duration::from_secs(21_600)), Trigger::Labels(500)]
         );
         assert_eq!(t.hours, Some(Hours { from: 22 * 60, to: 4 * 60, local: false }));
+        // An empty section: every setting at its default, the drift trigger among them.
+        let defaults = parse(&format!("{GOOD}[pipeline.train]\n")).unwrap();
+        assert_eq!(defaults.pipelines[0].train.as_ref().unwrap().triggers, vec![Trigger::Drift]);
         let local = parse(&text.replace("22:00-04:00", "01:30-05:00 local")).unwrap();
         let hours = local.pipelines[0].train.as_ref().unwrap().hours;
         assert_eq!(hours, Some(Hours { from: 90, to: 300, local: true }));

@@ -59,6 +59,9 @@ pub fn utc_offset_s(unix_s: u64) -> i64 {
     }
 }
 
+/// `trigger` when the section does not set it.
+pub const DEFAULT_TRIGGERS: &[&str] = &["drift"];
+
 /// `[pipeline.train]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
@@ -179,7 +182,14 @@ pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
     }
     let mut t = s.section("train", false)?;
     let mut triggers = Vec::new();
-    for (i, spec) in t.strings("trigger").unwrap_or_else(|| vec!["drift".into()]).iter().enumerate() {
+    // Absent, the default; present, what it says (`[]`: only the command topic starts runs).
+    // (`strings` reads an absent key as empty: the default never took effect before.)
+    let specs = if t.has("trigger") {
+        t.strings("trigger").unwrap_or_default()
+    } else {
+        DEFAULT_TRIGGERS.iter().map(|t| t.to_string()).collect()
+    };
+    for (i, spec) in specs.iter().enumerate() {
         let words: Vec<&str> = spec.split_whitespace().collect();
         let trigger = match words.as_slice() {
             ["drift"] => Some(Trigger::Drift),
