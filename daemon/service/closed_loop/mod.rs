@@ -130,6 +130,21 @@ struct State {
     rebase: Option<Rebase>,
 }
 
+impl State {
+    /// A pipeline's loop, idle, before anything happened.
+    fn new(p: LoopPipeline) -> State {
+        State {
+            p,
+            stage: Stage::Idle,
+            wanted: None,
+            regime: None,
+            alarms: Default::default(),
+            retry_at: None,
+            rebase: None,
+        }
+    }
+}
+
 /// The version, and the store's sample count when it was promoted (its rows are counted
 /// from there). Kept in the store's meta, so a restart does not forget it.
 #[derive(Clone, Copy)]
@@ -150,18 +165,7 @@ pub fn run(
     stop: watch::Receiver<bool>,
 ) {
     let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
-    let mut states: Vec<State> = pipelines
-        .into_iter()
-        .map(|p| State {
-            p,
-            stage: Stage::Idle,
-            wanted: None,
-            regime: None,
-            alarms: Default::default(),
-            retry_at: None,
-            rebase: None,
-        })
-        .collect();
+    let mut states: Vec<State> = pipelines.into_iter().map(State::new).collect();
     for s in &mut states {
         trial::resume_trial(s, &store, &registry);
         let version = store.meta(&s.p.config.name, "rebase_version").unwrap_or(0);
@@ -290,24 +294,19 @@ fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry,
                 training::start(s, &due.reason, due.from, config, store, events);
             }
         }
-        Stage::Training { done, .. } => match done.try_recv() {
-            Err(oneshot::error::TryRecvError::Empty) => {}
-            Err(oneshot::error::TryRecvError::Closed) => {
-                let result = Err("the training thread ended without a result".to_string());
-                let Stage::Training { reason, regime, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle)
-                else {
-                    return;
-                };
-                training::finished(s, result, (&reason, regime), before, config, store, registry, events);
-            }
-            Ok(result) => {
-                let Stage::Training { reason, regime, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle)
-                else {
-                    return;
-                };
-                training::finished(s, result, (&reason, regime), before, config, store, registry, events);
-            }
-        },
+        Stage::Training { done, .. } => {
+            let result = match done.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Err("the training thread ended without a result".to_string())
+                }
+                Ok(result) => result,
+            };
+            let Stage::Training { reason, regime, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle) else {
+                return;
+            };
+            training::finished(s, result, (&reason, regime), before, config, store, registry, events);
+        }
         Stage::Shadow { until, .. } => {
             let paired = s.p.performance.as_ref().and_then(|p| p.lock().ok().and_then(|p| p.paired));
             let labels = paired.map_or(0, |p| p.labels);

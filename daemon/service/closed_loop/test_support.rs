@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::now_s;
-use super::{LoopPipeline, Stage, State};
+use super::{LoopPipeline, State};
 use crate::config::Config;
 use crate::infer::ActiveModel;
 use crate::model::Bundle;
@@ -55,18 +55,7 @@ pub(super) fn state_for(
         performance: None,
         device_key: None,
     };
-    (
-        State {
-            p: lp,
-            stage: Stage::Idle,
-            wanted: None,
-            regime: None,
-            alarms: Default::default(),
-            retry_at: None,
-            rebase: None,
-        },
-        store,
-    )
+    (State::new(lp), store)
 }
 
 /// A row v1 served to device "d" under key `i` (features all 50), and its label.
