@@ -12,8 +12,9 @@ Scenarios (the change at row 0 of "after"):
   offset    sensor f1 reads 20 high from the change on, and stays so (a miscalibrated
             replacement; rows pushed past f1's range are left out, as ingest would reject them)
   gradual   f1's offset grows from 0 to 20 over 3,000 rows, then stays
-  harmless  the plant runs at another operating point (only rows with f1 in its lowest third):
-            the features drift, the concept does not; it should alarm and promote nothing
+  harmless  the plant runs at another operating point (only rows with f1 in its highest third,
+            where most anomalies are, shuffled; the 3,665 of them come up to twice): the
+            features drift, the concept does not; it should alarm and promote nothing
   noise     30 % of the labels are flipped from the change on, the features unchanged: the
             loss alarm fires; a model trained on those labels must not be promoted
 
@@ -67,9 +68,10 @@ def scenario_rows(name):
             if x[0] + d <= F1_MAX:
                 after.append(([x[0] + d] + x[1:], y, y))
     elif name == "harmless":
-        cut = sorted(x[0] for x, _ in pool)[len(pool) // 3]
-        low = [(x, y) for x, y in pool if x[0] <= cut]
-        after = [(x, y, y) for x, y in (low[i % len(low)] for i in range(AFTER))]
+        cut = sorted(x[0] for x, _ in pool)[2 * len(pool) // 3]
+        high = [(x, y) for x, y in pool if x[0] > cut]  # 3,665 rows, so some come twice
+        rng.shuffle(high)
+        after = [(x, y, y) for x, y in (high[i % len(high)] for i in range(AFTER))]
     elif name == "noise":
         after = [(x, y, 1 - y if rng.random() < 0.3 else y) for x, y in rest]
     else:
@@ -218,11 +220,21 @@ def run_lathe(name, rows, port):
             elif keys and f1([(served[k][0], rows[k][1]) for k in keys]) < f1([(static[k], rows[k][1]) for k in keys]):
                 false += 1
         first = min((k for k, (c, v) in served.items() if k >= change and v > 1), default=None)
+        last_part = {}
+        for k, (c, v) in served.items():
+            if k >= len(rows) - LAST:
+                last_part.setdefault(v, []).append(k)
+        last_by_version = {
+            f"v{v}": {"rows": len(keys), "f1": round(f1([(served[k][0], rows[k][1]) for k in keys]), 4),
+                      "static f1": round(f1([(static[k], rows[k][1]) for k in keys]), 4)}
+            for v, keys in sorted(last_part.items())
+        }
         lathe.update(
             {
                 "rows_to_promotion": None if first is None else first - change,
                 "promotions": len(promoted),
                 "false_promotions": false,
+                "last_by_version": last_by_version,
                 "runs": [
                     {"event": e["event"], "reason": e.get("reason") or e.get("detail", {}).get("reason"),
                      "message": e.get("message", "")[:160]}
@@ -250,6 +262,7 @@ try:
         results[name] = {"lathe": lathe, "static model": static, **learners}
         for e in lathe["runs"]:
             print(f"  {e['event']}: {e['message']}", file=sys.stderr)
+        print(f"  last {LAST:,} rows by version: {lathe['last_by_version']}", file=sys.stderr)
         print(json.dumps({"scenario": name, **{k: {m: v for m, v in r.items() if m != "runs"} for k, r in results[name].items()}}))
 finally:
     broker.terminate()

@@ -38,7 +38,7 @@ use crate::model::{Bundle, Registry};
 use crate::monitor::performance::Performance;
 use crate::store::Store;
 use crate::train::Outcome;
-use trial::Snapshot;
+use trial::{Snapshot, Trial};
 
 /// One training at a time in the whole process (a reload starts a new loop; a run from the
 /// old one may still be finishing).
@@ -85,8 +85,11 @@ enum Stage {
     Training {
         done: oneshot::Receiver<Result<Outcome, String>>,
         reason: String,
-        /// A drift run on the regime's rows: a refusal makes the next one wait for more.
+        /// A drift run on the regime's rows: the next one waits for more of them.
         regime: bool,
+        /// The champion's version it fine-tunes: rolled back or replaced meanwhile, the result
+        /// is dropped (it would undo the rollback).
+        parent: u64,
         before: Snapshot,
     },
     Shadow {
@@ -95,24 +98,15 @@ enum Stage {
         until: Instant,
         before: Snapshot,
     },
-    Trial {
-        version: u64,
-        previous: u64,
-        until: Instant,
-        record: Value,
-        /// The champion's window (trigger → promotion) and the trial's start.
-        reference: (Snapshot, Snapshot),
-        /// Taken once the warm-up is over.
-        start: Option<Snapshot>,
-        promoted: Instant,
-        /// The per-sample loss the gate measured for this version on the fresh holdout.
-        gate_loss: f64,
-    },
 }
 
 struct State {
     p: LoopPipeline,
     stage: Stage,
+    /// A promoted version being watched on live traffic. Beside the stage, not one of its
+    /// steps: a drift regime that goes on changing (a gradual drift) trains again while the
+    /// version it made is on trial, rather than waiting out the trial on a model falling behind.
+    trial: Option<Trial>,
     /// A run that found the one training slot taken (another pipeline trains): its reason.
     wanted: Option<String>,
     /// The new regime after a drift alarm: drift runs train on its rows only (`trigger`).
@@ -136,6 +130,7 @@ impl State {
         State {
             p,
             stage: Stage::Idle,
+            trial: None,
             wanted: None,
             regime: None,
             alarms: Default::default(),
@@ -247,7 +242,7 @@ fn command(
                 "this pipeline has no [pipeline.train]".into(),
                 json!({"command": "train"}),
             ),
-            "train" if matches!(s.stage, Stage::Idle) => {
+            "train" if matches!(s.stage, Stage::Idle) && s.trial.is_none() => {
                 // Debug builds only (the tests): `"__lathe_debug_panic": true` makes the run
                 // panic, to show a panic fails that run and not every later one.
                 let panic = cfg!(debug_assertions) && text.contains("\"__lathe_debug_panic\":true");
@@ -259,6 +254,7 @@ fn command(
                 match registry.rollback(&name) {
                     Ok((from, to)) => {
                         s.stage = Stage::Idle;
+                        s.trial = None;
                         trial::clear_trial(store, &s.p.config.name);
                         emit(
                             events,
@@ -288,6 +284,9 @@ fn emit(events: &Events, p: &LoopPipeline, step: &'static str, message: String, 
 
 fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry, events: &Events) {
     rebase::rebase(s, store, registry, events);
+    if s.trial.is_some() {
+        trial::watch_trial(s, store, registry, events);
+    }
     match &mut s.stage {
         Stage::Idle => {
             if let Some(due) = trigger::due(s, store) {
@@ -302,10 +301,11 @@ fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry,
                 }
                 Ok(result) => result,
             };
-            let Stage::Training { reason, regime, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle) else {
+            let Stage::Training { reason, regime, parent, before, .. } = std::mem::replace(&mut s.stage, Stage::Idle)
+            else {
                 return;
             };
-            training::finished(s, result, (&reason, regime), before, config, store, registry, events);
+            training::finished(s, result, (&reason, regime, parent), before, config, store, registry, events);
         }
         Stage::Shadow { until, .. } => {
             let paired = s.p.performance.as_ref().and_then(|p| p.lock().ok().and_then(|p| p.paired));
@@ -314,7 +314,6 @@ fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry,
                 trial::end_shadow(s, store, registry, events);
             }
         }
-        Stage::Trial { .. } => trial::watch_trial(s, store, registry, events),
     }
 }
 

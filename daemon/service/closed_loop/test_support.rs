@@ -86,3 +86,18 @@ pub(super) fn events() -> (Events, impl std::future::Future<Output = ()>) {
     let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
     crate::service::events::reporter(client, "e".into())
 }
+
+/// Version 2 on trial, promoted from 1 a moment ago.
+pub(super) fn on_trial(s: &State) -> super::Trial {
+    let now = super::Snapshot::take(&s.p.counters);
+    super::Trial {
+        version: 2,
+        previous: 1,
+        until: std::time::Instant::now() + std::time::Duration::from_secs(600),
+        record: serde_json::json!({}),
+        reference: (now.clone(), now),
+        start: None,
+        promoted: std::time::Instant::now(),
+        gate_loss: 0.01,
+    }
+}

@@ -61,6 +61,7 @@ pub(super) fn start(
         return;
     }
     let mut champion = champion;
+    let parent = champion.manifest.version;
     let mut training = champion.manifest.training.clone();
     p.train.overrides.apply(&mut training);
     p.train.overrides.apply_gate(&mut champion.manifest.gate);
@@ -118,7 +119,7 @@ pub(super) fn start(
         json!({"reason": reason, "backend": train::resolved_backend(&p.train.backend)}),
     );
     let (reason, regime) = (reason.to_string(), from.is_some());
-    s.stage = Stage::Training { done: rx, reason, regime, before: Snapshot::take(&p.counters) };
+    s.stage = Stage::Training { done: rx, reason, regime, parent, before: Snapshot::take(&p.counters) };
 }
 
 /// Scheduling is per thread on Linux: SCHED_IDLE runs this one only on CPU time inference
@@ -235,30 +236,26 @@ fn train_on_rows(
 pub(super) fn finished(
     s: &mut State,
     result: Result<Outcome, String>,
-    (reason, regime): (&str, bool),
+    (reason, regime, parent): (&str, bool, u64),
     before: Snapshot,
     config: &Config,
     store: &Store,
     registry: &Registry,
     events: &Events,
 ) {
-    // A drift run that made no better model: the next waits for more rows of the regime.
-    let not_accepted = |s: &mut State| {
-        let next = if regime { super::trigger::regime_refused(s) } else { None };
+    // A drift run, accepted or not: the next waits for more rows of the regime.
+    let next_run = |s: &mut State, accepted| {
+        let next = if regime { super::trigger::regime_run_ended(s, accepted) } else { None };
         next.map(|n| format!("; {n}")).unwrap_or_default()
     };
     let mut outcome = match result {
         Ok(o) => o,
         Err(e) => {
-            let next = not_accepted(s);
+            let next = next_run(s, false);
             emit(events, &s.p, "train.failed", format!("Fine-tune failed: {e}{next}"), json!({"reason": reason}));
             return;
         }
     };
-    if regime && outcome.challenger.is_some() {
-        s.regime = None; // learned
-    }
-    let p = &s.p;
     // Number the challenger past every version the registry has (one may have been rolled back).
     if let Some(b) = outcome.challenger.take() {
         let next = registry.versions(&b.manifest.name).unwrap_or_default().into_iter().max().unwrap_or(0) + 1;
@@ -274,11 +271,20 @@ pub(super) fn finished(
     }
     let record = serde_json::to_value(&outcome.record).unwrap_or(Value::Null);
     if let Err(e) = train::keep_record(&config.state_dir, &outcome.record) {
-        tracing::warn!(pipeline = p.config.name, "{e}");
+        tracing::warn!(pipeline = s.p.config.name, "{e}");
     }
+    let serving = registry.champion_version(&s.p.model.load().name).ok().flatten();
+    if outcome.challenger.is_some() && serving != Some(parent) {
+        let why = format!(
+            "Challenger dropped: v{parent}, which it fine-tuned, is no longer the champion (rolled back or replaced)"
+        );
+        emit(events, &s.p, "train.refused", why, json!({"reason": reason, "run": record}));
+        return;
+    }
+    let next = next_run(s, outcome.challenger.is_some());
+    let p = &s.p;
     let gate = outcome.record.gate.as_ref();
     let Some(mut challenger) = outcome.challenger else {
-        let next = not_accepted(s);
         emit(
             events,
             &s.p,
@@ -307,7 +313,7 @@ pub(super) fn finished(
         events,
         p,
         "train.accepted",
-        format!("Challenger v{} passed the gate ({gate_line})", challenger.manifest.version),
+        format!("Challenger v{} passed the gate ({gate_line}){next}", challenger.manifest.version),
         json!({"reason": reason, "run": record}),
     );
     if !p.train.shadow.is_zero() && p.performance.is_some() {

@@ -7,6 +7,22 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::{emit, now_s, Rebase, Stage, State};
+
+/// A promoted version on trial: watched on live traffic until `until`, rolled back to
+/// `previous` on a clear degradation.
+pub(super) struct Trial {
+    pub version: u64,
+    pub previous: u64,
+    pub until: Instant,
+    pub record: Value,
+    /// The champion's window (trigger → promotion) and the trial's start.
+    pub reference: (Snapshot, Snapshot),
+    /// Taken once the warm-up is over.
+    pub start: Option<Snapshot>,
+    pub promoted: Instant,
+    /// The per-sample loss the gate measured for this version on the fresh holdout.
+    pub gate_loss: f64,
+}
 use crate::model::{Bundle, Registry};
 use crate::service::events::{Counters, Events, COMPUTE_BUCKETS_US};
 use crate::store::Store;
@@ -135,7 +151,10 @@ pub(super) fn promote(
         json!({"run": record, "version": m.version, "previous": previous, "trial_s": trial.as_secs(), "gate_loss": gate_loss}),
     );
     let now = Snapshot::take(&s.p.counters);
-    s.stage = Stage::Trial {
+    // A challenger still in its shadow was made from the version this one replaces.
+    s.p.shadow.store(None);
+    s.stage = Stage::Idle;
+    s.trial = Some(Trial {
         version: m.version,
         previous,
         until: Instant::now() + trial,
@@ -144,7 +163,7 @@ pub(super) fn promote(
         start: None,
         promoted: Instant::now(),
         gate_loss,
-    };
+    });
 }
 
 /// Ends the kept trial, so a restart does not resume it.
@@ -171,7 +190,7 @@ pub(super) fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
         .map_or(f64::NAN, |b| crate::model::baseline::implied_loss(b.manifest.task, &b.manifest.baseline.metrics));
     let now = Snapshot::take(&s.p.counters);
     tracing::info!(pipeline = name, "Resuming the trial of v{version} ({left} s left)");
-    s.stage = Stage::Trial {
+    s.trial = Some(Trial {
         version,
         previous,
         until: Instant::now() + Duration::from_secs(left),
@@ -183,12 +202,12 @@ pub(super) fn resume_trial(s: &mut State, store: &Store, registry: &Registry) {
         start: None,
         promoted: Instant::now(),
         gate_loss,
-    };
+    });
 }
 
 /// Judges the version on trial; rolls back on the first clear degradation.
 pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, events: &Events) {
-    let Stage::Trial { version, previous, until, record, reference, start, promoted, gate_loss } = &mut s.stage else {
+    let Some(Trial { version, previous, until, record, reference, start, promoted, gate_loss }) = &mut s.trial else {
         return;
     };
     if start.is_none() && promoted.elapsed() >= TRIAL_WARMUP {
@@ -200,7 +219,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
     if serving.version != *version && registry.champion_version(&serving.name).ok().flatten() != Some(*version) {
         // Someone else (a person, an update) changed the champion: the trial is theirs to end.
         clear_trial(store, &s.p.config.name);
-        s.stage = Stage::Idle;
+        s.trial = None;
         return;
     }
     let now = Snapshot::take(&s.p.counters);
@@ -251,7 +270,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
         let (version, previous) = (*version, *previous);
         let back = registry.rollback(&name);
         clear_trial(store, &pipeline);
-        s.stage = Stage::Idle;
+        s.trial = None;
         // A pushed version stays offered (retained): remember that it failed here.
         if detail["run"]["origin"] == "pushed" {
             let _ = crate::update::floor::Floor::new(registry.state_dir()).failed_trial(&name, version);
@@ -282,7 +301,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
     } else if Instant::now() >= *until {
         let version = *version;
         clear_trial(store, &pipeline);
-        s.stage = Stage::Idle;
+        s.trial = None;
         emit(events, &s.p, "trial.passed", format!("{name} v{version} passed its trial"), detail);
         // Only a fine-tuned version carries a reference that is not its own (its parent's
         // validation set); a pushed one brings the validation set it was made with.
@@ -315,7 +334,7 @@ mod tests {
         for _ in 0..100 {
             c.compute.observe(&COMPUTE_BUCKETS_US, 50);
         }
-        s.stage = Stage::Trial {
+        s.trial = Some(Trial {
             version: 2,
             previous: 1,
             until: Instant::now() + Duration::from_secs(600),
@@ -324,13 +343,13 @@ mod tests {
             start: None,
             promoted: Instant::now() - Duration::from_secs(10),
             gate_loss: 0.01,
-        };
+        });
         watch_trial(&mut s, &store, &registry, &events);
-        assert!(matches!(s.stage, Stage::Trial { .. }), "nothing served on trial yet");
+        assert!(s.trial.is_some(), "nothing served on trial yet");
         c.predicted.fetch_add(500, Relaxed);
         degrade(&c);
         watch_trial(&mut s, &store, &registry, &events);
-        let rolled_back = matches!(s.stage, Stage::Idle);
+        let rolled_back = s.trial.is_none();
         if rolled_back {
             assert_eq!(registry.champion_version("shuttle-mlp").unwrap(), Some(1));
             assert_eq!(store.meta("p", "trial_version").unwrap(), 0, "the trial is over");
@@ -366,10 +385,7 @@ mod tests {
             store.set_meta("p", "trial_version", version).unwrap();
             store.set_meta("p", "trial_until_s", until_s).unwrap();
             resume_trial(&mut s, &store, &registry);
-            match s.stage {
-                Stage::Trial { until, .. } => Some(until.saturating_duration_since(Instant::now()).as_secs()),
-                _ => None,
-            }
+            s.trial.map(|t| t.until.saturating_duration_since(Instant::now()).as_secs())
         };
         let left = resumed_for("resume-left", now_s() + 100).unwrap();
         assert!((95..=100).contains(&left), "{left} s");

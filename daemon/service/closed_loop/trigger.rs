@@ -31,20 +31,23 @@ pub struct Regime {
     /// The store's sequence number of the first row of the new regime.
     pub from: u64,
     /// Usable rows from `from` on that the next run waits for: `min_rows`, doubled after each
-    /// refused run up to `rows`. Paced by these rows, a drift run does not wait for the cooldown.
+    /// run up to `rows`. Paced by these rows, a drift run does not wait for the cooldown.
     pub need: u64,
-    /// Runs on this regime so far (all refused: an accepted one ends the regime).
+    /// Runs on this regime so far.
     pub runs: u32,
 }
 
-/// A drift alarm raised or ended. Raised with no regime open (and the loop idle), it opens one
-/// starting where the change is estimated to have begun; a regime whose alarms have all ended
-/// before its first run is dropped (it would train on whatever came before).
+/// A drift alarm raised or ended. Raised with no regime open (and no run or shadow under way;
+/// a version on trial may be what alarms), it opens one starting where the change is estimated
+/// to have begun; a regime whose alarms have all ended before its first run is dropped (it
+/// would train on whatever came before).
 pub(super) fn drift(s: &mut State, alarm: Alarm, store: &Store, events: &Events) {
     if !s.p.train.triggers.contains(&Trigger::Drift) {
         return;
     }
     // A version's monitor goes with it: alarms of a version no longer serving never end.
+    // Forgetting them does not end the regime (the version a drift run made serves it now):
+    // only the end of an alarm that is still counted does.
     s.alarms.retain(|(version, _)| *version == alarm.series.0);
     if alarm.raised {
         s.alarms.insert(alarm.series);
@@ -59,8 +62,7 @@ pub(super) fn drift(s: &mut State, alarm: Alarm, store: &Store, events: &Events)
         }
         return;
     }
-    s.alarms.remove(&alarm.series);
-    if !s.alarms.is_empty() {
+    if !s.alarms.remove(&alarm.series) || !s.alarms.is_empty() {
         return;
     }
     let Some(regime) = s.regime.take() else { return };
@@ -71,10 +73,7 @@ pub(super) fn drift(s: &mut State, alarm: Alarm, store: &Store, events: &Events)
             regime.reason, s.p.train.min_rows
         )
     } else {
-        format!(
-            "{} ended after {} refused runs: the champion serves the new regime well enough",
-            regime.reason, regime.runs
-        )
+        format!("{} ended after {} runs on the new regime: no more drift runs", regime.reason, regime.runs)
     };
     emit(
         events,
@@ -97,16 +96,26 @@ pub(super) fn regime_rows(s: &State, store: &Store, regime: &Regime) -> u64 {
     store.count_since(pipeline, regime.from, regime.need, |r| r.label.is_some()).unwrap_or(0)
 }
 
-/// A regime run was refused or failed: the next waits for twice the rows, until a run has had
-/// `rows` of them; after that the regime is as learned as this pipeline's settings allow, and
-/// the other triggers (and the cooldown) take over.
-pub(super) fn regime_refused(s: &mut State) -> Option<String> {
+/// A regime run ended, accepted or not: the next waits for twice the rows. A refused or
+/// failed run had too few rows to beat the champion; an accepted one may have learned only
+/// the start of a change that goes on (a gradual drift), and the next must hold enough rows
+/// the new version has not seen to be judged on them (its holdout is the newest share of
+/// them: `min_rows` more, measured, was all rows the new version had trained on, and refused).
+/// Doubling keeps a regime with nothing to learn (label noise, a harmless shift) to a handful
+/// of runs, each one more chance for the gate to be fooled. Once a run has had `rows` of them
+/// the regime is as learned as this pipeline's settings allow, and the other triggers (and
+/// the cooldown) take over.
+pub(super) fn regime_run_ended(s: &mut State, accepted: bool) -> Option<String> {
     let rows = s.p.train.rows as u64;
     let regime = s.regime.as_mut()?;
     regime.runs += 1;
     if regime.need >= rows {
         s.regime = None;
-        return Some(format!("{rows} rows of the new regime made no better model: the champion stays"));
+        return Some(if accepted {
+            format!("{rows} rows of the new regime learned: the drift runs end here")
+        } else {
+            format!("{rows} rows of the new regime made no better model: the champion stays")
+        });
     }
     regime.need = (regime.need * 2).min(rows);
     Some(format!("the next run waits for {} rows of the new regime", regime.need))
@@ -161,6 +170,9 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<Due> {
         let reason = format!("{}; {new} rows since the change (from sample {})", regime.reason, regime.from);
         return Some(Due { reason, from: Some(regime.from) });
     }
+    if s.trial.is_some() {
+        return None; // the other triggers wait for the version on trial to be judged
+    }
     let mut last = store.meta(&s.p.config.name, "last_train_s").unwrap_or(0);
     if last > wall + CLOCK_SLACK_S {
         // The wall clock went back since the last run (an RTC that ran fast, put right by
@@ -199,7 +211,7 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<Due> {
 mod tests {
     use super::*;
     use crate::config::Hours;
-    use crate::service::closed_loop::test_support::{events, label, sample, state};
+    use crate::service::closed_loop::test_support::{events, label, on_trial, sample, state};
 
     #[test]
     fn the_schedule_waits_for_its_period_and_the_cooldown() {
@@ -282,11 +294,12 @@ mod tests {
     }
 
     /// A drift run trains on the rows from the estimated change on, and is paced by them:
-    /// not by the cooldown, and after a refusal the next run comes at twice the rows, up to
-    /// `rows`, after which the regime is closed and the other triggers take over.
+    /// not by the cooldown (nor by a trial); after each run, accepted or not, the next comes
+    /// at twice the rows, up to `rows`, after which the regime is closed and the other
+    /// triggers take over once the trial is over.
     #[test]
-    fn a_drift_regime_starts_at_the_change_and_a_refusal_waits_for_twice_the_rows() {
-        let train = "trigger = [\"drift\", \"labels 100000\"]\nmin_rows = 100\nrows = 300\ncooldown = \"1h\"\n";
+    fn a_drift_regime_starts_at_the_change_and_paces_its_runs_by_its_rows() {
+        let train = "trigger = [\"drift\", \"labels 1000\"]\nmin_rows = 100\nrows = 400\ncooldown = \"1h\"\n";
         let (mut s, store) = state("regime", train);
         let (events, _reporter) = events();
         labeled(&store, 0, 1000);
@@ -305,18 +318,36 @@ mod tests {
         assert_eq!(d.from, Some(940));
         assert!(d.reason.contains("100 rows since the change (from sample 940)"), "{}", d.reason);
         // Refused: the next run waits for 200 rows, then 300 (= rows); refused at 300, closed.
-        assert_eq!(regime_refused(&mut s).as_deref(), Some("the next run waits for 200 rows of the new regime"));
+        assert_eq!(
+            regime_run_ended(&mut s, false).as_deref(),
+            Some("the next run waits for 200 rows of the new regime")
+        );
         assert_eq!(due(&mut s, &store), None);
         labeled(&store, 1040, 100);
         assert_eq!(due(&mut s, &store).and_then(|d| d.from), Some(940));
-        assert!(regime_refused(&mut s).is_some_and(|m| m.contains("300 rows")));
-        labeled(&store, 1140, 100);
-        assert!(due(&mut s, &store).is_some());
+        // Accepted, and its version on trial: the regime goes on (a gradual drift may too), and
+        // its next run comes during the trial.
         assert_eq!(
-            regime_refused(&mut s).as_deref(),
-            Some("300 rows of the new regime made no better model: the champion stays")
+            regime_run_ended(&mut s, true).as_deref(),
+            Some("the next run waits for 400 rows of the new regime")
+        );
+        s.trial = Some(on_trial(&s));
+        // v1's alarms went with it; one of v2's ending that was never raised keeps the regime.
+        drift(&mut s, alarm((2, "performance"), 0, false), &store, &events);
+        assert!(s.regime.is_some(), "the regime outlives the version it replaced");
+        labeled(&store, 1140, 100);
+        assert_eq!(due(&mut s, &store), None, "300 rows of 400");
+        labeled(&store, 1240, 100);
+        assert_eq!(due(&mut s, &store).and_then(|d| d.from), Some(940), "a regime run during the trial");
+        assert_eq!(
+            regime_run_ended(&mut s, false).as_deref(),
+            Some("400 rows of the new regime made no better model: the champion stays")
         );
         assert!(s.regime.is_none());
         assert_eq!(due(&mut s, &store), None, "back to the triggers, and in the cooldown");
+        store.set_meta("p", "last_train_s", now_s() - 7_200).unwrap();
+        assert_eq!(due(&mut s, &store), None, "past the cooldown, but the other triggers wait for the trial");
+        s.trial = None;
+        assert!(due(&mut s, &store).is_some_and(|d| d.reason == "1340 new labeled samples" && d.from.is_none()));
     }
 }
