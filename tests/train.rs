@@ -751,7 +751,7 @@ fn a_sequence_models_dense_head_fine_tunes_on_windows_of_the_fresh_frames() {
 fn a_rejected_frame_is_left_out_of_every_window() {
     let dir = common::temp_dir("train-sequence-bad-frame");
     let bundle = lathe::model::bundle::Bundle::read(&common::sequence_bundle(&dir)).unwrap();
-    let text = std::fs::read_to_string(common::fixture("zoo/gru-head-w16.csv")).unwrap();
+    let text = std::fs::read_to_string(common::fixture("zoo/gru-head-w16-late.csv")).unwrap();
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     // Frame 40 (line 41 after the header): its humidity is a PLC error string.
     let mut bad: Vec<String> = lines[41].split(',').map(String::from).collect();

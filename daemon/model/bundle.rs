@@ -300,7 +300,8 @@ pub struct Measured {
 
 impl Measured {
     /// The task's metric `name` on some of the rows (`rows` may repeat one: a bootstrap draw),
-    /// with the true values `truth` of all of them. None: not a metric of this task.
+    /// with the true values `truth` of all of them. None: not a metric of this task, or (F1 of
+    /// a binary model) not defined on these rows, which hold no row of the positive class.
     pub fn metric_on(&self, task: Task, truth: &[f64], rows: &[usize], name: &str) -> Option<f64> {
         let pick = |v: &[f64]| rows.iter().map(|&r| v[r]).collect::<Vec<f64>>();
         let all = match task {
@@ -310,7 +311,9 @@ impl Measured {
                 // The gate asks this 2,000 times a run: spare it the ROC AUC's sort.
                 match name {
                     "accuracy" => return Some(baseline::accuracy(&predicted, &labels)),
-                    "f1" if task == Task::Binary => return Some(baseline::f1(&predicted, &labels, 1)),
+                    "f1" if task == Task::Binary => {
+                        return labels.contains(&1).then(|| baseline::f1(&predicted, &labels, 1))
+                    }
                     _ => baseline::classification_metrics(task, &predicted, &labels, &pick(&self.scores), self.classes),
                 }
             }

@@ -99,6 +99,9 @@ pub fn plan(onnx: &[u8], output: &str, task: Task, training: &Training) -> Resul
 #[derive(Debug, Clone, Serialize)]
 pub struct GateReport {
     pub metric: String,
+    /// The metric the holdout was judged on: `metric`, or accuracy where `metric` is F1 and the
+    /// holdout holds too few rows of the positive class to measure it (see [`MIN_F1_POSITIVES`]).
+    pub holdout_metric: String,
     pub higher_is_better: bool,
     pub min_improvement: f64,
     pub max_forgetting: f64,
@@ -311,8 +314,11 @@ fn judge(
     let sign = if gate.higher_is_better { 1.0 } else { -1.0 };
     // Rows, not targets: a reconstruction holdout has none.
     let (rows, task) = (holdout_x.len() / f.max(1), m.task);
+    let positives = holdout_y.iter().filter(|&&y| y == 1.0).count();
+    let f1_unmeasurable = task == Task::Binary && gate.metric == "f1" && positives < MIN_F1_POSITIVES;
+    let holdout_metric = if f1_unmeasurable { "accuracy" } else { gate.metric.as_str() };
     let mut significance = significance::paired_bootstrap(rows, seed, gate.significance, |draw| {
-        let on = |m: &bundle::Measured| m.metric_on(task, holdout_y, draw, &gate.metric);
+        let on = |m: &bundle::Measured| m.metric_on(task, holdout_y, draw, holdout_metric);
         match (on(&champion_on_holdout), on(&challenger_on_holdout)) {
             (Some(a), Some(b)) => sign * (b - a),
             _ => f64::NAN,
@@ -327,7 +333,7 @@ fn judge(
             only(&challenger_on_holdout, &champion_on_holdout),
         ));
     }
-    let (before, after) = (gate_metric(&ch, &gate.metric)?, gate_metric(&nh, &gate.metric)?);
+    let (before, after) = (gate_metric(&ch, holdout_metric)?, gate_metric(&nh, holdout_metric)?);
     let (mut kept, mut now) = (gate_metric(&cv, &gate.metric)?, gate_metric(&nv, &gate.metric)?);
     let improvement = sign * (after - before);
     let mut forgetting = sign * (kept - now) / kept.abs().max(1e-12);
@@ -344,23 +350,29 @@ fn judge(
             (kept, now, forgetting, forgot_on) = (k, n, f, "the replay sample of older data");
         }
     }
+    // F1 of a holdout with (almost) no anomalies scores every model 0: it cannot see a
+    // challenger that ends a storm of false alarms, the commonest harm a sensor fault does.
+    let judged = if f1_unmeasurable {
+        format!("accuracy (f1 is not measurable on {positives} rows of class 1; {MIN_F1_POSITIVES} needed)")
+    } else {
+        gate.metric.clone()
+    };
     let (accepted, reason) = if !(improvement.is_finite() && forgetting.is_finite()) {
-        (false, format!("{} is not a number on this data", gate.metric))
+        (false, format!("{judged} is not a number on this data"))
     } else if improvement <= gate.min_improvement {
         (
             false,
             format!(
-                "{} on the fresh holdout {after:.4} vs the champion's {before:.4}: not better by more than {}",
-                gate.metric, gate.min_improvement
+                "{judged} on the fresh holdout {after:.4} vs the champion's {before:.4}: not better by more than {}",
+                gate.min_improvement
             ),
         )
     } else if !significance.significant {
         (
             false,
             format!(
-                "{} on the fresh holdout {after:.4} vs the champion's {before:.4}: within sampling noise on \
+                "{judged} on the fresh holdout {after:.4} vs the champion's {before:.4}: within sampling noise on \
                  {rows} rows ({})",
-                gate.metric,
                 significance.summary()
             ),
         )
@@ -378,13 +390,14 @@ fn judge(
         (
             true,
             format!(
-                "{} on the fresh holdout {before:.4} -> {after:.4}; on {forgot_on} {kept:.4} -> {now:.4}",
+                "{judged} on the fresh holdout {before:.4} -> {after:.4}; {} on {forgot_on} {kept:.4} -> {now:.4}",
                 gate.metric
             ),
         )
     };
     Ok(GateReport {
         metric: gate.metric.clone(),
+        holdout_metric: holdout_metric.to_string(),
         higher_is_better: gate.higher_is_better,
         min_improvement: gate.min_improvement,
         max_forgetting: gate.max_forgetting,
@@ -415,6 +428,9 @@ pub struct Replay {
     pub x: Vec<f32>,
     pub y: Vec<f64>,
 }
+
+/// A binary holdout with fewer rows of class 1 than this is judged on accuracy, not F1.
+pub const MIN_F1_POSITIVES: usize = 10;
 
 /// Fewer replay rows than this are not judged on (too noisy to refuse a model over).
 const MIN_REPLAY_ROWS: usize = 50;
