@@ -85,8 +85,9 @@ enum Stage {
     Training {
         done: oneshot::Receiver<Result<Outcome, String>>,
         reason: String,
-        /// A drift run on the regime's rows: the next one waits for more of them.
-        regime: bool,
+        /// A drift run on the regime's rows: the store's sample count when it started (the
+        /// first sample it could not see). The next run waits for more of them.
+        regime: Option<u64>,
         /// The champion's version it fine-tunes: rolled back or replaced meanwhile, the result
         /// is dropped (it would undo the rollback).
         parent: u64,

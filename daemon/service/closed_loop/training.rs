@@ -118,7 +118,9 @@ pub(super) fn start(
         format!("Fine-tuning {} ({}): {reason}", p.model.load().name, train::resolved_backend(&p.train.backend)),
         json!({"reason": reason, "backend": train::resolved_backend(&p.train.backend)}),
     );
-    let (reason, regime) = (reason.to_string(), from.is_some());
+    // A regime run: the first sample it could not see (where its successor's own rows begin).
+    let regime = from.map(|_| store.stats(&name).map_or(0, |st| st.stored_total));
+    let reason = reason.to_string();
     s.stage = Stage::Training { done: rx, reason, regime, parent, before: Snapshot::take(&p.counters) };
 }
 
@@ -236,7 +238,7 @@ fn train_on_rows(
 pub(super) fn finished(
     s: &mut State,
     result: Result<Outcome, String>,
-    (reason, regime, parent): (&str, bool, u64),
+    (reason, regime, parent): (&str, Option<u64>, u64),
     before: Snapshot,
     config: &Config,
     store: &Store,
@@ -245,7 +247,7 @@ pub(super) fn finished(
 ) {
     // A drift run, accepted or not: the next waits for more rows of the regime.
     let next_run = |s: &mut State, accepted| {
-        let next = if regime { super::trigger::regime_run_ended(s, accepted) } else { None };
+        let next = regime.and_then(|unseen| super::trigger::regime_run_ended(s, accepted, unseen));
         next.map(|n| format!("; {n}")).unwrap_or_default()
     };
     let mut outcome = match result {
