@@ -350,6 +350,74 @@ fn poisoned_labels_make_a_challenger_the_gate_refuses_and_the_champion_stays() {
     assert!(l.daemon.stop());
 }
 
+/// `lathe store export` writes what the daemon served and the labels it joined, as a CSV that
+/// `lathe train` reads: every labeled row once, its features as sent, its label as published,
+/// the device and key it came with; `--labeled-only` leaves out the rows still waiting.
+#[test]
+fn the_store_exports_the_rows_it_served_as_a_csv_that_lathe_train_reads() {
+    let rows = common::faulty(&common::unseen());
+    let rows = &rows[..900];
+    let mut l = Loop::start("loopexport", "trigger = []\n");
+    l.stream(&rows[..600], 0, false);
+    // 300 more rows whose labels never come.
+    for (i, (row, _)) in rows[600..].iter().enumerate() {
+        let seq = 600 + i;
+        l.publisher.publish(&format!("plant/line1/dev{}/telemetry", seq % 4), common::shuttle_message(row, seq));
+    }
+    l.publisher.flush();
+    assert!(l.out.wait_for("prediction", 900, Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(500)); // the last labels reach the store
+    assert!(l.daemon.stop());
+    let config = l.dir.join("lathe.toml");
+    let export = |extra: &[&str], out: &std::path::Path| {
+        let o = std::process::Command::new(common::LATHE)
+            .args(["store", "export", "--pipeline", "shuttle", "--config"])
+            .arg(&config)
+            .args(extra)
+            .arg("-o")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(out).unwrap()
+    };
+    let all = export(&["--since", "1h"], &l.dir.join("all.csv"));
+    assert_eq!(all.lines().count(), 1 + 900, "a header and every row served");
+    let labeled_path = l.dir.join("labeled.csv");
+    let labeled = export(&["--labeled-only"], &labeled_path);
+    let lines: Vec<&str> = labeled.lines().collect();
+    assert_eq!(lines[0], "f1,f2,f3,f4,f5,f6,f7,f8,f9,anomaly,prediction,version,device,key,served_at");
+    assert_eq!(lines.len(), 1 + 600);
+    let mut seen = std::collections::BTreeSet::new();
+    for line in &lines[1..] {
+        let cells: Vec<&str> = line.split(',').collect();
+        let seq: usize = cells[13].parse().unwrap();
+        let (x, y) = &rows[seq];
+        let features: Vec<f64> = cells[..9].iter().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(features, *x, "row {seq}");
+        assert_eq!(cells[9].parse::<f64>().unwrap(), f64::from(*y), "row {seq}'s label");
+        assert_eq!((cells[11], cells[12]), ("1", format!("dev{}", seq % 4).as_str()));
+        seen.insert(seq);
+    }
+    assert_eq!(seen, (0..600).collect(), "each labeled row exactly once");
+    // `lathe train` reads it as it is: every row used, none dropped.
+    let trained = std::process::Command::new(common::LATHE)
+        .args(["train", "--json", "--backend", "cpu", "--bundle"])
+        .arg(common::root().join("models/shuttle-mlp-1.lathe"))
+        .arg("--data")
+        .arg(&labeled_path)
+        .args(["--epochs", "3", "-o"])
+        .arg(l.dir.join("challenger.lathe"))
+        .arg("--state-dir")
+        .arg(l.dir.join("runs"))
+        .output()
+        .unwrap();
+    let record: Value = serde_json::from_slice(&trained.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&trained.stderr)));
+    assert_eq!(record["rows_used"], 600, "{record:#}");
+    assert_eq!(record["rows_dropped"], json!({}), "{record:#}");
+}
+
 /// kill -9 while a fine-tune runs or a promotion is under way, again and again: each restart
 /// serves a valid model, the store opens, and every message the broker had delivered ends up
 /// in the store (stored before it was acknowledged, or delivered again).

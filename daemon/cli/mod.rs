@@ -7,6 +7,7 @@ mod demo;
 mod fleet;
 mod listen;
 mod models;
+mod store;
 mod train;
 
 use std::path::PathBuf;
@@ -77,14 +78,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// What the sample store holds for a pipeline (offline: the daemon holds the file's lock).
-    Store {
-        /// The daemon's config (for the store's path).
-        #[arg(long, default_value = "/etc/lathe/lathe.toml")]
-        config: PathBuf,
-        #[arg(long)]
-        pipeline: String,
-    },
+    /// What the sample store holds for a pipeline, as JSON; `export` writes its rows as CSV
+    /// (offline: the daemon holds the file's lock).
+    Store(store::StoreArgs),
 }
 
 /// Logs to journald with structured fields (PIPELINE, DEVICE, MODEL_VERSION, EVENT, …: every
@@ -108,24 +104,6 @@ fn init_logging(default: &str) {
     // Colours only on a terminal: a log file or a pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_ansi(ansi).try_init();
-}
-
-/// `lathe store`: the pipeline's store numbers and how many distinct messages it holds, JSON.
-fn store_stats(config: &std::path::Path, pipeline: &str) -> Result<(), String> {
-    let config = crate::config::Config::load(config).map_err(|e| e.to_string())?;
-    let store = crate::store::Store::open(config.store.clone()).map_err(|e| e.to_string())?;
-    let stats = store.stats(pipeline).map_err(|e| e.to_string())?;
-    let samples = store.samples(pipeline).map_err(|e| e.to_string())?;
-    let keys: std::collections::HashSet<String> = samples.iter().map(|r| r.join_key()).collect();
-    let versions: std::collections::BTreeMap<u64, usize> = samples.iter().fold(Default::default(), |mut m, r| {
-        *m.entry(r.version).or_default() += 1;
-        m
-    });
-    let mut out = serde_json::to_value(stats).map_err(|e| e.to_string())?;
-    out["distinct_keys"] = keys.len().into();
-    out["rows_by_version"] = serde_json::to_value(versions).map_err(|e| e.to_string())?;
-    println!("{out}");
-    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -160,7 +138,7 @@ pub fn main() -> ExitCode {
             init_logging("info");
             train::run(*args)
         }
-        Command::Store { config, pipeline } => store_stats(&config, &pipeline),
+        Command::Store(args) => store::run(args),
         Command::Keygen { out } => fleet::keygen(&out),
         Command::Push(args) => {
             init_logging("warn");

@@ -139,7 +139,7 @@ pub fn comma_separated(text: &str) -> Result<Cow<'_, str>, String> {
 
 /// One cell as comma-separated CSV writes it: a number with a decimal point, text quoted
 /// where it holds a comma, a quote or outer spaces.
-fn push_cell(out: &mut String, cell: &str, delimiter: char) {
+pub fn push_cell(out: &mut String, cell: &str, delimiter: char) {
     match number(cell, delimiter) {
         Some(_) => out.push_str(&cell.replace(',', ".")),
         None if cell.contains([',', '"']) || cell.trim() != cell => {
