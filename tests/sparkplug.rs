@@ -129,6 +129,14 @@ sink = {{ topic = "plant/{{device}}/prediction" }}
     assert!(p["sparkplug"]["rebirths_requested"].as_u64().unwrap() >= 2, "{p}");
     assert_eq!(p["sparkplug"]["sequence_gaps"], 1, "{p}");
 
+    // A host asks for a rebirth once lathe has predicted for pump7: the NBIRTH, and pump7's
+    // DBIRTH with its last values, without waiting for its next prediction.
+    let (topic, payload) = lathe::sparkplug::Source::rebirth_request("lathe", "line1-lathe", T0);
+    let mut ncmd = common::Publisher::new(broker.port);
+    ncmd.publish(&topic, payload);
+    ncmd.flush();
+    std::thread::sleep(Duration::from_secs(1));
+
     // lathe's own edge node, as the independent host decoded it.
     assert!(daemon.stop());
     let host_out = {
@@ -138,7 +146,16 @@ sink = {{ topic = "plant/{{device}}/prediction" }}
         assert!(status.success(), "host: {text}");
         text
     };
-    let seen: Vec<Value> = serde_json::from_str(&host_out).unwrap();
+    let all_seen: Vec<Value> = serde_json::from_str(&host_out).unwrap();
+    let rebirth = all_seen.iter().rposition(|m| m["type"] == "NBIRTH").unwrap();
+    let (seen, reborn) = all_seen.split_at(rebirth);
+    assert_eq!(reborn[0]["seq"], 0, "{reborn:?}");
+    assert_eq!((reborn[1]["type"].as_str(), reborn[1]["seq"].as_u64()), (Some("DBIRTH"), Some(1)), "{reborn:?}");
+    assert!(reborn[1]["topic"].as_str().unwrap().ends_with("/line1-lathe/pump7"), "{reborn:?}");
+    let last = predictions.last().unwrap();
+    assert!(
+        (reborn[1]["metrics"]["shuttle/Output/1"].as_f64().unwrap() - last["output"][1].as_f64().unwrap()).abs() < 1e-6
+    );
     let nbirth = seen.iter().find(|m| m["type"] == "NBIRTH").expect("an NBIRTH");
     assert_eq!(nbirth["topic"], "spBv1.0/lathe/NBIRTH/line1-lathe");
     assert_eq!(nbirth["seq"], 0);
@@ -157,7 +174,7 @@ sink = {{ topic = "plant/{{device}}/prediction" }}
     // Sequence numbers run on from the NBIRTH without a gap.
     let seqs: Vec<u64> = seen.iter().filter_map(|m| m["seq"].as_u64()).collect();
     assert!(seqs.windows(2).all(|w| w[1] == (w[0] + 1) % 256), "{seqs:?}");
-    let death = seen.last().unwrap();
+    let death = reborn.last().unwrap();
     assert_eq!(death["type"], "NDEATH");
     assert_eq!(death["metrics"]["bdSeq"], nbirth["metrics"]["bdSeq"], "the death pairs with the birth");
 }

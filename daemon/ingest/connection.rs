@@ -79,10 +79,16 @@ pub struct SourceState {
 }
 
 impl SourceState {
-    pub fn new(source: &crate::config::SourceConfig) -> SourceState {
+    /// `own`: lathe's own Sparkplug edge node, which a Sparkplug source never reads.
+    pub fn new(
+        source: &crate::config::SourceConfig,
+        own: Option<&crate::config::SparkplugOutputConfig>,
+    ) -> SourceState {
         let (sparkplug, last_value) = (source.sparkplug.as_ref(), source.last_value);
+        let own = own.map(|o| (o.group.as_str(), o.edge_node.as_str()));
         SourceState {
-            sparkplug: sparkplug.map(|(group, node)| Arc::new(Mutex::new(crate::sparkplug::Source::new(group, node)))),
+            sparkplug: sparkplug
+                .map(|(group, node)| Arc::new(Mutex::new(crate::sparkplug::Source::new(group, node).ignoring(own)))),
             last_values: last_value.map(|l| Arc::new(Mutex::new(super::last_value::LastValues::new(l.max_age)))),
             activity: source.silent_after.map(|after| Arc::new(Mutex::new(super::activity::Activity::new(after)))),
         }
@@ -1013,7 +1019,8 @@ impl Router {
 /// `NCMD` `Node Control/Rebirth` to an edge node whose state is in doubt.
 fn ask_rebirth(client: &AsyncClient, events: &Events, pipeline: &str, group: &str, edge_node: &str, why: &str) {
     let (topic, payload) = crate::sparkplug::Source::rebirth_request(group, edge_node, crate::service::unix_ms());
-    let sent = client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_ok();
+    // QoS 0, as the spec has every NCMD: a rebirth asked again later beats one queued.
+    let sent = client.try_publish(topic, QoS::AtMostOnce, false, payload).is_ok();
     events.emit(Event::Step {
         pipeline: pipeline.to_string(),
         step: "sparkplug.rebirth_requested",

@@ -599,7 +599,7 @@ pub async fn run_keeping(
                 let performance = p.labels.as_ref().map(|l| {
                     Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
                 });
-                let source = crate::ingest::connection::SourceState::new(&p.source);
+                let source = crate::ingest::connection::SourceState::new(&p.source, config.sparkplug.as_ref());
                 (model, Arc::new(Counters::default()), performance, source)
             }
         };

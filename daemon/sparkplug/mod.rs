@@ -95,6 +95,8 @@ pub enum Outcome {
 #[derive(Default)]
 struct Metrics {
     aliases: HashMap<u64, String>,
+    /// Every metric name the BIRTH declared.
+    names: std::collections::HashSet<String>,
     /// Each metric's data type from the BIRTH: DATA messages may leave it out.
     types: HashMap<String, u32>,
     values: HashMap<String, f64>,
@@ -106,6 +108,7 @@ impl Metrics {
         let mut m = Metrics::default();
         for metric in &payload.metrics {
             let Some(name) = &metric.name else { continue };
+            m.names.insert(name.clone());
             if let Some(alias) = metric.alias {
                 m.aliases.insert(alias, name.clone());
             }
@@ -119,14 +122,25 @@ impl Metrics {
         m
     }
 
-    /// A DATA message: applies each metric by name or alias. Returns an alias the BIRTH did
-    /// not define, if any (nothing is applied then).
-    fn apply(&mut self, payload: &proto::Payload) -> Result<(), u64> {
+    /// A DATA message: applies each metric by its alias where it has one, else by name.
+    /// Returns which metric the BIRTH did not declare, if any (nothing is applied then).
+    ///
+    /// The alias decides: an edge-node library that sends the alias *and* a bare name (`f1`
+    /// for the birth's `DATA/f1`) names a metric the birth never declared, and read by name
+    /// its values went nowhere while the model was served the birth's value for ever.
+    fn apply(&mut self, payload: &proto::Payload) -> Result<(), String> {
         let mut updates = Vec::with_capacity(payload.metrics.len());
         for metric in &payload.metrics {
-            let name = match (&metric.name, metric.alias) {
-                (Some(n), _) => n.clone(),
-                (None, Some(a)) => self.aliases.get(&a).cloned().ok_or(a)?,
+            let name = match (metric.alias, &metric.name) {
+                (Some(a), name) => match self.aliases.get(&a) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let named = name.as_ref().map(|n| format!(" (named {n:?})")).unwrap_or_default();
+                        return Err(format!("unknown alias {a}{named}"));
+                    }
+                },
+                (None, Some(n)) if self.names.contains(n) => n.clone(),
+                (None, Some(n)) => return Err(format!("metric {n:?} is not in the BIRTH")),
                 (None, None) => continue,
             };
             let dt = metric.datatype.or_else(|| self.types.get(&name).copied()).unwrap_or(0);
@@ -168,6 +182,8 @@ pub struct Source {
     nodes: HashMap<String, Node>,
     pub rebirths_requested: u64,
     pub sequence_gaps: u64,
+    /// lathe's own edge node (group, name), never read.
+    own: Option<(String, String)>,
 }
 
 impl Source {
@@ -178,7 +194,17 @@ impl Source {
             nodes: HashMap::new(),
             rebirths_requested: 0,
             sequence_gaps: 0,
+            own: None,
         }
+    }
+
+    /// Leaves out lathe's own edge node (`[sparkplug] group, edge_node`), which a source
+    /// taking every edge node of its group would otherwise read: its predictions taken for
+    /// input, a `missing_feature` for each, and rebirth requests sent to itself.
+    #[must_use]
+    pub fn ignoring(mut self, own: Option<(&str, &str)>) -> Source {
+        self.own = own.map(|(group, node)| (group.to_string(), node.to_string()));
+        self
     }
 
     /// The MQTT filter that brings this source's messages.
@@ -187,7 +213,9 @@ impl Source {
     }
 
     fn matches(&self, t: &Topic) -> bool {
-        (self.group == "+" || self.group == t.group) && (self.edge_node == "+" || self.edge_node == t.edge_node)
+        (self.group == "+" || self.group == t.group)
+            && (self.edge_node == "+" || self.edge_node == t.edge_node)
+            && self.own.as_ref().is_none_or(|(group, node)| group != t.group || node != t.edge_node)
     }
 
     /// The device id a pipeline sees: the Sparkplug device, prefixed by its edge node when
@@ -294,9 +322,9 @@ impl Source {
                 }
                 None
             }
-            Kind::NData => node.metrics.apply(&payload).err().map(|a| format!("unknown alias {a}")),
+            Kind::NData => node.metrics.apply(&payload).err(),
             Kind::DData => match node.devices.get_mut(topic.device.unwrap_or_default()) {
-                Some(d) if d.online => d.metrics.apply(&payload).err().map(|a| format!("unknown alias {a}")),
+                Some(d) if d.online => d.metrics.apply(&payload).err(),
                 _ => Some(format!("data before device {:?}'s DBIRTH", topic.device.unwrap_or_default())),
             },
             _ => None,
@@ -411,6 +439,38 @@ mod tests {
         assert_eq!(s.handle(&t, &ddata), Outcome::Row { device: "pump7".into(), key: 1000, ts: 1000 });
         assert_eq!(s.value(&t, "Pump/Temperature"), Some(21.25));
         assert_eq!(s.value(&t, "Pump/Offset"), Some(-7.0));
+    }
+
+    /// An edge-node library declares `DATA/f1` with alias 1, then sends DDATA with alias 1
+    /// and the bare name `f1`: the alias decides, so the value lands on `DATA/f1`. A name the
+    /// birth never declared, sent without an alias, makes the node stale and names the metric.
+    #[test]
+    fn the_alias_decides_over_a_bare_name_and_an_undeclared_name_makes_the_node_stale() {
+        let mut s = Source::new("plant", "edge1");
+        s.handle(&topic("spBv1.0/plant/NBIRTH/edge1"), &payload(Some(0), vec![]));
+        let dbirth = payload(Some(1), vec![metric(Some("DATA/f1"), Some(1), datatype::DOUBLE, V::Double(5.0))]);
+        s.handle(&topic("spBv1.0/plant/DBIRTH/edge1/press"), &dbirth);
+        let t = topic("spBv1.0/plant/DDATA/edge1/press");
+        let both = payload(Some(2), vec![metric(Some("f1"), Some(1), datatype::DOUBLE, V::Double(42.0))]);
+        assert!(matches!(s.handle(&t, &both), Outcome::Row { .. }));
+        assert_eq!(s.value(&t, "DATA/f1"), Some(42.0));
+        assert_eq!(s.value(&t, "f1"), None);
+        let undeclared = payload(Some(3), vec![metric(Some("f2"), None, datatype::DOUBLE, V::Double(1.0))]);
+        let Outcome::Stale { why, rebirth } = s.handle(&t, &undeclared) else { panic!() };
+        assert!(why.contains("metric \"f2\" is not in the BIRTH"), "{why}");
+        assert_eq!(rebirth.as_deref(), Some("edge1"));
+    }
+
+    /// A source taking every edge node of the group lathe itself publishes to never reads
+    /// lathe's own edge node, nor asks it for a rebirth.
+    #[test]
+    fn lathes_own_edge_node_is_never_read() {
+        let mut s = Source::new("+", "+").ignoring(Some(("plant", "lathe-1")));
+        let ddata = payload(Some(3), vec![metric(Some("p/Output/0"), None, datatype::FLOAT, V::Float(0.5))]);
+        assert_eq!(s.handle(&topic("spBv1.0/plant/DDATA/lathe-1/press"), &ddata), Outcome::State);
+        assert_eq!(s.rebirths_requested, 0);
+        assert!(matches!(s.handle(&topic("spBv1.0/plant/DDATA/edge1/press"), &ddata), Outcome::Stale { .. }));
+        assert!(matches!(s.handle(&topic("spBv1.0/other/DDATA/lathe-1/press"), &ddata), Outcome::Stale { .. }));
     }
 
     #[test]

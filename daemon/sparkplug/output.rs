@@ -11,7 +11,8 @@
 //!   `{pipeline}/ClassName` (String, classifiers trained on class names),
 //!   `{pipeline}/Version` (UInt64). Sparkplug ids cannot hold `/`: it becomes `.`.
 //! - `bdSeq` counts sessions across restarts (`state_dir/sparkplug-bdseq`); an `NCMD`
-//!   `Node Control/Rebirth` makes lathe publish its births again.
+//!   `Node Control/Rebirth`, and every new session, make lathe publish its NBIRTH and then a
+//!   DBIRTH for every device it has predicted for, with their last values.
 //! - BIRTH and DATA go at QoS 0 and the NDEATH will at QoS 1, as the spec says.
 
 use std::collections::{BTreeMap, HashMap};
@@ -228,14 +229,18 @@ async fn run(
     loop {
         tokio::select! {
             event = session.recv() => match event {
-                Some(Session::Connected) => {
-                    let _ = client.try_subscribe(node.topic("NCMD", None), QoS::AtLeastOnce);
+                Some(step @ (Session::Connected | Session::Rebirth)) => {
+                    if matches!(step, Session::Connected) {
+                        let _ = client.try_subscribe(node.topic("NCMD", None), QoS::AtLeastOnce);
+                    }
+                    // The NBIRTH, then every device lathe has predicted for, born again with
+                    // its metrics' last values: a host that asked for a rebirth (or lost the
+                    // session) must not wait for each device's next prediction to know it.
                     born = birth(&mut node, &models, &publish);
-                    devices.clear();
-                }
-                Some(Session::Rebirth) => {
-                    born = birth(&mut node, &models, &publish);
-                    devices.clear();
+                    for (device, metrics) in &devices {
+                        let payload = node.payload(metrics.values().cloned().collect());
+                        publish(node.topic("DBIRTH", Some(device)), payload, QoS::AtMostOnce);
+                    }
                 }
                 None => break,
             },
