@@ -472,6 +472,75 @@ fn ten_thousand_messages_through_twenty_broker_kills_lose_nothing() {
     assert!(daemon.log().matches("Broker connection lost").count() >= 15, "the kills were felt");
 }
 
+/// A broker in a crash loop: SIGKILLed 20 times, 0.5–1.5 s after each restart, under a
+/// 1,000 msg/s stream. lathe must not take the quick drops for a twin holding its client id
+/// (it did, and waited 4–6 s per attempt): the answers start again within a second of each
+/// restart, and a message is missing only where mosquitto itself never kept it (the witness,
+/// subscribed to the telemetry, never got it) or at the instant of a kill.
+#[test]
+fn a_broker_in_a_crash_loop_is_back_in_use_within_a_second_of_each_restart() {
+    let Some(mut broker) = Broker::start_persistent() else {
+        return;
+    };
+    const N: usize = 30_000;
+    const PER_S: u64 = 1_000;
+    let dir = temp_dir("broker-crash-loop");
+    let daemon = Daemon::start(
+        &dir,
+        &config("crashloop", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")),
+    );
+    wait_online(broker.port, "crashloop", &daemon);
+    let subscriber = Durable::new(broker.port, "historian-crashloop", Some("plant/line1/+/prediction"));
+    let witness = Durable::new(broker.port, "witness-crashloop", Some("plant/line1/+/telemetry"));
+    let publisher = Durable::new(broker.port, "plc-crashloop", None);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut random = rng();
+    let streaming = publisher.stream(0..N, PER_S);
+    let answers = || subscriber.keys.lock().unwrap().len();
+    let (mut recoveries, mut at_kills) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(random(500, 1500)));
+        let newest = |d: &Durable| d.keys.lock().unwrap().iter().copied().max().unwrap_or(0);
+        at_kills.push((newest(&witness), newest(&subscriber)));
+        broker.kill();
+        broker.restart();
+        let (restarted, before) = (std::time::Instant::now(), answers());
+        wait_until(Duration::from_secs(10), || answers() > before);
+        recoveries.push(restarted.elapsed());
+    }
+    streaming.join().unwrap();
+    wait_while_progressing(Duration::from_secs(30), Duration::from_secs(300), N, || subscriber.distinct().len());
+    let got = subscriber.distinct();
+    let seen = witness.distinct();
+    let missing: Vec<u64> = (0..N as u64).filter(|k| !got.contains(k)).collect();
+    let duplicates = subscriber.keys.lock().unwrap().len() - got.len();
+    let mut sorted = recoveries.clone();
+    sorted.sort();
+    let contested = daemon.log().matches("another client is probably using").count();
+    eprintln!(
+        "crash loop: 20 kills; recovery after each restart: median {:?}, max {:?}; messages {N}; missing {} \
+         ({} of them never reached the witness either); duplicates {duplicates}; taken for a contested session: \
+         {contested}",
+        sorted[10],
+        sorted[19],
+        missing.len(),
+        missing.iter().filter(|k| !seen.contains(k)).count()
+    );
+    assert_eq!(contested, 0, "a crashing broker is not a twin; log:\n{}", daemon.log());
+    assert!(sorted[10] <= Duration::from_secs(1), "median recovery {:?}: {recoveries:?}", sorted[10]);
+    assert!(sorted[19] <= Duration::from_secs(3), "slowest recovery {:?}: {recoveries:?}", sorted[19]);
+    // Lost only where mosquitto never kept the message, or at the instant of a kill.
+    let near = |k: u64, at: u64| k.abs_diff(at) <= PER_S / 5;
+    let at_a_kill = |k: &u64| at_kills.iter().any(|&(telemetry, answer)| near(*k, telemetry) || near(*k, answer));
+    let lathes = |k: &&u64| seen.contains(k) && !at_a_kill(k);
+    let lost: Vec<&u64> = missing.iter().filter(lathes).collect();
+    assert!(
+        lost.is_empty(),
+        "lost though the broker kept them: {lost:?}; {}",
+        where_it_stands(broker.port, "crashloop")
+    );
+}
+
 /// kill -9 mid-stream, three times: nothing the daemon acknowledged is lost. It acknowledges
 /// a message to the broker only after its prediction is written to the same connection, and
 /// in order, so its persistent session at the broker is its outbox: whatever was not
@@ -615,7 +684,7 @@ fn predictions_owed_to_a_broker_that_lost_the_session_are_sent_on_the_new_one() 
 
 /// Two daemons with the same node (a cloned device image) on one broker: each connection takes
 /// the session from the other. They must not trade it several times a second for ever: after
-/// three connections closed within a second of being made, the one losing them waits longer
+/// five connections closed within a second of being made, the one losing them waits longer
 /// each time and says why; the telemetry is still answered (by whichever holds the session).
 #[test]
 fn two_daemons_with_one_client_id_back_off_and_say_why() {
@@ -732,8 +801,9 @@ fn a_refused_connection_backs_off_quietly_and_connects_when_the_broker_appears()
         .and_then(|a| a.split_whitespace().next()?.parse().ok())
         .unwrap();
     eprintln!("connected {:?} after the broker appeared, on attempt {attempts}", back.elapsed());
-    // Exponential from 100 ms to 30 s: about 10 attempts in 63 s; without a backoff, hundreds.
-    assert!((5..=15).contains(&attempts), "{attempts} attempts");
+    // 100, 200, 400 ms, 500 ms for ~10 s, then doubling to 30 s: about 30 attempts in 63 s;
+    // without a backoff, hundreds.
+    assert!((20..=40).contains(&attempts), "{attempts} attempts");
 }
 
 /// Two models on one stream behind mosquitto's default window of 20, and the broker

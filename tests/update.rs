@@ -150,6 +150,8 @@ fn expect(
     says: &str,
     publish_it: impl FnOnce(&mut Publisher),
 ) {
+    // Events are limited to 5 a second per kind and pipeline: one attack at a time.
+    std::thread::sleep(Duration::from_millis(250));
     let before = events(out, "upd-x", step).len();
     publish_it(p);
     assert!(
@@ -159,6 +161,9 @@ fn expect(
     );
     let e = events(out, "upd-x", step).pop().unwrap();
     assert!(e["message"].as_str().unwrap().contains(says), "{name}: {e}");
+    // Every update event says which model and version, and why.
+    assert!(e["name"].as_str().is_some_and(|n| !n.is_empty()) && e["version"].is_u64(), "{name}: {e}");
+    assert!(e["why"].as_str().is_some_and(|w| !w.is_empty()), "{name}: {e}");
     eprintln!("{name}: {}", e["message"]);
 }
 

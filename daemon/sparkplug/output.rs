@@ -29,7 +29,7 @@ use super::proto::{datatype, Metric, Payload, Value};
 use super::{BD_SEQ, REBIRTH};
 use crate::config::{Config, SparkplugOutputConfig};
 use crate::infer::SharedModel;
-use crate::ingest::connection::{backoff, LoginFiles, QuickDrops};
+use crate::ingest::connection::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
 
 /// Predictions waiting for the Sparkplug session; past this they are dropped (and counted):
 /// the JSON predictions are the contract, this is a view of them.
@@ -193,7 +193,7 @@ async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), ncmd: String,
             Ok(_) => {}
             Err(e) => {
                 // A contested client id: the main session says so once; here, only wait longer.
-                let contested = quick_drops.ended(Instant::now());
+                let contested = quick_drops.ended(Instant::now(), taken_over(&e, eventloop.options.wire_protocol()));
                 match contested {
                     None => tracing::warn!("Sparkplug session: {e}"),
                     Some(streak) => tracing::debug!(streak, "Sparkplug session closed just after it was made: {e}"),
@@ -201,7 +201,7 @@ async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), ncmd: String,
                 if let Some(line) = login.refresh(&mut eventloop.options) {
                     tracing::info!("Sparkplug session: {line}");
                 }
-                tokio::time::sleep(backoff(failures.max(contested.unwrap_or(0)))).await;
+                tokio::time::sleep(reconnect_wait(failures, contested)).await;
                 failures = failures.saturating_add(1);
             }
         }

@@ -18,7 +18,7 @@ use super::floor::Floor;
 use super::signing::{self, Offer};
 use crate::config::{Config, UpdateConfig};
 use crate::infer::{Engine, EngineKind, SharedModel};
-use crate::ingest::connection::{backoff, LoginFiles, QuickDrops};
+use crate::ingest::connection::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
 use crate::model::{bundle, Bundle, Registry};
 use crate::service::closed_loop::LoopMessage;
 use crate::service::events::{Event, Events};
@@ -106,8 +106,8 @@ async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), tx: mpsc::Sen
                 if let Some(line) = login.refresh(&mut eventloop.options) {
                     tracing::info!("Update session: {line}");
                 }
-                let contested = quick_drops.ended(Instant::now()).unwrap_or(0); // see QuickDrops
-                tokio::time::sleep(backoff(failures.max(contested))).await;
+                let contested = quick_drops.ended(Instant::now(), taken_over(&e, eventloop.options.wire_protocol())); // see QuickDrops
+                tokio::time::sleep(reconnect_wait(failures, contested)).await;
                 failures = failures.saturating_add(1);
                 None
             }
@@ -164,7 +164,7 @@ impl Updater {
                             // A cleared retained offer.
                         } else if let Some(offer) = self.consider(&topic, &payload, &downloads) {
                             if downloads.len() >= MAX_DOWNLOADS {
-                                self.emit("update.refused", "too many downloads at once; offer again later".into(), json!({"name": offer.0.name}));
+                                self.emit("update.refused", "too many downloads at once; offer again later".into(), json!({"name": offer.0.name, "version": offer.0.version, "verified": true, "why": "too many downloads at once"}));
                                 continue;
                             }
                             let (offer, signer) = offer;
@@ -216,18 +216,24 @@ impl Updater {
     /// An offer message: `Some((offer, signer))` when it should be downloaded. Refusals are
     /// events; an offer already acted on (a retained offer seen again) is dropped quietly.
     fn consider(&self, topic: &str, payload: &[u8], downloads: &BTreeMap<String, Download>) -> Option<(Offer, String)> {
-        let refuse = |name: &str, why: String| {
+        // Every refusal names the model and version, an offer that did not open by what it
+        // claims (`"verified": false`): an operator looks for "v7 of press-anomaly".
+        let refuse_as = |name: &str, version: Option<u64>, verified: bool, why: String| {
             self.emit(
                 "update.refused",
                 format!("Offer on {topic} refused, champion unchanged: {why}"),
-                json!({"name": name, "topic": topic, "why": why}),
+                json!({"name": name, "version": version, "verified": verified, "topic": topic, "why": why}),
             );
             None
         };
         let (offer, signer) = match signing::open_offer(payload, &self.trusted) {
             Ok(o) => o,
-            Err(e) => return refuse("", e),
+            Err(e) => {
+                let (name, version) = signing::offer_claims(payload);
+                return refuse_as(&name, version, false, e);
+            }
         };
+        let refuse = |name: &str, why: String| refuse_as(name, Some(offer.version), true, why);
         if downloads.contains_key(&offer.sha256) {
             return None;
         }

@@ -201,6 +201,18 @@ pub fn open_offer(bytes: &[u8], trusted: &[VerifyingKey]) -> Result<(Offer, Stri
     Ok((offer, key_id(key)))
 }
 
+/// The model name and version an offer claims, read without trusting it (for the event that
+/// refuses an offer that does not open): empty and `None` where it does not even say.
+pub fn offer_claims(bytes: &[u8]) -> (String, Option<u64>) {
+    // A signed offer holds the offer as a string; an unsigned one is the offer itself.
+    let offer = serde_json::from_slice::<serde_json::Value>(bytes).ok().map(|v| match v["offer"].as_str() {
+        Some(inner) => serde_json::from_str(inner).unwrap_or_default(),
+        None => v,
+    });
+    let field = |f: &str| offer.as_ref().map(|o| o[f].clone()).unwrap_or_default();
+    (field("name").as_str().unwrap_or_default().to_string(), field("version").as_u64())
+}
+
 /// `a` ≥ `b` for `x.y.z` versions (missing parts are 0; a non-number is 0).
 pub fn version_at_least(a: &str, b: &str) -> bool {
     let parts = |v: &str| -> Vec<u64> { v.split('.').map(|p| p.trim().parse().unwrap_or(0)).collect() };
