@@ -138,6 +138,27 @@ fn a_push_to_a_group_is_verified_and_served_by_every_node_and_shown_in_the_fleet
     for (_, _, d) in &mut daemons {
         assert!(d.stop());
     }
+    // An operator rolls upd-a back to v1 while it is stopped. At the next start the retained
+    // offer of v2 is seen again, and refused: the rollback is remembered.
+    let (_, a_dir, _) = &daemons[0];
+    let state = a_dir.join("state");
+    let rolled = lathe(&["models", "rollback", "shuttle-mlp", "--state-dir", state.to_str().unwrap()]);
+    assert!(rolled.status.success(), "{}", String::from_utf8_lossy(&rolled.stderr));
+    let again = Daemon::start(a_dir, &daemon_config("upd-a", &broker, a_dir, &key.with_extension("pub"), ""));
+    wait_online(broker.port, "upd-a", &again);
+    assert!(
+        wait_until(Duration::from_secs(15), || events(&out, "upd-a", "update.refused").iter().any(|e| e["why"]
+            .as_str()
+            .unwrap()
+            .contains("rolled back here by an operator")
+            && e["version"] == 2)),
+        "{:?}\nlog:\n{}",
+        events(&out, "upd-a", "update.refused"),
+        again.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(events(&out, "upd-a", "update.verified").len(), 1, "v2 was not installed again");
+    assert_eq!(lathe::model::Registry::new(&state).champion_version("shuttle-mlp").unwrap(), Some(1));
 }
 
 /// Publishes one attack, and waits for its `step` event, which must say `says`.

@@ -286,6 +286,12 @@ impl Updater {
                     format!("v{} failed its trial here and was rolled back; offer a newer version", offer.version),
                 );
             }
+            if a.rolled_back {
+                return refuse(
+                    &offer.name,
+                    format!("v{} was rolled back here by an operator; offer a newer version", offer.version),
+                );
+            }
             if champion == Some(offer.version) {
                 return None;
             }

@@ -15,6 +15,10 @@ pub struct Accepted {
     /// must not promote it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub failed_trial: bool,
+    /// An operator rolled it back (`lathe models rollback`, `cmd/rollback`): its retained
+    /// offer, seen again at the next start, must not install it again. A newer version may.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
 }
 
 pub struct Floor {
@@ -67,7 +71,10 @@ impl Floor {
         if all.get(name).is_some_and(|a| a.version > version) {
             return Ok(());
         }
-        all.insert(name.to_string(), Accepted { version, sha256: sha256.to_string(), failed_trial: false });
+        all.insert(
+            name.to_string(),
+            Accepted { version, sha256: sha256.to_string(), failed_trial: false, rolled_back: false },
+        );
         self.write(&all)
     }
 
@@ -79,6 +86,20 @@ impl Floor {
         let mut all = self.read()?;
         match all.get_mut(name) {
             Some(a) if a.version == version => a.failed_trial = true,
+            _ => return Ok(()),
+        }
+        self.write(&all)
+    }
+
+    /// Notes that an operator rolled `name` back from v`version` (a version accepted from a
+    /// push; for any other, nothing to note).
+    ///
+    /// # Errors
+    /// The file cannot be read or written durably.
+    pub fn rolled_back(&self, name: &str, version: u64) -> Result<(), String> {
+        let mut all = self.read()?;
+        match all.get_mut(name) {
+            Some(a) if a.version == version => a.rolled_back = true,
             _ => return Ok(()),
         }
         self.write(&all)

@@ -254,6 +254,11 @@ fn command(
                 let name = s.p.model.load().name.clone();
                 match registry.rollback(&name) {
                     Ok((from, to)) => {
+                        // A pushed version rolled back stays rolled back (see update::floor).
+                        let floor = crate::update::floor::Floor::new(registry.state_dir());
+                        if let Err(e) = from.map_or(Ok(()), |v| floor.rolled_back(&name, v)) {
+                            tracing::warn!(pipeline = s.p.config.name, "{e}");
+                        }
                         s.stage = Stage::Idle;
                         s.trial = None;
                         trial::clear_trial(store, &s.p.config.name);
