@@ -233,6 +233,18 @@ fn every_attack_on_the_update_path_is_refused_and_the_champion_stays() {
         again.chunks.truncate(again.chunks.len());
         publish(p, &again, topic);
     });
+    expect(
+        &out,
+        &daemon,
+        &mut p,
+        "fast-forward: v5000 would raise the floor for good",
+        "update.refused",
+        "4999 versions past v1",
+        |p| {
+            let far = Bundle::read(&sample_version(&dir, 5000, &sample_model().1)).unwrap();
+            publish(p, &prepare(far, &central, &options()).unwrap(), topic);
+        },
+    );
     expect(&out, &daemon, &mut p, "tampered chunk (mix and match)", "update.failed", "tampered", |p| {
         let mut mixed = prepare(v2.clone(), &central, &options()).unwrap();
         let other = prepare(v2_other.clone(), &central, &options()).unwrap();
@@ -418,7 +430,10 @@ fn a_staged_rollout_stops_when_its_canaries_fail_and_goes_on_when_they_do_not() 
     for node in ["upd-c1", "upd-c2", "upd-c3"] {
         let d = dir.join(node);
         std::fs::create_dir_all(&d).unwrap();
-        let mut config = daemon_config(node, &broker, &d, &key.with_extension("pub"), "");
+        // A canary passes when its trial does: a short one here.
+        let trial = "labels = { topic = \"plant/line1/+/label\", key = \"/seq\", value = \"/anomaly\" }\n\
+                     [pipeline.train]\ntrigger = []\ntrial = \"3s\"\n";
+        let mut config = daemon_config(node, &broker, &d, &key.with_extension("pub"), trial);
         if node == "upd-c1" {
             config = config.replace("compatible = \"x86-test\"", "compatible = \"jetson-orin\"");
         }

@@ -49,8 +49,9 @@ pub struct PushArgs {
     /// Stop the rollout when more than this share of the canaries fail.
     #[arg(long, default_value_t = 0.0)]
     max_failure_share: f64,
-    /// How long to wait for the canaries.
-    #[arg(long, default_value = "10m")]
+    /// How long to wait for the canaries to pass their trials (`trial` in their
+    /// `[pipeline.train]`, 10 minutes by default).
+    #[arg(long, default_value = "20m")]
     canary_wait: String,
 }
 
@@ -196,9 +197,8 @@ pub fn push(a: PushArgs) -> Result<(), String> {
                 // Listening before the offer goes out: a quick refusal is not missed.
                 let watcher = connect(&a.broker, "lathe-rollout").await?;
                 for n in &canaries {
-                    for t in [format!("lathe/{n}/status"), format!("lathe/{n}/events")] {
-                        watcher.0.subscribe(t, QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
-                    }
+                    let events = format!("lathe/{n}/events");
+                    watcher.0.subscribe(events, QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
                 }
                 staged = Some((g.clone(), canaries, watcher));
             } else {
@@ -288,8 +288,10 @@ async fn group_nodes(broker: &BrokerArgs, group: &str) -> Result<Vec<String>, St
         .collect())
 }
 
-/// Each canary either serves `name` v`version` (its status) or reports the update or its
-/// trial failing (its events). Returns (took it, failed with why); silence past `wait` fails.
+/// Each canary either passes its trial of `name` v`version` (`trial.passed`) or reports the
+/// update or its trial failing (its events). Returns (passed, failed with why); silence past
+/// `wait` fails. Serving the version is not enough: a canary that took it and then failed its
+/// trial was counted a success before the trial could say so.
 async fn watch_canaries(
     (client, mut events): (AsyncClient, mpsc::Receiver<Event>),
     canaries: &[String],
@@ -314,13 +316,8 @@ async fn watch_canaries(
         if decided(&node, &ok, &failed) {
             continue;
         }
-        if topic.ends_with("/status") {
-            let serving = v["pipelines"]
-                .as_array()
-                .is_some_and(|ps| ps.iter().any(|p| p["model"] == name && p["version"] == version));
-            if serving {
-                ok.push(node);
-            }
+        if v["event"] == "trial.passed" && v["name"] == name && v["version"] == version {
+            ok.push(node);
         } else if matches!(v["event"].as_str(), Some("update.failed" | "update.refused" | "trial.failed"))
             && v["name"].as_str().is_none_or(|n| n == name)
         {

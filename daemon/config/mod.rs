@@ -78,6 +78,9 @@ pub struct UpdateConfig {
     pub download_timeout: std::time::Duration,
     /// Offers of larger bundles are refused before anything is downloaded.
     pub max_bundle_bytes: u64,
+    /// How far past the newest version held an offer may jump. The floor only rises, so one
+    /// signed offer with version 2^63 would otherwise refuse every later update for good.
+    pub max_version_step: u64,
 }
 
 /// lathe as a Sparkplug B edge node: its models in the NBIRTH, predictions as DDATA.
@@ -372,15 +375,17 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
                 .and_then(|k| login_file(base, &k).map_err(|e| u.error("device_key", &e)).ok());
             let download_timeout = train::duration(&mut u, "download_timeout", "2m");
             let max_mb = u.integer("max_bundle_mb", 256, 1, 1 << 20);
+            let max_step = u.integer("max_version_step", 1000, 1, 1 << 40);
             let ok = u.finish();
-            match (state_dir.as_ref(), download_timeout, max_mb, ok) {
-                (Some(dir), Some(download_timeout), Some(max_mb), true) => Some(UpdateConfig {
+            match (state_dir.as_ref(), download_timeout, max_mb, max_step, ok) {
+                (Some(dir), Some(download_timeout), Some(max_mb), Some(max_version_step), true) => Some(UpdateConfig {
                     trusted_keys: trusted,
                     groups,
                     compatible,
                     device_key: device_key.unwrap_or_else(|| dir.join("device.key")),
                     download_timeout,
                     max_bundle_bytes: max_mb << 20,
+                    max_version_step,
                 }),
                 _ => None,
             }

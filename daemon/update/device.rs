@@ -306,6 +306,20 @@ impl Updater {
                     format!("v{} is not newer than v{held}, which this device holds", offer.version),
                 );
             }
+            // The floor only rises: a signed offer far ahead (fast-forward) would shut out
+            // every real update after it.
+            let highest = held.max(accepted.as_ref().map_or(0, |a| a.version));
+            if offer.version.saturating_sub(highest) > self.settings.max_version_step {
+                return refuse(
+                    &offer.name,
+                    format!(
+                        "v{} is {} versions past v{highest}; at most {} (update.max_version_step)",
+                        offer.version,
+                        offer.version - highest,
+                        self.settings.max_version_step
+                    ),
+                );
+            }
         }
         Some((offer, signer))
     }

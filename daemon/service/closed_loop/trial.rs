@@ -261,7 +261,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
         }
     }
     let detail = json!({
-        "run": record, "version": version, "rows": rows, "labels": labels, "live_loss": live_loss,
+        "run": record, "name": serving.name, "version": version, "rows": rows, "labels": labels, "live_loss": live_loss,
         "gate_loss": gate_loss, "nonfinite_share": nonfinite, "saturated_share": saturated, "compute_p50_us": p50,
     });
     let name = serving.name.clone();
