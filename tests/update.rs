@@ -48,6 +48,8 @@ fn options() -> PushOptions {
         compatible: "x86-test".into(),
         min_daemon_version: "0.1.0".into(),
         chunk_bytes: 8 << 10,
+        // The offer topics these tests publish to.
+        targets: ["upd-x", "upd-k", "upd-t", "upd-r"].iter().map(|n| format!("lathe/{n}/update")).collect(),
     }
 }
 
@@ -233,6 +235,18 @@ fn every_attack_on_the_update_path_is_refused_and_the_champion_stays() {
         again.chunks.truncate(again.chunks.len());
         publish(p, &again, topic);
     });
+    expect(
+        &out,
+        &daemon,
+        &mut p,
+        "replayed to another target",
+        "update.refused",
+        "signed for lathe/upd-y/update",
+        |p| {
+            let elsewhere = PushOptions { targets: vec!["lathe/upd-y/update".into()], ..options() };
+            publish(p, &prepare(v2.clone(), &central, &elsewhere).unwrap(), topic);
+        },
+    );
     expect(
         &out,
         &daemon,

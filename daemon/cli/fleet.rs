@@ -177,6 +177,7 @@ pub fn push(a: PushArgs) -> Result<(), String> {
         compatible: a.compatible.clone(),
         min_daemon_version: a.min_daemon_version.clone(),
         chunk_bytes: a.chunk_kb.max(1) << 10,
+        targets: Vec::new(), // signed below, for the topics it goes to
     };
     let prepared = prepare(bundle, &key, &opts)?;
     let o = &prepared.offer;
@@ -205,7 +206,11 @@ pub fn push(a: PushArgs) -> Result<(), String> {
                 offer_topics.push(format!("lathe/fleet/{g}/update"));
             }
         }
-        messages.extend(offer_topics.iter().map(|t| (t.clone(), prepared.message.clone())));
+        // One signed offer for the topics it goes to now; the group, after its canaries, gets
+        // its own (an offer is refused on a topic it was not signed for).
+        let signed_for = |targets: Vec<String>| signing::sign_offer(&signing::Offer { targets, ..o.clone() }, &key);
+        let message = signed_for(offer_topics.clone())?;
+        messages.extend(offer_topics.iter().map(|t| (t.clone(), message.clone())));
         publish_all(&client, &mut events, messages).await?;
         println!(
             "offered {} v{} ({} bytes, {} chunks, sha256 {}) on {}",
@@ -229,7 +234,9 @@ pub fn push(a: PushArgs) -> Result<(), String> {
                     a.max_failure_share * 100.0
                 ));
             }
-            publish_all(&client, &mut events, vec![(format!("lathe/fleet/{group}/update"), prepared.message.clone())]).await?;
+            let topic = format!("lathe/fleet/{group}/update");
+            let message = signed_for(vec![topic.clone()])?;
+            publish_all(&client, &mut events, vec![(topic, message)]).await?;
             println!("offered to group {group}");
         }
         let _ = client.disconnect().await;

@@ -237,6 +237,13 @@ impl Updater {
         if downloads.contains_key(&offer.sha256) {
             return None;
         }
+        if !offer.targets.iter().any(|t| t == topic) {
+            let why = match offer.targets.is_empty() {
+                true => "the offer names no target (lathe push signs each offer for its topics)".to_string(),
+                false => format!("the offer is signed for {}, not for this topic", offer.targets.join(", ")),
+            };
+            return refuse(&offer.name, why);
+        }
         let now = crate::service::unix_ms() / 1000;
         if now > offer.expires_unix {
             return refuse(&offer.name, format!("the offer expired at {} (now {now})", offer.expires_unix));

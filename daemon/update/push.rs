@@ -19,6 +19,8 @@ pub struct PushOptions {
     pub compatible: String,
     pub min_daemon_version: String,
     pub chunk_bytes: usize,
+    /// The offer topics the offer is signed for (see [`Offer::targets`]).
+    pub targets: Vec<String>,
 }
 
 /// Signs `bundle` with `key`, cuts its file into chunks and signs the offer for them.
@@ -43,6 +45,7 @@ pub fn prepare(mut bundle: Bundle, key: &SigningKey, opts: &PushOptions) -> Resu
         min_daemon_version: opts.min_daemon_version.clone(),
         compatible: opts.compatible.clone(),
         chunks: chunks.len() as u32,
+        targets: opts.targets.clone(),
     };
     let message = signing::sign_offer(&offer, key)?;
     Ok(Prepared { offer, message, chunks })

@@ -153,6 +153,11 @@ pub struct Offer {
     pub compatible: String,
     /// The bytes: `chunks` retained messages under `lathe/bundles/{sha256}/{index}`.
     pub chunks: u32,
+    /// The offer topics it is for (`lathe/{node}/update`, `lathe/fleet/{group}/update`): a
+    /// device refuses it on any other, so an offer signed for one canary cannot be replayed
+    /// to its whole group by whoever may write the group's topic.
+    #[serde(default)]
+    pub targets: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -242,6 +247,7 @@ mod tests {
             min_daemon_version: "0.1.0".into(),
             compatible: String::new(),
             chunks: 1,
+            targets: vec!["lathe/n1/update".into()],
         };
         let msg = sign_offer(&offer, &central).unwrap();
         let trusted = [central.verifying_key()];
@@ -250,6 +256,9 @@ mod tests {
         assert!(err.contains("not trusted"), "{err}");
         let tampered = String::from_utf8(msg).unwrap().replace("\\\"version\\\":2", "\\\"version\\\":3");
         assert!(open_offer(tampered.as_bytes(), &trusted).unwrap_err().contains("does not verify"));
+        // Nor can its target be changed: the targets are signed.
+        let retargeted = String::from_utf8(sign_offer(&offer, &central).unwrap()).unwrap().replace("n1", "fleet/all");
+        assert!(open_offer(retargeted.as_bytes(), &trusted).unwrap_err().contains("does not verify"));
         assert!(open_offer(b"{\"name\":\"m\"}", &trusted).unwrap_err().contains("not a signed offer"));
     }
 
