@@ -81,25 +81,25 @@ impl Floor {
     /// Notes that `name` v`version` (accepted from a push) failed its trial and was rolled back.
     ///
     /// # Errors
-    /// The file cannot be written durably.
+    /// The file cannot be read or written durably.
     pub fn failed_trial(&self, name: &str, version: u64) -> Result<(), String> {
-        let mut all = self.read()?;
-        match all.get_mut(name) {
-            Some(a) if a.version == version => a.failed_trial = true,
-            _ => return Ok(()),
-        }
-        self.write(&all)
+        self.note(name, version, |a| a.failed_trial = true)
     }
 
-    /// Notes that an operator rolled `name` back from v`version` (a version accepted from a
-    /// push; for any other, nothing to note).
+    /// Notes that an operator rolled `name` back from v`version`.
     ///
     /// # Errors
     /// The file cannot be read or written durably.
     pub fn rolled_back(&self, name: &str, version: u64) -> Result<(), String> {
+        self.note(name, version, |a| a.rolled_back = true)
+    }
+
+    /// Marks the floor's entry for `name` if it is v`version` (a version accepted from a push;
+    /// for any other there is nothing to note).
+    fn note(&self, name: &str, version: u64, mark: impl FnOnce(&mut Accepted)) -> Result<(), String> {
         let mut all = self.read()?;
         match all.get_mut(name) {
-            Some(a) if a.version == version => a.rolled_back = true,
+            Some(a) if a.version == version => mark(a),
             _ => return Ok(()),
         }
         self.write(&all)
