@@ -528,7 +528,8 @@ fn a_broker_in_a_crash_loop_is_back_in_use_within_a_second_of_each_restart() {
     );
     assert_eq!(contested, 0, "a crashing broker is not a twin; log:\n{}", daemon.log());
     assert!(sorted[10] <= Duration::from_secs(1), "median recovery {:?}: {recoveries:?}", sorted[10]);
-    assert!(sorted[19] <= Duration::from_secs(3), "slowest recovery {:?}: {recoveries:?}", sorted[19]);
+    // 103 ms at the slowest here; the bound leaves room for a loaded CI machine.
+    assert!(sorted[19] <= Duration::from_secs(2), "slowest recovery {:?}: {recoveries:?}", sorted[19]);
     // Lost only where mosquitto never kept the message, or at the instant of a kill.
     let near = |k: u64, at: u64| k.abs_diff(at) <= PER_S / 5;
     let at_a_kill = |k: &u64| at_kills.iter().any(|&(telemetry, answer)| near(*k, telemetry) || near(*k, answer));
@@ -684,7 +685,7 @@ fn predictions_owed_to_a_broker_that_lost_the_session_are_sent_on_the_new_one() 
 
 /// Two daemons with the same node (a cloned device image) on one broker: each connection takes
 /// the session from the other. They must not trade it several times a second for ever: after
-/// five connections closed within a second of being made, the one losing them waits longer
+/// five connections closed within 400 ms of being made, the one losing them waits longer
 /// each time and says why; the telemetry is still answered (by whichever holds the session).
 #[test]
 fn two_daemons_with_one_client_id_back_off_and_say_why() {

@@ -473,7 +473,7 @@ fn jittered(base_ms: u64) -> Duration {
 /// still down, and the journal is not flooded.
 const OUTAGE_REMINDER: Duration = Duration::from_secs(600);
 
-/// Connections the broker closes within a second of accepting them, in a row: what another
+/// Connections the broker closes right after accepting them (within 400 ms), in a row: what another
 /// client with the same client id looks like (two daemons with one `node`, often a cloned
 /// device image). Each takes the session from the other; reconnecting at once, they traded
 /// it about five times a second each, with a warning per trade. A growing wait (the streak
@@ -487,8 +487,11 @@ pub struct QuickDrops {
 }
 
 impl QuickDrops {
-    /// Up for less than this and closed: quick.
-    const QUICK: Duration = Duration::from_secs(1);
+    /// Up for less than this and closed: quick. A twin takes the session back as soon as its
+    /// own short backoff ends (connections of 100–250 ms, measured); a broker in a crash loop
+    /// that is back within the first attempt still keeps each connection for as long as it
+    /// stays up (0.5 s and more in the crash-loop test, where a 1 s bound took it for a twin).
+    const QUICK: Duration = Duration::from_millis(400);
     /// Quick drops in a row before they are taken for a contested session (a broker in a
     /// crash loop that is back before the first reconnect makes a few).
     const SUSPECT: u32 = 5;
@@ -498,8 +501,8 @@ impl QuickDrops {
     }
 
     /// A connection ended, or an attempt failed: the streak of drops when this one makes the
-    /// session look contested. A drop counts when it came within a second of the connection,
-    /// or when the broker said another client took the session (`taken_over`, see
+    /// session look contested. A drop counts when it came within [`Self::QUICK`] of the
+    /// connection, or when the broker said another client took the session (`taken_over`, see
     /// [`taken_over`]; mosquitto 2 says nothing, it closes the socket).
     ///
     /// A broker killed and restarted every 0.5–1.3 s also drops every connection quickly: on
@@ -843,7 +846,7 @@ impl Ingest {
                     if let Some(streak) = contested {
                         if contested_warned_at.is_none_or(|t| now.duration_since(t) >= OUTAGE_REMINDER) {
                             tracing::warn!(
-                                "The broker at {broker} closed {streak} connections in a row within a second of accepting them: \
+                                "The broker at {broker} closed {streak} connections in a row right after accepting them: \
                                  another client is probably using client id `{client_id}` (two daemons with the same `node` \
                                  or `mqtt.client_id`, e.g. a cloned device image), and each takes the session from the other. \
                                  Waiting longer before each reconnect; last error: {e}"
@@ -1229,6 +1232,14 @@ mod tests {
         drops.connected(t + Duration::from_secs(5));
         assert_eq!(drops.ended(t + Duration::from_secs(65), None), None, "up a minute: not contested");
         assert_eq!(quick(&mut drops, Duration::from_secs(70)), None, "the streak starts again");
+        // A broker in a crash loop, back before the first attempt: each connection lasts as
+        // long as the broker stays up (half a second and more), and none of them is quick.
+        let mut crashing = QuickDrops::default();
+        for round in 0..20u64 {
+            let at = t + Duration::from_millis(700 * round);
+            crashing.connected(at);
+            assert_eq!(crashing.ended(at + Duration::from_millis(500), None), None, "round {round}");
+        }
     }
 
     /// A broker killed and restarted again and again: each drop is quick, but the attempt
