@@ -98,13 +98,16 @@ fn sigterm_mid_stream_loses_no_accepted_message() {
 fn sigterm_while_the_broker_is_down_exits_promptly() {
     let Some(mut broker) = mosquitto("a mosquitto process to kill") else { return };
     let dir = temp_dir("stop-offline");
-    let mut daemon = Daemon::start(
-        &dir,
-        &config("offline", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe")),
-    );
+    let metrics = free_port();
+    let mut daemon = Daemon::start(&dir, &config_with_metrics("offline", &broker, &dir, metrics));
     wait_online(broker.port, "offline", &daemon);
+    assert!(scrape(metrics, "/ready").unwrap().starts_with("HTTP/1.1 200 OK"));
     broker.kill();
     std::thread::sleep(Duration::from_millis(500));
+    // Alive, but not ready while it has no broker.
+    assert!(scrape(metrics, "/healthz").unwrap().starts_with("HTTP/1.1 200 OK"));
+    let ready = scrape(metrics, "/ready").unwrap();
+    assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("no broker connection"), "{ready}");
     let started = std::time::Instant::now();
     assert!(daemon.stop(), "clean exit; log:\n{}", daemon.log());
     assert!(started.elapsed() < Duration::from_secs(8), "stopped in {:?}", started.elapsed());

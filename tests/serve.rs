@@ -554,6 +554,8 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"heard\"}"), 4.0);
     assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"silent\"}"), 0.0);
     assert!(scrape("/other").starts_with("HTTP/1.1 404"));
+    assert!(scrape("/healthz").starts_with("HTTP/1.1 200 OK"));
+    assert!(scrape("/ready").starts_with("HTTP/1.1 200 OK"), "connected to the broker: ready");
 }
 
 /// A broker that speaks only MQTT 3.1.1, made of mosquitto and a front that refuses a v5

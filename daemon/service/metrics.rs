@@ -184,7 +184,7 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
 /// scrape fails, and serving goes on.
 pub const MAX_CONNECTIONS: usize = 8;
 
-/// Serves `GET /metrics` until `stop` turns true.
+/// Serves `GET /metrics`, `/healthz` and `/ready` until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
     serving: Arc<Vec<Serving>>,
@@ -230,10 +230,20 @@ pub async fn serve(
                 return;
             }
             let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+            // /healthz: the daemon answers (liveness). /ready: it is connected to the broker and
+            // serving what it receives (readiness), 503 while not, so an orchestrator or a
+            // load-balancer health check needs no metrics parser.
             let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
                 ("200 OK", render(&serving, *ready.borrow()))
+            } else if line.starts_with(b"GET /healthz ") {
+                ("200 OK", "ok\n".to_string())
+            } else if line.starts_with(b"GET /ready ") {
+                match *ready.borrow() {
+                    true => ("200 OK", "ready\n".to_string()),
+                    false => ("503 Service Unavailable", "not ready: no broker connection\n".to_string()),
+                }
             } else {
-                ("404 Not Found", "not found: GET /metrics\n".to_string())
+                ("404 Not Found", "not found: GET /metrics, /healthz or /ready\n".to_string())
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
