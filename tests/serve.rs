@@ -550,6 +550,7 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     assert_eq!(value(&m, "lathe_latency_seconds_count{pipeline=\"shuttle\"}"), 120.0);
     assert_eq!(value(&m, "lathe_latency_seconds_bucket{pipeline=\"shuttle\",le=\"+Inf\"}"), 120.0);
     assert_eq!(value(&m, "lathe_broker_connected"), 1.0);
+    assert_eq!(value(&m, &format!("lathe_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
     assert!(m.contains("lathe_model_info{pipeline=\"shuttle\",model=\"shuttle-mlp\",version=\"1\""), "{m}");
     assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"heard\"}"), 4.0);
     assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"silent\"}"), 0.0);

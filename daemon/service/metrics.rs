@@ -45,6 +45,8 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
     let help = |out: &mut String, name: &str, kind: &str, text: &str| {
         let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
     };
+    help(&mut out, "lathe_build_info", "gauge", "The running lathe's version (value 1).");
+    let _ = writeln!(out, "lathe_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
     help(&mut out, "lathe_broker_connected", "gauge", "1 while connected to the broker and subscribed.");
     let _ = writeln!(out, "lathe_broker_connected {}", u8::from(connected));
     help(&mut out, "lathe_model_info", "gauge", "The model each pipeline serves (value 1).");
