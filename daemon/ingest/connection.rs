@@ -510,12 +510,12 @@ impl QuickDrops {
     /// failed attempt ends the streak (a crashed broker refuses the first reconnect unless it
     /// is back within ~100 ms; a twin's broker accepts every one), and it takes five drops in
     /// a row: measured with 20 immediate restarts, about one in twenty was back that fast.
-    pub fn ended(&mut self, now: Instant, taken_over: Option<bool>) -> Option<u32> {
+    pub fn ended(&mut self, now: Instant, taken_over: bool) -> Option<u32> {
         let Some(at) = self.connected_at.take() else {
             self.streak = 0;
             return None;
         };
-        if taken_over != Some(true) && now.duration_since(at) >= Self::QUICK {
+        if !taken_over && now.duration_since(at) >= Self::QUICK {
             self.streak = 0;
             return None;
         }
@@ -526,17 +526,17 @@ impl QuickDrops {
 
 /// Whether the broker said it ended the session because another client connected with our
 /// client id: MQTT 5 brokers may send `SessionTakenOver` (mosquitto 2 does not), a crashed
-/// broker sends nothing. `None` for MQTT 3.1.1, which has no reason to send.
-pub fn taken_over(e: &rumqttc::v5::ConnectionError, protocol: WireProtocol) -> Option<bool> {
+/// broker sends nothing, and MQTT 3.1.1 has no server DISCONNECT to say it with.
+pub fn taken_over(e: &rumqttc::v5::ConnectionError) -> bool {
     use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
     use rumqttc::v5::{ConnectionError, StateError};
-    (protocol != WireProtocol::V311).then_some(matches!(
+    matches!(
         e,
         ConnectionError::MqttState(StateError::ServerDisconnect {
             reason_code: DisconnectReasonCode::SessionTakenOver,
             ..
         })
-    ))
+    )
 }
 
 /// A connection error as an operator reads it: rumqttc's words, then what to check.
@@ -698,11 +698,10 @@ impl Ingest {
         // (not reading) does not count.
         let dead_after = keep_alive.mul_f32(1.5);
         let mut last_heard: Option<tokio::time::Instant> = None;
-        // What the broker said when it last ended the session (see `taken_over`).
-        let mut said_taken_over = None;
+        // Whether the broker said so when it last ended the session (see `taken_over`).
+        let mut said_taken_over = false;
         loop {
             let event = {
-                let protocol = eventloop.options.wire_protocol();
                 // Dropped at the end of this block, so a dead link can be cleaned up below.
                 let poll = eventloop.poll();
                 tokio::pin!(poll);
@@ -719,7 +718,7 @@ impl Ingest {
                     let silent_until = last_heard.map(|t| t + dead_after);
                     tokio::select! {
                         event = &mut poll, if !paused => break event.map_err(|e| {
-                            said_taken_over = taken_over(&e, protocol);
+                            said_taken_over = taken_over(&e);
                             (explain(&e), false)
                         }),
                         _ = tokio::time::sleep_until(silent_until.unwrap_or_else(tokio::time::Instant::now)),
@@ -1222,7 +1221,7 @@ mod tests {
         let t = Instant::now();
         let quick = |drops: &mut QuickDrops, at: Duration| {
             drops.connected(t + at);
-            drops.ended(t + at + Duration::from_millis(150), None)
+            drops.ended(t + at + Duration::from_millis(150), false)
         };
         for second in 0..4 {
             assert_eq!(quick(&mut drops, Duration::from_secs(second)), None);
@@ -1230,7 +1229,7 @@ mod tests {
         assert_eq!(quick(&mut drops, Duration::from_secs(4)), Some(5));
         assert_eq!(quick(&mut drops, Duration::from_secs(5)), Some(6));
         drops.connected(t + Duration::from_secs(5));
-        assert_eq!(drops.ended(t + Duration::from_secs(65), None), None, "up a minute: not contested");
+        assert_eq!(drops.ended(t + Duration::from_secs(65), false), None, "up a minute: not contested");
         assert_eq!(quick(&mut drops, Duration::from_secs(70)), None, "the streak starts again");
         // A broker in a crash loop, back before the first attempt: each connection lasts as
         // long as the broker stays up (half a second and more), and none of them is quick.
@@ -1238,7 +1237,7 @@ mod tests {
         for round in 0..20u64 {
             let at = t + Duration::from_millis(700 * round);
             crashing.connected(at);
-            assert_eq!(crashing.ended(at + Duration::from_millis(500), None), None, "round {round}");
+            assert_eq!(crashing.ended(at + Duration::from_millis(500), false), None, "round {round}");
         }
     }
 
@@ -1251,8 +1250,8 @@ mod tests {
         for round in 0..20u64 {
             let at = t + Duration::from_millis(800 * round);
             drops.connected(at);
-            assert_eq!(drops.ended(at + Duration::from_millis(600), None), None, "round {round}");
-            assert_eq!(drops.ended(at + Duration::from_millis(700), None), None, "the refused attempt");
+            assert_eq!(drops.ended(at + Duration::from_millis(600), false), None, "round {round}");
+            assert_eq!(drops.ended(at + Duration::from_millis(700), false), None, "the refused attempt");
         }
         assert!(reconnect_wait(0, None) <= Duration::from_millis(125));
         // A broker that says another client took the session: a drop long into it counts too.
@@ -1260,7 +1259,7 @@ mod tests {
         let contested: Vec<Option<u32>> = (0..6u64)
             .map(|round| {
                 twin.connected(t + Duration::from_secs(10 * round));
-                twin.ended(t + Duration::from_secs(10 * round + 5), Some(true))
+                twin.ended(t + Duration::from_secs(10 * round + 5), true)
             })
             .collect();
         assert_eq!(contested, [None, None, None, None, Some(5), Some(6)]);

@@ -193,7 +193,7 @@ async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), ncmd: String,
             Ok(_) => {}
             Err(e) => {
                 // A contested client id: the main session says so once; here, only wait longer.
-                let contested = quick_drops.ended(Instant::now(), taken_over(&e, eventloop.options.wire_protocol()));
+                let contested = quick_drops.ended(Instant::now(), taken_over(&e));
                 match contested {
                     None => tracing::warn!("Sparkplug session: {e}"),
                     Some(streak) => tracing::debug!(streak, "Sparkplug session closed just after it was made: {e}"),

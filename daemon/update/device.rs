@@ -106,7 +106,7 @@ async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), tx: mpsc::Sen
                 if let Some(line) = login.refresh(&mut eventloop.options) {
                     tracing::info!("Update session: {line}");
                 }
-                let contested = quick_drops.ended(Instant::now(), taken_over(&e, eventloop.options.wire_protocol())); // see QuickDrops
+                let contested = quick_drops.ended(Instant::now(), taken_over(&e)); // see QuickDrops
                 tokio::time::sleep(reconnect_wait(failures, contested)).await;
                 failures = failures.saturating_add(1);
                 None
