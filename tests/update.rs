@@ -549,3 +549,138 @@ fn a_download_cut_by_a_broker_restart_resumes_where_it_was() {
     wait_version(&out, "upd-r", 2, &daemon);
     assert!(events(&out, "upd-r", "update.failed").is_empty(), "log:\n{}", daemon.log());
 }
+
+/// Trust from a signed root (TUF's root role): an update key the root does not name is not
+/// trusted; a new root signed by too few of the old root keys is refused; one signed by the
+/// old and the new keys rotates the update key (the offer refused before is then taken, and
+/// the old key is revoked); a restart keeps the newest root; an expired root trusts nothing.
+#[test]
+fn a_signed_root_rotates_and_revokes_update_keys_and_an_expired_root_trusts_nothing() {
+    let broker = Broker::start();
+    let dir = temp_dir("update-root");
+    let (r1, r2, r3, r4) = (keys(&dir, "r1"), keys(&dir, "r2"), keys(&dir, "r3"), keys(&dir, "r4"));
+    let (u1, u2) = (keys(&dir, "u1"), keys(&dir, "u2"));
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let public = |p: &PathBuf| s(&p.with_extension("pub"));
+    let root_create = |version: &str, root_keys: &[String], threshold: &str, update: &PathBuf, expires: &str| {
+        let out = dir.join(format!("root-v{version}.json"));
+        let mut args = vec!["root", "create", "--version", version, "--threshold", threshold, "--expires", expires];
+        for k in root_keys {
+            args.extend(["--root-key", k.as_str()]);
+        }
+        let update = public(update);
+        let out_s = s(&out);
+        args.extend(["--update-key", update.as_str(), "-o", out_s.as_str()]);
+        let o = lathe(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    // v1: 2 of r1, r2, r3 sign roots; u1 signs updates.
+    let v1 = root_create("1", &[s(&r1), s(&r2), public(&r3)], "2", &u1, "365d");
+    let config = config("upd-root", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        + &format!("[update]\nroot = \"{}\"\ncompatible = \"x86-test\"\n", v1.display());
+    let mut daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "upd-root", &daemon);
+    let out = Collector::new(broker.port, &["lathe/upd-root/status", "lathe/upd-root/events"]);
+    let url = broker.url();
+    let push = |bundle: &PathBuf, key: &PathBuf| {
+        let o = lathe(&[
+            "push",
+            bundle.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--broker",
+            &url,
+            "--node",
+            "upd-root",
+            "--compatible",
+            "x86-test",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let wait_event = |daemon: &Daemon, step: &str, n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(20), || events(&out, "upd-root", step).len() >= n),
+            "no {step} #{n}; log:\n{}",
+            daemon.log()
+        );
+        let e = events(&out, "upd-root", step).remove(n - 1);
+        eprintln!("{step}: {}", e["message"]);
+        e
+    };
+    // The refusal of an offer of `version` (other refusals come as retained offers are read
+    // again).
+    let refused_offer = |daemon: &Daemon, version: u64, says: &str| {
+        let find = || {
+            events(&out, "upd-root", "update.refused")
+                .into_iter()
+                .find(|e| e["version"] == version && e["why"].as_str().is_some_and(|w| w.contains(says)))
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || find().is_some()),
+            "v{version} not refused; log:\n{}",
+            daemon.log()
+        );
+        eprintln!("refused: {}", find().unwrap()["message"]);
+    };
+    // Signed by u2, which the root does not name yet: refused.
+    let v2 = sample_version(&dir, 2, &sample_model().1);
+    push(&v2, &u2);
+    refused_offer(&daemon, 2, "not trusted");
+    let root_push = |files: &[&PathBuf]| {
+        let mut args = vec!["root".to_string(), "push".into()];
+        args.extend(files.iter().map(|f| s(f)));
+        args.extend(["--broker".into(), url.clone()]);
+        lathe(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Root v2 rotates r2 and r3 out for r4, and u1 out for u2. Signed by r1 and r4 (its own
+    // threshold) but by only one of v1's root keys: `push` refuses the chain, and a device
+    // that is sent it anyway refuses it too.
+    let root_v2 = root_create("2", &[s(&r1), s(&r4)], "2", &u2, "365d");
+    let o = root_push(&[&v1, &root_v2]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("signed by 1 of v1's 3 root keys; 2 needed"));
+    let mut p = Publisher::new(broker.port);
+    let chain = |files: &[&PathBuf]| {
+        let docs: Vec<Value> =
+            files.iter().map(|f| serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap()).collect();
+        serde_json::to_vec(&docs).unwrap()
+    };
+    p.publish_retained("lathe/fleet/root", chain(&[&v1, &root_v2]));
+    p.flush();
+    let root_refused = wait_event(&daemon, "update.root_refused", 1);
+    assert!(root_refused["why"].as_str().unwrap().contains("2 needed"), "{root_refused}");
+    assert_eq!(root_refused["version"], 1, "the root held");
+    // r2 (of v1) signs too: the chain holds, the device takes v2, and the offer it refused
+    // (still retained) is read again and served.
+    let o = lathe(&["root", "sign", root_v2.to_str().unwrap(), "--key", &s(&r2)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = root_push(&[&v1, &root_v2]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let taken = wait_event(&daemon, "update.root", 1);
+    assert_eq!((taken["version"].as_u64(), taken["from"].as_u64()), (Some(2), Some(1)), "{taken}");
+    wait_version(&out, "upd-root", 2, &daemon);
+    // u1 is revoked: its v3 is refused.
+    let v3 = sample_version(&dir, 3, &sample_model().1);
+    push(&v3, &u1);
+    refused_offer(&daemon, 3, "not trusted");
+    // A restart starts from the root taken, not the installer's v1 (which trusts u1).
+    assert!(daemon.stop());
+    daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "upd-root", &daemon);
+    std::thread::sleep(Duration::from_secs(2)); // the retained offer of v3 is read again
+    assert!(events(&out, "upd-root", "update.verified").iter().all(|e| e["version"] != 3));
+    // Root v3 expires a second after it is made: from then on nothing is trusted.
+    let root_v3 = root_create("3", &[s(&r1), s(&r4)], "2", &u2, "1s");
+    assert!(lathe(&["root", "sign", root_v3.to_str().unwrap(), "--key", &s(&r4)]).status.success());
+    p.publish_retained("lathe/fleet/root", chain(&[&v1, &root_v2, &root_v3]));
+    p.flush();
+    let taken = wait_event(&daemon, "update.root", 2);
+    assert_eq!(taken["version"], 3, "{taken}");
+    std::thread::sleep(Duration::from_secs(2));
+    let v4 = sample_version(&dir, 4, &sample_model().1);
+    push(&v4, &u2);
+    refused_offer(&daemon, 4, "root v3 expired");
+    wait_version(&out, "upd-root", 2, &daemon);
+    assert!(daemon.stop());
+}

@@ -112,7 +112,7 @@ impl BrokerArgs {
 
 /// One MQTT session for a command, once the broker has accepted it: the event loop polled
 /// on its own task (never cancelled), its events forwarded.
-async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Event>), String> {
+pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Event>), String> {
     let (mqtt, host, port) = broker.mqtt()?;
     let options = connection::session_options(&mqtt, &host, port, format!("{id}-{}", std::process::id()))
         .map_err(|e| e.to_string())?;
@@ -156,7 +156,7 @@ pub fn keygen(out: &std::path::Path) -> Result<(), String> {
     let out = prefix.as_path();
     signing::write_keypair(out, &key)?;
     println!(
-        "wrote {} (secret, keep it on the central server) and {} (key id {}): list it in the devices' update.trusted_keys",
+        "wrote {} (secret, keep it on the central server) and {} (key id {}): list it in the devices' update.trusted_keys, or as an --update-key of a root (`lathe root create`)",
         out.with_extension("key").display(),
         out.with_extension("pub").display(),
         signing::key_id(&key.verifying_key())
@@ -245,7 +245,7 @@ pub fn push(a: PushArgs) -> Result<(), String> {
 }
 
 /// Publishes every message retained at QoS 1 and waits for the broker to acknowledge them all.
-async fn publish_all(
+pub(super) async fn publish_all(
     client: &AsyncClient,
     events: &mut mpsc::Receiver<Event>,
     messages: Vec<(String, Vec<u8>)>,

@@ -7,6 +7,7 @@ mod demo;
 mod fleet;
 mod listen;
 mod models;
+mod root;
 mod store;
 mod train;
 
@@ -70,6 +71,9 @@ enum Command {
     /// The central server's side of an update: sign a bundle, publish its chunks and a signed
     /// offer to nodes or a group (optionally canaries first).
     Push(Box<fleet::PushArgs>),
+    /// The root of trust: which keys sign updates, rotated and revoked by k of n root keys.
+    #[command(subcommand)]
+    Root(root::RootCommand),
     /// Every node's retained status: model, version, origin, drift, backend.
     Fleet {
         #[command(flatten)]
@@ -143,6 +147,10 @@ pub fn main() -> ExitCode {
         Command::Push(args) => {
             init_logging("warn");
             fleet::push(*args)
+        }
+        Command::Root(cmd) => {
+            init_logging("warn");
+            root::run(cmd)
         }
         Command::Fleet { broker, json } => fleet::fleet(&broker, json),
     };

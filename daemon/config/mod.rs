@@ -66,8 +66,8 @@ pub struct Config {
 /// Signed remote updates (DESIGN "Update protocol").
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpdateConfig {
-    /// Public keys (hex files) whose signatures on offers and bundles are trusted.
-    pub trusted_keys: Vec<PathBuf>,
+    /// Where the keys that sign offers and bundles come from.
+    pub trust: TrustSource,
     /// Fleet groups: offers on `lathe/fleet/{group}/update` are for this device too.
     pub groups: Vec<String>,
     /// The hardware string offers must name (empty: only offers that name none).
@@ -81,6 +81,16 @@ pub struct UpdateConfig {
     /// How far past the newest version held an offer may jump. The floor only rises, so one
     /// signed offer with version 2^63 would otherwise refuse every later update for good.
     pub max_version_step: u64,
+}
+
+/// `update.trusted_keys` or `update.root` (one of them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrustSource {
+    /// Public keys (hex files) trusted as they are, until the files change.
+    Keys(Vec<PathBuf>),
+    /// A signed root document (TUF's root role): update keys with rotation, revocation, a
+    /// k-of-n threshold for the root keys and an expiry (`update::root`).
+    Root(PathBuf),
 }
 
 /// lathe as a Sparkplug B edge node: its models in the NBIRTH, predictions as DDATA.
@@ -355,14 +365,32 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
         Some(mut u) => {
             let trusted: Vec<PathBuf> =
                 u.strings("trusted_keys").unwrap_or_default().iter().map(|k| base.join(k)).collect();
-            if trusted.is_empty() {
-                u.error("trusted_keys", "expected at least one public key file (made by `lathe keygen`)");
-            }
+            let root_file = u.opt_string("root").map(|r| base.join(r));
             for k in &trusted {
                 if let Err(e) = crate::update::signing::read_public_key(k) {
                     u.error("trusted_keys", &e);
                 }
             }
+            if let Some(r) = &root_file {
+                if let Err(e) = crate::update::root::Trust::read(r) {
+                    u.error("root", &e);
+                }
+            }
+            let trust = match (trusted.is_empty(), root_file) {
+                (false, None) => TrustSource::Keys(trusted),
+                (true, Some(r)) => TrustSource::Root(r),
+                (false, Some(r)) => {
+                    u.error("root", "give either trusted_keys or root, not both (the root names the update keys)");
+                    TrustSource::Root(r)
+                }
+                (true, None) => {
+                    u.error(
+                        "trusted_keys",
+                        "expected at least one public key file (made by `lathe keygen`), or a signed root document in update.root (made by `lathe root create`)",
+                    );
+                    TrustSource::Keys(vec![])
+                }
+            };
             let groups = u.strings("groups").unwrap_or_default();
             for g in &groups {
                 if g.is_empty() || g.contains(['/', '+', '#']) {
@@ -379,7 +407,7 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
             let ok = u.finish();
             match (state_dir.as_ref(), download_timeout, max_mb, max_step, ok) {
                 (Some(dir), Some(download_timeout), Some(max_mb), Some(max_version_step), true) => Some(UpdateConfig {
-                    trusted_keys: trusted,
+                    trust,
                     groups,
                     compatible,
                     device_key: device_key.unwrap_or_else(|| dir.join("device.key")),
@@ -1039,6 +1067,36 @@ batch = { max = 32 }
         assert!(errs.to_string().contains("/nonexistent.pub"), "{errs}");
         let errs = parse(&format!("{GOOD}\n[train]\nbackend = \"cpu\"\n")).unwrap_err();
         assert!(errs.errors[0].message.contains("[pipeline.train]"), "{errs}");
+        // A root document instead of keys: it must hold on its own signatures, and not both.
+        let dir = std::env::temp_dir().join(format!("lathe-config-root-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (signer, update) =
+            (crate::update::signing::generate().unwrap(), crate::update::signing::generate().unwrap());
+        let hex_of = |k: &ed25519_dalek::SigningKey| hex::encode(k.verifying_key().to_bytes());
+        let body = crate::update::root::Root {
+            version: 1,
+            expires_unix: 4_000_000_000,
+            root_keys: vec![hex_of(&signer), hex_of(&update)],
+            root_threshold: 2,
+            update_keys: vec![hex_of(&update)],
+        };
+        let path = dir.join("root.json");
+        let short = crate::update::root::SignedRoot::sign(&body, &[&signer]).unwrap();
+        std::fs::write(&path, serde_json::to_vec(&short).unwrap()).unwrap();
+        let errs = parse(&format!("{GOOD}\n[update]\nroot = \"{}\"\n", path.display())).unwrap_err().to_string();
+        assert!(
+            errs.contains("update.root:") && errs.contains("signed by 1 of its own 2 root keys; 2 needed"),
+            "{errs}"
+        );
+        let errs = parse(&format!(
+            "{GOOD}\n[update]\nroot = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+            path.display(),
+            path.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(errs.contains("either trusted_keys or root"), "{errs}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::floor::Floor;
+use super::root::{Advance, Trust};
 use super::signing::{self, Offer};
-use crate::config::{Config, UpdateConfig};
+use crate::config::{Config, TrustSource, UpdateConfig};
 use crate::infer::{Engine, EngineKind, SharedModel};
 use crate::ingest::connection::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
 use crate::model::{bundle, Bundle, Registry};
@@ -48,10 +49,17 @@ struct Download {
     deadline: tokio::time::Instant,
 }
 
+/// The keys trusted now: fixed (`update.trusted_keys`) or a root's, which newer roots rotate.
+enum Keys {
+    Fixed(Vec<VerifyingKey>),
+    Root(Trust),
+}
+
 pub struct Updater {
     config: Config,
     settings: UpdateConfig,
-    trusted: Vec<VerifyingKey>,
+    /// Behind a lock only because the updater's future must be `Send`; one task uses it.
+    keys: std::sync::Mutex<Keys>,
     events: Events,
     loop_tx: Sender<LoopMessage>,
     /// The models the pipelines serve, by pipeline.
@@ -75,13 +83,19 @@ pub fn start(
     loop_tx: Sender<LoopMessage>,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let trusted = settings.trusted_keys.iter().map(|k| signing::read_public_key(k)).collect::<Result<Vec<_>, _>>()?;
+    let keys = match &settings.trust {
+        TrustSource::Keys(files) => {
+            Keys::Fixed(files.iter().map(|k| signing::read_public_key(k)).collect::<Result<Vec<_>, _>>()?)
+        }
+        TrustSource::Root(file) => Keys::Root(Trust::load(file, &config.state_dir)?),
+    };
     let id = format!("{}-update", config.client_id());
     let options =
         crate::ingest::connection::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let (client, eventloop) = AsyncClient::new(options, 256);
     let eventloop = (eventloop, LoginFiles::new(&config.mqtt));
-    let updater = Updater { config: config.clone(), settings: settings.clone(), trusted, events, loop_tx, models };
+    let keys = std::sync::Mutex::new(keys);
+    let updater = Updater { config: config.clone(), settings: settings.clone(), keys, events, loop_tx, models };
     Ok(tokio::spawn(updater.run(client, eventloop, stop)))
 }
 
@@ -127,6 +141,69 @@ impl Updater {
             .collect()
     }
 
+    /// Where new roots come (retained chains), when trust comes from a root.
+    fn root_topics(&self) -> Vec<String> {
+        match &self.settings.trust {
+            TrustSource::Root(_) => vec!["lathe/fleet/root".into(), format!("lathe/{}/root", self.config.node)],
+            TrustSource::Keys(_) => vec![],
+        }
+    }
+
+    /// The keys that sign offers and bundles now.
+    ///
+    /// # Errors
+    /// The root has expired (it trusts nothing until a newer one comes).
+    fn trusted(&self) -> Result<Vec<VerifyingKey>, String> {
+        let keys = self.keys.lock().map_err(|_| "the trusted keys are poisoned".to_string())?;
+        match &*keys {
+            Keys::Fixed(k) => Ok(k.clone()),
+            Keys::Root(trust) => match trust.expired(crate::service::unix_ms() / 1000) {
+                Some(why) => Err(why),
+                None => Ok(trust.update_keys().to_vec()),
+            },
+        }
+    }
+
+    /// A root message: the chain is walked from the root held; a newer root is stored before
+    /// it is used, and the offers are read again (one refused for a key only the new root
+    /// trusts may arrive before it). Returns whether the trust changed.
+    fn root_message(&self, topic: &str, payload: &[u8]) -> bool {
+        let Ok(mut keys) = self.keys.lock() else { return false };
+        let Keys::Root(trust) = &mut *keys else { return false };
+        let mut next = trust.clone();
+        let refuse = |why: String, held: u64| {
+            self.emit(
+                "update.root_refused",
+                format!("Root on {topic} refused, trusted root v{held} unchanged: {why}"),
+                json!({"name": "root", "version": held, "topic": topic, "why": why}),
+            );
+            false
+        };
+        match next.advance(payload) {
+            Ok(Advance::Unchanged) => false,
+            Err(why) => refuse(why, trust.root.version),
+            Ok(Advance::To { from, to }) => {
+                if let Err(e) = next.store(&self.config.state_dir) {
+                    return refuse(format!("cannot store it: {e}"), from);
+                }
+                let why = format!(
+                    "root v{to} signed by the keys of v{from}; update keys {}, {} of {} root keys sign the next",
+                    next.update_key_ids().join(", "),
+                    next.root.root_threshold,
+                    next.root.root_keys.len()
+                );
+                self.emit(
+                    "update.root",
+                    format!("Trusting root v{to} (was v{from}): {why}"),
+                    json!({"name": "root", "version": to, "from": from, "why": why,
+                           "update_keys": next.update_key_ids(), "expires_unix": next.root.expires_unix}),
+                );
+                *trust = next;
+                true
+            }
+        }
+    }
+
     fn registry(&self) -> Registry {
         Registry::new(&self.config.state_dir).with_engine(self.config.infer.engine.clone())
     }
@@ -150,7 +227,7 @@ impl Updater {
                 event = session.recv() => match event {
                     Some(Session::Connected) => {
                         // Offers again (retained), and every download resumes where it was.
-                        for t in self.offer_topics() {
+                        for t in self.root_topics().into_iter().chain(self.offer_topics()) {
                             let _ = client.subscribe(t, QoS::AtLeastOnce).await;
                         }
                         for sha in downloads.keys() {
@@ -162,6 +239,13 @@ impl Updater {
                             self.chunk(rest, payload, &mut downloads, &client, &done_tx).await;
                         } else if payload.is_empty() {
                             // A cleared retained offer.
+                        } else if self.root_topics().contains(&topic) {
+                            if self.root_message(&topic, &payload) {
+                                for t in self.offer_topics() {
+                                    let _ = client.unsubscribe(t.clone()).await;
+                                    let _ = client.subscribe(t, QoS::AtLeastOnce).await;
+                                }
+                            }
                         } else if let Some(offer) = self.consider(&topic, &payload, &downloads) {
                             if downloads.len() >= MAX_DOWNLOADS {
                                 self.emit("update.refused", "too many downloads at once; offer again later".into(), json!({"name": offer.0.name, "version": offer.0.version, "verified": true, "why": "too many downloads at once"}));
@@ -226,7 +310,14 @@ impl Updater {
             );
             None
         };
-        let (offer, signer) = match signing::open_offer(payload, &self.trusted) {
+        let trusted = match self.trusted() {
+            Ok(k) => k,
+            Err(why) => {
+                let (name, version) = signing::offer_claims(payload);
+                return refuse_as(&name, version, false, why);
+            }
+        };
+        let (offer, signer) = match signing::open_offer(payload, &trusted) {
             Ok(o) => o,
             Err(e) => {
                 let (name, version) = signing::offer_claims(payload);
@@ -377,12 +468,13 @@ impl Updater {
             return self
                 .failed(&d.offer, format!("sha256 {got} is not the offer's {} (tampered chunks)", d.offer.sha256));
         }
-        // Verification and validation load a model: off the async workers.
-        let (trusted, engine, state_dir, done) =
-            (self.trusted.clone(), self.config.infer.engine.clone(), self.config.state_dir.clone(), done.clone());
+        // Verification and validation load a model: off the async workers. The keys are
+        // those trusted now: a root that revoked the offer's signer meanwhile stops it here.
+        let trusted = self.trusted();
+        let (engine, state_dir, done) = (self.config.infer.engine.clone(), self.config.state_dir.clone(), done.clone());
         tokio::task::spawn_blocking(move || {
             let bytes: Vec<u8> = d.chunks.values().flatten().copied().collect();
-            let result = verify(&bytes, &d.offer, &trusted, &engine, &state_dir);
+            let result = trusted.and_then(|trusted| verify(&bytes, &d.offer, &trusted, &engine, &state_dir));
             let _ = done.blocking_send((d, result));
         });
     }

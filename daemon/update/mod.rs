@@ -19,4 +19,5 @@
 pub mod device;
 pub mod floor;
 pub mod push;
+pub mod root;
 pub mod signing;
