@@ -253,3 +253,112 @@ fn check_listen_reads_sparkplug_through_the_births_it_hears_and_says_when_it_hea
     );
     assert!(text.contains("no birth heard, so no metric could be named"), "{text}");
 }
+
+/// A second, independently written peer (tests/fixtures/sparkplug/raw_peer.py: its own
+/// protobuf codec from the specification, no pysparkplug) behaving as real edge-node
+/// libraries do: DDATA with the alias and a bare name, Int32/Int64/Float metrics, QoS 0 bursts,
+/// a rebirth of its own that reassigns every alias, DDATA without datatypes, and an alias never
+/// declared. Every row is scored as onnxruntime scores it, and lathe's NCMD meets the spec.
+/// Its host side checks lathe's own edge node against the Sparkplug TCK's edge-node
+/// assertions, through a host's rebirth request and a SIGKILL (the NDEATH is the will).
+#[test]
+fn a_second_independent_peer_and_the_tck_edge_node_assertions() {
+    if !peer_available() {
+        return;
+    }
+    let broker = Broker::start();
+    let dir = temp_dir("sparkplug-raw");
+    let features: Vec<String> = (1..=9).map(|i| format!("f{i} = \"DATA/F{i}\"")).collect();
+    let config = format!(
+        r#"node = "spr"
+state_dir = "{state}"
+[mqtt]
+url = "{url}"
+[sparkplug]
+group = "lathe"
+edge_node = "line2-lathe"
+[[pipeline]]
+name = "shuttle"
+model = "{model}"
+source = {{ format = "sparkplug-b", group = "plant", edge_node = "edge2" }}
+features = {{ {features} }}
+sink = {{ topic = "plant/{{device}}/prediction" }}
+"#,
+        state = dir.join("state").display(),
+        url = broker.url(),
+        model = root().join("models/shuttle-mlp-1.lathe").display(),
+        features = features.join(", "),
+    );
+    let mut daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "spr", &daemon);
+    let out = Collector::new(broker.port, &["plant/+/prediction", "lathe/spr/events"]);
+    let raw_peer = |args: &[&str]| {
+        let mut c = Command::new("python3");
+        c.arg(root().join("tests/fixtures/sparkplug/raw_peer.py"))
+            .args(args)
+            .args(["--port", &broker.port.to_string()]);
+        c
+    };
+    let host = raw_peer(&["host", "--group", "lathe", "--edge-node", "line2-lathe", "--seconds", "90"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let rows = root().join("tests/fixtures/expected.json");
+    let edge = raw_peer(&["edge", "--rows", rows.to_str().unwrap()]).output().unwrap();
+    let report: Value = serde_json::from_slice(&edge.stdout)
+        .unwrap_or_else(|_| panic!("peer: {}\n{}", String::from_utf8_lossy(&edge.stderr), daemon.log()));
+    assert!(edge.status.success(), "{report}\nlog:\n{}", daemon.log());
+
+    let sent: Vec<u64> = report["sent_rows"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
+    assert!(out.wait_for("prediction", sent.len(), Duration::from_secs(30)), "log:\n{}", daemon.log());
+    let expected = expected();
+    let want = expected["shuttle-mlp"].as_array().unwrap();
+    let predictions = out.on("plant/pump3/prediction");
+    assert_eq!(predictions.len(), sent.len(), "every row of the bursts, through every alias table");
+    for p in &predictions {
+        let row = p["key"].as_u64().unwrap() - T0;
+        assert!(sent.contains(&row), "row {row} was not sent as data: {p}");
+        let (got, ort) = (p["output"][1].as_f64().unwrap(), want[row as usize][1].as_f64().unwrap());
+        assert!((got - ort).abs() < 1e-4, "row {row}: lathe {got} vs onnxruntime {ort}");
+    }
+    let events = out.on("lathe/spr/events");
+    assert!(
+        events.iter().any(|e| e["event"] == "sparkplug.rebirth_requested"
+            && e["why"].as_str().is_some_and(|w| w.contains("unknown alias 99"))),
+        "{events:?}"
+    );
+    for (id, r) in report["assertions"].as_object().unwrap() {
+        assert!(r["checked"].as_u64().unwrap() >= 1 && r["failures"].as_array().unwrap().is_empty(), "{id}: {r}");
+    }
+
+    // The NDEATH as the broker sends it for a process that died: the will.
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.kill();
+    let host = host.wait_with_output().unwrap();
+    let seen: Value = serde_json::from_slice(&host.stdout)
+        .unwrap_or_else(|_| panic!("host: {}", String::from_utf8_lossy(&host.stderr)));
+    let assertions = seen["assertions"].as_object().unwrap();
+    eprintln!("TCK edge-node assertions checked on lathe's edge node ({} messages):", seen["messages"]);
+    for (id, r) in assertions {
+        eprintln!("  {id}: {} checked, {} failed", r["checked"], r["failures"].as_array().unwrap().len());
+        assert!(r["failures"].as_array().unwrap().is_empty(), "{id}: {r}");
+    }
+    for id in [
+        "tck-id-topics-nbirth-mqtt",
+        "tck-id-topics-nbirth-seq-num",
+        "tck-id-topics-nbirth-bdseq-included",
+        "tck-id-topics-nbirth-rebirth-metric",
+        "tck-id-topics-dbirth-seq",
+        "tck-id-topics-ddata-seq-num",
+        "tck-id-topics-dbirth-metric-reqs",
+        "tck-id-topics-ndeath-payload",
+        "tck-id-topics-ndeath-seq",
+        "tck-id-topics-nbirth-bdseq-matching",
+        "tck-id-message-flow-edge-node-birth-publish-will-message-qos",
+        "rebirth-answered-with-nbirth-and-every-dbirth",
+    ] {
+        assert!(assertions.get(id).is_some_and(|r| r["checked"].as_u64() >= Some(1)), "{id} was never checked: {seen}");
+    }
+}
