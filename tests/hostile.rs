@@ -131,3 +131,42 @@ fn a_daemon_told_to_serve_a_nan_model_refuses_it_and_keeps_answering() {
     assert!(out.wait_for("prediction", 10, Duration::from_secs(10)), "log:\n{}", daemon.log());
     assert!(out.on("plant/line1/").iter().all(|p| p["version"] == 1), "v1 keeps serving");
 }
+
+/// A bundle is a tar of plain files: a GNU sparse entry (which expands to a size of its own
+/// choosing), a symbolic or hard link and a device node are refused by name, before any
+/// byte of them is read.
+#[test]
+fn a_bundle_with_a_sparse_link_or_device_entry_is_refused() {
+    let good = std::fs::read(root().join("models/shuttle-mlp-1.lathe")).unwrap();
+    assert!(lathe::model::Bundle::from_bytes(&good).is_ok());
+    let cases = [
+        (tar::EntryType::GNUSparse, "model.onnx", "model.onnx is a GNUSparse entry"),
+        (tar::EntryType::Symlink, "bundle.toml", "bundle.toml is a Symlink entry"),
+        (tar::EntryType::Link, "validation.csv", "validation.csv is a Link entry"),
+        (tar::EntryType::Char, "model.onnx", "model.onnx is a Char entry"),
+    ];
+    for (kind, name, says) in cases {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_size(0);
+        header.set_mode(0o644);
+        let mut data: &[u8] = &[];
+        if kind == tar::EntryType::GNUSparse {
+            // One byte of data at the end of a 1 TB hole: 1 TB of zeros once expanded.
+            let gnu = header.as_gnu_mut().unwrap();
+            gnu.set_real_size(1 << 40);
+            gnu.sparse[0].set_offset((1 << 40) - 1);
+            gnu.sparse[0].set_length(1);
+            header.set_size(1);
+            data = &[7];
+        }
+        if matches!(kind, tar::EntryType::Symlink | tar::EntryType::Link) {
+            header.set_link_name("/etc/shadow").unwrap();
+        }
+        builder.append_data(&mut header, name, data).unwrap();
+        let bytes = builder.into_inner().unwrap();
+        let err = lathe::model::Bundle::from_bytes(&bytes).err().expect("refused").to_string();
+        assert!(err.contains(says), "{kind:?}: {err}");
+    }
+}

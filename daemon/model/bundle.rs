@@ -93,6 +93,15 @@ impl Bundle {
         for entry in entries {
             let mut entry = entry.map_err(|e| BundleError::Format(e.to_string()))?;
             let name = entry.path().map_err(|e| BundleError::Format(e.to_string()))?.to_string_lossy().into_owned();
+            // Plain files only: a GNU sparse entry expands to a size of its own choosing, a
+            // link or a device names something outside the bundle, and none is ever written
+            // by `bundle create`. (PAX and GNU long-name headers are read by `tar` itself.)
+            let kind = entry.header().entry_type();
+            if kind != tar::EntryType::Regular {
+                return Err(BundleError::Format(format!(
+                    "{name} is a {kind:?} entry; a bundle holds plain files only"
+                )));
+            }
             if ![MANIFEST, MODEL, VALIDATION, SIGNATURE].contains(&name.as_str()) {
                 return Err(BundleError::Format(format!("unexpected file {name:?}")));
             }
