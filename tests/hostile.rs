@@ -41,6 +41,15 @@ fn each_hostile_model_is_refused_with_its_reason() {
         ("tree-cycle.onnx", "tree 0: node 0 leads back to itself"),
         ("tree-vote-past-classes.onnx", "has a leaf voting for class or target 5000 of 2"),
         ("tree-billion-targets.onnx", "has 1000000000 classes or targets; 1 to 65536 are served"),
+        // Sizes computed from constant inputs, and a node hidden in an If branch.
+        ("range-to-gigabytes.onnx", "(Range) asks for 10000000000 values from its constant inputs"),
+        ("onehot-depth-gigabytes.onnx", "(OneHot) asks for 1000000000 values"),
+        ("pad-to-gigabytes.onnx", "(Pad) asks for 10000200001 values"),
+        ("resize-to-gigabytes.onnx", "(Resize) asks for 10000000000 values"),
+        (
+            "if-branch-expand-to-gigabytes.onnx",
+            "in the \"then_branch\" body of node \"branch\" (If): node \"e\" (Expand) asks for 20000000000 values",
+        ),
     ];
     for (file, reason) in cases {
         let out = dir.join(format!("{file}.lathe"));

@@ -13,6 +13,28 @@ const MAX_DECLARED_BYTES: u64 = 2 << 30;
 /// the device).
 const MAX_SHAPED_VALUES: u64 = 1 << 26;
 
+/// The values of a constant numeric tensor as f64 (float, double, int32 and int64 tensors;
+/// raw little-endian or typed fields): for a `Range`'s bounds and a `Resize`'s scales.
+fn numbers(t: &TensorProto) -> Vec<f64> {
+    let raw = |n: usize| t.raw_data.chunks_exact(n);
+    match t.data_type {
+        1 if !t.raw_data.is_empty() => {
+            raw(4).map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+        }
+        1 => t.float_data.iter().map(|&v| f64::from(v)).collect(),
+        11 if !t.raw_data.is_empty() => {
+            raw(8).map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])).collect()
+        }
+        11 => t.double_data.clone(),
+        6 if !t.raw_data.is_empty() => {
+            raw(4).map(|b| f64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+        }
+        6 => t.int32_data.iter().map(|&v| f64::from(v)).collect(),
+        7 => int64s(t).into_iter().map(|v| v as f64).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The int64 values of a constant tensor (raw little-endian or `int64_data`).
 fn int64s(t: &TensorProto) -> Vec<i64> {
     if !t.raw_data.is_empty() {
@@ -80,6 +102,53 @@ fn check_shaped(graph: &GraphProto) -> Result<(), String> {
             None => {
                 return Err(format!("node {name:?} ({}) has an impossible shape {shown}", node.op_type));
             }
+        }
+    }
+    Ok(())
+}
+
+/// How many values a `Range`, `OneHot`, `Pad`, `Resize` or `Upsample` is asked for by its
+/// constant inputs alone (a computed input counts as the least it can be), when that is known.
+fn computed_size(graph: &GraphProto, node: &tract_onnx::pb::NodeProto) -> Option<f64> {
+    let input = |i: usize| node.input.get(i).filter(|n| !n.is_empty()).and_then(|n| constant(graph, n)).map(numbers);
+    let scalar = |i: usize| input(i).and_then(|v| v.first().copied());
+    match node.op_type.as_str() {
+        // ceil((limit - start) / delta) values.
+        "Range" => {
+            let (start, limit, delta) = (scalar(0)?, scalar(1)?, scalar(2)?);
+            Some(((limit - start) / delta).ceil().max(0.0))
+        }
+        // depth values for every index.
+        "OneHot" => scalar(1),
+        // Every axis grows by its pads (the input's own size counts as 1).
+        "Pad" => {
+            let pads: Vec<f64> = input(1).or_else(|| {
+                node.attribute.iter().find(|a| a.name == "pads").map(|a| a.ints.iter().map(|&v| v as f64).collect())
+            })?;
+            let axes = pads.len() / 2;
+            Some((0..axes).map(|a| (1.0 + pads[a].max(0.0) + pads[a + axes].max(0.0)).max(1.0)).product())
+        }
+        // `sizes` as they are; `scales` times an input of at least one value per axis.
+        "Resize" => input(3)
+            .filter(|v| !v.is_empty())
+            .map(|v| v.iter().product())
+            .or_else(|| input(2).filter(|v| !v.is_empty()).map(|v| v.iter().map(|s| s.max(1.0)).product())),
+        "Upsample" => input(1).map(|v| v.iter().map(|s| s.max(1.0)).product()),
+        _ => None,
+    }
+}
+
+/// Refuses a node whose constant inputs ask for more than `MAX_SHAPED_VALUES` values
+/// (`computed_size`): tract's constant folding, or the first run, would allocate them.
+fn check_computed(graph: &GraphProto) -> Result<(), String> {
+    for node in &graph.node {
+        let Some(count) = computed_size(graph, node) else { continue };
+        if !count.is_finite() || count > MAX_SHAPED_VALUES as f64 {
+            let name = if node.name.is_empty() { node.output.first().map_or("", String::as_str) } else { &node.name };
+            return Err(format!(
+                "node {name:?} ({}) asks for {count:.0} values from its constant inputs; the limit is {MAX_SHAPED_VALUES}",
+                node.op_type
+            ));
         }
     }
     Ok(())
@@ -156,8 +225,21 @@ pub fn check(graph: &GraphProto) -> Result<(), String> {
         }
     }
     check_shaped(graph)?;
+    check_computed(graph)?;
     check_transposes(graph)?;
-    check_trees(graph)
+    check_trees(graph)?;
+    // The bodies of `If`, `Loop` and `Scan` (and any graph-valued attribute) are graphs too,
+    // checked the same way: a hostile node hidden in a branch runs all the same.
+    for node in &graph.node {
+        for attribute in &node.attribute {
+            for body in attribute.g.iter().chain(&attribute.graphs) {
+                check(body).map_err(|e| {
+                    format!("in the {:?} body of node {:?} ({}): {e}", attribute.name, node.name, node.op_type)
+                })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Most classes (or regression targets) a tree ensemble may have: each is a column of every
