@@ -182,3 +182,39 @@ fn a_bundle_with_a_sparse_link_or_device_entry_is_refused() {
         assert!(err.contains(says), "{kind:?}: {err}");
     }
 }
+
+/// A model that asks for memory from its data (a `Range` to max(|x|) * 10^8: 17 GB at the
+/// first validation row) passes every static check. Named champion on a running daemon, it
+/// is tried in a child process under `infer.load_memory_mb` and refused there with the
+/// reason; the daemon is not OOM-killed and v1 keeps answering.
+#[test]
+fn a_model_that_allocates_from_its_data_is_refused_in_a_child_and_the_daemon_keeps_serving() {
+    let broker = Broker::start();
+    let dir = temp_dir("hostile-memory");
+    let state = dir.join("state");
+    let config = config("hostile-mem", &broker, &state, &root().join("models/shuttle-mlp-1.lathe"))
+        + "[infer]\nload_memory_mb = 1024\n";
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "hostile-mem", &daemon);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/hostile-mem/events"]);
+    let registry = state.join("registry/shuttle-mlp");
+    std::fs::write(
+        registry.join("shuttle-mlp-9.lathe"),
+        forged_bundle(&root().join("tests/fixtures/hostile/range-from-data-gigabytes.onnx"), 9),
+    )
+    .unwrap();
+    std::fs::write(registry.join("champion"), "9").unwrap();
+    let refused = || out.on("lathe/hostile-mem/events").into_iter().find(|e| e["event"] == "model.refused");
+    assert!(wait_until(Duration::from_secs(20), || refused().is_some()), "log:\n{}", daemon.log());
+    let error = refused().unwrap()["error"].as_str().unwrap().to_string();
+    eprintln!("refused: {error}");
+    assert!(error.contains("infer.load_memory_mb = 1024"), "{error}");
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    for (seq, row) in rows.iter().enumerate().take(10) {
+        p.publish("plant/line1/dev0/telemetry", shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", 10, Duration::from_secs(10)), "log:\n{}", daemon.log());
+    assert!(out.on("plant/line1/").iter().all(|p| p["version"] == 1), "v1 keeps serving");
+}

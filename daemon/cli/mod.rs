@@ -82,6 +82,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// (Internal) the daemon's model probe: a bundle on stdin, loaded and run on its
+    /// validation set under the limits the daemon set (`infer::probe`).
+    #[command(name = "__probe-model", hide = true)]
+    ProbeModel {
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+        #[arg(long = "provider")]
+        providers: Vec<String>,
+        #[arg(long)]
+        strict: bool,
+    },
     /// What the sample store holds for a pipeline, as JSON; `export` writes its rows as CSV
     /// (offline: the daemon holds the file's lock).
     Store(store::StoreArgs),
@@ -123,8 +134,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::ProbeModel { ort_library, providers, strict } => {
+            return crate::infer::probe::child_main(ort_library, providers, strict)
+        }
         Command::Run { config } => {
             init_logging("info,rumqttd=warn");
+            crate::infer::probe::enable();
             run(&config)
         }
         Command::Check { config, json, connect, listen } => check(&config, json, connect, listen),

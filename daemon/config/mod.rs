@@ -144,6 +144,9 @@ pub struct MqttConfig {
 pub struct InferConfig {
     /// `engine = "tract"` (default) or `"ort"` with `ort_library = "/path/libonnxruntime.so.1.x"`.
     pub engine: crate::infer::EngineKind,
+    /// `load_memory_mb`, `load_timeout`: what a model's load and first inference may take
+    /// (tried in a child process first; `infer::probe`).
+    pub load_limits: crate::infer::probe::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -620,9 +623,12 @@ fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
         }
         (None, _) => None,
     };
+    let memory_mb = s.integer("load_memory_mb", 4096, 64, 1 << 20);
+    let timeout = train::duration(&mut s, "load_timeout", "2m");
     let ok = s.finish();
     if ok {
-        Some(InferConfig { engine: engine? })
+        let load_limits = crate::infer::probe::Limits { memory_mb: memory_mb?, timeout: timeout? };
+        Some(InferConfig { engine: engine?, load_limits })
     } else {
         None
     }

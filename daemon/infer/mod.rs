@@ -5,6 +5,7 @@ pub mod engine;
 pub(crate) mod ml_ops;
 #[cfg(feature = "ort")]
 mod ort_engine;
+pub mod probe;
 mod untrusted;
 pub mod window;
 
@@ -88,6 +89,7 @@ impl ActiveModel {
     /// A model tract cannot serve, or one whose input width disagrees with its manifest.
     pub fn load(bundle: &Bundle, pipeline: &PipelineConfig, config: &Config) -> Result<ActiveModel, String> {
         let m = &bundle.manifest;
+        probe::check(bundle, &config.infer.engine, &config.infer.load_limits)?;
         let engine = Engine::load_with(&bundle.model, &config.infer.engine).map_err(|e| e.to_string())?;
         let max_payload_bytes = config.mqtt.max_payload_bytes;
         if engine.signature.features != m.inputs.len() {

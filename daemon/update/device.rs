@@ -18,7 +18,7 @@ use super::floor::Floor;
 use super::root::{Advance, Trust};
 use super::signing::{self, Offer};
 use crate::config::{Config, TrustSource, UpdateConfig};
-use crate::infer::{Engine, EngineKind, SharedModel};
+use crate::infer::{Engine, SharedModel};
 use crate::ingest::connection::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
 use crate::model::{bundle, Bundle, Registry};
 use crate::service::closed_loop::LoopMessage;
@@ -471,10 +471,10 @@ impl Updater {
         // Verification and validation load a model: off the async workers. The keys are
         // those trusted now: a root that revoked the offer's signer meanwhile stops it here.
         let trusted = self.trusted();
-        let (engine, state_dir, done) = (self.config.infer.engine.clone(), self.config.state_dir.clone(), done.clone());
+        let (infer, state_dir, done) = (self.config.infer.clone(), self.config.state_dir.clone(), done.clone());
         tokio::task::spawn_blocking(move || {
             let bytes: Vec<u8> = d.chunks.values().flatten().copied().collect();
-            let result = trusted.and_then(|trusted| verify(&bytes, &d.offer, &trusted, &engine, &state_dir));
+            let result = trusted.and_then(|trusted| verify(&bytes, &d.offer, &trusted, &infer, &state_dir));
             let _ = done.blocking_send((d, result));
         });
     }
@@ -514,9 +514,10 @@ fn verify(
     bytes: &[u8],
     offer: &Offer,
     trusted: &[VerifyingKey],
-    engine: &EngineKind,
+    infer: &crate::config::InferConfig,
     state_dir: &std::path::Path,
 ) -> Result<(Bundle, Value), String> {
+    let engine = &infer.engine;
     let bundle = Bundle::from_bytes(bytes).map_err(|e| format!("not a valid bundle: {e}"))?;
     let signer = signing::verify_bundle(&bundle, trusted)?;
     let m = &bundle.manifest;
@@ -526,6 +527,7 @@ fn verify(
             m.name, m.version, offer.name, offer.version
         ));
     }
+    crate::infer::probe::check(&bundle, engine, &infer.load_limits)?;
     let candidate = Engine::load_with(&bundle.model, engine).map_err(|e| e.to_string())?;
     let (x, outputs) = bundle.validated_outputs(&candidate).map_err(|e| e.to_string())?;
     let truth = bundle.validation_targets().map_err(|e| e.to_string())?;
