@@ -49,7 +49,7 @@ fn options() -> PushOptions {
         min_daemon_version: "0.1.0".into(),
         chunk_bytes: 8 << 10,
         // The offer topics these tests publish to.
-        targets: ["upd-x", "upd-k", "upd-t", "upd-r"].iter().map(|n| format!("lathe/{n}/update")).collect(),
+        targets: ["upd-x", "upd-k", "upd-t", "upd-r", "upd-c"].iter().map(|n| format!("lathe/{n}/update")).collect(),
     }
 }
 
@@ -359,8 +359,10 @@ fn kill_9_during_an_update_leaves_the_old_or_the_new_model_never_between() {
         let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
         let now = listed[0]["champion"].as_u64().unwrap();
         // An offer a kill interrupted after its trust was recorded completes at the next start
-        // (its retained offer is still there until the next one replaces it).
-        assert!((champion..=version).contains(&now), "v{version}: champion v{now}, before it v{champion}");
+        // (its retained offer is still there until the next one replaces it). A version on
+        // trial at two kills in a row is rolled back as one that crashed the daemon
+        // (`crash_guard`): to an older version, still a whole, signed one.
+        assert!((1..=version).contains(&now), "v{version}: champion v{now}, before it v{champion}");
         if now > 1 {
             let served =
                 Bundle::read(&dir.join(format!("state/registry/shuttle-mlp/shuttle-mlp-{now}.lathe"))).unwrap();
@@ -683,4 +685,68 @@ fn a_signed_root_rotates_and_revokes_update_keys_and_an_expired_root_trusts_noth
     refused_offer(&daemon, 4, "root v3 expired");
     wait_version(&out, "upd-root", 2, &daemon);
     assert!(daemon.stop());
+}
+
+/// A pushed version that crashes the daemon during its trial (here: the daemon is SIGKILLed
+/// while it serves it, as the OOM killer or an abort would end it) is served again after
+/// the first unclean restart, and rolled back at the second, before it is loaded: a
+/// `trial.failed` event says why, and its retained offer is refused from then on.
+#[test]
+fn a_version_on_trial_at_two_unclean_restarts_is_rolled_back_with_an_event() {
+    let broker = Broker::start();
+    let dir = temp_dir("update-crash");
+    let key = keys(&dir, "central");
+    let central = signing::read_signing_key(&key).unwrap();
+    let config = daemon_config("upd-c", &broker, &dir, &key.with_extension("pub"), "");
+    let out = Collector::new(broker.port, &["lathe/upd-c/status", "lathe/upd-c/events"]);
+    let mut daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "upd-c", &daemon);
+    let mut p = Publisher::new(broker.port);
+    let v2 = Bundle::read(&sample_version(&dir, 2, &sample_model().1)).unwrap();
+    let offer = prepare(v2, &central, &options()).unwrap();
+    publish(&mut p, &offer, "lathe/upd-c/update");
+    wait_version(&out, "upd-c", 2, &daemon);
+    assert!(wait_until(Duration::from_secs(10), || !events(&out, "upd-c", "trial.started").is_empty()));
+    // The first crash is forgiven (a power cut is not the model's fault): v2 serves again.
+    daemon.kill();
+    daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "upd-c", &daemon);
+    std::thread::sleep(Duration::from_millis(500));
+    wait_version(&out, "upd-c", 2, &daemon);
+    assert!(daemon.log().contains("1 of 2 before it is rolled back"), "{}", daemon.log());
+    // The second: rolled back before v2 is loaded.
+    daemon.kill();
+    daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "upd-c", &daemon);
+    assert!(
+        wait_until(Duration::from_secs(15), || !events(&out, "upd-c", "trial.failed").is_empty()),
+        "no trial.failed; log:\n{}",
+        daemon.log()
+    );
+    let failed = events(&out, "upd-c", "trial.failed").remove(0);
+    eprintln!("{}", failed["message"]);
+    assert!(failed["message"].as_str().unwrap().contains("2 unclean restarts"), "{failed}");
+    assert_eq!(
+        (failed["name"].as_str(), failed["version"].as_u64(), failed["to"].as_u64()),
+        (Some("shuttle-mlp"), Some(2), Some(1))
+    );
+    let log = daemon.log();
+    assert!(log.contains("Serving pipeline=\"shuttle\" model=\"shuttle-mlp\" version=1"), "{log}");
+    assert!(!log.lines().any(|l| l.contains("Serving") && l.contains("version=2")), "v2 is not loaded again: {log}");
+    wait_version(&out, "upd-c", 1, &daemon);
+    // Its offer, seen again (a retained one is, at every start), is refused.
+    p.publish("lathe/upd-c/update", offer.message.clone());
+    p.flush();
+    assert!(
+        wait_until(Duration::from_secs(15), || events(&out, "upd-c", "update.refused")
+            .iter()
+            .any(|e| e["why"].as_str().is_some_and(|w| w.contains("failed its trial here")))),
+        "log:\n{}",
+        daemon.log()
+    );
+    // A clean stop and start counts nothing.
+    assert!(daemon.stop());
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "upd-c", &daemon);
+    assert!(!std::fs::read_to_string(dir.join("state/trials.json")).unwrap_or_default().contains("shuttle-mlp"));
 }

@@ -185,7 +185,15 @@ pub fn main() -> ExitCode {
 fn run(path: &std::path::Path) -> Result<(), String> {
     let mut config = Config::load(path).map_err(|e| e.to_string())?;
     let rt = runtime()?;
-    let (mut kept, mut prepared) = (crate::service::Kept::default(), crate::service::Prepared::default());
+    let state_dir = config.state_dir.clone();
+    let crashed = crate::service::crash_guard::at_start(&state_dir);
+    let (mut kept, mut prepared) = (crate::service::Kept::default(), crate::service::Prepared::at_start(crashed));
+    // Every end but a crash or a kill is clean: the next start does not count against a
+    // version on trial.
+    let ended = |result: Result<(), String>| {
+        crate::service::crash_guard::clean_stop(&state_dir);
+        result
+    };
     loop {
         let next = std::sync::Arc::new(std::sync::Mutex::new(None));
         let running = crate::service::Running {
@@ -205,15 +213,16 @@ fn run(path: &std::path::Path) -> Result<(), String> {
                 crate::service::Ending::Stop => false,
             }
         };
-        kept = rt
-            .block_on(crate::service::run_keeping(config, kept, prepared, signal, |_| {}))
-            .map_err(|e| e.to_string())?;
+        kept = match rt.block_on(crate::service::run_keeping(config, kept, prepared, signal, |_| {})) {
+            Ok(kept) => kept,
+            Err(e) => return ended(Err(e.to_string())),
+        };
         match next.lock().ok().and_then(|mut s| s.take()) {
             Some((new, models)) => {
                 tracing::info!("Reloaded {}", path.display());
                 (config, prepared) = (new, models);
             }
-            None => return Ok(()),
+            None => return ended(Ok(())),
         }
     }
 }

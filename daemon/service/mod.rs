@@ -7,6 +7,7 @@
 
 pub(crate) mod closed_loop;
 mod code_pages;
+pub mod crash_guard;
 pub mod events;
 pub mod liveness;
 pub mod metrics;
@@ -326,6 +327,15 @@ pub struct Prepared {
     models: Vec<(String, ActiveModel)>,
     /// Pipelines whose champion could not serve: (pipeline, champion, error).
     fallbacks: Vec<(String, String, String)>,
+    /// Versions on trial rolled back at this start for crashing the daemon (`crash_guard`).
+    crashed: Vec<crash_guard::Crashed>,
+}
+
+impl Prepared {
+    /// A first start's: nothing loaded yet, and what `crash_guard::at_start` rolled back.
+    pub fn at_start(crashed: Vec<crash_guard::Crashed>) -> Prepared {
+        Prepared { crashed, ..Prepared::default() }
+    }
 }
 
 /// Loads what `new` needs beyond the pipelines of `running` it keeps unchanged. (Only a
@@ -344,7 +354,7 @@ pub fn prepare(new: &Config, running: &Running) -> Result<Prepared, ConfigErrors
     let mut fallbacks = Vec::new();
     let models = load_models_noting(&to_load, true, &mut fallbacks)?;
     let models = to_load.pipelines.iter().map(|p| p.name.clone()).zip(models).collect();
-    Ok(Prepared { models, fallbacks })
+    Ok(Prepared { models, fallbacks, crashed: Vec::new() })
 }
 
 fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
@@ -510,7 +520,7 @@ pub async fn run_keeping(
     // or load their champion.
     let reused: Vec<Option<Serving>> = config.pipelines.iter().map(|p| kept.take(&config, p)).collect();
     let prints = fingerprints(&config);
-    let Prepared { models: mut ready_models, mut fallbacks } = prepared;
+    let Prepared { models: mut ready_models, mut fallbacks, crashed } = prepared;
     let mut to_load = config.clone();
     to_load.pipelines = config
         .pipelines
@@ -646,6 +656,15 @@ pub async fn run_keeping(
             }),
         };
         models.push((p.name.clone(), model.clone()));
+        for c in crashed.iter().filter(|c| c.model == model.load().name) {
+            events.emit(events::Event::Step {
+                pipeline: p.name.clone(),
+                step: "trial.failed",
+                message: c.message(),
+                detail: serde_json::json!({"name": c.model, "version": c.version, "to": c.to,
+                    "unclean_starts": c.starts, "why": "it crashed the daemon during its trial"}),
+            });
+        }
         if let Some(train) = p.train.clone().or_else(|| config.update.as_ref().and_then(|_| TrainConfig::serve_only()))
         {
             looped.push(closed_loop::LoopPipeline {

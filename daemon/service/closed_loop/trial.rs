@@ -142,6 +142,13 @@ pub(super) fn promote(
     let _ = store.set_meta(&name, "trial_previous", previous);
     let _ = store.set_meta(&name, "trial_until_s", now_s() + trial.as_secs());
     let _ = store.set_meta(&name, "trial_pushed", u64::from(record["origin"] == "pushed"));
+    crate::service::crash_guard::on_trial(
+        registry.state_dir(),
+        &m.name,
+        m.version,
+        previous,
+        record["origin"] == "pushed",
+    );
     let _ = store.set_meta(&name, "rebase_from", store.stats(&name).map_or(0, |st| st.stored_total));
     emit(
         events,
@@ -166,9 +173,10 @@ pub(super) fn promote(
     });
 }
 
-/// Ends the kept trial, so a restart does not resume it.
-pub(super) fn clear_trial(store: &Store, pipeline: &str) {
+/// Ends the kept trial, so a restart does not resume it (nor counts against it).
+pub(super) fn clear_trial(store: &Store, registry: &Registry, pipeline: &str, model: &str) {
     let _ = store.set_meta(pipeline, "trial_version", 0);
+    crate::service::crash_guard::trial_over(registry.state_dir(), model);
 }
 
 /// After a restart mid-trial: the trial goes on for the time it had left.
@@ -218,7 +226,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
     let serving = s.p.model.load();
     if serving.version != *version && registry.champion_version(&serving.name).ok().flatten() != Some(*version) {
         // Someone else (a person, an update) changed the champion: the trial is theirs to end.
-        clear_trial(store, &s.p.config.name);
+        clear_trial(store, registry, &s.p.config.name, &serving.name);
         s.trial = None;
         return;
     }
@@ -269,7 +277,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
     if let Some(why) = failure {
         let (version, previous) = (*version, *previous);
         let back = registry.rollback(&name);
-        clear_trial(store, &pipeline);
+        clear_trial(store, registry, &pipeline, &name);
         s.trial = None;
         // A pushed version stays offered (retained): remember that it failed here.
         if detail["run"]["origin"] == "pushed" {
@@ -300,7 +308,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
         }
     } else if Instant::now() >= *until {
         let version = *version;
-        clear_trial(store, &pipeline);
+        clear_trial(store, registry, &pipeline, &name);
         s.trial = None;
         emit(events, &s.p, "trial.passed", format!("{name} v{version} passed its trial"), detail);
         // Only a fine-tuned version carries a reference that is not its own (its parent's
