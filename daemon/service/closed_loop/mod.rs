@@ -261,7 +261,7 @@ fn command(
                         }
                         s.stage = Stage::Idle;
                         s.trial = None;
-                        trial::clear_trial(store, &registry, &s.p.config.name, &name);
+                        trial::clear_trial(store, registry, &s.p.config.name, &name);
                         emit(
                             events,
                             &s.p,
