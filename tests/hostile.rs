@@ -218,3 +218,85 @@ fn a_model_that_allocates_from_its_data_is_refused_in_a_child_and_the_daemon_kee
     assert!(out.wait_for("prediction", 10, Duration::from_secs(10)), "log:\n{}", daemon.log());
     assert!(out.on("plant/line1/").iter().all(|p| p["version"] == 1), "v1 keeps serving");
 }
+
+/// A raw MQTT 3.1.1 client (no library: the test must send what a library would refuse):
+/// CONNECT, one QoS 1 PUBLISH of `payload` on `topic`, wait for its PUBACK, DISCONNECT.
+fn publish_raw_v311(port: u16, topic: &str, payload: &[u8]) {
+    use std::io::Write;
+    fn remaining(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n % 128) as u8;
+            n /= 128;
+            out.push(if n > 0 { byte | 0x80 } else { byte });
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let id = b"raw-v311";
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, id.len() as u8];
+    body.extend(id);
+    let mut connect = vec![0x10];
+    remaining(body.len(), &mut connect);
+    connect.extend(body);
+    s.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK");
+    let mut publish = vec![0x32];
+    remaining(2 + topic.len() + 2 + payload.len(), &mut publish);
+    publish.extend((topic.len() as u16).to_be_bytes());
+    publish.extend(topic.as_bytes());
+    publish.extend(7u16.to_be_bytes());
+    s.write_all(&publish).unwrap();
+    s.write_all(payload).unwrap();
+    let mut puback = [0u8; 4];
+    s.read_exact(&mut puback).unwrap();
+    assert_eq!(puback, [0x40, 2, 0, 7], "PUBACK");
+    s.write_all(&[0xe0, 0]).unwrap();
+}
+
+/// Under MQTT 3.1.1 the broker cannot be told a maximum packet size. A 40 MB telemetry
+/// message is skipped as it streams in, never held whole (the daemon's peak RSS grows by
+/// far less than it), acknowledged (the broker does not send it again at each reconnect)
+/// and rejected as payload_too_large with its size; the rows after it are served.
+#[test]
+fn a_message_past_the_packet_limit_under_mqtt_3_1_1_is_skipped_unread_and_rejected() {
+    let Some(broker) = Broker::start_mosquitto("a 40 MB message through a real broker") else { return };
+    let dir = temp_dir("hostile-v311-size");
+    let config = config("hostile-big", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"))
+        .replace("[mqtt]\n", "[mqtt]\nprotocol = \"3.1.1\"\n");
+    assert!(config.contains("protocol = \"3.1.1\""), "{config}");
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "hostile-big", &daemon);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/hostile-big/events"]);
+    let peak = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    };
+    let pid = daemon.pid().unwrap();
+    let before = peak(pid);
+    let mut big = b"{\"seq\": 1, \"pad\": \"".to_vec();
+    big.resize(40 << 20, b'x');
+    big.extend(b"\"}");
+    publish_raw_v311(broker.port, "plant/line1/dev0/telemetry", &big);
+    let rejected = || {
+        out.on("lathe/hostile-big/events")
+            .into_iter()
+            .find(|e| e["event"] == "input.rejected" && e["reason"] == "payload_too_large")
+    };
+    assert!(wait_until(Duration::from_secs(20), || rejected().is_some()), "log:\n{}", daemon.log());
+    let detail = rejected().unwrap()["detail"].as_str().unwrap().to_string();
+    eprintln!("rejected: {detail}; peak RSS {} MB -> {} MB", before >> 20, peak(pid) >> 20);
+    assert!(detail.contains(&format!("payload of {} bytes", 2 + 26 + 2 + big.len())), "{detail}");
+    assert!(peak(pid) < before + (16 << 20), "the 40 MB message was held: peak RSS {} -> {}", before, peak(pid));
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    for (seq, row) in rows.iter().enumerate().take(10) {
+        p.publish("plant/line1/dev0/telemetry", shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", 10, Duration::from_secs(10)), "log:\n{}", daemon.log());
+}

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{ConnAck, Filter, LastWill, Packet, Publish, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, Filter, LastWill, Packet, Publish, RetainForwardRule, OVERSIZED_PUBLISH};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, WireProtocol};
 use rumqttc::Outgoing;
@@ -327,6 +327,10 @@ pub fn no_delay() -> rumqttc::NetworkOptions {
     net
 }
 
+/// The largest MQTT packet read whole: under MQTT 5 the broker is told (and drops larger
+/// ones), under 3.1.1 a larger PUBLISH is skipped unread and rejected.
+pub const MAX_PACKET_BYTES: u32 = 16 << 20;
+
 /// What every session of this daemon shares (the main one, the Sparkplug edge node, the
 /// updater): the broker, keep-alive, credentials and TLS. A clean session with no will.
 ///
@@ -340,8 +344,10 @@ pub fn session_options(m: &MqttConfig, host: &str, port: u16, client_id: String)
         o.set_network_options(no_delay());
     }
     // Oversized telemetry must reach us to be rejected and reported: a v5 broker silently
-    // drops messages over the client's maximum packet size.
-    o.set_max_packet_size(Some(16 << 20));
+    // drops messages over the client's maximum packet size. Under 3.1.1 the broker cannot be
+    // told; a larger PUBLISH is skipped unread as it streams in (rumqttc patch 7) and arrives
+    // as `OVERSIZED_PUBLISH`, which `route` rejects as payload_too_large.
+    o.set_max_packet_size(Some(MAX_PACKET_BYTES));
     apply_login(m, &mut o)?;
     Ok(o)
 }
@@ -983,10 +989,16 @@ impl Router {
         });
         // MQTT topics are UTF-8 by the spec; anything else matches no pipeline.
         let topic = std::str::from_utf8(&p.topic).unwrap_or("");
+        // A 3.1.1 message past MAX_PACKET_BYTES, skipped unread: its size, no payload.
+        let oversized: Option<usize> = p
+            .properties
+            .as_ref()
+            .and_then(|pp| pp.user_properties.iter().find(|(k, _)| k == OVERSIZED_PUBLISH))
+            .and_then(|(_, bytes)| bytes.parse().ok());
         if let Some(action) = self.commands.filter.matches(topic) {
             self.command(action, &p.payload);
         }
-        for route in &self.routes {
+        for route in self.routes.iter().filter(|_| oversized.is_none()) {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
             let max_payload_bytes = route.model.load().extractor.max_payload_bytes();
@@ -1007,6 +1019,11 @@ impl Router {
                 continue;
             };
             let rows: Vec<super::Row> = match &route.source.sparkplug {
+                _ if oversized.is_some() => {
+                    let (bytes, max) =
+                        (oversized.unwrap_or_default(), route.model.load().extractor.max_payload_bytes());
+                    vec![(None, Err(super::extract::Reject::TooLarge { bytes, max }))]
+                }
                 None => {
                     let mut last =
                         route.source.last_values.as_ref().map(|l| l.lock().unwrap_or_else(PoisonError::into_inner));

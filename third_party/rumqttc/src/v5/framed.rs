@@ -23,6 +23,8 @@ impl Network {
             max_incoming_size,
             max_outgoing_size: None,
             v311: false,
+            v311_max_incoming_size: None,
+            skipping: 0,
         };
         let framed = Framed::new(socket, codec);
 
@@ -35,14 +37,15 @@ impl Network {
     /// lathe patch: speak MQTT 3.1.1 on this connection.
     ///
     /// A 3.1.1 broker is not told the largest packet the client takes (that is a v5
-    /// property), and a client that refuses one can only drop the connection, after which
-    /// the broker sends the same message again, for ever. So in 3.1.1 every packet is read
-    /// and the client decides what to do with it; the broker's own limit bounds them.
+    /// property), and a client that refuses one by dropping the connection would be sent the
+    /// same message again, for ever. So in 3.1.1 a PUBLISH over the limit is skipped as it
+    /// streams in and handed up with an empty payload and the `OVERSIZED_PUBLISH` user
+    /// property (see `Codec`): never held whole, acknowledged like any other.
     pub fn set_v311(&mut self, v311: bool) {
         let codec = self.framed.codec_mut();
         codec.v311 = v311;
         if v311 {
-            codec.max_incoming_size = None;
+            codec.v311_max_incoming_size = codec.max_incoming_size.take();
         }
     }
 

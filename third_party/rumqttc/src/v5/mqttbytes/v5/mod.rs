@@ -2,7 +2,7 @@ use std::slice::Iter;
 
 pub use self::{
     auth::Auth,
-    codec::Codec,
+    codec::{Codec, OVERSIZED_PUBLISH},
     connack::{ConnAck, ConnAckProperties, ConnectReturnCode},
     connect::{Connect, ConnectProperties, LastWill, LastWillProperties, Login},
     disconnect::{Disconnect, DisconnectProperties, DisconnectReasonCode},
