@@ -2,6 +2,7 @@
 //! one-line reason on error, and `--json` prints machine-readable output where it reports.
 
 mod bundle;
+mod capture;
 #[cfg(feature = "embedded-broker")]
 mod demo;
 mod fleet;
@@ -71,6 +72,9 @@ enum Command {
     /// The central server's side of an update: sign a bundle, publish its chunks and a signed
     /// offer to nodes or a group (optionally canaries first).
     Push(Box<fleet::PushArgs>),
+    /// Collect the hard examples nodes publish (`[pipeline.capture]`) into a CSV per pipeline,
+    /// with an empty label column for a labelling tool.
+    Capture(Box<capture::CaptureArgs>),
     /// The root of trust: which keys sign updates, rotated and revoked by k of n root keys.
     #[command(subcommand)]
     Root(root::RootCommand),
@@ -162,6 +166,10 @@ pub fn main() -> ExitCode {
         Command::Push(args) => {
             init_logging("warn");
             fleet::push(*args)
+        }
+        Command::Capture(args) => {
+            init_logging("warn");
+            capture::run(*args)
         }
         Command::Root(cmd) => {
             init_logging("warn");

@@ -178,6 +178,8 @@ pub struct PipelineConfig {
     pub labels: Option<LabelsConfig>,
     /// `[pipeline.train]`: the closed loop (its samples are stored, it fine-tunes itself).
     pub train: Option<TrainConfig>,
+    /// `[pipeline.capture]`: hard examples sent for labelling (`infer::capture`).
+    pub capture: Option<crate::infer::capture::CaptureConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -828,8 +830,33 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
     if train.is_some() && source.as_ref().is_some_and(|s| s.key.is_none()) {
         s.error("train", "needs source.key: stored samples are joined to their labels by key");
     }
+    let capture = match s.has("capture").then(|| s.section("capture", false)).flatten() {
+        Some(mut c) => {
+            let d = crate::infer::capture::CaptureConfig::default();
+            let every = train::duration(&mut c, "every", "1m");
+            let rows = c.integer("rows", d.rows as u64, 1, 1000);
+            let max_margin = c.number("max_margin", d.max_margin, 0.0, 1.0);
+            let min_error_ratio = c.number("min_error_ratio", d.min_error_ratio, 0.0, 1e6);
+            let drift_only = c.boolean("drift", false);
+            let ok = c.finish();
+            match (every, rows, max_margin, min_error_ratio, drift_only, ok) {
+                (Some(every), Some(rows), Some(max_margin), Some(min_error_ratio), Some(drift_only), true) => {
+                    Some(crate::infer::capture::CaptureConfig {
+                        every,
+                        rows: rows as usize,
+                        max_margin,
+                        min_error_ratio,
+                        drift_only,
+                    })
+                }
+                _ => None,
+            }
+        }
+        None => None,
+    };
     Some(PipelineConfig {
         train,
+        capture,
         name: name?,
         model: model?,
         source: source?,

@@ -1,6 +1,7 @@
 //! Infer: runs each pipeline's model on micro-batches of rows and publishes one prediction
 //! per accepted message. One task per pipeline; the model is planned per batch size.
 
+pub mod capture;
 pub mod engine;
 pub(crate) mod ml_ops;
 #[cfg(feature = "ort")]
@@ -390,6 +391,8 @@ pub struct Pipeline {
     pub sparkplug: Option<crate::sparkplug::output::Output>,
     /// Sequence models: each device's last frames, kept across reloads and clean restarts.
     pub windows: window::SharedWindows,
+    /// `[pipeline.capture]`: the window of hard examples being filled, and where they go.
+    pub capture: Option<(std::sync::Mutex<capture::Capture>, String)>,
 }
 
 impl Pipeline {
@@ -431,6 +434,7 @@ impl Pipeline {
                     self.check_health(&model, batch.len(), &out);
                     self.watch(&model, &rows, &out);
                     let shadow = self.shadow(input);
+                    self.capture(&model, &batch, &rows, &out, shadow.as_ref()).await;
                     self.remember(&model, &batch, &out, &shadow);
                     self.keep(&model, &mut batch, &rows, input, &out);
                 }
@@ -533,6 +537,35 @@ impl Pipeline {
             tickets.extend(s.ack.take());
         }
         store.submit(writes, tickets);
+    }
+
+    /// Offers the batch to hard-example capture; publishes a window's rows once it ended.
+    async fn capture(
+        &self,
+        model: &ActiveModel,
+        batch: &[Sample],
+        rows: &[f32],
+        out: &Outputs,
+        shadow: Option<&(Arc<ActiveModel>, Outputs)>,
+    ) {
+        let Some((capture, topic)) = &self.capture else { return };
+        let drifting = model
+            .monitor
+            .as_ref()
+            .and_then(|slot| slot.get())
+            .and_then(|m| m.lock().ok().map(|m| m.state().iter().any(|s| s.alarm)))
+            .unwrap_or(false);
+        let ready = match capture.lock() {
+            Ok(mut c) => c.offer(&self.name, model, batch, rows, out, shadow, drifting),
+            Err(_) => return,
+        };
+        for message in ready {
+            let Ok(body) = serde_json::to_vec(&message) else { continue };
+            // QoS 1, never retained; a full queue drops it (a hard example is not telemetry).
+            if self.client.try_publish(topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, body).is_ok() {
+                self.counters.captured.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     /// What a shadowing challenger predicts for the batch (pipelines with `labels`, during a

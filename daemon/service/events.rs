@@ -38,6 +38,8 @@ pub struct Counters {
     pub outputs_saturated: AtomicU64,
     /// Sequence models: rows that only filled their device's window (its first N − 1).
     pub window_filling: AtomicU64,
+    /// `[pipeline.capture]`: hard examples published for labelling.
+    pub captured: AtomicU64,
 }
 
 /// Upper bounds of the latency histogram's buckets, µs.
@@ -98,6 +100,7 @@ impl Counters {
             "outputs_nonfinite": self.outputs_nonfinite.load(Relaxed),
             "outputs_saturated": self.outputs_saturated.load(Relaxed),
             "window_filling": self.window_filling.load(Relaxed),
+            "captured": self.captured.load(Relaxed),
         })
     }
 }

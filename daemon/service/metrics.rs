@@ -62,12 +62,15 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
         );
     }
     type Read = fn(&super::events::Counters) -> u64;
-    let counters: [(&str, &str, Read); 4] = [
+    let counters: [(&str, &str, Read); 5] = [
         ("lathe_messages_received_total", "Telemetry messages received.", |c| c.received.load(Relaxed)),
         ("lathe_predictions_total", "Predictions published.", |c| c.predicted.load(Relaxed)),
         ("lathe_inference_failures_total", "Rows whose inference failed.", |c| c.failed.load(Relaxed)),
         ("lathe_window_filling_total", "Rows that only filled a sequence model's window.", |c| {
             c.window_filling.load(Relaxed)
+        }),
+        ("lathe_captured_total", "Hard examples published for labelling ([pipeline.capture]).", |c| {
+            c.captured.load(Relaxed)
         }),
     ];
     for (name, text, get) in counters {

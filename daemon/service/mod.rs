@@ -654,6 +654,10 @@ pub async fn run_keeping(
                 1 => Arc::default(),
                 _ => Arc::new(std::sync::Mutex::new(resume_windows(&config, p))),
             }),
+            capture: p.capture.clone().map(|c| {
+                let topic = format!("lathe/{}/capture/{}", config.node, p.name);
+                (std::sync::Mutex::new(crate::infer::capture::Capture::new(c)), topic)
+            }),
         };
         models.push((p.name.clone(), model.clone()));
         for c in crashed.iter().filter(|c| c.model == model.load().name) {
