@@ -219,6 +219,43 @@ fn a_model_that_allocates_from_its_data_is_refused_in_a_child_and_the_daemon_kee
     assert!(out.on("plant/line1/").iter().all(|p| p["version"] == 1), "v1 keeps serving");
 }
 
+/// A model that takes longer to load than `infer.load_timeout` (20,000 chained nodes: 16 s
+/// for tract to plan in a debug build) is refused when the limit passes, and the daemon
+/// answers all the while.
+#[test]
+fn a_model_slower_to_load_than_the_limit_is_refused_and_the_daemon_answers_meanwhile() {
+    let broker = Broker::start();
+    let dir = temp_dir("hostile-slow");
+    let state = dir.join("state");
+    let config = config("hostile-slow", &broker, &state, &root().join("models/shuttle-mlp-1.lathe"))
+        + "[infer]\nload_timeout = \"2s\"\n";
+    let daemon = Daemon::start(&dir, &config);
+    wait_online(broker.port, "hostile-slow", &daemon);
+    let out = Collector::new(broker.port, &["plant/line1/+/prediction", "lathe/hostile-slow/events"]);
+    let registry = state.join("registry/shuttle-mlp");
+    std::fs::write(
+        registry.join("shuttle-mlp-9.lathe"),
+        forged_bundle(&root().join("tests/fixtures/hostile/slow-to-plan-chain.onnx"), 9),
+    )
+    .unwrap();
+    std::fs::write(registry.join("champion"), "9").unwrap();
+    // Rows while it is being tried: answered by v1.
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    std::thread::sleep(Duration::from_millis(500));
+    for (seq, row) in rows.iter().enumerate().take(10) {
+        p.publish("plant/line1/dev0/telemetry", shuttle_message(row, seq));
+    }
+    p.flush();
+    assert!(out.wait_for("prediction", 10, Duration::from_secs(2)), "log:\n{}", daemon.log());
+    let refused = || out.on("lathe/hostile-slow/events").into_iter().find(|e| e["event"] == "model.refused");
+    assert!(wait_until(Duration::from_secs(20), || refused().is_some()), "log:\n{}", daemon.log());
+    let error = refused().unwrap()["error"].as_str().unwrap().to_string();
+    eprintln!("refused: {error}");
+    assert!(error.contains("took more than 2 s (infer.load_timeout)"), "{error}");
+    assert!(out.on("plant/line1/").iter().all(|p| p["version"] == 1), "v1 kept serving");
+}
+
 /// A raw MQTT 3.1.1 client (no library: the test must send what a library would refuse):
 /// CONNECT, one QoS 1 PUBLISH of `payload` on `topic`, wait for its PUBACK, DISCONNECT.
 fn publish_raw_v311(port: u16, topic: &str, payload: &[u8]) {
