@@ -625,7 +625,7 @@ fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
         }
         (None, _) => None,
     };
-    let memory_mb = s.integer("load_memory_mb", 4096, 64, 1 << 20);
+    let memory_mb = s.integer("load_memory_mb", 4096, 0, 1 << 20);
     let timeout = train::duration(&mut s, "load_timeout", "2m");
     let ok = s.finish();
     if ok {

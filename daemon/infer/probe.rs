@@ -8,7 +8,8 @@
 //! The child is the daemon's own binary (`lathe __probe-model`): it reads the bundle from its
 //! stdin, loads the model on the serving engine and runs the bundle's validation set, as the
 //! daemon would next. Its address space is capped (`RLIMIT_AS`, `infer.load_memory_mb`) and it
-//! is killed after `infer.load_timeout`.
+//! is killed after `infer.load_timeout`. `load_memory_mb = 0` leaves the address space
+//! uncapped, as do ONNX Runtime's GPU providers (CUDA reserves tens of GB of it at start).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -63,15 +64,20 @@ pub fn check(bundle: &Bundle, engine: &EngineKind, limits: &Limits) -> Result<()
         }
     }
     let bytes_limit = limits.memory_mb.saturating_mul(1 << 20);
+    // CUDA and TensorRT reserve tens of GB of address space when they start, far past any
+    // cap on it that would still mean something: with GPU providers only the time is limited.
+    let gpu = matches!(engine, EngineKind::Ort { providers, .. } if !providers.is_empty());
     // SAFETY: between fork and exec only setrlimit, which is async-signal-safe, runs.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-            let limit = libc::rlimit { rlim_cur: bytes_limit, rlim_max: bytes_limit };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    if bytes_limit > 0 && !gpu {
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                let limit = libc::rlimit { rlim_cur: bytes_limit, rlim_max: bytes_limit };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
     let mut child = command
         .env("LATHE_LOG", "error")
