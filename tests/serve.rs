@@ -547,13 +547,40 @@ fn the_metrics_endpoint_counts_what_was_sent() {
     assert_eq!(value(&m, "lathe_predictions_total{pipeline=\"shuttle\"}"), 120.0);
     assert_eq!(value(&m, "lathe_messages_rejected_total{pipeline=\"shuttle\",reason=\"not_json\"}"), 1.0);
     assert_eq!(value(&m, "lathe_messages_rejected_total{pipeline=\"shuttle\",reason=\"missing_feature\"}"), 1.0);
-    assert_eq!(value(&m, "lathe_latency_seconds_count{pipeline=\"shuttle\"}"), 120.0);
-    assert_eq!(value(&m, "lathe_latency_seconds_bucket{pipeline=\"shuttle\",le=\"+Inf\"}"), 120.0);
+    assert_eq!(value(&m, "lathe_prediction_latency_seconds_count{pipeline=\"shuttle\"}"), 120.0);
+    assert_eq!(value(&m, "lathe_prediction_latency_seconds_bucket{pipeline=\"shuttle\",le=\"+Inf\"}"), 120.0);
     assert_eq!(value(&m, "lathe_broker_connected"), 1.0);
     assert_eq!(value(&m, &format!("lathe_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1.0);
     assert!(m.contains("lathe_model_info{pipeline=\"shuttle\",model=\"shuttle-mlp\",version=\"1\""), "{m}");
     assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"heard\"}"), 4.0);
     assert_eq!(value(&m, "lathe_devices{pipeline=\"shuttle\",state=\"silent\"}"), 0.0);
+    assert!(value(&m, "process_resident_memory_bytes") > 1e6 && value(&m, "process_open_fds") >= 3.0, "{m}");
+    assert!(value(&m, "process_cpu_seconds_total") > 0.0 && value(&m, "process_start_time_seconds") > 1.7e9, "{m}");
+    for family in ["lathe_training_runs_total", "lathe_model_swaps_total", "lathe_updates_total"] {
+        assert!(m.contains(&format!("# TYPE {family} counter")), "{family}: {m}");
+    }
+    // Every metric the packaged Grafana dashboard queries is one the daemon exports.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("packaging/grafana-dashboard.json")).unwrap())
+            .unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("lathe_") || word.starts_with("process_") {
+                    queried.insert(word.trim_end_matches("_bucket").to_string());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    for family in &queried {
+        assert!(
+            m.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {family}, which is not exported:\n{m}"
+        );
+    }
     assert!(scrape("/other").starts_with("HTTP/1.1 404"));
     assert!(scrape("/healthz").starts_with("HTTP/1.1 200 OK"));
     assert!(scrape("/ready").starts_with("HTTP/1.1 200 OK"), "connected to the broker: ready");

@@ -188,6 +188,8 @@ fn statistic_is_ks(stat: Statistic, multi: bool) -> bool {
 #[derive(Debug, Clone, Serialize)]
 pub struct SeriesState {
     pub series: String,
+    /// What `value` measures (`ks`, `psi`, `wasserstein`; `ks_pca_reconstruction_error`).
+    pub statistic: String,
     pub alarm: bool,
     pub value: f64,
     pub threshold: f64,
@@ -421,12 +423,14 @@ impl Monitor {
             .iter()
             .map(|s| SeriesState {
                 series: s.name.clone(),
+                statistic: statistic_name(stat, false),
                 alarm: s.alarm,
                 value: s.last.get(stat),
                 threshold: s.threshold,
             })
             .chain([SeriesState {
                 series: "multivariate".into(),
+                statistic: statistic_name(stat, true),
                 alarm: self.multi.alarm,
                 value: self.multi.last.ks,
                 threshold: self.multi.threshold,

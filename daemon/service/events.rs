@@ -173,7 +173,33 @@ pub enum Event {
     },
 }
 
+/// Every event emitted so far, by (pipeline, event name): the metrics page's outcome counters
+/// (training runs, swaps, updates). Counted when emitted, so the events' rate limit does
+/// not hide any from a scraper.
+static OUTCOMES: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// A copy of the counts of [`OUTCOMES`].
+pub fn outcomes() -> Vec<((String, &'static str), u64)> {
+    OUTCOMES.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default()
+}
+
 impl Event {
+    /// The pipeline the event is about (empty for the daemon's own).
+    fn pipeline(&self) -> &str {
+        match self {
+            Event::InputRejected { pipeline, .. }
+            | Event::InferenceFailed { pipeline, .. }
+            | Event::Swapped { pipeline, .. }
+            | Event::SwapRefused { pipeline, .. }
+            | Event::FellBack { pipeline, .. }
+            | Event::Drift { pipeline, .. }
+            | Event::StoreFailed { pipeline, .. }
+            | Event::Step { pipeline, .. } => pipeline,
+            Event::Connected { .. } | Event::StoreRecovered { .. } => "",
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Event::InputRejected { .. } => "input.rejected",
@@ -320,6 +346,9 @@ pub struct Events {
 
 impl Events {
     pub fn emit(&self, event: Event) {
+        if let Ok(mut counts) = OUTCOMES.lock() {
+            *counts.entry((event.pipeline().to_string(), event.name())).or_default() += 1;
+        }
         let _ = self.tx.try_send(event);
     }
 
@@ -362,17 +391,7 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
     let task = async move {
         let mut limits: std::collections::HashMap<(&'static str, String), Limit> = Default::default();
         while let Some(event) = rx.recv().await {
-            let pipeline = match &event {
-                Event::InputRejected { pipeline, .. }
-                | Event::InferenceFailed { pipeline, .. }
-                | Event::Swapped { pipeline, .. }
-                | Event::SwapRefused { pipeline, .. }
-                | Event::FellBack { pipeline, .. }
-                | Event::Drift { pipeline, .. }
-                | Event::StoreFailed { pipeline, .. }
-                | Event::Step { pipeline, .. } => pipeline.clone(),
-                Event::Connected { .. } | Event::StoreRecovered { .. } => String::new(),
-            };
+            let pipeline = event.pipeline().to_string();
             let now = Instant::now();
             let l = limits.entry((event.name(), pipeline)).or_insert(Limit { window: now, sent: 0, suppressed: 0 });
             if now.duration_since(l.window) >= Duration::from_secs(1) {

@@ -107,11 +107,11 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
             );
         }
     }
-    help(&mut out, "lathe_latency_seconds", "histogram", "Message received to prediction published.");
+    help(&mut out, "lathe_prediction_latency_seconds", "histogram", "Message received to prediction published.");
     for s in serving {
         histogram(
             &mut out,
-            "lathe_latency_seconds",
+            "lathe_prediction_latency_seconds",
             &label(&s.pipeline),
             &s.counters.latency,
             &LATENCY_BUCKETS_US,
@@ -124,13 +124,13 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
     }
     help(
         &mut out,
-        "lathe_compute_seconds_per_row",
+        "lathe_inference_seconds_per_row",
         "histogram",
         "The engine's time per row of each batch (no queueing).",
     );
     for s in serving {
         let c = &s.counters.compute;
-        histogram(&mut out, "lathe_compute_seconds_per_row", &label(&s.pipeline), c, &COMPUTE_BUCKETS_US, 1e-6);
+        histogram(&mut out, "lathe_inference_seconds_per_row", &label(&s.pipeline), c, &COMPUTE_BUCKETS_US, 1e-6);
     }
     help(
         &mut out,
@@ -145,7 +145,12 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
             let _ = writeln!(out, "lathe_sample_store_rows_total{{pipeline=\"{pipeline}\",result=\"{result}\"}} {n}");
         }
     }
-    help(&mut out, "lathe_drift_statistic", "gauge", "Each drift series' last value (KS by default).");
+    help(
+        &mut out,
+        "lathe_drift_statistic",
+        "gauge",
+        "Each drift series' last value, of the statistic its label names.",
+    );
     let mut thresholds = String::new();
     let mut alarms = String::new();
     for s in serving {
@@ -157,7 +162,8 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
         for st in state {
             let labels = format!("pipeline=\"{}\",series=\"{}\"", label(&s.pipeline), label(&st.series));
             if st.value.is_finite() {
-                let _ = writeln!(out, "lathe_drift_statistic{{{labels}}} {}", st.value);
+                let stat = label(&st.statistic);
+                let _ = writeln!(out, "lathe_drift_statistic{{{labels},statistic=\"{stat}\"}} {}", st.value);
             }
             let _ = writeln!(thresholds, "lathe_drift_threshold{{{labels}}} {}", st.threshold);
             let _ = writeln!(alarms, "lathe_drift_alarm{{{labels}}} {}", u8::from(st.alarm));
@@ -180,7 +186,109 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
     }
     help(&mut out, "lathe_rolling_loss", "gauge", "Mean per-sample loss over the last labels.");
     out.push_str(&loss);
+    outcome_counters(&mut out);
+    process_metrics(&mut out);
     out
+}
+
+/// A counter family made of events: its name, help, label, and (event, label value) pairs.
+type OutcomeFamily = (&'static str, &'static str, &'static str, &'static [(&'static str, &'static str)]);
+
+/// What the loop and the updater did, by outcome, from the events emitted (`events::outcomes`).
+fn outcome_counters(out: &mut String) {
+    let counts = super::events::outcomes();
+    let families: [OutcomeFamily; 3] = [
+        (
+            "lathe_training_runs_total",
+            "Training runs by how they ended.",
+            "outcome",
+            &[
+                ("train.accepted", "accepted"),
+                ("train.refused", "refused"),
+                ("train.failed", "failed"),
+                ("train.skipped", "skipped"),
+            ],
+        ),
+        (
+            "lathe_model_swaps_total",
+            "Models swapped in (a promotion or a rollback) or refused by the swapper, and trials ended.",
+            "kind",
+            &[
+                ("promoted", "promoted"),
+                ("rolled_back", "rolled_back"),
+                ("model.refused", "refused"),
+                ("trial.passed", "trial_passed"),
+                ("trial.failed", "trial_failed"),
+            ],
+        ),
+        (
+            "lathe_updates_total",
+            "Signed updates by outcome (and roots of trust taken or refused).",
+            "outcome",
+            &[
+                ("update.verified", "verified"),
+                ("update.refused", "refused"),
+                ("update.failed", "failed"),
+                ("update.root", "root_taken"),
+                ("update.root_refused", "root_refused"),
+            ],
+        ),
+    ];
+    for (name, text, key, kinds) in families {
+        let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} counter");
+        for ((pipeline, event), n) in &counts {
+            if let Some((_, value)) = kinds.iter().find(|(e, _)| e == event) {
+                let _ = writeln!(out, "{name}{{pipeline=\"{}\",{key}=\"{value}\"}} {n}", label(pipeline));
+            }
+        }
+    }
+}
+
+/// The standard `process_*` metrics, from `/proc/self` (Linux).
+fn process_metrics(out: &mut String) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |field: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse::<f64>().ok().map(|v| v * 1024.0)
+    };
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command (which may hold spaces) in parentheses: utime is the 14th
+    // field of the line, stime the 15th, starttime the 22nd (in clock ticks).
+    let after: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = 100.0; // USER_HZ, 100 on every Linux ABI lathe runs on
+    let field = |n: usize| after.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("btime")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+    });
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as f64).ok();
+    let metrics = [
+        ("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", kb("VmRSS:")),
+        ("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", kb("VmSize:")),
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            field(14).zip(field(15)).map(|(u, s)| (u + s) / ticks),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            field(22).zip(boot).map(|(start, boot)| boot + start / ticks),
+        ),
+        ("process_open_fds", "gauge", "Number of open file descriptors.", fds),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            status.lines().find(|l| l.starts_with("Threads:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()),
+        ),
+    ];
+    for (name, kind, text, value) in metrics {
+        if let Some(v) = value {
+            let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+    }
 }
 
 /// Connections served at once. A scraper opens one at a time. Past this a new connection is
