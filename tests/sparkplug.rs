@@ -29,6 +29,39 @@ fn peer_available() -> bool {
     ok && mosquitto_or_say("the Sparkplug peer against a real broker")
 }
 
+/// A daemon `node` reading Sparkplug edge node `source` of group `plant` (metrics
+/// `{prefix}/F1..F9`) and speaking Sparkplug back as `lathe_edge` of group `lathe`.
+fn edge_node_config(
+    broker: &Broker,
+    dir: &std::path::Path,
+    node: &str,
+    lathe_edge: &str,
+    source: &str,
+    prefix: &str,
+) -> String {
+    let features: Vec<String> = (1..=9).map(|i| format!("f{i} = \"{prefix}/F{i}\"")).collect();
+    format!(
+        r#"node = "{node}"
+state_dir = "{state}"
+[mqtt]
+url = "{url}"
+[sparkplug]
+group = "lathe"
+edge_node = "{lathe_edge}"
+[[pipeline]]
+name = "shuttle"
+model = "{model}"
+source = {{ format = "sparkplug-b", group = "plant", edge_node = "{source}" }}
+features = {{ {features} }}
+sink = {{ topic = "plant/{{device}}/prediction" }}
+"#,
+        state = dir.join("state").display(),
+        url = broker.url(),
+        model = root().join("models/shuttle-mlp-1.lathe").display(),
+        features = features.join(", "),
+    )
+}
+
 fn peer() -> Command {
     let mut c = Command::new("python3");
     c.arg(root().join("tests/fixtures/sparkplug/peer.py"));
@@ -42,27 +75,7 @@ fn sparkplug_metrics_are_scored_through_aliases_and_lathe_speaks_sparkplug_back(
     }
     let broker = Broker::start();
     let dir = temp_dir("sparkplug");
-    let features: Vec<String> = (1..=9).map(|i| format!("f{i} = \"Shuttle/F{i}\"")).collect();
-    let config = format!(
-        r#"node = "spb"
-state_dir = "{state}"
-[mqtt]
-url = "{url}"
-[sparkplug]
-group = "lathe"
-edge_node = "line1-lathe"
-[[pipeline]]
-name = "shuttle"
-model = "{model}"
-source = {{ format = "sparkplug-b", group = "plant", edge_node = "edge1" }}
-features = {{ {features} }}
-sink = {{ topic = "plant/{{device}}/prediction" }}
-"#,
-        state = dir.join("state").display(),
-        url = broker.url(),
-        model = root().join("models/shuttle-mlp-1.lathe").display(),
-        features = features.join(", "),
-    );
+    let config = edge_node_config(&broker, &dir, "spb", "line1-lathe", "edge1", "Shuttle");
     let mut daemon = Daemon::start(&dir, &config);
     wait_online(broker.port, "spb", &daemon);
     let out = Collector::new(broker.port, &["plant/+/prediction", "lathe/spb/events", "lathe/spb/status"]);
@@ -268,27 +281,7 @@ fn a_second_independent_peer_and_the_tck_edge_node_assertions() {
     }
     let broker = Broker::start();
     let dir = temp_dir("sparkplug-raw");
-    let features: Vec<String> = (1..=9).map(|i| format!("f{i} = \"DATA/F{i}\"")).collect();
-    let config = format!(
-        r#"node = "spr"
-state_dir = "{state}"
-[mqtt]
-url = "{url}"
-[sparkplug]
-group = "lathe"
-edge_node = "line2-lathe"
-[[pipeline]]
-name = "shuttle"
-model = "{model}"
-source = {{ format = "sparkplug-b", group = "plant", edge_node = "edge2" }}
-features = {{ {features} }}
-sink = {{ topic = "plant/{{device}}/prediction" }}
-"#,
-        state = dir.join("state").display(),
-        url = broker.url(),
-        model = root().join("models/shuttle-mlp-1.lathe").display(),
-        features = features.join(", "),
-    );
+    let config = edge_node_config(&broker, &dir, "spr", "line2-lathe", "edge2", "DATA");
     let mut daemon = Daemon::start(&dir, &config);
     wait_online(broker.port, "spr", &daemon);
     let out = Collector::new(broker.port, &["plant/+/prediction", "lathe/spr/events"]);
