@@ -54,16 +54,24 @@ impl Bundle {
         sha256_hex(&self.manifest_bytes)
     }
 
+    /// The bundle with its manifest changed by `edit` (and written again).
+    ///
+    /// # Errors
+    /// A manifest that cannot be written.
+    pub fn edited(mut self, edit: impl FnOnce(&mut Manifest)) -> Result<Bundle, BundleError> {
+        edit(&mut self.manifest);
+        self.manifest_bytes =
+            toml::to_string(&self.manifest).map_err(|e| BundleError::Format(e.to_string()))?.into_bytes();
+        Ok(self)
+    }
+
     /// The same bundle as another version (the loop numbers a challenger past every version
     /// the registry already has, e.g. one that was rolled back).
     ///
     /// # Errors
     /// A manifest that cannot be written.
-    pub fn with_version(mut self, version: u64) -> Result<Bundle, BundleError> {
-        self.manifest.version = version;
-        self.manifest_bytes =
-            toml::to_string(&self.manifest).map_err(|e| BundleError::Format(e.to_string()))?.into_bytes();
-        Ok(self)
+    pub fn with_version(self, version: u64) -> Result<Bundle, BundleError> {
+        self.edited(|m| m.version = version)
     }
 
     pub fn file_name(&self) -> String {
@@ -509,6 +517,7 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
             (MODEL.to_string(), sha256_hex(&model)),
             (VALIDATION.to_string(), sha256_hex(data.as_bytes())),
         ]),
+        cold_start: None,
     };
     let text = toml::to_string(&manifest).map_err(|e| BundleError::Format(e.to_string()))?;
     Ok(Bundle {

@@ -63,6 +63,22 @@ pub struct Manifest {
     pub lineage: Lineage,
     /// sha256 (hex) of every other file in the bundle.
     pub files: BTreeMap<String, String>,
+    /// Set only on the placeholder a cold-start pipeline runs before it has grown a model
+    /// (`train::cold_start`): it is never published from, and never written to the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start: Option<ColdStart>,
+}
+
+/// A model grown on the device from scratch: `model = { cold_start = { … } }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColdStart {
+    /// Hidden layer widths of the MLP (ReLU between them).
+    pub hidden: Vec<usize>,
+    /// Usable rows (labelled; any row for `reconstruction`) before the first run.
+    pub min_rows: usize,
+    /// Classes of a multiclass model (2 for binary, unused otherwise).
+    pub classes: usize,
 }
 
 fn one_frame() -> usize {

@@ -11,6 +11,7 @@
 //! of frames (`data`), so only the frozen part sees time; the dense tail trains as for any model.
 
 pub mod backend;
+pub mod cold_start;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -540,6 +541,12 @@ pub fn fine_tune_on<B: Backend>(
     replay: Option<&Replay>,
     check: &dyn Fn() -> Result<(), String>,
 ) -> Result<Outcome, String> {
+    // A cold-start placeholder has nothing to fine-tune: the first model grows from scratch,
+    // with settings made for that (its own `[training]` is for the fine-tunes after).
+    if champion.manifest.cold_start.is_some() {
+        let from_scratch = cold_start::training(training.seed, training.holdout);
+        return cold_start::grow(backend, champion, data, data_name, &from_scratch, check);
+    }
     let started = Instant::now();
     let started_unix = now_unix();
     let m = &champion.manifest;
