@@ -98,6 +98,7 @@ fn pipeline_bundle(config: &Config, pipeline: &str) -> Result<Bundle, String> {
             let from_file = Bundle::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
             Ok(registry.champion(&from_file.manifest.name).unwrap_or(from_file))
         }
+        ModelRef::ColdStart(c) => crate::train::cold_start::serving(&registry, &p.name, c).map_err(|e| e.to_string()),
     }
 }
 

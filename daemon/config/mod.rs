@@ -155,6 +155,17 @@ pub enum ModelRef {
     Name(String),
     /// A bundle file; seeds the registry at start.
     File(PathBuf),
+    /// `model = { cold_start = { … } }`: no model yet; the pipeline grows one from its own
+    /// rows (`train::cold_start`), named after the pipeline in the registry.
+    ColdStart(ColdStartModel),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdStartModel {
+    pub task: crate::model::Task,
+    /// The model's inputs, in order (each read as `features` says, else from `/<name>`).
+    pub features: Vec<String>,
+    pub spec: crate::model::manifest::ColdStart,
 }
 
 #[derive(Debug, Clone)]
@@ -638,13 +649,17 @@ fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
 
 fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
     let name = s.string("name", None);
-    let model = s.string("model", None).map(|m| {
-        if m.ends_with(".lathe") || m.contains('/') {
-            ModelRef::File(base.join(m))
-        } else {
-            ModelRef::Name(m)
-        }
-    });
+    let model = if matches!(s.peek("model"), Some(toml::Value::Table(_))) {
+        parse_cold_start(s)
+    } else {
+        s.string("model", None).map(|m| {
+            if m.ends_with(".lathe") || m.contains('/') {
+                ModelRef::File(base.join(m))
+            } else {
+                ModelRef::Name(m)
+            }
+        })
+    };
     if let Some(ModelRef::File(f)) = &model {
         if !f.is_file() {
             s.error("model", &format!("bundle file {} not found", f.display()));
@@ -854,6 +869,14 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         }
         None => None,
     };
+    if let Some(ModelRef::ColdStart(_)) = &model {
+        if train.is_none() {
+            s.error("model.cold_start", "grows its model from stored rows: add [pipeline.train]");
+        }
+        if window > 1 {
+            s.error("model.cold_start", "grows a model of one frame per sample: remove window");
+        }
+    }
     Some(PipelineConfig {
         train,
         capture,
@@ -868,6 +891,55 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         drift,
         labels,
     })
+}
+
+/// `model = { cold_start = { task, features, hidden = [32, 16], min_rows = 500, classes } }`.
+fn parse_cold_start(s: &mut Section) -> Option<ModelRef> {
+    let mut m = s.section("model", false)?;
+    let Some(mut c) = m.section("cold_start", false) else {
+        return None;
+    };
+    let task = c.string("task", None).and_then(|t| match t.parse::<crate::model::Task>() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            c.error("task", &e);
+            None
+        }
+    });
+    let features = c.strings("features");
+    if features.as_ref().is_some_and(Vec::is_empty) {
+        c.error("features", "missing (expected the model's input names, in order)");
+    }
+    let hidden = match c.take("hidden") {
+        None => Some(vec![32, 16]),
+        Some(toml::Value::Array(widths)) => {
+            let widths: Option<Vec<usize>> = widths
+                .iter()
+                .map(|w| w.as_integer().filter(|w| (1..=4096).contains(w)).map(|w| w as usize))
+                .collect();
+            if widths.is_none() {
+                c.error("hidden", "expected layer widths from 1 to 4096, e.g. [32, 16]");
+            }
+            widths
+        }
+        Some(_) => {
+            c.error("hidden", "expected an array of layer widths, e.g. [32, 16]");
+            None
+        }
+    };
+    let min_rows = c.integer("min_rows", 500, 50, 10_000_000);
+    let has_classes = c.has("classes");
+    let classes = c.integer("classes", 2, 2, 4096);
+    if task == Some(crate::model::Task::Multiclass) && !has_classes {
+        c.error("classes", "missing (a multiclass model needs its number of classes)");
+    }
+    let ok = c.finish();
+    m.finish();
+    if !ok {
+        return None;
+    }
+    let spec = crate::model::manifest::ColdStart { hidden: hidden?, min_rows: min_rows? as usize, classes: classes? as usize };
+    Some(ModelRef::ColdStart(ColdStartModel { task: task?, features: features?, spec }))
 }
 
 /// `[pipeline.drift]`: on by default, every key optional (see `monitor::Settings`).
@@ -938,6 +1010,31 @@ features = { temp = "/temp_c" }
 sink = { topic = "plant/line3/{device}/pump" }
 batch = { max = 32 }
 "#;
+
+    #[test]
+    fn a_cold_start_model_names_its_task_features_and_shape_and_needs_a_train_section() {
+        let cold = |spec: &str| {
+            GOOD.replace(r#"model = "pump-anomaly""#, &format!("model = {{ cold_start = {{ {spec} }} }}"))
+                + "[pipeline.train]\n"
+        };
+        let c = parse(&cold(r#"task = "multiclass", features = ["temp", "flow"], classes = 4"#)).unwrap();
+        let ModelRef::ColdStart(m) = &c.pipelines[0].model else { panic!("{:?}", c.pipelines[0].model) };
+        assert_eq!((m.task, m.features.as_slice()), (crate::model::Task::Multiclass, &["temp".into(), "flow".into()][..]));
+        assert_eq!(m.spec, crate::model::manifest::ColdStart { hidden: vec![32, 16], min_rows: 500, classes: 4 });
+        for (spec, error) in [
+            (r#"task = "multiclass", features = ["t"]"#, "model.cold_start.classes: missing"),
+            (r#"task = "binary", features = []"#, "model.cold_start.features: missing"),
+            (r#"task = "binary", features = ["t"], hidden = [0]"#, "model.cold_start.hidden: expected layer widths"),
+            (r#"task = "ranking", features = ["t"]"#, "model.cold_start.task: unknown task"),
+            (r#"task = "binary", features = ["t"], min_rows = 5"#, "model.cold_start.min_rows: expected an integer in 50"),
+        ] {
+            let errs = parse(&cold(spec)).unwrap_err().to_string();
+            assert!(errs.contains(error), "{spec}: {errs}");
+        }
+        let without_train = cold(r#"task = "binary", features = ["t"]"#).replace("[pipeline.train]\n", "");
+        let errs = parse(&without_train).unwrap_err().to_string();
+        assert!(errs.contains("add [pipeline.train]"), "{errs}");
+    }
 
     #[test]
     fn a_sparkplug_source_names_metrics_and_derives_its_topics() {

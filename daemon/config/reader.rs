@@ -47,6 +47,11 @@ impl<'e> Section<'e> {
         self.table.contains_key(key)
     }
 
+    /// The value of `key`, left in place.
+    pub fn peek(&self, key: &str) -> Option<&toml::Value> {
+        self.table.get(key)
+    }
+
     pub fn take(&mut self, key: &str) -> Option<toml::Value> {
         self.table.remove(key)
     }

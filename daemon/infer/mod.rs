@@ -81,6 +81,9 @@ pub struct ActiveModel {
     pub origin: &'static str,
     /// A classifier's class names, by index (empty: its classes are numbers).
     pub classes: Vec<String>,
+    /// A cold-start placeholder (`train::cold_start`): its rows are stored to grow a model
+    /// from, and nothing it computes is published, monitored or captured.
+    pub placeholder: bool,
 }
 
 impl ActiveModel {
@@ -135,7 +138,9 @@ impl ActiveModel {
         }
         let (rows, outputs) = bundle.validated_outputs(&engine).map_err(|e| e.to_string())?;
         let reference_rows = rows.len() / m.inputs.len().max(1);
+        let placeholder = m.cold_start.is_some();
         let monitor = match &pipeline.drift {
+            Some(_) if placeholder => None,
             Some(settings) => Some(drift_monitor(bundle, rows, &outputs, settings.clone(), rebased(bundle, config))?),
             None => None,
         };
@@ -162,6 +167,7 @@ impl ActiveModel {
             reference_rows,
             origin: origin(bundle, config),
             classes: m.classes.clone(),
+            placeholder,
             baseline_loss: crate::model::baseline::implied_loss(m.task, &m.baseline.metrics),
         })
     }
@@ -427,6 +433,8 @@ impl Pipeline {
                 model.engine.run(input)
             };
             match result {
+                // Nothing learnt yet: the rows are kept (labels join them there), nothing else.
+                Ok(out) if model.placeholder => self.keep(&model, &mut batch, &rows, input, &out),
                 Ok(out) => {
                     let per_row = started.elapsed().as_micros() as u64 / batch.len().max(1) as u64;
                     self.counters.compute.observe(&crate::service::events::COMPUTE_BUCKETS_US, per_row);

@@ -86,6 +86,7 @@ fn load_models_noting(
             ModelRef::File(f) if seed => registry.seed(f),
             ModelRef::File(f) => Bundle::read(f).map_err(|source| RegistryError::Bundle { path: f.clone(), source }),
             ModelRef::Name(n) => registry.champion(n),
+            ModelRef::ColdStart(c) => crate::train::cold_start::serving(&registry, &p.name, c),
         };
         let bundle = match bundle {
             Ok(b) => b,
@@ -93,6 +94,7 @@ fn load_models_noting(
                 // A champion that is missing or corrupt: serve the last good version instead.
                 let name = match &p.model {
                     ModelRef::Name(n) => Some(n.clone()),
+                    ModelRef::ColdStart(_) => Some(p.name.clone()),
                     ModelRef::File(f) => Bundle::read(f).ok().map(|b| b.manifest.name),
                 };
                 match name.filter(|_| seed).and_then(|n| fall_back(&registry, p, &n, config).map(|m| (n, m))) {
@@ -298,7 +300,7 @@ fn resume_windows(config: &Config, p: &crate::config::PipelineConfig) -> crate::
 fn fingerprint(config: &Config, p: &crate::config::PipelineConfig) -> String {
     let file = match &p.model {
         ModelRef::File(f) => std::fs::metadata(f).ok().map(|m| (m.len(), m.modified().ok())),
-        ModelRef::Name(_) => None,
+        ModelRef::Name(_) | ModelRef::ColdStart(_) => None,
     };
     format!("{p:?} {:?} {} {:?} {file:?}", config.infer, config.mqtt.max_payload_bytes, config.state_dir)
 }

@@ -33,7 +33,6 @@ use super::backend::Backend;
 use super::data::{self, Dataset};
 use super::net::Rng;
 use super::Outcome;
-use crate::model::baseline;
 use crate::model::bundle::{self, Bundle, CreateOptions};
 use crate::model::manifest::{ColdStart, Task, Training};
 
@@ -270,6 +269,11 @@ fn options(name: &str, version: u64, task: Task, names: &[String], ranges: BTree
     }
 }
 
+/// Valid ranges that reject no finite reading.
+fn unbounded(names: &[String]) -> BTreeMap<String, (f64, f64)> {
+    names.iter().map(|n| (n.clone(), (f64::MIN, f64::MAX))).collect()
+}
+
 /// "MLP 9 → 32 → 16 → 7"
 fn shape(features: usize, hidden: &[usize], out: usize) -> String {
     let widths: Vec<String> =
@@ -299,13 +303,33 @@ pub fn placeholder(name: &str, task: Task, features: &[String], cold: &ColdStart
     };
     let model = mlp(task, f, &cold.hidden, out, &start, seed);
     let zeros = Dataset { x: vec![0.0; 2 * f], y: vec![0.0; 2], rows: 2, features: f, dropped: BTreeMap::new() };
-    let ranges = features.iter().map(|n| (n.clone(), (f64::MIN, f64::MAX))).collect();
-    let mut opts = options(name, 0, task, features, ranges);
+    let mut opts = options(name, 0, task, features, unbounded(features));
     opts.source_model = format!("cold start: {} until it has grown one", shape(f, &cold.hidden, out));
     opts.data_name = "none yet".into();
     bundle::create(model, &csv(features, task, &zeros, 0..2), &opts)
         .and_then(|b| b.edited(|m| m.cold_start = Some(cold.clone())))
         .map_err(|e| e.to_string())
+}
+
+/// What a cold-start pipeline serves: the model it grew (the registry's champion under the
+/// pipeline's name), else its placeholder.
+///
+/// # Errors
+/// A registry that cannot be read.
+pub fn serving(
+    registry: &crate::model::Registry,
+    pipeline: &str,
+    cold: &crate::config::ColdStartModel,
+) -> Result<Bundle, crate::model::registry::RegistryError> {
+    match registry.champion_version(pipeline)? {
+        Some(_) => registry.champion(pipeline),
+        None => placeholder(pipeline, cold.task, &cold.features, &cold.spec, 0).map_err(|e| {
+            crate::model::registry::RegistryError::Bundle {
+                path: registry.state_dir().join("registry").join(pipeline),
+                source: crate::model::BundleError::Format(e),
+            }
+        }),
+    }
 }
 
 /// Grows the first model of a cold-start pipeline from `data` (its rows in time order, read
@@ -357,15 +381,10 @@ pub fn grow<B: Backend>(
     let start = Start { mean, spread, head_bias, output_scale };
     let model = mlp(task, f, &cold.hidden, out, &start, training.seed);
     let validation = csv(&names, task, &data, split.holdout.clone());
-    // Valid ranges from every row: the observed span widened by the span on each side.
-    let ranges: BTreeMap<String, (f64, f64)> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let column: Vec<f64> = data.x.chunks_exact(f).map(|r| f64::from(r[i])).collect();
-            (n.clone(), bundle::range_from_data(&baseline::stats(n, &column)))
-        })
-        .collect();
+    // A few hundred rows are not the plant's envelope: ranges from them would reject real
+    // readings (measured: 1 of the next 1,000 Shuttle rows). A grown model rejects only
+    // what is not a number; the drift monitor reports what it has not seen.
+    let ranges = unbounded(&names);
     let described = shape(f, &cold.hidden, out);
     let mut opts = options(&m.name, 0, task, &names, ranges);
     opts.source_model = format!("grown on the device from scratch (cold start): {described}");

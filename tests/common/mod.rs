@@ -483,6 +483,8 @@ impl Collector {
         static N: AtomicU32 = AtomicU32::new(0);
         let id = format!("test-collector-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        // A run record with a long training curve is over rumqttc's default 10 KiB.
+        o.set_max_packet_size(Some(1 << 20));
         if let Some((user, password)) = account {
             o.set_credentials(user, password);
         }

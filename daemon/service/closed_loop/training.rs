@@ -30,10 +30,13 @@ pub(super) fn start(
 ) {
     let p = &s.p;
     let name = p.config.name.clone();
-    let champion = match Registry::new(&config.state_dir)
-        .with_engine(config.infer.engine.clone())
-        .champion(&p.model.load().name)
-    {
+    let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
+    let placeholder = p.model.load().placeholder;
+    let champion = match &p.config.model {
+        crate::config::ModelRef::ColdStart(c) if placeholder => train::cold_start::serving(&registry, &p.config.name, c),
+        _ => registry.champion(&p.model.load().name),
+    };
+    let champion = match champion {
         Ok(b) => b,
         Err(e) => {
             emit(events, p, "train.failed", format!("cannot read the champion: {e}"), json!({}));
@@ -42,14 +45,15 @@ pub(super) fn start(
     };
     // A cheap count first; the rows themselves are read on the training thread.
     let usable = usable_rows(s, store);
-    if usable < p.train.min_rows as u64 {
+    let min_rows = if placeholder { super::trigger::cold_start_need(s, store) as usize } else { p.train.min_rows };
+    if usable < min_rows as u64 {
         s.retry_at = Some(Instant::now() + Duration::from_secs(60));
         emit(
             events,
             p,
             "train.skipped",
-            format!("{reason}: only {usable} usable rows in the store (min_rows = {})", p.train.min_rows),
-            json!({"reason": reason, "rows": usable, "min_rows": p.train.min_rows}),
+            format!("{reason}: only {usable} usable rows in the store (min_rows = {min_rows})"),
+            json!({"reason": reason, "rows": usable, "min_rows": min_rows}),
         );
         return;
     }
@@ -78,7 +82,7 @@ pub(super) fn start(
     let data_name = format!("store {name} ({reason})");
     let name_for_run = name.clone();
     let (tx, rx) = oneshot::channel();
-    let (store_for_run, rows_wanted, min_rows) = (store.clone(), p.train.rows, p.train.min_rows);
+    let (store_for_run, rows_wanted) = (store.clone(), p.train.rows);
     let generation = LOOPS_ENDED.load(Relaxed);
     let spawned = std::thread::Builder::new().name("lathe-train".into()).spawn(move || {
         lower_priority();
@@ -147,6 +151,8 @@ fn read_rows(
     min_rows: usize,
 ) -> Result<crate::store::TrainingRows, String> {
     let (task, threshold) = (champion.manifest.task, champion.manifest.baseline.threshold);
+    // A placeholder judged nothing normal: an autoencoder grows from every row.
+    let threshold = threshold.filter(|_| champion.manifest.cold_start.is_none());
     let rows = store
         .training_rows(pipeline, rows, from, |r: &Record| match task {
             Task::Reconstruction => threshold.is_none_or(|t| f64::from(r.score) < t),
@@ -275,8 +281,9 @@ pub(super) fn finished(
     if let Err(e) = train::keep_record(&config.state_dir, &outcome.record) {
         tracing::warn!(pipeline = s.p.config.name, "{e}");
     }
-    let serving = registry.champion_version(&s.p.model.load().name).ok().flatten();
-    if outcome.challenger.is_some() && serving != Some(parent) {
+    // A cold-start placeholder is version 0 and never in the registry.
+    let serving = registry.champion_version(&s.p.model.load().name).ok().flatten().unwrap_or(0);
+    if outcome.challenger.is_some() && serving != parent {
         let why = format!(
             "Challenger dropped: v{parent}, which it fine-tuned, is no longer the champion (rolled back or replaced)"
         );
@@ -286,6 +293,11 @@ pub(super) fn finished(
     let next = next_run(s, outcome.challenger.is_some());
     let p = &s.p;
     let gate = outcome.record.gate.as_ref();
+    if outcome.challenger.is_none() && s.p.model.load().placeholder {
+        let need = super::trigger::cold_start_need(s, store) * 2;
+        let _ = store.set_meta(&s.p.config.name, "cold_start_need", need);
+        outcome.record.outcome = format!("{}; the next cold-start run waits for {need} usable rows", outcome.record.outcome);
+    }
     let Some(mut challenger) = outcome.challenger else {
         emit(
             events,

@@ -140,6 +140,23 @@ pub(super) fn usable_rows(s: &State, store: &Store) -> u64 {
     }
 }
 
+/// Usable rows a cold-start pipeline waits for before its next run: `min_rows`, doubled
+/// after each refused run (kept in the store's meta, so a restart does not forget it).
+pub(super) fn cold_start_need(s: &State, store: &Store) -> u64 {
+    let min_rows = match &s.p.config.model {
+        crate::config::ModelRef::ColdStart(c) => c.spec.min_rows,
+        _ => s.p.train.min_rows,
+    };
+    store.meta(&s.p.config.name, "cold_start_need").ok().filter(|&n| n > 0).unwrap_or(min_rows as u64)
+}
+
+/// A pipeline still on its cold-start placeholder runs as soon as it has the rows it waits
+/// for, whatever the cooldown and the other triggers: until then it serves nothing.
+fn cold_start(s: &State, store: &Store) -> Option<Due> {
+    let (usable, need) = (usable_rows(s, store), cold_start_need(s, store));
+    (usable >= need).then(|| Due { reason: format!("cold start: {usable} usable rows (waits for {need})"), from: None })
+}
+
 /// How far in the future a stored date may lie before the clock is taken to have gone back.
 const CLOCK_SLACK_S: u64 = 60;
 
@@ -169,6 +186,9 @@ pub(super) fn due(s: &mut State, store: &Store) -> Option<Due> {
     }
     if let Some(reason) = s.wanted.take() {
         return Due::because(reason); // it was due, and waited only for the training slot
+    }
+    if s.p.model.load().placeholder {
+        return cold_start(s, store);
     }
     // A drift regime decides alone while it is open: its rows pace it, not the cooldown.
     if let Some(regime) = &s.regime {
