@@ -52,7 +52,10 @@ fn a_pipeline_with_no_model_grows_one_from_its_labelled_rows_and_then_serves_it(
         if labels {
             std::thread::sleep(Duration::from_millis(500)); // the samples reach the store
             for (seq, (_, y)) in rows.iter().enumerate().take(to).skip(from) {
-                publisher.publish(&format!("plant/line1/dev{}/label", seq % 4), json!({"seq": seq, "anomaly": y}).to_string());
+                publisher.publish(
+                    &format!("plant/line1/dev{}/label", seq % 4),
+                    json!({"seq": seq, "anomaly": y}).to_string(),
+                );
             }
             publisher.flush();
         }

@@ -896,9 +896,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
 /// `model = { cold_start = { task, features, hidden = [32, 16], min_rows = 500, classes } }`.
 fn parse_cold_start(s: &mut Section) -> Option<ModelRef> {
     let mut m = s.section("model", false)?;
-    let Some(mut c) = m.section("cold_start", false) else {
-        return None;
-    };
+    let mut c = m.section("cold_start", false)?;
     let task = c.string("task", None).and_then(|t| match t.parse::<crate::model::Task>() {
         Ok(t) => Some(t),
         Err(e) => {
@@ -913,10 +911,8 @@ fn parse_cold_start(s: &mut Section) -> Option<ModelRef> {
     let hidden = match c.take("hidden") {
         None => Some(vec![32, 16]),
         Some(toml::Value::Array(widths)) => {
-            let widths: Option<Vec<usize>> = widths
-                .iter()
-                .map(|w| w.as_integer().filter(|w| (1..=4096).contains(w)).map(|w| w as usize))
-                .collect();
+            let widths: Option<Vec<usize>> =
+                widths.iter().map(|w| w.as_integer().filter(|w| (1..=4096).contains(w)).map(|w| w as usize)).collect();
             if widths.is_none() {
                 c.error("hidden", "expected layer widths from 1 to 4096, e.g. [32, 16]");
             }
@@ -938,7 +934,8 @@ fn parse_cold_start(s: &mut Section) -> Option<ModelRef> {
     if !ok {
         return None;
     }
-    let spec = crate::model::manifest::ColdStart { hidden: hidden?, min_rows: min_rows? as usize, classes: classes? as usize };
+    let spec =
+        crate::model::manifest::ColdStart { hidden: hidden?, min_rows: min_rows? as usize, classes: classes? as usize };
     Some(ModelRef::ColdStart(ColdStartModel { task: task?, features: features?, spec }))
 }
 
@@ -1019,14 +1016,20 @@ batch = { max = 32 }
         };
         let c = parse(&cold(r#"task = "multiclass", features = ["temp", "flow"], classes = 4"#)).unwrap();
         let ModelRef::ColdStart(m) = &c.pipelines[0].model else { panic!("{:?}", c.pipelines[0].model) };
-        assert_eq!((m.task, m.features.as_slice()), (crate::model::Task::Multiclass, &["temp".into(), "flow".into()][..]));
+        assert_eq!(
+            (m.task, m.features.as_slice()),
+            (crate::model::Task::Multiclass, &["temp".into(), "flow".into()][..])
+        );
         assert_eq!(m.spec, crate::model::manifest::ColdStart { hidden: vec![32, 16], min_rows: 500, classes: 4 });
         for (spec, error) in [
             (r#"task = "multiclass", features = ["t"]"#, "model.cold_start.classes: missing"),
             (r#"task = "binary", features = []"#, "model.cold_start.features: missing"),
             (r#"task = "binary", features = ["t"], hidden = [0]"#, "model.cold_start.hidden: expected layer widths"),
             (r#"task = "ranking", features = ["t"]"#, "model.cold_start.task: unknown task"),
-            (r#"task = "binary", features = ["t"], min_rows = 5"#, "model.cold_start.min_rows: expected an integer in 50"),
+            (
+                r#"task = "binary", features = ["t"], min_rows = 5"#,
+                "model.cold_start.min_rows: expected an integer in 50",
+            ),
         ] {
             let errs = parse(&cold(spec)).unwrap_err().to_string();
             assert!(errs.contains(error), "{spec}: {errs}");

@@ -180,11 +180,13 @@ fn mlp(task: Task, features: usize, hidden: &[usize], out: usize, start: &Start,
     let output = output_name(task);
     match &start.output_scale {
         None => {
-            let logits = dense(&mut nodes, &mut init, "logits", &x, (width, out), &vec![0.0; width * out], &start.head_bias);
+            let logits =
+                dense(&mut nodes, &mut init, "logits", &x, (width, out), &vec![0.0; width * out], &start.head_bias);
             nodes.push(node("Softmax", &[&logits], output, vec![int_attr("axis", 1)]));
         }
         Some((sigma, mu)) => {
-            let head = dense(&mut nodes, &mut init, "head", &x, (width, out), &vec![0.0; width * out], &start.head_bias);
+            let head =
+                dense(&mut nodes, &mut init, "head", &x, (width, out), &vec![0.0; width * out], &start.head_bias);
             let mut diagonal = vec![0.0; out * out];
             for (i, s) in sigma.iter().enumerate() {
                 diagonal[i * out + i] = *s;
@@ -254,7 +256,13 @@ fn csv(names: &[String], task: Task, data: &Dataset, rows: std::ops::Range<usize
     out
 }
 
-fn options(name: &str, version: u64, task: Task, names: &[String], ranges: BTreeMap<String, (f64, f64)>) -> CreateOptions {
+fn options(
+    name: &str,
+    version: u64,
+    task: Task,
+    names: &[String],
+    ranges: BTreeMap<String, (f64, f64)>,
+) -> CreateOptions {
     CreateOptions {
         name: name.to_string(),
         version,
@@ -276,8 +284,11 @@ fn unbounded(names: &[String]) -> BTreeMap<String, (f64, f64)> {
 
 /// "MLP 9 → 32 → 16 → 7"
 fn shape(features: usize, hidden: &[usize], out: usize) -> String {
-    let widths: Vec<String> =
-        std::iter::once(features).chain(hidden.iter().copied()).chain(std::iter::once(out)).map(|w| w.to_string()).collect();
+    let widths: Vec<String> = std::iter::once(features)
+        .chain(hidden.iter().copied())
+        .chain(std::iter::once(out))
+        .map(|w| w.to_string())
+        .collect();
     format!("MLP {}", widths.join(" → "))
 }
 
@@ -402,7 +413,11 @@ pub fn grow<B: Backend>(
             b.edited(|n| {
                 n.training = later_training(training.seed);
                 n.lineage = crate::model::manifest::Lineage {
-                    created_by: format!("lathe cold start {} (run {})", env!("CARGO_PKG_VERSION"), outcome.record.run_id),
+                    created_by: format!(
+                        "lathe cold start {} (run {})",
+                        env!("CARGO_PKG_VERSION"),
+                        outcome.record.run_id
+                    ),
                     ..lineage
                 };
             })
@@ -450,8 +465,9 @@ mod tests {
         let placeholder = placeholder("grown", task, features, &cold, 7).unwrap();
         let classes = crate::train::classes(&placeholder, &placeholder.manifest.training).unwrap();
         let data = data::load(&placeholder.manifest, csv, classes).unwrap();
-        let outcome = crate::train::fine_tune_on(&Cpu, &placeholder, data, "test rows", &training(7, 0.2), None, &|| Ok(()))
-            .unwrap();
+        let outcome =
+            crate::train::fine_tune_on(&Cpu, &placeholder, data, "test rows", &training(7, 0.2), None, &|| Ok(()))
+                .unwrap();
         (placeholder, outcome)
     }
 
@@ -465,8 +481,13 @@ mod tests {
         assert_eq!((p.manifest.version, p.manifest.cold_start.as_ref()), (0, Some(&cold)));
         assert!(p.manifest.inputs.iter().all(|i| i.min == f64::MIN && i.max == f64::MAX));
         let again = Bundle::from_bytes(&p.to_bytes().unwrap()).unwrap();
-        assert_eq!((again.sha256(), again.manifest.cold_start), (p.sha256(), Some(cold.clone())), "it survives its own format");
-        let out = Engine::load(&p.model).unwrap().run(&[0.0, 5.0, -3.0, 1e6, 2.0, 0.0, 1.0, 1.0, 9.0].repeat(2)).unwrap();
+        assert_eq!(
+            (again.sha256(), again.manifest.cold_start),
+            (p.sha256(), Some(cold.clone())),
+            "it survives its own format"
+        );
+        let out =
+            Engine::load(&p.model).unwrap().run(&[0.0, 5.0, -3.0, 1e6, 2.0, 0.0, 1.0, 1.0, 9.0].repeat(2)).unwrap();
         assert_eq!(out.values[0], [0.5, 0.5, 0.5, 0.5]);
     }
 
@@ -492,7 +513,8 @@ mod tests {
         let (x, y) = (grown.validation_rows().unwrap(), grown.validation_targets().unwrap());
         let accuracy = |b: &Bundle| {
             let out = Engine::load(&b.model).unwrap().run(&x).unwrap();
-            let right = (0..y.len()).filter(|&r| b.reading().class(out.row(b.manifest.primary_output, r)) == Some(y[r] as usize));
+            let right = (0..y.len())
+                .filter(|&r| b.reading().class(out.row(b.manifest.primary_output, r)) == Some(y[r] as usize));
             right.count() as f64 / y.len() as f64
         };
         let (ours, theirs) = (accuracy(&grown), accuracy(&offline));

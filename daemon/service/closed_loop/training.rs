@@ -33,7 +33,9 @@ pub(super) fn start(
     let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
     let placeholder = p.model.load().placeholder;
     let champion = match &p.config.model {
-        crate::config::ModelRef::ColdStart(c) if placeholder => train::cold_start::serving(&registry, &p.config.name, c),
+        crate::config::ModelRef::ColdStart(c) if placeholder => {
+            train::cold_start::serving(&registry, &p.config.name, c)
+        }
         _ => registry.champion(&p.model.load().name),
     };
     let champion = match champion {
@@ -296,7 +298,8 @@ pub(super) fn finished(
     if outcome.challenger.is_none() && s.p.model.load().placeholder {
         let need = super::trigger::cold_start_need(s, store) * 2;
         let _ = store.set_meta(&s.p.config.name, "cold_start_need", need);
-        outcome.record.outcome = format!("{}; the next cold-start run waits for {need} usable rows", outcome.record.outcome);
+        outcome.record.outcome =
+            format!("{}; the next cold-start run waits for {need} usable rows", outcome.record.outcome);
     }
     let Some(mut challenger) = outcome.challenger else {
         emit(
