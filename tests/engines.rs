@@ -155,10 +155,33 @@ fn fine_tuned_models_give_the_same_outputs_in_tract_and_onnx_runtime() {
     let sequence = sequence.challenger.expect("the sequence fine-tune is accepted").model;
     let windows = gru.validation_samples().unwrap();
 
+    // A model grown from scratch (cold start): its own graph, standardisation and all.
+    let names: Vec<String> = (1..=9).map(|i| format!("f{i}")).collect();
+    let cold = lathe::model::manifest::ColdStart { hidden: vec![32, 16], min_rows: 0, classes: 2 };
+    let placeholder =
+        lathe::train::cold_start::placeholder("grown", lathe::model::Task::Binary, &names, &cold, 3).unwrap();
+    let placeholder = placeholder.edited(|m| m.target = "anomaly".into()).unwrap();
+    let validation = std::fs::read_to_string(root().join("models/shuttle-validation.csv")).unwrap();
+    let data = lathe::train::data::load(&placeholder.manifest, &validation, 2).unwrap();
+    let grown = lathe::train::fine_tune_on(
+        &Cpu,
+        &placeholder,
+        data,
+        "validation",
+        &placeholder.manifest.training,
+        None,
+        &|| Ok(()),
+    )
+    .unwrap();
+    let grown = grown.challenger.expect("the grown model beats the majority class").model;
+
     let rows = champion.validation_rows().unwrap();
-    for (name, model, input) in
-        [("full", &full, &rows[..9 * 500]), ("lora", &merged, &x[..]), ("sequence", &sequence, &windows[..])]
-    {
+    for (name, model, input) in [
+        ("full", &full, &rows[..9 * 500]),
+        ("lora", &merged, &x[..]),
+        ("sequence", &sequence, &windows[..]),
+        ("cold start", &grown, &rows[..]),
+    ] {
         let tract = Engine::load(model).unwrap();
         let ort =
             Engine::load_with(model, &EngineKind::Ort { library: ort_library(), providers: vec![], strict: false })

@@ -102,7 +102,7 @@ fn pipeline_bundle(config: &Config, pipeline: &str) -> Result<Bundle, String> {
     }
 }
 
-const SERVED_COLUMNS: [&str; 5] = ["prediction", "version", "device", "key", "served_at"];
+pub(super) const SERVED_COLUMNS: [&str; 5] = ["prediction", "version", "device", "key", "served_at"];
 
 /// The rows as CSV (see [`StoreCommand::Export`]).
 fn export_csv(manifest: &crate::model::Manifest, rows: &[&Record]) -> Result<String, String> {

@@ -11,8 +11,25 @@ use crate::train;
 #[derive(Args)]
 pub struct TrainArgs {
     /// The champion bundle to start from.
+    #[arg(long, required_unless_present = "cold_start", conflicts_with = "cold_start")]
+    bundle: Option<PathBuf>,
+    /// No bundle: grow a model of this task (binary, multiclass, regression, reconstruction)
+    /// from scratch, as a cold-start pipeline does; the features are the CSV's columns but
+    /// the target (and the served columns of `lathe store export`).
     #[arg(long)]
-    bundle: PathBuf,
+    cold_start: Option<String>,
+    /// --cold-start: the target column (not for reconstruction).
+    #[arg(long, default_value = "label")]
+    target: String,
+    /// --cold-start: hidden layer widths.
+    #[arg(long, default_value = "32,16")]
+    hidden: String,
+    /// --cold-start: the number of classes of a multiclass model.
+    #[arg(long, default_value_t = 2)]
+    classes: usize,
+    /// --cold-start: the bundle's name.
+    #[arg(long, default_value = "grown")]
+    name: String,
     /// Fresh labelled data: a CSV with the bundle's feature columns and target, oldest row first
     /// (a sequence model's: consecutive frames, each line's target that of the window ending on
     /// it).
@@ -82,8 +99,36 @@ pub struct TrainArgs {
     significance: Option<f64>,
 }
 
+/// The placeholder `--cold-start` grows from: the CSV's columns as features.
+fn placeholder(a: &TrainArgs, csv: &str) -> Result<Bundle, String> {
+    let task: crate::model::Task = a.cold_start.as_deref().unwrap_or_default().parse()?;
+    let header = crate::model::csv::parse_csv(csv)?.header;
+    let supervised = task != crate::model::Task::Reconstruction;
+    let features: Vec<String> = header
+        .into_iter()
+        .filter(|h| {
+            let target = supervised && *h == a.target;
+            !target && !super::store::SERVED_COLUMNS.contains(&h.as_str())
+        })
+        .collect();
+    let hidden: Vec<usize> = a
+        .hidden
+        .split(',')
+        .map(|w| w.trim().parse().ok().filter(|&w| w > 0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("--hidden {:?}: expected widths such as 32,16", a.hidden))?;
+    let cold = crate::model::manifest::ColdStart { hidden, min_rows: 0, classes: a.classes };
+    let seed = a.seed.unwrap_or(0);
+    let p = train::cold_start::placeholder(&a.name, task, &features, &cold, seed)?;
+    p.edited(|m| m.target = a.target.clone()).map_err(|e| e.to_string())
+}
+
 pub fn run(a: TrainArgs) -> Result<(), String> {
-    let mut champion = Bundle::read(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
+    let csv = crate::model::csv::read_file(&a.data)?;
+    let mut champion = match &a.bundle {
+        Some(path) => Bundle::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => placeholder(&a, &csv)?,
+    };
     match a.significance {
         Some(level) if !(level > 0.0 && level <= 1.0) => {
             return Err(format!("--significance {level}: expected a level above 0 and at most 1"))
@@ -91,7 +136,6 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         Some(level) => champion.manifest.gate.significance = level,
         None => {}
     }
-    let csv = crate::model::csv::read_file(&a.data)?;
     let mut t = champion.manifest.training.clone();
     macro_rules! set {
         ($($field:ident = $value:expr),*) => { $( if let Some(v) = $value { t.$field = v; } )* };
