@@ -527,6 +527,25 @@ mod tests {
     }
     const INPUT_OUTPUT: &str = "probabilities";
 
+    /// Labels that are noise (each row's label drawn at random, 7 % ones as in the real data):
+    /// nothing beats the majority class beyond sampling noise, and no model is grown.
+    #[test]
+    fn labels_that_are_noise_grow_no_model() {
+        let names: Vec<String> = (1..=9).map(|i| format!("f{i}")).collect();
+        let mut rng = Rng::new(5);
+        let csv: String = shuttle(3000)
+            .lines()
+            .enumerate()
+            .map(|(i, l)| match (i, l.rsplit_once(',')) {
+                (0, _) | (_, None) => format!("{l}\n"),
+                (_, Some((x, _))) => format!("{x},{}\n", u8::from(rng.uniform() < 0.07)),
+            })
+            .collect();
+        let (_, outcome) = grow_on(Task::Binary, &names, &[32, 16], &csv);
+        assert!(outcome.challenger.is_none(), "{}", outcome.record.outcome);
+        assert!(outcome.record.outcome.starts_with("refused"), "{}", outcome.record.outcome);
+    }
+
     /// An autoencoder of the office's four sensors: its 95th-percentile error beats the
     /// constant (mean) reconstruction's, and its threshold is its own.
     #[test]
