@@ -16,6 +16,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod federated;
 pub mod graph;
 pub mod net;
 pub mod significance;
