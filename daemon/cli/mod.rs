@@ -1,6 +1,7 @@
 //! The `lathe` command line (DESIGN "Command line"): every command exits non-zero with a
 //! one-line reason on error, and `--json` prints machine-readable output where it reports.
 
+mod aggregate;
 mod bundle;
 mod capture;
 #[cfg(feature = "embedded-broker")]
@@ -63,20 +64,9 @@ enum Command {
     Models(models::ModelsCommand),
     /// Fine-tune a bundle on fresh data, offline; writes a new bundle only if the gate accepts it.
     Train(Box<train::TrainArgs>),
-    /// Federated averaging, offline: combine bundles several devices fine-tuned from the same
-    /// parent (FedAvg weighted by rows trained, outliers clipped, a delta that makes the
-    /// aggregate worse on the parent's validation set left out); writes the aggregate if it
-    /// is no worse than the parent there beyond the gate's max_forgetting. Push it with
-    /// `lathe push` like any bundle.
-    Aggregate {
-        #[arg(long)]
-        parent: PathBuf,
-        /// A device's fine-tuned bundle (repeat).
-        #[arg(long = "child", required = true)]
-        children: Vec<PathBuf>,
-        #[arg(short = 'o', long)]
-        output: PathBuf,
-    },
+    /// Federated averaging: combine bundles several devices fine-tuned from the same parent,
+    /// given as files or collected from what devices share (`[pipeline.train] share = true`).
+    Aggregate(Box<aggregate::AggregateArgs>),
     /// Make an ed25519 key pair for signing updates: OUT.key (secret) and OUT.pub (or
     /// lathe.key and lathe.pub in OUT, a directory).
     Keygen {
@@ -190,7 +180,7 @@ pub fn main() -> ExitCode {
             root::run(cmd)
         }
         Command::Fleet { broker, json } => fleet::fleet(&broker, json),
-        Command::Aggregate { parent, children, output } => aggregate(&parent, &children, &output),
+        Command::Aggregate(args) => aggregate::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -352,16 +342,4 @@ fn warnings(config: &Config, models: &[crate::infer::ActiveModel]) -> Vec<String
         }
     }
     out
-}
-
-/// `lathe aggregate`: prints the report (JSON); writes the aggregate when accepted.
-fn aggregate(parent: &std::path::Path, children: &[PathBuf], output: &std::path::Path) -> Result<(), String> {
-    let read = |p: &std::path::Path| crate::model::Bundle::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let parent = read(parent)?;
-    let children = children.iter().map(|c| read(c)).collect::<Result<Vec<_>, _>>()?;
-    let (aggregate, report) = crate::train::federated::aggregate(&parent, &children)?;
-    println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
-    let b = aggregate.ok_or_else(|| format!("no aggregate: {}", report.reason))?;
-    let bytes = b.to_bytes().map_err(|e| e.to_string())?;
-    crate::model::registry::write_atomic(output, &bytes).map_err(|e| format!("{}: {e}", output.display()))
 }

@@ -100,6 +100,9 @@ pub struct TrainConfig {
     pub max_latency_increase: f64,
     /// Overrides of the bundle's `[training]`.
     pub overrides: Overrides,
+    /// `share = true`: each accepted challenger (signed by the device key) is published,
+    /// retained, on `lathe/{node}/share/{pipeline}` for federated averaging (`lathe aggregate`).
+    pub share: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -254,6 +257,7 @@ pub(super) fn parse_train(s: &mut Section) -> Option<Option<TrainConfig>> {
         max_saturated_increase: t.number("max_saturated_increase", 0.5, 0.0, 1.0)?,
         max_latency_increase: t.number("max_latency_increase", 1.0, 0.0, 1e6)?,
         overrides,
+        share: t.boolean("share", false)?,
     };
     if c.rows < c.min_rows {
         t.error("rows", &format!("is {} but min_rows is {}: no run could start", c.rows, c.min_rows));

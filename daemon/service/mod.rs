@@ -673,6 +673,7 @@ pub async fn run_keeping(
         }
         if let Some(train) = p.train.clone().or_else(|| config.update.as_ref().and_then(|_| TrainConfig::serve_only()))
         {
+            let train_share = train.share;
             looped.push(closed_loop::LoopPipeline {
                 config: p.clone(),
                 train,
@@ -681,6 +682,7 @@ pub async fn run_keeping(
                 counters: counters.clone(),
                 performance: performance.clone(),
                 device_key: device_key.clone(),
+                share: train_share.then(|| (client.clone(), format!("lathe/{}/share/{}", config.node, p.name))),
             });
         }
         let windows = pipeline.windows.clone();

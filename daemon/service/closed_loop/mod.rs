@@ -78,6 +78,8 @@ pub struct LoopPipeline {
     pub performance: Option<Arc<Mutex<Performance>>>,
     /// `[update]`: the device's own key, which signs the bundles it fine-tunes.
     pub device_key: Option<Arc<ed25519_dalek::SigningKey>>,
+    /// `share = true`: where accepted challengers go for federated averaging.
+    pub share: Option<(rumqttc::v5::AsyncClient, String)>,
 }
 
 enum Stage {

@@ -54,6 +54,7 @@ pub(super) fn state_for(
         counters: Arc::default(),
         performance: None,
         device_key: None,
+        share: None,
     };
     (State::new(lp), store)
 }

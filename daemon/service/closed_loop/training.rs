@@ -130,6 +130,20 @@ pub(super) fn start(
     s.stage = Stage::Training { done: rx, reason, regime, parent, before: Snapshot::take(&p.counters) };
 }
 
+/// `share = true`: the accepted challenger, retained at QoS 1 on `lathe/{node}/share/{pipeline}`
+/// (the newest replaces the one before), for `lathe aggregate` to average with other devices'.
+fn share(p: &super::LoopPipeline, challenger: &Bundle, events: &Events) {
+    let Some((client, topic)) = &p.share else { return };
+    let sent = challenger.to_bytes().map_err(|e| e.to_string()).and_then(|bytes| {
+        client
+            .try_publish(topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, bytes)
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = sent {
+        emit(events, p, "share.failed", format!("v{} not shared: {e}", challenger.manifest.version), json!({}));
+    }
+}
+
 /// Scheduling is per thread on Linux: SCHED_IDLE runs this one only on CPU time inference
 /// leaves over (nice 19 where SCHED_IDLE is refused).
 fn lower_priority() {
@@ -326,6 +340,7 @@ pub(super) fn finished(
         );
         return;
     }
+    share(p, &challenger, events);
     emit(
         events,
         p,
