@@ -65,17 +65,35 @@ fn four_devices_share_their_fine_tunes_and_the_aggregate_does_as_well_as_each() 
         events.on("lathe/").iter().map(|e| (e["event"].clone(), e["message"].clone())).collect::<Vec<_>>()
     );
 
+    // An impostor shares a copy of fed0's fine-tune as its own, signed by a key no device holds.
+    let fed0 = lathe::model::Bundle::read(&dir.join("fed0/registry/shuttle-mlp/shuttle-mlp-2.lathe")).unwrap();
+    let mut forged = fed0.edited(|m| m.version = 7).unwrap();
+    let rogue = lathe::update::signing::generate().unwrap();
+    lathe::update::signing::sign_bundle(&mut forged, &rogue);
+    publisher.publish_retained("lathe/rogue/share/shuttle", forged.to_bytes().unwrap());
+    publisher.flush();
+    // The centre knows its devices' keys (each device's update.device_key, here state_dir/device.key).
+    let keys = dir.join("device-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for d in 0..4 {
+        std::fs::copy(dir.join(format!("fed{d}/device.pub")), keys.join(format!("fed{d}.pub"))).unwrap();
+    }
+
     let out = dir.join("aggregate.lathe");
     let run = Command::new(env!("CARGO_BIN_EXE_lathe"))
         .args(["aggregate", "--broker", &broker.url(), "--seconds", "3", "--min-devices", "4", "--parent"])
         .arg(&model)
+        .arg("--device-keys")
+        .arg(&keys)
         .arg("-o")
         .arg(&out)
         .output()
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap_or_default();
-    assert!(run.status.success(), "{}\n{report:#}", String::from_utf8_lossy(&run.stderr));
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{said}\n{report:#}");
     assert_eq!(report["children"].as_array().map(Vec::len), Some(4), "{report:#}");
+    assert!(said.contains("rogue: shuttle-mlp-7: bundle.sig was not made by a trusted key; skipped"), "{said}");
     let aggregate = lathe::model::Bundle::read(&out).unwrap();
     let parent = lathe::model::Bundle::read(&model).unwrap();
     assert_eq!(aggregate.manifest.parent, parent.sha256());

@@ -13,8 +13,11 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::Event;
 
-use super::fleet::{connect, BrokerArgs};
+use ed25519_dalek::VerifyingKey;
+
+use super::fleet::{connect, BrokerArgs, BrokerLogin};
 use crate::model::Bundle;
+use crate::update::signing::{read_public_key, verify_bundle};
 
 #[derive(Args)]
 pub struct AggregateArgs {
@@ -24,32 +27,64 @@ pub struct AggregateArgs {
     /// A device's fine-tuned bundle (repeat); or collect them with --broker.
     #[arg(long = "child", required_unless_present = "broker")]
     children: Vec<PathBuf>,
-    /// Collect what devices share on lathe/+/share/+ from this broker (mqtt://HOST:PORT).
+    /// Collect what devices share on lathe/+/share/+ from this broker (mqtt://HOST:PORT or mqtts://).
     #[arg(long)]
     broker: Option<String>,
+    #[command(flatten)]
+    login: BrokerLogin,
     /// --broker: how long the round collects.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// --broker: no aggregate from fewer devices than this.
     #[arg(long, default_value_t = 2)]
     min_devices: usize,
+    /// Only fine-tunes signed by these device keys count (repeat; a `.pub` file, or a folder
+    /// of them: each device's `update.device_key` with `.pub`). Without it signatures are not
+    /// checked, and the report says so.
+    #[arg(long = "device-keys")]
+    device_keys: Vec<PathBuf>,
     #[arg(short = 'o', long)]
     output: PathBuf,
 }
 
+/// The device public keys named by `--device-keys`: files, or every `*.pub` in a folder.
+fn device_keys(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>, String> {
+    let mut keys = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+                .collect();
+            files.sort();
+            for f in files {
+                keys.push(read_public_key(&f)?);
+            }
+        } else {
+            keys.push(read_public_key(path)?);
+        }
+    }
+    if !paths.is_empty() && keys.is_empty() {
+        return Err("--device-keys names no .pub file".to_string());
+    }
+    Ok(keys)
+}
+
+/// Whether `b` may join the round: signed by a listed device key (when keys are listed).
+fn vouched(b: &Bundle, keys: &[VerifyingKey]) -> Result<(), String> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    verify_bundle(b, keys).map(|_| ())
+}
+
 /// The newest shared fine-tune of `parent` from each node, collected for `seconds`.
-fn collect(broker: &str, parent: &Bundle, seconds: u64) -> Result<Vec<Bundle>, String> {
-    let args = BrokerArgs {
-        broker: broker.to_string(),
-        username: None,
-        password_file: None,
-        ca_file: None,
-        cert_file: None,
-        key_file: None,
-    };
+/// A fine-tune not signed by one of `keys` (when any are listed) is skipped.
+fn collect(args: &BrokerArgs, parent: &Bundle, keys: &[VerifyingKey], seconds: u64) -> Result<Vec<Bundle>, String> {
     let rt = super::runtime()?;
     rt.block_on(async {
-        let (client, mut events) = connect(&args, "lathe-aggregate").await?;
+        let (client, mut events) = connect(args, "lathe-aggregate").await?;
         client.subscribe("lathe/+/share/+", QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
         let mut by_node: BTreeMap<String, Bundle> = BTreeMap::new();
@@ -59,7 +94,9 @@ fn collect(broker: &str, parent: &Bundle, seconds: u64) -> Result<Vec<Bundle>, S
             let node = topic.split('/').nth(1).unwrap_or_default().to_string();
             match Bundle::from_bytes(&p.payload) {
                 Ok(b) if b.manifest.parent == parent.sha256() => {
-                    if by_node.get(&node).is_none_or(|old| old.manifest.version < b.manifest.version) {
+                    if let Err(e) = vouched(&b, keys) {
+                        eprintln!("lathe: {node}: {}-{}: {e}; skipped", b.manifest.name, b.manifest.version);
+                    } else if by_node.get(&node).is_none_or(|old| old.manifest.version < b.manifest.version) {
                         by_node.insert(node, b);
                     }
                 }
@@ -83,9 +120,19 @@ fn collect(broker: &str, parent: &Bundle, seconds: u64) -> Result<Vec<Bundle>, S
 pub fn run(a: AggregateArgs) -> Result<(), String> {
     let read = |p: &PathBuf| Bundle::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let parent = read(&a.parent)?;
-    let mut children = a.children.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+    let keys = device_keys(&a.device_keys)?;
+    if keys.is_empty() {
+        eprintln!("lathe: no --device-keys: the devices' signatures are not checked");
+    }
+    let mut children = Vec::new();
+    for path in &a.children {
+        let child = read(path)?;
+        vouched(&child, &keys).map_err(|e| format!("{}: {e}", path.display()))?;
+        children.push(child);
+    }
     if let Some(broker) = &a.broker {
-        children.extend(collect(broker, &parent, a.seconds)?);
+        let args = BrokerArgs { broker: broker.clone(), login: a.login.clone() };
+        children.extend(collect(&args, &parent, &keys, a.seconds)?);
     }
     if children.len() < a.min_devices {
         return Err(format!(

@@ -62,6 +62,14 @@ pub struct BrokerArgs {
     /// The broker the fleet listens to: mqtt://HOST:PORT, or mqtts://HOST:PORT.
     #[arg(long)]
     pub broker: String,
+    #[command(flatten)]
+    pub login: BrokerLogin,
+}
+
+/// How a command logs in to the broker; apart from `BrokerArgs` for a command whose
+/// `--broker` is optional (clap does not make a flattened `Option` group optional).
+#[derive(Args, Clone, Default)]
+pub struct BrokerLogin {
     /// Log in as this user.
     #[arg(long)]
     pub username: Option<String>,
@@ -94,11 +102,11 @@ impl BrokerArgs {
             url,
             embedded_listen: String::new(),
             client_id: None,
-            username: self.username.clone(),
-            password_file: self.password_file.clone(),
-            ca_file: self.ca_file.clone(),
-            cert_file: self.cert_file.clone(),
-            key_file: self.key_file.clone(),
+            username: self.login.username.clone(),
+            password_file: self.login.password_file.clone(),
+            ca_file: self.login.ca_file.clone(),
+            cert_file: self.login.cert_file.clone(),
+            key_file: self.login.key_file.clone(),
             keep_alive_s: 30,
             max_payload_bytes: 0,
             max_inflight: 100,
@@ -117,7 +125,7 @@ pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClien
     let options = connection::session_options(&mqtt, &host, port, format!("{id}-{}", std::process::id()))
         .map_err(|e| e.to_string())?;
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    let user = broker.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
+    let user = broker.login.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
     let ack = connection::first_connack(&mut eventloop, Duration::from_secs(10))
         .await
         .map_err(|e| format!("cannot connect to {}{user}: {e}", broker.broker))?;
