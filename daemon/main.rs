@@ -9,7 +9,7 @@ fn main() -> std::process::ExitCode {
 /// glibc gives each thread that allocates an arena of its own; lathe's threads (tokio workers,
 /// the monitor's calibration, training) hand rows to each other, so memory freed in one arena
 /// is not reused by the next thread that needs it. One arena lowered the benchmark's peak RSS
-/// by 1.1 MiB at the same throughput (README, Performance). Before any thread
+/// by 1.1 MiB at the same throughput (docs/performance.md). Before any thread
 /// starts; `MALLOC_ARENA_MAX` in the environment still decides where it is set.
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -3,7 +3,7 @@
 # The valid ranges are the full Shuttle data set's min/max (the sensors' observed envelope),
 # given explicitly so every real row is served and only injected faults are rejected.
 # The model is small (9-32-16-2), so all of it fine-tunes (`--trainable full`): on unseen Shuttle
-# rows only the full network improves the holdout F1 (the last layer alone does not; see README).
+# rows only the full network improves the holdout F1 (the last layer alone does not; see docs/training.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ranges=$(python3 - <<'PY'

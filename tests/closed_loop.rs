@@ -450,7 +450,7 @@ fn kill_9_during_training_and_promotion_loses_no_acknowledged_sample() {
     let rows = common::faulty(&rows);
     let mut sent = 0;
     let mut delay = 7u64;
-    // 6 rounds here; `LATHE_KILL_ROUNDS=50` for the long run the README quotes (rows repeat,
+    // 6 rounds here; `LATHE_KILL_ROUNDS=50` for the long run docs/reliability.md quotes (rows repeat,
     // keys do not).
     let rounds: usize = std::env::var("LATHE_KILL_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(6);
     for round in 0..rounds {

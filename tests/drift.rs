@@ -166,7 +166,7 @@ fn a_reference_of_1500_rows_raises_no_alarm_on_the_other_clean_rows() {
 }
 
 /// Sensor faults on one feature from row 10,000 of a clean stream: each raises an alarm that
-/// names that feature. Prints the delay of each (the README's table).
+/// names that feature. Prints the delay of each (the table in docs/drift.md).
 #[test]
 fn injected_sensor_faults_raise_an_alarm_naming_the_feature() {
     let s = Shuttle::load();
@@ -371,7 +371,7 @@ fn late_labels_that_start_to_disagree_raise_a_performance_alarm() {
 /// The office-occupancy sensors (tests/fixtures/occupancy.csv, from river; five annotators
 /// marked its change points). lathe compares against a baseline, so the reference is the first
 /// 50 rows — before the first annotated change at row 52–53 — and each sensor's first alarm is
-/// compared with the annotations. Printed for the README; asserted: nothing before the first
+/// compared with the annotations. Printed for docs/drift.md; asserted: nothing before the first
 /// change, and the first alarm within 40 rows of an annotated change.
 #[test]
 fn occupancy_alarms_line_up_with_the_annotated_change_points() {

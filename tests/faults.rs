@@ -402,7 +402,7 @@ fn where_it_stands(port: u16, node: &str) -> String {
 
 /// Paho's restart test, harder: 10k QoS 1 messages stream in while mosquitto is killed with
 /// SIGKILL 20 times at random 1–4 s intervals and restarted. mosquitto saves after every
-/// change, but acknowledges a message before the save that holds it (README, "What the
+/// change, but acknowledges a message before the save that holds it (docs/reliability.md, "What the
 /// broker must keep"), so a kill can take the message in flight at that instant with it
 /// (seen in CI: one message, at the moment of a kill, the witness having it). Every other
 /// message must be answered at the subscriber: a missing one is allowed only within 40

@@ -418,13 +418,13 @@ fn a_device_that_goes_quiet_is_reported_and_so_is_its_return() {
     assert!(daemon.running());
 }
 
-/// The README's mosquitto ACL ("Who may publish what"), read from the README itself: lathe
+/// The documented mosquitto ACL ("Who may publish what"), read from docs/topics.md itself: lathe
 /// without its password is refused with a hint; with it, lathe serves the PLC gateway's
 /// telemetry but not the operator's, and takes the operator's commands but not the gateway's.
 #[test]
-fn the_readmes_broker_acl_lets_each_account_do_only_its_part() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let start = readme.find("# /etc/mosquitto/acl").expect("the ACL example in the README");
+fn the_documented_broker_acl_lets_each_account_do_only_its_part() {
+    let readme = std::fs::read_to_string(root().join("docs/topics.md")).unwrap();
+    let start = readme.find("# /etc/mosquitto/acl").expect("the ACL example in docs/topics.md");
     let acl = &readme[start..start + readme[start..].find("```").unwrap()];
     // A test account that reads everything, to watch.
     let acl = format!("{acl}user observer\ntopic read #\n");

@@ -1,6 +1,6 @@
 //! The soak: the daemon at a steady rate for a long time, with drift episodes that set off
 //! fine-tunes, while its memory, descriptors and threads are sampled. CI runs 120 s
-//! (`LATHE_SOAK_SECONDS` sets it; the README's figures are from a one-hour run).
+//! (`LATHE_SOAK_SECONDS` sets it; the figures in docs/reliability.md are from a one-hour run).
 
 mod common;
 
@@ -128,9 +128,9 @@ fn a_steady_stream_with_drift_and_training_episodes_leaks_nothing() {
     assert!(answered, "every message answered; log:\n{}", daemon.log());
     assert!(joined_all, "every label joined its prediction: {}", performance());
     assert!(trainings >= 1, "the drift episodes set off a fine-tune; log:\n{}", daemon.log());
-    // The target is < 5 % RSS growth over an hour (the one-hour run: -0.2 %, see the
-    // README). This short run guards against gross leaks (10 %): its end is still close to
-    // the warm-up, where the allocator's pools are filling.
+    // The target is < 5 % RSS growth over an hour (the one-hour run: -0.2 %, see
+    // docs/reliability.md). This short run guards against gross leaks (10 %): its end is still
+    // close to the warm-up, where the allocator's pools are filling.
     assert!(total_growth < 0.10, "RSS grew {:.1} % after warm-up", total_growth * 100.0);
     assert!(end_fds <= warm_fds + 2, "descriptors {warm_fds} -> {end_fds}");
     assert!(end_threads <= warm_threads + 2, "threads {warm_threads} -> {end_threads}");

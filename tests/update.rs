@@ -328,7 +328,7 @@ fn every_attack_on_the_update_path_is_refused_and_the_champion_stays() {
 /// (a new version each round, retained): after each kill the registry's champion is a
 /// version that was offered, never older than before, and a complete bundle signed by the
 /// central key; the last restart completes the last update. 6 rounds here;
-/// `LATHE_KILL_ROUNDS=100` for the long run the README quotes.
+/// `LATHE_KILL_ROUNDS=100` for the long run docs/reliability.md quotes.
 #[test]
 fn kill_9_during_an_update_leaves_the_old_or_the_new_model_never_between() {
     let rounds: u64 = std::env::var("LATHE_KILL_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(6);

@@ -1,4 +1,4 @@
-//! The `lathe` command line (DESIGN "Command line"): every command exits non-zero with a
+//! The `lathe` command line (README, `lathe --help`): every command exits non-zero with a
 //! one-line reason on error, and `--json` prints machine-readable output where it reports.
 
 mod aggregate;

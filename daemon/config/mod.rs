@@ -63,7 +63,7 @@ pub struct Config {
     pub pipelines: Vec<PipelineConfig>,
 }
 
-/// Signed remote updates (DESIGN "Update protocol").
+/// Signed remote updates (docs/updates.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpdateConfig {
     /// Where the keys that sign offers and bundles come from.
@@ -319,7 +319,7 @@ impl Config {
     }
 }
 
-/// Sections that DESIGN.md names but this build does not implement yet. Naming them is an
+/// Top-level sections people reach for that live elsewhere in this build. Naming one is an
 /// error with a clear message rather than a silent no-op.
 const NOT_YET: &[(&str, &str)] = &[("train", "training is set per pipeline: [pipeline.train]")];
 
@@ -528,7 +528,7 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
         max_payload_bytes: s.integer("max_payload_bytes", 65_536, 64, 16 << 20).unwrap_or(0) as usize,
         max_inflight: s.integer("max_inflight", 1000, 1, 65_535).unwrap_or(1) as u16,
         receive_maximum: s.integer("receive_maximum", 1000, 1, 65_535).unwrap_or(1) as u16,
-        // On for the embedded broker only by default: ARCHITECTURE.md ("TCP_NODELAY").
+        // On for the embedded broker only by default: docs/decisions/026-tcp-nodelay-towards-the-embedded-broker-mqtt-tcp.md.
         tcp_nodelay: s.boolean("tcp_nodelay", matches!(url, Some(BrokerUrl::Embedded))).unwrap_or(false),
         protocol: match s.string("protocol", Some("auto")).as_deref() {
             Some("5") => rumqttc::v5::WireProtocol::V5,

@@ -34,7 +34,7 @@ use crate::monitor::Monitor;
 use crate::service::events::{Counters, Event, Events};
 pub use engine::{Engine, EngineError, EngineKind, Outputs};
 
-/// The prediction payload (DESIGN "MQTT contract").
+/// The prediction payload (docs/topics.md).
 #[derive(Serialize)]
 struct Prediction<'a> {
     device: &'a str,

@@ -540,7 +540,7 @@ pub async fn run_keeping(
     // The queue of publishes and acks waiting for the event loop. Past `mqtt.max_inflight`
     // (1000) more queued requests only hold memory (~430 bytes each), and pipelines wait for
     // room instead: 4096 cost the benchmark 1.4 MiB of peak RSS at the same throughput
-    // (README, Performance).
+    // (docs/performance.md).
     let (client, eventloop) = AsyncClient::new(options, 1024);
     let (events, reporter) = events::reporter(client.clone(), config.events_topic());
     let reporter = tokio::spawn(reporter);

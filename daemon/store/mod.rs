@@ -28,7 +28,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 
 pub use record::{join_key, Record, MAX_VALUES};
 
-/// Bounds and places, from `[store]` (DESIGN "Config").
+/// Bounds and places, from `[store]` (docs/configuration.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub path: PathBuf,

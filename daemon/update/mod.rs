@@ -1,4 +1,4 @@
-//! Signed remote model updates (DESIGN "Update protocol"; the bar is TUF's and Uptane's list
+//! Signed remote model updates (docs/updates.md; the bar is TUF's and Uptane's list
 //! of attacks): a device never runs a model its owners did not sign, never goes backwards,
 //! and is never left without a working model.
 //!

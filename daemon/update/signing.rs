@@ -135,7 +135,7 @@ pub fn verify_bundle(bundle: &Bundle, trusted: &[VerifyingKey]) -> Result<String
         .ok_or_else(|| "bundle.sig was not made by a trusted key".to_string())
 }
 
-/// What a central server offers a device (DESIGN "Update protocol").
+/// What a central server offers a device (docs/updates.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Offer {
