@@ -25,6 +25,7 @@ pub mod infer;
 pub mod ingest;
 pub mod model;
 pub mod monitor;
+pub mod report;
 pub mod service;
 pub mod sparkplug;
 pub mod store;

@@ -104,6 +104,38 @@ enum Command {
     /// What the sample store holds for a pipeline, as JSON; `export` writes its rows as CSV
     /// (offline: the daemon holds the file's lock).
     Store(store::StoreArgs),
+    /// What the loop did, as one self-contained HTML file: drift per feature against its
+    /// reference, training runs and their gate, the timeline of alarms, runs and promotions.
+    Report(ReportArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// The daemon's state folder (its `state_dir`); or give --config.
+    #[arg(long, required_unless_present = "config")]
+    state_dir: Option<PathBuf>,
+    /// The daemon's config: its state folder, pipelines, models and drift settings.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Only this pipeline.
+    #[arg(long)]
+    pipeline: Option<String>,
+    #[arg(short = 'o', long, default_value = "report.html")]
+    output: PathBuf,
+}
+
+fn report(a: ReportArgs) -> Result<(), String> {
+    let config = a.config.as_deref().map(Config::load).transpose().map_err(|e| e.to_string())?;
+    let state_dir = match (&a.state_dir, &config) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(c)) => c.state_dir.clone(),
+        (None, None) => return Err("give --state-dir or --config".into()),
+    };
+    let html = crate::report::render(&state_dir, config.as_ref(), a.pipeline.as_deref())?;
+    crate::model::registry::write_atomic(&a.output, html.as_bytes())
+        .map_err(|e| format!("{}: {e}", a.output.display()))?;
+    println!("wrote {} ({} KB)", a.output.display(), html.len() / 1024);
+    Ok(())
 }
 
 /// Logs to journald with structured fields (PIPELINE, DEVICE, MODEL_VERSION, EVENT, …: every
@@ -181,6 +213,10 @@ pub fn main() -> ExitCode {
         }
         Command::Fleet { broker, json } => fleet::fleet(&broker, json),
         Command::Aggregate(args) => aggregate::run(*args),
+        Command::Report(args) => {
+            init_logging("warn");
+            report(args)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

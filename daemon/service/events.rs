@@ -385,9 +385,76 @@ struct Limit {
     suppressed: u64,
 }
 
-/// Publishes events on the events topic, rate-limited per (event, pipeline).
-pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, impl std::future::Future<Output = ()>) {
+/// The events file in `state_dir` (`lathe report` draws the loop's timeline from it).
+pub const JOURNAL: &str = "events.jsonl";
+/// The journal is rotated past this size: `events.jsonl` and one older `events.1.jsonl`, at
+/// most twice this on disk (about 20,000 events of the loop: months of a busy device).
+pub const JOURNAL_BYTES: u64 = 4 << 20;
+
+/// Keeps what the loop did on disk, one JSON event a line, for `lathe report`. Rejected input
+/// is left out (a flood of it would push out the loop's history; the counters keep its
+/// totals), and so is a run record an event carries (it is in `state_dir/runs/`). A journal
+/// that cannot be written is said once in the log and given up: it is a view, not a duty.
+struct Journal {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    bytes: u64,
+}
+
+impl Journal {
+    fn open(path: std::path::PathBuf) -> Journal {
+        let opened = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+        let (file, bytes) = match opened {
+            Ok(f) => {
+                let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+                (Some(f), bytes)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot write the events journal {}: {e}; lathe report will lack a timeline",
+                    path.display()
+                );
+                (None, 0)
+            }
+        };
+        Journal { path, file, bytes }
+    }
+
+    fn write(&mut self, name: &str, payload: &Value) {
+        if name == "input.rejected" {
+            return;
+        }
+        let Some(file) = self.file.as_mut() else { return };
+        let mut line = payload.clone();
+        if let Some(id) = line.get("run").and_then(|r| r.get("run_id")).cloned() {
+            line["run"] = id;
+        }
+        let mut text = line.to_string();
+        text.push('\n');
+        use std::io::Write;
+        if let Err(e) = file.write_all(text.as_bytes()) {
+            tracing::warn!("cannot write the events journal {}: {e}; stopped writing it", self.path.display());
+            self.file = None;
+            return;
+        }
+        self.bytes += text.len() as u64;
+        if self.bytes > JOURNAL_BYTES {
+            let older = self.path.with_extension("1.jsonl");
+            let _ = std::fs::rename(&self.path, older);
+            *self = Journal::open(self.path.clone());
+        }
+    }
+}
+
+/// Publishes events on the events topic, rate-limited per (event, pipeline), and keeps them
+/// in `journal` (a path in the state folder) when given.
+pub fn reporter(
+    client: rumqttc::v5::AsyncClient,
+    topic: String,
+    journal: Option<std::path::PathBuf>,
+) -> (Events, impl std::future::Future<Output = ()>) {
     let (tx, mut rx) = mpsc::channel::<Event>(1024);
+    let mut journal = journal.map(Journal::open);
     let task = async move {
         let mut limits: std::collections::HashMap<(&'static str, String), Limit> = Default::default();
         while let Some(event) = rx.recv().await {
@@ -405,7 +472,11 @@ pub fn reporter(client: rumqttc::v5::AsyncClient, topic: String) -> (Events, imp
             l.sent += 1;
             let suppressed = std::mem::take(&mut l.suppressed);
             event.log(suppressed);
-            let body = event.payload(suppressed).to_string();
+            let payload = event.payload(suppressed);
+            if let Some(j) = journal.as_mut() {
+                j.write(event.name(), &payload);
+            }
+            let body = payload.to_string();
             if client.publish(topic.as_str(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, body).await.is_err() {
                 break;
             }

@@ -542,7 +542,8 @@ pub async fn run_keeping(
     // room instead: 4096 cost the benchmark 1.4 MiB of peak RSS at the same throughput
     // (docs/performance.md).
     let (client, eventloop) = AsyncClient::new(options, 1024);
-    let (events, reporter) = events::reporter(client.clone(), config.events_topic());
+    let journal = config.state_dir.join(events::JOURNAL);
+    let (events, reporter) = events::reporter(client.clone(), config.events_topic(), Some(journal));
     let reporter = tokio::spawn(reporter);
     for (pipeline, champion, error) in fallbacks {
         let serving = match to_load.pipelines.iter().position(|p| p.name == pipeline) {

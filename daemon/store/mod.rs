@@ -24,7 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::Duration;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 
 pub use record::{join_key, Record, MAX_VALUES};
 
@@ -341,6 +343,19 @@ impl Store {
             stats.orphan_labels =
                 read_table(&tx, TableDefinition::<&str, (u64, f64)>::new(&on))?.map_or(Ok(0), |t| t.len())?;
             Ok(stats)
+        })
+    }
+
+    /// The pipelines that have samples here (`lathe report` without a config).
+    ///
+    /// # Errors
+    /// A storage error.
+    pub fn pipelines(&self) -> Result<Vec<String>, StoreError> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let names =
+                tx.list_tables()?.filter_map(|t| t.name().strip_prefix("samples/").map(str::to_string)).collect();
+            Ok(names)
         })
     }
 

@@ -85,7 +85,7 @@ pub(super) fn label(i: u64) -> crate::store::Write {
 /// An events handle (and the task that would publish them, held so the channel stays open).
 pub(super) fn events() -> (Events, impl std::future::Future<Output = ()>) {
     let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
-    crate::service::events::reporter(client, "e".into())
+    crate::service::events::reporter(client, "e".into(), None)
 }
 
 /// Version 2 on trial, promoted from 1 a moment ago.
