@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use lathe::infer::{Engine, EngineKind};
+use lathe::engine::{Engine, EngineKind};
 
 fn median_us(engine: &Engine, rows: &[f32]) -> f64 {
     for _ in 0..200 {

@@ -9,7 +9,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use lathe::infer::Engine;
+use lathe::engine::Engine;
 use lathe::model::Bundle;
 use lathe::train::cpu::Cpu;
 

@@ -8,12 +8,13 @@
 
 use std::time::Instant;
 
+use lathe::rng::Rng;
 use lathe::train::backend::{Activation, Backend, Loss, Update};
 use lathe::train::cpu::Cpu;
 #[cfg(feature = "cuda")]
 use lathe::train::cuda;
 use lathe::train::graph::{tail_of, DenseLayer};
-use lathe::train::net::{Mode, Net, Rng};
+use lathe::train::net::{Mode, Net};
 
 /// A dense layer with PyTorch's default initialisation range, built from a one-layer template
 /// (the only public way to make a `DenseLayer` is from a model file).

@@ -21,14 +21,19 @@
 
 pub mod cli;
 pub mod config;
+pub mod engine;
+pub mod fs;
 pub mod infer;
 pub mod ingest;
 pub mod model;
 pub mod monitor;
+pub mod mqtt;
 pub mod report;
+pub mod rng;
 pub mod service;
 pub mod sparkplug;
 pub mod store;
+pub mod telemetry;
 pub mod train;
 pub mod update;
 

@@ -141,7 +141,7 @@ fn labels_returned_for_the_captured_rows_let_the_next_fine_tune_fix_a_fault() {
     let accuracy = |path: &std::path::Path| {
         let b = lathe::model::Bundle::read(path).unwrap();
         let x: Vec<f32> = unseen_rows.iter().flat_map(|(r, _)| r.iter().map(|&v| v as f32)).collect();
-        let o = lathe::infer::Engine::load(&b.model).unwrap().run(&x).unwrap();
+        let o = lathe::engine::Engine::load(&b.model).unwrap().run(&x).unwrap();
         (0..unseen_rows.len()).filter(|&i| (o.row(0, i)[1] >= 0.5) == (unseen_rows[i].1 == 1)).count() as f64
             / unseen_rows.len() as f64
     };

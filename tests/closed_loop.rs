@@ -147,7 +147,7 @@ fn drift_to_promotion(l: &mut Loop, rows: &[(Vec<f64>, u8)]) -> Value {
 /// Accuracy of the sample model (v1) itself on `rows`, run here by the library's engine.
 fn v1_accuracy(rows: &[(Vec<f64>, u8)]) -> f64 {
     let bundle = lathe::model::Bundle::read(&common::root().join("models/shuttle-mlp-1.lathe")).unwrap();
-    let engine = lathe::infer::Engine::load(&bundle.model).unwrap();
+    let engine = lathe::engine::Engine::load(&bundle.model).unwrap();
     let x: Vec<f32> = rows.iter().flat_map(|(r, _)| r.iter().map(|&v| v as f32)).collect();
     let out = engine.run(&x).unwrap();
     let right = (0..rows.len()).filter(|&i| (out.row(0, i)[1] >= 0.5) == (rows[i].1 == 1)).count();
@@ -281,7 +281,7 @@ fn a_challenger_that_degrades_live_is_rolled_back_within_its_trial() {
 /// Which of `rows` the sample model (v1) itself classifies right.
 fn v1_right(rows: &[(Vec<f64>, u8)]) -> Vec<bool> {
     let bundle = lathe::model::Bundle::read(&common::root().join("models/shuttle-mlp-1.lathe")).unwrap();
-    let engine = lathe::infer::Engine::load(&bundle.model).unwrap();
+    let engine = lathe::engine::Engine::load(&bundle.model).unwrap();
     let x: Vec<f32> = rows.iter().flat_map(|(r, _)| r.iter().map(|&v| v as f32)).collect();
     let out = engine.run(&x).unwrap();
     (0..rows.len()).map(|i| (out.row(0, i)[1] >= 0.5) == (rows[i].1 == 1)).collect()
@@ -593,7 +593,7 @@ fn an_autoencoder_fine_tunes_on_rows_it_judged_normal_without_labels() {
     let run = l.events("train.accepted").into_iter().chain(l.events("train.refused")).next().unwrap()["run"].clone();
     // The rows it trained on are exactly those the model judged normal (its own score, computed
     // here again with the library's engine; a row within float noise of the line may go either way).
-    let engine = lathe::infer::Engine::load(&b.model).unwrap();
+    let engine = lathe::engine::Engine::load(&b.model).unwrap();
     let x: Vec<f32> = sent.iter().flat_map(|(r, _)| r.iter().map(|&v| v as f32)).collect();
     let out = engine.run(&x).unwrap();
     let normal = (0..sent.len())

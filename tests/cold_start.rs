@@ -96,7 +96,7 @@ fn a_pipeline_with_no_model_grows_one_from_its_labelled_rows_and_then_serves_it(
     let ours = accuracy_of(&predictions, &truth);
     let offline = {
         let bundle = lathe::model::Bundle::read(&common::root().join("models/shuttle-mlp-1.lathe")).unwrap();
-        let engine = lathe::infer::Engine::load(&bundle.model).unwrap();
+        let engine = lathe::engine::Engine::load(&bundle.model).unwrap();
         let x: Vec<f32> = rows[1200..2200].iter().flat_map(|(r, _)| r.iter().map(|&v| v as f32)).collect();
         let out = engine.run(&x).unwrap();
         (0..1000).filter(|&i| (out.row(0, i)[1] >= 0.5) == (rows[1200 + i].1 == 1)).count() as f64 / 1000.0

@@ -4,7 +4,7 @@
 
 mod common;
 
-use lathe::infer::engine::Engine;
+use lathe::engine::Engine;
 use lathe::model::bundle::Bundle;
 use lathe::monitor::detectors::{Adwin, PageHinkley};
 use lathe::monitor::{stats, Alarm, Monitor, Settings};

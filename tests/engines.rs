@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-use lathe::infer::{Engine, EngineKind};
+use lathe::engine::{Engine, EngineKind};
 
 fn ort_library() -> PathBuf {
     PathBuf::from(std::env::var("LATHE_ORT_LIBRARY").expect("LATHE_ORT_LIBRARY: the path of libonnxruntime.so"))
@@ -43,7 +43,7 @@ fn tract_and_onnx_runtime_agree_on_every_batch_size() {
 
 /// The conformance zoo (tests/fixtures/zoo): PyTorch (MLP, Conv1d, GRU, LSTM over windows),
 /// scikit-learn, XGBoost, LightGBM and onnx.helper models, on both runtimes in this process,
-/// at every batch size. Tree ensembles reach tract rewritten (`infer::ml_ops::trees_for_tract`)
+/// at every batch size. Tree ensembles reach tract rewritten (`engine::ml_ops::trees_for_tract`)
 /// and onnxruntime as exported.
 #[test]
 fn tract_and_onnx_runtime_agree_on_every_zoo_model() {
@@ -60,7 +60,7 @@ fn tract_and_onnx_runtime_agree_on_every_zoo_model() {
             .iter()
             .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
             .collect();
-        let samples = lathe::infer::engine::sliding_windows(&frames, tract.signature.features, tract.signature.frames);
+        let samples = lathe::engine::sliding_windows(&frames, tract.signature.features, tract.signature.frames);
         let len = tract.signature.sample_len();
         for batch in [1usize, 7, 64, samples.len() / len] {
             let input = &samples[..batch * len];

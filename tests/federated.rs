@@ -124,7 +124,7 @@ fn four_devices_share_and_the_aggregate_beats_each_leaving_out_a_poisoned_and_an
     let unseen = &rows[2800..];
     let accuracy = |b: &lathe::model::Bundle| {
         let x: Vec<f32> = unseen.iter().flat_map(|(r, _)| r.iter().map(|&v| v as f32)).collect();
-        let o = lathe::infer::Engine::load(&b.model).unwrap().run(&x).unwrap();
+        let o = lathe::engine::Engine::load(&b.model).unwrap().run(&x).unwrap();
         (0..unseen.len()).filter(|&i| (o.row(0, i)[1] >= 0.5) == (unseen[i].1 == 1)).count() as f64
             / unseen.len() as f64
     };

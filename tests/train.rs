@@ -125,7 +125,7 @@ fn lora_starts_at_the_champion_and_merges_into_the_same_shapes() {
         assert_eq!(v.len(), after[k].len(), "{k} keeps its size");
     }
     // The exported model computes what the trained net computes.
-    let engine = lathe::infer::engine::Engine::load(&graph::export(&onnx, &merged).unwrap()).unwrap();
+    let engine = lathe::engine::Engine::load(&graph::export(&onnx, &merged).unwrap()).unwrap();
     let served = engine.run(&x).unwrap().values.remove(0);
     let trained = net.predict(&Cpu, &x).unwrap();
     for (a, b) in served.iter().zip(&trained) {
@@ -204,9 +204,9 @@ fn fine_tuning_on_a_faulty_sensors_rows_improves_the_holdout_and_writes_a_child_
     assert!((run.holdout_after - after).abs() < 1e-12);
     assert!(child.manifest.baseline.metrics["f1"] > 0.9);
     // It serves: the registry takes it as a promotion candidate, and it answers differently.
-    let engine = lathe::infer::engine::Engine::load(&child.model).unwrap();
+    let engine = lathe::engine::Engine::load(&child.model).unwrap();
     child.validate(&engine).unwrap();
-    let old = lathe::infer::engine::Engine::load(&parent.model).unwrap();
+    let old = lathe::engine::Engine::load(&parent.model).unwrap();
     let rows = parent.validation_rows().unwrap();
     assert_ne!(engine.run(&rows[..90]).unwrap().values, old.run(&rows[..90]).unwrap().values);
 }
@@ -544,7 +544,7 @@ fn odd_gemm_attributes_train_and_export_exactly() {
     assert!(tail.starts_at_model_input, "Transpose + transA is a dense layer on x");
     assert_eq!(tail.layers.len(), 2);
     let x: Vec<f32> = (0..16 * 9).map(|i| ((i * 13 % 17) as f32 - 8.0) / 8.0).collect();
-    let engine = lathe::infer::engine::Engine::load(&onnx).unwrap();
+    let engine = lathe::engine::Engine::load(&onnx).unwrap();
     let mut net = Net::new(&Cpu, &tail.layers, Mode::Full, 16, 1).unwrap();
     let before = net.predict(&Cpu, &x).unwrap();
     for (a, b) in engine.run(&x).unwrap().values[0].iter().zip(&before) {
@@ -557,7 +557,7 @@ fn odd_gemm_attributes_train_and_export_exactly() {
     }
     let trained = net.predict(&Cpu, &x).unwrap();
     let exported = graph::export(&onnx, &net.weights(&Cpu, &tail.layers).unwrap()).unwrap();
-    let served = lathe::infer::engine::Engine::load(&exported).unwrap().run(&x).unwrap().values.remove(0);
+    let served = lathe::engine::Engine::load(&exported).unwrap().run(&x).unwrap().values.remove(0);
     assert_ne!(served, engine.run(&x).unwrap().values[0]);
     for (a, b) in served.iter().zip(&trained) {
         assert!((a - b).abs() < 1e-5, "export: tract {a} vs trainer {b}");
@@ -734,9 +734,9 @@ fn a_sequence_models_dense_head_fine_tunes_on_windows_of_the_fresh_frames() {
     let lines: Vec<Vec<f32>> =
         text.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
     let frames: Vec<f32> = lines.iter().flat_map(|l| l[..4].to_vec()).collect();
-    let windows = lathe::infer::engine::sliding_windows(&frames, 4, 16);
+    let windows = lathe::engine::sliding_windows(&frames, 4, 16);
     let holdout = record["holdout_rows"].as_u64().unwrap() as usize;
-    let engine = lathe::infer::Engine::load(&child.model).unwrap();
+    let engine = lathe::engine::Engine::load(&child.model).unwrap();
     let served = engine.run(&windows[windows.len() - holdout * 64..]).unwrap();
     let targets = &lines[lines.len() - holdout..];
     let mse: f64 =

@@ -44,7 +44,7 @@ fn daemon_config(node: &str, broker: &Broker, dir: &Path, central_pub: &Path, ex
 
 fn options() -> PushOptions {
     PushOptions {
-        expires_unix: lathe::service::unix_ms() / 1000 + 3600,
+        expires_unix: lathe::telemetry::unix_ms() / 1000 + 3600,
         compatible: "x86-test".into(),
         min_daemon_version: "0.1.0".into(),
         chunk_bytes: 8 << 10,

@@ -6,8 +6,8 @@
 mod common;
 
 use common::zoo;
-use lathe::infer::engine::sliding_windows;
-use lathe::infer::Engine;
+use lathe::engine::sliding_windows;
+use lathe::engine::Engine;
 use serde_json::Value;
 
 fn floats(v: &Value) -> Vec<f32> {

@@ -145,5 +145,5 @@ pub fn run(a: AggregateArgs) -> Result<(), String> {
     println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     let b = aggregate.ok_or_else(|| format!("no aggregate: {}", report.reason))?;
     let bytes = b.to_bytes().map_err(|e| e.to_string())?;
-    crate::model::registry::write_atomic(&a.output, &bytes).map_err(|e| format!("{}: {e}", a.output.display()))
+    crate::fs::write_atomic(&a.output, &bytes).map_err(|e| format!("{}: {e}", a.output.display()))
 }

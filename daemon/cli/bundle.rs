@@ -123,7 +123,7 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
             }
             let out = output.unwrap_or_else(|| PathBuf::from(b.file_name()));
             let bytes = b.to_bytes().map_err(|e| e.to_string())?;
-            crate::model::registry::write_atomic(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
+            crate::fs::write_atomic(&out, &bytes).map_err(|e| format!("{}: {e}", out.display()))?;
             if json {
                 println!("{}", serde_json::json!({"file": out, "sha256": b.sha256(), "manifest": b.manifest}));
             } else {

@@ -141,7 +141,7 @@ fn telemetry(seq: u64, row: &[f64], drifted: bool) -> Vec<u8> {
         doc.insert(format!("f{}", i + 1), x.into());
     }
     doc.insert("seq".into(), seq.into());
-    doc.insert("ts".into(), service::unix_ms().into());
+    doc.insert("ts".into(), crate::telemetry::unix_ms().into());
     if seq % FAULT_EVERY == FAULT_EVERY - 1 {
         match (seq / FAULT_EVERY) % 4 {
             0 => return b"\x00\x13garbled frame".to_vec(),
@@ -263,7 +263,7 @@ async fn replay(
     quiet: Arc<AtomicBool>,
 ) {
     let mut o = MqttOptions::new("lathe-demo-sensors", host, port);
-    o.set_network_options(crate::ingest::connection::no_delay());
+    o.set_network_options(crate::mqtt::no_delay());
     o.set_outgoing_inflight_upper_limit(1000);
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
     tokio::spawn(async move {
@@ -307,7 +307,7 @@ async fn replay(
 
 async fn watch(host: String, port: u16, seen: Arc<Mutex<Seen>>, labels: Arc<Vec<u8>>, drift_after: u64) {
     let mut o = MqttOptions::new("lathe-demo-watcher", host, port);
-    o.set_network_options(crate::ingest::connection::no_delay());
+    o.set_network_options(crate::mqtt::no_delay());
     let (client, mut eventloop) = AsyncClient::new(o, 1024);
     let _ = client.subscribe("plant/demo/+/prediction", QoS::AtMostOnce).await;
     let _ = client.subscribe("lathe/demo/events", QoS::AtMostOnce).await;

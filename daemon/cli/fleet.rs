@@ -12,7 +12,6 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::config::{BrokerUrl, MqttConfig};
-use crate::ingest::connection;
 use crate::model::Bundle;
 use crate::update::push::{prepare, PushOptions};
 use crate::update::signing;
@@ -88,7 +87,7 @@ pub struct BrokerLogin {
 }
 
 impl BrokerArgs {
-    /// As the daemon's `[mqtt]` would say it, for `connection::session_options`.
+    /// As the daemon's `[mqtt]` would say it, for `crate::mqtt::session_options`.
     fn mqtt(&self) -> Result<(MqttConfig, String, u16), String> {
         let url = crate::config::parse_url(&self.broker)?;
         let (host, port) = match &url {
@@ -122,14 +121,14 @@ impl BrokerArgs {
 /// on its own task (never cancelled), its events forwarded.
 pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Event>), String> {
     let (mqtt, host, port) = broker.mqtt()?;
-    let options = connection::session_options(&mqtt, &host, port, format!("{id}-{}", std::process::id()))
+    let options = crate::mqtt::session_options(&mqtt, &host, port, format!("{id}-{}", std::process::id()))
         .map_err(|e| e.to_string())?;
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let user = broker.login.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
-    let ack = connection::first_connack(&mut eventloop, Duration::from_secs(10))
+    let ack = crate::mqtt::first_connack(&mut eventloop, Duration::from_secs(10))
         .await
         .map_err(|e| format!("cannot connect to {}{user}: {e}", broker.broker))?;
-    if !connection::keeps_retained(&ack) {
+    if !crate::mqtt::keeps_retained(&ack) {
         return Err(format!(
             "the broker at {} keeps no retained messages, which push and fleet need: an offer and its chunks \
              wait there for each device, and each node's status waits there to be read",
@@ -147,7 +146,7 @@ pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClien
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("{}", connection::explain(&e));
+                    tracing::warn!("{}", crate::mqtt::explain(&e));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             }
@@ -179,7 +178,7 @@ pub fn push(a: PushArgs) -> Result<(), String> {
     let key = signing::read_signing_key(&a.key)?;
     let bundle = Bundle::read(&a.bundle).map_err(|e| format!("{}: {e}", a.bundle.display()))?;
     let expires = crate::config::parse_duration(&a.expires).ok_or("--expires: expected e.g. 30m, 24h, 7d")?;
-    let now = crate::service::unix_ms() / 1000;
+    let now = crate::telemetry::unix_ms() / 1000;
     let opts = PushOptions {
         expires_unix: now + expires.as_secs(),
         compatible: a.compatible.clone(),

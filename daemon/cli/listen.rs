@@ -114,11 +114,10 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
         return Err("mqtt.url is \"embedded\": there is no broker to listen to before lathe runs".into());
     };
     let id = format!("{}-listen-{}", config.client_id(), std::process::id());
-    let mut options =
-        crate::ingest::connection::session_options(&config.mqtt, host, *port, id).map_err(|e| e.to_string())?;
+    let mut options = crate::mqtt::session_options(&config.mqtt, host, *port, id).map_err(|e| e.to_string())?;
     options.set_clean_start(true);
     let (client, mut eventloop) = AsyncClient::new(options, 64);
-    crate::ingest::connection::first_connack(&mut eventloop, Duration::from_secs(10))
+    crate::mqtt::first_connack(&mut eventloop, Duration::from_secs(10))
         .await
         .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
 
@@ -153,12 +152,7 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
         let packet = match event {
             Ok(Event::Incoming(p)) => p,
             Ok(_) => continue,
-            Err(e) => {
-                return Err(format!(
-                    "the connection to {host}:{port} failed: {}",
-                    crate::ingest::connection::explain(&e)
-                ))
-            }
+            Err(e) => return Err(format!("the connection to {host}:{port} failed: {}", crate::mqtt::explain(&e))),
         };
         match packet {
             Packet::SubAck(ack) => {

@@ -132,8 +132,7 @@ fn report(a: ReportArgs) -> Result<(), String> {
         (None, None) => return Err("give --state-dir or --config".into()),
     };
     let html = crate::report::render(&state_dir, config.as_ref(), a.pipeline.as_deref())?;
-    crate::model::registry::write_atomic(&a.output, html.as_bytes())
-        .map_err(|e| format!("{}: {e}", a.output.display()))?;
+    crate::fs::write_atomic(&a.output, html.as_bytes()).map_err(|e| format!("{}: {e}", a.output.display()))?;
     println!("wrote {} ({} KB)", a.output.display(), html.len() / 1024);
     Ok(())
 }
@@ -353,7 +352,7 @@ fn check_broker(config: &Config) -> Result<String, String> {
 /// is not (a night shift's 02:00 is not UTC's).
 fn warnings(config: &Config, models: &[crate::infer::ActiveModel]) -> Vec<String> {
     let mut out = Vec::new();
-    let offset = crate::config::utc_offset_s(crate::service::unix_ms() / 1000);
+    let offset = crate::config::utc_offset_s(crate::telemetry::unix_ms() / 1000);
     for (p, m) in config.pipelines.iter().zip(models) {
         if offset != 0 && p.train.as_ref().and_then(|t| t.hours).is_some_and(|h| !h.local) {
             let (sign, minutes) = (if offset < 0 { '-' } else { '+' }, offset.abs() / 60);

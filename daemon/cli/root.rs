@@ -57,7 +57,7 @@ fn read(path: &Path) -> Result<SignedRoot, String> {
 
 fn write(path: &Path, signed: &SignedRoot) -> Result<(), String> {
     let bytes = serde_json::to_vec_pretty(signed).map_err(|e| e.to_string())?;
-    crate::model::registry::write_atomic(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+    crate::fs::write_atomic(path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// What a root's own signatures say: whether it holds on its own yet.
@@ -89,7 +89,7 @@ pub fn run(cmd: RootCommand) -> Result<(), String> {
             let expires = crate::config::parse_duration(&expires).ok_or("--expires: expected e.g. 30d, 365d")?;
             let root = Root {
                 version,
-                expires_unix: crate::service::unix_ms() / 1000 + expires.as_secs(),
+                expires_unix: crate::telemetry::unix_ms() / 1000 + expires.as_secs(),
                 root_keys: listed,
                 root_threshold: threshold,
                 update_keys,

@@ -52,7 +52,7 @@ pub fn run(args: StoreArgs) -> Result<(), String> {
                 Some(text) => {
                     let d = crate::config::parse_duration(&text)
                         .ok_or_else(|| format!("--since {text:?}: expected a duration such as 30m, 12h or 7d"))?;
-                    crate::service::unix_ms().saturating_sub(d.as_millis() as u64)
+                    crate::telemetry::unix_ms().saturating_sub(d.as_millis() as u64)
                 }
             };
             let bundle = pipeline_bundle(&config, &pipeline)?;
@@ -60,7 +60,7 @@ pub fn run(args: StoreArgs) -> Result<(), String> {
             let rows: Vec<&Record> =
                 rows.iter().filter(|r| r.ts_ms >= since_ms && (!labeled_only || r.label.is_some())).collect();
             let csv = export_csv(&bundle.manifest, &rows)?;
-            crate::model::registry::write_atomic(&out, csv.as_bytes())
+            crate::fs::write_atomic(&out, csv.as_bytes())
                 .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
             eprintln!("{} rows of {pipeline} written to {}", rows.len(), out.display());
             Ok(())

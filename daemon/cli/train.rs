@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::fs::write_atomic;
 use crate::model::bundle::Bundle;
-use crate::model::registry::write_atomic;
 use crate::train;
 
 #[derive(Args)]

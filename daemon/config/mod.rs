@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use reader::Section;
 
+pub use crate::mqtt::{parse_url, BrokerUrl, MqttConfig};
+
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
@@ -101,49 +103,10 @@ pub struct SparkplugOutputConfig {
     pub edge_node: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum BrokerUrl {
-    /// Start the in-process broker (feature `embedded-broker`) and connect to it.
-    Embedded,
-    Tcp {
-        host: String,
-        port: u16,
-        tls: bool,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct MqttConfig {
-    pub url: BrokerUrl,
-    /// Where the embedded broker listens (only with `url = "embedded"`).
-    pub embedded_listen: String,
-    /// Default `lathe-{node}`. Stable across restarts so the broker keeps our session (and the
-    /// QoS 1 messages that arrived while we were down).
-    pub client_id: Option<String>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub keep_alive_s: u64,
-    /// Telemetry payloads larger than this are rejected (`payload_too_large`).
-    pub max_payload_bytes: usize,
-    /// QoS 1 predictions in flight (sent, not yet acknowledged by the broker).
-    pub max_inflight: u16,
-    /// MQTT 5 Receive Maximum: telemetry messages the broker may have in flight to us (a
-    /// 3.1.1 broker has its own limit); also the waiting rows that pause reading.
-    /// Bounds the memory a burst or a redelivered backlog can take.
-    pub receive_maximum: u16,
-    /// Nagle's algorithm off on the connection to the broker (`connection::no_delay`).
-    pub tcp_nodelay: bool,
-    /// `"auto"` (MQTT 5, or 3.1.1 once a broker refuses 5), `"5"` or `"3.1.1"`.
-    pub protocol: rumqttc::v5::WireProtocol,
-}
-
 #[derive(Debug, Clone)]
 pub struct InferConfig {
     /// `engine = "tract"` (default) or `"ort"` with `ort_library = "/path/libonnxruntime.so.1.x"`.
-    pub engine: crate::infer::EngineKind,
+    pub engine: crate::engine::EngineKind,
     /// `load_memory_mb`, `load_timeout`: what a model's load and first inference may take
     /// (tried in a child process first; `infer::probe`).
     pub load_limits: crate::infer::probe::Limits,
@@ -566,40 +529,14 @@ fn parse_mqtt(section: Option<Section>, base: &Path) -> Option<MqttConfig> {
     (ok && url.is_some()).then_some(c)
 }
 
-/// `mqtt://host[:port]`, `mqtts://host[:port]`, `tcp://…`, or `embedded`.
-pub fn parse_url(url: &str) -> Result<BrokerUrl, String> {
-    if url == "embedded" {
-        return Ok(BrokerUrl::Embedded);
-    }
-    let expected =
-        || format!("expected \"mqtt://HOST[:PORT]\", \"mqtts://HOST[:PORT]\" or \"embedded\", found {url:?}");
-    let (scheme, rest) = url.split_once("://").ok_or_else(expected)?;
-    let (tls, default_port) = match scheme {
-        "mqtt" | "tcp" => (false, 1883),
-        "mqtts" | "ssl" => (true, 8883),
-        _ => return Err(expected()),
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h.trim_matches(['[', ']']).to_string(), p.parse::<u16>().map_err(|_| expected())?)
-        }
-        _ => (rest.to_string(), default_port),
-    };
-    if host.is_empty() || host.contains('/') {
-        return Err(expected());
-    }
-    Ok(BrokerUrl::Tcp { host, port, tls })
-}
-
 fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
-    use crate::infer::EngineKind;
+    use crate::engine::EngineKind;
     let mut s = section?;
     let engine = s.string("engine", Some("tract"));
     let library = s.opt_string("ort_library").map(|p| base.join(p));
     let providers = s.strings("providers").unwrap_or_default();
     for (i, p) in providers.iter().enumerate() {
-        if !crate::infer::engine::PROVIDERS.contains(&p.as_str()) {
+        if !crate::engine::PROVIDERS.contains(&p.as_str()) {
             s.error(&format!("providers[{i}]"), &format!("expected \"tensorrt\" or \"cuda\", found {p:?}"));
         }
     }
@@ -787,7 +724,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             if !w.has("size") {
                 w.error("size", "missing (expected the number of frames the sequence model takes)");
             }
-            let size = w.integer("size", 1, 2, crate::infer::engine::MAX_FRAMES as u64);
+            let size = w.integer("size", 1, 2, crate::engine::MAX_FRAMES as u64);
             let resume_within = train::duration(&mut w, "resume_within", DEFAULT_RESUME_WITHIN);
             w.finish();
             (size.unwrap_or(1) as usize, resume_within.unwrap_or_default())

@@ -2,12 +2,7 @@
 //! per accepted message. One task per pipeline; the model is planned per batch size.
 
 pub mod capture;
-pub mod engine;
-pub(crate) mod ml_ops;
-#[cfg(feature = "ort")]
-mod ort_engine;
 pub mod probe;
-mod untrusted;
 pub mod window;
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,7 +17,7 @@ use tokio::sync::mpsc;
 use arc_swap::ArcSwap;
 
 use crate::config::{BatchConfig, Config, PipelineConfig};
-use crate::ingest::ack::AckSender;
+use crate::engine::{Engine, EngineKind, Outputs};
 use crate::ingest::connection::Flow;
 use crate::ingest::Extractor;
 use crate::ingest::Sample;
@@ -31,8 +26,8 @@ use crate::model::Bundle;
 use crate::monitor::performance::{Performance, Predicted, Served};
 use crate::monitor::reference::Rebased;
 use crate::monitor::Monitor;
-use crate::service::events::{Counters, Event, Events};
-pub use engine::{Engine, EngineError, EngineKind, Outputs};
+use crate::mqtt::ack::AckSender;
+use crate::telemetry::events::{Counters, Event, Events};
 
 /// The prediction payload (docs/topics.md).
 #[derive(Serialize)]
@@ -409,7 +404,7 @@ impl Pipeline {
         // sequence model each row's window.
         let mut rows: Vec<f32> = Vec::new();
         let mut samples: Vec<f32> = Vec::new();
-        let heartbeat = crate::service::liveness::register(&format!("inference of pipeline {}", self.name));
+        let heartbeat = crate::telemetry::liveness::register(&format!("inference of pipeline {}", self.name));
         while let Some(first) = rx.recv().await {
             batch.push(first);
             self.fill(&mut rx, &mut batch).await;
@@ -423,7 +418,7 @@ impl Pipeline {
                     continue;
                 }
             }
-            self.counters.batch.observe(&crate::service::events::BATCH_BUCKETS, batch.len() as u64);
+            self.counters.batch.observe(&crate::telemetry::events::BATCH_BUCKETS, batch.len() as u64);
             rows.clear();
             rows.extend(batch.iter().flat_map(|s| s.features.iter().copied()));
             let input = if frames > 1 { &samples } else { &rows };
@@ -437,7 +432,7 @@ impl Pipeline {
                 Ok(out) if model.placeholder => self.keep(&model, &mut batch, &rows, input, &out),
                 Ok(out) => {
                     let per_row = started.elapsed().as_micros() as u64 / batch.len().max(1) as u64;
-                    self.counters.compute.observe(&crate::service::events::COMPUTE_BUCKETS_US, per_row);
+                    self.counters.compute.observe(&crate::telemetry::events::COMPUTE_BUCKETS_US, per_row);
                     self.publish(&model, &batch, &out).await;
                     self.check_health(&model, batch.len(), &out);
                     self.watch(&model, &rows, &out);
@@ -527,7 +522,7 @@ impl Pipeline {
         let Some(store) = &self.store else { return };
         let f = model.engine.signature.features;
         let width = f * model.engine.signature.frames;
-        let ts_ms = crate::service::unix_ms();
+        let ts_ms = crate::telemetry::unix_ms();
         let mut writes = Vec::with_capacity(batch.len());
         let mut tickets = Vec::with_capacity(batch.len());
         for (r, s) in batch.iter_mut().enumerate() {
@@ -635,7 +630,7 @@ impl Pipeline {
         for (r, s) in batch.iter().enumerate() {
             let output = out.row(model.primary_output, r);
             let latency_us = now.duration_since(s.received).as_micros() as u64;
-            self.counters.latency.observe(&crate::service::events::LATENCY_BUCKETS_US, latency_us);
+            self.counters.latency.observe(&crate::telemetry::events::LATENCY_BUCKETS_US, latency_us);
             let class = model.reading.class(output);
             let prediction = Prediction {
                 device: &s.device,

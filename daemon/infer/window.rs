@@ -98,7 +98,7 @@ impl Windows {
                 b.extend_from_slice(&v.to_le_bytes());
             }
         }
-        crate::model::registry::write_atomic(path, &b)
+        crate::fs::write_atomic(path, &b)
     }
 
     /// Reads windows saved by [`Windows::save`]: `Ok(None)` when they were saved more than
@@ -132,7 +132,7 @@ impl Windows {
             let name: Arc<str> = name.into();
             let width = u32_of(take(4)?);
             let values = u32_of(take(4)?);
-            let longest = width.saturating_mul(crate::infer::engine::MAX_FRAMES as usize);
+            let longest = width.saturating_mul(crate::engine::MAX_FRAMES as usize);
             if width == 0 || !values.is_multiple_of(width) || values > longest {
                 return Err(format!("device {name:?}: {values} values is not a window of {width}-value frames"));
             }

@@ -50,19 +50,7 @@ pub enum Reject {
 
 impl Reject {
     /// All reasons, in the order counters are kept.
-    pub const REASONS: [&'static str; 11] = [
-        "payload_too_large",
-        "not_json",
-        "missing_feature",
-        "non_numeric",
-        "non_finite",
-        "out_of_range",
-        "bad_sparkplug",
-        "sparkplug_stale",
-        "empty_batch",
-        "bad_kepware",
-        "bad_quality",
-    ];
+    pub const REASONS: [&'static str; 11] = crate::telemetry::events::REJECT_REASONS;
 
     pub fn index(&self) -> usize {
         match self {

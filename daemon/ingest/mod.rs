@@ -1,7 +1,6 @@
 //! Ingest: MQTT in. Owns the broker connection, matches topics to pipelines, reads feature
 //! rows out of JSON payloads and rejects (with a reason) what cannot be one.
 
-pub mod ack;
 pub mod activity;
 pub mod connection;
 #[cfg(feature = "embedded-broker")]

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use super::baseline::{self, Baseline, Reading};
 use super::csv::{comma_separated, parse_csv};
 use super::manifest::{Gate, Input, Lineage, Manifest, Task, Training, FORMAT};
-use crate::infer::engine::{sliding_windows, Engine, EngineError, Outputs};
+use crate::engine::{sliding_windows, Engine, EngineError, Outputs};
 
 pub const MANIFEST: &str = "bundle.toml";
 pub const MODEL: &str = "model.onnx";

@@ -157,9 +157,12 @@ mod defaults {
         0.02
     }
     pub fn significance() -> f64 {
-        crate::train::significance::LEVEL
+        super::SIGNIFICANCE_LEVEL
     }
 }
+
+/// The significance level the gate tests at unless the bundle's gate says otherwise.
+pub const SIGNIFICANCE_LEVEL: f64 = 0.05;
 
 impl Default for Training {
     /// Conservative fine-tuning defaults for small tabular models: the last layer only,

@@ -2,7 +2,7 @@
 //! file naming the version that serves. Every write is atomic (temp, fsync, rename, fsync dir),
 //! so a power cut leaves either the old or the new state, never a torn file.
 
-use std::io::Write;
+use crate::fs::write_atomic;
 use std::path::{Path, PathBuf};
 
 use super::bundle::{Bundle, BundleError};
@@ -35,23 +35,6 @@ pub struct Entry {
     pub history: Vec<u64>,
 }
 
-/// Writes `data` to `path` atomically.
-///
-/// # Errors
-/// Any filesystem failure.
-pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    // `Path::new("x.lathe").parent()` is `Some("")`, which names no directory.
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Versions kept beyond the champion and its rollback history.
 const KEEP_VERSIONS: usize = 5;
 /// Earlier champions remembered for rollback.
@@ -61,12 +44,12 @@ pub struct Registry {
     root: PathBuf,
     /// The runtime a candidate must load and validate on before it is promoted: the one
     /// that will serve it (`infer.engine`).
-    engine: crate::infer::EngineKind,
+    engine: crate::engine::EngineKind,
 }
 
 impl Registry {
     pub fn new(state_dir: &Path) -> Registry {
-        Registry { root: state_dir.join("registry"), engine: crate::infer::EngineKind::Tract }
+        Registry { root: state_dir.join("registry"), engine: crate::engine::EngineKind::Tract }
     }
 
     /// The `state_dir` this registry lives in.
@@ -75,7 +58,7 @@ impl Registry {
     }
 
     /// The same registry, validating candidates on `engine` (the daemon's `infer.engine`).
-    pub fn with_engine(mut self, engine: crate::infer::EngineKind) -> Registry {
+    pub fn with_engine(mut self, engine: crate::engine::EngineKind) -> Registry {
         self.engine = engine;
         self
     }
@@ -225,7 +208,7 @@ impl Registry {
         let candidate = Bundle::read(&path).map_err(|source| RegistryError::Bundle { path: path.clone(), source })?;
         // It must load and give finite outputs on its own validation set, on the runtime that
         // will serve it, before it may serve.
-        crate::infer::Engine::load_with(&candidate.model, &self.engine)
+        crate::engine::Engine::load_with(&candidate.model, &self.engine)
             .map_err(BundleError::from)
             .and_then(|engine| candidate.validate(&engine))
             .map_err(|source| RegistryError::Bundle { path, source })?;

@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::model::baseline::quantile;
-use crate::train::net::Rng;
+use crate::rng::Rng;
 
 /// Which two-sample statistic raises a feature or prediction alarm (all three are reported).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -54,7 +54,7 @@ impl Rebased {
     /// A filesystem failure.
     pub fn write(&self, path: &Path) -> Result<(), String> {
         let text = serde_json::to_vec(self).map_err(|e| e.to_string())?;
-        crate::model::registry::write_atomic(path, &text).map_err(|e| format!("{}: {e}", path.display()))
+        crate::fs::write_atomic(path, &text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// The re-based reference at `path` for the bundle with hash `sha256` and inputs

@@ -22,7 +22,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::{Config, ModelRef};
-use crate::infer::Engine;
+use crate::engine::Engine;
 use crate::model::manifest::Task;
 use crate::model::{Bundle, Registry};
 use crate::monitor::reference::Rebased;
@@ -77,7 +77,7 @@ pub fn render(state_dir: &Path, config: Option<&Config>, only: Option<&str>) -> 
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head><body><h1>{t}</h1><p class=\"note\">{} · state folder {} · made {}</p>{body}</body></html>\n",
         escape(&subjects.iter().map(|s| s.pipeline.as_str()).collect::<Vec<_>>().join(", ")),
         escape(&state_dir.display().to_string()),
-        when(crate::service::unix_ms() as f64),
+        when(crate::telemetry::unix_ms() as f64),
         t = escape(&title),
     ))
 }
@@ -134,7 +134,7 @@ fn subjects(
 
 fn read_journal(state_dir: &Path) -> Vec<Value> {
     let mut events = Vec::new();
-    for name in ["events.1.jsonl", crate::service::events::JOURNAL] {
+    for name in ["events.1.jsonl", crate::telemetry::events::JOURNAL] {
         let text = std::fs::read_to_string(state_dir.join(name)).unwrap_or_default();
         events.extend(text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()));
     }

@@ -66,7 +66,7 @@ fn write(state_dir: &Path, all: &BTreeMap<String, OnTrial>) {
     let path = trials_path(state_dir);
     let written = serde_json::to_vec_pretty(all)
         .map_err(|e| e.to_string())
-        .and_then(|b| crate::model::registry::write_atomic(&path, &b).map_err(|e| e.to_string()));
+        .and_then(|b| crate::fs::write_atomic(&path, &b).map_err(|e| e.to_string()));
     if let Err(e) = written {
         tracing::warn!("{}: {e}", path.display());
     }

@@ -11,9 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::events::{Histogram, BATCH_BUCKETS, COMPUTE_BUCKETS_US, LATENCY_BUCKETS_US};
 use super::Serving;
 use crate::ingest::Reject;
+use crate::telemetry::events::{Histogram, BATCH_BUCKETS, COMPUTE_BUCKETS_US, LATENCY_BUCKETS_US};
 
 /// Label values are quoted; backslash, quote and newline must be escaped.
 fn label(v: &str) -> String {
@@ -61,7 +61,7 @@ pub fn render(serving: &[Serving], connected: bool) -> String {
             m.sha256
         );
     }
-    type Read = fn(&super::events::Counters) -> u64;
+    type Read = fn(&crate::telemetry::events::Counters) -> u64;
     let counters: [(&str, &str, Read); 5] = [
         ("lathe_messages_received_total", "Telemetry messages received.", |c| c.received.load(Relaxed)),
         ("lathe_predictions_total", "Predictions published.", |c| c.predicted.load(Relaxed)),
@@ -196,7 +196,7 @@ type OutcomeFamily = (&'static str, &'static str, &'static str, &'static [(&'sta
 
 /// What the loop and the updater did, by outcome, from the events emitted (`events::outcomes`).
 fn outcome_counters(out: &mut String) {
-    let counts = super::events::outcomes();
+    let counts = crate::telemetry::events::outcomes();
     let families: [OutcomeFamily; 3] = [
         (
             "lathe_training_runs_total",

@@ -8,11 +8,8 @@
 pub(crate) mod closed_loop;
 mod code_pages;
 pub mod crash_guard;
-pub mod events;
-pub mod liveness;
 pub mod metrics;
 mod swap;
-pub mod systemd;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -31,11 +28,8 @@ use crate::infer::{ActiveModel, Pipeline, SharedModel};
 use crate::ingest::{connection, Ingest, Route, TopicFilter};
 use crate::model::registry::RegistryError;
 use crate::model::{Bundle, Registry};
-use events::Counters;
-
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+use crate::telemetry::events::Counters;
+use crate::telemetry::{events, systemd, unix_ms};
 
 /// How often the retained status is refreshed.
 pub const STATUS_EVERY: Duration = Duration::from_secs(10);
@@ -49,7 +43,7 @@ pub enum ServiceError {
     #[error("{0}")]
     Broker(String),
     #[error("{0}")]
-    Connect(#[from] connection::ConnectError),
+    Connect(#[from] crate::mqtt::ConnectError),
     #[error("cannot serve metrics: {0}")]
     Metrics(String),
     #[error("{0}")]
@@ -553,7 +547,7 @@ pub async fn run_keeping(
         let version = serving.map(|m| m.version).unwrap_or(0);
         events.emit(events::Event::FellBack { pipeline, champion, version, error });
     }
-    let (acks, acker) = crate::ingest::ack::acker(client.clone());
+    let (acks, acker) = crate::mqtt::ack::acker(client.clone());
     let flow = Arc::new(connection::Flow::default());
     let acker = tokio::spawn(acker);
 
@@ -564,7 +558,10 @@ pub async fn run_keeping(
     let (events, store) = if training {
         let store = crate::store::Store::open(config.store.clone()).map_err(|e| ServiceError::Store(e.to_string()))?;
         let store = Arc::new(store);
-        let events = events.with_triggers(loop_tx.clone());
+        let to_loop = loop_tx.clone();
+        let events = events.with_triggers(Arc::new(move |t: events::DriftTrigger| {
+            let _ = to_loop.send(closed_loop::LoopMessage::Drift(t));
+        }));
         let writer =
             crate::store::writer::start(store.clone(), acks.clone(), events.clone()).map_err(ServiceError::Store)?;
         (events, Some((store, writer)))
@@ -753,7 +750,7 @@ pub async fn run_keeping(
             status_now: status_now.clone(),
         },
         unsubscribe: Vec::new(),
-        login: connection::LoginFiles::new(&config.mqtt),
+        login: crate::mqtt::LoginFiles::new(&config.mqtt),
     };
     let filters = ingest.filters();
     let ingest = Ingest { unsubscribe: kept.filters.into_iter().filter(|f| !filters.contains(f)).collect(), ..ingest };

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::events::{Event, Events};
 use super::Serving;
 use crate::config::Config;
 use crate::infer::ActiveModel;
 use crate::model::Registry;
+use crate::telemetry::events::{Event, Events};
 
 /// How often the champion pointers are read.
 const POLL: Duration = Duration::from_millis(250);

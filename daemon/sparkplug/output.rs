@@ -29,7 +29,7 @@ use super::proto::{datatype, Metric, Payload, Value};
 use super::{BD_SEQ, REBIRTH};
 use crate::config::{Config, SparkplugOutputConfig};
 use crate::infer::SharedModel;
-use crate::ingest::connection::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
+use crate::mqtt::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
 
 /// Predictions waiting for the Sparkplug session; past this they are dropped (and counted):
 /// the JSON predictions are the contract, this is a view of them.
@@ -83,10 +83,9 @@ pub fn start(
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map_or(0, |b| (b + 1) % 256);
-    let _ = crate::model::registry::write_atomic(&bd_seq_file, bd_seq.to_string().as_bytes());
+    let _ = crate::fs::write_atomic(&bd_seq_file, bd_seq.to_string().as_bytes());
     let id = format!("{}-sparkplug", config.client_id());
-    let mut options =
-        crate::ingest::connection::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
+    let mut options = crate::mqtt::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let node = Node { group: settings.group.clone(), edge_node: settings.edge_node.clone(), bd_seq, seq: 0 };
     let death = node.death();
     options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));
@@ -112,7 +111,7 @@ impl Node {
     }
 
     fn death(&self) -> Vec<u8> {
-        let now = crate::service::unix_ms();
+        let now = crate::telemetry::unix_ms();
         let bd = Metric::new(BD_SEQ, datatype::INT64, Value::Long(self.bd_seq), now);
         Payload { timestamp: Some(now), metrics: vec![bd], seq: None, uuid: None, body: None }.encode_to_vec()
     }
@@ -121,7 +120,7 @@ impl Node {
     fn payload(&mut self, metrics: Vec<Metric>) -> Vec<u8> {
         let seq = self.seq;
         self.seq = (self.seq + 1) % 256;
-        Payload { timestamp: Some(crate::service::unix_ms()), metrics, seq: Some(seq), uuid: None, body: None }
+        Payload { timestamp: Some(crate::telemetry::unix_ms()), metrics, seq: Some(seq), uuid: None, body: None }
             .encode_to_vec()
     }
 }
@@ -249,7 +248,7 @@ async fn run(
                 if !born {
                     continue;
                 }
-                let now = crate::service::unix_ms();
+                let now = crate::telemetry::unix_ms();
                 let device = report.device.replace('/', ".");
                 let metrics = device_metrics(&report, now);
                 let known = devices.entry(device.clone()).or_default();
@@ -268,7 +267,7 @@ async fn run(
             _ = check_models.tick() => {
                 let now_versions: Vec<u64> = models.iter().map(|(_, m)| m.load().version).collect();
                 if born && now_versions != versions {
-                    let payload = node.payload(model_metrics(&models, crate::service::unix_ms()));
+                    let payload = node.payload(model_metrics(&models, crate::telemetry::unix_ms()));
                     publish(node.topic("NDATA", None), payload, QoS::AtMostOnce);
                 }
                 versions = now_versions;
@@ -285,7 +284,7 @@ async fn run(
 
 /// The NBIRTH: seq 0, bdSeq, the rebirth control, every pipeline's model.
 fn birth(node: &mut Node, models: &[(String, SharedModel)], publish: &impl Fn(String, Vec<u8>, QoS)) -> bool {
-    let now = crate::service::unix_ms();
+    let now = crate::telemetry::unix_ms();
     node.seq = 0;
     let mut metrics = vec![
         Metric::new(BD_SEQ, datatype::INT64, Value::Long(node.bd_seq), now),

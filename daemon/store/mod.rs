@@ -166,7 +166,7 @@ impl Store {
                 return Err(err(&path, io))
             }
             Err(e) if path.exists() => {
-                let aside = path.with_extension(format!("corrupt-{}", crate::service::unix_ms() / 1000));
+                let aside = path.with_extension(format!("corrupt-{}", crate::telemetry::unix_ms() / 1000));
                 tracing::error!("Sample store {} cannot be opened ({e}); moved to {}", path.display(), aside.display());
                 std::fs::rename(&path, &aside).map_err(|e| err(&path, e))?;
                 open_db(&path).map_err(|e| err(&path, e))?

@@ -13,8 +13,8 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use super::{Store, Write};
-use crate::ingest::ack::{AckSender, AckTicket};
-use crate::service::events::{Counters, Event, Events};
+use crate::mqtt::ack::{AckSender, AckTicket};
+use crate::telemetry::events::{Counters, Event, Events};
 
 /// Jobs waiting for the writer; past this, new ones are dropped (counted as `store_dropped`).
 const QUEUE: usize = 4096;
@@ -109,7 +109,7 @@ pub fn start(store: Arc<Store>, acks: AckSender, events: Events) -> Result<Write
 
 fn run(store: &Store, rx: &Receiver<Msg>, acks: &AckSender, events: &Events) {
     let mut failing = false;
-    let heartbeat = crate::service::liveness::register("store writer");
+    let heartbeat = crate::telemetry::liveness::register("store writer");
     while let Ok(first) = rx.recv() {
         let mut jobs = Vec::new();
         let mut flushes = Vec::new();
@@ -138,7 +138,7 @@ fn commit(store: &Store, jobs: &mut Vec<Job>, acks: &AckSender, events: &Events,
         return;
     }
     let batches: Vec<(&str, &[Write])> = jobs.iter().map(|j| (&*j.pipeline, j.writes.as_slice())).collect();
-    match store.apply(&batches, crate::service::unix_ms()) {
+    match store.apply(&batches, crate::telemetry::unix_ms()) {
         Ok(applied) => {
             for (job, a) in jobs.iter().zip(applied) {
                 job.counters.stored.fetch_add(a.stored, Relaxed);

@@ -31,10 +31,10 @@ use tract_onnx::pb::{
 
 use super::backend::Backend;
 use super::data::{self, Dataset};
-use super::net::Rng;
 use super::Outcome;
 use crate::model::bundle::{self, Bundle, CreateOptions};
 use crate::model::manifest::{ColdStart, Task, Training};
+use crate::rng::Rng;
 
 /// The model's input tensor.
 pub const INPUT: &str = "features";
@@ -432,7 +432,7 @@ pub fn grow<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::engine::Engine;
+    use crate::engine::Engine;
     use crate::train::cpu::Cpu;
 
     fn root(path: &str) -> std::path::PathBuf {

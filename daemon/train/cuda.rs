@@ -135,7 +135,7 @@ pub fn compile_all(arch: &'static str, cache_dir: Option<&Path>) -> std::result:
                 }
             }
         }
-        let _ = crate::model::registry::write_atomic(&path, text.as_bytes());
+        let _ = crate::fs::write_atomic(&path, text.as_bytes());
     }
     Ok(ptx)
 }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::graph::{self, DenseLayer};
-use crate::infer::engine::Engine;
+use crate::engine::Engine;
 use crate::model::bundle::{self, Bundle};
 use crate::model::manifest::Lineage;
 

@@ -277,7 +277,7 @@ fn probability_pair(walk: &Walk, output: &str) -> Option<String> {
 }
 
 /// Finds the dense tail ending at `output`. `graph` should already have had the ML-operator
-/// rewrite (`infer::ml_ops`), as the engine sees it.
+/// rewrite (`engine::ml_ops`), as the engine sees it.
 ///
 /// # Errors
 /// A tail with no dense layer (the message names the node that stopped it), or one whose
@@ -338,7 +338,7 @@ pub fn tail(graph: &GraphProto, output: &str) -> Result<Tail, String> {
 pub fn decode(onnx: &[u8]) -> Result<ModelProto, String> {
     let mut proto = ModelProto::decode(onnx).map_err(|e| format!("not a readable ONNX model: {e}"))?;
     let graph = proto.graph.as_mut().ok_or("the model has no graph")?;
-    crate::infer::ml_ops::rewrite(graph);
+    crate::engine::ml_ops::rewrite(graph);
     Ok(proto)
 }
 

@@ -26,12 +26,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::infer::engine::Engine;
+use crate::engine::Engine;
 use crate::model::bundle::{self, Bundle};
 use crate::model::manifest::{FineTune, Lineage, Task, Training};
+use crate::rng::Rng;
 use backend::{Backend, Loss, Update};
 use graph::{DenseLayer, Tail};
-use net::{Mode, Net, Rng};
+use net::{Mode, Net};
 
 /// What the trainable part of a bundle is: its tail, and how many of its layers train.
 pub struct Plan {
@@ -187,9 +188,7 @@ pub fn keep_record(state_dir: &std::path::Path, record: &RunRecord) -> Result<St
     let json = serde_json::to_string_pretty(record).map_err(|e| e.to_string())?;
     let runs = state_dir.join("runs");
     std::fs::create_dir_all(&runs)
-        .and_then(|()| {
-            crate::model::registry::write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes())
-        })
+        .and_then(|()| crate::fs::write_atomic(&runs.join(format!("{}.json", record.run_id)), json.as_bytes()))
         .map_err(|e| format!("the run record was not kept in {}: {e}", runs.display()))?;
     if let Err(e) = keep_newest_records(&runs, MAX_RUN_RECORDS) {
         tracing::warn!("old run records in {} were not deleted: {e}", runs.display());

@@ -23,12 +23,11 @@
 
 use serde::Serialize;
 
-use super::net::Rng;
+use crate::rng::Rng;
 
 /// Draws of the holdout; the p-value's resolution is 1 / (RESAMPLES + 1).
 pub const RESAMPLES: usize = 1000;
-/// The significance level the gate tests at unless the bundle's gate says otherwise.
-pub const LEVEL: f64 = 0.05;
+pub use crate::model::manifest::SIGNIFICANCE_LEVEL as LEVEL;
 
 /// What the run record shows of the test.
 #[derive(Debug, Clone, Serialize)]

@@ -18,11 +18,12 @@ use super::floor::Floor;
 use super::root::{Advance, Trust};
 use super::signing::{self, Offer};
 use crate::config::{Config, TrustSource, UpdateConfig};
-use crate::infer::{Engine, SharedModel};
-use crate::ingest::connection::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
+use crate::engine::Engine;
+use crate::infer::SharedModel;
 use crate::model::{bundle, Bundle, Registry};
+use crate::mqtt::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
 use crate::service::closed_loop::LoopMessage;
-use crate::service::events::{Event, Events};
+use crate::telemetry::events::{Event, Events};
 
 /// Downloads at once (each bounded by `max_bundle_mb`).
 const MAX_DOWNLOADS: usize = 2;
@@ -90,8 +91,7 @@ pub fn start(
         TrustSource::Root(file) => Keys::Root(Trust::load(file, &config.state_dir)?),
     };
     let id = format!("{}-update", config.client_id());
-    let options =
-        crate::ingest::connection::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
+    let options = crate::mqtt::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let (client, eventloop) = AsyncClient::new(options, 256);
     let eventloop = (eventloop, LoginFiles::new(&config.mqtt));
     let keys = std::sync::Mutex::new(keys);
@@ -157,7 +157,7 @@ impl Updater {
         let keys = self.keys.lock().map_err(|_| "the trusted keys are poisoned".to_string())?;
         match &*keys {
             Keys::Fixed(k) => Ok(k.clone()),
-            Keys::Root(trust) => match trust.expired(crate::service::unix_ms() / 1000) {
+            Keys::Root(trust) => match trust.expired(crate::telemetry::unix_ms() / 1000) {
                 Some(why) => Err(why),
                 None => Ok(trust.update_keys().to_vec()),
             },
@@ -335,7 +335,7 @@ impl Updater {
             };
             return refuse(&offer.name, why);
         }
-        let now = crate::service::unix_ms() / 1000;
+        let now = crate::telemetry::unix_ms() / 1000;
         if now > offer.expires_unix {
             return refuse(&offer.name, format!("the offer expired at {} (now {now})", offer.expires_unix));
         }

@@ -107,6 +107,6 @@ impl Floor {
 
     fn write(&self, all: &BTreeMap<String, Accepted>) -> Result<(), String> {
         let bytes = serde_json::to_vec_pretty(all).map_err(|e| e.to_string())?;
-        crate::model::registry::write_atomic(&self.path, &bytes).map_err(|e| format!("{}: {e}", self.path.display()))
+        crate::fs::write_atomic(&self.path, &bytes).map_err(|e| format!("{}: {e}", self.path.display()))
     }
 }

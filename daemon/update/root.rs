@@ -268,7 +268,7 @@ impl Trust {
     pub fn store(&self, state_dir: &Path) -> Result<(), String> {
         let path = stored_path(state_dir);
         let bytes = serde_json::to_vec_pretty(&self.signed).map_err(|e| e.to_string())?;
-        crate::model::registry::write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+        crate::fs::write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Ids of the keys that sign updates (for events).

@@ -70,11 +70,8 @@ fn at(path: &Path) -> impl Fn(std::io::Error) -> String + '_ {
 /// `PREFIX.pub`, written whole.
 fn write_public(prefix: &Path, key: &SigningKey) -> Result<(), String> {
     let public = prefix.with_extension("pub");
-    crate::model::registry::write_atomic(
-        &public,
-        format!("{}\n", hex::encode(key.verifying_key().to_bytes())).as_bytes(),
-    )
-    .map_err(at(&public))
+    crate::fs::write_atomic(&public, format!("{}\n", hex::encode(key.verifying_key().to_bytes())).as_bytes())
+        .map_err(at(&public))
 }
 
 /// The device's own key at `path` (`….key`, with its `.pub` beside it), made on first use.

@@ -2,7 +2,7 @@
 //! planning and one run. tract panics on some graphs; the engine catches those (a refused
 //! model, not a crash), so panics caught inside it are not findings here and are silenced.
 #![no_main]
-use lathe::infer::Engine;
+use lathe::engine::Engine;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

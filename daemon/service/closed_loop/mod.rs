@@ -31,12 +31,13 @@ use arc_swap::ArcSwapOption;
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, watch};
 
-use super::events::{Counters, Event, Events};
 use crate::config::{Config, PipelineConfig, TrainConfig};
 use crate::infer::{ActiveModel, SharedModel};
 use crate::model::{Bundle, Registry};
 use crate::monitor::performance::Performance;
 use crate::store::Store;
+use crate::telemetry::events::DriftTrigger;
+use crate::telemetry::events::{Counters, Event, Events};
 use crate::train::Outcome;
 use trial::{Snapshot, Trial};
 
@@ -57,10 +58,9 @@ const TICK: Duration = Duration::from_millis(500);
 /// at once: the rows counted "since the alarm" must start at the alarm, not a tick later
 /// (CI streamed a whole test's rows in that tick and the run waited for rows never sent).
 pub enum LoopMessage {
-    /// A drift alarm on `series` (of the model version serving) of `pipeline` was raised, or
-    /// (`raised` false) has ended; the change is estimated to have begun `since_change` rows
-    /// before it.
-    Drift { pipeline: String, series: (u64, String), reason: String, since_change: u64, raised: bool },
+    /// A drift alarm on a series (of the model version serving) of a pipeline was raised, or
+    /// has ended; the change is estimated to have begun `since_change` rows before it.
+    Drift(DriftTrigger),
     /// A `lathe/{node}/cmd/{action}` message.
     Command { action: String, payload: Vec<u8> },
     /// A pushed bundle that passed every check (`update::device`): promote it onto trial.
@@ -174,12 +174,12 @@ pub fn run(
     }
     // A steady tick, apart from the messages: frequent commands or alarms must not starve it.
     let mut next_tick = Instant::now();
-    let heartbeat = crate::service::liveness::register("closed loop");
+    let heartbeat = crate::telemetry::liveness::register("closed loop");
     while !*stop.borrow() {
         let message = messages.recv_timeout(next_tick.saturating_duration_since(Instant::now()));
         let busy = heartbeat.busy();
         match message {
-            Ok(LoopMessage::Drift { pipeline, series, reason, since_change, raised }) => {
+            Ok(LoopMessage::Drift(DriftTrigger { pipeline, series, reason, since_change, raised })) => {
                 if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
                     let alarm = trigger::Alarm { series, reason, since_change, raised };
                     trigger::drift(s, alarm, &store, &events);
@@ -217,7 +217,7 @@ pub fn run(
 }
 
 fn now_s() -> u64 {
-    crate::service::unix_ms() / 1000
+    crate::telemetry::unix_ms() / 1000
 }
 
 /// `lathe/{node}/cmd/train` and `cmd/rollback`; the payload names the pipeline

@@ -9,8 +9,8 @@ use super::{emit, State};
 use crate::model::Registry;
 use crate::monitor::reference::{Rebased, ServedSpan};
 use crate::monitor::Monitor;
-use crate::service::events::{Event, Events};
 use crate::store::Store;
+use crate::telemetry::events::{Event, Events};
 
 /// Re-bases the drift reference of a fine-tuned version that passed its trial, once it has
 /// served `drift.rebase_rows` rows since its promotion. Only while its monitor is in alarm
@@ -64,7 +64,7 @@ pub(super) fn rebase(s: &mut State, store: &Store, registry: &Registry, events: 
         model: model.clone(),
         version: v,
         bundle_sha256: serving.sha256.clone(),
-        created_ms: crate::service::unix_ms(),
+        created_ms: crate::telemetry::unix_ms(),
         reason: format!("v{v} passed its trial in drift alarm on {} against {source}", series.join(", ")),
         served: ServedSpan {
             first_key: first.key.clone(),
@@ -246,7 +246,7 @@ mod tests {
             .map(|f| [&f[..3], &[f[3] + 2000.0]].concat())
             .collect::<Vec<_>>()
             .concat();
-        let windows = crate::infer::engine::sliding_windows(&frames, 4, 16);
+        let windows = crate::engine::sliding_windows(&frames, 4, 16);
         let mut alarms = Vec::new();
         for frame in frames.chunks_exact(4).skip(15) {
             monitor.lock().unwrap().observe(frame, 0.5, &mut alarms);

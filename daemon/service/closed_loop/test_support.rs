@@ -8,8 +8,8 @@ use super::{LoopPipeline, State};
 use crate::config::Config;
 use crate::infer::ActiveModel;
 use crate::model::Bundle;
-use crate::service::events::Events;
 use crate::store::{Record, Store};
+use crate::telemetry::events::Events;
 
 /// A loop state for the sample model with `train` as its `[pipeline.train]`, and its store.
 pub(super) fn state(name: &str, train: &str) -> (State, Arc<Store>) {
@@ -85,7 +85,7 @@ pub(super) fn label(i: u64) -> crate::store::Write {
 /// An events handle (and the task that would publish them, held so the channel stays open).
 pub(super) fn events() -> (Events, impl std::future::Future<Output = ()>) {
     let client = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10).0;
-    crate::service::events::reporter(client, "e".into(), None)
+    crate::telemetry::events::reporter(client, "e".into(), None)
 }
 
 /// Version 2 on trial, promoted from 1 a moment ago.

@@ -14,8 +14,8 @@ use super::{emit, now_s, Stage, State, LOOPS_ENDED, TRAINING};
 use crate::config::Config;
 use crate::infer::ActiveModel;
 use crate::model::{Bundle, Registry, Task};
-use crate::service::events::Events;
 use crate::store::{Record, Store};
+use crate::telemetry::events::Events;
 use crate::train::{self, data::Dataset, Outcome, Replay};
 
 /// Gathers the rows and starts the run on its own thread: the newest `rows`, or (a drift run,
@@ -98,7 +98,8 @@ pub(super) fn start(
             }
             read_rows(&store_for_run, &name_for_run, &champion, (rows_wanted, from.unwrap_or(0)), min_rows).and_then(
                 |rows| {
-                    let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::service::unix_ms()));
+                    let data_name =
+                        format!("{data_name}: {}", describe_rows(&rows.recent, crate::telemetry::unix_ms()));
                     train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
                 },
             )

@@ -24,8 +24,8 @@ pub(super) struct Trial {
     pub gate_loss: f64,
 }
 use crate::model::{Bundle, Registry};
-use crate::service::events::{Counters, Events, COMPUTE_BUCKETS_US};
 use crate::store::Store;
+use crate::telemetry::events::{Counters, Events, COMPUTE_BUCKETS_US};
 
 /// Rows a trial needs before output health and latency are judged.
 const MIN_TRIAL_ROWS: u64 = 200;

@@ -6,8 +6,8 @@ use serde_json::json;
 use super::{emit, now_s, Stage, State};
 use crate::config::Trigger;
 use crate::model::Task;
-use crate::service::events::Events;
 use crate::store::Store;
+use crate::telemetry::events::Events;
 use std::time::Instant;
 
 /// A drift alarm raised or ended, as the loop hears of it.

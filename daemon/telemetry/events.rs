@@ -8,14 +8,27 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::ingest::Reject;
+/// Why input is rejected, in the order counters are kept (`ingest::Reject` names each).
+pub const REJECT_REASONS: [&str; 11] = [
+    "payload_too_large",
+    "not_json",
+    "missing_feature",
+    "non_numeric",
+    "non_finite",
+    "out_of_range",
+    "bad_sparkplug",
+    "sparkplug_stale",
+    "empty_batch",
+    "bad_kepware",
+    "bad_quality",
+];
 
 /// Per-pipeline counters, shared by ingest, infer and the status report.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub received: AtomicU64,
     pub predicted: AtomicU64,
-    pub rejected: [AtomicU64; Reject::REASONS.len()],
+    pub rejected: [AtomicU64; REJECT_REASONS.len()],
     /// Rows whose inference failed (a model error, never bad input).
     pub failed: AtomicU64,
     /// Message received → prediction handed to the client, in µs.
@@ -85,7 +98,7 @@ impl<const N: usize> Histogram<N> {
 impl Counters {
     pub fn snapshot(&self) -> Value {
         let rejected: serde_json::Map<String, Value> =
-            Reject::REASONS.iter().zip(&self.rejected).map(|(r, c)| (r.to_string(), c.load(Relaxed).into())).collect();
+            REJECT_REASONS.iter().zip(&self.rejected).map(|(r, c)| (r.to_string(), c.load(Relaxed).into())).collect();
         json!({
             "received": self.received.load(Relaxed),
             "predicted": self.predicted.load(Relaxed),
@@ -257,7 +270,7 @@ impl Event {
             }
         };
         v["event"] = self.name().into();
-        v["ts"] = crate::service::unix_ms().into();
+        v["ts"] = crate::telemetry::unix_ms().into();
         if suppressed > 0 {
             v["suppressed"] = suppressed.into();
         }
@@ -335,13 +348,29 @@ impl Event {
     }
 }
 
+/// A raised or ended drift alarm, as the training loop hears of it (`Events::with_triggers`).
+#[derive(Debug, Clone)]
+pub struct DriftTrigger {
+    pub pipeline: String,
+    /// The serving version and the alarm's series.
+    pub series: (u64, String),
+    pub reason: String,
+    /// Rows since the change is estimated to have begun.
+    pub since_change: u64,
+    pub raised: bool,
+}
+
+/// Where drift alarms go besides the events topic: the training loop (`service::closed_loop`
+/// wires it to its channel, so an alarm is taken at once).
+pub type TriggerSink = Arc<dyn Fn(DriftTrigger) + Send + Sync>;
+
 /// Cheap handle to report events from any task; never blocks (a full queue drops the event,
 /// its counter has already counted it).
 #[derive(Clone)]
 pub struct Events {
     tx: mpsc::Sender<Event>,
-    /// The training loop hears of raised drift alarms here.
-    triggers: Option<std::sync::mpsc::Sender<super::closed_loop::LoopMessage>>,
+    /// The training loop hears of drift alarms here.
+    triggers: Option<TriggerSink>,
 }
 
 impl Events {
@@ -352,17 +381,17 @@ impl Events {
         let _ = self.tx.try_send(event);
     }
 
-    /// One `drift` / `drift.cleared` event per alarm, naming the model that was serving.
-    /// The same handle, also telling the training loop of raised drift alarms.
-    pub fn with_triggers(mut self, tx: std::sync::mpsc::Sender<super::closed_loop::LoopMessage>) -> Events {
-        self.triggers = Some(tx);
+    /// The same handle, also telling `triggers` of drift alarms.
+    pub fn with_triggers(mut self, triggers: TriggerSink) -> Events {
+        self.triggers = Some(triggers);
         self
     }
 
+    /// One `drift` / `drift.cleared` event per alarm, naming the model that was serving.
     pub fn drift(&self, pipeline: &str, model: &str, version: u64, alarms: Vec<crate::monitor::Alarm>) {
         for alarm in alarms {
-            if let Some(tx) = &self.triggers {
-                let _ = tx.send(super::closed_loop::LoopMessage::Drift {
+            if let Some(triggers) = &self.triggers {
+                triggers(DriftTrigger {
                     pipeline: pipeline.to_string(),
                     series: (version, alarm.series.clone()),
                     reason: format!("drift on {} ({})", alarm.series, alarm.statistic),

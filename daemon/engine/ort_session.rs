@@ -12,7 +12,7 @@ use ort::value::Tensor;
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 
-use super::engine::{BatchOutput, EngineError};
+use super::{BatchOutput, EngineError};
 
 /// ONNX Runtime allows one environment per process: the first library path wins.
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();

@@ -2,6 +2,11 @@
 //! features]` for a sequence model), planned once per batch size it is run at (a pinned shape
 //! is ~2x faster than a symbolic batch at batch 64, measured on the sample MLP).
 
+pub(crate) mod ml_ops;
+#[cfg(feature = "ort")]
+mod ort_session;
+mod untrusted;
+
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -132,7 +137,7 @@ enum Backend {
         plans: Mutex<HashMap<usize, Arc<TypedRunnableModel>>>,
     },
     #[cfg(feature = "ort")]
-    Ort(super::ort_engine::OrtSession),
+    Ort(ort_session::OrtSession),
 }
 
 /// One output of one batch: its values and its shape.
@@ -164,10 +169,10 @@ impl Engine {
                 .proto_model_for_read(&mut &*onnx)
                 .map_err(|e| EngineError::Decode(format!("{e:#}")))?;
             let graph = proto.graph.as_mut().ok_or_else(|| EngineError::Decode("no graph".into()))?;
-            super::untrusted::check(graph).map_err(EngineError::Unsupported)?;
-            let classes = super::ml_ops::rewrite(graph);
+            untrusted::check(graph).map_err(EngineError::Unsupported)?;
+            let classes = ml_ops::rewrite(graph);
             if matches!(kind, EngineKind::Tract) {
-                super::ml_ops::trees_for_tract(graph).map_err(EngineError::Unsupported)?;
+                ml_ops::trees_for_tract(graph).map_err(EngineError::Unsupported)?;
             }
             let signature = Signature { classes, ..signature(&proto)? };
             let backend = match kind {
@@ -182,7 +187,7 @@ impl Engine {
                 },
                 #[cfg(feature = "ort")]
                 EngineKind::Ort { library, providers, strict } => {
-                    Backend::Ort(super::ort_engine::OrtSession::new(library, &proto, providers, *strict)?)
+                    Backend::Ort(ort_session::OrtSession::new(library, &proto, providers, *strict)?)
                 }
                 #[cfg(not(feature = "ort"))]
                 EngineKind::Ort { .. } => {
