@@ -35,6 +35,7 @@ pub mod sparkplug;
 pub mod store;
 pub mod telemetry;
 pub mod train;
+pub mod trust;
 pub mod update;
 
 /// What a caught panic said (the text of `panic!`/`assert!`), for an error message. Used where

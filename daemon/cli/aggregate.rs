@@ -17,7 +17,7 @@ use ed25519_dalek::VerifyingKey;
 
 use super::fleet::{connect, BrokerArgs, BrokerLogin};
 use crate::model::Bundle;
-use crate::update::signing::{read_public_key, verify_bundle};
+use crate::trust::signing::{read_public_key, verify_bundle};
 
 #[derive(Args)]
 pub struct AggregateArgs {

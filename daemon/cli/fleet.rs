@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 
 use crate::config::{BrokerUrl, MqttConfig};
 use crate::model::Bundle;
+use crate::trust::signing;
 use crate::update::push::{prepare, PushOptions};
-use crate::update::signing;
 
 #[derive(Args)]
 pub struct PushArgs {

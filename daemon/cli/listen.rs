@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::config::{BrokerUrl, Config};
 use crate::infer::ActiveModel;
 use crate::ingest::last_value::LastValues;
-use crate::ingest::TopicFilter;
+use crate::mqtt::TopicFilter;
 use crate::sparkplug::{parse_topic, Kind, Source};
 
 /// What one pipeline heard.

@@ -130,7 +130,7 @@ fn change(cmd: ModelsCommand) -> Result<(), String> {
             let (from, to) = Registry::new(&state_dir).rollback(&name).map_err(|e| e.to_string())?;
             // A pushed version rolled back stays rolled back: its retained offer is refused.
             if let Some(from) = from {
-                crate::update::floor::Floor::new(&state_dir).rolled_back(&name, from)?;
+                crate::trust::floor::Floor::new(&state_dir).rolled_back(&name, from)?;
             }
             show(from, to, &name);
             Ok(())

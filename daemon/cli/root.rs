@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 
 use super::fleet::{connect, publish_all, BrokerArgs};
-use crate::update::root::{Root, SignedRoot, Trust};
-use crate::update::signing;
+use crate::trust::root::{Root, SignedRoot, Trust};
+use crate::trust::signing;
 
 #[derive(Subcommand)]
 pub enum RootCommand {

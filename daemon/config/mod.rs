@@ -95,6 +95,29 @@ pub enum TrustSource {
     Root(PathBuf),
 }
 
+/// `[pipeline.capture]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptureConfig {
+    pub every: std::time::Duration,
+    pub rows: usize,
+    pub max_margin: f64,
+    pub min_error_ratio: f64,
+    /// Only rows served while a drift alarm is raised.
+    pub drift_only: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> CaptureConfig {
+        CaptureConfig {
+            every: std::time::Duration::from_secs(60),
+            rows: 10,
+            max_margin: 0.2,
+            min_error_ratio: 1.0,
+            drift_only: false,
+        }
+    }
+}
+
 /// lathe as a Sparkplug B edge node: its models in the NBIRTH, predictions as DDATA.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparkplugOutputConfig {
@@ -109,7 +132,7 @@ pub struct InferConfig {
     pub engine: crate::engine::EngineKind,
     /// `load_memory_mb`, `load_timeout`: what a model's load and first inference may take
     /// (tried in a child process first; `infer::probe`).
-    pub load_limits: crate::infer::probe::Limits,
+    pub load_limits: crate::engine::Limits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -153,7 +176,7 @@ pub struct PipelineConfig {
     /// `[pipeline.train]`: the closed loop (its samples are stored, it fine-tunes itself).
     pub train: Option<TrainConfig>,
     /// `[pipeline.capture]`: hard examples sent for labelling (`infer::capture`).
-    pub capture: Option<crate::infer::capture::CaptureConfig>,
+    pub capture: Option<CaptureConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -346,12 +369,12 @@ fn parse_root(table: toml::Table, path: &Path, errors: &mut Vec<ConfigError>) ->
                 u.strings("trusted_keys").unwrap_or_default().iter().map(|k| base.join(k)).collect();
             let root_file = u.opt_string("root").map(|r| base.join(r));
             for k in &trusted {
-                if let Err(e) = crate::update::signing::read_public_key(k) {
+                if let Err(e) = crate::trust::signing::read_public_key(k) {
                     u.error("trusted_keys", &e);
                 }
             }
             if let Some(r) = &root_file {
-                if let Err(e) = crate::update::root::Trust::read(r) {
+                if let Err(e) = crate::trust::root::Trust::read(r) {
                     u.error("root", &e);
                 }
             }
@@ -577,7 +600,7 @@ fn parse_infer(section: Option<Section>, base: &Path) -> Option<InferConfig> {
     let timeout = train::duration(&mut s, "load_timeout", "2m");
     let ok = s.finish();
     if ok {
-        let load_limits = crate::infer::probe::Limits { memory_mb: memory_mb?, timeout: timeout? };
+        let load_limits = crate::engine::Limits { memory_mb: memory_mb?, timeout: timeout? };
         Some(InferConfig { engine: engine?, load_limits })
     } else {
         None
@@ -652,12 +675,12 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
                         src.error(key, "not used with format = \"sparkplug-b\": the key is the DATA message's timestamp, the time the metrics' own");
                     }
                 }
-                Some(crate::sparkplug::Source::filter(group, edge_node))
+                Some(crate::mqtt::topic::sparkplug_filter(group, edge_node))
             }
             None => src.string("topic", None),
         };
         if let Some(t) = &topic {
-            if let Err(e) = crate::ingest::TopicFilter::parse(t) {
+            if let Err(e) = crate::mqtt::TopicFilter::parse(t) {
                 src.error("topic", &e);
             }
         }
@@ -746,7 +769,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
         let mut l = s.section("labels", false)?;
         let topic = l.string("topic", None);
         if let Some(t) = &topic {
-            if let Err(e) = crate::ingest::TopicFilter::parse(t) {
+            if let Err(e) = crate::mqtt::TopicFilter::parse(t) {
                 l.error("topic", &e);
             }
         }
@@ -784,7 +807,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
     }
     let capture = match s.has("capture").then(|| s.section("capture", false)).flatten() {
         Some(mut c) => {
-            let d = crate::infer::capture::CaptureConfig::default();
+            let d = CaptureConfig::default();
             let every = train::duration(&mut c, "every", "1m");
             let rows = c.integer("rows", d.rows as u64, 1, 1000);
             let max_margin = c.number("max_margin", d.max_margin, 0.0, 1.0);
@@ -793,13 +816,7 @@ fn parse_pipeline(s: &mut Section, base: &Path) -> Option<PipelineConfig> {
             let ok = c.finish();
             match (every, rows, max_margin, min_error_ratio, drift_only, ok) {
                 (Some(every), Some(rows), Some(max_margin), Some(min_error_ratio), Some(drift_only), true) => {
-                    Some(crate::infer::capture::CaptureConfig {
-                        every,
-                        rows: rows as usize,
-                        max_margin,
-                        min_error_ratio,
-                        drift_only,
-                    })
+                    Some(CaptureConfig { every, rows: rows as usize, max_margin, min_error_ratio, drift_only })
                 }
                 _ => None,
             }
@@ -1140,10 +1157,9 @@ batch = { max = 32 }
         // A root document instead of keys: it must hold on its own signatures, and not both.
         let dir = std::env::temp_dir().join(format!("lathe-config-root-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let (signer, update) =
-            (crate::update::signing::generate().unwrap(), crate::update::signing::generate().unwrap());
+        let (signer, update) = (crate::trust::signing::generate().unwrap(), crate::trust::signing::generate().unwrap());
         let hex_of = |k: &ed25519_dalek::SigningKey| hex::encode(k.verifying_key().to_bytes());
-        let body = crate::update::root::Root {
+        let body = crate::trust::root::Root {
             version: 1,
             expires_unix: 4_000_000_000,
             root_keys: vec![hex_of(&signer), hex_of(&update)],
@@ -1151,7 +1167,7 @@ batch = { max = 32 }
             update_keys: vec![hex_of(&update)],
         };
         let path = dir.join("root.json");
-        let short = crate::update::root::SignedRoot::sign(&body, &[&signer]).unwrap();
+        let short = crate::trust::root::SignedRoot::sign(&body, &[&signer]).unwrap();
         std::fs::write(&path, serde_json::to_vec(&short).unwrap()).unwrap();
         let errs = parse(&format!("{GOOD}\n[update]\nroot = \"{}\"\n", path.display())).unwrap_err().to_string();
         assert!(

@@ -10,6 +10,21 @@ mod untrusted;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How much memory and time a model may take to load and run its validation set, in the
+/// child process that tries it first (`infer::probe`; `[infer] load_memory_mb`, `load_timeout`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub memory_mb: u64,
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { memory_mb: 4096, timeout: Duration::from_secs(120) }
+    }
+}
 
 use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
 use tract_onnx::pb::type_proto::Value as TypeValue;

@@ -18,35 +18,13 @@
 //! served after it ends.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Value};
 
 use super::{ActiveModel, Outputs, Sample};
+pub use crate::config::CaptureConfig;
 use crate::model::Task;
-
-/// `[pipeline.capture]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CaptureConfig {
-    pub every: Duration,
-    pub rows: usize,
-    pub max_margin: f64,
-    pub min_error_ratio: f64,
-    /// Only rows served while a drift alarm is raised.
-    pub drift_only: bool,
-}
-
-impl Default for CaptureConfig {
-    fn default() -> CaptureConfig {
-        CaptureConfig {
-            every: Duration::from_secs(60),
-            rows: 10,
-            max_margin: 0.2,
-            min_error_ratio: 1.0,
-            drift_only: false,
-        }
-    }
-}
 
 /// One candidate: how hard (lower is harder) and the message that would carry it.
 struct Candidate {

@@ -173,7 +173,7 @@ fn origin(bundle: &Bundle, config: &Config) -> &'static str {
     if m.lineage.fine_tune.is_some() {
         return "fine-tuned";
     }
-    let floor = crate::update::floor::Floor::new(&config.state_dir).read().unwrap_or_default();
+    let floor = crate::trust::floor::Floor::new(&config.state_dir).read().unwrap_or_default();
     match floor.get(&m.name) {
         Some(a) if a.version == m.version => "pushed",
         _ => "bundle",
@@ -367,6 +367,24 @@ fn predicted(model: &ActiveModel, output: &[f32]) -> Predicted {
 
 /// Shared by ingest (the extractor), the pipeline's task (the engine) and the swapper.
 pub type SharedModel = Arc<ArcSwap<ActiveModel>>;
+
+impl crate::ingest::ServedModel for ArcSwap<ActiveModel> {
+    fn current(&self) -> Arc<dyn crate::ingest::ReadsRows> {
+        self.load_full()
+    }
+}
+
+impl crate::ingest::ReadsRows for ActiveModel {
+    fn extractor(&self) -> &Extractor {
+        &self.extractor
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+}
 
 /// Everything one pipeline's inference task needs.
 pub struct Pipeline {

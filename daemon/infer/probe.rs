@@ -20,18 +20,7 @@ use std::time::{Duration, Instant};
 use super::EngineKind;
 use crate::model::Bundle;
 
-/// `[infer] load_memory_mb`, `load_timeout`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Limits {
-    pub memory_mb: u64,
-    pub timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits { memory_mb: 4096, timeout: Duration::from_secs(120) }
-    }
-}
+pub use crate::engine::Limits;
 
 /// The binary that runs the child, set by `lathe run`.
 static PROBE_EXE: OnceLock<PathBuf> = OnceLock::new();

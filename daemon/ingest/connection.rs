@@ -30,10 +30,9 @@ use rumqttc::Outgoing;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::TopicFilter;
 use crate::config::{BrokerUrl, Config};
-use crate::infer::SharedModel;
 use crate::mqtt::ack::{AckMsg, AckSender, AckTicket};
+use crate::mqtt::TopicFilter;
 use crate::mqtt::{
     explain, first_connack, keeps_retained, protocol_name, reconnect_wait, session_options, taken_over, ConnectError,
     LoginFiles, QuickDrops, NO_QOS_1, OUTAGE_REMINDER,
@@ -60,7 +59,7 @@ pub struct Route {
     pub devices: std::collections::HashMap<String, Arc<str>>,
     pub filter: TopicFilter,
     /// The pipeline's active model: its extractor knows the inputs and their ranges.
-    pub model: SharedModel,
+    pub model: Arc<dyn super::ServedModel>,
     /// `None` once stopping: closing the channel lets the pipeline drain and finish.
     pub tx: Option<mpsc::Sender<Sample>>,
     pub counters: Arc<Counters>,
@@ -104,7 +103,7 @@ pub struct CommandRoute {
     pub filter: TopicFilter,
     /// The training loop, where one runs: `train`, `rollback` and anything else go there
     /// (it answers each on the events topic).
-    pub to_loop: Option<std::sync::mpsc::Sender<crate::service::closed_loop::LoopMessage>>,
+    pub to_loop: Option<std::sync::mpsc::Sender<crate::telemetry::inbox::LoopMessage>>,
     /// `status`: wakes the status task, which publishes a fresh status at once.
     pub status_now: Arc<tokio::sync::Notify>,
 }
@@ -477,7 +476,7 @@ impl Ingest {
                              go unretained, so a dashboard sees the status at its next refresh (every {} s) \
                              rather than when it subscribes, and remote updates (whose chunks wait on the broker \
                              as retained messages) cannot reach this device through it",
-                            crate::service::STATUS_EVERY.as_secs()
+                            crate::telemetry::STATUS_EVERY.as_secs()
                         );
                     }
                     quick_drops.connected(Instant::now());
@@ -620,7 +619,7 @@ impl Router {
             ("status", _) => self.commands.status_now.notify_one(),
             (_, Some(tx)) => {
                 let (action, payload) = (action.to_string(), payload.to_vec());
-                let _ = tx.send(crate::service::closed_loop::LoopMessage::Command { action, payload });
+                let _ = tx.send(crate::telemetry::inbox::LoopMessage::Command { action, payload });
             }
             (_, None) => {
                 for route in &self.routes {
@@ -690,11 +689,11 @@ impl Router {
         for route in self.routes.iter().filter(|_| oversized.is_none()) {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
-            let max_payload_bytes = route.model.load().extractor.max_payload_bytes();
+            let max_payload_bytes = route.model.current().extractor().max_payload_bytes();
             let (alarms, unusable) = labels.take(device, &p.payload, max_payload_bytes, ack.as_ref());
             if !alarms.is_empty() {
-                let model = route.model.load();
-                self.events.drift(&route.pipeline, &model.name, model.version, alarms)
+                let model = route.model.current();
+                self.events.drift(&route.pipeline, model.name(), model.version(), alarms)
             }
             if !unusable.is_empty() {
                 if let Ok(mut perf) = labels.performance.lock() {
@@ -710,17 +709,18 @@ impl Router {
             let rows: Vec<super::Row> = match &route.source.sparkplug {
                 _ if oversized.is_some() => {
                     let (bytes, max) =
-                        (oversized.unwrap_or_default(), route.model.load().extractor.max_payload_bytes());
+                        (oversized.unwrap_or_default(), route.model.current().extractor().max_payload_bytes());
                     vec![(None, Err(super::extract::Reject::TooLarge { bytes, max }))]
                 }
                 None => {
                     let mut last =
                         route.source.last_values.as_ref().map(|l| l.lock().unwrap_or_else(PoisonError::into_inner));
-                    route.model.load().extractor.read(&p.payload, device, last.as_deref_mut(), received)
+                    route.model.current().extractor().read(&p.payload, device, last.as_deref_mut(), received)
                 }
                 Some(source) => {
-                    let max = route.model.load().extractor.max_payload_bytes();
-                    let Some(step) = sparkplug_row(source, &route.model.load(), topic, &p.payload, max) else {
+                    let max = route.model.current().extractor().max_payload_bytes();
+                    let Some(step) = sparkplug_row(source, route.model.current().as_ref(), topic, &p.payload, max)
+                    else {
                         continue; // a birth, a death, a command: state only
                     };
                     if let Some((group, edge_node, why)) = step.rebirth {
@@ -808,7 +808,7 @@ pub(crate) struct SparkplugStep {
 /// Sparkplug topics at all.
 pub(crate) fn sparkplug_row(
     source: &std::sync::Mutex<crate::sparkplug::Source>,
-    model: &crate::infer::ActiveModel,
+    model: &dyn super::ReadsRows,
     topic: &str,
     payload: &[u8],
     max_payload_bytes: usize,
@@ -825,7 +825,7 @@ pub(crate) fn sparkplug_row(
         Outcome::State => return None,
         Outcome::Row { device, key, ts } => SparkplugStep {
             device,
-            row: model.extractor.from_metrics(|m| source.value(&t, m)).map(|features| super::extract::Extracted {
+            row: model.extractor().from_metrics(|m| source.value(&t, m)).map(|features| super::extract::Extracted {
                 features,
                 key: key.into(),
                 ts: ts.into(),

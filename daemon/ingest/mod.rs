@@ -8,8 +8,21 @@ pub mod embedded_broker;
 pub mod extract;
 pub mod kepware;
 pub mod last_value;
-pub mod topic;
 
+pub use crate::mqtt::TopicFilter;
 pub use connection::{Ingest, Route, Sample};
 pub use extract::{Extracted, Extractor, Reject, Row};
-pub use topic::TopicFilter;
+
+/// What ingest needs of the model a pipeline serves right now: how to read its rows, and its
+/// name and version for the drift events it reports. The pipelines' swappable model
+/// (`infer::SharedModel`) is one, so a promotion changes how the very next message is read.
+pub trait ServedModel: Send + Sync {
+    fn current(&self) -> std::sync::Arc<dyn ReadsRows>;
+}
+
+/// One model version, as ingest reads rows for it.
+pub trait ReadsRows: Send + Sync {
+    fn extractor(&self) -> &Extractor;
+    fn name(&self) -> &str;
+    fn version(&self) -> u64;
+}

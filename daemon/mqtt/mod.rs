@@ -6,10 +6,12 @@
 
 pub mod ack;
 mod session;
+pub mod topic;
 
 use std::path::PathBuf;
 
 pub use session::*;
+pub use topic::TopicFilter;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BrokerUrl {

@@ -130,7 +130,7 @@ pub fn at_start(state_dir: &Path) -> Vec<Crashed> {
             }
         };
         if t.pushed {
-            let floor = crate::update::floor::Floor::new(state_dir);
+            let floor = crate::trust::floor::Floor::new(state_dir);
             if let Err(e) = floor.failed_trial(model, t.version) {
                 tracing::warn!(model, "{e}");
             }

@@ -31,8 +31,7 @@ use crate::model::{Bundle, Registry};
 use crate::telemetry::events::Counters;
 use crate::telemetry::{events, systemd, unix_ms};
 
-/// How often the retained status is refreshed.
-pub const STATUS_EVERY: Duration = Duration::from_secs(10);
+pub use crate::telemetry::STATUS_EVERY;
 /// How long a stop may take to drain and disconnect before giving up.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -353,6 +352,21 @@ pub fn prepare(new: &Config, running: &Running) -> Result<Prepared, ConfigErrors
     Ok(Prepared { models, fallbacks, crashed: Vec::new() })
 }
 
+/// Each pipeline's model as the Sparkplug edge node reports it, read at each report.
+fn sparkplug_models(models: &[(String, SharedModel)]) -> Vec<(String, crate::sparkplug::output::ServingNow)> {
+    models
+        .iter()
+        .map(|(pipeline, model)| {
+            let model = model.clone();
+            let now: crate::sparkplug::output::ServingNow = Arc::new(move || {
+                let m = model.load();
+                crate::sparkplug::output::Serving { name: m.name.clone(), version: m.version, sha256: m.sha256.clone() }
+            });
+            (pipeline.clone(), now)
+        })
+        .collect()
+}
+
 fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
     let pipelines: Vec<Value> = serving
         .iter()
@@ -573,7 +587,7 @@ pub async fn run_keeping(
     let sparkplug_out = config.sparkplug.as_ref().map(|_| crate::sparkplug::output::channel());
     let mut models = Vec::new();
     let device_key = match &config.update {
-        Some(u) => Some(Arc::new(crate::update::signing::device_key(&u.device_key).map_err(ServiceError::Store)?)),
+        Some(u) => Some(Arc::new(crate::trust::signing::device_key(&u.device_key).map_err(ServiceError::Store)?)),
         None => None,
     };
 
@@ -691,7 +705,7 @@ pub async fn run_keeping(
     let writer = store.as_ref().map(|(_, w)| w.clone());
     let sparkplug_task = match (&config.sparkplug, sparkplug_out) {
         (Some(settings), Some((_, rx))) => Some(
-            crate::sparkplug::output::start(&config, settings, (&host, port), models.clone(), rx)
+            crate::sparkplug::output::start(&config, settings, (&host, port), sparkplug_models(&models), rx)
                 .map_err(ServiceError::Broker)?,
         ),
         _ => None,

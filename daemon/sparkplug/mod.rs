@@ -209,7 +209,7 @@ impl Source {
 
     /// The MQTT filter that brings this source's messages.
     pub fn filter(group: &str, edge_node: &str) -> String {
-        format!("spBv1.0/{group}/+/{edge_node}/#")
+        crate::mqtt::topic::sparkplug_filter(group, edge_node)
     }
 
     fn matches(&self, t: &Topic) -> bool {

@@ -28,8 +28,18 @@ use tokio::sync::mpsc;
 use super::proto::{datatype, Metric, Payload, Value};
 use super::{BD_SEQ, REBIRTH};
 use crate::config::{Config, SparkplugOutputConfig};
-use crate::infer::SharedModel;
 use crate::mqtt::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
+
+/// What a pipeline serves now, as the NBIRTH and NDATA name it.
+pub struct Serving {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+}
+
+/// Per pipeline: a look at the model it serves right now (the service hands in its
+/// swappable model, so a promotion shows in the next NDATA).
+pub type ServingNow = std::sync::Arc<dyn Fn() -> Serving + Send + Sync>;
 
 /// Predictions waiting for the Sparkplug session; past this they are dropped (and counted):
 /// the JSON predictions are the contract, this is a view of them.
@@ -75,7 +85,7 @@ pub fn start(
     config: &Config,
     settings: &SparkplugOutputConfig,
     (host, port): (&str, u16),
-    models: Vec<(String, SharedModel)>,
+    models: Vec<(String, ServingNow)>,
     rx: mpsc::Receiver<Report>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let bd_seq_file = config.state_dir.join("sparkplug-bdseq");
@@ -126,10 +136,10 @@ impl Node {
 }
 
 /// Per pipeline, what the NBIRTH and NDATA say about its model.
-fn model_metrics(models: &[(String, SharedModel)], now: u64) -> Vec<Metric> {
+fn model_metrics(models: &[(String, ServingNow)], now: u64) -> Vec<Metric> {
     let mut metrics = Vec::new();
     for (pipeline, model) in models {
-        let m = model.load();
+        let m = model();
         metrics.push(Metric::new(&format!("{pipeline}/Model"), datatype::STRING, Value::String(m.name.clone()), now));
         metrics.push(Metric::new(&format!("{pipeline}/Version"), datatype::UINT64, Value::Long(m.version), now));
         metrics.push(Metric::new(
@@ -211,7 +221,7 @@ async fn run(
     mut node: Node,
     client: AsyncClient,
     eventloop: (EventLoop, LoginFiles),
-    models: Vec<(String, SharedModel)>,
+    models: Vec<(String, ServingNow)>,
     mut rx: mpsc::Receiver<Report>,
 ) {
     let (session_tx, mut session) = mpsc::channel(16);
@@ -219,7 +229,7 @@ async fn run(
     // Per device: the metrics its last DBIRTH named, with their last values.
     let mut devices: HashMap<String, BTreeMap<String, Metric>> = HashMap::new();
     let mut born = false;
-    let mut versions: Vec<u64> = models.iter().map(|(_, m)| m.load().version).collect();
+    let mut versions: Vec<u64> = models.iter().map(|(_, m)| m().version).collect();
     let mut check_models = tokio::time::interval(Duration::from_millis(500));
     let publish = |topic: String, payload: Vec<u8>, qos: QoS| {
         // A full request queue drops the message: Sparkplug data is QoS 0 anyway.
@@ -265,7 +275,7 @@ async fn run(
                 publish(node.topic(kind, Some(&device)), payload, QoS::AtMostOnce);
             }
             _ = check_models.tick() => {
-                let now_versions: Vec<u64> = models.iter().map(|(_, m)| m.load().version).collect();
+                let now_versions: Vec<u64> = models.iter().map(|(_, m)| m().version).collect();
                 if born && now_versions != versions {
                     let payload = node.payload(model_metrics(&models, crate::telemetry::unix_ms()));
                     publish(node.topic("NDATA", None), payload, QoS::AtMostOnce);
@@ -283,7 +293,7 @@ async fn run(
 }
 
 /// The NBIRTH: seq 0, bdSeq, the rebirth control, every pipeline's model.
-fn birth(node: &mut Node, models: &[(String, SharedModel)], publish: &impl Fn(String, Vec<u8>, QoS)) -> bool {
+fn birth(node: &mut Node, models: &[(String, ServingNow)], publish: &impl Fn(String, Vec<u8>, QoS)) -> bool {
     let now = crate::telemetry::unix_ms();
     node.seq = 0;
     let mut metrics = vec![

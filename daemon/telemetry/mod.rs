@@ -3,8 +3,12 @@
 //! systemd's notify protocol, and the wall clock events are stamped with.
 
 pub mod events;
+pub mod inbox;
 pub mod liveness;
 pub mod systemd;
+
+/// How often the retained status is refreshed (and the ingest loop's outage reminders count in).
+pub const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

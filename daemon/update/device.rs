@@ -22,8 +22,8 @@ use crate::engine::Engine;
 use crate::infer::SharedModel;
 use crate::model::{bundle, Bundle, Registry};
 use crate::mqtt::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
-use crate::service::closed_loop::LoopMessage;
 use crate::telemetry::events::{Event, Events};
+use crate::telemetry::inbox::LoopMessage;
 
 /// Downloads at once (each bounded by `max_bundle_mb`).
 const MAX_DOWNLOADS: usize = 2;

@@ -17,7 +17,6 @@
 //! promotes a bundle that passed every check.
 
 pub mod device;
-pub mod floor;
 pub mod push;
-pub mod root;
-pub mod signing;
+
+pub use crate::trust::{floor, root, signing};

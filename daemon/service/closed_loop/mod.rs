@@ -54,18 +54,7 @@ static LOOPS_ENDED: AtomicU64 = AtomicU64::new(0);
 /// How often the loop looks at its pipelines.
 const TICK: Duration = Duration::from_millis(500);
 
-/// What wakes the loop between its ticks. One channel for both, so a drift alarm is taken
-/// at once: the rows counted "since the alarm" must start at the alarm, not a tick later
-/// (CI streamed a whole test's rows in that tick and the run waited for rows never sent).
-pub enum LoopMessage {
-    /// A drift alarm on a series (of the model version serving) of a pipeline was raised, or
-    /// has ended; the change is estimated to have begun `since_change` rows before it.
-    Drift(DriftTrigger),
-    /// A `lathe/{node}/cmd/{action}` message.
-    Command { action: String, payload: Vec<u8> },
-    /// A pushed bundle that passed every check (`update::device`): promote it onto trial.
-    Pushed { model: String, bundle: Box<Bundle>, record: Value },
-}
+pub use crate::telemetry::inbox::LoopMessage;
 
 /// A pipeline the loop runs.
 pub struct LoopPipeline {
@@ -257,7 +246,7 @@ fn command(
                 match registry.rollback(&name) {
                     Ok((from, to)) => {
                         // A pushed version rolled back stays rolled back (see update::floor).
-                        let floor = crate::update::floor::Floor::new(registry.state_dir());
+                        let floor = crate::trust::floor::Floor::new(registry.state_dir());
                         if let Err(e) = from.map_or(Ok(()), |v| floor.rolled_back(&name, v)) {
                             tracing::warn!(pipeline = s.p.config.name, "{e}");
                         }

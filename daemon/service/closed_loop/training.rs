@@ -329,7 +329,7 @@ pub(super) fn finished(
     let gate_line = gate.map(|g| g.reason.clone()).unwrap_or_default();
     // Grown here, signed here: the central server tells it from a pushed bundle by the key.
     if let Some(key) = &p.device_key {
-        crate::update::signing::sign_bundle(&mut challenger, key);
+        crate::trust::signing::sign_bundle(&mut challenger, key);
     }
     if let Err(e) = registry.add(&challenger) {
         emit(

@@ -281,7 +281,7 @@ pub(super) fn watch_trial(s: &mut State, store: &Store, registry: &Registry, eve
         s.trial = None;
         // A pushed version stays offered (retained): remember that it failed here.
         if detail["run"]["origin"] == "pushed" {
-            let _ = crate::update::floor::Floor::new(registry.state_dir()).failed_trial(&name, version);
+            let _ = crate::trust::floor::Floor::new(registry.state_dir()).failed_trial(&name, version);
         }
         match back {
             Ok((_, to)) if to == previous => emit(

@@ -55,6 +55,12 @@ impl TopicFilter {
     }
 }
 
+/// The topic filter of a Sparkplug B source: every device of `edge_node` in `group` (either
+/// may be `+`).
+pub fn sparkplug_filter(group: &str, edge_node: &str) -> String {
+    format!("spBv1.0/{group}/+/{edge_node}/#")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

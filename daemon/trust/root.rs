@@ -284,7 +284,7 @@ pub fn stored_path(state_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::update::signing::generate;
+    use crate::trust::signing::generate;
 
     fn hex_of(k: &SigningKey) -> String {
         hex::encode(k.verifying_key().to_bytes())
