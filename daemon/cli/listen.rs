@@ -202,7 +202,7 @@ async fn listen_async(config: &Config, models: &[ActiveModel], window: Duration)
 fn heard_sparkplug(h: &mut Heard, source: &Mutex<Source>, model: &ActiveModel, topic: &str, payload: &[u8]) {
     h.messages += 1;
     let max = model.extractor.max_payload_bytes();
-    match crate::ingest::connection::sparkplug_row(source, model, topic, payload, max) {
+    match crate::ingest::router::sparkplug_row(source, model, topic, payload, max) {
         Some(step) => {
             h.devices.insert(step.device);
             h.tally(&step.row);

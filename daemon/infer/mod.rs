@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{BatchConfig, Config, PipelineConfig};
 use crate::engine::{Engine, EngineKind, Outputs};
-use crate::ingest::connection::Flow;
+use crate::ingest::flow::Flow;
 use crate::ingest::Extractor;
 use crate::ingest::Sample;
 use crate::model::baseline::Reading;

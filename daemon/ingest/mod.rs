@@ -6,12 +6,18 @@ pub mod connection;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded_broker;
 pub mod extract;
+pub mod flow;
 pub mod kepware;
+pub mod labels;
 pub mod last_value;
+pub mod router;
 
 pub use crate::mqtt::TopicFilter;
-pub use connection::{Ingest, Route, Sample};
+pub use connection::Ingest;
 pub use extract::{Extracted, Extractor, Reject, Row};
+pub use flow::Flow;
+pub use labels::LabelRoute;
+pub use router::{CommandRoute, Route, Sample, SourceState};
 
 /// What ingest needs of the model a pipeline serves right now: how to read its rows, and its
 /// name and version for the drift events it reports. The pipelines' swappable model

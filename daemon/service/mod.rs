@@ -182,7 +182,7 @@ pub struct Serving {
     pub store: Option<Arc<crate::store::Store>>,
     /// What the source remembers: a Sparkplug namespace, devices' last values, when each
     /// device was last heard.
-    pub source: crate::ingest::connection::SourceState,
+    pub source: crate::ingest::router::SourceState,
     /// A sequence model's windows, each device's last frames.
     pub windows: crate::infer::window::SharedWindows,
 }
@@ -562,7 +562,7 @@ pub async fn run_keeping(
         events.emit(events::Event::FellBack { pipeline, champion, version, error });
     }
     let (acks, acker) = crate::mqtt::ack::acker(client.clone());
-    let flow = Arc::new(connection::Flow::default());
+    let flow = Arc::new(crate::ingest::flow::Flow::default());
     let acker = tokio::spawn(acker);
 
     // The closed loop: a sample store and its writer, drift alarms and commands as triggers.
@@ -623,14 +623,14 @@ pub async fn run_keeping(
                 let performance = p.labels.as_ref().map(|l| {
                     Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
                 });
-                let source = crate::ingest::connection::SourceState::new(&p.source, config.sparkplug.as_ref());
+                let source = crate::ingest::router::SourceState::new(&p.source, config.sparkplug.as_ref());
                 (model, Arc::new(Counters::default()), performance, source)
             }
         };
         let writer =
             store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| w.for_pipeline(&p.name, counters.clone()));
         let labels = match (&p.labels, &performance) {
-            (Some(l), Some(perf)) => Some(crate::ingest::connection::LabelRoute {
+            (Some(l), Some(perf)) => Some(crate::ingest::labels::LabelRoute {
                 filter: TopicFilter::parse(&l.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
                 key: l.key.clone(),
                 value: l.value.clone(),
@@ -758,7 +758,7 @@ pub async fn run_keeping(
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
         ready: ready_tx,
-        commands: connection::CommandRoute {
+        commands: crate::ingest::router::CommandRoute {
             filter: TopicFilter::parse(&format!("lathe/{}/cmd/+", config.node)).map_err(ServiceError::Broker)?,
             to_loop: training.then(|| loop_tx.clone()),
             status_now: status_now.clone(),
