@@ -8,30 +8,33 @@
 pub(crate) mod closed_loop;
 mod code_pages;
 pub mod crash_guard;
+mod load;
 pub mod metrics;
+mod status;
 mod swap;
+mod windows;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
-use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{BrokerUrl, Config, ConfigError, ConfigErrors, ModelRef, TrainConfig};
+use crate::config::{BrokerUrl, Config, ConfigErrors, TrainConfig};
 use arc_swap::ArcSwap;
 
-use crate::infer::{ActiveModel, Pipeline, SharedModel};
+use crate::infer::{Pipeline, SharedModel};
 use crate::ingest::{connection, Ingest, Route, TopicFilter};
-use crate::model::registry::RegistryError;
-use crate::model::{Bundle, Registry};
 use crate::telemetry::events::Counters;
-use crate::telemetry::{events, systemd, unix_ms};
+use crate::telemetry::{events, systemd};
 
 pub use crate::telemetry::STATUS_EVERY;
+use load::load_models_noting;
+pub use load::{check_models, fingerprints, prepare, Kept, Prepared, Running};
+use status::{report_silent_devices, status, status_line};
+use windows::{resume_windows, save_windows};
 /// How long a stop may take to drain and disconnect before giving up.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -49,129 +52,6 @@ pub enum ServiceError {
     Store(String),
 }
 
-/// Checks each pipeline's champion bundle loads and fits the pipeline, without changing
-/// anything (`lathe check`, a SIGHUP's new config): every problem is reported at once, like
-/// config errors. Bundle files are only read, not imported, and no drift monitor is
-/// calibrated (seconds of CPU for a model that is only looked at).
-///
-/// # Errors
-/// Missing or invalid bundles, models tract cannot serve, feature names the bundle lacks.
-pub fn check_models(config: &Config) -> Result<Vec<ActiveModel>, ConfigErrors> {
-    let mut config = config.clone();
-    config.pipelines.iter_mut().for_each(|p| p.drift = None);
-    load_models_noting(&config, false, &mut Vec::new())
-}
-
-/// Loads each pipeline's champion (with `seed`, bundle files are imported into the registry
-/// first), noting in `fallbacks` each pipeline whose champion could not serve and
-/// the version that serves instead (never "no model" while any version loads).
-fn load_models_noting(
-    config: &Config,
-    seed: bool,
-    fallbacks: &mut Vec<(String, String, String)>,
-) -> Result<Vec<ActiveModel>, ConfigErrors> {
-    let registry = Registry::new(&config.state_dir).with_engine(config.infer.engine.clone());
-    let mut errors = Vec::new();
-    let mut loaded = Vec::new();
-    for (i, p) in config.pipelines.iter().enumerate() {
-        let key = format!("pipeline[{i}].model");
-        let bundle = match &p.model {
-            ModelRef::File(f) if seed => registry.seed(f),
-            ModelRef::File(f) => Bundle::read(f).map_err(|source| RegistryError::Bundle { path: f.clone(), source }),
-            ModelRef::Name(n) => registry.champion(n),
-            ModelRef::ColdStart(c) => crate::train::cold_start::serving(&registry, &p.name, c),
-        };
-        let bundle = match bundle {
-            Ok(b) => b,
-            Err(e) => {
-                // A champion that is missing or corrupt: serve the last good version instead.
-                let name = match &p.model {
-                    ModelRef::Name(n) => Some(n.clone()),
-                    ModelRef::ColdStart(_) => Some(p.name.clone()),
-                    ModelRef::File(f) => Bundle::read(f).ok().map(|b| b.manifest.name),
-                };
-                match name.filter(|_| seed).and_then(|n| fall_back(&registry, p, &n, config).map(|m| (n, m))) {
-                    Some((name, model)) => {
-                        fallbacks.push((p.name.clone(), format!("{name} (champion)"), e.to_string()));
-                        loaded.push(model);
-                    }
-                    None => errors.push(ConfigError { key, message: e.to_string() }),
-                }
-                continue;
-            }
-        };
-        for name in p.features.keys() {
-            if !bundle.manifest.inputs.iter().any(|inp| &inp.name == name) {
-                let names: Vec<&str> = bundle.manifest.inputs.iter().map(|i| i.name.as_str()).collect();
-                errors.push(ConfigError {
-                    key: format!("pipeline[{i}].features.{name}"),
-                    message: format!(
-                        "bundle {} has no input {name:?} (inputs: {})",
-                        bundle.manifest.name,
-                        names.join(", ")
-                    ),
-                });
-            }
-        }
-        if let Some(t) = &p.train {
-            if bundle.manifest.task != crate::model::Task::Reconstruction && p.labels.is_none() {
-                errors.push(ConfigError {
-                    key: format!("pipeline[{i}].train"),
-                    message: format!(
-                        "bundle {} is a {:?} model: fine-tuning it needs labels (pipeline.labels)",
-                        bundle.manifest.name, bundle.manifest.task
-                    ),
-                });
-            }
-            let mut training = bundle.manifest.training.clone();
-            t.overrides.apply(&mut training);
-            if let Err(e) = crate::train::classes(&bundle, &training) {
-                errors.push(ConfigError {
-                    key: format!("pipeline[{i}].train"),
-                    message: format!("bundle {} cannot be fine-tuned: {e}", bundle.manifest.name),
-                });
-            }
-        }
-        match ActiveModel::load(&bundle, p, config) {
-            Ok(model) => loaded.push(model),
-            Err(message) => match seed.then(|| fall_back(&registry, p, &bundle.manifest.name, config)).flatten() {
-                Some(model) => {
-                    fallbacks.push((
-                        p.name.clone(),
-                        format!("{} v{}", bundle.manifest.name, bundle.manifest.version),
-                        message,
-                    ));
-                    loaded.push(model);
-                }
-                None => errors.push(ConfigError { key, message }),
-            },
-        }
-    }
-    if errors.is_empty() {
-        Ok(loaded)
-    } else {
-        Err(ConfigErrors { file: config.file.clone(), errors })
-    }
-}
-
-/// The first earlier version that loads becomes champion again (the registry is repointed,
-/// so `lathe models list` says what serves).
-fn fall_back(
-    registry: &Registry,
-    p: &crate::config::PipelineConfig,
-    name: &str,
-    config: &Config,
-) -> Option<ActiveModel> {
-    for version in registry.fallbacks(name).ok()? {
-        let Ok(bundle) = Bundle::read(&registry.bundle_path(name, version)) else { continue };
-        if let Ok(model) = ActiveModel::load(&bundle, p, config) {
-            registry.set_champion(name, version).ok()?;
-            return Some(model);
-        }
-    }
-    None
-}
-
 /// One running pipeline as the status report sees it.
 pub struct Serving {
     pub pipeline: String,
@@ -185,171 +65,6 @@ pub struct Serving {
     pub source: crate::ingest::router::SourceState,
     /// A sequence model's windows, each device's last frames.
     pub windows: crate::infer::window::SharedWindows,
-}
-
-/// What the pipelines whose settings did not change keep across a SIGHUP reload: the model
-/// (so the drift monitor keeps its calibration and windows, and a fine-tuned champion stays
-/// loaded), the counters, the late-label state, the Sparkplug namespace and the devices' last
-/// values. Only the
-/// connection and the tasks are made again. By pipeline name: (fingerprint, what it keeps).
-#[derive(Default)]
-pub struct Kept {
-    pipelines: std::collections::HashMap<String, (String, Serving)>,
-    /// The topic filters the last run subscribed to (the broker keeps them in our session).
-    filters: Vec<String>,
-    /// Every pipeline's windows by name, changed settings or not: a device's frames are its
-    /// frames whatever model comes next (one of another width starts its window afresh).
-    windows: std::collections::HashMap<String, crate::infer::window::SharedWindows>,
-}
-
-impl Kept {
-    /// `prints`: each pipeline's fingerprint when its run started (its bundle file may have
-    /// changed since).
-    fn from_serving(config: &Config, prints: Vec<String>, serving: &[Serving], filters: Vec<String>) -> Kept {
-        let mut kept = std::collections::HashMap::new();
-        let mut windows = std::collections::HashMap::new();
-        for ((p, print), s) in config.pipelines.iter().zip(prints).zip(serving) {
-            windows.insert(p.name.clone(), s.windows.clone());
-            let s = Serving {
-                pipeline: s.pipeline.clone(),
-                model: s.model.clone(),
-                counters: s.counters.clone(),
-                performance: s.performance.clone(),
-                store: None,
-                source: s.source.clone(),
-                windows: s.windows.clone(),
-            };
-            kept.insert(p.name.clone(), (print, s));
-        }
-        Kept { pipelines: kept, filters, windows }
-    }
-
-    /// What pipeline `p` of `config` keeps: only if nothing it is built from changed.
-    fn take(&mut self, config: &Config, p: &crate::config::PipelineConfig) -> Option<Serving> {
-        let (print, serving) = self.pipelines.remove(&p.name)?;
-        (print == fingerprint(config, p)).then_some(serving)
-    }
-}
-
-/// A clean stop saves each sequence pipeline's windows (the pipelines have drained: their
-/// windows hold every frame they served).
-fn save_windows(config: &Config, serving: &[Serving]) {
-    for (p, s) in config.pipelines.iter().zip(serving) {
-        if p.window == 1 || p.resume_within.is_zero() {
-            continue;
-        }
-        let windows = s.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let path = windows_path(config, &p.name);
-        match windows.save(&path, unix_ms()) {
-            Ok(()) => tracing::info!(pipeline = p.name, devices = windows.devices(), "Saved the windows"),
-            Err(e) => tracing::warn!(pipeline = p.name, "The windows were not saved in {}: {e}", path.display()),
-        }
-    }
-}
-
-/// Where a clean stop saves a sequence pipeline's windows. A pipeline name is free text; one
-/// that could not be a file name (`line/1`, `..`) is written as hex.
-fn windows_path(config: &Config, pipeline: &str) -> PathBuf {
-    let file = match crate::model::bundle::valid_name(pipeline) {
-        true => pipeline.to_string(),
-        false => pipeline.bytes().map(|b| format!("{b:02x}")).collect(),
-    };
-    config.state_dir.join("windows").join(format!("{file}.bin"))
-}
-
-/// A sequence pipeline's windows at a start: those a clean stop saved, if within
-/// `window.resume_within`. The file is read once and removed, so a later crash cannot bring
-/// back frames older than the ones served since.
-fn resume_windows(config: &Config, p: &crate::config::PipelineConfig) -> crate::infer::window::Windows {
-    use crate::infer::window::Windows;
-    let path = windows_path(config, &p.name);
-    let Ok(bytes) = std::fs::read(&path) else { return Windows::default() };
-    let _ = std::fs::remove_file(&path);
-    let max_age_ms = u64::try_from(p.resume_within.as_millis()).unwrap_or(u64::MAX);
-    match Windows::read(&bytes, unix_ms(), max_age_ms) {
-        Ok(Some((windows, age_ms))) => {
-            let (devices, age_s) = (windows.devices(), age_ms as f64 / 1000.0);
-            tracing::info!(pipeline = p.name, devices, "Resumed the windows saved {age_s:.0} s ago");
-            windows
-        }
-        Ok(None) => {
-            let within = p.resume_within.as_secs();
-            tracing::info!(
-                pipeline = p.name,
-                "The saved windows are older than window.resume_within ({within} s): every device fills its window again"
-            );
-            Windows::default()
-        }
-        Err(e) => {
-            tracing::warn!(pipeline = p.name, "The saved windows in {} are not used: {e}", path.display());
-            Windows::default()
-        }
-    }
-}
-
-/// Everything a pipeline's serving state is built from: its own settings, the engine, the
-/// payload cap, the registry's place, and the bundle file itself when it names one (a new
-/// bundle copied over the old path is a change).
-fn fingerprint(config: &Config, p: &crate::config::PipelineConfig) -> String {
-    let file = match &p.model {
-        ModelRef::File(f) => std::fs::metadata(f).ok().map(|m| (m.len(), m.modified().ok())),
-        ModelRef::Name(_) | ModelRef::ColdStart(_) => None,
-    };
-    format!("{p:?} {:?} {} {:?} {file:?}", config.infer, config.mqtt.max_payload_bytes, config.state_dir)
-}
-
-/// Each pipeline's [`fingerprint`], in config order.
-pub fn fingerprints(config: &Config) -> Vec<String> {
-    config.pipelines.iter().map(|p| fingerprint(config, p)).collect()
-}
-
-/// What a SIGHUP compares the config file with: the running config, and its pipelines'
-/// fingerprints from when the run started (so a bundle replaced at the same path since then
-/// is a change, though the config's text is the same).
-#[derive(Clone)]
-pub struct Running {
-    pub path: PathBuf,
-    pub config: Config,
-    pub prints: Vec<String>,
-}
-
-/// A new config's models for the pipelines a reload changes or adds, loaded (and imported
-/// into the registry) while the running pipelines still serve: the reload then pauses them
-/// only for the reconnect, not for loading.
-#[derive(Default)]
-pub struct Prepared {
-    /// (pipeline name, its model).
-    models: Vec<(String, ActiveModel)>,
-    /// Pipelines whose champion could not serve: (pipeline, champion, error).
-    fallbacks: Vec<(String, String, String)>,
-    /// Versions on trial rolled back at this start for crashing the daemon (`crash_guard`).
-    crashed: Vec<crash_guard::Crashed>,
-}
-
-impl Prepared {
-    /// A first start's: nothing loaded yet, and what `crash_guard::at_start` rolled back.
-    pub fn at_start(crashed: Vec<crash_guard::Crashed>) -> Prepared {
-        Prepared { crashed, ..Prepared::default() }
-    }
-}
-
-/// Loads what `new` needs beyond the pipelines of `running` it keeps unchanged. (Only a
-/// head start: [`run_keeping`] decides what is kept, and loads what was not prepared.)
-///
-/// # Errors
-/// A model that does not load (the config was checked first, so this is rare: a bundle
-/// changed in between).
-pub fn prepare(new: &Config, running: &Running) -> Result<Prepared, ConfigErrors> {
-    let unchanged = |p: &crate::config::PipelineConfig| {
-        let mut was = running.config.pipelines.iter().zip(&running.prints);
-        was.any(|(r, print)| r.name == p.name && *print == fingerprint(new, p))
-    };
-    let mut to_load = new.clone();
-    to_load.pipelines.retain(|p| !unchanged(p));
-    let mut fallbacks = Vec::new();
-    let models = load_models_noting(&to_load, true, &mut fallbacks)?;
-    let models = to_load.pipelines.iter().map(|p| p.name.clone()).zip(models).collect();
-    Ok(Prepared { models, fallbacks, crashed: Vec::new() })
 }
 
 /// Each pipeline's model as the Sparkplug edge node reports it, read at each report.
@@ -367,123 +82,10 @@ fn sparkplug_models(models: &[(String, SharedModel)]) -> Vec<(String, crate::spa
         .collect()
 }
 
-fn status(config: &Config, state: &str, serving: &[Serving]) -> Value {
-    let pipelines: Vec<Value> = serving
-        .iter()
-        .map(|s| {
-            let m = s.model.load();
-            let performance = s.performance.as_ref().and_then(|p| p.lock().ok()).map(|p| {
-                let (predictions_waiting, labels_waiting) = p.waiting();
-                json!({"alarm": p.in_alarm(), "labels_joined": p.joined(), "labels_unmatched": p.unmatched,
-                       "predictions_waiting": predictions_waiting, "labels_waiting": labels_waiting,
-                       "rolling_loss": p.rolling_loss(), "baseline_loss": m.baseline_loss,
-                       "label_shift_psi": p.label_shift(), "label_shift_alarm": p.shift_in_alarm()})
-            });
-            let monitor = m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok());
-            let drift = match monitor.map(|d| (d.state(), json!({"rows": d.reference_rows(), "source": d.source}))) {
-                Some((series, reference)) => {
-                    let mut alarms: Vec<&str> = series.iter().filter(|s| s.alarm).map(|s| s.series.as_str()).collect();
-                    if performance.as_ref().is_some_and(|p| p["alarm"] == true) {
-                        alarms.push("performance");
-                    }
-                    if performance.as_ref().is_some_and(|p| p["label_shift_alarm"] == true) {
-                        alarms.push("labels");
-                    }
-                    json!({"alarms": alarms, "series": series, "reference": reference, "performance": performance})
-                }
-                None => json!({"performance": performance}),
-            };
-            let store = s.store.as_ref().and_then(|st| st.stats(&s.pipeline).ok());
-            let sparkplug = s.source.sparkplug.as_ref().and_then(|sp| sp.lock().ok().map(|sp| sp.status()));
-            let devices = s.source.activity.as_ref().and_then(|a| a.lock().ok().map(|a| a.status(50)));
-            // The training backend this pipeline's runs use (none: it does not train).
-            let backend = config
-                .pipelines
-                .iter()
-                .find(|p| p.name == s.pipeline)
-                .and_then(|p| p.train.as_ref())
-                .map(|t| crate::train::resolved_backend(&t.backend));
-            json!({
-                "name": s.pipeline, "model": m.name, "version": m.version, "sha256": m.sha256,
-                "origin": m.origin, "engine": config.infer.engine.name(), "backend": backend, "drift": drift, "counters": s.counters.snapshot(),
-                "store": store, "sparkplug": sparkplug, "devices": devices,
-            })
-        })
-        .collect();
-    json!({
-        "state": state, "node": config.node, "daemon_version": env!("CARGO_PKG_VERSION"),
-        "ts": unix_ms(), "pipelines": pipelines,
-        "groups": config.update.as_ref().map(|u| u.groups.clone()).unwrap_or_default(),
-    })
-}
-
-/// `device.silent` for each device that has now gone quiet for its source's `silent_after_s`
-/// (once; `device.back` comes from ingest when it speaks again).
-fn report_silent_devices(serving: &[Serving], events: &events::Events) {
-    let now = std::time::Instant::now();
-    for s in serving {
-        let Some(activity) = &s.source.activity else { continue };
-        let silent = activity.lock().map(|mut a| a.newly_silent(now)).unwrap_or_default();
-        for (device, quiet) in silent {
-            events.emit(events::Event::Step {
-                pipeline: s.pipeline.clone(),
-                step: "device.silent",
-                message: format!("Device {device} has not been heard for {} s", quiet.as_secs()),
-                detail: json!({"device": device, "silent_s": quiet.as_secs()}),
-            });
-        }
-    }
-}
-
 /// Unmaps the code pages that loading models (or training) ran once; see `code_pages`.
 pub(crate) fn release_code_pages(after: &str) {
     let released = code_pages::release();
     tracing::debug!(after, released_kib = released / 1024, "Released resident code pages");
-}
-
-/// One line for `systemctl status`: what each pipeline serves and how that goes, e.g.
-/// `Serving pump: pump-anomaly v3 (5120 rows in, 5001 predicted, 119 rejected, most
-/// missing_feature; drift alarm on temp)`.
-fn status_line(serving: &[Serving]) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let parts: Vec<String> = serving
-        .iter()
-        .map(|s| {
-            let m = s.model.load();
-            let c = &s.counters;
-            let mut line = format!(
-                "{}: {} v{} ({} rows in, {} predicted",
-                s.pipeline,
-                m.name,
-                m.version,
-                c.received.load(Relaxed),
-                c.predicted.load(Relaxed)
-            );
-            let rejected: Vec<u64> = c.rejected.iter().map(|n| n.load(Relaxed)).collect();
-            let most = rejected.iter().zip(crate::ingest::Reject::REASONS).max_by_key(|(n, _)| **n);
-            if let Some((_, reason)) = most.filter(|(n, _)| **n > 0) {
-                line += &format!(", {} rejected, most {reason}", rejected.iter().sum::<u64>());
-            }
-            line.push(')');
-            let monitor = m.monitor.as_ref().and_then(|d| d.get()).and_then(|d| d.lock().ok());
-            let alarms: Vec<String> = monitor
-                .map(|d| d.state())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|s| s.alarm)
-                .map(|s| s.series)
-                .collect();
-            if !alarms.is_empty() {
-                line += &format!("; drift alarm on {}", alarms.join(", "));
-            }
-            let activity = s.source.activity.as_ref().and_then(|a| a.lock().ok().map(|a| a.counts()));
-            if let Some((heard, silent)) = activity.filter(|(_, silent)| *silent > 0) {
-                line += &format!("; {silent} of {heard} devices silent");
-            }
-            line
-        })
-        .collect();
-    format!("Serving {}", parts.join("; "))
 }
 
 /// What a running daemon exposes to its embedder (the demo, tests).
