@@ -159,7 +159,7 @@ fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_tri
     let rows = common::unseen();
     // With [update], what the device grows is signed with its own key.
     let keys = common::temp_dir("loopok-keys");
-    lathe::update::signing::write_keypair(&keys.join("central"), &lathe::update::signing::generate().unwrap()).unwrap();
+    lathe::trust::signing::write_keypair(&keys.join("central"), &lathe::trust::signing::generate().unwrap()).unwrap();
     let mut l = Loop::start(
         "loopok",
         &format!(
@@ -169,11 +169,11 @@ fn drift_then_fine_tune_then_promotion_serves_a_better_model_that_passes_its_tri
         ),
     );
     let accepted = drift_to_promotion(&mut l, &rows);
-    let device = lathe::update::signing::read_public_key(&l.dir.join("state/device.pub")).unwrap();
+    let device = lathe::trust::signing::read_public_key(&l.dir.join("state/device.pub")).unwrap();
     let grown = lathe::model::Bundle::read(&l.dir.join("state/registry/shuttle-mlp/shuttle-mlp-2.lathe")).unwrap();
     assert_eq!(
-        lathe::update::signing::verify_bundle(&grown, &[device]).unwrap(),
-        lathe::update::signing::key_id(&device)
+        lathe::trust::signing::verify_bundle(&grown, &[device]).unwrap(),
+        lathe::trust::signing::key_id(&device)
     );
     assert!(grown.manifest.lineage.fine_tune.is_some() && !grown.manifest.parent.is_empty());
     // The same fault goes on: the promoted model serves it, and is right far more often.

@@ -69,8 +69,8 @@ fn four_devices_share_and_the_aggregate_beats_each_leaving_out_a_poisoned_and_an
     // An impostor shares a copy of fed0's fine-tune as its own, signed by a key no device holds.
     let fed0 = lathe::model::Bundle::read(&dir.join("fed0/registry/shuttle-mlp/shuttle-mlp-2.lathe")).unwrap();
     let mut forged = fed0.clone().edited(|m| m.version = 7).unwrap();
-    let rogue = lathe::update::signing::generate().unwrap();
-    lathe::update::signing::sign_bundle(&mut forged, &rogue);
+    let rogue = lathe::trust::signing::generate().unwrap();
+    lathe::trust::signing::sign_bundle(&mut forged, &rogue);
     publisher.publish_retained("lathe/rogue/share/shuttle", forged.to_bytes().unwrap());
     publisher.flush();
     // The centre knows its devices' keys (each device's update.device_key, here state_dir/device.key).
@@ -94,9 +94,9 @@ fn four_devices_share_and_the_aggregate_beats_each_leaving_out_a_poisoned_and_an
     let compromised = dir.join("device-keys/fed4");
     let made = Command::new(env!("CARGO_BIN_EXE_lathe")).arg("keygen").arg("-o").arg(&compromised).output().unwrap();
     assert!(made.status.success());
-    let key = lathe::update::signing::read_signing_key(&compromised.with_extension("key")).unwrap();
+    let key = lathe::trust::signing::read_signing_key(&compromised.with_extension("key")).unwrap();
     std::fs::remove_file(compromised.with_extension("key")).unwrap(); // the device keeps its secret
-    lathe::update::signing::sign_bundle(&mut poisoned, &key);
+    lathe::trust::signing::sign_bundle(&mut poisoned, &key);
     publisher.publish_retained("lathe/fed4/share/shuttle", poisoned.to_bytes().unwrap());
     publisher.flush();
 

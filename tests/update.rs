@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use lathe::model::Bundle;
+use lathe::trust::signing;
 use lathe::update::push::{prepare, Prepared, PushOptions};
-use lathe::update::signing;
 use serde_json::Value;
 
 fn keys(dir: &Path, name: &str) -> PathBuf {

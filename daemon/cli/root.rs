@@ -1,4 +1,4 @@
-//! `lathe root`: the central server's root of trust (TUF's root role, `update::root`). A root
+//! `lathe root`: the central server's root of trust (TUF's root role, `trust::root`). A root
 //! names the keys that sign updates and the k of n root keys that sign the next root; each
 //! holder of a root key signs offline in turn, and `push` publishes the chain for the fleet.
 

@@ -91,7 +91,7 @@ pub enum TrustSource {
     /// Public keys (hex files) trusted as they are, until the files change.
     Keys(Vec<PathBuf>),
     /// A signed root document (TUF's root role): update keys with rotation, revocation, a
-    /// k-of-n threshold for the root keys and an expiry (`update::root`).
+    /// k-of-n threshold for the root keys and an expiry (`trust::root`).
     Root(PathBuf),
 }
 

@@ -23,7 +23,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::{ActiveModel, Outputs, Sample};
-pub use crate::config::CaptureConfig;
+use crate::config::CaptureConfig;
 use crate::model::Task;
 
 /// One candidate: how hard (lower is harder) and the message that would carry it.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use super::EngineKind;
 use crate::model::Bundle;
 
-pub use crate::engine::Limits;
+use crate::engine::Limits;
 
 /// The binary that runs the child, set by `lathe run`.
 static PROBE_EXE: OnceLock<PathBuf> = OnceLock::new();

@@ -202,10 +202,10 @@ impl Router {
         for route in self.routes.iter().filter(|_| oversized.is_none()) {
             let Some(labels) = &route.labels else { continue };
             let Some(device) = labels.filter.matches(topic) else { continue };
-            let max_payload_bytes = route.model.current().extractor().max_payload_bytes();
+            let model = route.model.current();
+            let max_payload_bytes = model.extractor().max_payload_bytes();
             let (alarms, unusable) = labels.take(device, &p.payload, max_payload_bytes, ack.as_ref());
             if !alarms.is_empty() {
-                let model = route.model.current();
                 self.events.drift(&route.pipeline, model.name(), model.version(), alarms)
             }
             if !unusable.is_empty() {
@@ -219,21 +219,21 @@ impl Router {
             let Some(device) = route.filter.matches(topic) else {
                 continue;
             };
+            // One look at the serving model per message: a promotion takes effect between two.
+            let model = route.model.current();
             let rows: Vec<super::Row> = match &route.source.sparkplug {
                 _ if oversized.is_some() => {
-                    let (bytes, max) =
-                        (oversized.unwrap_or_default(), route.model.current().extractor().max_payload_bytes());
+                    let (bytes, max) = (oversized.unwrap_or_default(), model.extractor().max_payload_bytes());
                     vec![(None, Err(super::extract::Reject::TooLarge { bytes, max }))]
                 }
                 None => {
                     let mut last =
                         route.source.last_values.as_ref().map(|l| l.lock().unwrap_or_else(PoisonError::into_inner));
-                    route.model.current().extractor().read(&p.payload, device, last.as_deref_mut(), received)
+                    model.extractor().read(&p.payload, device, last.as_deref_mut(), received)
                 }
                 Some(source) => {
-                    let max = route.model.current().extractor().max_payload_bytes();
-                    let Some(step) = sparkplug_row(source, route.model.current().as_ref(), topic, &p.payload, max)
-                    else {
+                    let max = model.extractor().max_payload_bytes();
+                    let Some(step) = sparkplug_row(source, model.as_ref(), topic, &p.payload, max) else {
                         continue; // a birth, a death, a command: state only
                     };
                     if let Some((group, edge_node, why)) = step.rebirth {

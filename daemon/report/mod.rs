@@ -476,8 +476,7 @@ fn confusion(out: &mut String, b: &Bundle, rows: &[Record]) {
 }
 
 fn training(out: &mut String, model: &str, runs: &[Value]) {
-    let mine: Vec<&Value> =
-        runs.iter().filter(|r| r["bundle"].as_str().is_some_and(|b| b.starts_with(model))).collect();
+    let mine: Vec<&Value> = runs.iter().filter(|r| r["bundle"] == model).collect();
     let _ = write!(out, "<h3>Training runs ({})</h3>", mine.len());
     for r in mine {
         let accepted = r["outcome"].as_str().unwrap_or_default().starts_with("accepted");
@@ -590,7 +589,7 @@ fn timeline(out: &mut String, pipeline: &str, model: Option<&str>, runs: &[Value
         // No journal (a daemon older than it): the runs' own start times.
         let starts = runs
             .iter()
-            .filter(|r| model.is_some_and(|m| r["bundle"].as_str().is_some_and(|b| b.starts_with(m))))
+            .filter(|r| model.is_some_and(|m| r["bundle"] == m))
             .filter_map(|r| r["started_unix"].as_f64().map(|s| s * 1000.0))
             .collect();
         rows[1].2 = starts;

@@ -30,7 +30,7 @@ use crate::ingest::{connection, Ingest, Route, TopicFilter};
 use crate::telemetry::events::Counters;
 use crate::telemetry::{events, systemd};
 
-pub use crate::telemetry::STATUS_EVERY;
+use crate::telemetry::STATUS_EVERY;
 use load::load_models_noting;
 pub use load::{check_models, fingerprints, prepare, Kept, Prepared, Running};
 use status::{report_silent_devices, status, status_line};
@@ -176,7 +176,7 @@ pub async fn run_keeping(
         let store = Arc::new(store);
         let to_loop = loop_tx.clone();
         let events = events.with_triggers(Arc::new(move |t: events::DriftTrigger| {
-            let _ = to_loop.send(closed_loop::LoopMessage::Drift(t));
+            let _ = to_loop.send(crate::telemetry::inbox::LoopMessage::Drift(t));
         }));
         let writer =
             crate::store::writer::start(store.clone(), acks.clone(), events.clone()).map_err(ServiceError::Store)?;

@@ -454,11 +454,14 @@ impl Journal {
             return;
         }
         let Some(file) = self.file.as_mut() else { return };
-        let mut line = payload.clone();
-        if let Some(id) = line.get("run").and_then(|r| r.get("run_id")).cloned() {
-            line["run"] = id;
-        }
-        let mut text = line.to_string();
+        let mut text = match payload.get("run").and_then(|r| r.get("run_id")) {
+            Some(id) => {
+                let mut line = payload.clone();
+                line["run"] = id.clone();
+                line.to_string()
+            }
+            None => payload.to_string(),
+        };
         text.push('\n');
         use std::io::Write;
         if let Err(e) = file.write_all(text.as_bytes()) {

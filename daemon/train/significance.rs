@@ -10,7 +10,7 @@
 //! and is left out; at least half the draws must be defined. (Counted against, such draws once
 //! refused a challenger that fixed 424 of 426 false alarms after a sensor fault: the holdout
 //! held 2 anomalies, 13.7 % of draws held none, and the F1 test said p = 0.137 while McNemar
-//! said p < 0.001.) The challenger must be better at the [`LEVEL`] (p < 0.05). One test serves every
+//! said p < 0.001.) The challenger must be better at the [`SIGNIFICANCE_LEVEL`](crate::model::manifest::SIGNIFICANCE_LEVEL) (p < 0.05). One test serves every
 //! task and metric (F1, accuracy, RMSE, a reconstruction-error quantile), and the pairing keeps
 //! the power that comparing two independent estimates would lose.
 //!
@@ -27,7 +27,6 @@ use crate::rng::Rng;
 
 /// Draws of the holdout; the p-value's resolution is 1 / (RESAMPLES + 1).
 pub const RESAMPLES: usize = 1000;
-pub use crate::model::manifest::SIGNIFICANCE_LEVEL as LEVEL;
 
 /// What the run record shows of the test.
 #[derive(Debug, Clone, Serialize)]
@@ -143,6 +142,7 @@ pub fn mcnemar(champion_only: usize, challenger_only: usize) -> McNemar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::manifest::SIGNIFICANCE_LEVEL as LEVEL;
 
     #[test]
     fn a_consistent_gain_is_significant_and_noise_is_not() {

@@ -14,9 +14,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-use super::floor::Floor;
-use super::root::{Advance, Trust};
-use super::signing::{self, Offer};
 use crate::config::{Config, TrustSource, UpdateConfig};
 use crate::engine::Engine;
 use crate::infer::SharedModel;
@@ -24,6 +21,9 @@ use crate::model::{bundle, Bundle, Registry};
 use crate::mqtt::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
 use crate::telemetry::events::{Event, Events};
 use crate::telemetry::inbox::LoopMessage;
+use crate::trust::floor::Floor;
+use crate::trust::root::{Advance, Trust};
+use crate::trust::signing::{self, Offer};
 
 /// Downloads at once (each bounded by `max_bundle_mb`).
 const MAX_DOWNLOADS: usize = 2;

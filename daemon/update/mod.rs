@@ -18,5 +18,3 @@
 
 pub mod device;
 pub mod push;
-
-pub use crate::trust::{floor, root, signing};

@@ -2,8 +2,8 @@
 
 use ed25519_dalek::SigningKey;
 
-use super::signing::{self, Offer};
 use crate::model::Bundle;
+use crate::trust::signing::{self, Offer};
 
 /// What `lathe push` publishes: retained chunks, then the retained offer.
 pub struct Prepared {

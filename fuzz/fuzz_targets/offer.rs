@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use ed25519_dalek::{Signer, SigningKey};
-use lathe::update::signing::{open_offer, version_at_least};
+use lathe::trust::signing::{open_offer, version_at_least};
 use libfuzzer_sys::fuzz_target;
 
 fn key() -> &'static SigningKey {

@@ -54,7 +54,7 @@ static LOOPS_ENDED: AtomicU64 = AtomicU64::new(0);
 /// How often the loop looks at its pipelines.
 const TICK: Duration = Duration::from_millis(500);
 
-pub use crate::telemetry::inbox::LoopMessage;
+use crate::telemetry::inbox::LoopMessage;
 
 /// A pipeline the loop runs.
 pub struct LoopPipeline {
@@ -245,7 +245,7 @@ fn command(
                 let name = s.p.model.load().name.clone();
                 match registry.rollback(&name) {
                     Ok((from, to)) => {
-                        // A pushed version rolled back stays rolled back (see update::floor).
+                        // A pushed version rolled back stays rolled back (see trust::floor).
                         let floor = crate::trust::floor::Floor::new(registry.state_dir());
                         if let Err(e) = from.map_or(Ok(()), |v| floor.rolled_back(&name, v)) {
                             tracing::warn!(pipeline = s.p.config.name, "{e}");
