@@ -174,8 +174,13 @@ pub async fn run_keeping(
     let (events, store) = if training {
         let store = crate::store::Store::open(config.store.clone()).map_err(|e| ServiceError::Store(e.to_string()))?;
         let store = Arc::new(store);
-        let to_loop = loop_tx.clone();
-        let events = events.with_triggers(Arc::new(move |t: events::DriftTrigger| {
+        let (to_loop, counted) = (loop_tx.clone(), store.clone());
+        let events = events.with_triggers(Arc::new(move |mut t: events::DriftTrigger| {
+            // Where the new regime begins is counted now, on the serving path, not when the
+            // loop gets to the alarm (alarms are rare: one read transaction each).
+            if t.raised {
+                t.stored = counted.stats(&t.pipeline).ok().map(|s| s.stored_total);
+            }
             let _ = to_loop.send(crate::telemetry::inbox::LoopMessage::Drift(t));
         }));
         let writer =

@@ -358,6 +358,10 @@ pub struct DriftTrigger {
     /// Rows since the change is estimated to have begun.
     pub since_change: u64,
     pub raised: bool,
+    /// The pipeline's stored sample count when the alarm was raised, filled in by a sink that
+    /// has the store (`service`): the loop hears of the alarm later, maybe much later on a busy
+    /// device, and counted then the change would seem to begin after rows it already has.
+    pub stored: Option<u64>,
 }
 
 /// Where drift alarms go besides the events topic: the training loop (`service::closed_loop`
@@ -397,6 +401,7 @@ impl Events {
                     reason: format!("drift on {} ({})", alarm.series, alarm.statistic),
                     since_change: alarm.since_change,
                     raised: alarm.raised,
+                    stored: None,
                 });
             }
             self.emit(Event::Drift { pipeline: pipeline.to_string(), model: model.to_string(), version, alarm });

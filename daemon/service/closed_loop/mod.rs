@@ -168,9 +168,9 @@ pub fn run(
         let message = messages.recv_timeout(next_tick.saturating_duration_since(Instant::now()));
         let busy = heartbeat.busy();
         match message {
-            Ok(LoopMessage::Drift(DriftTrigger { pipeline, series, reason, since_change, raised })) => {
+            Ok(LoopMessage::Drift(DriftTrigger { pipeline, series, reason, since_change, raised, stored })) => {
                 if let Some(s) = states.iter_mut().find(|s| s.p.config.name == pipeline) {
-                    let alarm = trigger::Alarm { series, reason, since_change, raised };
+                    let alarm = trigger::Alarm { series, reason, since_change, raised, stored };
                     trigger::drift(s, alarm, &store, &events);
                 }
             }

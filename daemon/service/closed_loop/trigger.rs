@@ -18,6 +18,9 @@ pub struct Alarm {
     /// Rows before the alarm where the change is estimated to have begun.
     pub since_change: u64,
     pub raised: bool,
+    /// The store's sample count when the alarm was raised, where known; else it is read when
+    /// the loop hears of the alarm.
+    pub stored: Option<u64>,
 }
 
 /// The data after a drift alarm. A drift run trains, stops early and is judged on rows from
@@ -52,7 +55,7 @@ pub(super) fn drift(s: &mut State, alarm: Alarm, store: &Store, events: &Events)
     if alarm.raised {
         s.alarms.insert(alarm.series);
         if s.regime.is_none() && matches!(s.stage, Stage::Idle) {
-            let stored = store.stats(&s.p.config.name).map_or(0, |st| st.stored_total);
+            let stored = alarm.stored.unwrap_or_else(|| store.stats(&s.p.config.name).map_or(0, |st| st.stored_total));
             s.regime = Some(Regime {
                 reason: alarm.reason,
                 from: stored.saturating_sub(alarm.since_change),
@@ -284,7 +287,7 @@ mod tests {
 
     fn alarm(series: (u64, &str), since_change: u64, raised: bool) -> Alarm {
         let reason = format!("drift on {} (ks)", series.1);
-        Alarm { series: (series.0, series.1.into()), reason, since_change, raised }
+        Alarm { series: (series.0, series.1.into()), reason, since_change, raised, stored: None }
     }
 
     /// Rows `from..from + n` served and labeled.
@@ -320,6 +323,24 @@ mod tests {
         drift(&mut s, alarm((2, "f3"), 0, true), &store, &events);
         drift(&mut s, alarm((2, "f3"), 0, false), &store, &events);
         assert!(s.regime.is_none());
+    }
+
+    /// The loop heard of the alarm late (busy, or a starved CPU): 300 more rows were stored
+    /// meanwhile. The regime still starts where the change began, counted when the alarm was
+    /// raised, and the rows stored while the loop was busy count towards its first run.
+    #[test]
+    fn a_drift_alarm_heard_late_starts_its_regime_where_the_change_began() {
+        let (mut s, store) = state("late", "trigger = [\"drift\"]\nmin_rows = 100\ncooldown = \"1h\"\n");
+        let (events, _reporter) = events();
+        labeled(&store, 0, 1300);
+        let late = Alarm { stored: Some(1000), ..alarm((1, "f1"), 60, true) };
+        drift(&mut s, late, &store, &events);
+        assert_eq!(
+            s.regime.as_ref().map(|r| r.from),
+            Some(940),
+            "not 1240: the rows after the alarm were stored later"
+        );
+        assert_eq!(due(&mut s, &store).and_then(|d| d.from), Some(940), "360 rows of the new regime are in already");
     }
 
     /// A drift run trains on the rows from the estimated change on, and is paced by them:
