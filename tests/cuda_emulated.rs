@@ -1,6 +1,6 @@
 //! The CUDA backend, unchanged, on a stand-in for the NVIDIA driver that runs lathe's kernels
 //! on the CPU (`tests/cuda_emulator/`: what it proves and what only a GPU can is in its
-//! README). No GPU here, so this is how `daemon/train/cuda.rs` is run at all: the probe, NVRTC's
+//! README). No GPU here, so this is how `daemon/train/cuda/` is run at all: the probe, NVRTC's
 //! real PTX for the emulated Orin (sm_87), every launch shape and argument, every copy, the
 //! memory bound, and a whole `lathe train --backend cuda` against the CPU.
 //!
