@@ -234,6 +234,54 @@ fn reload_keeps_unchanged_pipelines_and_starts_new_ones() {
     assert!(daemon.stop());
 }
 
+/// SIGHUP with a config that is valid but cannot start (its metrics port is taken by another
+/// program): the daemon goes back to the config it ran, with the pipeline's state kept, says
+/// so in an event, and loses nothing sent across; freed, the same config reloads.
+#[test]
+fn a_reloaded_config_that_cannot_start_rolls_back_to_the_running_one() {
+    let broker = Broker::start();
+    let dir = temp_dir("reload-rollback");
+    let good = config("rollbackd", &broker, &dir.join("state"), &root().join("models/shuttle-mlp-1.lathe"));
+    let mut daemon = Daemon::start(&dir, &good);
+    wait_online(broker.port, "rollbackd", &daemon);
+    let out =
+        Collector::new(broker.port, &["plant/+/+/prediction", "lathe/rollbackd/events", "lathe/rollbackd/status"]);
+    let rows = rows(&expected());
+    let mut p = Publisher::new(broker.port);
+    send(&mut p, "line1", &rows, 0..100);
+    assert!(out.wait_for("prediction", 100, Duration::from_secs(20)));
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let with_metrics = good.replace("[[pipeline]]", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[[pipeline]]"));
+    std::fs::write(dir.join("lathe.toml"), &with_metrics).unwrap();
+    daemon.hangup();
+    send(&mut p, "line1", &rows, 100..200); // while it drains, fails and starts the old config again
+    let rolled_back = || out.on("lathe/rollbackd/events").into_iter().find(|e| e["event"] == "reload.rolled_back");
+    assert!(wait_until(Duration::from_secs(20), || rolled_back().is_some()), "{}", daemon.log());
+    let error = rolled_back().unwrap()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(&format!("metrics.listen 127.0.0.1:{port}")), "{error}");
+    assert!(daemon.running(), "the daemon exited instead of rolling back:\n{}", daemon.log());
+    send(&mut p, "line1", &rows, 200..300);
+    let keys = || out.on("prediction").iter().filter_map(|m| m["key"].as_u64()).collect::<BTreeSet<_>>();
+    assert!(wait_until(Duration::from_secs(20), || keys().len() == 300), "{} of 300:\n{}", keys().len(), daemon.log());
+    // The pipeline kept its state across both starts: its counters go on.
+    let received =
+        || out.on("lathe/rollbackd/status").last().and_then(|s| s["pipelines"][0]["counters"]["received"].as_u64());
+    assert!(wait_until(Duration::from_secs(15), || received() == Some(300)), "{:?}", received());
+
+    // The port freed, the same file reloads and serves metrics.
+    drop(taken);
+    daemon.hangup();
+    assert!(wait_until(Duration::from_secs(20), || daemon.log().contains("Reloaded")), "{}", daemon.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || scrape(port, "/metrics").is_ok_and(|r| r.contains("lathe_"))),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.stop());
+}
+
 /// The upgrade a plant engineer does by hand: a new bundle copied over the file the config
 /// names, then `systemctl reload`. The config's text is the same; the pipeline must serve the
 /// new version. A second SIGHUP with nothing changed must not restart anything.

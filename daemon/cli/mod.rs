@@ -229,13 +229,16 @@ pub fn main() -> ExitCode {
 /// The daemon. SIGHUP with a valid, changed config drains and stops the pipelines and starts
 /// them again with it, in the same process (the broker keeps our session, so nothing sent in
 /// between is lost); pipelines whose settings did not change keep their model and state. A
-/// bad config is refused and the running pipelines go on.
+/// bad config is refused and the running pipelines go on; one that is valid but cannot start
+/// (its metrics port taken, say) is rolled back: the previous config starts again.
 fn run(path: &std::path::Path) -> Result<(), String> {
     let mut config = Config::load(path).map_err(|e| e.to_string())?;
     let rt = runtime()?;
     let state_dir = config.state_dir.clone();
     let crashed = crate::service::crash_guard::at_start(&state_dir);
     let (mut kept, mut prepared) = (crate::service::Kept::default(), crate::service::Prepared::at_start(crashed));
+    // The config that ran before a reload, until the reloaded one has started.
+    let mut previous: Option<Config> = None;
     // Every end but a crash or a kill is clean: the next start does not count against a
     // version on trial.
     let ended = |result: Result<(), String>| {
@@ -261,14 +264,24 @@ fn run(path: &std::path::Path) -> Result<(), String> {
                 crate::service::Ending::Stop => false,
             }
         };
-        kept = match rt.block_on(crate::service::run_keeping(config, kept, prepared, signal, |_| {})) {
+        // A reload's run gets a copy of what the last run kept: if the new config cannot
+        // start (a port in use, a file it cannot read), the last one starts again with it.
+        kept = match rt.block_on(crate::service::run_keeping(config.clone(), kept.clone(), prepared, signal, |_| {})) {
             Ok(kept) => kept,
-            Err(e) => return ended(Err(e.to_string())),
+            Err(e) => match previous.take() {
+                Some(before) => {
+                    tracing::error!("The reloaded config could not start, going back to the previous one: {e}");
+                    (config, prepared) = (before, crate::service::Prepared::rolled_back(e.to_string()));
+                    continue;
+                }
+                None => return ended(Err(e.to_string())),
+            },
         };
         match next.lock().ok().and_then(|mut s| s.take()) {
             Some((new, models)) => {
                 tracing::info!("Reloaded {}", path.display());
-                (config, prepared) = (new, models);
+                previous = Some(std::mem::replace(&mut config, new));
+                prepared = models;
             }
             None => return ended(Ok(())),
         }

@@ -139,7 +139,8 @@ pub(super) fn fall_back(
 /// loaded), the counters, the late-label state, the Sparkplug namespace and the devices' last
 /// values. Only the
 /// connection and the tasks are made again. By pipeline name: (fingerprint, what it keeps).
-#[derive(Default)]
+/// Cloned for a reload: a new config that cannot start leaves the original to start again.
+#[derive(Clone, Default)]
 pub struct Kept {
     pub(super) pipelines: std::collections::HashMap<String, (String, Serving)>,
     /// The topic filters the last run subscribed to (the broker keeps them in our session).
@@ -220,12 +221,21 @@ pub struct Prepared {
     pub(super) fallbacks: Vec<(String, String, String)>,
     /// Versions on trial rolled back at this start for crashing the daemon (`crash_guard`).
     pub(super) crashed: Vec<crash_guard::Crashed>,
+    /// Set when this run is the previous config started again, after a reload's new one could
+    /// not start: why it could not (an event says so once the run is up).
+    pub(super) rolled_back: Option<String>,
 }
 
 impl Prepared {
     /// A first start's: nothing loaded yet, and what `crash_guard::at_start` rolled back.
     pub fn at_start(crashed: Vec<crash_guard::Crashed>) -> Prepared {
         Prepared { crashed, ..Prepared::default() }
+    }
+
+    /// The previous config's, started again because a reload's new config failed with `error`:
+    /// its pipelines come back from what they kept.
+    pub fn rolled_back(error: String) -> Prepared {
+        Prepared { rolled_back: Some(error), ..Prepared::default() }
     }
 }
 
@@ -245,5 +255,5 @@ pub fn prepare(new: &Config, running: &Running) -> Result<Prepared, ConfigErrors
     let mut fallbacks = Vec::new();
     let models = load_models_noting(&to_load, true, &mut fallbacks)?;
     let models = to_load.pipelines.iter().map(|p| p.name.clone()).zip(models).collect();
-    Ok(Prepared { models, fallbacks, crashed: Vec::new() })
+    Ok(Prepared { models, fallbacks, ..Prepared::default() })
 }

@@ -10,6 +10,7 @@ mod code_pages;
 pub mod crash_guard;
 mod load;
 pub mod metrics;
+mod run;
 mod status;
 mod swap;
 mod windows;
@@ -38,10 +39,14 @@ use windows::{resume_windows, save_windows};
 /// How long a stop may take to drain and disconnect before giving up.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 
+/// Why a run could not start. Nothing is left running (see `run::build`), so a reload that
+/// fails with one of these rolls back to the config that ran before.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
+    /// The broker's settings, a topic filter, the embedded broker, or a session of the
+    /// updater or the Sparkplug edge node that cannot be set up.
     #[error("{0}")]
     Broker(String),
     #[error("{0}")]
@@ -49,10 +54,21 @@ pub enum ServiceError {
     #[error("cannot serve metrics: {0}")]
     Metrics(String),
     #[error("{0}")]
-    Store(String),
+    Store(#[from] crate::store::StoreError),
+    /// `[update] device_key`, which signs the device's own fine-tunes.
+    #[error("update.device_key: {0}")]
+    DeviceKey(String),
+    /// A pipeline whose model was neither kept, prepared nor loaded (a bundle changed while
+    /// the reload prepared it).
+    #[error("pipeline {0}: its model did not load")]
+    NoModel(String),
+    /// A thread of the daemon (the store's writer, the training loop) did not start.
+    #[error("{0}")]
+    Thread(String),
 }
 
-/// One running pipeline as the status report sees it.
+/// One running pipeline as the status report sees it (its parts are shared handles).
+#[derive(Clone)]
 pub struct Serving {
     pub pipeline: String,
     pub model: SharedModel,
@@ -123,354 +139,15 @@ pub async fn run(
 /// As [`run`].
 pub async fn run_keeping(
     config: Config,
-    mut kept: Kept,
+    kept: Kept,
     prepared: Prepared,
     shutdown: impl Future<Output = bool>,
     on_start: impl FnOnce(Handle),
 ) -> Result<Kept, ServiceError> {
-    // Unchanged pipelines keep what they had; the others take the model prepared for them
-    // or load their champion.
-    let reused: Vec<Option<Serving>> = config.pipelines.iter().map(|p| kept.take(&config, p)).collect();
-    let prints = fingerprints(&config);
-    let Prepared { models: mut ready_models, mut fallbacks, crashed } = prepared;
-    let mut to_load = config.clone();
-    to_load.pipelines = config
-        .pipelines
-        .iter()
-        .zip(&reused)
-        .filter(|(p, r)| r.is_none() && !ready_models.iter().any(|(name, _)| name == &p.name))
-        .map(|(p, _)| p.clone())
-        .collect();
-    let mut loaded = load_models_noting(&to_load, true, &mut fallbacks)?.into_iter();
-    let (host, port) = match &config.mqtt.url {
-        BrokerUrl::Tcp { host, port, .. } => (host.clone(), *port),
-        BrokerUrl::Embedded => embedded(&config.mqtt.embedded_listen)?,
-    };
-    let options = connection::mqtt_options(&config, &host, port)?;
-    // The queue of publishes and acks waiting for the event loop. Past `mqtt.max_inflight`
-    // (1000) more queued requests only hold memory (~430 bytes each), and pipelines wait for
-    // room instead: 4096 cost the benchmark 1.4 MiB of peak RSS at the same throughput
-    // (docs/performance.md).
-    let (client, eventloop) = AsyncClient::new(options, 1024);
-    let journal = config.state_dir.join(events::JOURNAL);
-    let (events, reporter) = events::reporter(client.clone(), config.events_topic(), Some(journal));
-    let reporter = tokio::spawn(reporter);
-    for (pipeline, champion, error) in fallbacks {
-        let serving = match to_load.pipelines.iter().position(|p| p.name == pipeline) {
-            Some(i) => loaded.as_slice().get(i),
-            None => ready_models.iter().find(|(name, _)| name == &pipeline).map(|(_, m)| m),
-        };
-        let version = serving.map(|m| m.version).unwrap_or(0);
-        events.emit(events::Event::FellBack { pipeline, champion, version, error });
-    }
-    let (acks, acker) = crate::mqtt::ack::acker(client.clone());
-    let flow = Arc::new(crate::ingest::flow::Flow::default());
-    let acker = tokio::spawn(acker);
-
-    // The closed loop: a sample store and its writer, drift alarms and commands as triggers.
-    // Pushed updates go through the loop's trial too, so `[update]` runs the loop as well.
-    let training = config.pipelines.iter().any(|p| p.train.is_some()) || config.update.is_some();
-    let (loop_tx, loop_rx) = std::sync::mpsc::channel();
-    let (events, store) = if training {
-        let store = crate::store::Store::open(config.store.clone()).map_err(|e| ServiceError::Store(e.to_string()))?;
-        let store = Arc::new(store);
-        let (to_loop, counted) = (loop_tx.clone(), store.clone());
-        let events = events.with_triggers(Arc::new(move |mut t: events::DriftTrigger| {
-            // Where the new regime begins is counted now, on the serving path, not when the
-            // loop gets to the alarm (alarms are rare: one read transaction each).
-            if t.raised {
-                t.stored = counted.stats(&t.pipeline).ok().map(|s| s.stored_total);
-            }
-            let _ = to_loop.send(crate::telemetry::inbox::LoopMessage::Drift(t));
-        }));
-        let writer =
-            crate::store::writer::start(store.clone(), acks.clone(), events.clone()).map_err(ServiceError::Store)?;
-        (events, Some((store, writer)))
-    } else {
-        (events, None)
-    };
-    let mut looped = Vec::new();
-    // `[sparkplug]`: the pipelines' handle now, the edge node's session once they exist.
-    let sparkplug_out = config.sparkplug.as_ref().map(|_| crate::sparkplug::output::channel());
-    let mut models = Vec::new();
-    let device_key = match &config.update {
-        Some(u) => Some(Arc::new(crate::trust::signing::device_key(&u.device_key).map_err(ServiceError::Store)?)),
-        None => None,
-    };
-
-    let mut windows_of = std::mem::take(&mut kept.windows);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (disconnect_tx, disconnect_rx) = watch::channel(false);
-    let (ready_tx, ready_rx) = watch::channel(false);
-    let mut routes = Vec::new();
-    let mut tasks = Vec::new();
-    let mut serving = Vec::new();
-    for (p, reused) in config.pipelines.iter().zip(reused) {
-        // Rows wait here rather than in ingest's overflow queue: the channel stores them in
-        // small blocks, without a VecDeque's doubling. See ingest::connection on what bounds it.
-        let (tx, rx) = mpsc::channel(1 << 16);
-        let (model, counters, performance, source) = match reused {
-            Some(kept) => {
-                let m = kept.model.load();
-                tracing::info!(
-                    pipeline = p.name,
-                    model = m.name,
-                    version = m.version,
-                    "Serving (unchanged: kept its model and state)"
-                );
-                (kept.model, kept.counters, kept.performance, kept.source)
-            }
-            None => {
-                let ready = ready_models.iter().position(|(name, _)| name == &p.name);
-                let Some(active) = ready.map(|i| ready_models.swap_remove(i).1).or_else(|| loaded.next()) else {
-                    return Err(ServiceError::Store(format!("pipeline {}: its model did not load", p.name)));
-                };
-                tracing::info!(pipeline = p.name, model = active.name, version = active.version, "Serving");
-                let model: SharedModel = Arc::new(ArcSwap::from_pointee(active));
-                let performance = p.labels.as_ref().map(|l| {
-                    Arc::new(std::sync::Mutex::new(crate::monitor::performance::Performance::new(l.horizon, l.window)))
-                });
-                let source = crate::ingest::router::SourceState::new(&p.source, config.sparkplug.as_ref());
-                (model, Arc::new(Counters::default()), performance, source)
-            }
-        };
-        let writer =
-            store.as_ref().filter(|_| p.train.is_some()).map(|(_, w)| w.for_pipeline(&p.name, counters.clone()));
-        let labels = match (&p.labels, &performance) {
-            (Some(l), Some(perf)) => Some(crate::ingest::labels::LabelRoute {
-                filter: TopicFilter::parse(&l.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
-                key: l.key.clone(),
-                value: l.value.clone(),
-                performance: perf.clone(),
-                store: writer.clone(),
-                classes: model.load().engine.signature.classes.clone(),
-            }),
-            _ => None,
-        };
-        routes.push(Route {
-            pipeline: p.name.clone(),
-            devices: Default::default(),
-            filter: TopicFilter::parse(&p.source.topic).map_err(|e| ServiceError::Broker(e.to_string()))?,
-            model: model.clone(),
-            tx: Some(tx),
-            counters: counters.clone(),
-            labels,
-            source: source.clone(),
-        });
-        let pipeline = Pipeline {
-            name: p.name.clone(),
-            model: model.clone(),
-            sink: p.sink.topic.clone(),
-            batch: p.batch,
-            client: client.clone(),
-            counters: counters.clone(),
-            events: events.clone(),
-            acks: acks.clone(),
-            flow: flow.clone(),
-            performance: performance.clone(),
-            store: writer,
-            shadow: Arc::default(),
-            sparkplug: sparkplug_out.as_ref().map(|(o, _)| o.clone()),
-            windows: windows_of.remove(&p.name).unwrap_or_else(|| match p.window {
-                1 => Arc::default(),
-                _ => Arc::new(std::sync::Mutex::new(resume_windows(&config, p))),
-            }),
-            capture: p.capture.clone().map(|c| {
-                let topic = format!("lathe/{}/capture/{}", config.node, p.name);
-                (std::sync::Mutex::new(crate::infer::capture::Capture::new(c)), topic)
-            }),
-        };
-        models.push((p.name.clone(), model.clone()));
-        for c in crashed.iter().filter(|c| c.model == model.load().name) {
-            events.emit(events::Event::Step {
-                pipeline: p.name.clone(),
-                step: "trial.failed",
-                message: c.message(),
-                detail: serde_json::json!({"name": c.model, "version": c.version, "to": c.to,
-                    "unclean_starts": c.starts, "why": "it crashed the daemon during its trial"}),
-            });
-        }
-        if let Some(train) = p.train.clone().or_else(|| config.update.as_ref().and_then(|_| TrainConfig::serve_only()))
-        {
-            let train_share = train.share;
-            looped.push(closed_loop::LoopPipeline {
-                config: p.clone(),
-                train,
-                model: model.clone(),
-                shadow: pipeline.shadow.clone(),
-                counters: counters.clone(),
-                performance: performance.clone(),
-                device_key: device_key.clone(),
-                share: train_share.then(|| (client.clone(), format!("lathe/{}/share/{}", config.node, p.name))),
-            });
-        }
-        let windows = pipeline.windows.clone();
-        tasks.push(tokio::spawn(pipeline.run(rx)));
-        let store = store.as_ref().filter(|_| p.train.is_some()).map(|(s, _)| s.clone());
-        serving.push(Serving { pipeline: p.name.clone(), model, counters, performance, store, source, windows });
-    }
-    let writer = store.as_ref().map(|(_, w)| w.clone());
-    let sparkplug_task = match (&config.sparkplug, sparkplug_out) {
-        (Some(settings), Some((_, rx))) => Some(
-            crate::sparkplug::output::start(&config, settings, (&host, port), sparkplug_models(&models), rx)
-                .map_err(ServiceError::Broker)?,
-        ),
-        _ => None,
-    };
-    let updater = match &config.update {
-        Some(settings) => Some(
-            crate::update::device::start(
-                &config,
-                settings,
-                (&host, port),
-                models,
-                events.clone(),
-                loop_tx.clone(),
-                stop_rx.clone(),
-            )
-            .map_err(ServiceError::Broker)?,
-        ),
-        None => None,
-    };
-    let closed_loop = match store {
-        Some((store, _)) => {
-            let (config, events, stop) = (config.clone(), events.clone(), stop_rx.clone());
-            let thread = std::thread::Builder::new()
-                .name("lathe-loop".into())
-                .spawn(move || closed_loop::run(config, store, looped, events, loop_rx, stop))
-                .map_err(|e| ServiceError::Store(format!("cannot start the training loop: {e}")))?;
-            Some(thread)
-        }
-        None => None,
-    };
-    let serving = Arc::new(serving);
-    let swapper = tokio::spawn(swap::watch(config.clone(), serving.clone(), events.clone(), stop_rx.clone()));
-    if let Some(listen) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| ServiceError::Metrics(format!("metrics.listen {listen}: {e}")))?;
-        tracing::info!("Metrics on http://{listen}/metrics");
-        tokio::spawn(metrics::serve(listener, serving.clone(), ready_rx.clone(), stop_rx.clone()));
-    }
-    let status_now = Arc::new(tokio::sync::Notify::new());
-    let ingest = Ingest {
-        eventloop,
-        client: client.clone(),
-        routes,
-        events: events.clone(),
-        acks: acks.clone(),
-        flow,
-        max_waiting_rows: usize::from(config.mqtt.receive_maximum),
-        keep_alive: Duration::from_secs(config.mqtt.keep_alive_s),
-        stop: stop_rx.clone(),
-        disconnect: disconnect_rx,
-        ready: ready_tx,
-        commands: crate::ingest::router::CommandRoute {
-            filter: TopicFilter::parse(&format!("lathe/{}/cmd/+", config.node)).map_err(ServiceError::Broker)?,
-            to_loop: training.then(|| loop_tx.clone()),
-            status_now: status_now.clone(),
-        },
-        unsubscribe: Vec::new(),
-        login: crate::mqtt::LoginFiles::new(&config.mqtt),
-    };
-    let filters = ingest.filters();
-    let ingest = Ingest { unsubscribe: kept.filters.into_iter().filter(|f| !filters.contains(f)).collect(), ..ingest };
-    let ingest = tokio::spawn(ingest.run());
-    on_start(Handle {
-        ready: ready_rx.clone(),
-        counters: serving.iter().map(|s| (s.pipeline.clone(), s.counters.clone())).collect(),
-    });
-
-    let status_task = {
-        let (client, config, serving, events, mut stop, mut ready) =
-            (client.clone(), config.clone(), serving.clone(), events.clone(), stop_rx, ready_rx);
-        // "online" goes out once subscribed (so it means "messages sent now are served"),
-        // again after every reconnect (a restarted broker may have lost it), every
-        // STATUS_EVERY with fresh counters, and at once on `cmd/status`.
-        tokio::spawn(async move {
-            let mut was_ready = false;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(STATUS_EVERY) => {}
-                    _ = status_now.notified() => {}
-                    _ = ready.changed() => {}
-                    _ = stop.changed() => break,
-                }
-                let is_ready = *ready.borrow_and_update();
-                if is_ready != was_ready {
-                    // Not ready: the ingest loop says why in the systemd status.
-                    if is_ready {
-                        systemd::ready(&status_line(&serving));
-                        release_code_pages("serving started");
-                    }
-                    was_ready = is_ready;
-                }
-                if is_ready {
-                    // Only while connected: a lost broker silences every device at once.
-                    report_silent_devices(&serving, &events);
-                    systemd::status(&status_line(&serving));
-                    let body = status(&config, "online", &serving).to_string();
-                    let _ = client.publish(config.status_topic(), QoS::AtLeastOnce, true, body).await;
-                }
-            }
-        })
-    };
-
+    let built = run::build(config, kept, prepared).await?;
+    let serving = run::serve(built, on_start);
     let reloading = shutdown.await;
-    if reloading {
-        // STOPPING=1 would make systemd treat the service as stopping, and kill it after
-        // TimeoutStopSec; the next run's READY=1 ends the reload.
-        tracing::info!("Reloading: draining in-flight messages");
-        systemd::reloading();
-    } else {
-        tracing::info!("Stopping: draining in-flight messages");
-        systemd::stopping();
-    }
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(DRAIN_DEADLINE, async {
-        for t in tasks {
-            let _ = t.await;
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("Pipelines did not drain in {DRAIN_DEADLINE:?}; unanswered messages stay unacknowledged and will be redelivered");
-    }
-    // The pipelines are done: the Sparkplug edge node sends what is left and its NDEATH.
-    if let Some(t) = sparkplug_task {
-        let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
-    }
-    let _ = status_task.await;
-    let _ = swapper.await;
-    if let Some(u) = updater {
-        let _ = tokio::time::timeout(Duration::from_secs(3), u).await;
-    }
-    if let Some(l) = closed_loop {
-        let _ = tokio::task::spawn_blocking(move || l.join()).await;
-    }
-    // Rows drained above are acked by the store's writer once committed: wait for it.
-    if let Some(w) = writer {
-        let _ = tokio::task::spawn_blocking(move || w.flush()).await;
-    }
-    // The drained messages' acks must reach the client before the disconnect does.
-    let _ = tokio::time::timeout(Duration::from_secs(2), acks.flush()).await;
-    if !reloading {
-        save_windows(&config, &serving);
-        let body = status(&config, "offline", &serving).to_string();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.publish(config.status_topic(), QoS::AtLeastOnce, true, body),
-        )
-        .await;
-    }
-    let _ = disconnect_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(5), ingest).await.is_err() {
-        tracing::warn!("The broker did not confirm the disconnect in time");
-    }
-    reporter.abort();
-    acker.abort();
-    tracing::info!("Stopped");
-    Ok(Kept::from_serving(&config, prints, &serving, filters))
+    Ok(run::drain(serving, reloading).await)
 }
 
 #[cfg(feature = "embedded-broker")]

@@ -175,6 +175,11 @@ pub enum Event {
     StoreRecovered {
         path: String,
     },
+    /// A reload's new config could not start (a port in use, an unreadable file): the daemon
+    /// went back to the config it ran before, which serves again.
+    ReloadRolledBack {
+        error: String,
+    },
     /// A step of the training loop (`train.started`, `train.refused`, `train.accepted`,
     /// `shadow.*`, `trial.*`, …; `detail` carries the run record and the step's numbers) or of
     /// a Sparkplug source or output (`sparkplug.rebirth_requested`, …).
@@ -209,7 +214,7 @@ impl Event {
             | Event::Drift { pipeline, .. }
             | Event::StoreFailed { pipeline, .. }
             | Event::Step { pipeline, .. } => pipeline,
-            Event::Connected { .. } | Event::StoreRecovered { .. } => "",
+            Event::Connected { .. } | Event::StoreRecovered { .. } | Event::ReloadRolledBack { .. } => "",
         }
     }
 
@@ -226,6 +231,7 @@ impl Event {
             Event::Drift { .. } => "drift.cleared",
             Event::StoreFailed { .. } => "store.failed",
             Event::StoreRecovered { .. } => "store.recovered",
+            Event::ReloadRolledBack { .. } => "reload.rolled_back",
             Event::Step { step, .. } => step,
         }
     }
@@ -259,6 +265,7 @@ impl Event {
                 json!({"pipeline": pipeline, "rows": rows, "error": error})
             }
             Event::StoreRecovered { path } => json!({"path": path}),
+            Event::ReloadRolledBack { error } => json!({"error": error}),
             Event::Step { pipeline, message, detail, .. } => {
                 let mut v = detail.clone();
                 if !v.is_object() {
@@ -338,6 +345,9 @@ impl Event {
                 tracing::error!(event, pipeline, rows, "{rows} sample(s) not stored: {error}")
             }
             Event::StoreRecovered { path } => tracing::info!(event, "The sample store {path} writes again"),
+            Event::ReloadRolledBack { error } => {
+                tracing::error!(event, "The reloaded config could not start, the previous one serves again: {error}")
+            }
             Event::Step { pipeline, step, message, .. }
                 if step.ends_with("failed") || step.ends_with("refused") || step.ends_with("requested") =>
             {
