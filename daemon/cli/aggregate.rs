@@ -11,7 +11,6 @@ use std::time::Duration;
 use clap::Args;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::Event;
 
 use ed25519_dalek::VerifyingKey;
 
@@ -89,7 +88,7 @@ fn collect(args: &BrokerArgs, parent: &Bundle, keys: &[VerifyingKey], seconds: u
         let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
         let mut by_node: BTreeMap<String, Bundle> = BTreeMap::new();
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
-            let Event::Incoming(Packet::Publish(p)) = event else { continue };
+            let Packet::Publish(p) = event else { continue };
             let topic = String::from_utf8_lossy(&p.topic).into_owned();
             let node = topic.split('/').nth(1).unwrap_or_default().to_string();
             match Bundle::from_bytes(&p.payload) {

@@ -12,7 +12,6 @@ use std::time::Duration;
 use clap::Args;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::Event;
 use serde_json::Value;
 
 use super::fleet::{connect, BrokerArgs};
@@ -113,7 +112,7 @@ pub fn run(a: CaptureArgs) -> Result<(), String> {
                     _ = tokio::signal::ctrl_c() => break,
                 },
             };
-            let Some(Event::Incoming(Packet::Publish(p))) = next else {
+            let Some(Packet::Publish(p)) = next else {
                 if next.is_none() {
                     break;
                 }

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event};
+use rumqttc::v5::AsyncClient;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::config::{BrokerUrl, MqttConfig};
 use crate::model::Bundle;
+use crate::mqtt::{LoginFiles, Outages};
 use crate::trust::signing;
 use crate::update::push::{prepare, PushOptions};
 
@@ -118,8 +119,8 @@ impl BrokerArgs {
 }
 
 /// One MQTT session for a command, once the broker has accepted it: the event loop polled
-/// on its own task (never cancelled), its events forwarded.
-pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Event>), String> {
+/// on its own task (never cancelled), reconnecting, what the broker sends forwarded.
+pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClient, mpsc::Receiver<Packet>), String> {
     let (mqtt, host, port) = broker.mqtt()?;
     let options = crate::mqtt::session_options(&mqtt, &host, port, format!("{id}-{}", std::process::id()))
         .map_err(|e| e.to_string())?;
@@ -135,23 +136,7 @@ pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClien
             broker.broker
         ));
     }
-    let (tx, rx) = mpsc::channel(1024);
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                Ok(e) => {
-                    if tx.send(e).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("{}", crate::mqtt::explain(&e));
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    });
+    let rx = crate::mqtt::spawn_polling("broker session", eventloop, Some(LoginFiles::new(&mqtt)), Outages::Warn);
     Ok((client, rx))
 }
 
@@ -254,7 +239,7 @@ pub fn push(a: PushArgs) -> Result<(), String> {
 /// Publishes every message retained at QoS 1 and waits for the broker to acknowledge them all.
 pub(super) async fn publish_all(
     client: &AsyncClient,
-    events: &mut mpsc::Receiver<Event>,
+    events: &mut mpsc::Receiver<Packet>,
     messages: Vec<(String, Vec<u8>)>,
 ) -> Result<(), String> {
     let n = messages.len();
@@ -265,7 +250,7 @@ pub(super) async fn publish_all(
     let mut acked = 0;
     while acked < n {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Some(Packet::PubAck(_))) => acked += 1,
             Ok(Some(_)) => {}
             _ => return Err(format!("the broker acknowledged {acked} of {n} messages")),
         }
@@ -281,7 +266,7 @@ async fn statuses(broker: &BrokerArgs) -> Result<BTreeMap<String, Value>, String
     // Retained messages arrive right after the subscription; a quiet second means all are in.
     let mut quiet_until = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(Some(e)) = tokio::time::timeout_at(quiet_until, events.recv()).await {
-        if let Event::Incoming(Packet::Publish(p)) = e {
+        if let Packet::Publish(p) = e {
             let topic = String::from_utf8_lossy(&p.topic).into_owned();
             if let (Some(node), Ok(v)) = (topic.split('/').nth(1), serde_json::from_slice::<Value>(&p.payload)) {
                 out.insert(node.to_string(), v);
@@ -307,7 +292,7 @@ async fn group_nodes(broker: &BrokerArgs, group: &str) -> Result<Vec<String>, St
 /// `wait` fails. Serving the version is not enough: a canary that took it and then failed its
 /// trial was counted a success before the trial could say so.
 async fn watch_canaries(
-    (client, mut events): (AsyncClient, mpsc::Receiver<Event>),
+    (client, mut events): (AsyncClient, mpsc::Receiver<Packet>),
     canaries: &[String],
     name: &str,
     version: u64,
@@ -319,9 +304,7 @@ async fn watch_canaries(
         ok.contains(n) || failed.iter().any(|f| f.starts_with(&format!("{n}:")))
     };
     while canaries.iter().any(|n| !decided(n, &ok, &failed)) && Instant::now() < deadline {
-        let Ok(Some(Event::Incoming(Packet::Publish(p)))) =
-            tokio::time::timeout(Duration::from_millis(500), events.recv()).await
-        else {
+        let Ok(Some(Packet::Publish(p))) = tokio::time::timeout(Duration::from_millis(500), events.recv()).await else {
             continue;
         };
         let topic = String::from_utf8_lossy(&p.topic).into_owned();

@@ -1,15 +1,17 @@
 //! MQTT, as every session of lathe speaks it (the daemon's main one, the Sparkplug edge node,
 //! the updater, and the central commands): the broker's address and login, one way to build a
 //! session's options, reading the first CONNACK, reconnect back-off, telling a twin that holds
-//! our client id from a crashing broker, errors an operator can act on, and acks released in
-//! arrival order.
+//! our client id from a crashing broker, errors an operator can act on, a reconnecting
+//! session's polling (`polling`), and acks released in arrival order.
 
 pub mod ack;
+mod polling;
 mod session;
 pub mod topic;
 
 use std::path::PathBuf;
 
+pub use polling::{spawn_polling, Outages};
 pub use session::*;
 pub use topic::TopicFilter;
 

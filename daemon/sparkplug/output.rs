@@ -17,18 +17,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prost::Message;
 use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop};
+use rumqttc::v5::AsyncClient;
 use tokio::sync::mpsc;
 
 use super::proto::{datatype, Metric, Payload, Value};
 use super::{BD_SEQ, REBIRTH};
 use crate::config::{Config, SparkplugOutputConfig};
-use crate::mqtt::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
+use crate::mqtt::{spawn_polling, LoginFiles, Outages};
 
 /// What a pipeline serves now, as the NBIRTH and NDATA name it.
 pub struct Serving {
@@ -100,8 +100,8 @@ pub fn start(
     let death = node.death();
     options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));
     let (client, eventloop) = AsyncClient::new(options, 1024);
-    let login = LoginFiles::new(&config.mqtt);
-    Ok(tokio::spawn(run(node, client, (eventloop, login), models, rx)))
+    let session = spawn_polling("Sparkplug session", eventloop, Some(LoginFiles::new(&config.mqtt)), Outages::Warn);
+    Ok(tokio::spawn(run(node, client, session, models, rx)))
 }
 
 struct Node {
@@ -171,61 +171,23 @@ fn device_metrics(r: &Report, now: u64) -> Vec<Metric> {
     metrics
 }
 
-/// What the session's event loop tells the edge node.
-enum Session {
-    Connected,
-    Rebirth,
-}
-
-/// Polls the session on a task of its own (rumqttc's `poll` must not be cancelled, and a
-/// `select!` would), forwarding what matters.
-async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), ncmd: String, tx: mpsc::Sender<Session>) {
-    let (mut failures, mut quick_drops) = (0u32, QuickDrops::default());
-    loop {
-        match eventloop.poll().await {
-            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                failures = 0;
-                quick_drops.connected(Instant::now());
-                let _ = tx.send(Session::Connected).await;
-            }
-            Ok(MqttEvent::Incoming(Packet::Publish(p))) if p.topic.as_ref() == ncmd.as_bytes() => {
-                let asks = Payload::decode(p.payload.as_ref()).is_ok_and(|pl| {
-                    pl.metrics
-                        .iter()
-                        .any(|m| m.name.as_deref() == Some(REBIRTH) && m.value == Some(Value::Boolean(true)))
-                });
-                if asks {
-                    let _ = tx.send(Session::Rebirth).await;
-                }
-            }
-            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => {}
-            Err(e) => {
-                // A contested client id: the main session says so once; here, only wait longer.
-                let contested = quick_drops.ended(Instant::now(), taken_over(&e));
-                match contested {
-                    None => tracing::warn!("Sparkplug session: {e}"),
-                    Some(streak) => tracing::debug!(streak, "Sparkplug session closed just after it was made: {e}"),
-                }
-                if let Some(line) = login.refresh(&mut eventloop.options) {
-                    tracing::info!("Sparkplug session: {line}");
-                }
-                tokio::time::sleep(reconnect_wait(failures, contested)).await;
-                failures = failures.saturating_add(1);
-            }
-        }
-    }
+/// Whether `packet` is an NCMD on `ncmd` asking for a rebirth.
+fn asks_rebirth(packet: &Packet, ncmd: &str) -> bool {
+    let Packet::Publish(p) = packet else { return false };
+    p.topic.as_ref() == ncmd.as_bytes()
+        && Payload::decode(p.payload.as_ref()).is_ok_and(|pl| {
+            pl.metrics.iter().any(|m| m.name.as_deref() == Some(REBIRTH) && m.value == Some(Value::Boolean(true)))
+        })
 }
 
 async fn run(
     mut node: Node,
     client: AsyncClient,
-    eventloop: (EventLoop, LoginFiles),
+    mut session: mpsc::Receiver<Packet>,
     models: Vec<(String, ServingNow)>,
     mut rx: mpsc::Receiver<Report>,
 ) {
-    let (session_tx, mut session) = mpsc::channel(16);
-    let mut poller = tokio::spawn(poll(eventloop, node.topic("NCMD", None), session_tx));
+    let ncmd = node.topic("NCMD", None);
     // Per device: the metrics its last DBIRTH named, with their last values.
     let mut devices: HashMap<String, BTreeMap<String, Metric>> = HashMap::new();
     let mut born = false;
@@ -237,10 +199,10 @@ async fn run(
     };
     loop {
         tokio::select! {
-            event = session.recv() => match event {
-                Some(step @ (Session::Connected | Session::Rebirth)) => {
-                    if matches!(step, Session::Connected) {
-                        let _ = client.try_subscribe(node.topic("NCMD", None), QoS::AtLeastOnce);
+            packet = session.recv() => match packet {
+                Some(packet) if matches!(packet, Packet::ConnAck(_)) || asks_rebirth(&packet, &ncmd) => {
+                    if matches!(packet, Packet::ConnAck(_)) {
+                        let _ = client.try_subscribe(ncmd.clone(), QoS::AtLeastOnce);
                     }
                     // The NBIRTH, then every device lathe has predicted for, born again with
                     // its metrics' last values: a host that asked for a rebirth (or lost the
@@ -251,6 +213,7 @@ async fn run(
                         publish(node.topic("DBIRTH", Some(device)), payload, QoS::AtMostOnce);
                     }
                 }
+                Some(_) => {}
                 None => break,
             },
             report = rx.recv() => {
@@ -287,9 +250,8 @@ async fn run(
     // A clean stop says so itself rather than leaving it to the broker's will.
     publish(node.topic("NDEATH", None), node.death(), QoS::AtLeastOnce);
     let _ = client.try_disconnect();
-    if tokio::time::timeout(Duration::from_secs(2), &mut poller).await.is_err() {
-        poller.abort();
-    }
+    // The session's task ends once the DISCONNECT is out, closing the channel.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while session.recv().await.is_some() {} }).await;
 }
 
 /// The NBIRTH: seq 0, bdSeq, the rebirth control, every pipeline's model.
