@@ -96,7 +96,7 @@ pub fn run(cmd: BundleCommand) -> Result<(), String> {
                 return Err(format!("bundle name {name:?}: use letters, digits, '.', '_' and '-'"));
             }
             let model_bytes = std::fs::read(&model).map_err(|e| format!("{}: {e}", model.display()))?;
-            let text = crate::model::csv::read_file(&data)?;
+            let text = crate::model::csv::read_file(&data).map_err(|e| e.to_string())?;
             let file_name = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let opts = CreateOptions {
                 name,

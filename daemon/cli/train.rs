@@ -102,7 +102,7 @@ pub struct TrainArgs {
 /// The placeholder `--cold-start` grows from: the CSV's columns as features.
 fn placeholder(a: &TrainArgs, csv: &str) -> Result<Bundle, String> {
     let task: crate::model::Task = a.cold_start.as_deref().unwrap_or_default().parse()?;
-    let header = crate::model::csv::parse_csv(csv)?.header;
+    let header = crate::model::csv::parse_csv(csv).map_err(|e| e.to_string())?.header;
     let supervised = task != crate::model::Task::Reconstruction;
     let features: Vec<String> = header
         .into_iter()
@@ -124,7 +124,7 @@ fn placeholder(a: &TrainArgs, csv: &str) -> Result<Bundle, String> {
 }
 
 pub fn run(a: TrainArgs) -> Result<(), String> {
-    let csv = crate::model::csv::read_file(&a.data)?;
+    let csv = crate::model::csv::read_file(&a.data).map_err(|e| e.to_string())?;
     let mut champion = match &a.bundle {
         Some(path) => Bundle::read(path).map_err(|e| format!("{}: {e}", path.display()))?,
         None => placeholder(&a, &csv)?,
@@ -159,10 +159,12 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         return Err(format!("--backend {:?}: expected auto, cpu or cuda", a.backend));
     }
     let name = a.data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let classes = train::classes(&champion, &t)?;
-    let data = train::data::load_by_device(&champion.manifest, &csv, classes, a.device_column.as_deref())?;
+    let classes = train::classes(&champion, &t).map_err(|e| e.to_string())?;
+    let data = train::data::load_by_device(&champion.manifest, &csv, classes, a.device_column.as_deref())
+        .map_err(|e| e.to_string())?;
     let gpu = train::GpuSettings { cache_dir: Some(a.state_dir.join("cache")), max_gpu_mem_mb: 1024 };
-    let outcome = train::fine_tune_with(&a.backend, &gpu, &champion, data, &name, &t, None, &|| Ok(()))?;
+    let outcome = train::fine_tune_with(&a.backend, &gpu, &champion, data, &name, &t, None, &|| Ok(()))
+        .map_err(|e| e.to_string())?;
     let record = &outcome.record;
     let json = match train::keep_record(&a.state_dir, record) {
         Ok(json) => json,

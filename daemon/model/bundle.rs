@@ -30,6 +30,8 @@ pub enum BundleError {
     Hash { file: String },
     #[error("validation data: {0}")]
     Data(String),
+    #[error("validation data: {0}")]
+    Csv(#[from] super::csv::CsvError),
     #[error("model: {0}")]
     Model(#[from] EngineError),
 }
@@ -178,12 +180,12 @@ impl Bundle {
     pub fn validation_rows(&self) -> Result<Vec<f32>, BundleError> {
         let text = std::str::from_utf8(&self.validation)
             .map_err(|_| BundleError::Data("validation.csv is not UTF-8".into()))?;
-        let table = parse_csv(text).map_err(BundleError::Data)?;
+        let table = parse_csv(text)?;
         let cols: Vec<usize> = self
             .manifest
             .inputs
             .iter()
-            .map(|i| table.numeric_column(&i.name).map_err(BundleError::Data))
+            .map(|i| table.numeric_column(&i.name).map_err(BundleError::from))
             .collect::<Result<_, _>>()?;
         Ok(table.rows.iter().flat_map(|r| cols.iter().map(move |&c| r[c] as f32)).collect())
     }
@@ -212,8 +214,8 @@ impl Bundle {
         }
         let text = std::str::from_utf8(&self.validation)
             .map_err(|_| BundleError::Data("validation.csv is not UTF-8".into()))?;
-        let table = parse_csv(text).map_err(BundleError::Data)?;
-        let c = table.numeric_column(&self.manifest.target).map_err(BundleError::Data)?;
+        let table = parse_csv(text)?;
+        let c = table.numeric_column(&self.manifest.target)?;
         Ok(table.rows.iter().skip(self.manifest.window.saturating_sub(1)).map(|r| r[c]).collect())
     }
 
@@ -391,7 +393,7 @@ pub fn measure(
 /// A model lathe cannot serve, data that does not fit it, or a task the outputs do not fit.
 pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle, BundleError> {
     let engine = Engine::load(&model)?;
-    let data = comma_separated(data).map_err(BundleError::Data)?;
+    let data = comma_separated(data)?;
     // A classifier trained on class names is judged, and kept, with their indices.
     let classes = match opts.task {
         Task::Binary | Task::Multiclass => engine.signature.classes.clone(),
@@ -399,12 +401,12 @@ pub fn create(model: Vec<u8>, data: &str, opts: &CreateOptions) -> Result<Bundle
     };
     let data = match &opts.target {
         Some(t) if !classes.is_empty() => {
-            std::borrow::Cow::Owned(crate::model::csv::class_indices(&data, t, &classes).map_err(BundleError::Data)?)
+            std::borrow::Cow::Owned(crate::model::csv::class_indices(&data, t, &classes)?)
         }
         _ => data,
     };
-    let table = parse_csv(&data).map_err(BundleError::Data)?;
-    let col = |name: &str| table.numeric_column(name).map_err(BundleError::Data);
+    let table = parse_csv(&data)?;
+    let col = |name: &str| table.numeric_column(name).map_err(BundleError::from);
     let target = match (&opts.target, opts.task) {
         (Some(t), _) => Some(col(t)?),
         (None, Task::Reconstruction) => None,

@@ -15,6 +15,34 @@
 //! anything that reads a bundle reads it as plain CSV.
 
 use std::borrow::Cow;
+use std::path::PathBuf;
+
+/// Why a CSV could not be read. Each message names the line (or the file) where it applies.
+#[derive(Debug, thiserror::Error)]
+pub enum CsvError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// Neither UTF-8 nor UTF-16 with a byte-order mark.
+    #[error("{}: {message}", path.display())]
+    Encoding { path: PathBuf, message: String },
+    /// Not a table: empty, a row of the wrong width, a quoted cell left open.
+    #[error("{0}")]
+    Shape(String),
+    #[error("no column {name:?} in the CSV (its columns: {columns})")]
+    NoColumn { name: String, columns: String },
+    /// A cell of a column that must hold numbers (or class names) holds something else.
+    #[error("line {line}: column {column:?} holds {text:?}, {expected}")]
+    BadCell { line: usize, column: String, text: String, expected: String },
+}
+
+/// The columns of `header`, at most a dozen, for messages.
+fn shown(header: &[impl AsRef<str>]) -> String {
+    let mut shown: Vec<&str> = header.iter().take(12).map(AsRef::as_ref).collect();
+    if header.len() > shown.len() {
+        shown.push("…");
+    }
+    shown.join(", ")
+}
 
 /// A CSV of numbers, with a header. Cells that are not numbers (an id or a timestamp column)
 /// are kept as NaN and remembered, so they only matter if a used column holds them.
@@ -28,26 +56,24 @@ pub struct Table {
 impl Table {
     /// # Errors
     /// A column that does not exist or holds a cell that is not a number.
-    pub fn numeric_column(&self, name: &str) -> Result<usize, String> {
+    pub fn numeric_column(&self, name: &str) -> Result<usize, CsvError> {
         let c = self.column(name)?;
         match &self.not_numeric[c] {
-            Some((line, text)) => Err(format!(
-                "line {line}: column {name:?} holds {text:?}, not a number (name the feature columns with --features)"
-            )),
+            Some((line, text)) => Err(CsvError::BadCell {
+                line: *line,
+                column: name.to_string(),
+                text: text.clone(),
+                expected: "not a number (name the feature columns with --features)".into(),
+            }),
             None => Ok(c),
         }
     }
 
     /// # Errors
     /// No column of that name; the message lists the columns there are.
-    pub fn column(&self, name: &str) -> Result<usize, String> {
-        self.header.iter().position(|h| h == name).ok_or_else(|| {
-            let mut shown: Vec<&str> = self.header.iter().take(12).map(String::as_str).collect();
-            if self.header.len() > shown.len() {
-                shown.push("…");
-            }
-            format!("no column {name:?} in the CSV (its columns: {})", shown.join(", "))
-        })
+    pub fn column(&self, name: &str) -> Result<usize, CsvError> {
+        let missing = || CsvError::NoColumn { name: name.to_string(), columns: shown(&self.header) };
+        self.header.iter().position(|h| h == name).ok_or_else(missing)
     }
 }
 
@@ -55,9 +81,9 @@ impl Table {
 ///
 /// # Errors
 /// The file cannot be read, or is in another encoding: the message names the line.
-pub fn read_file(path: &std::path::Path) -> Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    decode(bytes).map_err(|e| format!("{}: {e}", path.display()))
+pub fn read_file(path: &std::path::Path) -> Result<String, CsvError> {
+    let bytes = std::fs::read(path).map_err(|source| CsvError::Read { path: path.to_path_buf(), source })?;
+    decode(bytes).map_err(|message| CsvError::Encoding { path: path.to_path_buf(), message })
 }
 
 fn decode(bytes: Vec<u8>) -> Result<String, String> {
@@ -81,9 +107,9 @@ fn decode(bytes: Vec<u8>) -> Result<String, String> {
 /// # Errors
 /// An empty file, a row with the wrong number of cells or a quoted cell left open, naming the
 /// line.
-pub fn parse_csv(text: &str) -> Result<Table, String> {
+pub fn parse_csv(text: &str) -> Result<Table, CsvError> {
     let mut lines = lines(text);
-    let (_, head) = lines.next().ok_or_else(|| "the CSV is empty".to_string())?;
+    let (_, head) = lines.next().ok_or_else(|| CsvError::Shape("the CSV is empty".into()))?;
     let delimiter = delimiter(head);
     let header: Vec<String> = split(head, delimiter, 1)?.into_iter().map(Cow::into_owned).collect();
     let mut not_numeric = vec![None; header.len()];
@@ -92,7 +118,7 @@ pub fn parse_csv(text: &str) -> Result<Table, String> {
         let cells = split(text, delimiter, line)?;
         if cells.len() != header.len() {
             let (n, h) = (cells.len(), header.len());
-            return Err(format!("line {line}: {n} cells, the header has {h}"));
+            return Err(CsvError::Shape(format!("line {line}: {n} cells, the header has {h}")));
         }
         let row = cells
             .iter()
@@ -107,7 +133,7 @@ pub fn parse_csv(text: &str) -> Result<Table, String> {
         rows.push(row);
     }
     if rows.is_empty() {
-        return Err("the CSV has a header but no rows".to_string());
+        return Err(CsvError::Shape("the CSV has a header but no rows".into()));
     }
     Ok(Table { header, rows, not_numeric })
 }
@@ -117,7 +143,7 @@ pub fn parse_csv(text: &str) -> Result<Table, String> {
 ///
 /// # Errors
 /// As [`parse_csv`].
-pub fn comma_separated(text: &str) -> Result<Cow<'_, str>, String> {
+pub fn comma_separated(text: &str) -> Result<Cow<'_, str>, CsvError> {
     let Some((_, head)) = lines(text).next() else { return Ok(Cow::Borrowed(text)) };
     let delimiter = delimiter(head);
     if delimiter == ',' {
@@ -158,7 +184,7 @@ pub fn push_cell(out: &mut String, cell: &str, delimiter: char) {
 ///
 /// # Errors
 /// No such column, or a cell that is neither a number nor one of the classes.
-pub fn class_indices(text: &str, name: &str, classes: &[String]) -> Result<String, String> {
+pub fn class_indices(text: &str, name: &str, classes: &[String]) -> Result<String, CsvError> {
     let mut out = String::with_capacity(text.len());
     let mut column = None;
     for (line, row) in lines(text) {
@@ -166,7 +192,8 @@ pub fn class_indices(text: &str, name: &str, classes: &[String]) -> Result<Strin
         let target = match column {
             Some(c) => c,
             None => {
-                let c = cells.iter().position(|h| h == name).ok_or_else(|| format!("no column {name:?} in the CSV"))?;
+                let missing = || CsvError::NoColumn { name: name.to_string(), columns: shown(&cells) };
+                let c = cells.iter().position(|h| h == name).ok_or_else(missing)?;
                 column = Some(c);
                 usize::MAX // the header: every cell as it is
             }
@@ -176,11 +203,11 @@ pub fn class_indices(text: &str, name: &str, classes: &[String]) -> Result<Strin
                 out.push(',');
             }
             if i == target && number(cell, ',').is_none() {
-                let index = classes.iter().position(|k| k == cell).ok_or_else(|| {
-                    format!(
-                        "line {line}: {name:?} holds {cell:?}, which is not one of the model's classes ({})",
-                        classes.join(", ")
-                    )
+                let index = classes.iter().position(|k| k == cell).ok_or_else(|| CsvError::BadCell {
+                    line,
+                    column: name.to_string(),
+                    text: cell.to_string(),
+                    expected: format!("which is not one of the model's classes ({})", classes.join(", ")),
                 })?;
                 out.push_str(&index.to_string());
             } else {
@@ -197,14 +224,16 @@ pub fn class_indices(text: &str, name: &str, classes: &[String]) -> Result<Strin
 ///
 /// # Errors
 /// No such column, or a row [`parse_csv`] would refuse.
-pub fn text_column(text: &str, name: &str) -> Result<Vec<String>, String> {
+pub fn text_column(text: &str, name: &str) -> Result<Vec<String>, CsvError> {
     let mut rows = lines(text);
-    let (_, head) = rows.next().ok_or_else(|| "the CSV is empty".to_string())?;
-    let c =
-        split(head, ',', 1)?.iter().position(|h| h == name).ok_or_else(|| format!("no column {name:?} in the CSV"))?;
+    let (_, head) = rows.next().ok_or_else(|| CsvError::Shape("the CSV is empty".into()))?;
+    let header = split(head, ',', 1)?;
+    let missing = || CsvError::NoColumn { name: name.to_string(), columns: shown(&header) };
+    let c = header.iter().position(|h| h == name).ok_or_else(missing)?;
     rows.map(|(line, row)| {
         let cells = split(row, ',', line)?;
-        cells.get(c).map(|cell| cell.to_string()).ok_or_else(|| format!("line {line}: no cell for column {name:?}"))
+        let no_cell = || CsvError::Shape(format!("line {line}: no cell for column {name:?}"));
+        cells.get(c).map(|cell| cell.to_string()).ok_or_else(no_cell)
     })
     .collect()
 }
@@ -234,21 +263,23 @@ fn delimiter(header: &str) -> char {
 }
 
 /// One line's cells: unquoted cells trimmed, quoted ones as written between their quotes.
-fn split(line: &str, delimiter: char, number: usize) -> Result<Vec<Cow<'_, str>>, String> {
+fn split(line: &str, delimiter: char, number: usize) -> Result<Vec<Cow<'_, str>>, CsvError> {
     let mut cells = Vec::new();
     let mut rest = line;
     loop {
         let trimmed = rest.trim_start_matches(|c: char| (c == ' ' || c == '\t') && c != delimiter);
         if let Some(quoted) = trimmed.strip_prefix('"') {
             let (cell, after) = quoted_cell(quoted).ok_or_else(|| {
-                format!("line {number}: a quoted cell is not closed on its line (a cell that spans lines is not read)")
+                CsvError::Shape(format!(
+                    "line {number}: a quoted cell is not closed on its line (a cell that spans lines is not read)"
+                ))
             })?;
             cells.push(cell);
             // Whatever follows the closing quote up to the separator is dropped if blank.
             match after.find(delimiter) {
                 Some(i) if after[..i].trim().is_empty() => rest = &after[i + delimiter.len_utf8()..],
                 None if after.trim().is_empty() => return Ok(cells),
-                _ => return Err(format!("line {number}: text after a quoted cell's closing quote")),
+                _ => return Err(CsvError::Shape(format!("line {number}: text after a quoted cell's closing quote"))),
             }
         } else {
             match rest.find(delimiter) {
@@ -369,7 +400,8 @@ mod tests {
     #[test]
     fn a_missing_column_names_the_columns_there_are() {
         let t = table("f1;f2;anomaly\n1;2;0\n");
-        assert_eq!(t.column("f3"), Err("no column \"f3\" in the CSV (its columns: f1, f2, anomaly)".to_string()));
+        let missing = t.column("f3").map_err(|e| e.to_string());
+        assert_eq!(missing, Err("no column \"f3\" in the CSV (its columns: f1, f2, anomaly)".to_string()));
     }
 
     #[test]
@@ -409,7 +441,12 @@ mod tests {
         let converted = class_indices(text, "state", &classes).unwrap();
         assert_eq!(converted, "f1,\"where, exactly\",state\n1.5,\"line 3, north\",1\n2,south,0\n3,west,1\n");
         let err = class_indices("f1,state\n1,ok\n2,broken\n", "state", &classes).unwrap_err();
-        assert!(err.contains("line 3") && err.contains("\"broken\"") && err.contains("fault, ok"), "{err}");
-        assert!(class_indices("f1,state\n1,ok\n", "label", &classes).unwrap_err().contains("no column \"label\""));
+        assert!(matches!(&err, CsvError::BadCell { line: 3, text, .. } if text == "broken"), "{err}");
+        assert!(err.to_string().contains("fault, ok"), "{err}");
+        let err = class_indices("f1,state\n1,ok\n", "label", &classes).unwrap_err();
+        assert!(
+            matches!(&err, CsvError::NoColumn { name, columns } if name == "label" && columns == "f1, state"),
+            "{err}"
+        );
     }
 }

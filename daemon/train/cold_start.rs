@@ -31,7 +31,7 @@ use tract_onnx::pb::{
 
 use super::backend::Backend;
 use super::data::{self, Dataset};
-use super::Outcome;
+use super::{Outcome, TrainError};
 use crate::model::bundle::{self, Bundle, CreateOptions};
 use crate::model::manifest::{ColdStart, Task, Training};
 use crate::rng::Rng;
@@ -357,16 +357,13 @@ pub fn grow<B: Backend>(
     data_name: &str,
     training: &Training,
     check: &dyn Fn() -> Result<(), String>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, TrainError> {
     let m = &placeholder.manifest;
-    let cold = m.cold_start.as_ref().ok_or("not a cold-start placeholder")?;
+    let cold = m.cold_start.as_ref().ok_or_else(|| TrainError::Model("not a cold-start placeholder".into()))?;
     let names: Vec<String> = m.inputs.iter().map(|i| i.name.clone()).collect();
     let (f, task) = (data.features, m.task);
     let out = output_width(task, f, cold.classes);
-    let split = data::split(data.rows, training.holdout).map_err(|e| match data.dropped_note() {
-        Some(note) => format!("{e}; {note}"),
-        None => e,
-    })?;
+    let split = data::split(data.rows, training.holdout).map_err(|e| data.with_dropped_note(e))?;
     // The baseline looks only at the rows before the holdout, as the training does.
     let seen = split.holdout.start;
     let (mean, spread) = column_scale(&data.x[..seen * f], f);
@@ -400,7 +397,7 @@ pub fn grow<B: Backend>(
     let mut opts = options(&m.name, 0, task, &names, ranges);
     opts.source_model = format!("grown on the device from scratch (cold start): {described}");
     opts.data_name = format!("{data_name}: the newest {} of {} rows", split.holdout.len(), data.rows);
-    let trivial_bundle = bundle::create(model, &validation, &opts).map_err(|e| e.to_string())?;
+    let trivial_bundle = bundle::create(model, &validation, &opts).map_err(|e| TrainError::Gate(e.to_string()))?;
     let mut outcome = super::fine_tune_on(backend, &trivial_bundle, data, data_name, training, None, check)?;
     outcome.record.outcome = format!("{} (cold start: the champion to beat was {trivial})", outcome.record.outcome);
     let Some(grown) = outcome.challenger.take() else { return Ok(outcome) };
@@ -422,7 +419,7 @@ pub fn grow<B: Backend>(
                 };
             })
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TrainError::Gate(e.to_string()))?;
     outcome.record.output_version = Some(1);
     outcome.record.output_sha256 = Some(b.sha256());
     outcome.challenger = Some(b);

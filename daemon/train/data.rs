@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::model::csv::{class_indices, comma_separated, parse_csv, text_column};
 use crate::model::manifest::{Manifest, Task};
+use crate::train::TrainError;
 
 pub struct Dataset {
     /// Samples in model order, row-major: a row of features, or a sequence model's window of
@@ -88,13 +89,21 @@ impl Dataset {
             )
         })
     }
+
+    /// `error` (too few rows, usually) with the note of the rows dropped, which is often why.
+    pub fn with_dropped_note(&self, error: TrainError) -> TrainError {
+        match (error, self.dropped_note()) {
+            (TrainError::Data(e), Some(note)) => TrainError::Data(format!("{e}; {note}")),
+            (e, _) => e,
+        }
+    }
 }
 
 /// Reads `csv` for a model with `classes` output classes (0 for regression/reconstruction).
 ///
 /// # Errors
 /// A CSV that cannot be parsed or lacks a feature or target column.
-pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, String> {
+pub fn load(manifest: &Manifest, csv: &str, classes: usize) -> Result<Dataset, TrainError> {
     load_by_device(manifest, csv, classes, None)
 }
 
@@ -108,14 +117,14 @@ pub fn load_by_device(
     csv: &str,
     classes: usize,
     device_column: Option<&str>,
-) -> Result<Dataset, String> {
+) -> Result<Dataset, TrainError> {
     let devices = match device_column {
         Some(name) if manifest.window > 1 => Some(text_column(&comma_separated(csv)?, name)?),
         Some(name) => {
-            return Err(format!(
+            return Err(TrainError::Data(format!(
                 "a device column ({name:?}) is for sequence models; {} takes one frame per sample",
                 manifest.name
-            ))
+            )))
         }
         None => None,
     };
@@ -178,18 +187,18 @@ pub struct Split {
 
 /// # Errors
 /// Too few rows to train, stop and judge on.
-pub fn split(rows: usize, holdout: f64) -> Result<Split, String> {
+pub fn split(rows: usize, holdout: f64) -> Result<Split, TrainError> {
     if !(0.05..=0.5).contains(&holdout) {
-        return Err(format!("holdout = {holdout}; expected a fraction from 0.05 to 0.5"));
+        return Err(TrainError::Model(format!("holdout = {holdout}; expected a fraction from 0.05 to 0.5")));
     }
     let h = ((rows as f64) * holdout).ceil() as usize;
     let rest = rows.saturating_sub(h);
     let e = (rest / 10).max(1);
     let t = rest.saturating_sub(e);
     if t < 20 || h < 10 {
-        return Err(format!(
+        return Err(TrainError::Data(format!(
             "{rows} usable rows is too few: need at least 20 to train on and 10 to hold out (holdout = {holdout})"
-        ));
+        )));
     }
     Ok(Split { train: 0..t, early_stop: t..t + e, holdout: t + e..rows })
 }

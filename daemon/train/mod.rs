@@ -16,6 +16,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+mod error;
 pub mod federated;
 pub mod graph;
 pub mod net;
@@ -33,6 +34,8 @@ use crate::rng::Rng;
 use backend::{Backend, Loss, Update};
 use graph::{DenseLayer, Tail};
 use net::{Mode, Net};
+
+pub use error::TrainError;
 
 /// What the trainable part of a bundle is: its tail, and how many of its layers train.
 pub struct Plan {
@@ -70,11 +73,13 @@ fn parse_trainable(spec: &str, layers: usize, seed: u64, lora_alpha: f64) -> Res
 /// # Errors
 /// No trainable tail (naming the node that stopped it), a bad `trainable`, or a loss that
 /// does not fit the model's output.
-pub fn plan(onnx: &[u8], output: &str, task: Task, training: &Training) -> Result<Plan, String> {
-    let tail = graph::tail_of(onnx, output)?;
+pub fn plan(onnx: &[u8], output: &str, task: Task, training: &Training) -> Result<Plan, TrainError> {
+    let tail = graph::tail_of(onnx, output).map_err(TrainError::Model)?;
     let (mode, first_trained) =
-        parse_trainable(&training.trainable, tail.layers.len(), training.seed, training.lora_alpha)?;
+        parse_trainable(&training.trainable, tail.layers.len(), training.seed, training.lora_alpha)
+            .map_err(TrainError::Model)?;
     let out = tail.out_dim();
+    let unfit = |why: String| Err(TrainError::Model(why));
     let loss = match (training.loss.as_str(), task) {
         ("auto", Task::Binary) if out == 1 => Loss::BceWithLogits,
         ("auto", Task::Binary | Task::Multiclass) => Loss::SoftmaxCrossEntropy,
@@ -82,17 +87,17 @@ pub fn plan(onnx: &[u8], output: &str, task: Task, training: &Training) -> Resul
         ("cross_entropy", _) => Loss::SoftmaxCrossEntropy,
         ("bce_with_logits", _) => Loss::BceWithLogits,
         ("mse", _) => Loss::Mse,
-        (other, _) => return Err(format!("loss = {other:?}; expected auto, cross_entropy, bce_with_logits or mse")),
+        (other, _) => return unfit(format!("loss = {other:?}; expected auto, cross_entropy, bce_with_logits or mse")),
     };
     match (loss, task) {
         (Loss::BceWithLogits, _) if out != 1 => {
-            return Err(format!("bce_with_logits needs 1 output value; {out} here"))
+            return unfit(format!("bce_with_logits needs 1 output value; {out} here"))
         }
-        (Loss::SoftmaxCrossEntropy, _) if out < 2 => return Err("cross_entropy needs 2 or more classes".into()),
+        (Loss::SoftmaxCrossEntropy, _) if out < 2 => return unfit("cross_entropy needs 2 or more classes".into()),
         (Loss::Mse, Task::Regression) if out != 1 => {
-            return Err(format!("a regression tail must give 1 value; this one gives {out}"))
+            return unfit(format!("a regression tail must give 1 value; this one gives {out}"))
         }
-        (_, Task::Reconstruction) if loss != Loss::Mse => return Err("reconstruction models train with mse".into()),
+        (_, Task::Reconstruction) if loss != Loss::Mse => return unfit("reconstruction models train with mse".into()),
         _ => {}
     }
     Ok(Plan { tail, mode, first_trained, loss })
@@ -441,15 +446,20 @@ const MIN_REPLAY_ROWS: usize = 50;
 ///
 /// # Errors
 /// A bundle that cannot be fine-tuned with `training`.
-pub fn classes(champion: &Bundle, training: &Training) -> Result<usize, String> {
+pub fn classes(champion: &Bundle, training: &Training) -> Result<usize, TrainError> {
     let m = &champion.manifest;
-    let output = m.outputs.get(m.primary_output).ok_or("primary_output out of range")?;
+    let output = primary_output(m)?;
     let plan = plan(&champion.model, output, m.task, training)?;
     Ok(match plan.loss {
         Loss::BceWithLogits => 2,
         Loss::SoftmaxCrossEntropy => plan.tail.out_dim(),
         Loss::Mse => 0,
     })
+}
+
+/// The name of the model output the fine-tune trains.
+fn primary_output(m: &crate::model::manifest::Manifest) -> Result<&String, TrainError> {
+    m.outputs.get(m.primary_output).ok_or_else(|| TrainError::Model("primary_output out of range".into()))
 }
 
 /// Fine-tunes `champion` on `csv` (named `data_name` in records) with `training`.
@@ -463,7 +473,7 @@ pub fn fine_tune<B: Backend>(
     csv: &str,
     data_name: &str,
     training: &Training,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, TrainError> {
     let data = data::load(&champion.manifest, csv, classes(champion, training)?)?;
     fine_tune_on(backend, champion, data, data_name, training, None, &|| Ok(()))
 }
@@ -510,9 +520,9 @@ pub fn fine_tune_with(
     training: &Training,
     replay: Option<&Replay>,
     check: &dyn Fn() -> Result<(), String>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, TrainError> {
     #[cfg(feature = "cuda")]
-    match cuda::choose(requested, gpu.cache_dir.as_deref(), gpu.max_gpu_mem_mb)? {
+    match cuda::choose(requested, gpu.cache_dir.as_deref(), gpu.max_gpu_mem_mb).map_err(TrainError::NoBackend)? {
         cuda::Chosen::Cuda(backend) => {
             return fine_tune_on(&*backend, champion, data, data_name, training, replay, check)
         }
@@ -522,7 +532,8 @@ pub fn fine_tune_with(
     #[cfg(not(feature = "cuda"))]
     if requested == "cuda" {
         let _ = gpu;
-        return Err("train.backend = \"cuda\" but this build has no CUDA backend (feature `cuda`)".into());
+        let why = "train.backend = \"cuda\" but this build has no CUDA backend (feature `cuda`)";
+        return Err(TrainError::NoBackend(why.into()));
     }
     fine_tune_on(&cpu::Cpu, champion, data, data_name, training, replay, check)
 }
@@ -540,7 +551,7 @@ pub fn fine_tune_on<B: Backend>(
     training: &Training,
     replay: Option<&Replay>,
     check: &dyn Fn() -> Result<(), String>,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, TrainError> {
     // A cold-start placeholder has nothing to fine-tune: the first model grows from scratch,
     // with settings made for that (its own `[training]` is for the fine-tunes after).
     if champion.manifest.cold_start.is_some() {
@@ -550,26 +561,22 @@ pub fn fine_tune_on<B: Backend>(
     let started = Instant::now();
     let started_unix = now_unix();
     let m = &champion.manifest;
-    let output = m.outputs.get(m.primary_output).ok_or("primary_output out of range")?;
-    let plan = plan(&champion.model, output, m.task, training)?;
+    let plan = plan(&champion.model, primary_output(m)?, m.task, training)?;
     let classes = match plan.loss {
         Loss::BceWithLogits => 2,
         Loss::SoftmaxCrossEntropy => plan.tail.out_dim(),
         Loss::Mse => 0,
     };
-    let split = data::split(data.rows, training.holdout).map_err(|e| match data.dropped_note() {
-        Some(note) => format!("{e}; {note}"),
-        None => e,
-    })?;
+    let split = data::split(data.rows, training.holdout).map_err(|e| data.with_dropped_note(e))?;
     let f = data.features;
 
     // Everything that does not train is computed once, up front.
-    let mut z = frozen_features(&champion.model, &plan.tail, &data.x)?;
+    let mut z = frozen_features(&champion.model, &plan.tail, &data.x).map_err(TrainError::Model)?;
     let frozen_layers = &plan.tail.layers[..plan.first_trained];
     let mut trained: Vec<DenseLayer> = plan.tail.layers[plan.first_trained..].to_vec();
     if !frozen_layers.is_empty() {
-        let mut frozen = Net::new(backend, frozen_layers, Mode::Frozen, 1024, 1).map_err(|e| e.to_string())?;
-        z = frozen.predict(backend, &z).map_err(|e| e.to_string())?;
+        let mut frozen = Net::new(backend, frozen_layers, Mode::Frozen, 1024, 1)?;
+        z = frozen.predict(backend, &z)?;
     }
     // Softmax/sigmoid at the very end belong to the loss (it works on logits).
     if let Some(last) = trained.last_mut() {
@@ -589,20 +596,20 @@ pub fn fine_tune_on<B: Backend>(
     };
     // Reconstruction data has no targets: `get` gives an empty slice there, not a panic.
     let train_y = data.y.get(split.train.clone()).unwrap_or_default();
-    let weights = class_weights(&training.class_weights, train_y, classes.max(1))?;
-    let update = update_rule(training)?;
+    let weights = class_weights(&training.class_weights, train_y, classes.max(1)).map_err(TrainError::Model)?;
+    let update = update_rule(training).map_err(TrainError::Model)?;
     let batch = (training.batch as usize).max(1);
-    let mut net = Net::new(backend, &trained, plan.mode, batch, tw).map_err(|e| e.to_string())?;
+    let mut net = Net::new(backend, &trained, plan.mode, batch, tw)?;
     if !weights.is_empty() {
-        net.set_class_weights(backend, &weights).map_err(|e| e.to_string())?;
+        net.set_class_weights(backend, &weights)?;
     }
     let clip = (training.grad_clip > 0.0).then_some(training.grad_clip as f32);
     let es = split.early_stop.clone();
     let es_x = &z[es.start * d_in..es.end * d_in];
     let es_y = &target[es.start * tw..es.end * tw];
 
-    let mut best = net.evaluate(backend, plan.loss, es_x, es_y, tw).map_err(|e| e.to_string())?;
-    let mut best_snapshot = net.snapshot(backend).map_err(|e| e.to_string())?;
+    let mut best = net.evaluate(backend, plan.loss, es_x, es_y, tw)?;
+    let mut best_snapshot = net.snapshot(backend)?;
     let (mut best_epoch, mut stopped_early, mut diverged) = (0u32, false, false);
     let mut epochs = Vec::new();
     let mut rng = Rng::new(training.seed);
@@ -614,12 +621,12 @@ pub fn fine_tune_on<B: Backend>(
         for idx in order.chunks(batch) {
             gather(&z, d_in, idx, &mut xb);
             gather(&target, tw, idx, &mut yb);
-            let l = net.train_step(backend, &xb, &yb, plan.loss, update, clip).map_err(|e| e.to_string())?;
+            let l = net.train_step(backend, &xb, &yb, plan.loss, update, clip)?;
             sum += f64::from(l) * idx.len() as f64;
             seen += idx.len();
         }
-        check()?;
-        let es_loss = net.evaluate(backend, plan.loss, es_x, es_y, tw).map_err(|e| e.to_string())?;
+        check().map_err(TrainError::Stopped)?;
+        let es_loss = net.evaluate(backend, plan.loss, es_x, es_y, tw)?;
         let train_loss = sum / seen.max(1) as f64;
         epochs.push(EpochRecord { epoch, train_loss, early_stop_loss: es_loss });
         if !train_loss.is_finite() || !es_loss.is_finite() {
@@ -629,23 +636,27 @@ pub fn fine_tune_on<B: Backend>(
         if es_loss < best {
             best = es_loss;
             best_epoch = epoch;
-            best_snapshot = net.snapshot(backend).map_err(|e| e.to_string())?;
+            best_snapshot = net.snapshot(backend)?;
         } else if epoch - best_epoch >= training.early_stopping_patience.max(1) {
             stopped_early = epoch < training.epochs;
             break;
         }
     }
-    net.restore(backend, &best_snapshot).map_err(|e| e.to_string())?;
+    net.restore(backend, &best_snapshot)?;
 
     // The whole tail, trained layers with their new weights (activations as in the graph).
     let mut layers = plan.tail.layers.clone();
-    let new = net.weights(backend, &plan.tail.layers[plan.first_trained..]).map_err(|e| e.to_string())?;
+    let new = net.weights(backend, &plan.tail.layers[plan.first_trained..])?;
     layers.splice(plan.first_trained.., new);
-    let model = graph::export(&champion.model, &layers)?;
+    let model = graph::export(&champion.model, &layers).map_err(TrainError::Model)?;
 
     let hx = &data.x[split.holdout.start * f..split.holdout.end * f];
     let hy: &[f64] = data.y.get(split.holdout.clone()).unwrap_or_default();
-    let gate = if diverged { None } else { Some(judge(champion, &model, hx, hy, replay, training.seed)?) };
+    let gate = if diverged {
+        None
+    } else {
+        Some(judge(champion, &model, hx, hy, replay, training.seed).map_err(TrainError::Gate)?)
+    };
     let run_id = format!("{}-v{}-{}", m.name, m.version, started_unix);
     let mut record = RunRecord {
         run_id: run_id.clone(),
@@ -715,7 +726,8 @@ pub fn fine_tune_on<B: Backend>(
                     validation_after: metric(&g.challenger_validation),
                 }),
             };
-            let b = bundle::derive(champion, model, training.clone(), lineage).map_err(|e| e.to_string())?;
+            let b = bundle::derive(champion, model, training.clone(), lineage)
+                .map_err(|e| TrainError::Gate(e.to_string()))?;
             record.output_version = Some(b.manifest.version);
             record.output_sha256 = Some(b.sha256());
             record.outcome = format!("accepted: {}", g.reason);

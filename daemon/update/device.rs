@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop};
+use rumqttc::v5::AsyncClient;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -18,24 +18,19 @@ use crate::config::{Config, TrustSource, UpdateConfig};
 use crate::engine::Engine;
 use crate::infer::SharedModel;
 use crate::model::{bundle, Bundle, Registry};
-use crate::mqtt::{reconnect_wait, taken_over, LoginFiles, QuickDrops};
+use crate::mqtt::{spawn_polling, LoginFiles, Outages};
 use crate::telemetry::events::{Event, Events};
 use crate::telemetry::inbox::LoopMessage;
 use crate::trust::floor::Floor;
 use crate::trust::root::{Advance, Trust};
 use crate::trust::signing::{self, Offer};
+use crate::update::UpdateError;
 
 /// Downloads at once (each bounded by `max_bundle_mb`).
 const MAX_DOWNLOADS: usize = 2;
 
-/// What the session tells the updater.
-enum Session {
-    Connected,
-    Message { topic: String, payload: Vec<u8> },
-}
-
 /// A finished download and what its verification found.
-type Verified = (Download, Result<(Bundle, Value), String>);
+type Verified = (Download, Result<(Bundle, Value), UpdateError>);
 
 struct Download {
     offer: Offer,
@@ -93,45 +88,11 @@ pub fn start(
     let id = format!("{}-update", config.client_id());
     let options = crate::mqtt::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let (client, eventloop) = AsyncClient::new(options, 256);
-    let eventloop = (eventloop, LoginFiles::new(&config.mqtt));
+    // Quiet: the daemon's main session already warns of a broker outage.
+    let session = spawn_polling("Update session", eventloop, Some(LoginFiles::new(&config.mqtt)), Outages::Quiet);
     let keys = std::sync::Mutex::new(keys);
     let updater = Updater { config: config.clone(), settings: settings.clone(), keys, events, loop_tx, models };
-    Ok(tokio::spawn(updater.run(client, eventloop, stop)))
-}
-
-async fn poll((mut eventloop, mut login): (EventLoop, LoginFiles), tx: mpsc::Sender<Session>) {
-    let (mut failures, mut quick_drops) = (0u32, QuickDrops::default());
-    loop {
-        let event = eventloop.poll().await;
-        let message = match event {
-            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                failures = 0;
-                quick_drops.connected(Instant::now());
-                Some(Session::Connected)
-            }
-            Ok(MqttEvent::Incoming(Packet::Publish(p))) => Some(Session::Message {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload.to_vec(),
-            }),
-            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-            Ok(_) => None,
-            Err(e) => {
-                tracing::debug!("Update session: {e}");
-                if let Some(line) = login.refresh(&mut eventloop.options) {
-                    tracing::info!("Update session: {line}");
-                }
-                let contested = quick_drops.ended(Instant::now(), taken_over(&e)); // see QuickDrops
-                tokio::time::sleep(reconnect_wait(failures, contested)).await;
-                failures = failures.saturating_add(1);
-                None
-            }
-        };
-        if let Some(m) = message {
-            if tx.send(m).await.is_err() {
-                return;
-            }
-        }
-    }
+    Ok(tokio::spawn(updater.run(client, session, stop)))
 }
 
 impl Updater {
@@ -216,16 +177,14 @@ impl Updater {
         self.events.emit(Event::Step { pipeline, step, message, detail });
     }
 
-    async fn run(self, client: AsyncClient, eventloop: (EventLoop, LoginFiles), mut stop: watch::Receiver<bool>) {
-        let (tx, mut session) = mpsc::channel(64);
-        let mut poller = tokio::spawn(poll(eventloop, tx));
+    async fn run(self, client: AsyncClient, mut session: mpsc::Receiver<Packet>, mut stop: watch::Receiver<bool>) {
         let (done_tx, mut done) = mpsc::channel::<Verified>(4);
         let mut downloads: BTreeMap<String, Download> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
-                event = session.recv() => match event {
-                    Some(Session::Connected) => {
+                packet = session.recv() => match packet {
+                    Some(Packet::ConnAck(_)) => {
                         // Offers again (retained), and every download resumes where it was.
                         for t in self.root_topics().into_iter().chain(self.offer_topics()) {
                             let _ = client.subscribe(t, QoS::AtLeastOnce).await;
@@ -234,7 +193,8 @@ impl Updater {
                             let _ = client.subscribe(bundles_topic(sha), QoS::AtLeastOnce).await;
                         }
                     }
-                    Some(Session::Message { topic, payload }) => {
+                    Some(Packet::Publish(p)) => {
+                        let (topic, payload) = (String::from_utf8_lossy(&p.topic).into_owned(), p.payload.to_vec());
                         if let Some(rest) = topic.strip_prefix("lathe/bundles/") {
                             self.chunk(rest, payload, &mut downloads, &client, &done_tx).await;
                         } else if payload.is_empty() {
@@ -264,6 +224,7 @@ impl Updater {
                             });
                         }
                     }
+                    Some(_) => {}
                     None => break,
                 },
                 Some((download, result)) = done.recv() => self.finish(download, result),
@@ -284,9 +245,8 @@ impl Updater {
             }
         }
         let _ = client.try_disconnect();
-        if tokio::time::timeout(Duration::from_secs(2), &mut poller).await.is_err() {
-            poller.abort();
-        }
+        // The session's task ends once the DISCONNECT is out, closing the channel.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while session.recv().await.is_some() {} }).await;
     }
 
     fn failed(&self, offer: &Offer, why: String) {
@@ -474,23 +434,26 @@ impl Updater {
         let (infer, state_dir, done) = (self.config.infer.clone(), self.config.state_dir.clone(), done.clone());
         tokio::task::spawn_blocking(move || {
             let bytes: Vec<u8> = d.chunks.values().flatten().copied().collect();
-            let result = trusted.and_then(|trusted| verify(&bytes, &d.offer, &trusted, &infer, &state_dir));
+            let result = trusted
+                .map_err(UpdateError::Untrusted)
+                .and_then(|trusted| verify(&bytes, &d.offer, &trusted, &infer, &state_dir));
             let _ = done.blocking_send((d, result));
         });
     }
 
     /// A verified bundle: into the registry, then the floor (trust), then the loop promotes it.
-    fn finish(&self, d: Download, result: Result<(Bundle, Value), String>) {
-        let (bundle, mut record) = match result {
+    fn finish(&self, d: Download, result: Result<(Bundle, Value), UpdateError>) {
+        let stored = result.and_then(|(bundle, record)| {
+            self.registry().add(&bundle).map_err(|e| UpdateError::Store(format!("cannot store the bundle: {e}")))?;
+            Floor::new(&self.config.state_dir)
+                .record(&d.offer.name, d.offer.version, &d.offer.sha256)
+                .map_err(|e| UpdateError::Store(format!("cannot record the anti-rollback floor: {e}")))?;
+            Ok((bundle, record))
+        });
+        let (bundle, mut record) = match stored {
             Ok(r) => r,
-            Err(why) => return self.failed(&d.offer, why),
+            Err(why) => return self.failed(&d.offer, why.to_string()),
         };
-        if let Err(e) = self.registry().add(&bundle) {
-            return self.failed(&d.offer, format!("cannot store the bundle: {e}"));
-        }
-        if let Err(e) = Floor::new(&self.config.state_dir).record(&d.offer.name, d.offer.version, &d.offer.sha256) {
-            return self.failed(&d.offer, format!("cannot record the anti-rollback floor: {e}"));
-        }
         record["origin"] = "pushed".into();
         record["offer_topic"] = d.topic.as_str().into();
         record["signer"] = d.signer.as_str().into();
@@ -516,24 +479,23 @@ fn verify(
     trusted: &[VerifyingKey],
     infer: &crate::config::InferConfig,
     state_dir: &std::path::Path,
-) -> Result<(Bundle, Value), String> {
+) -> Result<(Bundle, Value), UpdateError> {
     let engine = &infer.engine;
-    let bundle = Bundle::from_bytes(bytes).map_err(|e| format!("not a valid bundle: {e}"))?;
-    let signer = signing::verify_bundle(&bundle, trusted)?;
+    let bundle = Bundle::from_bytes(bytes).map_err(UpdateError::NotABundle)?;
+    let signer = signing::verify_bundle(&bundle, trusted).map_err(UpdateError::Untrusted)?;
     let m = &bundle.manifest;
     if m.name != offer.name || m.version != offer.version {
-        return Err(format!(
-            "the bundle is {} v{}, the offer said {} v{}",
-            m.name, m.version, offer.name, offer.version
-        ));
+        let (got, offered) = (format!("{} v{}", m.name, m.version), format!("{} v{}", offer.name, offer.version));
+        return Err(UpdateError::NotTheOffer { got, offered });
     }
-    crate::infer::probe::check(&bundle, engine, &infer.load_limits)?;
-    let candidate = Engine::load_with(&bundle.model, engine).map_err(|e| e.to_string())?;
-    let (x, outputs) = bundle.validated_outputs(&candidate).map_err(|e| e.to_string())?;
-    let truth = bundle.validation_targets().map_err(|e| e.to_string())?;
+    let model = |e: String| UpdateError::Model(e);
+    crate::infer::probe::check(&bundle, engine, &infer.load_limits).map_err(model)?;
+    let candidate = Engine::load_with(&bundle.model, engine).map_err(|e| model(e.to_string()))?;
+    let (x, outputs) = bundle.validated_outputs(&candidate).map_err(|e| model(e.to_string()))?;
+    let truth = bundle.validation_targets().map_err(|e| model(e.to_string()))?;
     let f = m.inputs.len();
     let measured = bundle::measure(m.task, m.baseline.threshold, &outputs, m.primary_output, &x, f, &truth)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| model(e.to_string()))?;
     let metric = &m.gate.metric;
     let value = measured.metrics.get(metric).copied().unwrap_or(f64::NAN);
     let mut record = json!({
@@ -543,27 +505,23 @@ fn verify(
     let registry = Registry::new(state_dir).with_engine(engine.clone());
     if let Ok(champion) = registry.champion(&m.name) {
         let c = &champion.manifest;
-        let names = |b: &Bundle| b.manifest.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+        let names = |b: &Bundle| b.manifest.inputs.iter().map(|i| i.name.clone()).collect::<Vec<_>>().join(",");
         if names(&champion) != names(&bundle) || c.window != m.window {
-            return Err(format!(
-                "its inputs ({}) differ from the champion's ({})",
-                names(&bundle).join(","),
-                names(&champion).join(",")
-            ));
+            return Err(UpdateError::Inputs { theirs: names(&bundle), champion: names(&champion) });
         }
-        let serving = Engine::load_with(&champion.model, engine).map_err(|e| e.to_string())?;
-        let out = serving.run(&bundle.validation_samples().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let serving = Engine::load_with(&champion.model, engine).map_err(|e| model(e.to_string()))?;
+        let out = serving
+            .run(&bundle.validation_samples().map_err(|e| model(e.to_string()))?)
+            .map_err(|e| model(e.to_string()))?;
         let theirs = bundle::measure(c.task, c.baseline.threshold, &out, c.primary_output, &x, f, &truth)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| model(e.to_string()))?;
         let champ = theirs.metrics.get(metric).copied().unwrap_or(f64::NAN);
         let slack = m.gate.max_forgetting * champ.abs();
         let worse = if m.gate.higher_is_better { value < champ - slack } else { value > champ + slack };
         record["champion_validation"] = json!(theirs.metrics);
         if worse || !value.is_finite() {
-            return Err(format!(
-                "gate: {metric} {value:.4} on its validation set vs the champion's {champ:.4} (max_forgetting {})",
-                m.gate.max_forgetting
-            ));
+            let max_forgetting = m.gate.max_forgetting;
+            return Err(UpdateError::Gate { metric: metric.clone(), value, champion: champ, max_forgetting });
         }
     }
     Ok((bundle, record))

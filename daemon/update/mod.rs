@@ -18,3 +18,28 @@
 
 pub mod device;
 pub mod push;
+
+/// Why a downloaded bundle is not taken: each is an `update.failed` event, and the champion
+/// serves on.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("not a valid bundle: {0}")]
+    NotABundle(#[source] crate::model::BundleError),
+    /// No trusted key signed it, or the trust itself has expired.
+    #[error("{0}")]
+    Untrusted(String),
+    #[error("the bundle is {got}, the offer said {offered}")]
+    NotTheOffer { got: String, offered: String },
+    /// It does not load, or gives outputs that are not finite, on the serving engine; or
+    /// the champion cannot be run to compare it with.
+    #[error("{0}")]
+    Model(String),
+    #[error("its inputs ({theirs}) differ from the champion's ({champion})")]
+    Inputs { theirs: String, champion: String },
+    /// Worse than the champion on its own validation set, by the gate's rule.
+    #[error("gate: {metric} {value:.4} on its validation set vs the champion's {champion:.4} (max_forgetting {max_forgetting})")]
+    Gate { metric: String, value: f64, champion: f64, max_forgetting: f64 },
+    /// Verified, but the registry or the anti-rollback floor could not record it.
+    #[error("{0}")]
+    Store(String),
+}

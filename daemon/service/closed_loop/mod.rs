@@ -74,7 +74,7 @@ pub struct LoopPipeline {
 enum Stage {
     Idle,
     Training {
-        done: oneshot::Receiver<Result<Outcome, String>>,
+        done: oneshot::Receiver<Result<Outcome, crate::train::TrainError>>,
         reason: String,
         /// A drift run on the regime's rows: the store's sample count when it started (the
         /// first sample it could not see). The next run waits for more of them.
@@ -294,7 +294,7 @@ fn tick(s: &mut State, config: &Config, store: &Arc<Store>, registry: &Registry,
             let result = match done.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => return,
                 Err(oneshot::error::TryRecvError::Closed) => {
-                    Err("the training thread ended without a result".to_string())
+                    Err(crate::train::TrainError::Panicked("the training thread ended without a result".into()))
                 }
                 Ok(result) => result,
             };

@@ -16,7 +16,7 @@ use crate::infer::ActiveModel;
 use crate::model::{Bundle, Registry, Task};
 use crate::store::{Record, Store};
 use crate::telemetry::events::Events;
-use crate::train::{self, data::Dataset, Outcome, Replay};
+use crate::train::{self, data::Dataset, Outcome, Replay, TrainError};
 
 /// Gathers the rows and starts the run on its own thread: the newest `rows`, or (a drift run,
 /// `from`) the newest of those stored from sample `from` on, the new regime.
@@ -96,16 +96,14 @@ pub(super) fn start(
             if data_name.ends_with(&format!("({})", super::DEBUG_PANIC)) {
                 panic!("{} asked for by the command", super::DEBUG_PANIC);
             }
-            read_rows(&store_for_run, &name_for_run, &champion, (rows_wanted, from.unwrap_or(0)), min_rows).and_then(
-                |rows| {
-                    let data_name =
-                        format!("{data_name}: {}", describe_rows(&rows.recent, crate::telemetry::unix_ms()));
-                    train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
-                },
-            )
+            let rows = read_rows(&store_for_run, &name_for_run, &champion, (rows_wanted, from.unwrap_or(0)), min_rows);
+            rows.map_err(TrainError::Data).and_then(|rows| {
+                let data_name = format!("{data_name}: {}", describe_rows(&rows.recent, crate::telemetry::unix_ms()));
+                train_on_rows(&champion, rows, &data_name, &training, limits, (&backend, &gpu), generation)
+            })
         });
-        let result = std::panic::catch_unwind(run)
-            .unwrap_or_else(|p| Err(format!("the training run panicked: {}", crate::panic_message(p))));
+        let result =
+            std::panic::catch_unwind(run).unwrap_or_else(|p| Err(TrainError::Panicked(crate::panic_message(p))));
         TRAINING.store(false, Relaxed);
         crate::service::release_code_pages("training run ended");
         let _ = tx.send(result);
@@ -217,7 +215,7 @@ fn train_on_rows(
     (max_time, max_memory_mb): (Duration, u64),
     (backend, gpu): (&str, &train::GpuSettings),
     generation: u64,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, TrainError> {
     let m = &champion.manifest;
     let classes = train::classes(champion, training)?;
     let supervised = m.task != Task::Reconstruction;
@@ -260,7 +258,7 @@ fn train_on_rows(
 #[allow(clippy::too_many_arguments)]
 pub(super) fn finished(
     s: &mut State,
-    result: Result<Outcome, String>,
+    result: Result<Outcome, TrainError>,
     (reason, regime, parent): (&str, Option<u64>, u64),
     before: Snapshot,
     config: &Config,
@@ -424,7 +422,8 @@ mod tests {
         let limits = (Duration::from_secs(600), 1 << 20);
         let now = LOOPS_ENDED.load(Relaxed);
         let stale = train_on_rows(&bundle, rows(), "t", &training, limits, ("cpu", &gpu), now.wrapping_sub(1));
-        assert_eq!(stale.err().as_deref(), Some("stopped: the daemon is stopping or reloading"));
+        let stopped = stale.err().map(|e| (matches!(e, TrainError::Stopped(_)), e.to_string()));
+        assert_eq!(stopped, Some((true, "stopped: the daemon is stopping or reloading".to_string())));
         assert!(train_on_rows(&bundle, rows(), "t", &training, limits, ("cpu", &gpu), now).is_ok());
     }
 }
