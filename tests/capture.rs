@@ -130,9 +130,21 @@ fn labels_returned_for_the_captured_rows_let_the_next_fine_tune_fix_a_fault() {
     }
     p.flush();
     assert!(labeled >= 100, "{labeled} labels");
-    std::thread::sleep(Duration::from_secs(1));
-    p.publish("lathe/lab/cmd/train", r#"{"pipeline": "shuttle"}"#.to_string());
-    p.flush();
+    // The labels are joined and committed to the store on their own time (seconds on a busy
+    // machine): the command is sent again while a run is skipped for want of them.
+    let count = |name: &str| out.on("lathe/lab/events").iter().filter(|e| e["event"] == name).count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let skipped = count("train.skipped");
+        p.publish("lathe/lab/cmd/train", r#"{"pipeline": "shuttle"}"#.to_string());
+        p.flush();
+        let answered =
+            wait_until(Duration::from_secs(5), || event("train.started") || count("train.skipped") > skipped);
+        if event("train.started") || !answered || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert!(
         wait_until(Duration::from_secs(60), || event("train.accepted")),
         "{:?}",
