@@ -136,7 +136,7 @@ pub(super) async fn connect(broker: &BrokerArgs, id: &str) -> Result<(AsyncClien
             broker.broker
         ));
     }
-    let rx = crate::mqtt::spawn_polling("broker session", eventloop, Some(LoginFiles::new(&mqtt)), Outages::Warn);
+    let rx = crate::mqtt::spawn_polling("broker session", eventloop, LoginFiles::new(&mqtt), Outages::Warn);
     Ok((client, rx))
 }
 

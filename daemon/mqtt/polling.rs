@@ -30,7 +30,7 @@ pub enum Outages {
 pub fn spawn_polling(
     name: &'static str,
     mut eventloop: EventLoop,
-    mut login: Option<LoginFiles>,
+    mut login: LoginFiles,
     outages: Outages,
 ) -> mpsc::Receiver<Packet> {
     let (tx, rx) = mpsc::channel(1024);
@@ -59,7 +59,7 @@ pub fn spawn_polling(
                         (None, Outages::Warn) => tracing::warn!("{name}: {}", explain(&e)),
                         (None, Outages::Quiet) => tracing::debug!("{name}: {e}"),
                     }
-                    if let Some(line) = login.as_mut().and_then(|l| l.refresh(&mut eventloop.options)) {
+                    if let Some(line) = login.refresh(&mut eventloop.options) {
                         tracing::info!("{name}: {line}");
                     }
                     tokio::time::sleep(reconnect_wait(failures, contested)).await;

@@ -111,7 +111,7 @@ pub(super) async fn build(config: Config, mut kept: Kept, prepared: Prepared) ->
         Some(u) => Some(Arc::new(crate::trust::signing::device_key(&u.device_key).map_err(ServiceError::DeviceKey)?)),
         None => None,
     };
-    let parse = |topic: &str| TopicFilter::parse(topic).map_err(|e| ServiceError::Broker(e.to_string()));
+    let parse = |topic: &str| TopicFilter::parse(topic).map_err(ServiceError::Broker);
     let commands = parse(&format!("lathe/{}/cmd/+", config.node))?;
 
     // Each pipeline's state: kept, or new around the model prepared or loaded for it.

@@ -100,7 +100,7 @@ pub fn start(
     let death = node.death();
     options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));
     let (client, eventloop) = AsyncClient::new(options, 1024);
-    let session = spawn_polling("Sparkplug session", eventloop, Some(LoginFiles::new(&config.mqtt)), Outages::Warn);
+    let session = spawn_polling("Sparkplug session", eventloop, LoginFiles::new(&config.mqtt), Outages::Warn);
     Ok(tokio::spawn(run(node, client, session, models, rx)))
 }
 

@@ -89,7 +89,7 @@ pub fn start(
     let options = crate::mqtt::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
     let (client, eventloop) = AsyncClient::new(options, 256);
     // Quiet: the daemon's main session already warns of a broker outage.
-    let session = spawn_polling("Update session", eventloop, Some(LoginFiles::new(&config.mqtt)), Outages::Quiet);
+    let session = spawn_polling("Update session", eventloop, LoginFiles::new(&config.mqtt), Outages::Quiet);
     let keys = std::sync::Mutex::new(keys);
     let updater = Updater { config: config.clone(), settings: settings.clone(), keys, events, loop_tx, models };
     Ok(tokio::spawn(updater.run(client, session, stop)))
