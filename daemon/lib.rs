@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //! One folder per pipeline stage (see `ARCHITECTURE.md` for what flows between them):
-//! - [`config`]: the TOML config, every error reported at once.
+//! - [`config`]: the TOML config parsed, every error reported at once; it composes the
+//!   sections each stage types in its own `config.rs`.
 //! - [`ingest`]: the MQTT connection, topic routing, JSON → feature rows, rejections.
 //! - [`infer`]: the tract engine and the per-pipeline micro-batching task.
 //! - [`model`]: the bundle format, its baseline, and the on-device registry.

@@ -13,11 +13,12 @@ const LAYERS: &[&[&str]] = &[
     &["monitor", "trust"],
     &["telemetry"],
     &["store"],
-    &["config"],
     &["train", "sparkplug"],
     &["ingest"],
     &["infer"],
     &["update"],
+    // Each stage owns its section's types; config parses the file and composes them.
+    &["config"],
     &["service"],
     &["report"],
     &["cli"],

@@ -125,7 +125,7 @@ pub struct ReportArgs {
 }
 
 fn report(a: ReportArgs) -> Result<(), String> {
-    let config = a.config.as_deref().map(Config::load).transpose().map_err(|e| e.to_string())?;
+    let config = a.config.as_deref().map(crate::service::load_config).transpose().map_err(|e| e.to_string())?;
     let state_dir = match (&a.state_dir, &config) {
         (Some(dir), _) => dir.clone(),
         (None, Some(c)) => c.state_dir.clone(),
@@ -232,7 +232,7 @@ pub fn main() -> ExitCode {
 /// bad config is refused and the running pipelines go on; one that is valid but cannot start
 /// (its metrics port taken, say) is rolled back: the previous config starts again.
 fn run(path: &std::path::Path) -> Result<(), String> {
-    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    let mut config = crate::service::load_config(path).map_err(|e| e.to_string())?;
     let rt = runtime()?;
     let state_dir = config.state_dir.clone();
     let crashed = crate::service::crash_guard::at_start(&state_dir);
@@ -289,7 +289,8 @@ fn run(path: &std::path::Path) -> Result<(), String> {
 }
 
 fn check(path: &std::path::Path, json: bool, connect: bool, listen: Option<u64>) -> Result<(), String> {
-    let result = Config::load(path).and_then(|c| crate::service::check_models(&c).map(|models| (c, models)));
+    let result =
+        crate::service::load_config(path).and_then(|c| crate::service::check_models(&c).map(|models| (c, models)));
     let connect = connect || listen.is_some();
     match (result, json) {
         (Ok((c, models)), false) => {
@@ -357,7 +358,7 @@ fn check_broker(config: &Config) -> Result<String, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    rt.block_on(crate::ingest::connection::try_connect(config, std::time::Duration::from_secs(10)))
+    rt.block_on(crate::mqtt::try_connect(&config.mqtt, &config.client_id(), std::time::Duration::from_secs(10)))
 }
 
 /// What loads but may not behave as hoped: drift references (the bundle's, or one re-based

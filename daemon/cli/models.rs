@@ -44,7 +44,7 @@ pub enum ModelsCommand {
 pub fn run(cmd: ModelsCommand) -> Result<(), String> {
     let state_dir = match &cmd {
         ModelsCommand::Promote { config: Some(path), .. } => {
-            crate::config::Config::load(path).map_err(|e| e.to_string())?.state_dir
+            crate::service::load_config(path).map_err(|e| e.to_string())?.state_dir
         }
         ModelsCommand::List { state_dir, .. }
         | ModelsCommand::Import { state_dir, .. }
@@ -117,7 +117,7 @@ fn change(cmd: ModelsCommand) -> Result<(), String> {
         ModelsCommand::Promote { name, version, state_dir, config } => {
             let registry = match config {
                 Some(path) => {
-                    let c = crate::config::Config::load(&path).map_err(|e| e.to_string())?;
+                    let c = crate::service::load_config(&path).map_err(|e| e.to_string())?;
                     Registry::new(&c.state_dir).with_engine(c.infer.engine)
                 }
                 None => Registry::new(&state_dir),

@@ -42,7 +42,7 @@ enum StoreCommand {
 /// Runs `lathe store` (the store's numbers, as JSON) or `lathe store export`.
 pub fn run(args: StoreArgs) -> Result<(), String> {
     let pipeline = args.pipeline.ok_or("--pipeline is required: the pipeline whose store to read")?;
-    let config = Config::load(&args.config).map_err(|e| e.to_string())?;
+    let config = crate::service::load_config(&args.config).map_err(|e| e.to_string())?;
     let store = Store::open(config.store.clone()).map_err(|e| e.to_string())?;
     match args.command {
         None => stats(&store, &pipeline),

@@ -29,7 +29,8 @@ impl<'e> Section<'e> {
         Section { table, path, errors, failed: false }
     }
 
-    fn key(&self, key: &str) -> String {
+    /// The dotted path of `key` in this section, as errors name it.
+    pub fn key(&self, key: &str) -> String {
         if self.path.is_empty() {
             key.to_string()
         } else {

@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
+use super::config::CaptureConfig;
 use super::{ActiveModel, Outputs, Sample};
-use crate::config::CaptureConfig;
 use crate::model::Task;
 
 /// One candidate: how hard (lower is harder) and the message that would carry it.

@@ -2,6 +2,7 @@
 //! per accepted message. One task per pipeline; the model is planned per batch size.
 
 pub mod capture;
+pub mod config;
 pub mod probe;
 pub mod window;
 
@@ -14,9 +15,10 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use config::{BatchConfig, LoadContext, PipelineConfig};
+
 use arc_swap::ArcSwap;
 
-use crate::config::{BatchConfig, Config, PipelineConfig};
 use crate::engine::{Engine, EngineKind, Outputs};
 use crate::ingest::flow::Flow;
 use crate::ingest::Extractor;
@@ -86,11 +88,11 @@ impl ActiveModel {
     ///
     /// # Errors
     /// A model tract cannot serve, or one whose input width disagrees with its manifest.
-    pub fn load(bundle: &Bundle, pipeline: &PipelineConfig, config: &Config) -> Result<ActiveModel, String> {
+    pub fn load(bundle: &Bundle, pipeline: &PipelineConfig, context: LoadContext) -> Result<ActiveModel, String> {
         let m = &bundle.manifest;
-        probe::check(bundle, &config.infer.engine, &config.infer.load_limits)?;
-        let engine = Engine::load_with(&bundle.model, &config.infer.engine).map_err(|e| e.to_string())?;
-        let max_payload_bytes = config.mqtt.max_payload_bytes;
+        probe::check(bundle, &context.infer.engine, &context.infer.load_limits)?;
+        let engine = Engine::load_with(&bundle.model, &context.infer.engine).map_err(|e| e.to_string())?;
+        let max_payload_bytes = context.max_payload_bytes;
         if engine.signature.features != m.inputs.len() {
             return Err(format!(
                 "the model takes {} features, bundle.toml names {}",
@@ -136,7 +138,9 @@ impl ActiveModel {
         let placeholder = m.cold_start.is_some();
         let monitor = match &pipeline.drift {
             Some(_) if placeholder => None,
-            Some(settings) => Some(drift_monitor(bundle, rows, &outputs, settings.clone(), rebased(bundle, config))?),
+            Some(settings) => {
+                Some(drift_monitor(bundle, rows, &outputs, settings.clone(), rebased(bundle, context.state_dir))?)
+            }
             None => None,
         };
         let src = &pipeline.source;
@@ -160,7 +164,7 @@ impl ActiveModel {
             monitor,
             label_shares: label_shares(bundle),
             reference_rows,
-            origin: origin(bundle, config),
+            origin: origin(bundle, context.state_dir),
             classes: m.classes.clone(),
             placeholder,
             baseline_loss: crate::model::baseline::implied_loss(m.task, &m.baseline.metrics),
@@ -168,12 +172,12 @@ impl ActiveModel {
     }
 }
 
-fn origin(bundle: &Bundle, config: &Config) -> &'static str {
+fn origin(bundle: &Bundle, state_dir: &std::path::Path) -> &'static str {
     let m = &bundle.manifest;
     if m.lineage.fine_tune.is_some() {
         return "fine-tuned";
     }
-    let floor = crate::trust::floor::Floor::new(&config.state_dir).read().unwrap_or_default();
+    let floor = crate::trust::floor::Floor::new(state_dir).read().unwrap_or_default();
     match floor.get(&m.name) {
         Some(a) if a.version == m.version => "pushed",
         _ => "bundle",
@@ -295,9 +299,9 @@ pub fn small_reference(model: &str, rows: usize, window: usize) -> Option<String
 
 /// The drift reference re-based on rows this version served, if it has one
 /// (`monitor::reference`). A damaged file is logged and the validation set used instead.
-fn rebased(bundle: &Bundle, config: &Config) -> Option<Rebased> {
+fn rebased(bundle: &Bundle, state_dir: &std::path::Path) -> Option<Rebased> {
     let m = &bundle.manifest;
-    let path = crate::model::Registry::new(&config.state_dir).reference_path(&m.name, m.version);
+    let path = crate::model::Registry::new(state_dir).reference_path(&m.name, m.version);
     let names: Vec<String> = m.inputs.iter().map(|i| i.name.clone()).collect();
     Rebased::read_for(&path, &bundle.sha256(), &names)
         .map_err(|e| tracing::warn!("Ignoring the re-based drift reference of {} v{}: {e}", m.name, m.version))

@@ -29,11 +29,10 @@ use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, WireP
 use rumqttc::Outgoing;
 use tokio::sync::watch;
 
-use crate::config::{BrokerUrl, Config};
 use crate::mqtt::ack::{AckMsg, AckSender};
 use crate::mqtt::{
-    explain, first_connack, keeps_retained, protocol_name, reconnect_wait, session_options, taken_over, ConnectError,
-    LoginFiles, QuickDrops, NO_QOS_1, OUTAGE_REMINDER,
+    explain, keeps_retained, protocol_name, session_options, taken_over, Broker, ConnectError, LoginFiles, Reconnects,
+    OUTAGE_REMINDER,
 };
 use crate::telemetry::events::{Event, Events};
 
@@ -47,13 +46,14 @@ use super::router::{CommandRoute, Route, Router};
 /// `mqtt.receive_maximum` unacknowledged messages, so a burst (or a backlog redelivered after
 /// an outage) waits at the broker instead of in our memory. With 3.1.1 (`mqtt.protocol`, or a
 /// broker that refuses 5) only the broker's own setting bounds it, and the pause on waiting
-/// rows (module docs) bounds our memory.
+/// rows (module docs) bounds our memory. `status_topic` carries the last will
+/// (`{"state":"offline"}`, retained).
 ///
 /// # Errors
 /// Unreadable password or TLS files.
-pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOptions, ConnectError> {
-    let m = &config.mqtt;
-    let mut o = session_options(&config.mqtt, host, port, config.client_id())?;
+pub fn mqtt_options(broker: Broker, status_topic: String) -> Result<MqttOptions, ConnectError> {
+    let m = broker.mqtt;
+    let mut o = session_options(m, broker.host, broker.port, broker.client_id.to_string())?;
     // A session that never expires: what arrives while we are down waits for us.
     o.set_clean_start(false);
     o.set_session_expiry_interval(Some(u32::MAX));
@@ -61,35 +61,8 @@ pub fn mqtt_options(config: &Config, host: &str, port: u16) -> Result<MqttOption
     o.set_receive_maximum(Some(m.receive_maximum));
     o.set_outgoing_inflight_upper_limit(m.max_inflight);
     o.set_request_channel_capacity(4096);
-    o.set_last_will(LastWill::new(config.status_topic(), r#"{"state":"offline"}"#, QoS::AtLeastOnce, true, None));
+    o.set_last_will(LastWill::new(status_topic, r#"{"state":"offline"}"#, QoS::AtLeastOnce, true, None));
     Ok(o)
-}
-
-/// Connects once with the config's broker address, credentials and TLS, then disconnects:
-/// what `lathe check --connect` reports. A clean session under its own client id, so the
-/// daemon's session (and what the broker holds for it) is not touched.
-///
-/// # Errors
-/// What stopped the connection, with what to check ([`explain`]).
-pub async fn try_connect(config: &Config, timeout: Duration) -> Result<String, String> {
-    let BrokerUrl::Tcp { host, port, .. } = &config.mqtt.url else {
-        return Ok("embedded: lathe starts its own broker".to_string());
-    };
-    let id = format!("{}-check-{}", config.client_id(), std::process::id());
-    let options = session_options(&config.mqtt, host, *port, id).map_err(|e| e.to_string())?;
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
-    let user = config.mqtt.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
-    let ack = first_connack(&mut eventloop, timeout)
-        .await
-        .map_err(|e| format!("cannot connect to {host}:{port}{user}: {e}"))?;
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-    if ack.properties.as_ref().and_then(|p| p.max_qos) == Some(0) {
-        return Err(format!("{host}:{port} accepted the connection but takes no QoS 1 messages: {NO_QOS_1}"));
-    }
-    let protocol = protocol_name(eventloop.options.wire_protocol() == WireProtocol::V311);
-    let retained = if keeps_retained(&ack) { "" } else { "; it keeps no retained messages" };
-    Ok(format!("connected to {host}:{port}{user} (MQTT {protocol}{retained})"))
 }
 
 pub struct Ingest {
@@ -153,7 +126,7 @@ impl Ingest {
             ready,
             commands,
             unsubscribe,
-            mut login,
+            login,
         } = self;
         let mut router = Router {
             pending: routes.iter().map(|_| VecDeque::new()).collect(),
@@ -164,13 +137,14 @@ impl Ingest {
             commands,
             client: client.clone(),
         };
-        let (mut stopping, mut disconnecting, mut failures) = (false, false, 0u32);
+        let (mut stopping, mut disconnecting) = (false, false);
+        let mut reconnects = Reconnects::new(login);
         let (broker_host, broker_port) = eventloop.options.broker_address();
         let broker = format!("{broker_host}:{broker_port}");
         // Since when the broker is out of reach, when that was last a warning, and whether
         // this run was ever connected (a failure is then "lost", else "cannot connect").
         let (mut outage_since, mut warned_at, mut ever_connected) = (None::<Instant>, Instant::now(), false);
-        let (mut quick_drops, mut contested_warned_at) = (QuickDrops::default(), None::<Instant>);
+        let mut contested_warned_at = None::<Instant>;
         // The reason last warned of: a new one (the broker is back but refuses our login) is
         // worth a warning at once, not at the next reminder.
         let mut warned_reason = String::new();
@@ -258,7 +232,8 @@ impl Ingest {
                 }
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                     let v311 = eventloop.options.wire_protocol() == WireProtocol::V311;
-                    router.events.emit(Event::Connected { attempts: failures + 1, protocol: protocol_name(v311) });
+                    let attempts = reconnects.connected();
+                    router.events.emit(Event::Connected { attempts, protocol: protocol_name(v311) });
                     if v311 && !std::mem::replace(&mut said_311, true) {
                         tracing::info!(
                             "Speaking MQTT 3.1.1 to the broker at {broker} ({}). The broker's own in-flight limit \
@@ -280,8 +255,6 @@ impl Ingest {
                             crate::telemetry::STATUS_EVERY.as_secs()
                         );
                     }
-                    quick_drops.connected(Instant::now());
-                    failures = 0;
                     (outage_since, ever_connected) = (None, true);
                     router.acks.send(AckMsg::Reset { next_seq: router.next_seq });
                     // MQTT 3.1.1 sends the retained messages again at every subscribe, even
@@ -336,8 +309,8 @@ impl Ingest {
                     let now = Instant::now();
                     let since = *outage_since.get_or_insert(now);
                     let what = if ever_connected { "Broker connection lost" } else { "Cannot connect to the broker" };
-                    let contested = quick_drops.ended(now, std::mem::take(&mut said_taken_over));
-                    if let Some(streak) = contested {
+                    let lost = reconnects.lost(std::mem::take(&mut said_taken_over), &mut eventloop.options);
+                    if let Some(streak) = lost.contested {
                         if contested_warned_at.is_none_or(|t| now.duration_since(t) >= OUTAGE_REMINDER) {
                             tracing::warn!(
                                 "The broker at {broker} closed {streak} connections in a row right after accepting them: \
@@ -349,7 +322,7 @@ impl Ingest {
                         } else {
                             tracing::debug!(streak, "Connection closed again just after it was made: {e}");
                         }
-                    } else if failures == 0 {
+                    } else if lost.attempt == 1 {
                         tracing::warn!("{what} at {broker}: {e}; trying again with backoff");
                         (warned_at, warned_reason) = (now, e.clone());
                     } else if e != warned_reason {
@@ -359,22 +332,20 @@ impl Ingest {
                         let minutes = now.duration_since(since).as_secs() / 60;
                         tracing::warn!(
                             "Still no broker at {broker} after {} attempts over {minutes} min: {e}",
-                            failures + 1
+                            lost.attempt
                         );
                         warned_at = now;
                     } else {
-                        tracing::debug!(attempt = failures + 1, "Connecting to the broker failed: {e}");
+                        tracing::debug!(attempt = lost.attempt, "Connecting to the broker failed: {e}");
                     }
-                    crate::telemetry::systemd::status(&format!("{what} at {broker} (attempt {}): {e}", failures + 1));
-                    if let Some(line) = login.refresh(&mut eventloop.options) {
+                    crate::telemetry::systemd::status(&format!("{what} at {broker} (attempt {}): {e}", lost.attempt));
+                    if let Some(line) = lost.login_changed {
                         tracing::info!("{line}");
                     }
                     if disconnecting {
                         break; // stopping and the broker is gone: nothing more to send
                     }
-                    let wait = reconnect_wait(failures, contested);
-                    failures = failures.saturating_add(1);
-                    let wait = tokio::time::sleep(wait);
+                    let wait = tokio::time::sleep(lost.wait);
                     tokio::pin!(wait);
                     loop {
                         tokio::select! {

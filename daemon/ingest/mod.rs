@@ -2,6 +2,7 @@
 //! rows out of JSON payloads and rejects (with a reason) what cannot be one.
 
 pub mod activity;
+pub mod config;
 pub mod connection;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded_broker;

@@ -63,8 +63,8 @@ pub struct SourceState {
 impl SourceState {
     /// `own`: lathe's own Sparkplug edge node, which a Sparkplug source never reads.
     pub fn new(
-        source: &crate::config::SourceConfig,
-        own: Option<&crate::config::SparkplugOutputConfig>,
+        source: &super::config::SourceConfig,
+        own: Option<&crate::sparkplug::config::SparkplugOutputConfig>,
     ) -> SourceState {
         let (sparkplug, last_value) = (source.sparkplug.as_ref(), source.last_value);
         let own = own.map(|o| (o.group.as_str(), o.edge_node.as_str()));

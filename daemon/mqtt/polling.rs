@@ -1,15 +1,14 @@
 //! A reconnecting session: its event loop polled on a task of its own, what the broker sends
 //! forwarded. The Sparkplug edge node, the updater and the central commands each hold one;
 //! the daemon's main session (ingest) polls its own, because it paces its reading by the rows
-//! waiting to be served and watches the link's keep-alive.
-
-use std::time::Instant;
+//! waiting to be served and watches the link's keep-alive. Both reconnect through
+//! [`Reconnects`].
 
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{Event, EventLoop};
 use tokio::sync::mpsc;
 
-use super::session::{explain, reconnect_wait, taken_over, LoginFiles, QuickDrops};
+use super::session::{explain, taken_over, LoginFiles, Reconnects};
 
 /// How a lost connection is logged: `Warn` where nothing else reports it (the Sparkplug edge
 /// node, a central command), `Quiet` (debug lines) where the daemon's main session already
@@ -24,26 +23,25 @@ pub enum Outages {
 /// receiver is, sending every
 /// packet the broker sends (a CONNACK after each reconnect, publishes, acks). rumqttc's
 /// `poll` must not be cancelled, and a `select!` on it would, hence the task of its own. After
-/// a lost or refused connection the login files are read again (a rotated password or
-/// certificate), and the next attempt waits as [`reconnect_wait`] says: backing off, and
-/// longer while another client seems to hold our client id ([`QuickDrops`]).
+/// a lost or refused connection the next attempt waits as [`Reconnects`] says: the login files
+/// read again (a rotated password or certificate), backing off, and longer while another client
+/// seems to hold our client id.
 pub fn spawn_polling(
     name: &'static str,
     mut eventloop: EventLoop,
-    mut login: LoginFiles,
+    login: LoginFiles,
     outages: Outages,
 ) -> mpsc::Receiver<Packet> {
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(async move {
-        let (mut failures, mut quick_drops) = (0u32, QuickDrops::default());
+        let mut reconnects = Reconnects::new(login);
         loop {
             match eventloop.poll().await {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(Event::Outgoing(_)) => {}
                 Ok(Event::Incoming(packet)) => {
                     if matches!(packet, Packet::ConnAck(_)) {
-                        failures = 0;
-                        quick_drops.connected(Instant::now());
+                        reconnects.connected();
                     }
                     if tx.send(packet).await.is_err() {
                         return;
@@ -53,17 +51,16 @@ pub fn spawn_polling(
                 Err(rumqttc::v5::ConnectionError::RequestsDone) => return,
                 Err(e) => {
                     // A contested client id: the main session says so once; here, only wait longer.
-                    let contested = quick_drops.ended(Instant::now(), taken_over(&e));
-                    match (contested, outages) {
+                    let lost = reconnects.lost(taken_over(&e), &mut eventloop.options);
+                    match (lost.contested, outages) {
                         (Some(streak), _) => tracing::debug!(streak, "{name} closed just after it was made: {e}"),
                         (None, Outages::Warn) => tracing::warn!("{name}: {}", explain(&e)),
                         (None, Outages::Quiet) => tracing::debug!("{name}: {e}"),
                     }
-                    if let Some(line) = login.refresh(&mut eventloop.options) {
+                    if let Some(line) = lost.login_changed {
                         tracing::info!("{name}: {line}");
                     }
-                    tokio::time::sleep(reconnect_wait(failures, contested)).await;
-                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(lost.wait).await;
                 }
             }
         }

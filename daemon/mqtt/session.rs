@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{ConnAck, Packet};
-use rumqttc::v5::{Event as MqttEvent, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, EventLoop, MqttOptions, WireProtocol};
 
 use super::{BrokerUrl, MqttConfig};
 
@@ -267,6 +267,59 @@ impl QuickDrops {
     }
 }
 
+/// What a session keeps from one connection to the next: the attempts that failed in a row,
+/// the connections the broker closed right after accepting them ([`QuickDrops`]), and the
+/// login files, read again after each failure. Every session reconnects through one: the
+/// polling task ([`super::spawn_polling`]) and ingest's own loop, which paces its reads
+/// itself; so all of them back off, re-read a rotated password and tell a twin the same way.
+pub struct Reconnects {
+    failures: u32,
+    quick_drops: QuickDrops,
+    login: LoginFiles,
+}
+
+/// A connection that ended or an attempt that failed, as [`Reconnects::lost`] judged it.
+pub struct Lost {
+    /// 1 for the first failure in a row.
+    pub attempt: u32,
+    /// The streak of quick drops, when the session looks contested by a twin.
+    pub contested: Option<u32>,
+    /// How long to wait before the next attempt.
+    pub wait: Duration,
+    /// What to log when a login file changed (the next attempt uses what it holds now).
+    pub login_changed: Option<String>,
+}
+
+impl Reconnects {
+    pub fn new(login: LoginFiles) -> Reconnects {
+        Reconnects { failures: 0, quick_drops: QuickDrops::default(), login }
+    }
+
+    /// Connected (a CONNACK): the attempts this took, counting this one.
+    pub fn connected(&mut self) -> u32 {
+        let attempts = self.failures + 1;
+        self.failures = 0;
+        self.quick_drops.connected(Instant::now());
+        attempts
+    }
+
+    /// The connection ended or the attempt failed (`taken_over`: the broker said another client
+    /// took the session, see [`taken_over`]). `options` log in with the login files as they
+    /// are now.
+    pub fn lost(&mut self, taken_over: bool, options: &mut MqttOptions) -> Lost {
+        let contested = self.quick_drops.ended(Instant::now(), taken_over);
+        let login_changed = self.login.refresh(options);
+        let lost = Lost {
+            attempt: self.failures + 1,
+            contested,
+            wait: reconnect_wait(self.failures, contested),
+            login_changed,
+        };
+        self.failures = self.failures.saturating_add(1);
+        lost
+    }
+}
+
 /// Whether the broker said it ended the session because another client connected with our
 /// client id: MQTT 5 brokers may send `SessionTakenOver` (mosquitto 2 does not), a crashed
 /// broker sends nothing, and MQTT 3.1.1 has no server DISCONNECT to say it with.
@@ -320,6 +373,60 @@ pub fn explain(e: &rumqttc::v5::ConnectionError) -> String {
         "" => e.to_string(),
         hint => format!("{e} ({hint})"),
     }
+}
+
+/// Where and as whom this daemon connects: the broker's settings, its address (the embedded
+/// broker's once started) and the daemon's client id. The sessions beside the main one (the
+/// Sparkplug edge node, the updater) log in the same way under the id with a suffix, so none
+/// takes another's session.
+#[derive(Debug, Clone, Copy)]
+pub struct Broker<'a> {
+    pub mqtt: &'a MqttConfig,
+    pub host: &'a str,
+    pub port: u16,
+    pub client_id: &'a str,
+}
+
+impl Broker<'_> {
+    /// Options for the session `{client_id}-{suffix}`.
+    ///
+    /// # Errors
+    /// Unreadable password or TLS files.
+    pub fn side_session(&self, suffix: &str) -> Result<MqttOptions, ConnectError> {
+        session_options(self.mqtt, self.host, self.port, format!("{}-{suffix}", self.client_id))
+    }
+
+    /// The login files, read again after each failed connection.
+    pub fn login(&self) -> LoginFiles {
+        LoginFiles::new(self.mqtt)
+    }
+}
+
+/// Connects once with the config's broker address, credentials and TLS, then disconnects:
+/// what `lathe check --connect` reports. A clean session under its own client id, so the
+/// daemon's session (and what the broker holds for it) is not touched.
+///
+/// # Errors
+/// What stopped the connection, with what to check ([`explain`]).
+pub async fn try_connect(m: &MqttConfig, client_id: &str, timeout: Duration) -> Result<String, String> {
+    let BrokerUrl::Tcp { host, port, .. } = &m.url else {
+        return Ok("embedded: lathe starts its own broker".to_string());
+    };
+    let id = format!("{client_id}-check-{}", std::process::id());
+    let options = session_options(m, host, *port, id).map_err(|e| e.to_string())?;
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let user = m.username.as_deref().map(|u| format!(" as {u}")).unwrap_or_default();
+    let ack = first_connack(&mut eventloop, timeout)
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}{user}: {e}"))?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    if ack.properties.as_ref().and_then(|p| p.max_qos) == Some(0) {
+        return Err(format!("{host}:{port} accepted the connection but takes no QoS 1 messages: {NO_QOS_1}"));
+    }
+    let protocol = protocol_name(eventloop.options.wire_protocol() == WireProtocol::V311);
+    let retained = if keeps_retained(&ack) { "" } else { "; it keeps no retained messages" };
+    Ok(format!("connected to {host}:{port}{user} (MQTT {protocol}{retained})"))
 }
 
 #[cfg(test)]

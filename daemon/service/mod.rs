@@ -33,7 +33,7 @@ use crate::telemetry::{events, systemd};
 
 use crate::telemetry::STATUS_EVERY;
 use load::load_models_noting;
-pub use load::{check_models, fingerprints, prepare, Kept, Prepared, Running};
+pub use load::{check_models, fingerprints, load_config, prepare, Kept, Prepared, Running};
 use status::{report_silent_devices, status, status_line};
 use windows::{resume_windows, save_windows};
 /// How long a stop may take to drain and disconnect before giving up.
@@ -197,7 +197,7 @@ pub async fn stop_or_reload(reload: Option<Running>) -> Ending {
                     };
                     let path = running.path.clone();
                     let checked = tokio::task::spawn_blocking(move || {
-                        Config::load(&path).and_then(|c| check_models(&c).map(|_| c))
+                        load_config(&path).and_then(|c| check_models(&c).map(|_| c))
                     }).await;
                     match checked {
                         Ok(Ok(new)) if format!("{new:?}") == format!("{:?}", running.config) && fingerprints(&new) == running.prints => {

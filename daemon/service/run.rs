@@ -106,7 +106,9 @@ pub(super) async fn build(config: Config, mut kept: Kept, prepared: Prepared) ->
         BrokerUrl::Tcp { host, port, .. } => (host.clone(), *port),
         BrokerUrl::Embedded => embedded(&config.mqtt.embedded_listen)?,
     };
-    let options = connection::mqtt_options(&config, &host, port)?;
+    let client_id = config.client_id();
+    let broker = crate::mqtt::Broker { mqtt: &config.mqtt, host: &host, port, client_id: &client_id };
+    let options = connection::mqtt_options(broker, config.status_topic())?;
     let device_key = match &config.update {
         Some(u) => Some(Arc::new(crate::trust::signing::device_key(&u.device_key).map_err(ServiceError::DeviceKey)?)),
         None => None,
@@ -176,15 +178,20 @@ pub(super) async fn build(config: Config, mut kept: Kept, prepared: Prepared) ->
         config.pipelines.iter().zip(&parts).map(|(p, part)| (p.name.clone(), part.model.clone())).collect();
     if let Some(settings) = &config.update {
         let (events, to_loop, stop) = (events.clone(), loop_tx.clone(), stop_rx.clone());
-        let updater =
-            crate::update::device::start(&config, settings, (&host, port), models.clone(), events, to_loop, stop);
+        let device = crate::update::device::Device {
+            node: config.node.clone(),
+            state_dir: config.state_dir.clone(),
+            infer: config.infer.clone(),
+        };
+        let updater = crate::update::device::start(broker, device, settings, models.clone(), events, to_loop, stop);
         started.updater = Some(updater.map_err(ServiceError::Broker)?);
     }
     // `[sparkplug]`: the pipelines' handle now, the edge node's session once they exist.
     let sparkplug = match &config.sparkplug {
         Some(settings) => {
             let (output, rx) = crate::sparkplug::output::channel();
-            let node = crate::sparkplug::output::start(&config, settings, (&host, port), sparkplug_models(&models), rx);
+            let node =
+                crate::sparkplug::output::start(broker, &config.state_dir, settings, sparkplug_models(&models), rx);
             started.sparkplug = Some(node.map_err(ServiceError::Broker)?);
             Some(output)
         }

@@ -49,7 +49,7 @@ pub async fn watch(config: Config, serving: Arc<Vec<Serving>>, events: Events, m
                         inputs.join(",")
                     ));
                 }
-                ActiveModel::load(&bundle, &pipeline_config, &config)
+                ActiveModel::load(&bundle, &pipeline_config, config.load_context())
             })
             .await
             .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));

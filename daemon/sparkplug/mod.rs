@@ -13,6 +13,7 @@
 //! (at most every `REBIRTH_EVERY`). The NBIRTH that answers makes it fresh again. A DEATH marks
 //! the node or device offline.
 
+pub mod config;
 pub mod output;
 pub mod proto;
 

@@ -25,10 +25,10 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
 use tokio::sync::mpsc;
 
+use super::config::SparkplugOutputConfig;
 use super::proto::{datatype, Metric, Payload, Value};
 use super::{BD_SEQ, REBIRTH};
-use crate::config::{Config, SparkplugOutputConfig};
-use crate::mqtt::{spawn_polling, LoginFiles, Outages};
+use crate::mqtt::{spawn_polling, Broker, Outages};
 
 /// What a pipeline serves now, as the NBIRTH and NDATA name it.
 pub struct Serving {
@@ -82,25 +82,24 @@ pub fn channel() -> (Output, mpsc::Receiver<Report>) {
 /// # Errors
 /// Unreadable credentials or TLS files, as for the main session.
 pub fn start(
-    config: &Config,
+    broker: Broker,
+    state_dir: &std::path::Path,
     settings: &SparkplugOutputConfig,
-    (host, port): (&str, u16),
     models: Vec<(String, ServingNow)>,
     rx: mpsc::Receiver<Report>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let bd_seq_file = config.state_dir.join("sparkplug-bdseq");
+    let bd_seq_file = state_dir.join("sparkplug-bdseq");
     let bd_seq = std::fs::read_to_string(&bd_seq_file)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map_or(0, |b| (b + 1) % 256);
     let _ = crate::fs::write_atomic(&bd_seq_file, bd_seq.to_string().as_bytes());
-    let id = format!("{}-sparkplug", config.client_id());
-    let mut options = crate::mqtt::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
+    let mut options = broker.side_session("sparkplug").map_err(|e| e.to_string())?;
     let node = Node { group: settings.group.clone(), edge_node: settings.edge_node.clone(), bd_seq, seq: 0 };
     let death = node.death();
     options.set_last_will(LastWill::new(node.topic("NDEATH", None), death, QoS::AtLeastOnce, false, None));
     let (client, eventloop) = AsyncClient::new(options, 1024);
-    let session = spawn_polling("Sparkplug session", eventloop, LoginFiles::new(&config.mqtt), Outages::Warn);
+    let session = spawn_polling("Sparkplug session", eventloop, broker.login(), Outages::Warn);
     Ok(tokio::spawn(run(node, client, session, models, rx)))
 }
 

@@ -330,7 +330,7 @@ pub fn placeholder(name: &str, task: Task, features: &[String], cold: &ColdStart
 pub fn serving(
     registry: &crate::model::Registry,
     pipeline: &str,
-    cold: &crate::config::ColdStartModel,
+    cold: &super::config::ColdStartModel,
 ) -> Result<Bundle, crate::model::registry::RegistryError> {
     match registry.champion_version(pipeline)? {
         Some(_) => registry.champion(pipeline),

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod cold_start;
+pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -14,11 +14,12 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, TrustSource, UpdateConfig};
+use super::config::{TrustSource, UpdateConfig};
 use crate::engine::Engine;
+use crate::infer::config::InferConfig;
 use crate::infer::SharedModel;
 use crate::model::{bundle, Bundle, Registry};
-use crate::mqtt::{spawn_polling, LoginFiles, Outages};
+use crate::mqtt::{spawn_polling, Broker, Outages};
 use crate::telemetry::events::{Event, Events};
 use crate::telemetry::inbox::LoopMessage;
 use crate::trust::floor::Floor;
@@ -51,8 +52,19 @@ enum Keys {
     Root(Trust),
 }
 
+/// What the updater needs of the daemon beyond `[update]`.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// `node`: offers on `lathe/{node}/update` are for this device.
+    pub node: String,
+    /// The registry, the anti-rollback floor and a root's stored chain are kept here.
+    pub state_dir: std::path::PathBuf,
+    /// A bundle is validated on the engine that would serve it.
+    pub infer: InferConfig,
+}
+
 pub struct Updater {
-    config: Config,
+    device: Device,
     settings: UpdateConfig,
     /// Behind a lock only because the updater's future must be `Send`; one task uses it.
     keys: std::sync::Mutex<Keys>,
@@ -71,9 +83,9 @@ fn bundles_topic(sha: &str) -> String {
 /// # Errors
 /// Unreadable keys or credentials.
 pub fn start(
-    config: &Config,
+    broker: Broker,
+    device: Device,
     settings: &UpdateConfig,
-    (host, port): (&str, u16),
     models: Vec<(String, SharedModel)>,
     events: Events,
     loop_tx: Sender<LoopMessage>,
@@ -83,21 +95,20 @@ pub fn start(
         TrustSource::Keys(files) => {
             Keys::Fixed(files.iter().map(|k| signing::read_public_key(k)).collect::<Result<Vec<_>, _>>()?)
         }
-        TrustSource::Root(file) => Keys::Root(Trust::load(file, &config.state_dir)?),
+        TrustSource::Root(file) => Keys::Root(Trust::load(file, &device.state_dir)?),
     };
-    let id = format!("{}-update", config.client_id());
-    let options = crate::mqtt::session_options(&config.mqtt, host, port, id).map_err(|e| e.to_string())?;
+    let options = broker.side_session("update").map_err(|e| e.to_string())?;
     let (client, eventloop) = AsyncClient::new(options, 256);
     // Quiet: the daemon's main session already warns of a broker outage.
-    let session = spawn_polling("Update session", eventloop, LoginFiles::new(&config.mqtt), Outages::Quiet);
+    let session = spawn_polling("Update session", eventloop, broker.login(), Outages::Quiet);
     let keys = std::sync::Mutex::new(keys);
-    let updater = Updater { config: config.clone(), settings: settings.clone(), keys, events, loop_tx, models };
+    let updater = Updater { device, settings: settings.clone(), keys, events, loop_tx, models };
     Ok(tokio::spawn(updater.run(client, session, stop)))
 }
 
 impl Updater {
     fn offer_topics(&self) -> Vec<String> {
-        std::iter::once(format!("lathe/{}/update", self.config.node))
+        std::iter::once(format!("lathe/{}/update", self.device.node))
             .chain(self.settings.groups.iter().map(|g| format!("lathe/fleet/{g}/update")))
             .collect()
     }
@@ -105,7 +116,7 @@ impl Updater {
     /// Where new roots come (retained chains), when trust comes from a root.
     fn root_topics(&self) -> Vec<String> {
         match &self.settings.trust {
-            TrustSource::Root(_) => vec!["lathe/fleet/root".into(), format!("lathe/{}/root", self.config.node)],
+            TrustSource::Root(_) => vec!["lathe/fleet/root".into(), format!("lathe/{}/root", self.device.node)],
             TrustSource::Keys(_) => vec![],
         }
     }
@@ -144,7 +155,7 @@ impl Updater {
             Ok(Advance::Unchanged) => false,
             Err(why) => refuse(why, trust.root.version),
             Ok(Advance::To { from, to }) => {
-                if let Err(e) = next.store(&self.config.state_dir) {
+                if let Err(e) = next.store(&self.device.state_dir) {
                     return refuse(format!("cannot store it: {e}"), from);
                 }
                 let why = format!(
@@ -166,7 +177,7 @@ impl Updater {
     }
 
     fn registry(&self) -> Registry {
-        Registry::new(&self.config.state_dir).with_engine(self.config.infer.engine.clone())
+        Registry::new(&self.device.state_dir).with_engine(self.device.infer.engine.clone())
     }
 
     fn emit(&self, step: &'static str, message: String, detail: Value) {
@@ -329,7 +340,7 @@ impl Updater {
                 ),
             );
         }
-        let floor = Floor::new(&self.config.state_dir);
+        let floor = Floor::new(&self.device.state_dir);
         let accepted = match floor.read() {
             Ok(all) => all.get(&offer.name).cloned(),
             Err(e) => return refuse(&offer.name, format!("the anti-rollback floor is unreadable: {e}")),
@@ -431,7 +442,7 @@ impl Updater {
         // Verification and validation load a model: off the async workers. The keys are
         // those trusted now: a root that revoked the offer's signer meanwhile stops it here.
         let trusted = self.trusted();
-        let (infer, state_dir, done) = (self.config.infer.clone(), self.config.state_dir.clone(), done.clone());
+        let (infer, state_dir, done) = (self.device.infer.clone(), self.device.state_dir.clone(), done.clone());
         tokio::task::spawn_blocking(move || {
             let bytes: Vec<u8> = d.chunks.values().flatten().copied().collect();
             let result = trusted
@@ -445,7 +456,7 @@ impl Updater {
     fn finish(&self, d: Download, result: Result<(Bundle, Value), UpdateError>) {
         let stored = result.and_then(|(bundle, record)| {
             self.registry().add(&bundle).map_err(|e| UpdateError::Store(format!("cannot store the bundle: {e}")))?;
-            Floor::new(&self.config.state_dir)
+            Floor::new(&self.device.state_dir)
                 .record(&d.offer.name, d.offer.version, &d.offer.sha256)
                 .map_err(|e| UpdateError::Store(format!("cannot record the anti-rollback floor: {e}")))?;
             Ok((bundle, record))
@@ -477,7 +488,7 @@ fn verify(
     bytes: &[u8],
     offer: &Offer,
     trusted: &[VerifyingKey],
-    infer: &crate::config::InferConfig,
+    infer: &InferConfig,
     state_dir: &std::path::Path,
 ) -> Result<(Bundle, Value), UpdateError> {
     let engine = &infer.engine;

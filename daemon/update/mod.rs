@@ -16,6 +16,7 @@
 //! Every step is an `update.*` event. Nothing touches the running model until the loop
 //! promotes a bundle that passed every check.
 
+pub mod config;
 pub mod device;
 pub mod push;
 

@@ -44,7 +44,7 @@ pub(super) fn state_for(
     let config = Config::parse(&text, &dir.join("lathe.toml")).unwrap();
     let p = config.pipelines[0].clone();
     let bundle = Bundle::read(model).unwrap();
-    let active = ActiveModel::load(&bundle, &p, &config).unwrap();
+    let active = ActiveModel::load(&bundle, &p, config.load_context()).unwrap();
     let store = Arc::new(Store::open(config.store.clone()).unwrap());
     let lp = LoopPipeline {
         train: p.train.clone().unwrap(),

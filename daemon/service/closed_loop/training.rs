@@ -350,7 +350,7 @@ pub(super) fn finished(
     if !p.train.shadow.is_zero() && p.performance.is_some() {
         let mut quiet = p.config.clone();
         quiet.drift = None;
-        match ActiveModel::load(&challenger, &quiet, config) {
+        match ActiveModel::load(&challenger, &quiet, config.load_context()) {
             Ok(model) => {
                 if let Some(perf) = &p.performance {
                     if let Ok(mut perf) = perf.lock() {
