@@ -36,8 +36,9 @@ use crate::mqtt::{
 };
 use crate::telemetry::events::{Event, Events};
 
+use super::commands::CommandRoute;
 use super::flow::Flow;
-use super::router::{CommandRoute, Route, Router};
+use super::router::{Route, Router};
 
 /// rumqttc options from the config: persistent session, manual acks, a receive window, last
 /// will.

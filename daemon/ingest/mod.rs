@@ -2,6 +2,7 @@
 //! rows out of JSON payloads and rejects (with a reason) what cannot be one.
 
 pub mod activity;
+pub mod commands;
 pub mod config;
 pub mod connection;
 #[cfg(feature = "embedded-broker")]
@@ -14,11 +15,12 @@ pub mod last_value;
 pub mod router;
 
 pub use crate::mqtt::TopicFilter;
+pub use commands::CommandRoute;
 pub use connection::Ingest;
 pub use extract::{Extracted, Extractor, Reject, Row};
 pub use flow::Flow;
 pub use labels::LabelRoute;
-pub use router::{CommandRoute, Route, Sample, SourceState};
+pub use router::{Route, Sample, SourceState};
 
 /// What ingest needs of the model a pipeline serves right now: how to read its rows, and its
 /// name and version for the drift events it reports. The pipelines' swappable model

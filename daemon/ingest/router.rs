@@ -1,5 +1,5 @@
 //! Routing: each incoming message to the pipelines whose topics it matches (telemetry, labels,
-//! Sparkplug B, commands), rows handed on in order, rejections reported.
+//! Sparkplug B, commands: `commands.rs`), rows handed on in order, rejections reported.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -77,21 +77,8 @@ impl SourceState {
     }
 }
 
-/// `lathe/{node}/cmd/+` and where its messages go.
-pub struct CommandRoute {
-    pub filter: TopicFilter,
-    /// The training loop, where one runs: `train`, `rollback` and anything else go there
-    /// (it answers each on the events topic).
-    pub to_loop: Option<std::sync::mpsc::Sender<crate::telemetry::inbox::LoopMessage>>,
-    /// `status`: wakes the status task, which publishes a fresh status at once.
-    pub status_now: Arc<tokio::sync::Notify>,
-}
-
 /// How many distinct device ids a route remembers.
 const MAX_DEVICES: usize = 100_000;
-
-/// The largest `lathe/{node}/cmd/+` payload taken.
-const MAX_COMMAND_BYTES: usize = 4096;
 
 impl Route {
     fn device(&mut self, id: &str) -> Arc<str> {
@@ -120,35 +107,6 @@ pub(super) struct Router {
 }
 
 impl Router {
-    /// A `lathe/{node}/cmd/{action}` message. Without a training loop, `train` and `rollback`
-    /// are refused on the events topic, once per pipeline, rather than going unanswered.
-    fn command(&self, action: &str, payload: &[u8]) {
-        // A command is a pipeline's name at most; the loop's queue is not for megabytes.
-        if payload.len() > MAX_COMMAND_BYTES {
-            tracing::warn!(action, bytes = payload.len(), "Command ignored: over {MAX_COMMAND_BYTES} bytes");
-            return;
-        }
-        match (action, &self.commands.to_loop) {
-            ("status", _) => self.commands.status_now.notify_one(),
-            (_, Some(tx)) => {
-                let (action, payload) = (action.to_string(), payload.to_vec());
-                let _ = tx.send(crate::telemetry::inbox::LoopMessage::Command { action, payload });
-            }
-            (_, None) => {
-                for route in &self.routes {
-                    self.events.emit(crate::telemetry::events::Event::Step {
-                        pipeline: route.pipeline.clone(),
-                        step: "command.refused",
-                        message: format!(
-                            "{action:?}: no pipeline on this node has [pipeline.train], and [update] is off"
-                        ),
-                        detail: serde_json::json!({"command": action}),
-                    });
-                }
-            }
-        }
-    }
-
     pub(super) fn flush(&mut self) {
         for (queue, route) in self.pending.iter_mut().zip(&self.routes) {
             flush(queue, route.tx.as_ref());
@@ -197,7 +155,8 @@ impl Router {
             .and_then(|pp| pp.user_properties.iter().find(|(k, _)| k == OVERSIZED_PUBLISH))
             .and_then(|(_, bytes)| bytes.parse().ok());
         if let Some(action) = self.commands.filter.matches(topic) {
-            self.command(action, &p.payload);
+            let pipelines = self.routes.iter().map(|r| r.pipeline.as_str());
+            self.commands.deliver(action, &p.payload, pipelines, &self.events);
         }
         for route in self.routes.iter().filter(|_| oversized.is_none()) {
             let Some(labels) = &route.labels else { continue };

@@ -1,15 +1,13 @@
-//! Loading the pipelines' models: at start, at `lathe check`, and at a reload, where each
-//! pipeline whose settings did not change keeps its model and state (`Kept`).
+//! Loading the config file and the pipelines' models: at start, at `lathe check`, and for a
+//! reload (`reload.rs`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::config::{Config, ConfigError, ConfigErrors, FileKind, ModelRef};
 
 use crate::infer::ActiveModel;
 use crate::model::registry::RegistryError;
 use crate::model::{Bundle, Registry};
-
-use super::*;
 
 /// Largest config file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -172,132 +170,10 @@ pub(super) fn fall_back(
     None
 }
 
-/// What the pipelines whose settings did not change keep across a SIGHUP reload: the model
-/// (so the drift monitor keeps its calibration and windows, and a fine-tuned champion stays
-/// loaded), the counters, the late-label state, the Sparkplug namespace and the devices' last
-/// values. Only the
-/// connection and the tasks are made again. By pipeline name: (fingerprint, what it keeps).
-/// Cloned for a reload: a new config that cannot start leaves the original to start again.
-#[derive(Clone, Default)]
-pub struct Kept {
-    pub(super) pipelines: std::collections::HashMap<String, (String, Serving)>,
-    /// The topic filters the last run subscribed to (the broker keeps them in our session).
-    pub(super) filters: Vec<String>,
-    /// Every pipeline's windows by name, changed settings or not: a device's frames are its
-    /// frames whatever model comes next (one of another width starts its window afresh).
-    pub(super) windows: std::collections::HashMap<String, crate::infer::window::SharedWindows>,
-}
-
-impl Kept {
-    /// `prints`: each pipeline's fingerprint when its run started (its bundle file may have
-    /// changed since).
-    pub(super) fn from_serving(
-        config: &Config,
-        prints: Vec<String>,
-        serving: &[Serving],
-        filters: Vec<String>,
-    ) -> Kept {
-        let mut kept = std::collections::HashMap::new();
-        let mut windows = std::collections::HashMap::new();
-        for ((p, print), s) in config.pipelines.iter().zip(prints).zip(serving) {
-            windows.insert(p.name.clone(), s.windows.clone());
-            let s = Serving {
-                pipeline: s.pipeline.clone(),
-                model: s.model.clone(),
-                counters: s.counters.clone(),
-                performance: s.performance.clone(),
-                store: None,
-                source: s.source.clone(),
-                windows: s.windows.clone(),
-            };
-            kept.insert(p.name.clone(), (print, s));
-        }
-        Kept { pipelines: kept, filters, windows }
-    }
-
-    /// What pipeline `p` of `config` keeps: only if nothing it is built from changed.
-    pub(super) fn take(&mut self, config: &Config, p: &crate::config::PipelineConfig) -> Option<Serving> {
-        let (print, serving) = self.pipelines.remove(&p.name)?;
-        (print == fingerprint(config, p)).then_some(serving)
-    }
-}
-
-/// Everything a pipeline's serving state is built from: its own settings, the engine, the
-/// payload cap, the registry's place, and the bundle file itself when it names one (a new
-/// bundle copied over the old path is a change).
-pub(super) fn fingerprint(config: &Config, p: &crate::config::PipelineConfig) -> String {
-    let file = match &p.model {
-        ModelRef::File(f) => std::fs::metadata(f).ok().map(|m| (m.len(), m.modified().ok())),
-        ModelRef::Name(_) | ModelRef::ColdStart(_) => None,
-    };
-    format!("{p:?} {:?} {} {:?} {file:?}", config.infer, config.mqtt.max_payload_bytes, config.state_dir)
-}
-
-/// Each pipeline's [`fingerprint`], in config order.
-pub fn fingerprints(config: &Config) -> Vec<String> {
-    config.pipelines.iter().map(|p| fingerprint(config, p)).collect()
-}
-
-/// What a SIGHUP compares the config file with: the running config, and its pipelines'
-/// fingerprints from when the run started (so a bundle replaced at the same path since then
-/// is a change, though the config's text is the same).
-#[derive(Clone)]
-pub struct Running {
-    pub path: PathBuf,
-    pub config: Config,
-    pub prints: Vec<String>,
-}
-
-/// A new config's models for the pipelines a reload changes or adds, loaded (and imported
-/// into the registry) while the running pipelines still serve: the reload then pauses them
-/// only for the reconnect, not for loading.
-#[derive(Default)]
-pub struct Prepared {
-    /// (pipeline name, its model).
-    pub(super) models: Vec<(String, ActiveModel)>,
-    /// Pipelines whose champion could not serve: (pipeline, champion, error).
-    pub(super) fallbacks: Vec<(String, String, String)>,
-    /// Versions on trial rolled back at this start for crashing the daemon (`crash_guard`).
-    pub(super) crashed: Vec<crash_guard::Crashed>,
-    /// Set when this run is the previous config started again, after a reload's new one could
-    /// not start: why it could not (an event says so once the run is up).
-    pub(super) rolled_back: Option<String>,
-}
-
-impl Prepared {
-    /// A first start's: nothing loaded yet, and what `crash_guard::at_start` rolled back.
-    pub fn at_start(crashed: Vec<crash_guard::Crashed>) -> Prepared {
-        Prepared { crashed, ..Prepared::default() }
-    }
-
-    /// The previous config's, started again because a reload's new config failed with `error`:
-    /// its pipelines come back from what they kept.
-    pub fn rolled_back(error: String) -> Prepared {
-        Prepared { rolled_back: Some(error), ..Prepared::default() }
-    }
-}
-
-/// Loads what `new` needs beyond the pipelines of `running` it keeps unchanged. (Only a
-/// head start: [`run_keeping`] decides what is kept, and loads what was not prepared.)
-///
-/// # Errors
-/// A model that does not load (the config was checked first, so this is rare: a bundle
-/// changed in between).
-pub fn prepare(new: &Config, running: &Running) -> Result<Prepared, ConfigErrors> {
-    let unchanged = |p: &crate::config::PipelineConfig| {
-        let mut was = running.config.pipelines.iter().zip(&running.prints);
-        was.any(|(r, print)| r.name == p.name && *print == fingerprint(new, p))
-    };
-    let mut to_load = new.clone();
-    to_load.pipelines.retain(|p| !unchanged(p));
-    let mut fallbacks = Vec::new();
-    let models = load_models_noting(&to_load, true, &mut fallbacks)?;
-    let models = to_load.pipelines.iter().map(|p| p.name.clone()).zip(models).collect();
-    Ok(Prepared { models, fallbacks, ..Prepared::default() })
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     /// A folder of its own holding `lathe.toml` with `extra` appended to a one-pipeline config.

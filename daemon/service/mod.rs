@@ -10,6 +10,7 @@ mod code_pages;
 pub mod crash_guard;
 mod load;
 pub mod metrics;
+mod reload;
 mod run;
 mod status;
 mod swap;
@@ -33,7 +34,8 @@ use crate::telemetry::{events, systemd};
 
 use crate::telemetry::STATUS_EVERY;
 use load::load_models_noting;
-pub use load::{check_models, fingerprints, load_config, prepare, Kept, Prepared, Running};
+pub use load::{check_models, load_config};
+pub use reload::{fingerprints, prepare, shutdown_signal, stop_or_reload, Ending, Kept, Prepared, Running};
 use status::{report_silent_devices, status, status_line};
 use windows::{resume_windows, save_windows};
 /// How long a stop may take to drain and disconnect before giving up.
@@ -160,74 +162,4 @@ fn embedded(listen: &str) -> Result<(String, u16), ServiceError> {
 #[cfg(not(feature = "embedded-broker"))]
 fn embedded(_listen: &str) -> Result<(String, u16), ServiceError> {
     Err(ServiceError::Broker("this build has no embedded broker (feature `embedded-broker`)".into()))
-}
-
-/// Why the daemon's run ended.
-pub enum Ending {
-    Stop,
-    /// SIGHUP with a valid, changed config: run again with it and the models prepared for it.
-    Reload(Box<(Config, Prepared)>),
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let _ = stop_or_reload(None).await;
-}
-
-/// Resolves on SIGTERM or SIGINT (`Stop`), or on SIGHUP once the config file holds a valid
-/// config — every bundle loading — that differs from the `running` one, or names a bundle
-/// file that changed since its run started (`Reload`). A SIGHUP with a bad config logs every
-/// error and keeps waiting: the running pipelines go on untouched.
-pub async fn stop_or_reload(reload: Option<Running>) -> Ending {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
-            let _ = tokio::signal::ctrl_c().await;
-            return Ending::Stop;
-        };
-        loop {
-            tokio::select! {
-                _ = term.recv() => return Ending::Stop,
-                _ = tokio::signal::ctrl_c() => return Ending::Stop,
-                _ = hup.recv() => {
-                    let Some(running) = &reload else {
-                        tracing::warn!("SIGHUP: nothing to reload in this mode");
-                        continue;
-                    };
-                    let path = running.path.clone();
-                    let checked = tokio::task::spawn_blocking(move || {
-                        load_config(&path).and_then(|c| check_models(&c).map(|_| c))
-                    }).await;
-                    match checked {
-                        Ok(Ok(new)) if format!("{new:?}") == format!("{:?}", running.config) && fingerprints(&new) == running.prints => {
-                            tracing::info!("SIGHUP: the config and its bundle files are unchanged; nothing to do");
-                        }
-                        Ok(Ok(new)) => {
-                            let running = running.clone();
-                            let prepared = tokio::task::spawn_blocking(move || prepare(&new, &running).map(|p| (new, p))).await;
-                            match prepared {
-                                Ok(Ok(next)) => {
-                                    tracing::info!("SIGHUP: the config or a bundle file changed; restarting with it (unchanged pipelines keep their model and state)");
-                                    return Ending::Reload(Box::new(next));
-                                }
-                                Ok(Err(e)) => tracing::error!("SIGHUP: the new config's models did not load, the running config stays: {e}"),
-                                Err(e) => tracing::error!("SIGHUP: loading the new config's models failed: {e}"),
-                            }
-                        }
-                        Ok(Err(e)) => {
-                            tracing::error!("SIGHUP: the new config is refused, the running one stays: {e}");
-                        }
-                        Err(e) => tracing::error!("SIGHUP: checking the new config failed: {e}"),
-                    }
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = reload;
-        let _ = tokio::signal::ctrl_c().await;
-        Ending::Stop
-    }
 }

@@ -420,7 +420,7 @@ pub(super) fn serve(built: Built, on_start: impl FnOnce(Handle)) -> Serve {
         stop: stop_rx.clone(),
         disconnect: disconnect_rx,
         ready: ready_tx,
-        commands: crate::ingest::router::CommandRoute {
+        commands: crate::ingest::CommandRoute {
             filter: commands,
             to_loop: training.then_some(loop_tx),
             status_now: status_now.clone(),
