@@ -26,7 +26,12 @@ fn chromium() -> Option<&'static str> {
 #[test]
 fn the_report_draws_the_demos_drift_run_and_promotion_and_a_browser_renders_it() {
     let dir = temp_dir("report");
-    let demo = Command::new(LATHE).args(["demo", "--seconds", "36", "--keep"]).arg(&dir).output().unwrap();
+    // 1,200 msg/s rather than the demo's 2,000: this is the debug build, which beside a
+    // fine-tune on 2 cores serves ~1,800 msg/s, and the embedded broker drops what a subscriber
+    // lags behind it (seen as lost telemetry, or its labels stopping, so no run). The report is
+    // what is tested here, not the throughput.
+    let demo =
+        Command::new(LATHE).args(["demo", "--seconds", "36", "--rate", "1200", "--keep"]).arg(&dir).output().unwrap();
     let said = String::from_utf8_lossy(&demo.stdout);
     assert!(demo.status.success(), "{said}{}", String::from_utf8_lossy(&demo.stderr));
     assert!(said.contains(", v2 "), "the demo's loop promoted v2: {said}");
