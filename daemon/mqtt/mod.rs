@@ -1,8 +1,10 @@
 //! MQTT, as every session of lathe speaks it (the daemon's main one, the Sparkplug edge node,
-//! the updater, and the central commands): the broker's address and login, one way to build a
-//! session's options, reading the first CONNACK, reconnect back-off, telling a twin that holds
-//! our client id from a crashing broker, errors an operator can act on, a reconnecting
-//! session's polling (`polling`), and acks released in arrival order.
+//! the updater, and the central commands): `[mqtt]` and the broker's address and login, one
+//! way to build a session's options (`Broker` for the sessions beside the main one), reading
+//! the first CONNACK, what a session keeps between connections (`Reconnects`: back-off, the
+//! login files read again, telling a twin that holds our client id from a crashing broker),
+//! errors an operator can act on, a reconnecting session's polling (`polling`), and acks
+//! released in arrival order.
 
 pub mod ack;
 mod polling;
