@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rumqttc::v5::mqttbytes::v5::{Publish, OVERSIZED_PUBLISH};
 use rumqttc::v5::mqttbytes::QoS;
@@ -129,7 +129,7 @@ impl Router {
         #[cfg(debug_assertions)]
         if let Some(ms) = p.payload.strip_prefix(b"{\"__lathe_debug_stall_ms\":".as_slice()) {
             let ms = std::str::from_utf8(ms).ok().and_then(|t| t.trim_end_matches('}').trim().parse::<u64>().ok());
-            std::thread::sleep(Duration::from_millis(ms.unwrap_or(0).min(10_000)));
+            std::thread::sleep(std::time::Duration::from_millis(ms.unwrap_or(0).min(10_000)));
         }
         // … and `{"__lathe_debug_stall": "store", "ms": N}` the next piece of work of another
         // stage (service::liveness), so a test can see the pings stop while that one is stuck.
