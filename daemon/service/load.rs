@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, ConfigErrors, FileKind, ModelRef};
-
 use crate::infer::ActiveModel;
 use crate::model::registry::RegistryError;
 use crate::model::{Bundle, Registry};
@@ -20,17 +19,17 @@ const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// # Errors
 /// The file cannot be read, or every problem found in it.
 pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
-    let refuse = |key: &str, message: String| ConfigErrors {
+    let refuse = |message: String| ConfigErrors {
         file: path.to_path_buf(),
-        errors: vec![ConfigError { key: key.into(), message }],
+        errors: vec![ConfigError { key: "(file)".into(), message }],
     };
     // Checked before reading: a config is never megabytes, and a wrong path (a device, a
     // log) must not be read whole.
-    let len = std::fs::metadata(path).map_err(|e| refuse("(file)", format!("cannot read: {e}")))?.len();
+    let len = std::fs::metadata(path).map_err(|e| refuse(format!("cannot read: {e}")))?.len();
     if len > MAX_CONFIG_BYTES {
-        return Err(refuse("(file)", format!("{len} bytes; a config is at most {MAX_CONFIG_BYTES}")));
+        return Err(refuse(format!("{len} bytes; a config is at most {MAX_CONFIG_BYTES}")));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| refuse("(file)", format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| refuse(format!("cannot read: {e}")))?;
     let (parsed, files) = Config::parse_noting_files(&text, path);
     let mut errors = parsed.as_ref().err().map(|e| e.errors.clone()).unwrap_or_default();
     for f in files {
